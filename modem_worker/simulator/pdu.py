@@ -1,0 +1,528 @@
+"""SMS TPDU codecs for the modem simulator (3GPP TS 23.040 / 23.038).
+
+python-gsmmodem-new only encodes SMS-SUBMIT, and its decoder mangles UCS-2 surrogate pairs, so the simulator
+carries its own small, independent codec: it builds SMS-DELIVER and SMS-STATUS-REPORT PDUs (what a network
+delivers to a modem) and decodes any of DELIVER / SUBMIT / STATUS-REPORT (what a client hands to the modem).
+Being independent of the library is deliberate: the simulator is the yardstick the library is measured against.
+
+All PDUs here are "PDU mode" strings as exchanged over AT (27.005): the SMSC address field comes first, and
+the TPDU length reported in `+CMGR:`/`+CMGS=` excludes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Literal
+
+# GSM 03.38 default alphabet; position = septet value. 0x1B is the escape to the extension table and is never
+# a character of its own, hence the placeholder that no real text contains.
+GSM7_BASIC = (
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x00ÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+GSM7_ESCAPE = 0x1B
+GSM7_EXTENSION: dict[str, int] = {
+    "\f": 0x0A,
+    "^": 0x14,
+    "{": 0x28,
+    "}": 0x29,
+    "\\": 0x2F,
+    "[": 0x3C,
+    "~": 0x3D,
+    "]": 0x3E,
+    "|": 0x40,
+    "€": 0x65,
+}
+_BASIC_INDEX: dict[str, int] = {ch: i for i, ch in enumerate(GSM7_BASIC) if i != GSM7_ESCAPE}
+_EXTENSION_CHAR: dict[int, str] = {code: ch for ch, code in GSM7_EXTENSION.items()}
+
+# Payload budgets (TS 23.040): a 6-octet concatenation UDH costs 7 septets / 3 UCS-2 units.
+GSM7_SINGLE = 160
+GSM7_PART = 153
+UCS2_SINGLE = 70
+UCS2_PART = 67
+
+TP_STATUS_DELIVERED = 0x00
+TP_STATUS_FAILED = 0x44  # permanent error: "SM delivery failed" family, what the library calls FAILED (68)
+
+Encoding = Literal["gsm7", "ucs2", "8bit"]
+
+
+class PduError(ValueError):
+    """A PDU could not be decoded or a value cannot be encoded."""
+
+
+# --- text ----------------------------------------------------------------------------------------------------
+
+
+def is_gsm7(text: str) -> bool:
+    """Return True when every character of `text` is in the GSM 03.38 default alphabet or extension table."""
+    return all(ch in _BASIC_INDEX or ch in GSM7_EXTENSION for ch in text)
+
+
+def gsm7_septets(text: str) -> list[int]:
+    """Encode `text` to unpacked GSM 7-bit septet values (extension characters become ESC + code).
+
+    Raises PduError when a character has no GSM 7-bit representation.
+    """
+    out: list[int] = []
+    for ch in text:
+        if ch in _BASIC_INDEX:
+            out.append(_BASIC_INDEX[ch])
+        elif ch in GSM7_EXTENSION:
+            out.extend((GSM7_ESCAPE, GSM7_EXTENSION[ch]))
+        else:
+            raise PduError(f"character {ch!r} is not in the GSM 7-bit alphabet")
+    return out
+
+
+def gsm7_decode(septets: Sequence[int]) -> str:
+    """Decode unpacked GSM 7-bit septets to text; an unknown extension code falls back to the basic table
+    (TS 23.038 says so), a dangling trailing ESC is dropped."""
+    out: list[str] = []
+    i = 0
+    while i < len(septets):
+        s = septets[i] & 0x7F
+        if s == GSM7_ESCAPE:
+            if i + 1 < len(septets):
+                nxt = septets[i + 1] & 0x7F
+                out.append(_EXTENSION_CHAR.get(nxt, GSM7_BASIC[nxt] if nxt != GSM7_ESCAPE else " "))
+            i += 2
+            continue
+        out.append(GSM7_BASIC[s])
+        i += 1
+    return "".join(out)
+
+
+def pack_septets(septets: Sequence[int], fill_bits: int = 0) -> bytes:
+    """Pack septets LSB-first into octets, after `fill_bits` zero bits (used to align text after a UDH)."""
+    acc = 0
+    nbits = fill_bits
+    out = bytearray()
+    for s in septets:
+        acc |= (s & 0x7F) << nbits
+        nbits += 7
+        while nbits >= 8:
+            out.append(acc & 0xFF)
+            acc >>= 8
+            nbits -= 8
+    if nbits > 0:
+        out.append(acc & 0xFF)
+    return bytes(out)
+
+
+def unpack_septets(data: bytes, count: int, skip_bits: int = 0) -> list[int]:
+    """Unpack `count` septets from packed `data`, ignoring the first `skip_bits` bits.
+
+    Raises PduError when `data` is too short for `count` septets.
+    """
+    if skip_bits + count * 7 > len(data) * 8:
+        raise PduError("user data shorter than its declared septet count")
+    value = int.from_bytes(data, "little")
+    return [(value >> (skip_bits + 7 * i)) & 0x7F for i in range(count)]
+
+
+def utf16_units(text: str) -> int:
+    """Number of UTF-16 code units of `text` (what UCS-2 SMS lengths count: a non-BMP char is two)."""
+    return len(text.encode("utf-16-be", "surrogatepass")) // 2
+
+
+def split_text(text: str) -> tuple[Encoding, list[str]]:
+    """Choose the alphabet for `text` and split it into SMS-sized parts.
+
+    7-bit when every character fits GSM 03.38 (160 septets single / 153 per part), else UCS-2 (70 / 67 UTF-16
+    units). Parts are cut on character boundaries, so an escape sequence or a surrogate pair is never split.
+    """
+    encoding: Encoding = "gsm7" if is_gsm7(text) else "ucs2"
+
+    def cost(ch: str) -> int:
+        if encoding == "gsm7":
+            return 2 if ch in GSM7_EXTENSION else 1
+        return 2 if ord(ch) > 0xFFFF else 1
+
+    total = sum(cost(ch) for ch in text)
+    single, per_part = (GSM7_SINGLE, GSM7_PART) if encoding == "gsm7" else (UCS2_SINGLE, UCS2_PART)
+    if total <= single:
+        return encoding, [text]
+    parts: list[str] = []
+    current: list[str] = []
+    used = 0
+    for ch in text:
+        c = cost(ch)
+        if used + c > per_part:
+            parts.append("".join(current))
+            current, used = [], 0
+        current.append(ch)
+        used += c
+    if current:
+        parts.append("".join(current))
+    return encoding, parts
+
+
+# --- addresses and timestamps -----------------------------------------------------------------------------------
+
+
+def _semi_octets(digits: str) -> bytes:
+    """Swap-nibble BCD encoding of a digit string, padded with F."""
+    if len(digits) % 2:
+        digits += "F"
+    return bytes(int(digits[i + 1] + digits[i], 16) for i in range(0, len(digits), 2))
+
+
+def _from_semi_octets(data: bytes, ndigits: int) -> str:
+    """Decode swap-nibble BCD to a string of `ndigits` digits (0-9, *, #, a, b, c for the odd nibble values)."""
+    table = "0123456789*#abc"
+    out: list[str] = []
+    for b in data:
+        for nibble in (b & 0x0F, b >> 4):
+            if nibble == 0x0F:
+                continue
+            out.append(table[nibble])
+    return "".join(out[:ndigits])
+
+
+def encode_address(address: str) -> bytes:
+    """Encode a TP-OA/TP-DA/TP-RA address field: "+digits" international (TON 1), digits unknown (TON 0),
+    anything else alphanumeric (TON 5, GSM 7-bit packed, at most 11 characters).
+
+    Raises PduError for an empty address, or an alphanumeric one that is too long or not GSM 7-bit.
+    """
+    if not address:
+        raise PduError("empty address")
+    if address.startswith("+") and address[1:].isdigit():
+        digits = address[1:]
+        return bytes((len(digits), 0x91)) + _semi_octets(digits)
+    if address.isdigit():
+        return bytes((len(address), 0x81)) + _semi_octets(address)
+    septets = gsm7_septets(address)
+    if len(septets) > 11:
+        raise PduError(f"alphanumeric address {address!r} longer than 11 septets")
+    packed = pack_septets(septets)
+    # Length counts useful semi-octets: 7 bits per septet, rounded up to a nibble.
+    return bytes((math.ceil(len(septets) * 7 / 4), 0xD0)) + packed
+
+
+def encode_smsc(address: str | None) -> bytes:
+    """Encode the SMSC field that prefixes a PDU-mode PDU (length counts octets incl. the type octet)."""
+    if not address:
+        return b"\x00"
+    if address.startswith("+"):
+        digits, toa = address[1:], 0x91
+    else:
+        digits, toa = address, 0x81
+    body = _semi_octets(digits)
+    return bytes((len(body) + 1, toa)) + body
+
+
+def _decode_address(data: bytes, pos: int) -> tuple[str, int]:
+    """Decode an address field at `pos`; return (address, position after it)."""
+    ndigits = data[pos]
+    toa = data[pos + 1]
+    nbytes = (ndigits + 1) // 2
+    body = data[pos + 2 : pos + 2 + nbytes]
+    if len(body) < nbytes:
+        raise PduError("truncated address field")
+    ton = (toa >> 4) & 0x07
+    if ton == 5:
+        text = gsm7_decode(unpack_septets(body, (ndigits * 4) // 7))
+        return text, pos + 2 + nbytes
+    number = _from_semi_octets(body, ndigits)
+    return ("+" + number if ton == 1 else number), pos + 2 + nbytes
+
+
+def encode_timestamp(when: datetime) -> bytes:
+    """Encode an aware datetime as the 7-octet TP-SCTS/TP-DT (seconds resolution, zone in quarter hours).
+
+    Raises PduError for a naive datetime.
+    """
+    offset = when.utcoffset()
+    if offset is None:
+        raise PduError("timestamp needs a timezone")
+    quarters = round(offset.total_seconds() / 900)
+    tz = _semi_octets(f"{abs(quarters):02d}")[0]
+    if quarters < 0:
+        tz |= 0x08  # sign bit sits in the tens nibble, which is the low nibble after the swap
+    return _semi_octets(when.strftime("%y%m%d%H%M%S")) + bytes((tz,))
+
+
+def decode_timestamp(data: bytes) -> datetime:
+    """Decode a 7-octet TP-SCTS/TP-DT to an aware datetime.
+
+    Raises PduError on a malformed value.
+    """
+    if len(data) != 7:
+        raise PduError("timestamp must be 7 octets")
+    digits = _from_semi_octets(data[:6], 12)
+    tzb = data[6]
+    negative = bool(tzb & 0x08)
+    quarters = int(_from_semi_octets(bytes((tzb & 0xF7,)), 2))
+    tz = timezone(timedelta(minutes=15 * quarters) * (-1 if negative else 1))
+    try:
+        return datetime.strptime(digits, "%y%m%d%H%M%S").replace(tzinfo=tz)
+    except ValueError as exc:
+        raise PduError(f"bad timestamp {data.hex()}") from exc
+
+
+def local_datetime(epoch_ms: int) -> datetime:
+    """Convert epoch milliseconds to an aware datetime in the host's local zone (an SMSC stamps local time)."""
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).astimezone()
+
+
+# --- building PDUs ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeliverPart:
+    """One stored SMS-DELIVER: the PDU-mode hex, its TPDU length and what went into it."""
+
+    pdu: str
+    tpdu_length: int
+    text: str
+    encoding: Encoding
+    part: tuple[int, int, int] | None  # (reference, total, sequence) when concatenated
+
+
+def build_deliver(
+    sender: str,
+    text: str,
+    when: datetime,
+    smsc: str | None,
+    concat_ref: int = 0,
+) -> list[DeliverPart]:
+    """Build the SMS-DELIVER PDU(s) carrying `text` from `sender`, stamped `when` by `smsc`.
+
+    Long texts become concatenated parts with an 8-bit-reference UDH (IEI 00) using `concat_ref` (0-255).
+    Raises PduError when the sender cannot be encoded.
+    """
+    encoding, chunks = split_text(text)
+    smsc_field = encode_smsc(smsc)
+    oa = encode_address(sender)
+    scts = encode_timestamp(when)
+    total = len(chunks)
+    parts: list[DeliverPart] = []
+    for seq, chunk in enumerate(chunks, start=1):
+        udh = bytes((0x05, 0x00, 0x03, concat_ref & 0xFF, total, seq)) if total > 1 else b""
+        if encoding == "gsm7":
+            septets = gsm7_septets(chunk)
+            header_septets = math.ceil(len(udh) * 8 / 7)
+            fill = header_septets * 7 - len(udh) * 8
+            ud = udh + pack_septets(septets, fill) if udh else pack_septets(septets)
+            udl = header_septets + len(septets)
+            dcs = 0x00
+        else:
+            ud = udh + chunk.encode("utf-16-be", "surrogatepass")
+            udl = len(ud)
+            dcs = 0x08
+        # TP-MTI=00 (DELIVER), TP-MMS=1 (no more messages waiting), TP-UDHI when a header is present.
+        first = 0x04 | (0x40 if udh else 0x00)
+        tpdu = bytes((first,)) + oa + bytes((0x00, dcs)) + scts + bytes((udl,)) + ud
+        parts.append(
+            DeliverPart(
+                pdu=(smsc_field + tpdu).hex().upper(),
+                tpdu_length=len(tpdu),
+                text=chunk,
+                encoding=encoding,
+                part=(concat_ref & 0xFF, total, seq) if total > 1 else None,
+            )
+        )
+    return parts
+
+
+def build_status_report(
+    reference: int,
+    recipient: str,
+    submitted: datetime,
+    discharged: datetime,
+    status: int,
+    smsc: str | None,
+) -> tuple[str, int]:
+    """Build an SMS-STATUS-REPORT PDU for the message with TP-MR `reference`; return (pdu hex, tpdu length).
+
+    Raises PduError when the recipient cannot be encoded.
+    """
+    # TP-MTI=10 (STATUS-REPORT), TP-MMS=1; TP-SRQ=0: this reports on an SMS-SUBMIT.
+    tpdu = (
+        bytes((0x06, reference & 0xFF))
+        + encode_address(recipient)
+        + encode_timestamp(submitted)
+        + encode_timestamp(discharged)
+        + bytes((status & 0xFF,))
+    )
+    return (encode_smsc(smsc) + tpdu).hex().upper(), len(tpdu)
+
+
+# --- decoding -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodedPdu:
+    """A decoded PDU-mode PDU. Fields not carried by a PDU type keep their defaults."""
+
+    type: Literal["deliver", "submit", "status-report"]
+    smsc: str | None
+    tpdu_length: int
+    address: str  # originator (DELIVER), destination (SUBMIT), recipient (STATUS-REPORT)
+    reference: int | None = None  # TP-MR (SUBMIT, STATUS-REPORT)
+    status_report_requested: bool = False  # TP-SRR (SUBMIT) / TP-SRI (DELIVER)
+    encoding: Encoding = "gsm7"
+    text: str = ""
+    # Raw payload without UDH: unpacked septets (gsm7) or bytes (ucs2/8bit), so that concatenated parts can be
+    # joined before decoding; a surrogate pair or escape split across parts still decodes correctly.
+    payload: bytes = b""
+    concat: tuple[int, int, int] | None = None  # (reference, total, sequence)
+    timestamp: datetime | None = None  # TP-SCTS
+    discharge: datetime | None = None  # TP-DT
+    status: int | None = None  # TP-ST
+    udh: bytes = field(default=b"")
+
+
+def _decode_dcs(dcs: int) -> Encoding:
+    """Map a TP-DCS octet to the alphabet (general data coding and message class groups)."""
+    group = dcs >> 4
+    if group <= 0x07:  # general data coding / automatic deletion groups: bits 3..2 carry the alphabet
+        alphabet = (dcs >> 2) & 0x03
+        return "ucs2" if alphabet == 2 else "8bit" if alphabet == 1 else "gsm7"
+    if group == 0x0E:  # message waiting, store, UCS-2
+        return "ucs2"
+    if group == 0x0F:
+        return "8bit" if dcs & 0x04 else "gsm7"
+    return "gsm7"
+
+
+def _concat_from_udh(udh: bytes) -> tuple[int, int, int] | None:
+    """Find a concatenation IE (8-bit IEI 00 or 16-bit IEI 08) in a UDH."""
+    pos = 0
+    while pos + 2 <= len(udh):
+        iei, ie_len = udh[pos], udh[pos + 1]
+        data = udh[pos + 2 : pos + 2 + ie_len]
+        if iei == 0x00 and ie_len == 3 and len(data) == 3:
+            return data[0], data[1], data[2]
+        if iei == 0x08 and ie_len == 4 and len(data) == 4:
+            return (data[0] << 8) | data[1], data[2], data[3]
+        pos += 2 + ie_len
+    return None
+
+
+def decode_text(encoding: Encoding, payload: bytes) -> str:
+    """Decode a payload as produced in DecodedPdu.payload (septet values or bytes) to text."""
+    if encoding == "gsm7":
+        return gsm7_decode(list(payload))
+    if encoding == "ucs2":
+        # 'replace' rather than 'surrogatepass': a lone surrogate must not leak into JSON/UTF-8 consumers.
+        return payload.decode("utf-16-be", "replace")
+    return payload.decode("latin-1")
+
+
+def _decode_user_data(
+    data: bytes, pos: int, udl: int, udhi: bool, encoding: Encoding
+) -> tuple[bytes, bytes]:
+    """Split the user data at `pos` into (udh, payload); gsm7 payloads come back as unpacked septets."""
+    ud = data[pos:]
+    udh = b""
+    if encoding == "gsm7":
+        if udhi:
+            if not ud:
+                raise PduError("missing UDH")
+            udhl = ud[0]
+            udh = ud[1 : 1 + udhl]
+            header_septets = math.ceil((udhl + 1) * 8 / 7)
+            septets = unpack_septets(ud, udl, 0)[header_septets:]
+        else:
+            septets = unpack_septets(ud, udl)
+        return udh, bytes(septets)
+    if len(ud) < udl:
+        raise PduError("user data shorter than TP-UDL")
+    ud = ud[:udl]
+    if udhi:
+        udhl = ud[0]
+        udh = ud[1 : 1 + udhl]
+        ud = ud[1 + udhl :]
+    return udh, ud
+
+
+def decode_pdu(pdu_hex: str) -> DecodedPdu:
+    """Decode a PDU-mode PDU (SMSC field first) of type SMS-DELIVER, SMS-SUBMIT or SMS-STATUS-REPORT.
+
+    Raises PduError when the hex or the structure is invalid.
+    """
+    try:
+        data = bytes.fromhex(pdu_hex.strip())
+        return _decode(data)
+    except PduError:
+        raise
+    except (ValueError, IndexError) as exc:
+        raise PduError(f"undecodable PDU: {exc}") from exc
+
+
+def _decode(data: bytes) -> DecodedPdu:
+    """Decode the bytes of a PDU-mode PDU; see decode_pdu."""
+    smsc_len = data[0]
+    smsc: str | None = None
+    if smsc_len:
+        toa = data[1]
+        number = _from_semi_octets(data[2 : 1 + smsc_len], 2 * (smsc_len - 1))
+        smsc = "+" + number if (toa >> 4) & 0x07 == 1 else number
+    pos = 1 + smsc_len
+    tpdu_length = len(data) - pos
+    first = data[pos]
+    mti = first & 0x03
+    pos += 1
+    udhi = bool(first & 0x40)
+    if mti == 0x00:
+        address, pos = _decode_address(data, pos)
+        encoding = _decode_dcs(data[pos + 1])
+        scts = decode_timestamp(data[pos + 2 : pos + 9])
+        udl = data[pos + 9]
+        udh, payload = _decode_user_data(data, pos + 10, udl, udhi, encoding)
+        return DecodedPdu(
+            type="deliver",
+            smsc=smsc,
+            tpdu_length=tpdu_length,
+            address=address,
+            status_report_requested=bool(first & 0x20),
+            encoding=encoding,
+            text=decode_text(encoding, payload),
+            payload=payload,
+            concat=_concat_from_udh(udh) if udhi else None,
+            timestamp=scts,
+            udh=udh,
+        )
+    if mti == 0x01:
+        reference = data[pos]
+        address, pos = _decode_address(data, pos + 1)
+        encoding = _decode_dcs(data[pos + 1])
+        pos += 2
+        vpf = (first >> 3) & 0x03
+        pos += {0: 0, 2: 1, 1: 7, 3: 7}[vpf]
+        udl = data[pos]
+        udh, payload = _decode_user_data(data, pos + 1, udl, udhi, encoding)
+        return DecodedPdu(
+            type="submit",
+            smsc=smsc,
+            tpdu_length=tpdu_length,
+            address=address,
+            reference=reference,
+            status_report_requested=bool(first & 0x20),
+            encoding=encoding,
+            text=decode_text(encoding, payload),
+            payload=payload,
+            concat=_concat_from_udh(udh) if udhi else None,
+            udh=udh,
+        )
+    if mti == 0x02:
+        reference = data[pos]
+        address, pos = _decode_address(data, pos + 1)
+        return DecodedPdu(
+            type="status-report",
+            smsc=smsc,
+            tpdu_length=tpdu_length,
+            address=address,
+            reference=reference,
+            timestamp=decode_timestamp(data[pos : pos + 7]),
+            discharge=decode_timestamp(data[pos + 7 : pos + 14]),
+            status=data[pos + 14],
+        )
+    raise PduError(f"unsupported TP-MTI {mti}")

@@ -1,0 +1,715 @@
+"""RabbitMQ layer: topology, confirmed publishing, consuming with delayed retries and parking.
+
+Design (after dramatiq's broker and pika's recovery examples):
+
+* One ``BlockingConnection`` per thread. ``PublisherThread`` owns a connection and serves publishes from any
+  thread; ``Consumer`` owns its own connection, runs handlers on a pool and hands acks back to its I/O thread
+  with ``add_callback_threadsafe`` so heartbeats keep flowing while a handler waits on HTTP or a modem.
+* Every publish is ``mandatory`` with publisher confirms: the caller returns only once the broker has the
+  message (or raises). A delivery is acked only after its effect is durable.
+* pika exceptions are translated here (``BrokerUnavailable``, ``PublishRefused``) and nowhere else.
+* Retry later = publish a copy to a delay queue (TTL per tier) that dead-letters back into the work queue,
+  then ack the original: no consumer sleeps on a held message. Give up = publish to the parked queue with the
+  reason in headers, then ack. Poison messages that crash a consumer hit ``x-delivery-limit`` and are
+  dead-lettered into the parked queue by the broker itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from services import metrics
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "smsgw"  # direct: routing key = work queue name
+RETRY_EXCHANGE = "smsgw.retry"  # direct: routing key = "<queue>.<tier>s"
+PARKED_EXCHANGE = "smsgw.parked"  # direct: routing key = work queue name
+
+INBOUND_QUEUE = "smsgw.inbound"
+OUTBOUND_QUEUE = "smsgw.outbound"  # any modem may send these
+EVENTS_QUEUE = "smsgw.events"  # sent results and delivery reports
+
+DELAY_TIERS_S: tuple[int, ...] = (1, 5, 15, 60, 300, 900, 3600)
+DELIVERY_LIMIT = 20  # redeliveries before the broker parks a message that keeps crashing consumers
+HEARTBEAT_S = 15
+
+HEADER_ATTEMPTS = "x-smsgw-attempts"
+HEADER_FIRST_ATTEMPT_MS = "x-smsgw-first-attempt-ms"
+HEADER_PARK_REASON = "x-smsgw-park-reason"
+HEADER_PARKED_AT_MS = "x-smsgw-parked-at-ms"
+HEADER_SOURCE_QUEUE = "x-smsgw-source-queue"
+
+
+class BrokerError(Exception):
+    """Base of the broker layer's errors."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The connection to RabbitMQ failed or was lost; retrying later may succeed."""
+
+
+class PublishRefused(BrokerError):
+    """The broker refused a message (nack, or unroutable with mandatory): retrying as is will not help."""
+
+
+def outbound_queue_for(modem_id: str) -> str:
+    """Name of the outbound queue of one modem (SMS that must leave through that SIM)."""
+    return f"{OUTBOUND_QUEUE}.{modem_id}"
+
+
+def parked_queue_for(work_queue: str) -> str:
+    """Name of the parked queue of a work queue."""
+    return f"{work_queue}.parked"
+
+
+def delay_queue_for(work_queue: str, tier_s: int) -> str:
+    """Name of the delay queue of a work queue for one back-off tier."""
+    return f"{work_queue}.delay.{tier_s}s"
+
+
+def now_ms() -> int:
+    """Current wall-clock time in epoch milliseconds."""
+    return int(time.time() * 1000)
+
+
+def connection_parameters(url: str, name: str) -> pika.URLParameters:
+    """pika parameters for ``url`` (vhost honoured) with heartbeats and a visible connection name."""
+    params = pika.URLParameters(url)
+    params.heartbeat = HEARTBEAT_S
+    params.blocked_connection_timeout = 60
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+def connect(url: str, name: str) -> pika.BlockingConnection:
+    """Open one blocking connection.
+
+    Raises:
+        BrokerUnavailable: the broker cannot be reached or refused the login/vhost.
+    """
+    try:
+        return pika.BlockingConnection(connection_parameters(url, name))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from None
+
+
+def _work_queue_arguments(work_queue: str) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": PARKED_EXCHANGE,
+        "x-dead-letter-routing-key": work_queue,
+        # at-least-once dead-lettering needs reject-publish overflow (see broker-notes).
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
+    """Declare a work queue with its parked queue and delay queues (idempotent)."""
+    channel.queue_declare(work_queue, durable=True, arguments=_work_queue_arguments(work_queue))
+    channel.queue_bind(work_queue, EXCHANGE, routing_key=work_queue)
+    parked = parked_queue_for(work_queue)
+    channel.queue_declare(parked, durable=True, arguments={"x-queue-type": "quorum"})
+    channel.queue_bind(parked, PARKED_EXCHANGE, routing_key=work_queue)
+    for tier in DELAY_TIERS_S:
+        delay = delay_queue_for(work_queue, tier)
+        channel.queue_declare(
+            delay,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": tier * 1000,
+                # Expired messages go back to the work queue through the default exchange.
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": work_queue,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        channel.queue_bind(delay, RETRY_EXCHANGE, routing_key=f"{work_queue}.{tier}")
+
+
+def declare_topology(channel: BlockingChannel, modem_ids: Sequence[str] = ()) -> None:
+    """Declare the exchanges and the shared queues, plus the outbound queue of each given modem.
+
+    Raises:
+        pika.exceptions.ChannelClosedByBroker: a queue exists with other arguments (operator must delete it).
+    """
+    for exchange in (EXCHANGE, RETRY_EXCHANGE, PARKED_EXCHANGE):
+        channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+    for work_queue in (INBOUND_QUEUE, OUTBOUND_QUEUE, EVENTS_QUEUE, *map(outbound_queue_for, modem_ids)):
+        declare_work_queue(channel, work_queue)
+
+
+def choose_delay_tier(attempt: int) -> int:
+    """Back-off tier (seconds) for retry number ``attempt`` (1-based): exponential with jitter, capped.
+
+    Jitter spreads a burst of failures (a server outage) over neighbouring tiers so they do not all come back
+    in the same second.
+    """
+    ideal = min(2.0 ** (attempt - 1), float(DELAY_TIERS_S[-1]))
+    jittered = random.uniform(ideal * 0.5, ideal * 1.5)
+    return min(DELAY_TIERS_S, key=lambda tier: abs(tier - jittered))
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One message to publish."""
+
+    routing_key: str
+    body: bytes
+    exchange: str = EXCHANGE
+    headers: dict[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
+
+
+class Publisher:
+    """Confirmed, mandatory publishing on one connection; use from ONE thread only.
+
+    Connects lazily and reconnects on the next publish after a failure.
+    """
+
+    def __init__(self, url: str, name: str, modem_ids: Sequence[str] = ()) -> None:
+        self._url = url
+        self._name = name
+        self._modem_ids = tuple(modem_ids)
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+
+    def _ensure_channel(self) -> BlockingChannel:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self.close()
+        self._connection = connect(self._url, self._name)
+        try:
+            channel = self._connection.channel()
+            declare_topology(channel, self._modem_ids)
+            channel.confirm_delivery()
+        except pika.exceptions.AMQPError as exc:
+            self.close()
+            raise BrokerUnavailable(f"cannot open a channel: {exc!r}") from None
+        self._channel = channel
+        return channel
+
+    def publish(self, publication: Publication) -> None:
+        """Publish and wait for the broker's confirm.
+
+        Raises:
+            BrokerUnavailable: connection lost or not possible (the message may or may not be stored; callers
+                keep their own copy until this returns).
+            PublishRefused: nack or unroutable.
+        """
+        channel = self._ensure_channel()
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            content_type="application/json",
+            headers=publication.headers or None,
+            message_id=publication.message_id,
+            timestamp=int(time.time()),
+        )
+        try:
+            channel.basic_publish(
+                publication.exchange, publication.routing_key, publication.body, properties, mandatory=True
+            )
+        except pika.exceptions.UnroutableError:
+            raise PublishRefused(f"unroutable: no queue bound for {publication.routing_key!r}") from None
+        except pika.exceptions.NackError:
+            raise PublishRefused(f"broker nacked the message for {publication.routing_key!r}") from None
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            self.close()
+            raise BrokerUnavailable(f"publish failed: {exc!r}") from None
+
+    def keep_alive(self, seconds: float) -> None:
+        """Serve heartbeats for up to ``seconds`` (an idle connection must still talk to the broker)."""
+        if self._connection is None or not self._connection.is_open:
+            time.sleep(seconds)
+            return
+        try:
+            self._connection.process_data_events(time_limit=seconds)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            log.warning("publisher connection lost while idle: %r", exc)
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection, ignoring errors (it may already be gone)."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                connection.close()
+
+
+class PublisherThread:
+    """Thread-safe confirmed publishing: a dedicated thread owns the connection; callers block on a future.
+
+    Used where many threads publish (the modem library runs each SMS callback on its own thread).
+    """
+
+    def __init__(self, url: str, name: str, modem_ids: Sequence[str] = ()) -> None:
+        self._publisher = Publisher(url, name, modem_ids)
+        self._requests: queue.Queue[tuple[Publication, concurrent.futures.Future[None]] | None] = (
+            queue.Queue()
+        )
+        self._thread = threading.Thread(target=self._run, name=f"publisher-{name}", daemon=True)
+        self._thread.start()
+
+    def publish(self, publication: Publication, timeout: float = 30.0) -> None:
+        """Publish with confirm from any thread.
+
+        Raises:
+            BrokerUnavailable: not confirmed (connection down, or no answer within ``timeout``).
+            PublishRefused: nack or unroutable.
+        """
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._requests.put((publication, future))
+        try:
+            future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise BrokerUnavailable("no publisher confirm within the time-out") from None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._requests.get(timeout=1.0)
+            except queue.Empty:
+                self._publisher.keep_alive(0.0)
+                continue
+            if item is None:
+                break
+            publication, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                self._publisher.publish(publication)
+            except BrokerError as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+        self._publisher.close()
+
+    def close(self) -> None:
+        """Stop the thread after the publishes already submitted."""
+        self._requests.put(None)
+        self._thread.join(timeout=10)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message handed to a handler."""
+
+    queue: str
+    body: bytes
+    headers: dict[str, Any]
+    redelivered: bool
+    message_id: str | None
+
+    @property
+    def attempts(self) -> int:
+        """Retries already scheduled for this message (0 on first delivery)."""
+        return int(self.headers.get(HEADER_ATTEMPTS, 0))
+
+    @property
+    def first_attempt_ms(self) -> int | None:
+        """Epoch ms of the first processing attempt, if this is a retry."""
+        value = self.headers.get(HEADER_FIRST_ATTEMPT_MS)
+        return int(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The effect is durable: remove the message."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Try again later, through a delay queue."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Park:
+    """Give up: move to the parked queue with the reason (kept in headers for the parked CLI)."""
+
+    reason: str
+    label: str = "error"  # low-cardinality metric label
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Put back at once without counting a retry (the work could not start: e.g. the modem is down)."""
+
+
+Decision = Ack | Retry | Park | Requeue
+Handler = Callable[[Delivery], Decision]
+
+
+class Consumer:
+    """Consume work queues with a handler pool; translate decisions into durable broker actions.
+
+    ``run()`` blocks: it reconnects with capped back-off until ``stop()`` is called. Handlers run on worker
+    threads (``concurrency``), so a slow Sync URL or modem never starves the heartbeat.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        queues: Sequence[str],
+        handler: Handler,
+        publisher: PublisherThread,
+        *,
+        name: str,
+        prefetch: int = 16,
+        concurrency: int = 4,
+        modem_ids: Sequence[str] = (),
+        max_retry_age_s: float | None = None,
+    ) -> None:
+        self._url = url
+        self._queues = tuple(queues)
+        self._handler = handler
+        self._publisher = publisher
+        self._name = name
+        self._prefetch = prefetch
+        self._modem_ids = tuple(modem_ids)
+        self._max_retry_age_s = max_retry_age_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=f"{name}-handler")
+        self._stopping = threading.Event()
+        self._connection: pika.BlockingConnection | None = None
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.connected = threading.Event()
+
+    def stop(self) -> None:
+        """Stop taking new messages; ``run()`` returns once in-flight handlers finished and were acked."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(BrokerUnavailable),
+            wait=wait_exponential_jitter(initial=0.5, max=30),
+            before_sleep=lambda state: log.warning(
+                "broker unavailable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
+            ),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    if not self._stopping.is_set():
+                        self._consume_once()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _consume_once(self) -> None:
+        connection = connect(self._url, self._name)
+        self._connection = connection
+        try:
+            channel = connection.channel()
+            declare_topology(channel, self._modem_ids)
+            channel.basic_qos(prefetch_count=self._prefetch)
+            tags = [
+                channel.basic_consume(q, on_message_callback=self._make_callback(connection, channel))
+                for q in self._queues
+            ]
+            self.connected.set()
+            log.info("consuming %s", ", ".join(self._queues))
+            while not self._stopping.is_set():
+                connection.process_data_events(time_limit=0.5)
+            for tag in tags:
+                channel.basic_cancel(tag)
+            # Drain: let running handlers finish so their acks go out on this connection.
+            while self._in_flight_count() > 0:
+                connection.process_data_events(time_limit=0.1)
+            connection.close()
+        except (
+            pika.exceptions.AMQPConnectionError,
+            pika.exceptions.ChannelClosed,
+            pika.exceptions.ConnectionClosed,
+            OSError,
+        ) as exc:
+            raise BrokerUnavailable(f"consumer connection lost: {exc!r}") from None
+        finally:
+            self.connected.clear()
+            self._connection = None
+
+    def _in_flight_count(self) -> int:
+        with self._in_flight_lock:
+            return self._in_flight
+
+    def _make_callback(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel
+    ) -> Callable[[BlockingChannel, Any, pika.BasicProperties, bytes], None]:
+        def on_message(_ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            delivery = Delivery(
+                queue=self._queue_of(method),
+                body=body,
+                headers=dict(props.headers or {}),
+                redelivered=bool(method.redelivered),
+                message_id=props.message_id,
+            )
+            with self._in_flight_lock:
+                self._in_flight += 1
+            self._pool.submit(self._process, connection, channel, method.delivery_tag, delivery)
+
+        return on_message
+
+    def _queue_of(self, method: Any) -> str:
+        # Deliveries from delay queues come back through the default exchange with routing key = queue name;
+        # direct publishes use routing key = queue name too. consumer_tag would be the other option.
+        key = str(method.routing_key)
+        return key if key in self._queues else self._queues[0]
+
+    def _process(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel, tag: int, delivery: Delivery
+    ) -> None:
+        try:
+            try:
+                decision = self._handler(delivery)
+            except Exception:
+                # A bug must not lose the message nor loop it forever: requeue, and the quorum queue's
+                # delivery limit parks it after DELIVERY_LIMIT attempts.
+                log.exception("handler crashed on a message from %s; it will be redelivered", delivery.queue)
+                self._settle(connection, channel, tag, requeue=True)
+                return
+            requeue = False
+            try:
+                self._apply(delivery, decision)
+            except BrokerError as exc:
+                log.warning(
+                    "could not apply %s for a message from %s (%s); requeueing",
+                    type(decision).__name__,
+                    delivery.queue,
+                    exc,
+                )
+                requeue = True
+            self._settle(connection, channel, tag, requeue=requeue or isinstance(decision, Requeue))
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _apply(self, delivery: Delivery, decision: Decision) -> None:
+        """Make the decision durable before the ack (publish retry copy / parked copy with confirm)."""
+        if isinstance(decision, Retry):
+            first = delivery.first_attempt_ms or now_ms()
+            age_s = (now_ms() - first) / 1000
+            if self._max_retry_age_s is not None and age_s >= self._max_retry_age_s:
+                decision = Park(
+                    f"gave up after {delivery.attempts} retries over {age_s:.0f}s: {decision.reason}",
+                    label="max_age",
+                )
+            else:
+                attempt = delivery.attempts + 1
+                tier = choose_delay_tier(attempt)
+                headers = {**delivery.headers, HEADER_ATTEMPTS: attempt, HEADER_FIRST_ATTEMPT_MS: first}
+                self._publisher.publish(
+                    Publication(
+                        f"{delivery.queue}.{tier}",
+                        delivery.body,
+                        RETRY_EXCHANGE,
+                        headers,
+                        delivery.message_id,
+                    )
+                )
+                metrics.RETRIES.labels(delivery.queue).inc()
+                log.info(
+                    "retry %d of a message from %s in %ds: %s", attempt, delivery.queue, tier, decision.reason
+                )
+                return
+        if isinstance(decision, Park):
+            park(self._publisher, delivery, decision.reason)
+            metrics.PARKED.labels(delivery.queue, decision.label).inc()
+
+    def _settle(
+        self, connection: pika.BlockingConnection, channel: BlockingChannel, tag: int, *, requeue: bool
+    ) -> None:
+        def settle() -> None:
+            # The channel may have died meanwhile: then the broker redelivers, which is what we want.
+            if not channel.is_open:
+                return
+            if requeue:
+                channel.basic_nack(tag, requeue=True)
+            else:
+                channel.basic_ack(tag)
+
+        try:
+            connection.add_callback_threadsafe(settle)
+        except (pika.exceptions.AMQPError, OSError, RuntimeError):
+            log.info("connection closed before the ack; the broker will redeliver")
+
+
+def park(publisher: PublisherThread, delivery: Delivery, reason: str) -> None:
+    """Publish a copy of ``delivery`` to its parked queue with the reason, and wait for the confirm.
+
+    Raises:
+        BrokerError: not confirmed (the caller must not ack the original).
+    """
+    headers = {
+        **delivery.headers,
+        HEADER_PARK_REASON: reason[:1000],
+        HEADER_PARKED_AT_MS: now_ms(),
+        HEADER_SOURCE_QUEUE: delivery.queue,
+    }
+    publisher.publish(
+        Publication(delivery.queue, delivery.body, PARKED_EXCHANGE, headers, delivery.message_id)
+    )
+    log.warning("parked a message from %s: %s", delivery.queue, reason)
+
+
+@dataclass(frozen=True)
+class ParkedMessage:
+    """A message in a parked queue, as the parked CLI shows it."""
+
+    source_queue: str
+    reason: str
+    parked_at_ms: int | None
+    body: bytes
+    message_id: str | None
+
+
+def _park_reason(headers: dict[str, Any]) -> str:
+    if HEADER_PARK_REASON in headers:
+        return str(headers[HEADER_PARK_REASON])
+    deaths = headers.get("x-death") or []
+    if deaths:
+        first = deaths[0]
+        return f"dead-lettered by the broker: {first.get('reason')} (count {first.get('count')})"
+    return "unknown"
+
+
+def _to_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class ParkedQueues:
+    """List, replay and purge parked messages of one work queue."""
+
+    def __init__(self, url: str, work_queue: str, modem_ids: Sequence[str] = ()) -> None:
+        self._url = url
+        self._work_queue = work_queue
+        self._modem_ids = tuple(modem_ids)
+
+    def _browse(self, channel: BlockingChannel) -> Iterator[tuple[int, ParkedMessage, pika.BasicProperties]]:
+        parked = parked_queue_for(self._work_queue)
+        while True:
+            method, props, body = channel.basic_get(parked, auto_ack=False)
+            if method is None:
+                return
+            headers = {k: v for k, v in dict(props.headers or {}).items()}
+            parked_at = headers.get(HEADER_PARKED_AT_MS)
+            yield (
+                method.delivery_tag,
+                ParkedMessage(
+                    source_queue=_to_str(headers.get(HEADER_SOURCE_QUEUE, self._work_queue)),
+                    reason=_to_str(_park_reason(headers)),
+                    parked_at_ms=int(parked_at) if parked_at is not None else None,
+                    body=body,
+                    message_id=props.message_id,
+                ),
+                props,
+            )
+
+    def _channel(self) -> tuple[pika.BlockingConnection, BlockingChannel]:
+        connection = connect(self._url, "smsgw-parked-cli")
+        channel = connection.channel()
+        declare_topology(channel, self._modem_ids)
+        return connection, channel
+
+    def list(self) -> list[ParkedMessage]:
+        """Every parked message, left in place (unacked gets are returned when the channel closes)."""
+        connection, channel = self._channel()
+        try:
+            return [message for _tag, message, _props in self._browse(channel)]
+        finally:
+            connection.close()
+
+    def replay(self, limit: int | None = None) -> int:
+        """Move parked messages back to their work queue (confirmed publish, then ack). Returns the count.
+
+        Retry headers are reset so the message gets a full retry budget again.
+        """
+        connection, channel = self._channel()
+        channel.confirm_delivery()
+        moved = 0
+        try:
+            for tag, message, props in self._browse(channel):
+                if limit is not None and moved >= limit:
+                    break
+                headers = {
+                    k: v
+                    for k, v in dict(props.headers or {}).items()
+                    if k
+                    not in {
+                        HEADER_ATTEMPTS,
+                        HEADER_FIRST_ATTEMPT_MS,
+                        HEADER_PARK_REASON,
+                        HEADER_PARKED_AT_MS,
+                        HEADER_SOURCE_QUEUE,
+                        "x-death",
+                        "x-first-death-exchange",
+                        "x-first-death-queue",
+                        "x-first-death-reason",
+                        "x-delivery-count",
+                        "x-last-death-exchange",
+                        "x-last-death-queue",
+                        "x-last-death-reason",
+                    }
+                }
+                new_props = pika.BasicProperties(
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    content_type=props.content_type,
+                    headers=headers or None,
+                    message_id=props.message_id,
+                    timestamp=int(time.time()),
+                )
+                # Publish to the queue it came from (routing key = queue name on the work exchange), confirmed,
+                # before acking the parked copy: a crash in between duplicates, never loses.
+                channel.basic_publish(EXCHANGE, message.source_queue, message.body, new_props, mandatory=True)
+                channel.basic_ack(tag)
+                moved += 1
+        finally:
+            connection.close()
+        return moved
+
+    def purge(self) -> int:
+        """Delete every parked message of this work queue. Returns the count."""
+        connection, channel = self._channel()
+        try:
+            result = channel.queue_purge(parked_queue_for(self._work_queue))
+            return int(result.method.message_count)
+        finally:
+            connection.close()
+
+
+def wait_for_broker(url: str, timeout_s: float) -> None:
+    """Block until the broker accepts a connection.
+
+    Raises:
+        BrokerUnavailable: still unreachable after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            connect(url, "smsgw-probe").close()
+            return
+        except BrokerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

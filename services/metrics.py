@@ -1,0 +1,65 @@
+"""Prometheus metrics of every leg, in one place so that the Grafana dashboard and the code agree.
+
+Names: ``smsgw_`` prefix, base units, ``_total`` counters. Labels are low-cardinality only (modem id, outcome,
+leg) — never phone numbers, uuids or message ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# --- modem_worker: modem -> inbound queue, outbound queue -> modem -------------------------------------------
+SMS_RECEIVED = Counter(
+    "smsgw_sms_received_total", "SMS read from the SIM and confirmed by the broker", ["modem"]
+)
+SMS_SENT = Counter("smsgw_sms_sent_total", "Outbound SMS handed to a modem, by outcome", ["modem", "outcome"])
+SEND_SECONDS = Histogram(
+    "smsgw_sms_send_seconds",
+    "Time to send one SMS (all parts) through the modem",
+    ["modem"],
+    buckets=LATENCY_BUCKETS,
+)
+DELIVERY_REPORTS = Counter("smsgw_delivery_reports_total", "Status reports, by outcome", ["modem", "outcome"])
+MODEM_UP = Gauge("smsgw_modem_up", "1 while the modem answers AT commands", ["modem"])
+MODEM_SIGNAL = Gauge("smsgw_modem_signal_rssi", "AT+CSQ RSSI (0-31; -1 unknown)", ["modem"])
+MODEM_RECONNECTS = Counter("smsgw_modem_reconnects_total", "Modem reconnect attempts", ["modem"])
+
+# --- sync_worker: inbound queue -> Sync URL ----------------------------------------------------------------
+SYNC_REQUESTS = Counter(
+    "smsgw_sync_requests_total", "POSTs of inbound SMS to the Sync URL, by outcome", ["outcome"]
+)
+SYNC_SECONDS = Histogram("smsgw_sync_request_seconds", "Sync URL POST latency", buckets=LATENCY_BUCKETS)
+SYNC_END_TO_END_SECONDS = Histogram(
+    "smsgw_sync_end_to_end_seconds",
+    "From reading the SMS off the SIM to the Sync URL accepting it",
+    buckets=LATENCY_BUCKETS,
+)
+SMS_FILTERED = Counter("smsgw_sms_filtered_total", "Inbound SMS not forwarded because no keyword matched")
+REPLIES_QUEUED = Counter(
+    "smsgw_replies_queued_total", "Server replies and auto-responses queued as SMS", ["origin"]
+)
+REPLIES_SKIPPED = Counter("smsgw_replies_skipped_total", "Server reply messages skipped as invalid")
+
+# --- shared by every consumer -------------------------------------------------------------------------------
+RETRIES = Counter("smsgw_retries_total", "Messages scheduled for a delayed retry", ["queue"])
+PARKED = Counter("smsgw_parked_total", "Messages moved to a parked queue", ["queue", "reason"])
+
+# --- task_poller / result_reporter ----------------------------------------------------------------------------
+TASK_POLLS = Counter("smsgw_task_polls_total", "?task=send polls, by outcome", ["outcome"])
+TASK_MESSAGES = Counter("smsgw_task_messages_total", "Messages from ?task=send, by outcome", ["outcome"])
+RESULT_ROWS = Counter("smsgw_result_rows_total", "Message Results rows, by outcome", ["outcome"])
+HTTP_SECONDS = Histogram(
+    "smsgw_http_request_seconds", "Sync URL request latency by task", ["task"], buckets=LATENCY_BUCKETS
+)
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` on ``addr:port`` from a daemon thread; port 0 disables it.
+
+    Raises:
+        OSError: the port is taken (the worker exits with a clear message).
+    """
+    if port:
+        start_http_server(port, addr=addr)

@@ -1,0 +1,95 @@
+"""What every worker's ``__main__`` shares: argument parsing, start-up validation, signals, health check."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from services import broker, metrics
+from services.logs import configure_logging
+from services.settings import ConfigError, Settings, describe
+
+log = logging.getLogger(__name__)
+
+COMMON_ENV = ("SMSGW_AMQP_URL", "SMSGW_METRICS_PORT", "SMSGW_METRICS_ADDR", "SMSGW_LOG_LEVEL")
+
+
+def worker_parser(prog: str, description: str, env_names: Sequence[str]) -> argparse.ArgumentParser:
+    """An argument parser whose ``--help`` lists the environment variables the worker reads, with ``--check``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=describe([*COMMON_ENV, *env_names]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the settings, connect to RabbitMQ, declare the topology, exit 0 if healthy (healthchecks)",
+    )
+    return parser
+
+
+def load_settings(worker: str) -> Settings | None:
+    """Read settings and configure JSON logging; on a bad value print one line to stderr and return None."""
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"{worker}: configuration error: {exc}", file=sys.stderr)
+        return None
+    configure_logging(settings.log_level, worker)
+    return settings
+
+
+def check(settings: Settings, modem_ids: Sequence[str] = ()) -> int:
+    """Health check: the broker accepts us and the topology is declared. Returns an exit code."""
+    try:
+        connection = broker.connect(settings.amqp_url, "smsgw-check")
+        try:
+            broker.declare_topology(connection.channel(), modem_ids)
+        finally:
+            connection.close()
+    except broker.BrokerUnavailable as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"unhealthy: cannot declare the topology: {exc!r}", file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
+
+
+def start_metrics(settings: Settings) -> bool:
+    """Serve /metrics; log one clear line and return False if the port is taken."""
+    try:
+        metrics.serve_metrics(settings.metrics_port, settings.metrics_addr)
+    except OSError as exc:
+        log.error("cannot serve /metrics on %s:%s: %s", settings.metrics_addr, settings.metrics_port, exc)
+        return False
+    return True
+
+
+def install_stop_signals(drain: Callable[[], None]) -> threading.Event:
+    """First SIGTERM/SIGINT calls ``drain`` (finish in-flight work, then exit); the second exits at once.
+
+    Returns an event set by the first signal.
+    """
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stopping.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: draining; send it again to exit now", signal.Signals(signum).name)
+        stopping.set()
+        drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stopping

@@ -1,0 +1,189 @@
+"""Versioned JSON message schemas carried on the gateway's RabbitMQ queues.
+
+Every message body is one UTF-8 JSON object with ``"schema": "<kind>/<version>"``. Consumers reject (park) a
+body whose schema they do not know, rather than guessing. See docs/messages.md for the field tables.
+
+Data flows one way: modem -> ``InboundSms`` -> Sync URL -> ``OutboundSms`` -> modem -> ``SentEvent`` /
+``DeliveryEvent`` -> result_reporter -> Sync URL.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal, Self
+
+# A fixed namespace so that the same SMS read twice from the SIM (crash between publish and delete) gets the
+# same message_id: the Sync server then sees a repeat, never two different messages.
+MESSAGE_ID_NAMESPACE = uuid.UUID("5b0f3c9e-2d7a-4c61-9a55-6a7f1f1d2c10")
+
+
+class SchemaError(ValueError):
+    """A queue message body is not valid JSON or does not match its schema."""
+
+
+def derive_message_id(modem_identity: str, sender: str, smsc_time_ms: int, text: str) -> str:
+    """Return the deterministic UUIDv5 ``message_id`` of one received SMS.
+
+    The inputs identify the SMS itself (not the moment we read it), so a crash between broker publish and SIM
+    delete re-reads the same SMS and yields the same id.
+    """
+    name = "\x1f".join((modem_identity, sender, str(smsc_time_ms), text))
+    return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, name))
+
+
+@dataclass(frozen=True)
+class _Message:
+    """Base of all queue messages: JSON encoding with a schema tag."""
+
+    SCHEMA: ClassVar[str] = ""
+
+    def to_json(self) -> bytes:
+        """Encode as the UTF-8 JSON body published on the broker."""
+        body = {"schema": self.SCHEMA, **asdict(self)}
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, body: bytes) -> Self:
+        """Decode a broker body.
+
+        Raises:
+            SchemaError: not UTF-8 JSON, wrong schema tag, a missing required field or a field of the wrong type.
+        """
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SchemaError(f"body is not UTF-8 JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise SchemaError("body is not a JSON object")
+        tag = data.pop("schema", None)
+        if tag != cls.SCHEMA:
+            raise SchemaError(f"expected schema {cls.SCHEMA!r}, got {tag!r}")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in data:
+                kwargs[f.name] = data[f.name]
+        try:
+            message = cls(**kwargs)
+        except TypeError as exc:
+            raise SchemaError(f"{cls.SCHEMA}: {exc}") from None
+        message.validate()
+        return message
+
+    def validate(self) -> None:
+        """Check field types; raises SchemaError naming the first bad field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = _FIELD_TYPES.get((type(self).__name__, f.name))
+            if expected is not None and not isinstance(value, expected):
+                raise SchemaError(f"{self.SCHEMA}: field {f.name!r} has type {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class InboundSms(_Message):
+    """One received SMS (parts joined), published by a modem worker, consumed by the sync worker."""
+
+    SCHEMA: ClassVar[str] = "inbound_sms/1"
+    message_id: str
+    sender: str
+    text: str
+    sent_timestamp: int  # epoch milliseconds, from the SMSC time stamp
+    sent_to: str  # the modem's own number, else the device id
+    device_id: str
+    modem_id: str
+    received_at: int  # epoch ms when the gateway read it from the SIM
+    complete: bool = True  # False: a multipart SMS whose missing parts never arrived
+
+
+@dataclass(frozen=True)
+class OutboundSms(_Message):
+    """One SMS to send; published by the sync worker (replies) or the task poller, consumed by a modem worker."""
+
+    SCHEMA: ClassVar[str] = "outbound_sms/1"
+    uuid: str
+    to: str
+    text: str
+    origin: Literal["reply", "auto_response", "task"]
+    created_at: int  # epoch ms
+    # Only task messages are reported through the Message Results API; replies carry a server uuid too but the
+    # app never reports them, so neither do we unless the server asks for the uuid.
+    report: bool = False
+
+
+@dataclass(frozen=True)
+class SentEvent(_Message):
+    """Outcome of handing an OutboundSms to a modem, published by the modem worker."""
+
+    SCHEMA: ClassVar[str] = "sent_event/1"
+    uuid: str
+    modem_id: str
+    outcome: Literal["sent", "failed", "unknown", "duplicate"]
+    result_code: int  # Android-style code (see services/result_codes.py)
+    result_message: str
+    timestamp: int  # epoch ms
+    parts: int = 1
+    references: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DeliveryEvent(_Message):
+    """A status report matched to its OutboundSms, published by the modem worker."""
+
+    SCHEMA: ClassVar[str] = "delivery_event/1"
+    uuid: str
+    modem_id: str
+    outcome: Literal["delivered", "failed", "pending"]
+    result_code: int
+    result_message: str
+    timestamp: int  # epoch ms of the status report (TP-DT), else when received
+
+
+_FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
+    ("InboundSms", "message_id"): str,
+    ("InboundSms", "sender"): str,
+    ("InboundSms", "text"): str,
+    ("InboundSms", "sent_timestamp"): int,
+    ("InboundSms", "sent_to"): str,
+    ("InboundSms", "device_id"): str,
+    ("InboundSms", "modem_id"): str,
+    ("InboundSms", "received_at"): int,
+    ("InboundSms", "complete"): bool,
+    ("OutboundSms", "uuid"): str,
+    ("OutboundSms", "to"): str,
+    ("OutboundSms", "text"): str,
+    ("OutboundSms", "origin"): str,
+    ("OutboundSms", "created_at"): int,
+    ("OutboundSms", "report"): bool,
+    ("SentEvent", "uuid"): str,
+    ("SentEvent", "modem_id"): str,
+    ("SentEvent", "outcome"): str,
+    ("SentEvent", "result_code"): int,
+    ("SentEvent", "result_message"): str,
+    ("SentEvent", "timestamp"): int,
+    ("SentEvent", "parts"): int,
+    ("SentEvent", "references"): list,
+    ("DeliveryEvent", "uuid"): str,
+    ("DeliveryEvent", "modem_id"): str,
+    ("DeliveryEvent", "outcome"): str,
+    ("DeliveryEvent", "result_code"): int,
+    ("DeliveryEvent", "result_message"): str,
+    ("DeliveryEvent", "timestamp"): int,
+}
+
+
+def decode_event(body: bytes) -> SentEvent | DeliveryEvent:
+    """Decode a body from the events queue, which carries both kinds.
+
+    Raises:
+        SchemaError: neither a SentEvent nor a DeliveryEvent.
+    """
+    try:
+        tag = json.loads(body.decode("utf-8")).get("schema")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise SchemaError(f"event body is not a JSON object: {exc}") from None
+    if tag == SentEvent.SCHEMA:
+        return SentEvent.from_json(body)
+    if tag == DeliveryEvent.SCHEMA:
+        return DeliveryEvent.from_json(body)
+    raise SchemaError(f"unknown event schema {tag!r}")

@@ -1,0 +1,286 @@
+"""Gateway settings: one frozen dataclass read from ``SMSGW_*`` environment variables and validated at start-up.
+
+A bad value stops the worker at once with one line naming the variable (``ConfigError``), instead of failing
+later on the first SMS. Each worker lists the variables it reads in its ``--help`` (``describe()``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+ResultsShape = Literal["message_results", "message_result_string", "message_result_array"]
+_RESULTS_SHAPES: tuple[ResultsShape, ...] = (
+    "message_results",
+    "message_result_string",
+    "message_result_array",
+)
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """How one setting is read: variable name, default (as text), help line and parser."""
+
+    name: str
+    default: str | None  # None: required
+    help: str
+    parse: Callable[[str, str], Any]
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name}: expected true/false, got {raw!r}")
+
+
+def _number(minimum: float, maximum: float | None = None) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"{name}: must be {bound}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _port(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a TCP port number, got {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name}: port out of range: {raw!r}")
+    return value
+
+
+def _int(minimum: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name}: must be >= {minimum}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _amqp_url(name: str, raw: str) -> str:
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
+        raise ConfigError(f"{name}: expected amqp://user:pass@host:port/vhost, got scheme {parts.scheme!r}")
+    return raw
+
+
+def _sync_url(name: str, raw: str) -> str:
+    if raw == "":
+        return raw  # checked by the workers that need it (require_sync_url)
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{name}: expected an http(s) URL, got {redact_url(raw)!r}")
+    return raw
+
+
+def _keywords(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _results_shape(name: str, raw: str) -> ResultsShape:
+    for shape in _RESULTS_SHAPES:
+        if raw == shape:
+            return shape
+    raise ConfigError(f"{name}: expected one of {', '.join(_RESULTS_SHAPES)}, got {raw!r}")
+
+
+def _modem_id(name: str, raw: str) -> str:
+    if raw and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", raw):
+        raise ConfigError(f"{name}: use 1-64 letters, digits, '.', '_' or '-', got {raw!r}")
+    return raw
+
+
+ENV_VARS: dict[str, EnvVar] = {
+    v.name: v
+    for v in (
+        EnvVar(
+            "SMSGW_AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:5672/%2F",
+            "RabbitMQ URL; the vhost in the path is honoured",
+            _amqp_url,
+        ),
+        EnvVar("SMSGW_SYNC_URL", "", "the SMSsync Sync URL (user:pass@ in it becomes Basic auth)", _sync_url),
+        EnvVar("SMSGW_SECRET", "", "secret sent with every sync and task request; empty = none", _str),
+        EnvVar("SMSGW_DEVICE_ID", "smssync-gateway", "device_id sent to the Sync URL", _str),
+        EnvVar("SMSGW_MODEM_PORT", "", "serial device of this worker's modem", _str),
+        EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
+        EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
+        EnvVar(
+            "SMSGW_KEYWORDS",
+            "",
+            "comma list; only SMS containing one (case-insensitive) are forwarded; empty = all",
+            _keywords,
+        ),
+        EnvVar("SMSGW_REPLY_FROM_SERVER", "true", "send the messages in the Sync URL's reply as SMS", _bool),
+        EnvVar(
+            "SMSGW_AUTO_RESPONSE", "", "text sent to every sender whose SMS was accepted; empty = off", _str
+        ),
+        EnvVar("SMSGW_METRICS_PORT", "9100", "port of /metrics (0 = off)", _port),
+        EnvVar("SMSGW_METRICS_ADDR", "0.0.0.0", "address /metrics binds to", _str),
+        EnvVar(
+            "SMSGW_HTTP_TIMEOUT", "30", "seconds for each HTTP request to the Sync URL", _number(0.1, 600)
+        ),
+        EnvVar(
+            "SMSGW_MAX_RETRY_AGE",
+            "604800",
+            "seconds an inbound SMS is retried before it is parked",
+            _number(1),
+        ),
+        EnvVar("SMSGW_MAX_REFUSALS", "10", "times a success:false reply is retried before parking", _int(1)),
+        EnvVar("SMSGW_TASK_INTERVAL", "60", "seconds between ?task=send polls", _number(1)),
+        EnvVar(
+            "SMSGW_RESULT_INTERVAL",
+            "",
+            "seconds between ?task=result rounds (default: SMSGW_TASK_INTERVAL)",
+            _str,
+        ),
+        EnvVar(
+            "SMSGW_MESSAGE_RESULTS",
+            "false",
+            "Message Results API: ?task=sent before sending, ?task=result reports",
+            _bool,
+        ),
+        EnvVar(
+            "SMSGW_RESULTS_SHAPE",
+            "message_results",
+            "POST ?task=result body: message_results (docs), "
+            "message_result_string (app), message_result_array",
+            _results_shape,
+        ),
+        EnvVar(
+            "SMSGW_SENT_OK_CODE", "0", "sent_result_code for a successful send (docs 0, app -1)", _int(-1)
+        ),
+        EnvVar(
+            "SMSGW_STATE_DIR",
+            "var/state",
+            "directory of the outbound ledger (shared by the modem workers and task pollers of one host)",
+            _str,
+        ),
+        EnvVar("SMSGW_LOG_LEVEL", "INFO", "DEBUG shows message bodies; INFO never does", _str),
+        EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All gateway settings, validated. Build with ``Settings.from_env()``."""
+
+    amqp_url: str
+    sync_url: str
+    secret: str
+    device_id: str
+    modem_port: str
+    modem_id: str
+    modem_baudrate: int
+    keywords: tuple[str, ...]
+    reply_from_server: bool
+    auto_response: str
+    metrics_port: int
+    metrics_addr: str
+    http_timeout: float
+    max_retry_age: float
+    max_refusals: int
+    task_interval: float
+    result_interval: float
+    message_results: bool
+    results_shape: ResultsShape
+    sent_ok_code: int
+    state_dir: str
+    log_level: str
+    prefetch: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every ``SMSGW_*`` variable.
+
+        Raises:
+            ConfigError: a value is malformed; the message names the variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for var in ENV_VARS.values():
+            raw = env.get(var.name, var.default)
+            if raw is None:
+                raise ConfigError(f"{var.name}: required")
+            values[var.name.removeprefix("SMSGW_").lower()] = var.parse(var.name, raw)
+        if values["log_level"].upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(
+                f"SMSGW_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}"
+            )
+        values["log_level"] = values["log_level"].upper()
+        raw_interval = values["result_interval"]
+        values["result_interval"] = (
+            _number(1)("SMSGW_RESULT_INTERVAL", raw_interval) if raw_interval else values["task_interval"]
+        )
+        if not values["modem_id"] and values["modem_port"]:
+            values["modem_id"] = modem_id_from_port(values["modem_port"])
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def require_sync_url(self) -> None:
+        """Raises ConfigError when SMSGW_SYNC_URL is empty (workers that talk to the server call this)."""
+        if not self.sync_url:
+            raise ConfigError("SMSGW_SYNC_URL: required by this worker")
+
+    def require_modem_port(self) -> None:
+        """Raises ConfigError when SMSGW_MODEM_PORT is empty."""
+        if not self.modem_port:
+            raise ConfigError("SMSGW_MODEM_PORT: required by this worker")
+
+
+def modem_id_from_port(port: str) -> str:
+    """Derive a label-safe modem id from a serial device path (``/dev/ttyUSB0`` -> ``ttyUSB0``)."""
+    tail = port.rstrip("/").rsplit("/", 1)[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", tail)[:64]
+    return cleaned or "modem"
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password and the ``secret`` query parameter replaced by ``***`` (for logs)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    redacted = urllib.parse.urlencode([(k, "***" if k == "secret" else v) for k, v in query])
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, redacted, parts.fragment))
+
+
+def describe(names: Sequence[str]) -> str:
+    """Format the help text of the given variables, for a worker's ``--help`` epilog."""
+    lines = ["environment variables:"]
+    for name in names:
+        var = ENV_VARS[name]
+        default = "(required)" if var.default is None else f"[default: {var.default!r}]"
+        lines.append(f"  {name:<24} {var.help} {default}")
+    return "\n".join(lines)

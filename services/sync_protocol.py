@@ -1,0 +1,231 @@
+"""SMSsync wire protocol: what the gateway sends to a Sync URL and how it reads what servers answer.
+
+The public docs are the contract; ``docs/protocol.md`` lists where we follow the real app instead and why.
+Parsing is tolerant by design (servers in the wild answer string booleans, two JSON documents back to back,
+PHP warnings before the JSON, bodies without ``payload``), but never guesses: anything it cannot read comes
+back as a ``ReplyError`` with a one-line reason that the caller logs next to what happens to the SMS.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.schemas import InboundSms
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "SMSSync-Android/3.1.1 (smssync-gateway)"
+
+
+class ReplyError(ValueError):
+    """A server reply could not be read as SMSsync JSON; the message says what was wrong."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A Sync URL split into the URL we request and the Basic-auth credentials embedded in it."""
+
+    url: str  # without user:pass@
+    auth: tuple[str, str] | None
+
+    @classmethod
+    def parse(cls, sync_url: str) -> Endpoint:
+        """Split ``user:pass@`` out of ``sync_url`` (the app sends them as Basic auth)."""
+        parts = urllib.parse.urlsplit(sync_url)
+        auth = None
+        netloc = parts.netloc
+        if parts.username is not None:
+            auth = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+            netloc = netloc.rsplit("@", 1)[1]
+        return cls(urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), auth)
+
+    def with_query(self, **params: str) -> str:
+        """The URL with ``params`` appended: ``&`` when it already has a query string (the app wrongly adds a
+        second ``?``), values URL-encoded (a secret may hold ``&``, ``=`` or spaces)."""
+        if not params:
+            return self.url
+        separator = "&" if urllib.parse.urlsplit(self.url).query else "?"
+        return self.url + separator + urllib.parse.urlencode(params)
+
+
+def sync_form(sms: InboundSms, secret: str, device_id: str) -> dict[str, str]:
+    """The form fields of one inbound sync POST, with the app's default key names.
+
+    ``sent_timestamp`` is epoch milliseconds as the app sends it (the docs say "UNIX timestamp" without unit).
+    """
+    form = {
+        "from": sms.sender,
+        "message": sms.text,
+        "message_id": sms.message_id,
+        "sent_to": sms.sent_to,
+        "sent_timestamp": str(sms.sent_timestamp),
+        "device_id": device_id,
+    }
+    if secret:
+        form["secret"] = secret
+    return form
+
+
+def first_json_document(text: str) -> Any:
+    """Decode the first JSON value in ``text``.
+
+    Tolerates what real servers send: leading whitespace or HTML (PHP warnings are printed before the JSON),
+    and a second document after the first (the seed PHP sample prints two). The rest is logged at DEBUG.
+
+    Raises:
+        ReplyError: no JSON object or array can be found.
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise ReplyError("empty body")
+    decoder = json.JSONDecoder()
+    start = 0
+    if stripped[0] not in "{[":
+        brace = stripped.find("{")
+        if brace < 0:
+            raise ReplyError(f"body is not JSON: {_snippet(stripped)}")
+        log.debug("skipping %d characters before the JSON document", brace)
+        start = brace
+    try:
+        value, end = decoder.raw_decode(stripped, start)
+    except json.JSONDecodeError as exc:
+        raise ReplyError(f"body is not JSON ({exc.msg} at {exc.pos}): {_snippet(stripped)}") from None
+    rest = stripped[end:].strip()
+    if rest:
+        log.debug("ignoring %d characters after the first JSON document", len(rest))
+    return value
+
+
+def _snippet(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat[:limit] + ("…" if len(flat) > limit else "")
+
+
+def is_success(value: Any) -> bool:
+    """``payload.success`` as servers send it: JSON ``true`` or the string ``"true"`` (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return False
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One SMS a server asked us to send."""
+
+    to: str
+    text: str
+    uuid: str
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The ``payload`` object of a sync or task reply, read tolerantly."""
+
+    success: bool | None  # None: the key is absent (task replies often omit it)
+    error: str | None
+    task: str | None
+    secret: str | None
+    messages: tuple[TaskMessage, ...]
+    skipped: tuple[str, ...] = field(default=())  # one reason per invalid message
+
+
+def parse_payload(body: str) -> Payload:
+    """Read a sync reply or a ``?task=send`` reply.
+
+    Raises:
+        ReplyError: not JSON, not an object, or no ``payload`` object.
+    """
+    document = first_json_document(body)
+    if not isinstance(document, dict):
+        raise ReplyError(f"reply is JSON {type(document).__name__}, not an object")
+    payload = document.get("payload")
+    if not isinstance(payload, dict):
+        raise ReplyError("reply has no 'payload' object")
+    messages: list[TaskMessage] = []
+    skipped: list[str] = []
+    raw_messages = payload.get("messages")
+    if raw_messages is not None and not isinstance(raw_messages, list):
+        skipped.append(f"'messages' is {type(raw_messages).__name__}, not a list")
+        raw_messages = []
+    for index, raw in enumerate(raw_messages or []):
+        message, reason = _task_message(raw)
+        if message is None:
+            skipped.append(f"message {index}: {reason}")
+        else:
+            messages.append(message)
+    error = payload.get("error")
+    secret = payload.get("secret")
+    task = payload.get("task")
+    return Payload(
+        success=is_success(payload["success"]) if "success" in payload else None,
+        error=None if error is None else str(error),
+        task=task if isinstance(task, str) else None,
+        secret=secret if isinstance(secret, str) else None,
+        messages=tuple(messages),
+        skipped=tuple(skipped),
+    )
+
+
+def _task_message(raw: Any) -> tuple[TaskMessage | None, str]:
+    if not isinstance(raw, dict):
+        return None, f"not an object ({type(raw).__name__})"
+    to, text, uuid = raw.get("to"), raw.get("message"), raw.get("uuid")
+    if not isinstance(to, str) or not to.strip():
+        return None, "'to' is missing or empty"
+    if not isinstance(text, str):
+        return None, "'message' is missing"
+    if not isinstance(uuid, str | int) or not str(uuid).strip():
+        return None, "'uuid' is missing"
+    return TaskMessage(to=to.strip(), text=text, uuid=str(uuid).strip()), ""
+
+
+def secrets_match(configured: str, received: str | None) -> bool:
+    """Constant-time comparison of the configured secret with the one a task reply carries."""
+    if received is None:
+        return configured == ""
+    return hmac.compare_digest(configured.encode("utf-8"), received.encode("utf-8"))
+
+
+def parse_message_uuids(body: str) -> list[str]:
+    """Read ``{"message_uuids": [...]}`` (``?task=sent`` / ``?task=result`` replies).
+
+    Tolerates the ``queued_messages`` key some servers answer with and an empty/``null`` list.
+
+    Raises:
+        ReplyError: not JSON, or neither key holds a list of strings.
+    """
+    document = first_json_document(body)
+    if not isinstance(document, dict):
+        raise ReplyError(f"reply is JSON {type(document).__name__}, not an object")
+    for key in ("message_uuids", "queued_messages"):
+        if key in document:
+            value = document[key]
+            if value is None:
+                return []
+            if isinstance(value, list) and all(isinstance(v, str | int) for v in value):
+                return [str(v) for v in value]
+            raise ReplyError(f"'{key}' is not a list of uuids")
+    raise ReplyError("reply has no 'message_uuids'")
+
+
+def results_body(rows: list[Mapping[str, Any]], shape: str) -> dict[str, Any]:
+    """The JSON body of ``POST ?task=result`` in the configured shape.
+
+    ``message_results``: the docs' array (default); ``message_result_string``: the app's JSON string under
+    ``message_result``; ``message_result_array``: an array under ``message_result``.
+    """
+    if shape == "message_results":
+        return {"message_results": list(rows)}
+    if shape == "message_result_string":
+        return {"message_result": json.dumps(list(rows), separators=(",", ":"))}
+    if shape == "message_result_array":
+        return {"message_result": list(rows)}
+    raise ValueError(f"unknown results shape {shape!r}")

@@ -1,0 +1,180 @@
+"""Inbound leg: one queued SMS -> one POST to the Sync URL -> ack, retry later, or park.
+
+Ordering that keeps "nothing lost, nothing doubled":
+1. POST the SMS (same ``message_id`` on every attempt, so a server can de-duplicate).
+2. On success, publish the server's replies and the auto-response to the outbound queue *with confirms*.
+3. Only then ack (the Consumer does it when we return ``Ack``).
+A crash between 1 and 3 re-POSTs the SMS; reply uuids are stable (server uuid, else derived from the
+message_id), and the modem side's outbound ledger refuses a uuid it already sent, so no reply goes out twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import requests
+
+from services import broker, metrics
+from services.broker import Ack, Decision, Delivery, Park, Publication, PublisherThread, Retry
+from services.schemas import InboundSms, OutboundSms, SchemaError
+from services.settings import Settings, redact_url
+from services.sync_protocol import USER_AGENT, Endpoint, ReplyError, TaskMessage, parse_payload, sync_form
+
+log = logging.getLogger(__name__)
+
+# Misconfiguration, not a passing fault: retrying burns the retry budget and hides the problem. Park at once.
+PARK_AT_ONCE = {400, 401, 403, 404, 405, 410, 413, 414, 415, 422}
+REDIRECTS = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 3
+REPLY_NAMESPACE = uuid.UUID("0f9d2a4e-8b51-4f0e-b3c7-2c1e5d6a7b80")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    text: str
+    url: str
+
+
+class SyncForwarder:
+    """Handler for the inbound queue (thread-safe: one HTTP session per handler thread)."""
+
+    def __init__(self, settings: Settings, publisher: PublisherThread) -> None:
+        settings.require_sync_url()
+        self._settings = settings
+        self._endpoint = Endpoint.parse(settings.sync_url)
+        self._publisher = publisher
+        self._local = threading.local()
+        self._keywords = tuple(k.casefold() for k in settings.keywords)
+        self.redacted_url = redact_url(settings.sync_url)
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()  # keep-alive to the Sync URL
+            session.headers["User-Agent"] = USER_AGENT
+            if self._endpoint.auth:
+                session.auth = self._endpoint.auth
+            self._local.session = session
+        return session
+
+    def handle(self, delivery: Delivery) -> Decision:
+        """Forward one inbound SMS; returns what to do with the queue message (never raises for bad input)."""
+        try:
+            sms = InboundSms.from_json(delivery.body)
+        except SchemaError as exc:
+            return Park(f"malformed inbound message: {exc}", label="malformed")
+        if self._keywords and not any(k in sms.text.casefold() for k in self._keywords):
+            metrics.SMS_FILTERED.inc()
+            log.info("SMS %s matches no keyword; not forwarded (acknowledged)", sms.message_id)
+            return Ack()
+        try:
+            answer = self._post(sms)
+        except requests.RequestException as exc:
+            metrics.SYNC_REQUESTS.labels("network_error").inc()
+            return Retry(f"Sync URL unreachable: {type(exc).__name__}: {_short(str(exc))}")
+        return self._judge(sms, delivery, answer)
+
+    def _post(self, sms: InboundSms) -> _Answer:
+        url = self._endpoint.url
+        form = sync_form(sms, self._settings.secret, self._settings.device_id)
+        started = time.monotonic()
+        try:
+            for _ in range(MAX_REDIRECTS + 1):
+                response = self._session().post(
+                    url, data=form, timeout=self._settings.http_timeout, allow_redirects=False
+                )
+                location = response.headers.get("Location")
+                if response.status_code in REDIRECTS and location:
+                    # Re-POST ourselves: requests would turn a 301/302 POST into a GET (the task branch of
+                    # most servers) and the SMS would be "accepted" by a handler that never saw it.
+                    url = requests.compat.urljoin(url, location)
+                    log.warning(
+                        "Sync URL redirects (HTTP %d); update SMSGW_SYNC_URL to avoid the extra hop",
+                        response.status_code,
+                    )
+                    continue
+                return _Answer(response.status_code, response.text, url)
+            return _Answer(response.status_code, response.text, url)
+        finally:
+            metrics.SYNC_SECONDS.observe(time.monotonic() - started)
+
+    def _judge(self, sms: InboundSms, delivery: Delivery, answer: _Answer) -> Decision:
+        status = answer.status
+        if status in PARK_AT_ONCE:
+            metrics.SYNC_REQUESTS.labels("rejected").inc()
+            return Park(
+                f"Sync URL answered HTTP {status}: {_server_error(answer.text)}", label=f"http_{status}"
+            )
+        if status not in (200, 201):
+            metrics.SYNC_REQUESTS.labels("server_error").inc()
+            return Retry(f"Sync URL answered HTTP {status}: {_server_error(answer.text)}")
+        try:
+            payload = parse_payload(answer.text)
+        except ReplyError as exc:
+            metrics.SYNC_REQUESTS.labels("bad_reply").inc()
+            return Retry(f"unreadable reply: {exc}")
+        if payload.success is not True:
+            metrics.SYNC_REQUESTS.labels("refused").inc()
+            reason = f"server refused the SMS (success={payload.success}): {payload.error or 'no error text'}"
+            # success:false is also how some servers say "wrong secret": bounded retries, then park with
+            # the server's own words so an operator can fix it and replay.
+            if delivery.attempts + 1 >= self._settings.max_refusals:
+                return Park(f"{reason}; gave up after {delivery.attempts + 1} attempts", label="refused")
+            return Retry(reason)
+        metrics.SYNC_REQUESTS.labels("accepted").inc()
+        metrics.SYNC_END_TO_END_SECONDS.observe(max(0.0, time.time() - sms.received_at / 1000))
+        log.info("SMS %s accepted by the Sync URL", sms.message_id)
+        for reason in payload.skipped:
+            metrics.REPLIES_SKIPPED.inc()
+            log.warning("skipped a reply message of SMS %s: %s", sms.message_id, reason)
+        self._queue_replies(sms, payload.task, payload.messages)
+        return Ack()
+
+    def _queue_replies(self, sms: InboundSms, task: str | None, messages: tuple[TaskMessage, ...]) -> None:
+        """Publish replies (confirmed) before the SMS is acked; raises BrokerError so the SMS is requeued."""
+        outbound: list[OutboundSms] = []
+        now = broker.now_ms()
+        if self._settings.reply_from_server and task in ("send", None):
+            for index, task_message in enumerate(messages):
+                reply_uuid = task_message.uuid or str(
+                    uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/{index}")
+                )
+                outbound.append(OutboundSms(reply_uuid, task_message.to, task_message.text, "reply", now))
+        elif messages:
+            log.info(
+                "SMS %s: %d reply messages not sent (SMSGW_REPLY_FROM_SERVER is off or task is %r)",
+                sms.message_id,
+                len(messages),
+                task,
+            )
+        if self._settings.auto_response:
+            auto_uuid = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/auto"))
+            outbound.append(
+                OutboundSms(auto_uuid, sms.sender, self._settings.auto_response, "auto_response", now)
+            )
+        # Replies leave through the SIM the sender texted, so the answer comes from the number they know.
+        routing_key = broker.outbound_queue_for(sms.modem_id)
+        for message in outbound:
+            self._publisher.publish(Publication(routing_key, message.to_json(), message_id=message.uuid))
+            metrics.REPLIES_QUEUED.labels(message.origin).inc()
+        if outbound:
+            log.info("SMS %s: queued %d outbound SMS", sms.message_id, len(outbound))
+
+
+def _short(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat[:limit]
+
+
+def _server_error(body: str) -> str:
+    """The server's own error text if the body is SMSsync JSON, else the start of the body."""
+    try:
+        payload = parse_payload(body)
+    except ReplyError:
+        return _short(body) or "empty body"
+    return payload.error or _short(body)

@@ -162,11 +162,7 @@ class ServerState:
         if (
             "fail_status" in settings
             and fail_status is not None
-            and (
-                not isinstance(fail_status, int)
-                or isinstance(fail_status, bool)
-                or not 100 <= fail_status <= 599
-            )
+            and (not isinstance(fail_status, int) or isinstance(fail_status, bool) or not 100 <= fail_status <= 599)
         ):
             raise BadRequestError("fail_status must be an HTTP status code or null")
         fail_count = settings.get("fail_count")
@@ -326,9 +322,7 @@ class ServerState:
             for record in self._outgoing.values():
                 if record["status"] == "pending":
                     record["offered"] += 1
-                    messages.append(
-                        {"to": record["to"], "message": record["message"], "uuid": record["uuid"]}
-                    )
+                    messages.append({"to": record["to"], "message": record["message"], "uuid": record["uuid"]})
             return messages
 
     def acknowledge_sent(self, uuids: Iterable[Any]) -> list[str]:
@@ -513,9 +507,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _TooLargeError
         return self.rfile.read(length)
 
-    def _send(
-        self, status: int, body: bytes, content_type: str, extra: Mapping[str, str] | None = None
-    ) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, extra: Mapping[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -587,9 +579,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self._route_path()
         query = self._query()
         # When the Sync path is "/", protocol traffic (a POST, or a GET with a task) wins over the HTML page.
-        if self._is_sync_path(path) and (
-            self.command != "GET" or "task" in query or path not in self.admin_paths
-        ):
+        if self._is_sync_path(path) and (self.command != "GET" or "task" in query or path not in self.admin_paths):
             self._task = query.get("task")
             self._sync(query)
             return
@@ -820,6 +810,8 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     # Restarting on the same port right after a stop must not fail with "address in use".
     allow_reuse_address = True
+    # socketserver's default listen backlog of 5 resets connections when many clients connect at once.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], state: ServerState, sync_path: str) -> None:
         super().__init__(address, _Handler)
@@ -858,11 +850,7 @@ def render_html(snapshot: Mapping[str, Any], sync_path: str) -> str:
     )
     counters = ", ".join(f"{esc(k)}={esc(v)}" for k, v in snapshot["counters"].items())
     config = snapshot["config"]
-    outage = (
-        f" — <b>simulating HTTP {esc(config['fail_status'])}</b>"
-        if config.get("fail_status") is not None
-        else ""
-    )
+    outage = f" — <b>simulating HTTP {esc(config['fail_status'])}</b>" if config.get("fail_status") is not None else ""
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
 <title>SMSsync reference server</title>
@@ -937,9 +925,7 @@ class ReferenceServer:
             daemon=True,
         )
         self._thread.start()
-        logger.info(
-            "reference server started", extra={"host": self._host, "port": self._port, "path": self._path}
-        )
+        logger.info("reference server started", extra={"host": self._host, "port": self._port, "path": self._path})
         return self
 
     def serve_forever(self) -> None:
@@ -950,9 +936,7 @@ class ReferenceServer:
         """
         self._httpd = _HTTPServer((self._host, self._port), self._state, self._path)
         self._port = self._httpd.server_address[1]
-        logger.info(
-            "reference server started", extra={"host": self._host, "port": self._port, "path": self._path}
-        )
+        logger.info("reference server started", extra={"host": self._host, "port": self._port, "path": self._path})
         try:
             self._httpd.serve_forever(poll_interval=0.2)
         finally:

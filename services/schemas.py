@@ -113,29 +113,32 @@ class OutboundSms(_Message):
 
 @dataclass(frozen=True)
 class SentEvent(_Message):
-    """Outcome of handing an OutboundSms to a modem, published by the modem worker."""
+    """Outcome of handing an OutboundSms to a modem, published by the modem worker.
+
+    Carries facts (outcome, CMS error), not Android result codes: the result reporter maps them with the
+    server-specific convention (services/result_codes.py), in one place.
+    """
 
     SCHEMA: ClassVar[str] = "sent_event/1"
     uuid: str
     modem_id: str
-    outcome: Literal["sent", "failed", "unknown", "duplicate"]
-    result_code: int  # Android-style code (see services/result_codes.py)
-    result_message: str
+    outcome: Literal["sent", "failed", "unknown"]
+    detail: str  # human-readable: why it failed, or "sent"
     timestamp: int  # epoch ms
+    cms_error: int | None = None  # +CMS ERROR code when the network/modem refused
     parts: int = 1
     references: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class DeliveryEvent(_Message):
-    """A status report matched to its OutboundSms, published by the modem worker."""
+    """A final status report matched to its OutboundSms (all parts), published by the modem worker."""
 
     SCHEMA: ClassVar[str] = "delivery_event/1"
     uuid: str
     modem_id: str
-    outcome: Literal["delivered", "failed", "pending"]
-    result_code: int
-    result_message: str
+    outcome: Literal["delivered", "failed"]
+    detail: str
     timestamp: int  # epoch ms of the status report (TP-DT), else when received
 
 
@@ -158,16 +161,15 @@ _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     ("SentEvent", "uuid"): str,
     ("SentEvent", "modem_id"): str,
     ("SentEvent", "outcome"): str,
-    ("SentEvent", "result_code"): int,
-    ("SentEvent", "result_message"): str,
+    ("SentEvent", "detail"): str,
     ("SentEvent", "timestamp"): int,
+    ("SentEvent", "cms_error"): (int, type(None)),
     ("SentEvent", "parts"): int,
     ("SentEvent", "references"): list,
     ("DeliveryEvent", "uuid"): str,
     ("DeliveryEvent", "modem_id"): str,
     ("DeliveryEvent", "outcome"): str,
-    ("DeliveryEvent", "result_code"): int,
-    ("DeliveryEvent", "result_message"): str,
+    ("DeliveryEvent", "detail"): str,
     ("DeliveryEvent", "timestamp"): int,
 }
 

@@ -160,7 +160,15 @@ class SyncForwarder:
         # Replies leave through the SIM the sender texted, so the answer comes from the number they know.
         routing_key = broker.outbound_queue_for(sms.modem_id)
         for message in outbound:
-            self._publisher.publish(Publication(routing_key, message.to_json(), message_id=message.uuid))
+            try:
+                self._publisher.publish(Publication(routing_key, message.to_json(), message_id=message.uuid))
+            except broker.PublishRefused:
+                # That modem's queue is gone (modem retired): any modem may answer rather than nobody.
+                log.warning("no outbound queue for modem %s; reply %s goes to the shared queue", sms.modem_id,
+                            message.uuid)
+                self._publisher.publish(
+                    Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid)
+                )
             metrics.REPLIES_QUEUED.labels(message.origin).inc()
         if outbound:
             log.info("SMS %s: queued %d outbound SMS", sms.message_id, len(outbound))

@@ -334,6 +334,7 @@ def build_deliver(
 def build_status_report(
     reference: int,
     recipient: str,
+    *,
     submitted: datetime,
     discharged: datetime,
     status: int,

@@ -268,9 +268,7 @@ class SeedPhpPeer(PeerProcess):
     secret: str = SEEDPHP_SECRET
 
     @classmethod
-    def start(
-        cls, *, display_errors: bool = False, host: str = "127.0.0.1", timeout: float = 10.0
-    ) -> SeedPhpPeer:
+    def start(cls, *, display_errors: bool = False, host: str = "127.0.0.1", timeout: float = 10.0) -> SeedPhpPeer:
         """Copy the sample to a fresh temp dir and serve it; return once it answers.
 
         ``display_errors=True`` makes PHP prepend HTML warnings to bodies ("garbage before JSON").
@@ -367,7 +365,12 @@ class LykmapipoPeer(PeerProcess):
             shutil.rmtree(logdir, ignore_errors=True)
             raise
         peer = cls(
-            name="lykmapipo", process=process, host=host, port=port, workdir=LYKMAPIPO_DIR, log_path=log_path,
+            name="lykmapipo",
+            process=process,
+            host=host,
+            port=port,
+            workdir=LYKMAPIPO_DIR,
+            log_path=log_path,
             secret=secret,
         )
         peer._cleanup.append(lambda: shutil.rmtree(logdir, ignore_errors=True))

@@ -1,0 +1,54 @@
+"""``python -m modem_worker``: drive one GSM modem (``python -m modem_worker.simulator`` for a simulated one)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from services.broker import PublisherThread
+from services.ledger import Ledger
+from services.runtime import check, install_stop_signals, load_settings, start_metrics, worker_parser
+from services.settings import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV = ("SMSGW_MODEM_PORT", "SMSGW_MODEM_ID", "SMSGW_MODEM_BAUDRATE", "SMSGW_DEVICE_ID", "SMSGW_STATE_DIR")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = worker_parser(
+        "python -m modem_worker",
+        "Own one GSM modem: SIM -> inbound queue; outbound queues -> SMS; sent results and delivery reports -> "
+        "events queue.",
+        ENV,
+    )
+    args = parser.parse_args(argv)
+    settings = load_settings("modem_worker")
+    if settings is None:
+        return 2
+    try:
+        settings.require_modem_port()
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
+    if args.check:
+        return check(settings, [settings.modem_id])
+    if not start_metrics(settings):
+        return 1
+    # Imported late: the library emits warnings at import time, and --check/--help do not need it.
+    from modem_worker.worker import ModemWorker
+
+    publisher = PublisherThread(settings.amqp_url, f"smsgw-modem-{settings.modem_id}", [settings.modem_id])
+    worker = ModemWorker(settings, publisher, Ledger(settings.state_dir))
+    install_stop_signals(worker.stop)
+    log.info("modem_worker %s starting on %s", settings.modem_id, settings.modem_port)
+    try:
+        worker.run()
+    finally:
+        publisher.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""The AT layer of python-gsmmodem-new 0.13.0, with its bugs fixed in one subclass.
+
+``FixedGsmModem`` keeps the library's connect dialogue and PDU decoder but owns the serial read loop, the
+command/response matching and the error parsing, because that is where the library loses data:
+
+* URCs (+CMTI, +CDSI, +CDS, +CMT) are routed to the notification sink even while a command waits for its
+  reply (the library appended them to the reply), and every URC line of a burst is handled on its own (the
+  library handed the burst over as one notification and acted on the first line only).
+* bytes from the modem are decoded with ``errors="replace"``: one non-UTF-8 byte no longer kills the read
+  thread. If the thread dies anyway (unplug, EIO), ``alive`` turns False, the command in flight fails at
+  once with :class:`LinkDown` instead of waiting out its timeout, and the link-down callback fires once.
+* ``+CME ERROR: 515``/``14`` is retried with a back-off local to that command; the library raised a global
+  write wait that slowed every later command for good.
+* a failed ``connect()`` closes the port and stops the read thread.
+* ``+CMGS:`` arriving after its send timed out is recognised as late (logged, not fed to the next command).
+* the serial port is opened with ``exclusive=True`` (flock), so two workers cannot share one modem.
+
+Multi-step sequences (CPMS + CMGR, AT+CMGS + PDU) must hold :attr:`FixedGsmModem.command_lock`
+(a re-entrant lock that every single command also takes) so no other thread's command lands in between.
+
+The library is imported with its DeprecationWarnings/SyntaxWarnings (invalid escapes, ``is not "ON"``)
+silenced, so that ``python -W error`` can import this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Final
+
+with warnings.catch_warnings():
+    # The library's sources contain invalid escape sequences and `is not "literal"`; compiling them emits
+    # DeprecationWarning/SyntaxWarning, which `-W error` would turn into an ImportError.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", SyntaxWarning)
+    import serial
+    from gsmmodem import pdu as gsm_pdu
+    from gsmmodem.exceptions import CmeError, CmsError, CommandError, TimeoutException
+    from gsmmodem.modem import GsmModem
+
+from modem_worker.sms_text import repair_utf16
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CTRL_Z",
+    "CmeError",
+    "CmsError",
+    "CommandError",
+    "DeliverPdu",
+    "FixedGsmModem",
+    "LinkDown",
+    "StatusReportPdu",
+    "TimeoutException",
+    "decode_stored_pdu",
+]
+
+CTRL_Z: Final[str] = "\x1a"
+ESC: Final[str] = "\x1b"
+
+# Final result codes that end a command's response. Stricter than the library's regex, which matched any
+# line merely *starting* with OK.
+_FINAL_RE: Final[re.Pattern[str]] = re.compile(
+    r"^(OK|ERROR|NO CARRIER|COMMAND NOT SUPPORT|\+CM[ES] ERROR:.*)$"
+)
+_CM_ERROR_RE: Final[re.Pattern[str]] = re.compile(r"^\+(CM[ES]) ERROR: ?(\d+)$")
+# Unsolicited result codes we care about. None of them is ever the answer to a command we send.
+_URC_PREFIXES: Final[tuple[str, ...]] = ("+CMTI:", "+CDSI:", "+CMT:", "+CDS:", "RING", "+CRING:", "+CLIP:")
+# URCs whose PDU follows on the next line.
+_TWO_LINE_URCS: Final[tuple[str, ...]] = ("+CMT:", "+CDS:")
+_BUSY_CME_CODES: Final[frozenset[int]] = frozenset({14, 515})  # SIM busy / "please wait, init in progress"
+_BUSY_RETRIES: Final[int] = 3
+
+
+class LinkDown(Exception):  # noqa: N818 - reads better than LinkDownError at the raise sites
+    """The serial link is gone (unplugged, EIO, read thread dead, or closed)."""
+
+
+@dataclass
+class _Pending:
+    """The command currently waiting for its response (filled by the read thread)."""
+
+    prompt: bytes | None
+    is_pdu: bool
+    lines: list[str] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
+    """``gsmmodem.modem.GsmModem`` with a correct read loop, URC routing and command locking.
+
+    ``on_urc`` receives a list of lines per URC (one line, or header + PDU for +CMT/+CDS) on the read
+    thread; it must not block or issue commands. ``on_link_down`` is called once, on the read thread or the
+    writing thread, when the link dies (not on :meth:`close`).
+    """
+
+    # Serial read timeout: bounds how long close() waits for the read thread when cancel_read() is missing.
+    timeout = 0.2
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        baudrate: int,
+        on_urc: Callable[[list[str]], None],
+        on_link_down: Callable[[BaseException], None],
+        request_delivery: bool,
+        command_timeout_s: float,
+        on_late_send: Callable[[int], None] | None = None,
+    ) -> None:
+        # mt=1: new SMS are stored on the SIM and announced with +CMTI (never delivered directly with +CMT,
+        # which would leave nothing on the SIM to retry from); ds=2: status reports stored, +CDSI.
+        super().__init__(
+            port,
+            baudrate,
+            requestDelivery=request_delivery,
+            AT_CNMI="2,1,0,2,0",
+            exclusive=True,
+        )
+        self._on_urc = on_urc
+        self._on_link_down = on_link_down
+        self._on_late_send = on_late_send
+        self._command_timeout_s = command_timeout_s
+        self._state_lock = threading.Lock()
+        self._pending: _Pending | None = None
+        self._urc_header: str | None = None
+        self._swallow_ok = False
+        self._link_error: BaseException | None = None
+        self._closing = False
+        self._memory: str | None = None
+        self.rxThread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def command_lock(self) -> threading.RLock:
+        """Re-entrant lock serialising commands; hold it across every multi-step sequence."""
+        lock: threading.RLock = self._txLock
+        return lock
+
+    @property
+    def link_error(self) -> BaseException | None:
+        """The exception that took the link down, if it went down (None after a clean close)."""
+        return self._link_error
+
+    def connect(self, pin: str | None = None, waitingForModemToStartInSeconds: float = 0) -> None:
+        """Open the port (exclusively), start the read thread and run the library's init dialogue.
+
+        On any failure the port is closed and the read thread stopped before the exception propagates
+        (the library left both behind). Raises serial.SerialException, TimeoutException, CommandError,
+        LinkDown.
+        """
+        try:
+            super().connect(pin, waitingForModemToStartInSeconds)
+            self._memory = None  # the init dialogue ran AT+CPMS itself
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the read thread and close the port; idempotent, never fires the link-down callback."""
+        self._closing = True
+        self.alive = False
+        port = getattr(self, "serial", None)
+        if port is not None:
+            try:
+                port.cancel_read()
+            except Exception:  # noqa: S110 - best effort: the port may already be gone
+                pass
+        thread = self.rxThread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        if port is not None:
+            try:
+                port.close()
+            except Exception:  # noqa: S110 - closing a dead port can fail; nothing left to do
+                pass
+        self._fail_pending(LinkDown("port closed"))
+
+    # ------------------------------------------------------------------ read side
+
+    def _readLoop(self) -> None:
+        """Read thread: split the byte stream into lines (or the ``> `` prompt) and dispatch them."""
+        threading.current_thread().name = f"modem-rx {self.port}"
+        buf = bytearray()
+        try:
+            while self.alive:
+                chunk: bytes = self.serial.read(self.serial.in_waiting or 1)
+                if not chunk:
+                    continue
+                buf.extend(chunk)
+                while True:
+                    pos = buf.find(b"\r\n")
+                    if pos < 0:
+                        break
+                    raw = bytes(buf[:pos])
+                    del buf[: pos + 2]
+                    if raw:
+                        # errors="replace": one stray byte must not kill the thread (library bug).
+                        self._on_line(raw.decode("utf-8", "replace"))
+                if buf:
+                    self._check_prompt(buf)
+        except Exception as exc:
+            if self.alive and not self._closing:
+                self._link_down(exc)
+            return
+        except BaseException as exc:  # pragma: no cover - interpreter shutdown
+            self._link_down(exc)
+            raise
+
+    def _check_prompt(self, buf: bytearray) -> None:
+        """Complete a pending AT+CMGS when its ``> `` prompt (not CR LF terminated) has arrived."""
+        with self._state_lock:
+            pending = self._pending
+            if pending is None or pending.prompt is None or pending.done.is_set():
+                return
+            if buf.endswith(pending.prompt):
+                pending.lines.append(bytes(buf).decode("utf-8", "replace"))
+                buf.clear()
+                pending.done.set()
+
+    def _on_line(self, line: str) -> None:
+        """Route one line: to the pending command's response, or to the URC sink."""
+        if self._urc_header is not None:
+            header, self._urc_header = self._urc_header, None
+            self._emit_urc([header, line])
+            return
+        if line.startswith(_URC_PREFIXES):
+            # A URC is never part of a response, whether or not a command is pending (library bug 1).
+            if line.startswith(_TWO_LINE_URCS):
+                self._urc_header = line
+            else:
+                self._emit_urc([line])
+            return
+        with self._state_lock:
+            pending = self._pending
+            active = pending is not None and not pending.done.is_set()
+            if line.startswith("+CMGS:") and not (active and pending is not None and pending.is_pdu):
+                # The answer to a send that already timed out (SendOutcomeUnknown was raised). Feeding it
+                # and its OK to the next command would shift every later response by one.
+                self._swallow_ok = True
+                late = line
+            else:
+                late = None
+                if self._swallow_ok and line == "OK":
+                    self._swallow_ok = False
+                    return
+                self._swallow_ok = False
+                if active and pending is not None:
+                    pending.lines.append(line)
+                    if _FINAL_RE.match(line):
+                        pending.done.set()
+                    return
+        if late is not None:
+            logger.warning("late %s for a send that already timed out", late)
+            if self._on_late_send is not None:
+                try:
+                    self._on_late_send(int(late.split(":", 1)[1].strip().split(",")[0]))
+                except (ValueError, IndexError):
+                    pass
+            return
+        # Stray final codes / unknown unsolicited lines: let the sink log them.
+        self._emit_urc([line])
+
+    def _emit_urc(self, lines: list[str]) -> None:
+        try:
+            self._on_urc(lines)
+        except Exception:
+            logger.exception("URC handler failed for %s", lines[0][:20])
+
+    def _handleModemNotification(self, lines: list[str]) -> None:
+        """Library hook (unused by our read loop): never spawn a thread per notification."""
+        self._emit_urc(list(lines))
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        with self._state_lock:
+            pending = self._pending
+            if pending is not None and not pending.done.is_set():
+                pending.error = exc
+                pending.done.set()
+
+    def _link_down(self, exc: BaseException) -> None:
+        """Mark the link dead, wake the command in flight, close the port, fire the callback once."""
+        with self._state_lock:
+            if self._link_error is not None or self._closing:
+                return
+            self._link_error = exc
+            self.alive = False
+        logger.error("modem link on %s is down: %s", self.port, exc)
+        self._fail_pending(LinkDown(str(exc)))
+        try:
+            self.serial.close()
+        except Exception:  # noqa: S110 - the device is gone; closing is best effort
+            pass
+        try:
+            self._on_link_down(exc)
+        except Exception:
+            logger.exception("link-down callback failed")
+
+    # ------------------------------------------------------------------ write side
+
+    def write(
+        self,
+        data: str,
+        waitForResponse: bool = True,
+        timeout: float | None = None,
+        parseError: bool = True,
+        writeTerm: str = "\r",
+        expectedResponseTermSeq: str | None = None,
+    ) -> list[str] | None:
+        """Send one command (library signature) and return its response lines.
+
+        Raises LinkDown (at once, also when the link dies while waiting), TimeoutException (no final
+        result code within ``timeout``, default ``command_timeout_s``), CmeError/CmsError/CommandError
+        (if ``parseError``). ``+CME ERROR: 515``/``14`` is retried up to 3 times with a short back-off,
+        except for a PDU body (re-sending that without a new prompt would be garbage).
+        """
+        wait_s = self._command_timeout_s if timeout is None else float(timeout)
+        is_pdu = writeTerm == CTRL_Z
+        attempt = 0
+        while True:
+            lines = self._exchange(data + writeTerm, waitForResponse, wait_s, expectedResponseTermSeq, is_pdu)
+            if lines is None:
+                return None
+            status = lines[-1] if lines else ""
+            if parseError and "ERROR" in status:
+                match = _CM_ERROR_RE.match(status)
+                if match is None:
+                    raise CommandError(data)
+                kind, code = match.group(1), int(match.group(2))
+                if kind == "CME" and code in _BUSY_CME_CODES and not is_pdu and attempt < _BUSY_RETRIES:
+                    # Back off for this command only; the library raised a write wait that never came
+                    # back down after the first 515 (every later command slept 0.1 s).
+                    attempt += 1
+                    logger.debug("modem busy (CME %d) on %s, retry %d", code, data[:12], attempt)
+                    time.sleep(0.2 * attempt)
+                    continue
+                raise CmeError(data, code) if kind == "CME" else CmsError(data, code)
+            if parseError and status == "COMMAND NOT SUPPORT":
+                raise CommandError(data)
+            return lines
+
+    def _exchange(
+        self, payload: str, wait: bool, timeout: float, prompt: str | None, is_pdu: bool
+    ) -> list[str] | None:
+        with self._txLock:
+            if not self.alive or self._link_error is not None:
+                raise LinkDown(f"modem link on {self.port} is down")
+            pending = _Pending(prompt=prompt.encode() if prompt else None, is_pdu=is_pdu)
+            if wait:
+                with self._state_lock:
+                    self._pending = pending
+            try:
+                logger.debug("write: %s", payload[:16].strip())
+                try:
+                    self.serial.write(payload.encode("ascii", "replace"))
+                except Exception as exc:
+                    self._link_down(exc)
+                    raise LinkDown(str(exc)) from exc
+                if not wait:
+                    return None
+                if not pending.done.wait(timeout):
+                    raise TimeoutException(list(pending.lines) or None)
+                if pending.error is not None:
+                    raise LinkDown(str(pending.error)) from pending.error
+                return list(pending.lines)
+            finally:
+                if wait:
+                    with self._state_lock:
+                        self._pending = None
+
+    def abort_prompt(self) -> None:
+        """Write ESC so a modem still waiting for a PDU body drops the half-started AT+CMGS."""
+        try:
+            self._exchange(ESC, False, 0, None, False)
+        except LinkDown:
+            pass
+
+    # ------------------------------------------------------------------ SMS storage (call under command_lock)
+
+    def select_memory(self, memory: str) -> None:
+        """Make ``memory`` ("SM", "SR", ...) the read/delete memory (AT+CPMS), skipping it if already set."""
+        with self._txLock:
+            if self._memory != memory:
+                self.write(f'AT+CPMS="{memory}"')
+                self._memory = memory
+
+    def read_stored_pdu(self, memory: str, index: int) -> str | None:
+        """Return the PDU hex stored at ``index`` of ``memory``, or None if the slot is empty.
+
+        Raises LinkDown, TimeoutException, CommandError (other than "invalid index").
+        """
+        with self._txLock:
+            self.select_memory(memory)
+            try:
+                lines = self.write(f"AT+CMGR={index}") or []
+            except CmsError as exc:
+                if exc.code == 321:  # invalid memory index: already read and deleted
+                    return None
+                raise
+        for i, line in enumerate(lines):
+            if line.startswith("+CMGR:") and i + 1 < len(lines):
+                return lines[i + 1].strip()
+        return None
+
+    def list_stored_pdus(self, memory: str) -> list[tuple[int, str]]:
+        """Return ``(index, pdu_hex)`` for every message in ``memory`` (AT+CMGL=4, PDU mode)."""
+        with self._txLock:
+            self.select_memory(memory)
+            lines = self.write("AT+CMGL=4", timeout=max(self._command_timeout_s, 30.0)) or []
+        out: list[tuple[int, str]] = []
+        for i, line in enumerate(lines):
+            if line.startswith("+CMGL:") and i + 1 < len(lines):
+                try:
+                    index = int(line.split(":", 1)[1].split(",")[0])
+                except ValueError:
+                    logger.warning("unparsable +CMGL header %r", line[:40])
+                    continue
+                out.append((index, lines[i + 1].strip()))
+        return out
+
+    def delete_stored(self, memory: str, index: int) -> None:
+        """Delete the message at ``index`` of ``memory`` (AT+CMGD). Raises LinkDown, TimeoutException,
+        CommandError."""
+        with self._txLock:
+            self.select_memory(memory)
+            self.write(f"AT+CMGD={index}")
+
+
+# ---------------------------------------------------------------------------- PDU decoding
+
+
+@dataclass(frozen=True)
+class DeliverPdu:
+    """A decoded SMS-DELIVER. ``raw_text`` is one UTF-16 unit per character (as the library decodes
+    UCS-2): join the raw texts of all parts, then :func:`repair_utf16`, so a surrogate pair split across
+    two parts is restored too. ``concat`` is ``(reference, total, seq)`` for a concatenated part."""
+
+    sender: str
+    raw_text: str
+    smsc_time: datetime
+    concat: tuple[int, int, int] | None
+
+    @property
+    def text(self) -> str:
+        """The text of this PDU alone, with surrogate pairs decoded."""
+        return repair_utf16(self.raw_text)
+
+
+@dataclass(frozen=True)
+class StatusReportPdu:
+    """A decoded SMS-STATUS-REPORT (TP-MR, recipient, TP-Status, SC timestamp, discharge time)."""
+
+    reference: int
+    recipient: str
+    status: int
+    sent_at: datetime | None
+    finalized_at: datetime | None
+
+
+def _fixed_tz(value: Any) -> datetime | None:
+    """Turn the library's datetime (custom tzinfo) into one with a plain ``timezone`` offset."""
+    if not isinstance(value, datetime):
+        return None
+    offset = value.utcoffset() or timedelta(0)
+    return value.replace(tzinfo=timezone(offset))
+
+
+def decode_stored_pdu(pdu_hex: str) -> DeliverPdu | StatusReportPdu:
+    """Decode a PDU read with CMGR/CMGL/+CMT/+CDS using the library's decoder.
+
+    Raises ValueError if the PDU cannot be decoded or is neither SMS-DELIVER nor SMS-STATUS-REPORT.
+    """
+    try:
+        decoded: dict[str, Any] = gsm_pdu.decodeSmsPdu(pdu_hex)
+    except Exception as exc:  # the library raises anything from StopIteration to KeyError on bad input
+        raise ValueError(f"undecodable PDU: {exc!r}") from exc
+    kind = decoded.get("type")
+    if kind == "SMS-DELIVER":
+        concat: tuple[int, int, int] | None = None
+        for ie in decoded.get("udh") or []:
+            if isinstance(ie, gsm_pdu.Concatenation) and getattr(ie, "parts", 0):
+                concat = (int(ie.reference), int(ie.parts), int(ie.number))
+        smsc_time = _fixed_tz(decoded.get("time")) or datetime.now(timezone.utc)
+        return DeliverPdu(
+            sender=str(decoded.get("number") or ""),
+            raw_text=str(decoded.get("text") or ""),
+            smsc_time=smsc_time,
+            concat=concat,
+        )
+    if kind == "SMS-STATUS-REPORT":
+        return StatusReportPdu(
+            reference=int(decoded["reference"]),
+            recipient=str(decoded.get("number") or ""),
+            status=int(decoded["status"]),
+            sent_at=_fixed_tz(decoded.get("time")),
+            finalized_at=_fixed_tz(decoded.get("discharge")),
+        )
+    raise ValueError(f"unexpected PDU type {kind!r}")

@@ -1,0 +1,225 @@
+"""The simulated modem as one object: pty link + AT engine + state + control API + status-report timers.
+
+Tests embed it directly (`with Simulator(path) as sim: ...`); `python -m modem_worker.simulator` wraps it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import jsonlog
+from .at_engine import AtEngine
+from .control_api import ControlServer
+from .model import ModemModel, ReportRequest
+from .pty_link import PtyLink
+
+DEFAULT_OWN_NUMBER = "+255700000001"
+DEFAULT_SMSC = "+255754000000"
+DEFAULT_CAPACITY = 50
+
+
+class Simulator:
+    """A GSM modem in PDU mode on a pty published at `link`, with a JSON control API on 127.0.0.1.
+
+    All public methods are thread-safe. Methods mirror the control API (docs/simulator.md).
+    """
+
+    def __init__(
+        self,
+        link: Path | str,
+        control_port: int = 0,
+        *,
+        own_number: str = DEFAULT_OWN_NUMBER,
+        capacity: int = DEFAULT_CAPACITY,
+        smsc: str = DEFAULT_SMSC,
+        control_host: str = "127.0.0.1",
+    ) -> None:
+        """Configure (not start) a simulator; `control_port=0` picks a free port at start().
+
+        Raises ValueError for a capacity outside 1..255.
+        """
+        self.link = Path(link)
+        self.model = ModemModel(own_number=own_number, capacity=capacity, smsc=smsc)
+        self._control_host = control_host
+        self._control_port = control_port
+        self._server: ControlServer | None = None
+        self._server_thread: threading.Thread | None = None
+        self._plug_lock = threading.Lock()  # serialises plug/unplug; never held while writing
+        self._pty: PtyLink | None = None
+        self._timers: set[threading.Timer] = set()
+        self._timers_lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Plug the modem in (create the pty and symlink) and start the control API.
+
+        Raises OSError when the pty, symlink or port cannot be set up.
+        """
+        self._stopped.clear()
+        self._server = ControlServer((self._control_host, self._control_port), self)
+        self._server_thread = threading.Thread(
+            target=self._server.serve_forever, name="sim-control", kwargs={"poll_interval": 0.2}, daemon=True
+        )
+        self._server_thread.start()
+        self.replug()
+        jsonlog.event("started", link=str(self.link), control_url=self.control_url,
+                      own_number=self.model.own_number, capacity=self.model.capacity)
+
+    def stop(self) -> None:
+        """Unplug, cancel pending status reports and stop the control API. Idempotent."""
+        self._stopped.set()
+        with self._timers_lock:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
+        self.unplug()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._server_thread is not None:
+            self._server_thread.join(timeout=5)
+            self._server_thread = None
+        jsonlog.event("stopped", link=str(self.link))
+
+    def __enter__(self) -> Simulator:
+        """Start and return the simulator."""
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop the simulator."""
+        self.stop()
+
+    @property
+    def control_url(self) -> str:
+        """Base URL of the control API, e.g. http://127.0.0.1:8801 (only valid after start())."""
+        if self._server is None:
+            raise RuntimeError("simulator not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def plugged(self) -> bool:
+        """True while the pty exists."""
+        pty = self._pty
+        return pty is not None and pty.is_open
+
+    def unplug(self) -> None:
+        """Close the pty (the client's reads fail with EIO) and remove the symlink. Idempotent."""
+        with self._plug_lock:
+            pty, self._pty = self._pty, None
+            if pty is not None:
+                pty.close()
+
+    def replug(self) -> None:
+        """Create a fresh pty at the same link path, as if the modem were re-enumerated: SIM contents, outbox
+        and counters survive, AT settings are reset. A plugged modem is unplugged first.
+
+        Raises OSError when the pty or symlink cannot be created.
+        """
+        with self._plug_lock:
+            if self._pty is not None:
+                self._pty.close()
+                self._pty = None
+            self.model.reset_session()
+            pty: PtyLink
+            engine_holder: list[AtEngine] = []
+
+            def on_data(chunk: bytes) -> None:
+                engine_holder[0].feed(chunk)
+
+            pty = PtyLink(self.link, on_data)
+            engine_holder.append(AtEngine(self.model, pty.write, pty.closing, self._schedule_report))
+            pty.open()
+            self._pty = pty
+
+    # --- I/O towards the client ---------------------------------------------------------------------------------
+
+    def write_raw(self, data: bytes) -> bool:
+        """Write bytes to the client as if the modem sent them (URC bursts, garbage). False when unplugged."""
+        pty = self._pty
+        return pty.write(data) if pty is not None else False
+
+    def _schedule_report(self, req: ReportRequest) -> None:
+        """Produce the status report for `req` after its delay, on a timer thread."""
+        if self._stopped.is_set():
+            return
+
+        def fire() -> None:
+            with self._timers_lock:
+                self._timers.discard(timer)
+            if not self._stopped.is_set():
+                self.write_raw(self.model.status_report(req))
+
+        timer = threading.Timer(req.delay_s, fire)
+        timer.daemon = True
+        with self._timers_lock:
+            self._timers.add(timer)
+        timer.start()
+
+    # --- API mirrored by the control server ---------------------------------------------------------------------
+
+    def inject_sms(self, sender: str, text: str, timestamp_ms: int | None = None) -> list[int]:
+        """Deliver an SMS from the network: store its part(s) on the SIM and raise one +CMTI per part (each in
+        its own write). Returns the SM indices.
+
+        Raises SimFullError when the parts do not fit, PduError (ValueError) for an unusable sender.
+        """
+        indices, urcs = self.model.inject([(sender, text, timestamp_ms)])
+        for urc in urcs:
+            self.write_raw(urc)
+        return indices[0]
+
+    def inject_batch(self, messages: Iterable[Mapping[str, Any]]) -> list[list[int]]:
+        """Deliver several SMS (`{"from", "text", "timestamp"?}` each) and write all their URCs in ONE write.
+
+        Raises SimFullError (nothing stored) when they do not all fit, KeyError/ValueError on bad input.
+        """
+        batch = [(str(m["from"]), str(m["text"]), _timestamp(m.get("timestamp"))) for m in messages]
+        indices, urcs = self.model.inject(batch)
+        self.write_raw(b"".join(urcs))
+        return indices
+
+    def inbox(self) -> list[dict[str, Any]]:
+        """Received SMS still on the SIM: `{"index", "from", "text", "timestamp", "part", "read"}`."""
+        return self.model.inbox()
+
+    def outbox(self) -> list[dict[str, Any]]:
+        """SMS the client sent: `{"to", "text", "reference", "references", "at", "parts"}`, parts joined."""
+        return self.model.outbox_copy()
+
+    def state(self) -> dict[str, Any]:
+        """The full state document (GET /state)."""
+        return self.model.state()
+
+    def set_state(self, **changes: Any) -> dict[str, Any]:
+        """Change behaviour knobs (POST /state); returns the full state.
+
+        Raises ValueError for an unknown key or invalid value (nothing is changed then).
+        """
+        with self.model.lock:
+            self.model.behaviour.update(changes)
+        jsonlog.event("state_changed", **changes)
+        return self.model.state()
+
+    def at_log(self) -> list[str]:
+        """AT command lines received so far, in order."""
+        return self.model.log_copy()
+
+
+def _timestamp(value: Any) -> int | None:
+    """Validate an optional epoch-ms timestamp. Raises ValueError when it is not a number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("timestamp must be epoch milliseconds")
+    return int(value)

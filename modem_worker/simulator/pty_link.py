@@ -1,0 +1,144 @@
+"""The modem's serial line: a pseudo-terminal whose slave device is published as a symlink.
+
+The simulator keeps its own slave fd open while plugged so that reading the master never fails with EIO just
+because no client has the port open yet; closing the master (unplug) hangs the line up for the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import threading
+import tty
+from collections.abc import Callable
+from pathlib import Path
+
+from . import jsonlog
+
+_WRITE_STALL_S = 2.0  # how long a write may wait for a client that does not read before data is dropped
+
+
+class PtyLink:
+    """One plug-in of the modem: a pty pair, the symlink to its slave, and a reader thread on the master."""
+
+    def __init__(self, link: Path, on_data: Callable[[bytes], None]) -> None:
+        """Prepare (not open) a link at `link`; `on_data` is called in the reader thread with each chunk read."""
+        self.link = link
+        self._on_data = on_data
+        self._write_lock = threading.Lock()
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
+        self._closing = threading.Event()
+        self._reader: threading.Thread | None = None
+        self.device = ""
+
+    @property
+    def is_open(self) -> bool:
+        """True between open() and close()."""
+        return self._master is not None
+
+    def open(self) -> None:
+        """Create the pty (slave in raw mode), point the symlink at it and start the reader thread.
+
+        Raises OSError when the pty or the symlink cannot be created.
+        """
+        master, slave = os.openpty()
+        # Raw mode: no echo, no CR/LF translation, byte-at-a-time reads, like a real serial line.
+        tty.setraw(slave)
+        fcntl.fcntl(master, fcntl.F_SETFL, fcntl.fcntl(master, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self.device = os.ttyname(slave)
+        tmp = self.link.with_name(f".{self.link.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(self.device, tmp)
+        os.replace(tmp, self.link)  # atomic: a client never sees the path missing during a replug's creation
+        self._master, self._slave = master, slave
+        self._wake_r, self._wake_w = os.pipe()
+        self._closing.clear()
+        self._reader = threading.Thread(target=self._read_loop, name=f"sim-pty-{self.link.name}", daemon=True)
+        self._reader.start()
+        jsonlog.event("plugged", link=str(self.link), device=self.device)
+
+    def close(self) -> None:
+        """Stop the reader, close both pty ends (the client's reads then fail) and remove the symlink if it
+        still points at this pty. Idempotent."""
+        if self._master is None:
+            return
+        self._closing.set()
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        with self._write_lock:
+            # Closing under the write lock: no writer can hit a closed (or reused) fd number.
+            for fd in (self._master, self._slave, self._wake_r, self._wake_w):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._master = self._slave = self._wake_r = self._wake_w = None
+        with contextlib.suppress(OSError):
+            if os.readlink(self.link) == self.device:
+                self.link.unlink()
+        jsonlog.event("unplugged", link=str(self.link), device=self.device)
+
+    @property
+    def closing(self) -> threading.Event:
+        """Set while the link is being closed (lets long waits in the AT engine end early)."""
+        return self._closing
+
+    def write(self, data: bytes) -> bool:
+        """Write `data` to the modem side of the line (the client reads it). Returns False when the link is
+        closed or the client stopped reading for too long (the rest is dropped and logged)."""
+        if not data:
+            return True
+        with self._write_lock:
+            master = self._master
+            if master is None:
+                return False
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(master, view)
+                    view = view[n:]
+                except BlockingIOError:
+                    _, writable, _ = select.select([], [master], [], _WRITE_STALL_S)
+                    if not writable:
+                        jsonlog.event("write_dropped", bytes=len(view), reason="client not reading")
+                        return False
+                except OSError as exc:
+                    jsonlog.event("write_failed", error=str(exc))
+                    return False
+            return True
+
+    def _read_loop(self) -> None:
+        """Read the master until close(), handing each chunk to on_data; errors in on_data are logged, not
+        fatal, so one bad command cannot kill the modem."""
+        master, wake = self._master, self._wake_r
+        assert master is not None and wake is not None
+        while not self._closing.is_set():
+            try:
+                readable, _, _ = select.select([master, wake], [], [], 1.0)
+            except (OSError, ValueError):
+                return
+            if wake in readable or self._closing.is_set():
+                return
+            if master not in readable:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                jsonlog.event("read_failed", error=str(exc))
+                return
+            if not chunk:
+                return
+            try:
+                self._on_data(chunk)
+            except Exception:  # the reader must survive any bug in command handling
+                jsonlog.log.exception("at_engine_error")

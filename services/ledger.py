@@ -1,0 +1,228 @@
+"""The outbound ledger: a durable record of every outbound uuid, so that no SMS is sent twice.
+
+Why a SQLite file and not only the broker: "never twice" must hold across redeliveries, restarts, a server
+that keeps returning the same uuid, and two task_poller replicas. A transaction on one file does that across
+processes with no extra service. All modem workers and task pollers of one host share ``SMSGW_STATE_DIR``
+(in compose: one volume); modems are physically attached to one host anyway.
+
+States of a uuid: ``accepted`` (a poller claimed it, publishing) -> ``queued`` (confirmed on the outbound
+queue) -> ``sending`` (a modem worker is writing it to the modem) -> ``sent`` | ``failed`` | ``unknown``.
+A uuid in ``sending`` after a crash has an unknown outcome: it is reported as such and never resent blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = frozenset({"sent", "failed", "unknown"})
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbound (
+    uuid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    recipient TEXT,
+    body TEXT,             -- kept only until the message is confirmed on the queue
+    modem_id TEXT,
+    cms_error INTEGER,
+    detail TEXT,
+    refs TEXT,             -- JSON list of TP-MR, one per part
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parts (
+    modem_id TEXT NOT NULL,
+    reference INTEGER NOT NULL,
+    recipient_key TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    part_index INTEGER NOT NULL,
+    sent_at INTEGER NOT NULL,
+    status TEXT            -- NULL until its status report: delivered | failed
+);
+CREATE INDEX IF NOT EXISTS parts_lookup ON parts (modem_id, reference, recipient_key, sent_at);
+CREATE INDEX IF NOT EXISTS parts_uuid ON parts (uuid);
+"""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger knows about one uuid."""
+
+    uuid: str
+    state: str
+    recipient: str | None
+    body: str | None
+    modem_id: str | None
+    cms_error: int | None
+    detail: str | None
+    references: tuple[int, ...]
+    updated_at: int
+
+
+@dataclass(frozen=True)
+class ReportMatch:
+    """A status report matched to its SMS; ``final`` when every part has a status."""
+
+    uuid: str
+    final: bool
+    delivered: bool  # meaningful when final: every part delivered
+
+
+def recipient_key(number: str) -> str:
+    """Compare numbers by their last 9 digits: status reports may carry national or international format."""
+    digits = "".join(ch for ch in number if ch.isdigit())
+    return digits[-9:] if digits else number
+
+
+class Ledger:
+    """Thread-safe access to the ledger file (one SQLite connection per thread)."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / "outbound-ledger.sqlite3"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._transaction() as db:
+            db.executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a claim must survive power loss, or we may send twice
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        # IMMEDIATE takes the write lock at once, so two processes cannot both read "absent" and both insert.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def get(self, uuid: str) -> LedgerEntry | None:
+        """The entry of ``uuid``, or None."""
+        row = self._db().execute(
+            "SELECT uuid, state, recipient, body, modem_id, cms_error, detail, refs, updated_at "
+            "FROM outbound WHERE uuid = ?", (uuid,)
+        ).fetchone()
+        if row is None:
+            return None
+        return LedgerEntry(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+                           tuple(json.loads(row[7] or "[]")), row[8])
+
+    def known(self, uuids: Iterable[str]) -> set[str]:
+        """The subset of ``uuids`` the ledger already holds (in any state)."""
+        wanted = list(uuids)
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self._db().execute(
+                f"SELECT uuid FROM outbound WHERE uuid IN ({marks})", chunk))  # noqa: S608 - placeholders only
+        return found
+
+    def claim(self, uuid: str, recipient: str, body: str) -> bool:
+        """Claim ``uuid`` for queueing (task poller). True if this caller claimed it; False if already known."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO outbound (uuid, state, recipient, body, updated_at) "
+                "VALUES (?, 'accepted', ?, ?, ?)", (uuid, recipient, body, _now_ms()))
+            return cursor.rowcount == 1
+
+    def mark_queued(self, uuid: str) -> None:
+        """The message is confirmed on the outbound queue; forget its text."""
+        with self._transaction() as db:
+            db.execute("UPDATE outbound SET state = 'queued', body = NULL, updated_at = ? "
+                       "WHERE uuid = ? AND state = 'accepted'", (_now_ms(), uuid))
+
+    def unqueued(self, older_than_s: float) -> list[LedgerEntry]:
+        """Claims never confirmed on the queue (the poller died in between): to publish again."""
+        cutoff = _now_ms() - int(older_than_s * 1000)
+        uuids = [r[0] for r in self._db().execute(
+            "SELECT uuid FROM outbound WHERE state = 'accepted' AND updated_at <= ?", (cutoff,))]
+        return [entry for entry in map(self.get, uuids) if entry is not None]
+
+    def begin_send(self, uuid: str, modem_id: str, recipient: str) -> LedgerEntry | None:
+        """Atomically take ``uuid`` for sending on ``modem_id``.
+
+        Returns None when the caller may send it now (state becomes ``sending``), else the existing entry,
+        whose state says why not (already sending elsewhere, or sent/failed/unknown).
+        """
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM outbound WHERE uuid = ?", (uuid,)).fetchone()
+            if row is not None and row[0] not in ("accepted", "queued"):
+                existing = self.get(uuid)
+                return existing
+            db.execute(
+                "INSERT INTO outbound (uuid, state, recipient, modem_id, updated_at) VALUES (?, 'sending', ?, ?, ?) "
+                "ON CONFLICT (uuid) DO UPDATE SET state = 'sending', modem_id = excluded.modem_id, "
+                "recipient = excluded.recipient, body = NULL, updated_at = excluded.updated_at",
+                (uuid, recipient, modem_id, _now_ms()),
+            )
+            return None
+
+    def release(self, uuid: str) -> None:
+        """The modem never got the PDU (it was down): the uuid may be sent again."""
+        with self._transaction() as db:
+            db.execute("UPDATE outbound SET state = 'queued', updated_at = ? WHERE uuid = ? AND state = 'sending'",
+                       (_now_ms(), uuid))
+
+    def finish_send(self, uuid: str, state: str, detail: str, *, cms_error: int | None = None,
+                    references: tuple[int, ...] = (), modem_id: str = "", recipient: str = "") -> None:
+        """Record the outcome of a send, and each part's TP-MR for delivery-report matching."""
+        if state not in FINAL_STATES:
+            raise ValueError(f"not a final state: {state!r}")
+        now = _now_ms()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbound SET state = ?, cms_error = ?, detail = ?, refs = ?, updated_at = ? "
+                "WHERE uuid = ?", (state, cms_error, detail, json.dumps(list(references)), now, uuid))
+            key = recipient_key(recipient)
+            db.executemany(
+                "INSERT INTO parts (modem_id, reference, recipient_key, uuid, part_index, sent_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(modem_id, ref, key, uuid, index, now) for index, ref in enumerate(references)],
+            )
+
+    def match_report(self, modem_id: str, reference: int, recipient: str, delivered: bool,
+                     window_s: float = 7 * 86400) -> ReportMatch | None:
+        """Match a final status report to the newest part with that TP-MR and recipient on that modem.
+
+        TP-MR wraps at 256, so the newest unreported part within ``window_s`` wins. Returns None if unknown.
+        """
+        cutoff = _now_ms() - int(window_s * 1000)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT rowid, uuid FROM parts WHERE modem_id = ? AND reference = ? AND recipient_key = ? "
+                "AND sent_at >= ? ORDER BY status IS NOT NULL, sent_at DESC LIMIT 1",
+                (modem_id, reference, recipient_key(recipient), cutoff),
+            ).fetchone()
+            if row is None:
+                return None
+            rowid, uuid = row
+            db.execute("UPDATE parts SET status = ? WHERE rowid = ?",
+                       ("delivered" if delivered else "failed", rowid))
+            statuses = [r[0] for r in db.execute("SELECT status FROM parts WHERE uuid = ?", (uuid,))]
+        final = all(s is not None for s in statuses)
+        return ReportMatch(uuid=uuid, final=final, delivered=all(s == "delivered" for s in statuses))
+
+    def counts(self) -> dict[str, int]:
+        """Number of uuids per state (for metrics and the demo)."""
+        return {state: n for state, n in self._db().execute("SELECT state, COUNT(*) FROM outbound GROUP BY state")}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

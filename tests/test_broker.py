@@ -1,0 +1,97 @@
+"""Broker layer against the real RabbitMQ: confirms, delayed retry, parking with a reason, replay, poison."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from services import broker
+from services.broker import (
+    Ack, Consumer, Decision, Delivery, Park, ParkedQueues, Publication, PublisherThread, PublishRefused, Retry,
+)
+from tests.conftest import wait_for
+
+
+@contextmanager
+def running_consumer(url: str, handler: Callable[[Delivery], Decision], publisher: PublisherThread,
+                     queue: str = broker.EVENTS_QUEUE) -> Iterator[Consumer]:
+    consumer = Consumer(url, [queue], handler, publisher, name="test-consumer", prefetch=4, concurrency=2,
+                        max_retry_age_s=3600)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(consumer.connected.is_set, what="consumer connected")
+        yield consumer
+    finally:
+        consumer.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+@pytest.fixture
+def publisher(clean_broker: str) -> Iterator[PublisherThread]:
+    p = PublisherThread(clean_broker, "test-publisher")
+    yield p
+    p.close()
+
+
+def test_unroutable_publish_is_refused(publisher: PublisherThread) -> None:
+    with pytest.raises(PublishRefused):
+        publisher.publish(Publication("smsgw.no-such-queue", b"{}"))
+
+
+def test_retry_goes_through_a_delay_queue_and_comes_back(clean_broker: str, publisher: PublisherThread) -> None:
+    seen: list[Delivery] = []
+
+    def handler(delivery: Delivery) -> Decision:
+        seen.append(delivery)
+        return Retry("server down") if len(seen) == 1 else Ack()
+
+    with running_consumer(clean_broker, handler, publisher):
+        publisher.publish(Publication(broker.EVENTS_QUEUE, b'{"n":1}', message_id="m-1"))
+        wait_for(lambda: len(seen) >= 2, timeout=15, what="redelivery from the delay queue")
+    assert [d.body for d in seen] == [b'{"n":1}', b'{"n":1}']
+    assert seen[0].attempts == 0 and seen[1].attempts == 1
+    assert seen[1].first_attempt_ms is not None and seen[1].message_id == "m-1"
+
+
+def test_park_keeps_the_reason_and_replay_restores(clean_broker: str, publisher: PublisherThread) -> None:
+    parked_once = threading.Event()
+    acked: list[bytes] = []
+
+    def handler(delivery: Delivery) -> Decision:
+        if not parked_once.is_set():
+            parked_once.set()
+            return Park("HTTP 403: wrong secret", label="http_403")
+        acked.append(delivery.body)
+        return Ack()
+
+    parked = ParkedQueues(clean_broker, broker.EVENTS_QUEUE)
+    with running_consumer(clean_broker, handler, publisher):
+        publisher.publish(Publication(broker.EVENTS_QUEUE, b'{"sms":1}', message_id="m-2"))
+        listing = wait_for(parked.list, what="parked message")
+        assert listing[0].reason == "HTTP 403: wrong secret"
+        assert listing[0].source_queue == broker.EVENTS_QUEUE and listing[0].message_id == "m-2"
+        assert parked.list(), "listing must not consume parked messages"
+        assert parked.replay() == 1
+        wait_for(lambda: acked == [b'{"sms":1}'], what="replayed message handled")
+    assert parked.list() == []
+
+
+def test_poison_message_is_parked_by_the_delivery_limit(clean_broker: str, publisher: PublisherThread) -> None:
+    calls = []
+
+    def crashing(delivery: Delivery) -> Decision:
+        calls.append(1)
+        raise RuntimeError("bug")
+
+    parked = ParkedQueues(clean_broker, broker.EVENTS_QUEUE)
+    with running_consumer(clean_broker, crashing, publisher):
+        publisher.publish(Publication(broker.EVENTS_QUEUE, b"poison"))
+        listing = wait_for(parked.list, timeout=30, what="poison message parked by the broker")
+    assert "delivery_limit" in listing[0].reason
+    assert len(calls) > broker.DELIVERY_LIMIT
+    assert parked.purge() == 1

@@ -1,0 +1,48 @@
+"""Settings: defaults, validation errors naming the variable, redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.settings import ConfigError, Settings, modem_id_from_port, redact_url
+
+
+def test_defaults_are_valid() -> None:
+    settings = Settings.from_env({})
+    assert settings.amqp_url.endswith("/%2F")
+    assert settings.reply_from_server is True
+    assert settings.task_interval == 60
+    assert settings.result_interval == settings.task_interval
+    assert settings.results_shape == "message_results"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SMSGW_AMQP_URL", "http://localhost"),
+        ("SMSGW_SYNC_URL", "ftp://example"),
+        ("SMSGW_TASK_INTERVAL", "0.5"),
+        ("SMSGW_TASK_INTERVAL", "soon"),
+        ("SMSGW_METRICS_PORT", "70000"),
+        ("SMSGW_REPLY_FROM_SERVER", "maybe"),
+        ("SMSGW_RESULTS_SHAPE", "xml"),
+        ("SMSGW_MODEM_ID", "bad id!"),
+        ("SMSGW_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_modem_id_derived_from_port_and_keywords_split() -> None:
+    settings = Settings.from_env({"SMSGW_MODEM_PORT": "/dev/ttyUSB3", "SMSGW_KEYWORDS": " help, STOP ,,"})
+    assert settings.modem_id == "ttyUSB3"
+    assert settings.keywords == ("help", "STOP")
+    assert modem_id_from_port("/tmp/weird port/") == "weird_port"
+
+
+def test_redact_url_hides_password_and_secret() -> None:
+    redacted = redact_url("https://user:pa55@example.org/sync?task=send&secret=s3cr%26t")
+    assert "pa55" not in redacted and "s3cr" not in redacted
+    assert "user:***@" in redacted and "secret=%2A%2A%2A" in redacted

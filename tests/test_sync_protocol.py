@@ -1,0 +1,104 @@
+"""The SMSsync codec against the reply shapes real servers send (protocol-notes §2-3)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.schemas import InboundSms
+from services.sync_protocol import (
+    Endpoint,
+    ReplyError,
+    first_json_document,
+    parse_message_uuids,
+    parse_payload,
+    results_body,
+    secrets_match,
+    sync_form,
+)
+
+SEED_TASK_REPLY = (
+    '{"payload":{"success":"true","task":"send","secret":"123456","messages":[{"to":"+819029842384",'
+    '"message":"Sample Task Message","uuid":"1ba368bd-c467-4374-bf28"}]}}'
+    '{"message_uuids":["1ba368bd-c467-4374-bf28"]}'
+)
+
+
+def test_two_documents_back_to_back_take_the_first() -> None:
+    payload = parse_payload(SEED_TASK_REPLY)
+    assert payload.success is True
+    assert payload.task == "send" and payload.secret == "123456"
+    assert [m.uuid for m in payload.messages] == ["1ba368bd-c467-4374-bf28"]
+
+
+def test_php_warning_before_json_is_skipped() -> None:
+    body = "<br />\n<b>Warning</b>: Undefined variable $from in index.php<br />\n" + '{"payload":{"success":true}}'
+    assert parse_payload(body).success is True
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("", "empty"),
+        ("<html><body>500 Internal Server Error</body></html>", "not JSON"),
+        ("null", "not JSON"),
+        ('{"success": true}', "no 'payload'"),
+        ("[1, 2]", "not an object"),
+    ],
+)
+def test_unreadable_replies_raise_with_a_reason(body: str, reason: str) -> None:
+    with pytest.raises(ReplyError, match=reason):
+        parse_payload(body)
+
+
+def test_success_variants_and_missing_key() -> None:
+    assert parse_payload('{"payload":{"success":"TRUE"}}').success is True
+    assert parse_payload('{"payload":{"success":"false","error":"Secret Key Mismatch"}}').success is False
+    assert parse_payload('{"payload":{"success":1}}').success is False
+    assert parse_payload('{"payload":{"task":"send"}}').success is None
+
+
+def test_invalid_messages_are_skipped_not_fatal() -> None:
+    body = json.dumps({"payload": {"success": True, "task": "send", "messages": [
+        {"to": None, "message": "x", "uuid": "a"},
+        {"to": "+255700000001", "message": "ok", "uuid": "b"},
+        {"to": "+255700000002", "message": "no uuid"},
+        "junk",
+    ]}})
+    payload = parse_payload(body)
+    assert [m.uuid for m in payload.messages] == ["b"]
+    assert len(payload.skipped) == 3
+
+
+def test_endpoint_query_and_basic_auth() -> None:
+    endpoint = Endpoint.parse("http://u%40x:p%3Ass@127.0.0.1:8000/sync.php?key=1")
+    assert endpoint.auth == ("u@x", "p:ss")
+    assert endpoint.url == "http://127.0.0.1:8000/sync.php?key=1"
+    url = endpoint.with_query(task="send", secret="a&b= c")
+    assert url == "http://127.0.0.1:8000/sync.php?key=1&task=send&secret=a%26b%3D+c"
+    assert Endpoint.parse("http://h/smssync").with_query(task="sent") == "http://h/smssync?task=sent"
+
+
+def test_message_uuids_tolerates_wrong_key_and_null() -> None:
+    assert parse_message_uuids('{"message_uuids":["a","b"]}') == ["a", "b"]
+    assert parse_message_uuids('{"queued_messages":["a"]}') == ["a"]
+    assert parse_message_uuids('{"message_uuids":null}') == []
+    with pytest.raises(ReplyError):
+        parse_message_uuids('{"message_uuids":"abc"}')
+
+
+def test_secret_compare_and_form_fields() -> None:
+    assert secrets_match("s3cret", "s3cret") and not secrets_match("s3cret", "s3cre")
+    assert not secrets_match("s3cret", None) and secrets_match("", None)
+    sms = InboundSms("id-1", "+255700000001", "hi", 1700000000000, "+255700000009", "dev", "m0", 1)
+    form = sync_form(sms, "", "dev")
+    assert "secret" not in form and form["sent_timestamp"] == "1700000000000" and form["from"] == "+255700000001"
+
+
+def test_results_body_shapes() -> None:
+    rows = [{"uuid": "a", "sent_result_code": 0}]
+    assert results_body(rows, "message_results") == {"message_results": rows}
+    assert json.loads(results_body(rows, "message_result_string")["message_result"]) == rows
+    assert results_body(rows, "message_result_array") == {"message_result": rows}
+    assert first_json_document('  {"a":1} trailing') == {"a": 1}

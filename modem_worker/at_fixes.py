@@ -24,6 +24,7 @@ silenced, so that ``python -W error`` can import this module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -31,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final
 
 with warnings.catch_warnings():
@@ -39,7 +40,6 @@ with warnings.catch_warnings():
     # DeprecationWarning/SyntaxWarning, which `-W error` would turn into an ImportError.
     warnings.simplefilter("ignore", DeprecationWarning)
     warnings.simplefilter("ignore", SyntaxWarning)
-    import serial
     from gsmmodem import pdu as gsm_pdu
     from gsmmodem.exceptions import CmeError, CmsError, CommandError, TimeoutException
     from gsmmodem.modem import GsmModem
@@ -78,7 +78,7 @@ _BUSY_CME_CODES: Final[frozenset[int]] = frozenset({14, 515})  # SIM busy / "ple
 _BUSY_RETRIES: Final[int] = 3
 
 
-class LinkDown(Exception):  # noqa: N818 - reads better than LinkDownError at the raise sites
+class LinkDown(Exception):
     """The serial link is gone (unplugged, EIO, read thread dead, or closed)."""
 
 
@@ -150,7 +150,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         """The exception that took the link down, if it went down (None after a clean close)."""
         return self._link_error
 
-    def connect(self, pin: str | None = None, waitingForModemToStartInSeconds: float = 0) -> None:
+    def connect(self, pin: str | None = None, waitingForModemToStartInSeconds: float = 0) -> None:  # noqa: N803
         """Open the port (exclusively), start the read thread and run the library's init dialogue.
 
         On any failure the port is closed and the read thread stopped before the exception propagates
@@ -170,23 +170,19 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         self.alive = False
         port = getattr(self, "serial", None)
         if port is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort: the port may already be gone
                 port.cancel_read()
-            except Exception:  # noqa: S110 - best effort: the port may already be gone
-                pass
         thread = self.rxThread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
         if port is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead port can fail; nothing left to do
                 port.close()
-            except Exception:  # noqa: S110 - closing a dead port can fail; nothing left to do
-                pass
         self._fail_pending(LinkDown("port closed"))
 
     # ------------------------------------------------------------------ read side
 
-    def _readLoop(self) -> None:
+    def _readLoop(self) -> None:  # noqa: N802 - library hook name
         """Read thread: split the byte stream into lines (or the ``> `` prompt) and dispatch them."""
         threading.current_thread().name = f"modem-rx {self.port}"
         buf = bytearray()
@@ -261,10 +257,8 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         if late is not None:
             logger.warning("late %s for a send that already timed out", late)
             if self._on_late_send is not None:
-                try:
+                with contextlib.suppress(ValueError, IndexError):
                     self._on_late_send(int(late.split(":", 1)[1].strip().split(",")[0]))
-                except (ValueError, IndexError):
-                    pass
             return
         # Stray final codes / unknown unsolicited lines: let the sink log them.
         self._emit_urc([line])
@@ -275,7 +269,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         except Exception:
             logger.exception("URC handler failed for %s", lines[0][:20])
 
-    def _handleModemNotification(self, lines: list[str]) -> None:
+    def _handleModemNotification(self, lines: list[str]) -> None:  # noqa: N802 - library hook name
         """Library hook (unused by our read loop): never spawn a thread per notification."""
         self._emit_urc(list(lines))
 
@@ -295,10 +289,8 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
             self.alive = False
         logger.error("modem link on %s is down: %s", self.port, exc)
         self._fail_pending(LinkDown(str(exc)))
-        try:
+        with contextlib.suppress(Exception):  # the device is gone; closing is best effort
             self.serial.close()
-        except Exception:  # noqa: S110 - the device is gone; closing is best effort
-            pass
         try:
             self._on_link_down(exc)
         except Exception:
@@ -306,14 +298,14 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
 
     # ------------------------------------------------------------------ write side
 
-    def write(
+    def write(  # noqa: PLR0917 - the library's signature, called positionally by its own code
         self,
         data: str,
-        waitForResponse: bool = True,
+        waitForResponse: bool = True,  # noqa: N803
         timeout: float | None = None,
-        parseError: bool = True,
-        writeTerm: str = "\r",
-        expectedResponseTermSeq: str | None = None,
+        parseError: bool = True,  # noqa: N803
+        writeTerm: str = "\r",  # noqa: N803
+        expectedResponseTermSeq: str | None = None,  # noqa: N803
     ) -> list[str] | None:
         """Send one command (library signature) and return its response lines.
 
@@ -378,10 +370,8 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
 
     def abort_prompt(self) -> None:
         """Write ESC so a modem still waiting for a PDU body drops the half-started AT+CMGS."""
-        try:
+        with contextlib.suppress(LinkDown):
             self._exchange(ESC, False, 0, None, False)
-        except LinkDown:
-            pass
 
     # ------------------------------------------------------------------ SMS storage (call under command_lock)
 
@@ -486,9 +476,9 @@ def decode_stored_pdu(pdu_hex: str) -> DeliverPdu | StatusReportPdu:
     if kind == "SMS-DELIVER":
         concat: tuple[int, int, int] | None = None
         for ie in decoded.get("udh") or []:
-            if isinstance(ie, gsm_pdu.Concatenation) and getattr(ie, "parts", 0):
+            if isinstance(ie, gsm_pdu.Concatenation) and ie.parts:
                 concat = (int(ie.reference), int(ie.parts), int(ie.number))
-        smsc_time = _fixed_tz(decoded.get("time")) or datetime.now(timezone.utc)
+        smsc_time = _fixed_tz(decoded.get("time")) or datetime.now(UTC)
         return DeliverPdu(
             sender=str(decoded.get("number") or ""),
             raw_text=str(decoded.get("text") or ""),

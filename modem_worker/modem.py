@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Final
 
 from modem_worker.at_fixes import (
@@ -454,7 +454,7 @@ class Modem:
                     ) from exc
                 raise
         logger.info("sent SMS in %d part(s), references %s", len(pdus), references)
-        return SendReceipt(tuple(references), len(pdus), datetime.now(timezone.utc))
+        return SendReceipt(tuple(references), len(pdus), datetime.now(UTC))
 
     def _send_part(self, gsm: FixedGsmModem, pdu: SubmitPdu) -> int:
         """AT+CMGS=<len>, wait for ``> ``, write PDU + Ctrl-Z, return the +CMGS reference.

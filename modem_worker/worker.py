@@ -242,9 +242,10 @@ class ModemWorker:
                                  modem_id=self.modem_id, recipient=sms.to)
         metrics.SMS_SENT.labels(self.modem_id, outcome).inc()
         log.info("modem %s: outbound %s %s", self.modem_id, sms.uuid, outcome)
-        self._publish_sent_event(sms.uuid, outcome, detail, cms_error, references, _ms(when))
+        self._publish_sent_event(sms.uuid, outcome, detail, cms_error=cms_error, references=references,
+                                 timestamp=_ms(when))
 
-    def _publish_sent_event(self, uuid: str, outcome: str, detail: str, cms_error: int | None,
+    def _publish_sent_event(self, uuid: str, outcome: str, detail: str, *, cms_error: int | None,
                             references: tuple[int, ...], timestamp: int) -> None:
         assert outcome in ("sent", "failed", "unknown")
         event = SentEvent(uuid=uuid, modem_id=self.modem_id, outcome=outcome,  # type: ignore[arg-type]
@@ -258,8 +259,9 @@ class ModemWorker:
         if entry.state in FINAL_STATES:
             log.info("modem %s: outbound %s already %s; not sent again", self.modem_id, sms.uuid, entry.state)
             metrics.SMS_SENT.labels(self.modem_id, "duplicate").inc()
-            self._publish_sent_event(sms.uuid, entry.state, entry.detail or entry.state, entry.cms_error,
-                                     entry.references, entry.updated_at)
+            self._publish_sent_event(sms.uuid, entry.state, entry.detail or entry.state,
+                                     cms_error=entry.cms_error, references=entry.references,
+                                     timestamp=entry.updated_at)
             return Ack()
         age_s = (broker.now_ms() - entry.updated_at) / 1000
         if entry.modem_id == self.modem_id or age_s > STALE_SENDING_S:

@@ -555,6 +555,183 @@ class Consumer:
             log.info("connection closed before the ack; the broker will redeliver")
 
 
+@dataclass(frozen=True)
+class HeldDelivery:
+    """A delivery the caller holds unacked; ``generation`` names the connection its delivery tag belongs to."""
+
+    delivery: Delivery
+    tag: int
+    generation: int
+
+
+class BatchConsumer:
+    """Consume one queue and let the caller hold deliveries unacked, then settle them in batches.
+
+    For work that completes per batch and on its own schedule (the result reporter posts many events in one
+    HTTP request per round), where ``Consumer``'s one-decision-per-handler-call model would make every handler
+    thread block until the round ends. ``run()`` owns the connection on its thread (heartbeats keep flowing);
+    other threads ``take()`` new deliveries and ``ack()``/``park()``/``requeue()`` them later; settling is
+    handed back to the I/O thread with ``add_callback_threadsafe``.
+
+    A held delivery is only valid on the connection it came from: after a reconnect, the broker redelivers
+    everything that was unacked, and settling a stale ``HeldDelivery`` is a no-op (``is_live`` says so). The
+    caller must therefore tolerate seeing a message twice (the reporter merges by uuid). ``prefetch`` bounds
+    how many deliveries can be held at once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        work_queue: str,
+        publisher: PublisherThread,
+        *,
+        name: str,
+        prefetch: int = 500,
+        modem_ids: Sequence[str] = (),
+    ) -> None:
+        self._url = url
+        self._queue = work_queue
+        self._publisher = publisher
+        self._name = name
+        self._prefetch = prefetch
+        self._modem_ids = tuple(modem_ids)
+        self._stopping = threading.Event()
+        self._inbox: queue.Queue[HeldDelivery] = queue.Queue()
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self.connected = threading.Event()
+
+    @property
+    def generation(self) -> int:
+        """Number of the current (or last) connection; held deliveries of older ones are stale."""
+        with self._lock:
+            return self._generation
+
+    def is_live(self, held: HeldDelivery) -> bool:
+        """True while ``held`` can still be settled (its connection is the current, open one)."""
+        with self._lock:
+            return held.generation == self._generation and self._connection is not None
+
+    def stop(self) -> None:
+        """Stop consuming; ``run()`` flushes settlements already requested, then closes (unacked ones return
+        to the queue)."""
+        self._stopping.set()
+
+    def take(self, timeout: float = 0.0) -> list[HeldDelivery]:
+        """Every delivery received since the last call; waits up to ``timeout`` for the first one."""
+        items: list[HeldDelivery] = []
+        try:
+            items.append(self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait())
+        except queue.Empty:
+            return items
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def ack(self, items: Sequence[HeldDelivery]) -> int:
+        """Ack the live ones among ``items`` (their effect is durable); returns how many were live."""
+        return self._settle(items, requeue=False)
+
+    def requeue(self, items: Sequence[HeldDelivery]) -> int:
+        """Give the live ones back to the queue at once; returns how many were live."""
+        return self._settle(items, requeue=True)
+
+    def park(self, held: HeldDelivery, reason: str, label: str = "error") -> None:
+        """Publish a parked copy with ``reason`` (confirmed), then ack the original.
+
+        Raises:
+            BrokerError: the parked copy was not confirmed; the original stays unacked (redelivered later).
+        """
+        park(self._publisher, held.delivery, reason)
+        metrics.PARKED.labels(held.delivery.queue, label).inc()
+        self.ack([held])
+
+    def _settle(self, items: Sequence[HeldDelivery], *, requeue: bool) -> int:
+        with self._lock:
+            connection, channel, generation = self._connection, self._channel, self._generation
+        tags = [h.tag for h in items if h.generation == generation]
+        if not tags or connection is None or channel is None:
+            return 0
+
+        def settle() -> None:
+            # A channel that died meanwhile returns its unacked messages to the queue: nothing is lost.
+            if not channel.is_open:
+                return
+            for tag in tags:
+                if requeue:
+                    channel.basic_nack(tag, requeue=True)
+                else:
+                    channel.basic_ack(tag)
+
+        try:
+            connection.add_callback_threadsafe(settle)
+        except (pika.exceptions.AMQPError, OSError, RuntimeError):
+            log.info("connection closed before the ack; the broker will redeliver")
+            return 0
+        return len(tags)
+
+    def run(self) -> None:
+        """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(BrokerUnavailable),
+            wait=wait_exponential_jitter(initial=0.5, max=30),
+            before_sleep=lambda state: log.warning(
+                "broker unavailable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
+            ),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                if not self._stopping.is_set():
+                    self._consume_once()
+
+    def _consume_once(self) -> None:
+        connection = connect(self._url, self._name)
+        try:
+            channel = connection.channel()
+            declare_topology(channel, self._modem_ids)
+            channel.basic_qos(prefetch_count=self._prefetch)
+            with self._lock:
+                self._generation += 1
+                generation = self._generation
+                self._connection, self._channel = connection, channel
+
+            def on_message(_ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+                delivery = Delivery(
+                    queue=self._queue,
+                    body=body,
+                    headers=dict(props.headers or {}),
+                    redelivered=bool(method.redelivered),
+                    message_id=props.message_id,
+                )
+                self._inbox.put(HeldDelivery(delivery, int(method.delivery_tag), generation))
+
+            tag = channel.basic_consume(self._queue, on_message_callback=on_message)
+            self.connected.set()
+            log.info("consuming %s (holding up to %d unacked)", self._queue, self._prefetch)
+            while not self._stopping.is_set():
+                connection.process_data_events(time_limit=0.5)
+            channel.basic_cancel(tag)
+            # Run the acks the caller requested before stop(); what is still unacked goes back to the queue.
+            connection.process_data_events(time_limit=0)
+            connection.close()
+        except (
+            pika.exceptions.AMQPConnectionError,
+            pika.exceptions.ChannelClosed,
+            pika.exceptions.ConnectionClosed,
+            OSError,
+        ) as exc:
+            raise BrokerUnavailable(f"consumer connection lost: {exc!r}") from None
+        finally:
+            self.connected.clear()
+            with self._lock:
+                self._connection = self._channel = None
+
+
 def park(publisher: PublisherThread, delivery: Delivery, reason: str) -> None:
     """Publish a copy of ``delivery`` to its parked queue with the reason, and wait for the confirm.
 

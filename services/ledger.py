@@ -148,6 +148,16 @@ class Ledger:
             db.execute("UPDATE outbound SET state = 'queued', body = NULL, updated_at = ? "
                        "WHERE uuid = ? AND state = 'accepted'", (_now_ms(), uuid))
 
+    def release_claim(self, uuid: str) -> bool:
+        """Undo a claim that was never published (the server did not confirm it on ``?task=sent``).
+
+        Only an ``accepted`` entry is removed, so a uuid already queued or sending is never forgotten; the
+        server may offer it again later and it can then be claimed afresh. Returns True if removed.
+        """
+        with self._transaction() as db:
+            cursor = db.execute("DELETE FROM outbound WHERE uuid = ? AND state = 'accepted'", (uuid,))
+            return cursor.rowcount == 1
+
     def unqueued(self, older_than_s: float) -> list[LedgerEntry]:
         """Claims never confirmed on the queue (the poller died in between): to publish again."""
         cutoff = _now_ms() - int(older_than_s * 1000)

@@ -54,6 +54,13 @@ HTTP_SECONDS = Histogram(
     "smsgw_http_request_seconds", "Sync URL request latency by task", ["task"], buckets=LATENCY_BUCKETS
 )
 
+RESULT_ROUNDS = Counter("smsgw_result_rounds_total", "?task=result rounds, by outcome", ["outcome"])
+RESULT_EVENTS_HELD = Gauge(
+    "smsgw_result_events_held", "Sent/delivery events held unacked until the server accepts their report"
+)
+TASK_REPUBLISHED = Counter(
+    "smsgw_task_republished_total", "Claimed task messages published again after a poller died before its confirm"
+)
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``addr:port`` from a daemon thread; port 0 disables it.

@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,7 +216,7 @@ def parse_message_uuids(body: str) -> list[str]:
     raise ReplyError("reply has no 'message_uuids'")
 
 
-def results_body(rows: list[Mapping[str, Any]], shape: str) -> dict[str, Any]:
+def results_body(rows: Sequence[Mapping[str, Any]], shape: str) -> dict[str, Any]:
     """The JSON body of ``POST ?task=result`` in the configured shape.
 
     ``message_results``: the docs' array (default); ``message_result_string``: the app's JSON string under

@@ -89,7 +89,12 @@ def clean_broker(amqp_url: str) -> Iterator[str]:
 
 def _purge_all(url: str) -> None:
     from services.broker import (
-        DELAY_TIERS_S, EVENTS_QUEUE, INBOUND_QUEUE, OUTBOUND_QUEUE, declare_topology, delay_queue_for,
+        DELAY_TIERS_S,
+        EVENTS_QUEUE,
+        INBOUND_QUEUE,
+        OUTBOUND_QUEUE,
+        declare_topology,
+        delay_queue_for,
         parked_queue_for,
     )
 

@@ -10,7 +10,16 @@ import pytest
 
 from services import broker
 from services.broker import (
-    Ack, Consumer, Decision, Delivery, Park, ParkedQueues, Publication, PublisherThread, PublishRefused, Retry,
+    Ack,
+    Consumer,
+    Decision,
+    Delivery,
+    Park,
+    ParkedQueues,
+    Publication,
+    PublisherThread,
+    PublishRefused,
+    Retry,
 )
 from tests.conftest import wait_for
 

@@ -65,8 +65,10 @@ cp "$script_dir/lykmapipo/server.js" "$lyk/server.js"
 if ! cmp -s "$script_dir/lykmapipo/package.json" "$lyk/.template-package.json" \
     || [[ ! -f "$lyk/node_modules/smssync/package.json" || ! -d "$lyk/node_modules/express" ]]; then
     cp "$script_dir/lykmapipo/package.json" "$lyk/package.json"
-    log "npm install in .peers/lykmapipo"
-    (cd "$lyk" && npm install --no-audit --no-fund --loglevel=error)
+    # The lock file pins every transitive version: smssync's own ranges are open-ended (>=).
+    cp "$script_dir/lykmapipo/package-lock.json" "$lyk/package-lock.json"
+    log "npm ci in .peers/lykmapipo"
+    (cd "$lyk" && npm ci --no-audit --no-fund --loglevel=error)
     cp "$script_dir/lykmapipo/package.json" "$lyk/.template-package.json"
 fi
 node -e 'const v=require(process.argv[1]).version; if (v !== "0.3.28") { console.error("smssync " + v); process.exit(1); }' \

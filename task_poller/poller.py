@@ -1,0 +1,299 @@
+"""Task leg: poll ``?task=send`` on the Sync URL and queue the messages it returns, each uuid at most once.
+
+Never twice, across restarts, a server that keeps offering the same messages and replicas sharing
+``SMSGW_STATE_DIR`` (docs/outbound.md has the full argument):
+
+1. ``ledger.claim(uuid)`` — one SQLite ``BEGIN IMMEDIATE`` transaction; exactly one poller (of any process)
+   gets True for a uuid, ever. Everyone else skips it as a duplicate.
+2. With the Message Results API on: ``POST ?task=sent`` with the claimed uuids; the ones the server does not
+   echo are released again (``ledger.release_claim``) and not sent, as the app does.
+3. Publish ``OutboundSms`` with a publisher confirm, then ``ledger.mark_queued``.
+
+A crash between 1 and 3 leaves an ``accepted`` claim: every cycle republishes claims older than
+``STALE_CLAIM_S``; the modem worker's ``ledger.begin_send`` refuses a uuid already sending or sent, so a
+republish can duplicate a queue message but never an SMS.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import requests
+
+from services import broker, metrics
+from services.broker import BrokerError, Publication
+from services.ledger import Ledger
+from services.schemas import OutboundSms
+from services.settings import Settings, redact_url
+from services.sync_protocol import (
+    USER_AGENT,
+    Endpoint,
+    ReplyError,
+    TaskMessage,
+    parse_message_uuids,
+    parse_payload,
+    secrets_match,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 900.0
+PUBLISH_TIMEOUT_S = 30.0
+
+
+class Publishes(Protocol):
+    """What the poller needs of ``broker.PublisherThread`` (confirmed publish from any thread)."""
+
+    def publish(self, publication: Publication, timeout: float = 30.0) -> None:
+        """Publish and wait for the confirm; raises BrokerError."""
+
+
+class PollError(Exception):
+    """A poll failed in a way worth backing off for; the message is the one log line."""
+
+    def __init__(self, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome  # metric label
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """What one poll did (also the metric outcomes)."""
+
+    offered: int = 0  # valid messages in the reply
+    queued: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    not_confirmed: int = 0
+
+
+class TaskPoller:
+    """Poll the Sync URL for tasks and queue their messages; ``run()`` loops until the stop event is set."""
+
+    def __init__(self, settings: Settings, publisher: Publishes, ledger: Ledger) -> None:
+        """Raises ConfigError when SMSGW_SYNC_URL is empty."""
+        settings.require_sync_url()
+        self._settings = settings
+        self._endpoint = Endpoint.parse(settings.sync_url)
+        self._publisher = publisher
+        self._ledger = ledger
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = USER_AGENT
+        if self._endpoint.auth:
+            self._session.auth = self._endpoint.auth
+        self.redacted_url = redact_url(settings.sync_url)
+        # A live poller holds a claim at most one HTTP time-out plus one publish time-out; only older claims
+        # are orphans. Republishing a live one early would still not double-send (begin_send), just waste.
+        self.stale_claim_s = max(30.0, settings.http_timeout + PUBLISH_TIMEOUT_S + 5)
+
+    # --- loop ---------------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll every ``SMSGW_TASK_INTERVAL`` s (at once again while a poll queued something) until ``stop``.
+
+        Never raises for server or broker trouble: it logs one line and backs off exponentially (capped), so
+        a wrong secret or a dead server never becomes a crash loop.
+        """
+        failures = 0
+        while not stop.is_set():
+            delay = self._settings.task_interval
+            try:
+                self.republish_orphans()
+                result = self.poll_once()
+            except PollError as exc:
+                failures += 1
+                delay = min(self._settings.task_interval * 2 ** min(failures, 10), max(MAX_BACKOFF_S, delay))
+                metrics.TASK_POLLS.labels(exc.outcome).inc()
+                log.error("task poll failed: %s; next poll in %.0fs", exc, delay)
+            else:
+                if failures:
+                    log.info("task poll works again after %d failure(s)", failures)
+                failures = 0
+                if result.queued:
+                    # The server may hold more than one reply's worth: drain it before waiting.
+                    continue
+            # An Event, not sleep(): the first SIGTERM ends the wait at once.
+            stop.wait(delay)
+
+    # --- one poll -----------------------------------------------------------------------------------------
+
+    def poll_once(self) -> PollResult:
+        """GET ``?task=send``, validate, confirm (Message Results API) and queue new messages.
+
+        Raises:
+            PollError: the server could not be reached, refused, or answered something unreadable; or the
+                broker did not confirm (claims stay and are republished later).
+        """
+        params = {"task": "send"}
+        if self._settings.secret:
+            params["secret"] = self._settings.secret
+        text = self._request("GET", "send", self._endpoint.with_query(**params))
+        try:
+            payload = parse_payload(text)
+        except ReplyError as exc:
+            raise PollError(f"unreadable ?task=send reply: {exc}", "bad_reply") from None
+        if payload.success is False:
+            raise PollError(f"server refused the task poll: {payload.error or 'no error text'}", "refused")
+        for reason in payload.skipped:
+            metrics.TASK_MESSAGES.labels("invalid").inc()
+            log.warning("skipped an invalid task message: %s", reason)
+        if not payload.messages:
+            metrics.TASK_POLLS.labels("empty").inc()
+            log.debug("task poll: nothing to send")
+            return PollResult(invalid=len(payload.skipped))
+        if payload.task != "send":
+            metrics.TASK_POLLS.labels("ignored").inc()
+            log.warning(
+                "task reply ignored: task is %r, not 'send'; %d message(s) not sent", payload.task, len(payload.messages)
+            )
+            return PollResult(invalid=len(payload.skipped))
+        if not secrets_match(self._settings.secret, payload.secret):
+            metrics.TASK_POLLS.labels("ignored").inc()
+            log.warning(
+                "task reply ignored: its secret %s SMSGW_SECRET; %d message(s) not sent",
+                "is missing, unlike" if payload.secret is None else "does not match",
+                len(payload.messages),
+            )
+            return PollResult(invalid=len(payload.skipped))
+        result = self._queue(payload.messages)
+        metrics.TASK_POLLS.labels("ok").inc()
+        log.info(
+            "task poll: %d offered, %d queued, %d already known, %d not confirmed by the server, %d invalid",
+            len(payload.messages),
+            result.queued,
+            result.duplicates,
+            result.not_confirmed,
+            len(payload.skipped),
+        )
+        return PollResult(
+            offered=len(payload.messages),
+            queued=result.queued,
+            duplicates=result.duplicates,
+            invalid=len(payload.skipped),
+            not_confirmed=result.not_confirmed,
+        )
+
+    def _queue(self, messages: Sequence[TaskMessage]) -> PollResult:
+        # Known uuids are skipped without a write transaction (the common case: a server that offers the same
+        # messages on every poll); claim() below is what actually guarantees "once" against races.
+        known = self._ledger.known(m.uuid for m in messages)
+        claimed: list[TaskMessage] = []
+        duplicates = 0
+        seen: set[str] = set()
+        for message in messages:
+            if message.uuid in known or message.uuid in seen or not self._ledger.claim(
+                message.uuid, message.to, message.text
+            ):
+                duplicates += 1
+                metrics.TASK_MESSAGES.labels("duplicate").inc()
+                log.debug("task message %s already claimed; skipped", message.uuid)
+                seen.add(message.uuid)
+                continue
+            seen.add(message.uuid)
+            claimed.append(message)
+        not_confirmed = 0
+        if claimed and self._settings.message_results:
+            confirmed = self._confirm_sent([m.uuid for m in claimed])
+            keep = [m for m in claimed if m.uuid in confirmed]
+            for message in claimed:
+                if message.uuid not in confirmed:
+                    # The app sends only echoed uuids; release the claim so a later offer can be taken again.
+                    self._ledger.release_claim(message.uuid)
+                    not_confirmed += 1
+                    metrics.TASK_MESSAGES.labels("not_confirmed").inc()
+                    log.warning("task message %s not confirmed by ?task=sent; not sent", message.uuid)
+            claimed = keep
+        now = broker.now_ms()
+        for message in claimed:
+            self._publish(OutboundSms(message.uuid, message.to, message.text, "task", now, report=True))
+            metrics.TASK_MESSAGES.labels("queued").inc()
+            log.info("task message %s queued", message.uuid)
+        return PollResult(queued=len(claimed), duplicates=duplicates, not_confirmed=not_confirmed)
+
+    def _confirm_sent(self, uuids: list[str]) -> set[str]:
+        """POST ``?task=sent`` (JSON, no secret — as the app) and return the uuids the server echoed.
+
+        Raises:
+            PollError: no usable answer; the claims are released first so the next poll starts clean.
+        """
+        try:
+            text = self._request("POST", "sent", self._endpoint.with_query(task="sent"), {"queued_messages": uuids})
+            return set(parse_message_uuids(text))
+        except (PollError, ReplyError) as exc:
+            for uuid in uuids:
+                self._ledger.release_claim(uuid)
+            if isinstance(exc, PollError):
+                raise
+            raise PollError(f"unreadable ?task=sent reply: {exc}", "bad_reply") from None
+
+    def _publish(self, message: OutboundSms) -> None:
+        """Confirmed publish to the shared outbound queue, then mark the claim queued.
+
+        Raises:
+            PollError: not confirmed; the claim stays ``accepted`` and is republished by a later cycle.
+        """
+        try:
+            self._publisher.publish(
+                Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid),
+                timeout=PUBLISH_TIMEOUT_S,
+            )
+        except BrokerError as exc:
+            raise PollError(f"broker did not confirm task message {message.uuid}: {exc}", "broker_error") from None
+        self._ledger.mark_queued(message.uuid)
+
+    def republish_orphans(self) -> int:
+        """Publish claims that were never confirmed on the queue (a poller died in between). Returns the count.
+
+        Raises:
+            PollError: the broker did not confirm one (the rest wait for the next cycle).
+        """
+        count = 0
+        for entry in self._ledger.unqueued(older_than_s=self.stale_claim_s):
+            if entry.recipient is None or entry.body is None:
+                log.error("ledger claim %s has no recipient/text; cannot republish it", entry.uuid)
+                continue
+            self._publish(OutboundSms(entry.uuid, entry.recipient, entry.body, "task", broker.now_ms(), report=True))
+            metrics.TASK_REPUBLISHED.inc()
+            log.warning("republished task message %s (its poller stopped before the broker confirm)", entry.uuid)
+            count += 1
+        return count
+
+    # --- HTTP ---------------------------------------------------------------------------------------------
+
+    def _request(self, method: str, task: str, url: str, body: object = None) -> str:
+        """One request to the Sync URL; returns the body text of a 2xx answer.
+
+        Raises:
+            PollError: network error or a non-2xx status (the log line says which, never the secret).
+        """
+        started = time.monotonic()
+        try:
+            response = self._session.request(
+                method,
+                url,
+                json=body,
+                timeout=self._settings.http_timeout,
+                # A redirected POST would turn into a GET; a GET may follow (it stays a GET).
+                allow_redirects=method == "GET",
+            )
+        except requests.RequestException as exc:
+            raise PollError(f"?task={task}: Sync URL unreachable: {type(exc).__name__}", "network_error") from None
+        finally:
+            metrics.HTTP_SECONDS.labels(task).observe(time.monotonic() - started)
+        if not 200 <= response.status_code < 300:
+            hint = ""
+            if response.status_code in (401, 403):
+                hint = " (check SMSGW_SECRET and the user:pass in SMSGW_SYNC_URL)"
+            elif 300 <= response.status_code < 400:
+                hint = " (redirect: set SMSGW_SYNC_URL to the final URL)"
+            raise PollError(f"?task={task}: Sync URL answered HTTP {response.status_code}{hint}", "http_error")
+        return response.text
+
+    def close(self) -> None:
+        """Close the HTTP session."""
+        self._session.close()

@@ -1,0 +1,504 @@
+"""The modem simulator against the REAL python-gsmmodem-new library, raw pyserial and the HTTP control API.
+
+Everything runs on a real pty. No sleeps stand in for synchronisation: waits poll a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import serial
+from gsmmodem.exceptions import CmsError
+from gsmmodem.modem import GsmModem, ReceivedSms, StatusReport
+from gsmmodem.pdu import Concatenation, decodeSmsPdu
+from smspdudecoder.easy import read_incoming_sms
+
+from modem_worker.simulator import SimFullError, Simulator, build_deliver, decode_pdu
+from modem_worker.simulator.pdu import (
+    GSM7_PART,
+    UCS2_PART,
+    encode_address,
+    gsm7_septets,
+    local_datetime,
+    split_text,
+    utf16_units,
+)
+
+FINAL = ("OK", "ERROR", "+CMS ERROR:", "+CME ERROR:")
+SENDER = "+255712345678"
+RECIPIENT = "+255700000002"
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll `cond` until truthy; return its value or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class RawPort:
+    """A bare pyserial client speaking AT to the simulator."""
+
+    def __init__(self, path: Path) -> None:
+        self.port = serial.Serial(str(path), 115200, timeout=0.05)
+        self.buffer = b""
+
+    def close(self) -> None:
+        self.port.close()
+
+    def read_until(self, done: Callable[[bytes], bool], timeout: float = 3.0) -> bytes:
+        """Read until `done(buffer)`; return and consume the buffer."""
+        deadline = time.monotonic() + timeout
+        while not done(self.buffer):
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out; got {self.buffer!r}")
+            self.buffer += self.port.read(self.port.in_waiting or 1)
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def command(self, line: str, timeout: float = 3.0) -> list[str]:
+        """Send one AT command line; return the response lines up to and including the final result."""
+        self.port.write(line.encode() + b"\r")
+        raw = self.read_until(_has_final, timeout)
+        return [x for x in raw.decode("latin-1").split("\r\n") if x]
+
+    def send_pdu(self, pdu_hex: str, tpdu_length: int, terminator: bytes = b"\x1a") -> list[str]:
+        """AT+CMGS with the prompt dance; return the lines after the PDU."""
+        self.port.write(f"AT+CMGS={tpdu_length}\r".encode())
+        assert self.read_until(lambda b: b.endswith(b"> ")) == b"\r\n> "
+        self.port.write(pdu_hex.encode() + terminator)
+        raw = self.read_until(_has_final)
+        return [x for x in raw.decode("latin-1").split("\r\n") if x]
+
+
+def _has_final(buffer: bytes) -> bool:
+    """True when `buffer` ends with a complete final result code line."""
+    if not buffer.endswith(b"\r\n"):
+        return False
+    last = buffer.decode("latin-1").rstrip("\r\n").split("\r\n")[-1]
+    return last.startswith(FINAL)
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Simulator]:
+    simulator = Simulator(tmp_path / "modem0", capacity=20)
+    simulator.start()
+    simulator.set_state(delivery_delay_s=0.05)
+    yield simulator
+    simulator.stop()
+
+
+class ModemClient:
+    """The real library, with its callbacks recorded."""
+
+    def __init__(self, path: Path) -> None:
+        self.received: list[ReceivedSms] = []
+        self.reports: list[StatusReport] = []
+        self.fatal: list[Exception] = []
+        self.modem = GsmModem(
+            str(path),
+            115200,
+            smsReceivedCallbackFunc=self.received.append,
+            smsStatusReportCallback=self.reports.append,
+        )
+        self.modem.fatalErrorCallback = self.fatal.append
+        self.modem.connect()
+
+    def close(self) -> None:
+        if self.modem.alive:
+            self.modem.close()
+
+
+@pytest.fixture
+def client(sim: Simulator) -> Iterator[ModemClient]:
+    c = ModemClient(sim.link)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def raw(sim: Simulator) -> Iterator[RawPort]:
+    port = RawPort(sim.link)
+    yield port
+    port.close()
+
+
+# --- the library ---------------------------------------------------------------------------------------------------
+
+
+def test_connect_dialogue(sim: Simulator, client: ModemClient) -> None:
+    log = sim.at_log()
+    for cmd in ("ATZ", "ATE0", "AT+CFUN?", "AT+CMEE=1", "AT+CPIN?", "AT+CLAC", "AT+CGMI", "AT+ZPAS?",
+                "AT+COPS=3,0", "AT+CMGF=0", "AT+CSCA?", "AT+CSMP=49,167,0,0", "AT+CPMS=?",
+                'AT+CPMS="SM","SM","SM"', "AT+CNMI=2,1,0,2", "AT+CLIP=1", "AT+CRC=1", "AT+CVHU=0"):
+        assert cmd in log
+    modem = client.modem
+    assert "+CSCS" in modem._commands and "^CVOICE" not in modem._commands
+    assert modem.smsc == "+255754000000"
+    assert modem.ownNumber == "+255700000001"
+    assert modem.signalStrength == 20
+    assert modem.networkName == "SIMULATED"
+    sim.set_state(signal=7)
+    assert modem.signalStrength == 7
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello from the simulator",
+        "Price 10€ [promo] {x} ~^|\\",
+        "Habari yako? Nimefika salama.",
+        "¿Dónde está la estación? Mañana.",
+        "你好，世界",
+        "مرحبا بالعالم",
+    ],
+    ids=["ascii", "gsm-extension", "swahili", "spanish", "chinese", "arabic"],
+)
+def test_receive_via_library(sim: Simulator, client: ModemClient, text: str) -> None:
+    ts = 1_700_000_000_000
+    indices = sim.inject_sms(SENDER, text, timestamp_ms=ts)
+    assert indices == [1]
+    sms = wait_for(lambda: client.received, what="smsReceivedCallback")[0]
+    assert (sms.number, sms.text) == (SENDER, text)
+    assert sms.time.timestamp() == ts / 1000
+    # The library deleted it after the callback (AT+CMGD).
+    wait_for(lambda: sim.inbox() == [], what="SIM emptied")
+
+
+def test_alphanumeric_sender_via_library(sim: Simulator, client: ModemClient) -> None:
+    sim.inject_sms("MPESA-TEST", "Confirmed. You received 500")
+    sms = wait_for(lambda: client.received)[0]
+    assert (sms.number, sms.text) == ("MPESA-TEST", "Confirmed. You received 500")
+
+
+def test_send_ascii_and_multipart_to_outbox(sim: Simulator, client: ModemClient) -> None:
+    client.modem.sendSms(RECIPIENT, "Hello outbox")
+    long_text = "".join(f"word{i} " for i in range(70))  # > 160 GSM chars: 3 parts
+    client.modem.sendSms("+255700000003", long_text)
+    outbox = sim.outbox()
+    assert [(e["to"], e["text"]) for e in outbox] == [(RECIPIENT, "Hello outbox"), ("+255700000003", long_text)]
+    assert outbox[0]["references"] == [0]
+    assert outbox[1]["references"] == [1, 2, 3] and outbox[1]["reference"] == 3
+    assert sim.at_log().count("AT+CMGS=153") == 2
+
+
+def test_status_reports(sim: Simulator, client: ModemClient) -> None:
+    sent = client.modem.sendSms(RECIPIENT, "report me")
+    report = wait_for(lambda: client.reports, what="delivered report")[0]
+    assert (report.reference, report.deliveryStatus, report.number) == (0, StatusReport.DELIVERED, RECIPIENT)
+    assert report.timeSent is not None and report.timeFinalized >= report.timeSent
+    assert sent.reference == 0
+    sim.set_state(delivery="failed")
+    client.modem.sendSms(RECIPIENT, "fail me")
+    report = wait_for(lambda: client.reports[1:], what="failed report")[0]
+    assert (report.reference, report.deliveryStatus) == (1, StatusReport.FAILED)
+    wait_for(lambda: sim.state()["sr_used"] == 0, what="SR emptied by the library")
+
+
+def test_no_report_when_delivery_none(sim: Simulator, raw: RawPort) -> None:
+    sim.set_state(delivery="none")
+    pdu = _submit_pdu(RECIPIENT, "no report please")
+    assert raw.send_pdu(*pdu)[-1] == "OK"
+    assert sim.outbox()[0]["text"] == "no report please"
+    # Nothing may follow: a further command answers straight away with no URC before it.
+    assert raw.command("AT") == ["OK"]
+    assert sim.state()["sr_used"] == 0
+
+
+def test_fail_sends_raise_cms_error(sim: Simulator, client: ModemClient) -> None:
+    sim.set_state(fail_sends=1, cms_error=38)
+    with pytest.raises(CmsError) as err:
+        client.modem.sendSms(RECIPIENT, "will fail")
+    assert err.value.code == 38
+    assert sim.state()["fail_sends"] == 0
+    client.modem.sendSms(RECIPIENT, "will pass")
+    assert [e["text"] for e in sim.outbox()] == ["will pass"]
+    sim.set_state(registered=False)
+    with pytest.raises(CmsError) as err:
+        client.modem.sendSms(RECIPIENT, "no network")
+    assert err.value.code == 331
+
+
+def test_unplug_and_replug(sim: Simulator, client: ModemClient) -> None:
+    sim.inject_sms(SENDER, "before unplug")
+    wait_for(lambda: client.received)
+    sim.set_state(delivery="none")
+    sim.unplug()
+    assert not sim.link.exists() and not os.path.islink(sim.link)
+    wait_for(lambda: client.fatal, what="fatalErrorCallback after unplug")
+    assert not client.modem.alive
+    # SMS arriving while unplugged stay on the SIM.
+    sim.inject_sms(SENDER, "while unplugged")
+    sim.replug()
+    assert sim.link.is_symlink() and sim.plugged
+    again = ModemClient(sim.link)
+    try:
+        assert [m.text for m in again.modem.listStoredSms()] == ["while unplugged"]
+        again.modem.sendSms(RECIPIENT, "after replug")
+        assert sim.outbox()[-1]["text"] == "after replug"
+    finally:
+        again.close()
+
+
+# --- raw AT ----------------------------------------------------------------------------------------------------------
+
+
+def _read_cmgr(raw: RawPort, index: int) -> tuple[str, str]:
+    """AT+CMGR=index; return (header, pdu) and check the framing (PDU right after one CR LF)."""
+    raw.port.write(f"AT+CMGR={index}\r".encode())
+    data = raw.read_until(_has_final)
+    assert data.startswith(b"\r\n+CMGR: ")
+    header, pdu, rest = data[2:].split(b"\r\n", 2)
+    assert rest == b"\r\nOK\r\n"
+    return header.decode(), pdu.decode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Hello €[]", "Habari", "¿Qué tal?", "你好", "مرحبا", "emoji 😀 ok 👍🏽", "😀" * 80],
+    ids=["ext", "swahili", "spanish", "chinese", "arabic", "emoji", "emoji-multipart"],
+)
+def test_deliver_pdus_decode_independently(sim: Simulator, raw: RawPort, text: str) -> None:
+    """The library mangles emoji, so check the stored PDUs with smspdudecoder and our own decoder."""
+    indices = sim.inject_sms(SENDER, text, timestamp_ms=1_700_000_000_000)
+    urcs = raw.read_until(lambda b: b.count(b"+CMTI") == len(indices))
+    assert urcs.decode().split("\r\n")[1::2] == [f'+CMTI: "SM",{i}' for i in indices]
+    joined_theirs, joined_ours = "", ""
+    for i in indices:
+        header, pdu = _read_cmgr(raw, i)
+        assert header.startswith("+CMGR: 0,,")
+        theirs = read_incoming_sms(pdu)
+        ours = decode_pdu(pdu)
+        assert theirs["sender"] == ours.address == SENDER
+        assert int(theirs["date"].timestamp()) == 1_700_000_000
+        assert int(header.rsplit(",", 1)[1]) == ours.tpdu_length
+        joined_theirs += theirs["content"]
+        joined_ours += ours.text
+        if len(indices) > 1:
+            assert theirs["partial"]["parts_count"] == len(indices)
+    assert joined_theirs == joined_ours == text
+
+
+def test_multipart_420_chars(sim: Simulator, raw: RawPort) -> None:
+    text = ("Sehemu ndefu ya ujumbe. " * 20)[:420]
+    indices = sim.inject_sms(SENDER, text)
+    assert len(indices) == 3
+    raw.read_until(lambda b: b.count(b"+CMTI") == 3)
+    parts = []
+    for i in indices:
+        _, pdu = _read_cmgr(raw, i)
+        lib = decodeSmsPdu(pdu)  # the library's own decoder sees the UDH
+        (concat,) = [ie for ie in lib["udh"] if isinstance(ie, Concatenation)]
+        parts.append((concat.number, concat.parts, concat.reference, lib["text"]))
+    assert [p[:2] for p in parts] == [(1, 3), (2, 3), (3, 3)]
+    assert len({p[2] for p in parts}) == 1
+    assert "".join(p[3] for p in parts) == text
+    assert [e["part"][1:] for e in sim.inbox()] == [[3, 1], [3, 2], [3, 3]]
+    # CMGL=4 lists the three in one answer, PDUs directly after their headers.
+    lines = raw.command("AT+CMGL=4")
+    assert [x.split(",")[0] for x in lines[0:6:2]] == ["+CMGL: 1", "+CMGL: 2", "+CMGL: 3"]
+    assert lines[-1] == "OK"
+    assert raw.command("AT+CMGD=0,4") == ["OK"]
+    assert sim.inbox() == []
+
+
+def test_raw_commands(sim: Simulator, raw: RawPort) -> None:
+    assert raw.command("AT") == ["OK"]
+    assert raw.command("ATI")[-1] == "OK"
+    assert raw.command("AT+ZPAS?") == ["ERROR"]
+    assert raw.command("AT+NOSUCH") == ["ERROR"]
+    assert raw.command("AT+CNUM") == ['+CNUM: "","+255700000001",145', "OK"]
+    sim.set_state(battery=42, signal=99)
+    assert raw.command("AT+CBC") == ["+CBC: 0,42", "OK"]
+    assert raw.command("AT+CSQ") == ["+CSQ: 99,99", "OK"]
+    assert raw.command("AT+CMGF=?") == ["+CMGF: (0,1)", "OK"]
+    assert raw.command("AT+CSMS=?") == ["+CSMS: (0,1)", "OK"]
+    assert raw.command("AT+CNMI=?")[-1] == "OK"
+    assert raw.command("AT+IFC=2,2;+CMMS=2;+CUSD=1") == ["OK"]
+    assert raw.command("ATE0 V1 &C1") == ["OK"]
+    assert raw.command('AT+CPMS="SM","SM"') == ["+CPMS: 0,20,0,20,0,20", "OK"]
+    assert raw.command('AT+CPMS="XX"') == ["+CMS ERROR: 302"]
+    assert raw.command("AT+CMGR=5") == ["+CMS ERROR: 321"]
+    assert raw.command("AT+CREG?") == ["+CREG: 0,1", "OK"]
+    # Esc cancels a prompted PDU; an undecodable or mis-sized PDU is +CMS ERROR: 304.
+    assert raw.send_pdu("0011", 7, terminator=b"\x1b") == ["OK"]
+    assert raw.send_pdu("00ZZ", 7) == ["+CMS ERROR: 304"]
+    pdu, length = _submit_pdu(RECIPIENT, "hi")
+    assert raw.send_pdu(pdu, length + 1) == ["+CMS ERROR: 304"]
+    assert sim.outbox() == []
+
+
+def test_message_reference_wraps(sim: Simulator, raw: RawPort) -> None:
+    sim.set_state(delivery="none")
+    pdu, length = _submit_pdu(RECIPIENT, "x")
+    refs = [int(raw.send_pdu(pdu, length)[0].split(": ")[1]) for _ in range(258)]
+    assert refs[:3] == [0, 1, 2] and refs[255:] == [255, 0, 1]
+
+
+def test_sim_full(tmp_path: Path) -> None:
+    with Simulator(tmp_path / "small", capacity=3) as small:
+        assert small.inject_sms(SENDER, "x" * 300) == [1, 2]
+        with pytest.raises(SimFullError):
+            small.inject_sms(SENDER, "y" * 300)  # needs 2 slots, 1 free: refused as a whole
+        assert len(small.inbox()) == 2
+        assert small.inject_sms(SENDER, "fits") == [3]
+        response = requests.post(f"{small.control_url}/sms", json={"from": SENDER, "text": "no room"}, timeout=5)
+        assert response.status_code == 507
+        assert response.json()["cms_error"] == 322
+        port = RawPort(small.link)
+        try:
+            port.read_until(lambda b: b.count(b"+CMTI") == 3)
+            pdu, length = _submit_pdu(RECIPIENT, "draft")
+            port.port.write(f"AT+CMGW={length}\r".encode())
+            port.read_until(lambda b: b.endswith(b"> "))
+            port.port.write(pdu.encode() + b"\x1a")
+            assert port.read_until(_has_final) == b"\r\n+CMS ERROR: 322\r\n"
+            assert port.command("AT+CMGD=1") == ["OK"]
+            port.port.write(f"AT+CMGW={length}\r".encode())
+            port.read_until(lambda b: b.endswith(b"> "))
+            port.port.write(pdu.encode() + b"\x1a")
+            assert port.read_until(_has_final) == b"\r\n+CMGW: 1\r\n\r\nOK\r\n"
+        finally:
+            port.close()
+
+
+def test_reply_delay_lets_urc_arrive_first(sim: Simulator, raw: RawPort) -> None:
+    sim.set_state(reply_delay_s=0.3)
+    raw.port.write(b"AT+CSQ\r")
+    wait_for(lambda: "AT+CSQ" in sim.at_log(), what="command received")
+    sim.inject_sms(SENDER, "during reply")
+    data = raw.read_until(_has_final).decode()
+    assert data.index('+CMTI: "SM",1') < data.index("+CSQ:")
+
+
+def test_send_delay(sim: Simulator, raw: RawPort) -> None:
+    sim.set_state(send_delay_s=0.2)
+    pdu, length = _submit_pdu(RECIPIENT, "slow")
+    t0 = time.monotonic()
+    assert raw.send_pdu(pdu, length)[-1] == "OK"
+    assert time.monotonic() - t0 >= 0.2
+
+
+# --- control API over HTTP ----------------------------------------------------------------------------------------
+
+
+def test_control_api(sim: Simulator, raw: RawPort) -> None:
+    url = sim.control_url
+    assert requests.get(f"{url}/health", timeout=5).json()["ok"] is True
+    r = requests.post(f"{url}/sms", json={"from": SENDER, "text": "via http", "timestamp": 1_700_000_000_000},
+                      timeout=5)
+    assert r.status_code == 200 and r.json() == {"indices": [1]}
+    raw.read_until(lambda b: b'+CMTI: "SM",1' in b)
+    inbox = requests.get(f"{url}/inbox", timeout=5).json()
+    assert inbox == [{"index": 1, "from": SENDER, "text": "via http", "timestamp": 1_700_000_000_000,
+                      "part": None, "read": False}]
+    # A batch: every +CMTI in ONE write, so they arrive together.
+    r = requests.post(f"{url}/sms/batch", json={"messages": [{"from": SENDER, "text": f"b{i}"} for i in range(3)]},
+                      timeout=5)
+    assert r.json() == {"indices": [[2], [3], [4]]}
+    burst = raw.read_until(lambda b: b.count(b"+CMTI") == 3)
+    assert burst == b"".join(f'\r\n+CMTI: "SM",{i}\r\n'.encode() for i in (2, 3, 4))
+    # State: partial update answers the full state; bad values are refused and change nothing.
+    state = requests.post(f"{url}/state", json={"signal": 12, "delivery": "failed"}, timeout=5).json()
+    assert state["signal"] == 12 and state["delivery"] == "failed" and state["delivery_delay_s"] == 0.05
+    assert requests.post(f"{url}/state", json={"signal": 40}, timeout=5).status_code == 400
+    assert requests.post(f"{url}/state", json={"bogus": 1}, timeout=5).status_code == 400
+    assert requests.get(f"{url}/state", timeout=5).json()["signal"] == 12
+    assert requests.post(f"{url}/sms", json={"text": "no sender"}, timeout=5).status_code == 400
+    assert requests.post(f"{url}/sms", data=b"{nope", timeout=5).status_code == 400
+    assert requests.get(f"{url}/nothing", timeout=5).status_code == 404
+    # Raw bytes (including a non-UTF-8 one) reach the client untouched.
+    r = requests.post(f"{url}/raw", json={"hex": "0d0aff0d0a"}, timeout=5)
+    assert r.json()["written"] == 5
+    assert raw.read_until(lambda b: len(b) >= 5) == b"\r\n\xff\r\n"
+    # Outbox and log.
+    pdu, length = _submit_pdu(RECIPIENT, "from raw")
+    raw.send_pdu(pdu, length)
+    outbox = requests.get(f"{url}/outbox", timeout=5).json()
+    assert [(e["to"], e["text"], e["reference"], e["references"]) for e in outbox] == [
+        (RECIPIENT, "from raw", 0, [0])
+    ]
+    assert requests.get(f"{url}/log", timeout=5).json()[-1] == f"AT+CMGS={length}"
+    # Unplug / replug over HTTP.
+    assert requests.post(f"{url}/unplug", timeout=5).json() == {"plugged": False}
+    assert not os.path.lexists(sim.link)
+    assert requests.post(f"{url}/raw", json={"hex": "00"}, timeout=5).json()["written"] == 0
+    assert requests.post(f"{url}/replug", timeout=5).json()["plugged"] is True
+    assert sim.link.is_symlink()
+    assert len(requests.get(f"{url}/inbox", timeout=5).json()) == 4
+
+
+def test_cli_help_and_sigterm(tmp_path: Path) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "modem_worker.simulator", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    for word in ("--link", "--control-port", "--own-number", "--capacity", "--smsc", "/sms/batch", "/unplug"):
+        assert word in help_text
+    link = tmp_path / "cli-modem"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modem_worker.simulator", "--link", str(link), "--control-port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        started: dict[str, Any] = {}
+        for line in proc.stdout:
+            record = json.loads(line)
+            if record["event"] == "started":
+                started = record
+                break
+        assert link.is_symlink()
+        assert requests.get(f"{started['control_url']}/health", timeout=5).json()["ok"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        rest = [json.loads(x)["event"] for x in proc.stdout.read().splitlines()]
+        assert "stopped" in rest
+        assert not os.path.lexists(link)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- codec details -------------------------------------------------------------------------------------------------
+
+
+def test_split_never_breaks_escapes_or_surrogates() -> None:
+    encoding, parts = split_text("a" * 152 + "€" + "b" * 10)
+    assert encoding == "gsm7" and parts[0] == "a" * 152 and parts[1].startswith("€")
+    assert all(len(gsm7_septets(p)) <= GSM7_PART for p in parts)
+    encoding, parts = split_text("x" * 66 + "😀" + "y" * 10)
+    assert encoding == "ucs2" and parts[0] == "x" * 66 and parts[1].startswith("😀")
+    assert all(utf16_units(p) <= UCS2_PART for p in parts)
+    assert split_text("€" * 80) == ("gsm7", ["€" * 80])  # 160 septets: still one SMS
+    assert split_text("😀" * 35)[1] == ["😀" * 35]  # 70 UTF-16 units: still one SMS
+
+
+def test_alphanumeric_and_national_addresses() -> None:
+    for sender in ("MPESA-TEST", "0712345678", SENDER):
+        (part,) = build_deliver(sender, "hi", local_datetime(1_700_000_000_000), "+255754000000")
+        assert decode_pdu(part.pdu).address == sender
+        assert read_incoming_sms(part.pdu)["sender"] == sender
+    assert encode_address("MPESA")[1] == 0xD0
+
+
+def _submit_pdu(number: str, text: str) -> tuple[str, int]:
+    """An SMS-SUBMIT built by the library's own encoder (status report requested)."""
+    from gsmmodem.pdu import encodeSmsSubmitPdu
+
+    (pdu,) = encodeSmsSubmitPdu(number, text, reference=0)
+    return str(pdu), pdu.tpduLength

@@ -251,7 +251,9 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
                 self._swallow_ok = False
                 if active and pending is not None:
                     pending.lines.append(line)
-                    if _FINAL_RE.match(line):
+                    # The prompt ends up CR LF terminated when a URC directly follows it in the stream.
+                    prompt_seen = pending.prompt is not None and line.endswith(pending.prompt.decode())
+                    if prompt_seen or _FINAL_RE.match(line):
                         pending.done.set()
                     return
         if late is not None:

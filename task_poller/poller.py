@@ -17,6 +17,7 @@ republish can duplicate a queue message but never an SMS.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -105,10 +106,11 @@ class TaskPoller:
             try:
                 self.republish_orphans()
                 result = self.poll_once()
-            except PollError as exc:
+            except (PollError, sqlite3.Error) as exc:
                 failures += 1
                 delay = min(self._settings.task_interval * 2 ** min(failures, 10), max(MAX_BACKOFF_S, delay))
-                metrics.TASK_POLLS.labels(exc.outcome).inc()
+                outcome = exc.outcome if isinstance(exc, PollError) else "ledger_error"
+                metrics.TASK_POLLS.labels(outcome).inc()
                 log.error("task poll failed: %s; next poll in %.0fs", exc, delay)
             else:
                 if failures:
@@ -149,7 +151,9 @@ class TaskPoller:
         if payload.task != "send":
             metrics.TASK_POLLS.labels("ignored").inc()
             log.warning(
-                "task reply ignored: task is %r, not 'send'; %d message(s) not sent", payload.task, len(payload.messages)
+                "task reply ignored: task is %r, not 'send'; %d message(s) not sent",
+                payload.task,
+                len(payload.messages),
             )
             return PollResult(invalid=len(payload.skipped))
         if not secrets_match(self._settings.secret, payload.secret):

@@ -117,6 +117,8 @@ class ModemClient:
             smsStatusReportCallback=self.reports.append,
         )
         self.modem.fatalErrorCallback = self.fatal.append
+        # The serial read timeout only bounds how long close() waits for the reader thread (default 1 s).
+        self.modem.timeout = 0.05
         self.modem.connect()
 
     def close(self) -> None:
@@ -188,7 +190,7 @@ def test_alphanumeric_sender_via_library(sim: Simulator, client: ModemClient) ->
 
 def test_send_ascii_and_multipart_to_outbox(sim: Simulator, client: ModemClient) -> None:
     client.modem.sendSms(RECIPIENT, "Hello outbox")
-    long_text = "".join(f"word{i} " for i in range(70))  # > 160 GSM chars: 3 parts
+    long_text = "".join(f"word{i} " for i in range(50))  # 340 GSM chars: 3 parts
     client.modem.sendSms("+255700000003", long_text)
     outbox = sim.outbox()
     assert [(e["to"], e["text"]) for e in outbox] == [(RECIPIENT, "Hello outbox"), ("+255700000003", long_text)]
@@ -343,6 +345,53 @@ def test_raw_commands(sim: Simulator, raw: RawPort) -> None:
     assert sim.outbox() == []
 
 
+def test_direct_delivery_for_kannel_style_cnmi(sim: Simulator, raw: RawPort) -> None:
+    """CNMI mt=2/ds=1 (Kannel's default): +CMT and +CDS carry the PDU, nothing is stored."""
+    assert raw.command("AT+CNMI=1,2,0,1,0") == ["OK"]
+    assert sim.inject_sms(SENDER, "direct") == []
+    data = raw.read_until(lambda b: b.count(b"\r\n") >= 3).decode()
+    header, pdu = data.split("\r\n")[1:3]
+    assert header == f"+CMT: ,{decode_pdu(pdu).tpdu_length}"
+    assert decode_pdu(pdu).text == "direct" and sim.inbox() == []
+    assert raw.command("AT+CNMA") == ["OK"]
+    pdu_hex, length = _submit_pdu(RECIPIENT, "report inline")
+    assert raw.send_pdu(pdu_hex, length) == ["+CMGS: 0", "OK"]
+    data = raw.read_until(lambda b: b.count(b"\r\n") >= 3).decode()
+    header, report_pdu = data.split("\r\n")[1:3]
+    report = decode_pdu(report_pdu)
+    assert header == f"+CDS: {report.tpdu_length}"
+    assert (report.type, report.reference, report.address, report.status) == ("status-report", 0, RECIPIENT, 0)
+    assert decodeSmsPdu(report_pdu)["status"] == 0
+    assert sim.state()["sr_used"] == 0
+
+
+def test_echo(sim: Simulator, raw: RawPort) -> None:
+    assert raw.command("ATE1") == ["OK"]
+    assert raw.command("AT+CSQ") == ["AT+CSQ\r", "+CSQ: 20,99", "OK"]
+    assert raw.command("ATE0") == ["ATE0\r", "OK"]
+    assert raw.command("AT") == ["OK"]
+
+
+def _submit_part(number: str, payload: bytes, ref: int, total: int, seq: int) -> tuple[str, int]:
+    """A UCS-2 SMS-SUBMIT part built by hand, so that a surrogate pair can be split across parts."""
+    udh = bytes((0x05, 0x00, 0x03, ref, total, seq))
+    ud = udh + payload
+    tpdu = bytes((0x61, 0x00)) + encode_address(number) + bytes((0x00, 0x08, len(ud))) + ud
+    return "00" + tpdu.hex().upper(), len(tpdu)
+
+
+def test_outbox_joins_parts_split_inside_a_surrogate_pair(sim: Simulator, raw: RawPort) -> None:
+    sim.set_state(delivery="none")
+    encoded = "abc😀def".encode("utf-16-be")
+    cut = 8  # inside the emoji's surrogate pair
+    # Parts may arrive out of order; the entry appears once all are in.
+    assert raw.send_pdu(*_submit_part(RECIPIENT, encoded[cut:], 9, 2, 2))[-1] == "OK"
+    assert sim.outbox() == []
+    assert raw.send_pdu(*_submit_part(RECIPIENT, encoded[:cut], 9, 2, 1))[-1] == "OK"
+    (entry,) = sim.outbox()
+    assert (entry["text"], entry["references"], entry["reference"]) == ("abc😀def", [1, 0], 0)
+
+
 def test_message_reference_wraps(sim: Simulator, raw: RawPort) -> None:
     sim.set_state(delivery="none")
     pdu, length = _submit_pdu(RECIPIENT, "x")
@@ -362,7 +411,6 @@ def test_sim_full(tmp_path: Path) -> None:
         assert response.json()["cms_error"] == 322
         port = RawPort(small.link)
         try:
-            port.read_until(lambda b: b.count(b"+CMTI") == 3)
             pdu, length = _submit_pdu(RECIPIENT, "draft")
             port.port.write(f"AT+CMGW={length}\r".encode())
             port.read_until(lambda b: b.endswith(b"> "))

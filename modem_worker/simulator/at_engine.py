@@ -250,12 +250,16 @@ class AtEngine:
             return
         replies: list[Reply] = []
         for cmd in commands:
-            with self.model.lock:
-                reply = self._dispatch(cmd)
+            try:
+                with self.model.lock:
+                    reply = self._dispatch(cmd)
+            except Exception:  # a bug in one handler must answer ERROR, not leave the client waiting
+                jsonlog.log.exception("at_handler_error", extra={"fields": {"command": cmd}})
+                reply = Reply(final="ERROR")
             replies.append(reply)
             if reply.final != "OK" or reply.prompt is not None:
                 break
-        self._respond(replies)
+        self._respond(replies or [Reply()])  # a bare "AT" is just OK
 
     def _respond(self, replies: list[Reply], extra_delay_s: float = 0.0) -> None:
         """Write information text of all replies plus the last reply's final result (or the prompt), after

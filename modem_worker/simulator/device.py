@@ -64,10 +64,14 @@ class Simulator:
         self._stopped.clear()
         self._server = ControlServer((self._control_host, self._control_port), self)
         self._server_thread = threading.Thread(
-            target=self._server.serve_forever, name="sim-control", kwargs={"poll_interval": 0.2}, daemon=True
+            target=self._server.serve_forever, name="sim-control", kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._server_thread.start()
-        self.replug()
+        try:
+            self.replug()
+        except OSError:
+            self.stop()
+            raise
         jsonlog.event("started", link=str(self.link), control_url=self.control_url,
                       own_number=self.model.own_number, capacity=self.model.capacity)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from .pdu import (
     build_status_report,
     decode_text,
     local_datetime,
+    split_text,
 )
 
 SM = "SM"
@@ -34,6 +36,8 @@ STAT_REC_UNREAD = 0
 STAT_REC_READ = 1
 STAT_STO_UNSENT = 2
 STAT_STO_SENT = 3
+
+AT_LOG_LIMIT = 100_000
 
 CMS_MEMORY_FULL = 322
 CMS_NO_NETWORK = 331
@@ -176,7 +180,8 @@ class ModemModel:
         self.session = Session(smsc=smsc)
         self.memories: dict[str, dict[int, StoredSms]] = {SM: {}, SR: {}}
         self.outbox: list[dict[str, Any]] = []
-        self.at_log: list[str] = []
+        # Bounded: a long benchmark must not grow the simulator without limit.
+        self.at_log: deque[str] = deque(maxlen=AT_LOG_LIMIT)
         self._pending: dict[tuple[str, int, int], _PendingParts] = {}
         self._next_mr = 0
         self._next_concat_ref = 1
@@ -220,12 +225,12 @@ class ModemModel:
             built = []
             for sender, text, ts in messages:
                 ts_ms = self.clock_ms() if ts is None else int(ts)
-                parts = build_deliver(sender, text, local_datetime(ts_ms), self.session.smsc, 0)
-                if len(parts) > 1:
-                    # Only multipart texts consume a concatenation reference, as a real SMSC would.
+                ref = 0
+                if len(split_text(text)[1]) > 1:
+                    # Only multipart texts consume a concatenation reference, as with a real SMSC.
                     ref = self._next_concat_ref
                     self._next_concat_ref = (ref + 1) % 256
-                    parts = build_deliver(sender, text, local_datetime(ts_ms), self.session.smsc, ref)
+                parts = build_deliver(sender, text, local_datetime(ts_ms), self.session.smsc, ref)
                 built.append((sender, ts_ms, parts))
             direct = self.session.cnmi_mt in (2, 3)
             needed = 0 if direct else sum(len(parts) for _, _, parts in built)

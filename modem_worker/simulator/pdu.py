@@ -295,9 +295,11 @@ def build_deliver(
     """Build the SMS-DELIVER PDU(s) carrying `text` from `sender`, stamped `when` by `smsc`.
 
     Long texts become concatenated parts with an 8-bit-reference UDH (IEI 00) using `concat_ref` (0-255).
-    Raises PduError when the sender cannot be encoded.
+    Raises PduError when the sender cannot be encoded or the text needs more than 255 parts.
     """
     encoding, chunks = split_text(text)
+    if len(chunks) > 255:
+        raise PduError("text needs more than 255 parts")
     smsc_field = encode_smsc(smsc)
     oa = encode_address(sender)
     scts = encode_timestamp(when)

@@ -44,8 +44,11 @@ class PtyLink:
     def open(self) -> None:
         """Create the pty (slave in raw mode), point the symlink at it and start the reader thread.
 
-        Raises OSError when the pty or the symlink cannot be created.
+        Raises OSError when the pty or the symlink cannot be created (FileExistsError when `link` is a
+        regular file or directory, which is never replaced).
         """
+        if self.link.exists() and not self.link.is_symlink():
+            raise FileExistsError(f"{self.link} exists and is not a symlink; refusing to replace it")
         master, slave = os.openpty()
         # Raw mode: no echo, no CR/LF translation, byte-at-a-time reads, like a real serial line.
         tty.setraw(slave)

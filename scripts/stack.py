@@ -1,0 +1,196 @@
+"""Start the whole gateway as real processes: simulators, modem workers, sync worker, task poller, reporter.
+
+Used by the demo (``scripts/demo``), the end-to-end tests and the benchmark, so all three run the very same
+commands an operator runs. Every process is started and stopped by its PID; logs go to ``<workdir>/logs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_json(url: str, payload: Any | None = None, timeout: float = 10.0) -> Any:
+    """GET (or POST ``payload`` as JSON) and decode the JSON answer."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback URLs only
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until truthy; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (OSError, ValueError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def ensure_vhost(vhost: str) -> str:
+    """Create ``vhost`` (guest has full rights) and return its AMQP URL."""
+    subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, timeout=60, check=False)
+    subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                   capture_output=True, timeout=60, check=True)
+    return f"amqp://guest:guest@127.0.0.1:5672/{urllib.request.quote(vhost, safe='')}"
+
+
+def delete_vhost(vhost: str) -> None:
+    """Remove a vhost and everything in it."""
+    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60, check=False)
+
+
+@dataclass
+class Process:
+    """One started process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    popen: subprocess.Popen[bytes]
+    log_file: TextIO
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+@dataclass
+class Simulator:
+    """A running simulator: where its device is and how to reach its control API."""
+
+    link: Path
+    control_url: str
+    own_number: str
+
+    def inject(self, sender: str, text: str, timestamp_ms: int | None = None) -> Any:
+        payload: dict[str, Any] = {"from": sender, "text": text}
+        if timestamp_ms is not None:
+            payload["timestamp"] = timestamp_ms
+        return http_json(f"{self.control_url}/sms", payload)
+
+    def outbox(self) -> list[dict[str, Any]]:
+        return list(http_json(f"{self.control_url}/outbox"))
+
+    def inbox(self) -> list[dict[str, Any]]:
+        return list(http_json(f"{self.control_url}/inbox"))
+
+    def set_state(self, **state: Any) -> Any:
+        return http_json(f"{self.control_url}/state", state)
+
+
+@dataclass
+class Stack:
+    """Processes of one gateway installation, sharing a work directory and an AMQP URL."""
+
+    workdir: Path
+    amqp_url: str
+    sync_url: str = ""
+    secret: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, Process] = field(default_factory=dict)
+    simulators: dict[str, Simulator] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SMSGW_")}
+        env.update({
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "SMSGW_AMQP_URL": self.amqp_url,
+            "SMSGW_SYNC_URL": self.sync_url,
+            "SMSGW_SECRET": self.secret,
+            "SMSGW_STATE_DIR": str(self.workdir / "state"),
+            "SMSGW_METRICS_PORT": "0",
+        })
+        env.update(self.env)
+        return env
+
+    def start(self, name: str, module: str, *args: str, env: dict[str, str] | None = None) -> Process:
+        """Start ``python -m module args`` with the stack's environment plus ``env``."""
+        full_env = {**self.base_env(), **(env or {})}
+        argv = [sys.executable, "-m", module, *args]
+        log_file = (self.workdir / "logs" / f"{name}.log").open("a", encoding="utf-8")
+        popen = subprocess.Popen(argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = Process(name, argv, full_env, popen, log_file)
+        self.processes[name] = process
+        return process
+
+    def start_simulator(self, name: str, own_number: str, control_port: int | None = None) -> Simulator:
+        """Start a modem simulator and wait for its control API."""
+        link = self.workdir / f"{name}.tty"
+        port = control_port or free_port()
+        self.start(name, "modem_worker.simulator", "--link", str(link), "--control-port", str(port),
+                   "--own-number", own_number)
+        simulator = Simulator(link, f"http://127.0.0.1:{port}", own_number)
+        wait_until(lambda: http_json(f"{simulator.control_url}/health") and link.exists(), 20,
+                   f"simulator {name}")
+        self.simulators[name] = simulator
+        return simulator
+
+    def start_modem_worker(self, name: str, simulator: Simulator, modem_id: str,
+                           env: dict[str, str] | None = None) -> Process:
+        return self.start(name, "modem_worker",
+                          env={"SMSGW_MODEM_PORT": str(simulator.link), "SMSGW_MODEM_ID": modem_id, **(env or {})})
+
+    def restart(self, name: str) -> Process:
+        """Start a stopped process again with the same command and environment."""
+        old = self.processes[name]
+        old.log_file.close()
+        log_file = (self.workdir / "logs" / f"{name}.log").open("a", encoding="utf-8")
+        popen = subprocess.Popen(old.argv, env=old.env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = Process(name, old.argv, old.env, popen, log_file)
+        self.processes[name] = process
+        return process
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one process (by PID) and reap it."""
+        process = self.processes[name]
+        if process.popen.poll() is None:
+            os.kill(process.pid, sig)
+        process.popen.wait(timeout=60)
+
+    def stop_all(self, timeout: float = 20.0) -> None:
+        """SIGTERM every process (workers first, simulators last), SIGKILL what is left after ``timeout``."""
+        order = sorted(self.processes.values(), key=lambda p: p.argv[2] == "modem_worker.simulator")
+        for process in order:
+            if process.popen.poll() is None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in order:
+            try:
+                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.popen.wait(timeout=10)
+            process.log_file.close()
+
+    def log_text(self, name: str) -> str:
+        return (self.workdir / "logs" / f"{name}.log").read_text(encoding="utf-8", errors="replace")

@@ -1,0 +1,22 @@
+"""The README stays the operator's reference: it documents every setting and opens with the two commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.settings import ENV_VARS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in ENV_VARS if f"`{name}`" not in readme]
+    assert missing == []
+
+
+def test_readme_opens_with_demo_and_test_commands_and_ci_runs_the_same() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first_block = readme.split("```")[1]
+    assert "scripts/demo" in first_block and "scripts/test" in first_block
+    assert "./scripts/test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

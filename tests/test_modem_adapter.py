@@ -1,0 +1,703 @@
+"""Regression tests of modem_worker.modem against the project's modem simulator.
+
+Every bug of python-gsmmodem-new 0.13.0 listed in /work/shared/modem-notes.md has a test here, named in its
+docstring ("bug N"). Pure text/PDU functions are tested without a modem; everything else drives the real
+adapter over a pty against modem_worker.simulator. Waiting is done with deadlines (queue/Event timeouts or
+polling), never with fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+import serial
+from smspdudecoder.fields import SMSSubmit
+
+from modem_worker import at_fixes
+from modem_worker.modem import (
+    MISSING_PART,
+    Modem,
+    ModemUnavailable,
+    ReceivedMessage,
+    SendFailed,
+    SendOutcomeUnknown,
+    StatusReport,
+)
+from modem_worker.simulator.device import Simulator
+from modem_worker.simulator.model import SimFullError
+from modem_worker.simulator.pdu import build_deliver, local_datetime
+from modem_worker.sms_text import (
+    build_submit_pdus,
+    choose_encoding,
+    repair_utf16,
+    segment,
+    text_units,
+)
+
+SENDER = "+255711000001"
+RECIPIENT = "+255722000002"
+
+
+# ---------------------------------------------------------------------------- helpers and fixtures
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class Harness:
+    """A connected Modem plus everything its callbacks produced."""
+
+    modem: Modem
+    messages: queue.Queue[ReceivedMessage] = field(default_factory=queue.Queue)
+    reports: queue.Queue[StatusReport] = field(default_factory=queue.Queue)
+    fatal: queue.Queue[BaseException] = field(default_factory=queue.Queue)
+    fail_messages: threading.Event = field(default_factory=threading.Event)
+    fail_reports: threading.Event = field(default_factory=threading.Event)
+    delivered: list[ReceivedMessage] = field(default_factory=list)
+
+    def get_message(self, timeout: float = 5.0) -> ReceivedMessage:
+        return self.messages.get(timeout=timeout)
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Simulator]:
+    simulator = Simulator(tmp_path / "modem0", capacity=255)
+    simulator.start()
+    try:
+        yield simulator
+    finally:
+        simulator.stop()
+
+
+@pytest.fixture
+def make_modem(sim: Simulator) -> Iterator[Callable[..., Harness]]:
+    created: list[Modem] = []
+
+    def factory(connect: bool = True, **kwargs: Any) -> Harness:
+        holder: list[Harness] = []
+
+        def on_message(message: ReceivedMessage) -> None:
+            if holder[0].fail_messages.is_set():
+                raise RuntimeError("broker down")
+            holder[0].delivered.append(message)
+            holder[0].messages.put(message)
+
+        def on_report(report: StatusReport) -> None:
+            if holder[0].fail_reports.is_set():
+                raise RuntimeError("broker down")
+            holder[0].reports.put(report)
+
+        kwargs.setdefault("command_timeout_s", 5.0)
+        modem = Modem(
+            str(sim.link),
+            on_message=on_message,
+            on_status_report=on_report,
+            on_fatal=lambda exc: holder[0].fatal.put(exc),
+            **kwargs,
+        )
+        harness = Harness(modem)
+        holder.append(harness)
+        created.append(modem)
+        if connect:
+            modem.connect()
+        return harness
+
+    yield factory
+    for modem in created:
+        modem.close()
+
+
+def rx_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("modem-rx")]
+
+
+# ---------------------------------------------------------------------------- pure functions (bug 5, 13, 4)
+
+
+def test_gsm7_counting_uses_septets_and_extension_table() -> None:
+    """Bug 5: length is counted in septets; extension characters (€, [, ...) cost two."""
+    assert choose_encoding("Hello [world] €5") == "gsm7"
+    assert text_units("€") == 2
+    assert len(segment("a" * 160).parts) == 1
+    assert len(segment("a" * 159 + "€").parts) == 2  # 161 septets
+    seg = segment("a" * 152 + "€" + "b" * 10)
+    # 153 septets per part and the escape sequence is not split: "€" moves whole to part 2.
+    assert seg.parts[0] == "a" * 152
+    assert seg.parts[1].startswith("€")
+    assert "".join(seg.parts) == "a" * 152 + "€" + "b" * 10
+
+
+def test_ucs2_counting_uses_utf16_units_and_never_splits_a_surrogate_pair() -> None:
+    """Bug 5: an emoji is two UTF-16 units; 66 characters with emoji do not fit one part; parts are cut
+    between characters."""
+    assert choose_encoding("hi 😀") == "ucs2"
+    assert text_units("😀") == 2
+    assert len(segment("😀" * 35).parts) == 1  # exactly 70 units
+    assert len(segment("x" * 62 + "😀" * 4).parts) == 1  # 66 characters = 70 units: fits
+    assert len(segment("x" * 63 + "😀" * 4).parts) == 2  # 67 characters = 71 units: two parts
+    text = "a" + "😀" * 100
+    seg = segment(text)
+    assert "".join(seg.parts) == text
+    for part in seg.parts:
+        assert text_units(part, "ucs2") <= 67
+        part.encode("utf-8")  # no lone surrogate anywhere
+
+
+def test_submit_pdus_decode_independently() -> None:
+    """Bug 5: emoji and long texts give valid SUBMIT PDUs (cross-checked with smspdudecoder)."""
+    for text in ("plain text", "x" * 400, "😀 emoji " * 20, "héllo ñ§"):
+        pdus = build_submit_pdus(RECIPIENT, text, concat_reference=42, request_delivery=True)
+        joined = ""
+        for seq, pdu in enumerate(pdus, start=1):
+            decoded = SMSSubmit.decode(StringIO(pdu.hex))
+            assert decoded["recipient"]["number"] == RECIPIENT.lstrip("+")
+            assert len(pdu.hex) // 2 - 1 == pdu.tpdu_length
+            if len(pdus) > 1:
+                concat = decoded["user_data"]["header"]["elements"][0]["data"]
+                assert (concat["reference"], concat["parts_count"], concat["part_number"]) == (42, len(pdus), seq)
+            joined += decoded["user_data"]["data"]
+        assert joined == text
+
+
+def test_request_delivery_controls_tp_srr_bit() -> None:
+    """Bug 13 (unit): TP-SRR follows request_delivery in PDU mode."""
+    on = build_submit_pdus(RECIPIENT, "x", concat_reference=0, request_delivery=True)[0]
+    off = build_submit_pdus(RECIPIENT, "x", concat_reference=0, request_delivery=False)[0]
+    assert SMSSubmit.decode(StringIO(on.hex))["header"]["srr"] is True
+    assert SMSSubmit.decode(StringIO(off.hex))["header"]["srr"] is False
+
+
+def test_repair_utf16_rejoins_surrogates_split_by_the_library() -> None:
+    """Bug 4 (unit): the library decodes UCS-2 one unit per character; pairs are rejoined, lone halves
+    become U+FFFD instead of breaking a later UTF-8 encode."""
+    assert repair_utf16("a\ud83d\ude00b") == "a😀b"
+    assert repair_utf16("\ud83d") == "\ufffd"
+    assert repair_utf16("plain") == "plain"
+
+
+def test_invalid_recipient_is_send_failed_before_touching_the_modem(make_modem: Callable[..., Harness]) -> None:
+    """A recipient that cannot be encoded is refused (not sent) without a CMGS."""
+    h = make_modem()
+    with pytest.raises(SendFailed):
+        h.modem.send("not a number", "x")
+
+
+# ---------------------------------------------------------------------------- import (bug 14)
+
+
+def test_import_with_warnings_as_errors(tmp_path: Path) -> None:
+    """Bug 14: `python -W error -c "import modem_worker.modem"` works (fresh bytecode, so the library's
+    invalid-escape warnings are really emitted)."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp_path / "pycache"))
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", "import modem_worker.modem"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------- connect / port (bug 11, exclusive)
+
+
+def test_connect_configures_pdu_mode_and_stored_delivery(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """SMS are stored on the SIM (CNMI mt=1, +CMTI), never delivered directly; ModemInfo is filled."""
+    h = make_modem(connect=False)
+    info = h.modem.connect()
+    assert info.own_number == "+255700000001"
+    assert info.imsi and info.manufacturer and info.model
+    log = sim.at_log()
+    assert "AT+CMGF=0" in log
+    assert "AT+CNMI=2,1,0,2,0" in log
+    assert h.modem.alive
+
+
+def test_port_is_opened_exclusively(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """A second adapter on the same port is refused (exclusive=True) and the first keeps working."""
+    first = make_modem()
+    second = make_modem(connect=False)
+    with pytest.raises(ModemUnavailable):
+        second.modem.connect()
+    assert first.modem.signal_strength() == 20
+
+
+def test_failed_connect_closes_port_and_stops_read_thread(tmp_path: Path) -> None:
+    """Bug 11: a modem that never answers -> ModemUnavailable, the port is closed (an exclusive open
+    succeeds again) and no read thread is left behind."""
+    master, slave = os.openpty()
+    try:
+        device = os.ttyname(slave)
+        before = len(rx_threads())
+        modem = Modem(device, on_message=lambda m: None, on_status_report=lambda r: None, command_timeout_s=0.3)
+        with pytest.raises(ModemUnavailable):
+            modem.connect()
+        assert not modem.alive
+        wait_for(lambda: len(rx_threads()) == before, 3, "read thread to stop")
+        probe = serial.Serial(device, exclusive=True)  # would fail if the adapter still held the flock
+        probe.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_connect_to_missing_port_is_modem_unavailable(tmp_path: Path) -> None:
+    """Bug 11: a missing device is ModemUnavailable, not a raw SerialException."""
+    modem = Modem(str(tmp_path / "nope"), on_message=lambda m: None, on_status_report=lambda r: None)
+    with pytest.raises(ModemUnavailable):
+        modem.connect()
+    modem.close()
+    modem.close()  # idempotent
+
+
+# ---------------------------------------------------------------------------- receiving (bugs 1, 2, 4, 6)
+
+
+def test_urc_while_a_command_waits_is_not_lost(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 1: +CMTI arriving while a command waits for its (delayed) reply is routed as a notification and
+    the command's reply still parses."""
+    h = make_modem()
+    sim.set_state(reply_delay_s=0.05)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                assert h.modem.signal_strength() == 20
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        wait_for(lambda: "AT+CSQ" in sim.at_log(), what="a pending AT+CSQ")
+        for i in range(5):
+            sim.inject_sms(SENDER, f"during command {i}")
+        got = {h.get_message(timeout=10).text for _ in range(5)}
+    finally:
+        stop.set()
+        poller.join()
+    assert got == {f"during command {i}" for i in range(5)}
+    assert not errors
+
+
+def test_urc_burst_all_handled(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 2: 30 +CMTI in ONE write: every one is handled, and the SIM ends up empty."""
+    h = make_modem()
+    sim.inject_batch([{"from": SENDER, "text": f"burst {i}"} for i in range(30)])
+    got = sorted(h.get_message().text for _ in range(30))
+    assert got == sorted(f"burst {i}" for i in range(30))
+    wait_for(lambda: sim.inbox() == [], what="SIM to be emptied")
+
+
+def test_receive_emoji_single_and_multipart(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 4: emoji come back as real characters (no lone surrogates), single and concatenated UCS-2."""
+    h = make_modem()
+    short = "ok 😀👍🏽 done"
+    long = "Habari 🇹🇿 " * 20
+    sim.inject_sms(SENDER, short)
+    first = h.get_message()
+    sim.inject_sms(SENDER, long)
+    second = h.get_message()
+    assert first.text == short
+    assert second.text == long
+    second.text.encode("utf-8")
+    assert second.parts > 1 and second.complete
+
+
+def test_multipart_receive_is_reassembled(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 6: a 3-part GSM-7 SMS (with extension characters) gives ONE on_message, then all parts are
+    deleted."""
+    h = make_modem()
+    text = "Part [one] costs €5 and {more}. " * 14
+    indices = sim.inject_sms(SENDER, text)
+    assert len(indices) >= 3
+    message = h.get_message()
+    assert message.text == text
+    assert message.complete and message.parts == len(indices)
+    assert sorted(message.sim_indices) == sorted(indices)
+    wait_for(lambda: sim.inbox() == [], what="parts deleted")
+    with pytest.raises(queue.Empty):
+        h.messages.get(timeout=0.2)
+
+
+def test_direct_cmt_delivery_is_not_lost(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """+CMT direct delivery (never configured by us, but a modem may do it) is decoded and delivered."""
+    h = make_modem()
+    part = build_deliver(SENDER, "direct 😀", local_datetime(int(time.time() * 1000)), "+255754000000")[0]
+    sim.write_raw(f"\r\n+CMT: ,{part.tpdu_length}\r\n{part.pdu}\r\n".encode())
+    message = h.get_message()
+    assert message.text == "direct 😀"
+    assert message.sim_indices == ()
+
+
+# ---------------------------------------------------------------------------- delivery semantics
+
+
+def test_message_stays_on_sim_until_on_message_succeeds(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """An SMS leaves the SIM only after on_message returned; a failed callback is retried by the sweep."""
+    h = make_modem()
+    h.fail_messages.set()
+    sim.inject_sms(SENDER, "keep me")
+    long = "long kept message " * 12
+    sim.inject_sms(SENDER, long)
+    # Wait until the worker has read everything (the SIM marks read slots) — nothing may be deleted.
+    wait_for(lambda: len(sim.inbox()) >= 3 and all(r["read"] for r in sim.inbox()), what="SMS read")
+    assert h.delivered == []
+    h.fail_messages.clear()
+    assert h.modem.sweep_stored() == 2
+    assert sorted(m.text for m in h.delivered) == sorted(["keep me", long])
+    assert sim.inbox() == []
+    assert h.modem.sweep_stored() == 0
+    assert len(h.delivered) == 2
+
+
+def test_failed_delete_does_not_deliver_twice(
+    sim: Simulator, make_modem: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message whose AT+CMGD failed after delivery is deleted, not re-delivered, by the next sweep."""
+    h = make_modem()
+    gsm = h.modem._gsm
+    assert gsm is not None
+    real_delete = gsm.delete_stored
+    failures = {"left": 1}
+
+    def flaky_delete(memory: str, index: int) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise at_fixes.TimeoutException()
+        real_delete(memory, index)
+
+    monkeypatch.setattr(gsm, "delete_stored", flaky_delete)
+    sim.inject_sms(SENDER, "only once")
+    assert h.get_message().text == "only once"
+    assert [r["text"] for r in sim.inbox()] == ["only once"]
+    assert h.modem.sweep_stored() == 0
+    assert sim.inbox() == []
+    assert [m.text for m in h.delivered] == ["only once"]
+
+
+def test_incomplete_multipart_is_flushed_after_timeout(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """A multipart SMS missing a part is delivered after multipart_timeout_s with "[…]" (complete=False);
+    the straggler arriving later comes out alone, and nothing is delivered twice."""
+    text = "".join(f"<{i:03d}>" for i in range(80))  # 400 chars -> 3 parts
+    indices = sim.inject_sms(SENDER, text)
+    assert len(indices) == 3
+    with sim.model.lock:
+        missing = sim.model.memories["SM"].pop(indices[1])
+    h = make_modem(multipart_timeout_s=0.5)
+    assert h.modem.sweep_stored() == 0  # buffered, not yet expired
+    message = h.get_message(timeout=5)
+    assert not message.complete and message.parts == 3
+    assert message.text.count(MISSING_PART) == 1
+    assert message.text.startswith("<000>") and message.text.endswith("<079>")
+    wait_for(lambda: sim.inbox() == [], what="flushed parts deleted")
+    with sim.model.lock:
+        sim.model.memories["SM"][indices[1]] = missing
+    sim.write_raw(f'\r\n+CMTI: "SM",{indices[1]}\r\n'.encode())
+    straggler = h.get_message(timeout=5)
+    assert not straggler.complete
+    assert straggler.text == MISSING_PART + missing.text + MISSING_PART
+    wait_for(lambda: sim.inbox() == [], what="straggler deleted")
+    assert len(h.delivered) == 2
+
+
+# ---------------------------------------------------------------------------- sending (bugs 5, 7, 8, 13)
+
+
+def test_send_emoji(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 5: emoji can be sent; a 66-character text with emoji (71 UTF-16 units) becomes 2 parts."""
+    h = make_modem()
+    short = "Asante 😀"
+    tricky = "x" * 63 + "😀" * 4
+    assert h.modem.send(RECIPIENT, short).parts == 1
+    assert h.modem.send(RECIPIENT, tricky).parts == 2
+    assert [o["text"] for o in sim.outbox()] == [short, tricky]
+
+
+def test_multipart_send_returns_every_reference(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 7: SendReceipt.references holds the TP-MR of every part, in order; each part gets its report."""
+    h = make_modem()
+    sim.set_state(delivery_delay_s=0.05)
+    receipt = h.modem.send(RECIPIENT, "z" * 500)
+    assert receipt.parts == 4 and len(receipt.references) == 4
+    assert list(receipt.references) == sim.outbox()[-1]["references"]
+    reports = {h.reports.get(timeout=5).reference for _ in range(4)}
+    assert reports == set(receipt.references)
+    wait_for(lambda: sim.state()["sr_used"] == 0, what="SR memory emptied")
+
+
+def test_send_refused_is_send_failed(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """A +CMS ERROR answer is SendFailed with the code; nothing is in the outbox."""
+    h = make_modem()
+    sim.set_state(fail_sends=1, cms_error=500)
+    with pytest.raises(SendFailed) as info:
+        h.modem.send(RECIPIENT, "refused")
+    assert info.value.cms_code == 500
+    sim.set_state(registered=False)
+    with pytest.raises(SendFailed) as info:
+        h.modem.send(RECIPIENT, "no network")
+    assert info.value.cms_code == 331
+    assert not h.modem.is_registered()
+    assert sim.outbox() == []
+
+
+def test_send_timeout_is_outcome_unknown(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 8: +CMGS arriving after send_timeout_s -> SendOutcomeUnknown (the SMS WAS sent); the late answer
+    does not corrupt the next command's response."""
+    h = make_modem(send_timeout_s=0.3)
+    sim.set_state(send_delay_s=1.0)
+    with pytest.raises(SendOutcomeUnknown):
+        h.modem.send(RECIPIENT, "slow network")
+    assert [o["text"] for o in sim.outbox()] == ["slow network"]
+    sim.set_state(send_delay_s=0.0)
+    assert h.modem.signal_strength() == 20  # queued behind the late +CMGS
+    assert h.modem.battery_level() == 100
+    receipt = h.modem.send(RECIPIENT, "next one")
+    assert receipt.references == (sim.outbox()[-1]["reference"],)
+
+
+def test_request_delivery_false_is_honoured(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 13: request_delivery=False -> no status report requested (TP-SRR clear), none arrives."""
+    sim.set_state(delivery_delay_s=0.0)
+    with_reports = make_modem()
+    with_reports.modem.send(RECIPIENT, "want report")
+    assert with_reports.reports.get(timeout=5).delivered is True
+    with_reports.modem.close()
+
+    h = make_modem(request_delivery=False)
+    h.modem.send(RECIPIENT, "no report")
+    h.modem.ping()  # round trip: a report (delay 0) would have been scheduled before this answer
+    with pytest.raises(queue.Empty):
+        h.reports.get(timeout=0.5)
+    assert sim.state()["sr_used"] == 0
+
+
+def test_status_report_kept_until_callback_succeeds(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Status reports are deleted from SR memory only after on_status_report returned; failed ones are
+    retried by the sweep. A failed delivery maps to delivered=False."""
+    h = make_modem()
+    sim.set_state(delivery_delay_s=0.0, delivery="failed")
+    h.fail_reports.set()
+    receipt = h.modem.send(RECIPIENT, "will fail")
+    wait_for(lambda: sim.state()["sr_used"] == 1, what="report stored")
+    h.fail_reports.clear()
+    assert h.modem.sweep_stored() == 1
+    report = h.reports.get(timeout=1)
+    assert report.reference == receipt.references[0]
+    assert report.delivered is False and report.status == 0x44
+    assert report.recipient == RECIPIENT
+    assert sim.state()["sr_used"] == 0
+
+
+# ---------------------------------------------------------------------------- link health (bugs 9, 10, 12)
+
+
+def test_non_utf8_byte_does_not_kill_the_read_thread(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 9: a stray non-UTF-8 byte is replaced, the read thread lives on, SMS still arrive."""
+    h = make_modem()
+    sim.write_raw(b"\r\n\xff\xfe\x80garbage\r\n")
+    sim.inject_sms(SENDER, "after garbage")
+    assert h.get_message().text == "after garbage"
+    assert h.modem.alive
+    assert h.modem.signal_strength() == 20
+
+
+def test_read_thread_death_marks_dead_and_fires_on_fatal(make_modem: Callable[..., Harness]) -> None:
+    """Bug 9: if the read thread dies anyway, alive turns False and on_fatal fires (once)."""
+    h = make_modem()
+    gsm = h.modem._gsm
+    assert gsm is not None
+
+    def boom(size: int = 1) -> bytes:
+        raise RuntimeError("read thread bug")
+
+    gsm.serial.read = boom
+    assert isinstance(h.fatal.get(timeout=5), ModemUnavailable)
+    assert not h.modem.alive
+    with pytest.raises(ModemUnavailable):
+        h.modem.signal_strength()
+    assert h.fatal.empty()
+
+
+def test_unplug_fails_in_flight_command_fast(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 10: unplugging during a command -> on_fatal fires, the command fails with ModemUnavailable at
+    once (not after its 10 s timeout), alive is False, ping() is False."""
+    h = make_modem(command_timeout_s=10.0)
+    sim.set_state(reply_delay_s=30)
+    outcome: queue.Queue[tuple[BaseException | None, float]] = queue.Queue()
+
+    def query() -> None:
+        start = time.monotonic()
+        try:
+            h.modem.signal_strength()
+            outcome.put((None, time.monotonic() - start))
+        except BaseException as exc:
+            outcome.put((exc, time.monotonic() - start))
+
+    worker = threading.Thread(target=query)
+    worker.start()
+    wait_for(lambda: "AT+CSQ" in sim.at_log(), what="AT+CSQ in flight")
+    sim.unplug()
+    exc, elapsed = outcome.get(timeout=5)
+    worker.join()
+    assert isinstance(exc, ModemUnavailable)
+    assert elapsed < 3
+    assert isinstance(h.fatal.get(timeout=5), ModemUnavailable)
+    assert not h.modem.alive
+    assert not h.modem.ping()
+
+
+def test_unplug_during_send_is_outcome_unknown(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bug 10/8: unplug after the PDU went out -> SendOutcomeUnknown quickly, never a silent resend."""
+    h = make_modem(send_timeout_s=30)
+    sim.set_state(send_delay_s=30)
+    outcome: queue.Queue[BaseException | None] = queue.Queue()
+
+    def send() -> None:
+        try:
+            h.modem.send(RECIPIENT, "in flight")
+            outcome.put(None)
+        except BaseException as exc:
+            outcome.put(exc)
+
+    worker = threading.Thread(target=send)
+    worker.start()
+    wait_for(lambda: len(sim.outbox()) == 1, what="PDU submitted")
+    sim.unplug()
+    assert isinstance(outcome.get(timeout=5), SendOutcomeUnknown)
+    worker.join()
+    assert not h.modem.alive
+
+
+def test_reconnect_after_replug(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """After unplug + replug a new connect() works and SMS stored meanwhile come in via the sweep."""
+    h = make_modem()
+    sim.unplug()
+    h.fatal.get(timeout=5)
+    sim.replug()
+    sim.inject_sms(SENDER, "while away")  # the +CMTI went to a port nobody had open
+    h.modem.close()
+    h.modem.connect()
+    assert h.modem.ping()
+    assert h.modem.sweep_stored() == 1
+    assert h.get_message().text == "while away"
+
+
+def test_busy_515_does_not_slow_later_commands(
+    sim: Simulator, make_modem: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bug 12: one +CME ERROR: 515 is retried for that command only; later commands are not slowed (the
+    library kept a 0.1 s write wait for good)."""
+    h = make_modem()
+    gsm = h.modem._gsm
+    assert gsm is not None
+    real_exchange = gsm._exchange
+    busy = {"left": 1}
+
+    def exchange(payload: str, *args: Any) -> list[str] | None:
+        if busy["left"] and payload.startswith("AT+CSQ"):
+            busy["left"] -= 1
+            return ["+CME ERROR: 515"]  # as if the modem answered "busy, try again"
+        result: list[str] | None = real_exchange(payload, *args)
+        return result
+
+    monkeypatch.setattr(gsm, "_exchange", exchange)
+    assert h.modem.signal_strength() == 20
+    assert busy["left"] == 0
+    assert gsm._writeWait == 0
+    start = time.monotonic()
+    for _ in range(20):
+        h.modem.signal_strength()
+    assert time.monotonic() - start < 1.0
+
+
+def test_health_queries(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """signal_strength (99 -> None), battery_level (AT+CBC), is_registered, ping."""
+    h = make_modem()
+    sim.set_state(signal=17, battery=42)
+    assert h.modem.signal_strength() == 17
+    assert h.modem.battery_level() == 42
+    assert h.modem.is_registered()
+    assert h.modem.ping()
+    sim.set_state(signal=99)
+    assert h.modem.signal_strength() is None
+
+
+# ---------------------------------------------------------------------------- load (bugs 1, 2, 3)
+
+
+def test_load_300_in_while_50_out(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Bugs 1-3 under load: 300 SMS injected (bursts via inject_batch and rapid single injections) while
+    50 SMS are sent from another thread with status reports: all 300 received exactly once, all 50 sent,
+    no CMS 304 (a command landing inside a PDU), SIM drained."""
+    h = make_modem()
+    sim.set_state(delivery_delay_s=0.0)
+    texts = [f"load message {i:03d}" for i in range(300)]
+    send_errors: list[BaseException] = []
+    receipts: list[Any] = []
+
+    def inject_with_backpressure(action: Callable[[], object]) -> None:
+        # A full SIM makes the (simulated) network retry later, as a real SMSC would.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                action()
+                return
+            except SimFullError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def injector() -> None:
+        for start in (0, 50, 100, 150):
+            batch = [{"from": f"+2557110{start + i:05d}", "text": texts[start + i]} for i in range(50)]
+            inject_with_backpressure(lambda b=batch: sim.inject_batch(b))  # type: ignore[misc]
+        for i in range(200, 300):
+            inject_with_backpressure(lambda i=i: sim.inject_sms(SENDER, texts[i]))  # type: ignore[misc]
+
+    def sender() -> None:
+        for i in range(50):
+            try:
+                receipts.append(h.modem.send(RECIPIENT, f"outbound {i:02d}" + (" long" * 40 if i % 10 == 0 else "")))
+            except BaseException as exc:
+                send_errors.append(exc)
+
+    threads = [threading.Thread(target=injector), threading.Thread(target=sender)]
+    for t in threads:
+        t.start()
+    received: list[str] = []
+    deadline = time.monotonic() + 40
+    while len(received) < 300 and time.monotonic() < deadline:
+        try:
+            received.append(h.get_message(timeout=1).text)
+        except queue.Empty:
+            continue
+    for t in threads:
+        t.join(timeout=30)
+    assert not send_errors, send_errors[:3]
+    assert sorted(received) == sorted(texts)  # every text exactly once
+    assert len(sim.outbox()) == 50
+    assert sorted(o["text"][:11] for o in sim.outbox()) == sorted(f"outbound {i:02d}" for i in range(50))
+    with pytest.raises(queue.Empty):
+        h.messages.get(timeout=0.2)
+    wait_for(lambda: sim.inbox() == [], what="SIM drained")
+    assert h.modem.sweep_stored() == 0 or sim.inbox() == []

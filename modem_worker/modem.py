@@ -178,7 +178,13 @@ class _DirectEvent:
     pdu: str
 
 
-_Event = _StoredEvent | _DirectEvent | None  # None stops the worker
+@dataclass(frozen=True)
+class _Tick:
+    """No event within the tick interval: only check multipart time-outs."""
+
+
+_TICK: Final[_Tick] = _Tick()
+_Event = _StoredEvent | _DirectEvent | _Tick  # None in the queue stops the worker
 
 
 def _status_delivered(status: int) -> bool | None:
@@ -225,7 +231,7 @@ class Modem:
         self._multipart_timeout_s = multipart_timeout_s
         self._gsm: FixedGsmModem | None = None
         self._worker: threading.Thread | None = None
-        self._events: queue.Queue[_Event] = queue.Queue()
+        self._events: queue.Queue[_Event | None] = queue.Queue()
         # Held across read -> on_message -> delete, by the worker and by sweep_stored(), so one stored SMS is
         # never handled by both at once (which would deliver it twice).
         self._delivery_lock = threading.RLock()
@@ -237,6 +243,7 @@ class Modem:
         self._ref_lock = threading.Lock()
         self._fatal_lock = threading.Lock()
         self._fatal_fired = False
+        self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -249,7 +256,11 @@ class Modem:
         """
         if self._gsm is not None and self._gsm.alive:
             raise ModemError(f"modem on {self.port} is already connected")
+        self.close()  # the remains of a dead connection: its worker and port
         self._fatal_fired = False
+        # Fresh per connection, before the port opens: a +CMTI during the init dialogue must not be lost.
+        self._stopping = threading.Event()
+        self._events = queue.Queue()
         gsm = FixedGsmModem(
             self.port,
             baudrate=self._baudrate,
@@ -269,22 +280,26 @@ class Modem:
             # Buffers refer to SIM slots of the previous session; the next sweep rebuilds them.
             self._buffers.clear()
         self._gsm = gsm
-        self._events = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name=f"modem-worker {self.port}", daemon=True)
+        self._worker = threading.Thread(
+            target=self._work, args=(self._events, self._stopping), name=f"modem-worker {self.port}", daemon=True
+        )
         self._worker.start()
         logger.info("modem on %s connected: %s %s", self.port, info.manufacturer, info.model)
         return info
 
     def close(self) -> None:
         """Stop the worker, close the port. Idempotent; does not call ``on_fatal``."""
-        gsm, self._gsm = self._gsm, None
+        # Let the worker finish the item in hand (e.g. the delete after a confirmed delivery) before the
+        # port goes; otherwise that SMS would stay on the SIM and be delivered again after a restart.
+        self._stopping.set()
         self._events.put(None)
-        if gsm is not None:
-            gsm.close()
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout=10)
         self._worker = None
+        gsm, self._gsm = self._gsm, None
+        if gsm is not None:
+            gsm.close()
 
     @property
     def alive(self) -> bool:
@@ -297,8 +312,11 @@ class Modem:
         return thread is not None and thread.is_alive()
 
     def _link_down(self, exc: BaseException) -> None:
-        """Called by the AT layer once when the link dies: stop the worker, tell the owner."""
+        """Called by the AT layer once when the link dies: stop the worker, tell the owner (not while
+        connect() is still running: it raises ModemUnavailable itself)."""
         self._events.put(None)
+        if self._gsm is None:
+            return
         with self._fatal_lock:
             if self._fatal_fired:
                 return
@@ -508,21 +526,25 @@ class Modem:
         else:
             logger.debug("ignored unsolicited line %r", head[:40])
 
-    def _work(self) -> None:
-        """Worker thread: handle queued notifications one at a time, flush expired multipart buffers."""
+    def _work(self, events: queue.Queue[_Event], stopping: threading.Event) -> None:
+        """Worker thread: handle queued notifications one at a time, flush expired multipart buffers.
+
+        ``events``/``stopping`` belong to one connection, so a worker of a dead connection can never take
+        events of the next one.
+        """
         tick = max(0.05, min(1.0, self._multipart_timeout_s / 4))
-        while True:
+        while not stopping.is_set():
             try:
-                event = self._events.get(timeout=tick)
+                event: _Event | None = events.get(timeout=tick)
             except queue.Empty:
-                event = _DirectEvent("")  # just a tick
-            if event is None:
+                event = _TICK
+            if event is None or stopping.is_set():
                 return
             try:
                 with self._delivery_lock:
                     if isinstance(event, _StoredEvent):
                         self._handle_stored_event(event)
-                    elif event.pdu:
+                    elif isinstance(event, _DirectEvent):
                         self._process(None, event.pdu)
                     self._flush_expired(include_failed=False)
             except (LinkDown, ModemUnavailable) as exc:

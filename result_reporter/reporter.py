@@ -127,7 +127,7 @@ class ResultReporter:
         Raises:
             RoundError: the server could not be reached or answered unusably; nothing was acked.
         """
-        self._collect()
+        self.collect()
         if not self._pending:
             metrics.RESULT_ROUNDS.labels("idle").inc()
             return RoundResult()
@@ -169,8 +169,11 @@ class ResultReporter:
 
     # --- events -------------------------------------------------------------------------------------------
 
-    def _collect(self) -> None:
-        """Merge new deliveries; forget held ones whose connection died (the broker redelivers them)."""
+    def collect(self) -> int:
+        """Merge new deliveries; forget held ones whose connection died (the broker redelivers them).
+
+        Returns the number of deliveries now held. Called by ``round()``; tests call it to wait for events.
+        """
         for uuid in list(self._pending):
             entry = self._pending[uuid]
             entry.deliveries = [d for d in entry.deliveries if self._consumer.is_live(d)]
@@ -195,7 +198,9 @@ class ResultReporter:
                     entry.sent = event
             elif entry.delivery is None or event.timestamp >= entry.delivery.timestamp:
                 entry.delivery = event
-        metrics.RESULT_EVENTS_HELD.set(sum(len(e.deliveries) for e in self._pending.values()))
+        held_count = sum(len(e.deliveries) for e in self._pending.values())
+        metrics.RESULT_EVENTS_HELD.set(held_count)
+        return held_count
 
     def _row(self, uuid: str) -> dict[str, Any]:
         entry = self._pending[uuid]

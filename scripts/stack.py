@@ -178,19 +178,21 @@ class Stack:
         process.popen.wait(timeout=60)
 
     def stop_all(self, timeout: float = 20.0) -> None:
-        """SIGTERM every process (workers first, simulators last), SIGKILL what is left after ``timeout``."""
-        order = sorted(self.processes.values(), key=lambda p: p.argv[2] == "modem_worker.simulator")
-        for process in order:
-            if process.popen.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in order:
-            try:
-                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.popen.wait(timeout=10)
-            process.log_file.close()
+        """SIGTERM the workers and wait (they drain), then the simulators; SIGKILL what outlives ``timeout``."""
+        is_simulator = [p for p in self.processes.values() if p.argv[2] == "modem_worker.simulator"]
+        workers = [p for p in self.processes.values() if p not in is_simulator]
+        for group in (workers, is_simulator):
+            for process in group:
+                if process.popen.poll() is None:
+                    os.kill(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for process in group:
+                try:
+                    process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    os.kill(process.pid, signal.SIGKILL)
+                    process.popen.wait(timeout=10)
+                process.log_file.close()
 
     def log_text(self, name: str) -> str:
         return (self.workdir / "logs" / f"{name}.log").read_text(encoding="utf-8", errors="replace")

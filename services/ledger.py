@@ -88,8 +88,9 @@ class Ledger:
         self.path = Path(state_dir) / "outbound-ledger.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._transaction() as db:
-            db.executescript(_SCHEMA)
+        # executescript() COMMITs any open transaction first, so it cannot run inside _transaction(); every
+        # statement is CREATE ... IF NOT EXISTS, safe to run concurrently from several processes.
+        self._db().executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

@@ -10,6 +10,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import pika
@@ -52,12 +53,8 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def amqp_vhost() -> Iterator[str]:
-    """A private vhost for this test session (removed afterwards); yields its name.
-
-    In CI a missing broker is a failure, not a skip: the integration tests are the point of the suite.
-    """
+def _require_broker() -> None:
+    """In CI a missing broker is a failure, not a skip: the integration tests are the point of the suite."""
     if not _broker_reachable():
         message = f"RabbitMQ is not reachable at {BROKER_HOST}:{BROKER_PORT}"
         if os.environ.get("CI"):
@@ -65,6 +62,12 @@ def amqp_vhost() -> Iterator[str]:
         pytest.skip(message)
     if shutil.which("rabbitmqctl") is None:
         pytest.fail("rabbitmqctl is needed to create the test vhost")
+
+
+@contextmanager
+def private_vhost() -> Iterator[str]:
+    """Create a uniquely named vhost (guest has full rights), yield its name, delete it afterwards."""
+    _require_broker()
     vhost = f"smsgw-test-{uuid.uuid4().hex[:10]}"
     _rabbitmqctl("add_vhost", vhost)
     try:
@@ -74,10 +77,29 @@ def amqp_vhost() -> Iterator[str]:
         _rabbitmqctl("delete_vhost", vhost)
 
 
+def vhost_url(vhost: str) -> str:
+    """AMQP URL of ``vhost`` on the test broker."""
+    return f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{urllib.parse.quote(vhost, safe='')}"
+
+
+@pytest.fixture(scope="session")
+def amqp_vhost() -> Iterator[str]:
+    """A private vhost shared by this test session's broker tests (removed afterwards)."""
+    with private_vhost() as vhost:
+        yield vhost
+
+
+@pytest.fixture
+def fresh_amqp_url() -> Iterator[str]:
+    """A vhost of this test's own (multi-process tests: no leftovers from other tests can interfere)."""
+    with private_vhost() as vhost:
+        yield vhost_url(vhost)
+
+
 @pytest.fixture(scope="session")
 def amqp_url(amqp_vhost: str) -> str:
     """AMQP URL of the session's private vhost."""
-    return f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{urllib.parse.quote(amqp_vhost, safe='')}"
+    return vhost_url(amqp_vhost)
 
 
 @pytest.fixture

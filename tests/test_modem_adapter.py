@@ -72,6 +72,8 @@ class Harness:
     fail_messages: threading.Event = field(default_factory=threading.Event)
     fail_reports: threading.Event = field(default_factory=threading.Event)
     delivered: list[ReceivedMessage] = field(default_factory=list)
+    report_attempts: int = 0
+    message_attempts: int = 0
 
     def get_message(self, timeout: float = 5.0) -> ReceivedMessage:
         return self.messages.get(timeout=timeout)
@@ -95,22 +97,27 @@ def make_modem(sim: Simulator) -> Iterator[Callable[..., Harness]]:
         holder: list[Harness] = []
 
         def on_message(message: ReceivedMessage) -> None:
+            holder[0].message_attempts += 1
             if holder[0].fail_messages.is_set():
                 raise RuntimeError("broker down")
             holder[0].delivered.append(message)
             holder[0].messages.put(message)
 
         def on_report(report: StatusReport) -> None:
+            holder[0].report_attempts += 1
             if holder[0].fail_reports.is_set():
                 raise RuntimeError("broker down")
             holder[0].reports.put(report)
+
+        def on_fatal(exc: BaseException) -> None:
+            holder[0].fatal.put(exc)
 
         kwargs.setdefault("command_timeout_s", 5.0)
         modem = Modem(
             str(sim.link),
             on_message=on_message,
             on_status_report=on_report,
-            on_fatal=lambda exc: holder[0].fatal.put(exc),
+            on_fatal=on_fatal,
             **kwargs,
         )
         harness = Harness(modem)
@@ -359,8 +366,8 @@ def test_message_stays_on_sim_until_on_message_succeeds(sim: Simulator, make_mod
     sim.inject_sms(SENDER, "keep me")
     long = "long kept message " * 12
     sim.inject_sms(SENDER, long)
-    # Wait until the worker has read everything (the SIM marks read slots) — nothing may be deleted.
-    wait_for(lambda: len(sim.inbox()) >= 3 and all(r["read"] for r in sim.inbox()), what="SMS read")
+    wait_for(lambda: h.message_attempts == 2, what="both (failing) deliveries")
+    assert len(sim.inbox()) == 3  # nothing deleted
     assert h.delivered == []
     h.fail_messages.clear()
     assert h.modem.sweep_stored() == 2
@@ -498,7 +505,8 @@ def test_status_report_kept_until_callback_succeeds(sim: Simulator, make_modem: 
     sim.set_state(delivery_delay_s=0.0, delivery="failed")
     h.fail_reports.set()
     receipt = h.modem.send(RECIPIENT, "will fail")
-    wait_for(lambda: sim.state()["sr_used"] == 1, what="report stored")
+    wait_for(lambda: h.report_attempts == 1, what="first (failing) report delivery")
+    assert sim.state()["sr_used"] == 1
     h.fail_reports.clear()
     assert h.modem.sweep_stored() == 1
     report = h.reports.get(timeout=1)

@@ -164,8 +164,8 @@ class AtEngine:
             "+CIMI": self._ident(IMSI),
             "+GCAP": self._gcap,
             "+COPS": self._cops,
-            "+CREG": self._creg,
-            "+CGREG": self._creg,
+            "+CREG": self._creg("+CREG"),
+            "+CGREG": self._creg("+CGREG"),
             "+CSQ": self._csq,
             "+CBC": self._cbc,
             "+CNUM": self._cnum,
@@ -327,10 +327,9 @@ class AtEngine:
             session.echo = digits == "1"
             return Reply()
         if letter in ("Z", "&F"):
-            # Reset to the power-on profile; like the factory profile of a real modem's SMS settings.
-            cmee_default = 1
+            # Reset to the simulator's power-on profile (echo off, verbose errors).
             session.echo = False
-            session.cmee = cmee_default
+            session.cmee = 1
             return Reply()
         if letter == "I":
             return Reply(lines=[f"{MANUFACTURER} {MODEL}", f"Revision: {REVISION}", f"IMEI: {IMEI}"])
@@ -363,6 +362,7 @@ class AtEngine:
         return handler
 
     def _cfun(self, op: str, args: str) -> Reply:
+        """+CFUN: always full functionality (1)."""
         if op == "read":
             return Reply(lines=["+CFUN: 1"])
         if op == "test":
@@ -370,6 +370,7 @@ class AtEngine:
         return Reply()
 
     def _cmee(self, op: str, args: str) -> Reply:
+        """+CMEE: error reporting mode 0-2."""
         session = self.model.session
         if op == "read":
             return Reply(lines=[f"+CMEE: {session.cmee}"])
@@ -383,20 +384,25 @@ class AtEngine:
         return Reply()
 
     def _cpin(self, op: str, args: str) -> Reply:
+        """+CPIN: the SIM is always unlocked."""
         if op == "read":
             return Reply(lines=["+CPIN: READY"])
         return Reply()
 
     def _clac(self, op: str, args: str) -> Reply:
+        """+CLAC: one supported command per line; leaves out ^CVOICE/+WIND/+ZPAS so the library treats the
+        simulator as a generic modem, and includes +CSCS (needed for UCS-2 sends)."""
         if op != "exec":
             return Reply()
         basic = ["ATE", "ATI", "ATZ", "AT&F", "ATV", "ATQ"]
         return Reply(lines=basic + [f"AT{name}" for name in self._handlers])
 
     def _gcap(self, op: str, args: str) -> Reply:
+        """+GCAP: GSM capable."""
         return Reply(lines=["+GCAP: +CGSM"]) if op == "exec" else Reply()
 
     def _cops(self, op: str, args: str) -> Reply:
+        """+COPS: the simulated operator while registered."""
         if op == "read":
             if self.model.behaviour.registered:
                 return Reply(lines=[f'+COPS: 0,0,"{OPERATOR}",0'])
@@ -405,30 +411,37 @@ class AtEngine:
             return Reply(lines=[f'+COPS: (2,"{OPERATOR}","SIM","{OPERATOR_NUMERIC}",0),,(0-4),(0-2)'])
         return Reply()
 
-    def _creg(self, op: str, args: str) -> Reply:
-        session = self.model.session
-        if op == "read":
-            stat = 1 if self.model.behaviour.registered else 2  # 2: not registered, searching
-            prefix = "+CREG"
-            return Reply(lines=[f"{prefix}: {session.creg_n},{stat}"])
-        if op == "test":
-            return Reply(lines=["+CREG: (0-2)"])
-        if op == "set":
-            session.creg_n = int(args or "0")
-        return Reply()
+    def _creg(self, name: str) -> Callable[[str, str], Reply]:
+        """Handler for +CREG/+CGREG: registration follows the `registered` knob."""
+
+        def handler(op: str, args: str) -> Reply:
+            session = self.model.session
+            if op == "read":
+                stat = 1 if self.model.behaviour.registered else 2  # 2: not registered, searching
+                return Reply(lines=[f"{name}: {session.creg_n},{stat}"])
+            if op == "test":
+                return Reply(lines=[f"{name}: (0-2)"])
+            if op == "set":
+                session.creg_n = int(split_args(args)[0] or "0")
+            return Reply()
+
+        return handler
 
     def _csq(self, op: str, args: str) -> Reply:
+        """+CSQ: the `signal` knob (99 when unregistered)."""
         if op == "test":
             return Reply(lines=["+CSQ: (0-31,99),(0-7,99)"])
         signal = self.model.behaviour.signal if self.model.behaviour.registered else 99
         return Reply(lines=[f"+CSQ: {signal},99"])
 
     def _cbc(self, op: str, args: str) -> Reply:
+        """+CBC: the `battery` knob."""
         if op == "test":
             return Reply(lines=["+CBC: (0-3),(0-100)"])
         return Reply(lines=[f"+CBC: 0,{self.model.behaviour.battery}"])
 
     def _cnum(self, op: str, args: str) -> Reply:
+        """+CNUM: the SIM's own number."""
         if op != "exec":
             return Reply()
         number = self.model.own_number
@@ -438,6 +451,7 @@ class AtEngine:
         return Reply(lines=[f'+CNUM: "","{number}",{toa}'])
 
     def _cscs(self, op: str, args: str) -> Reply:
+        """+CSCS: TE character set (recorded; PDU mode does not depend on it)."""
         session = self.model.session
         if op == "read":
             return Reply(lines=[f'+CSCS: "{session.cscs}"'])
@@ -451,6 +465,7 @@ class AtEngine:
         return Reply()
 
     def _cmgf(self, op: str, args: str) -> Reply:
+        """+CMGF: PDU mode only; text mode is refused with +CMS ERROR: 303."""
         if op == "read":
             return Reply(lines=[f"+CMGF: {self.model.session.cmgf}"])
         if op == "test":
@@ -461,6 +476,7 @@ class AtEngine:
         return Reply()
 
     def _csca(self, op: str, args: str) -> Reply:
+        """+CSCA: the SMSC number (settable)."""
         session = self.model.session
         if op == "read":
             toa = 145 if session.smsc.startswith("+") else 129
@@ -470,6 +486,7 @@ class AtEngine:
         return Reply()
 
     def _csms(self, op: str, args: str) -> Reply:
+        """+CSMS: phase 2+ message service."""
         if op == "test":
             return Reply(lines=["+CSMS: (0,1)"])
         if op == "read":
@@ -483,6 +500,7 @@ class AtEngine:
         return ",".join(f"{len(self.model.memories[m])},{self.model.capacity}" for m in memories)
 
     def _cpms(self, op: str, args: str) -> Reply:
+        """+CPMS: select memories; <mem1> (read/delete) may be SM or SR, <mem2>/<mem3> only SM."""
         session = self.model.session
         if op == "test":
             return Reply(lines=['+CPMS: ("SM","SR"),("SM"),("SM")'])
@@ -498,6 +516,7 @@ class AtEngine:
         return Reply(final="ERROR")
 
     def _cnmi(self, op: str, args: str) -> Reply:
+        """+CNMI: <mt> decides +CMTI (1) / +CMT direct (2, 3) / silent store (0); <ds> +CDS (1) / +CDSI (2)."""
         session = self.model.session
         if op == "read":
             return Reply(lines=[f"+CNMI: 2,{session.cnmi_mt},0,{session.cnmi_ds},0"])
@@ -512,6 +531,7 @@ class AtEngine:
         return Reply()
 
     def _cmgr(self, op: str, args: str) -> Reply:
+        """+CMGR=<index>: header then PDU from the read memory; an unread message becomes read."""
         if op == "test":
             return Reply()
         if op != "set":
@@ -526,6 +546,7 @@ class AtEngine:
         return Reply(lines=[f"+CMGR: {stat},,{record.tpdu_length}", record.pdu])
 
     def _cmgl(self, op: str, args: str) -> Reply:
+        """+CMGL=<stat>: list the read memory (4 or "ALL" = everything); unread ones become read."""
         if op == "test":
             return Reply(lines=["+CMGL: (0-4)"])
         raw = split_args(args)[0].upper() if args else "0"
@@ -542,6 +563,7 @@ class AtEngine:
         return Reply(lines=lines)
 
     def _cmgd(self, op: str, args: str) -> Reply:
+        """+CMGD=<index>[,<flag>]: delete one message, or by status with flags 1-4."""
         memory = self.model.memories[self.model.session.mem_read]
         if op == "test":
             return Reply(lines=[f"+CMGD: ({','.join(str(i) for i in sorted(memory))}),(0-4)"])
@@ -569,6 +591,7 @@ class AtEngine:
         return Reply()
 
     def _cmgs(self, op: str, args: str) -> Reply:
+        """+CMGS=<length>: prompt for the SMS-SUBMIT PDU."""
         if op == "test":
             return Reply()
         if op != "set":
@@ -579,6 +602,7 @@ class AtEngine:
         return Reply(prompt=_Prompt("+CMGS", length))
 
     def _cmgw(self, op: str, args: str) -> Reply:
+        """+CMGW=<length>[,<stat>]: prompt for a PDU to store in SM."""
         if op == "test":
             return Reply()
         if op != "set":

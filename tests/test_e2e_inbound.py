@@ -1,0 +1,149 @@
+"""Issue 2 acceptance, black-box: real worker processes, the pty simulator, RabbitMQ and a Sync server.
+
+Each test runs the same commands an operator runs (scripts/stack.py) in a vhost of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reference_server.server import ReferenceServer
+from scripts.stack import ROOT, Simulator, Stack
+from tests.conftest import wait_for
+
+SECRET = "s3cret"
+OWN_NUMBER = "+255754000001"
+
+TEXTS = [
+    "Hello gateway",
+    "Habari za asubuhi? Tumefika salama Dodoma.",
+    "¿Dónde está la clínica? Mañana a las 8, señor.",
+    "你好，我们的药品已经到了。谢谢！",
+    "مرحبا، وصلت الأدوية اليوم. شكرا لكم",
+    "Emoji check 😀👍🏽 done",
+    "Euro €5 and [brackets] {braces} ~tilde^ |pipe| \\backslash",
+    ("Long report: " + "the quick brown fox jumps over the lazy dog. " * 10)[:420],
+]
+
+
+@pytest.fixture
+def server() -> Iterator[ReferenceServer]:
+    srv = ReferenceServer(SECRET, reply=True).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def stack(fresh_amqp_url: str, server: ReferenceServer, tmp_path: Path) -> Iterator[Stack]:
+    st = Stack(tmp_path, fresh_amqp_url, server.url, SECRET, env={"SMSGW_DEVICE_ID": "clinic-gw-1"})
+    yield st
+    st.stop_all()
+
+
+def start_gateway(stack: Stack) -> Simulator:
+    simulator = stack.start_simulator("simulator", OWN_NUMBER)
+    stack.start_modem_worker("modem_worker", simulator, "modem-a")
+    stack.start("sync_worker", "sync_worker")
+    return simulator
+
+
+def received_by_id(server: ReferenceServer) -> dict[str, dict[str, Any]]:
+    return {m["message_id"]: m for m in server.received()}
+
+
+def test_38_sms_reach_the_sync_url_exactly_and_replies_go_out_once(stack: Stack, server: ReferenceServer) -> None:
+    server.configure(success_as_string=True)
+    simulator = start_gateway(stack)
+    sent = [(f"+2557000{i:05d}", TEXTS[i % len(TEXTS)] + f" #{i}") for i in range(38)]
+    for sender, text in sent:
+        simulator.inject(sender, text)
+    wait_for(lambda: len(server.received()) >= 38, timeout=90, what="38 SMS at the Sync URL")
+    received = server.received()
+    assert sorted((m["from"], m["message"]) for m in received) == sorted(sent)
+    ids = [m["message_id"] for m in received]
+    assert len(set(ids)) == 38 and all(uuid.UUID(i) for i in ids)
+    for message in received:
+        assert message["device_id"] == "clinic-gw-1"
+        assert message["sent_to"] == OWN_NUMBER
+        assert len(message["sent_timestamp"]) == 13 and int(message["sent_timestamp"]) > 1_600_000_000_000
+        assert message["repeats"] == 0
+    # Every server reply leaves exactly once, to the right person.
+    wait_for(lambda: len(simulator.outbox()) >= 38, timeout=90, what="38 replies in the outbox")
+    outbox = simulator.outbox()
+    assert len(outbox) == 38
+    assert sorted(o["to"] for o in outbox) == sorted(s for s, _ in sent)
+    assert all(o["text"].startswith("Thanks, received: ") for o in outbox)
+    assert simulator.inbox() == []
+
+
+def test_sync_url_outage_loses_nothing_and_never_changes_ids(stack: Stack, server: ReferenceServer) -> None:
+    server.configure(reply=False, fail_status=503)
+    simulator = start_gateway(stack)
+    for i in range(10):
+        simulator.inject(f"+25571000{i:04d}", f"during outage {i}")
+    wait_for(lambda: server.state()["counters"].get("injected_failures", 0) >= 10,
+             timeout=30, what="the server refusing the first attempts")
+    assert server.received() == []
+    server.configure(fail_status=None)
+    wait_for(lambda: len(server.received()) >= 10, timeout=60, what="all SMS after the outage")
+    received = server.received()
+    assert sorted(m["message"] for m in received) == sorted(f"during outage {i}" for i in range(10))
+    assert len({m["message_id"] for m in received}) == 10
+    assert all(m["repeats"] == 0 for m in received)
+    assert simulator.inbox() == []
+
+
+def parked_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = stack.base_env()
+    return subprocess.run([sys.executable, "-m", "sync_worker", "parked", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=True)
+
+
+def test_wrong_secret_parks_with_reason_and_replay_delivers(stack: Stack, server: ReferenceServer) -> None:
+    server.configure(secret="the-server-has-another-secret", reply=False)
+    simulator = start_gateway(stack)
+    for i in range(3):
+        simulator.inject(f"+25572000{i:04d}", f"secret test {i}")
+
+    def parked() -> list[dict[str, Any]]:
+        rows = [json.loads(line) for line in parked_cli(stack, "list").stdout.splitlines()]
+        return rows if len(rows) >= 3 else []
+
+    rows = wait_for(parked, timeout=30, what="3 parked SMS")
+    assert all("HTTP 403" in row["reason"] for row in rows)
+    assert "secret test" not in json.dumps(rows), "bodies are listed only with --show-body"
+    assert server.received() == []
+    server.configure(secret=SECRET)
+    assert "replayed 3" in parked_cli(stack, "replay").stdout
+    wait_for(lambda: len(server.received()) >= 3, timeout=30, what="replayed SMS delivered")
+    assert sorted(m["message"] for m in server.received()) == [f"secret test {i}" for i in range(3)]
+    assert parked_cli(stack, "list").stdout == ""
+
+
+@pytest.mark.parametrize("victim", ["sync_worker", "modem_worker"])
+def test_kill_9_mid_stream_then_restart_loses_nothing(stack: Stack, server: ReferenceServer, victim: str) -> None:
+    server.configure(reply=False)
+    simulator = start_gateway(stack)
+    total = 40
+    for i in range(total // 2):
+        simulator.inject(f"+25573000{i:04d}", f"stream {i}")
+    wait_for(lambda: len(server.received()) >= 3, timeout=30, what="the stream to start")
+    stack.kill(victim)
+    for i in range(total // 2, total):
+        simulator.inject(f"+25573000{i:04d}", f"stream {i}")
+    stack.restart(victim)
+    wait_for(lambda: len({m["message"] for m in server.received()}) >= total, timeout=90,
+             what=f"every SMS after kill -9 of {victim}")
+    received = server.received()
+    assert sorted({m["message"] for m in received}) == sorted(f"stream {i}" for i in range(total))
+    # A re-read or re-posted SMS keeps its message_id: the server never sees one SMS under two ids.
+    assert len({m["message_id"] for m in received}) == total
+    wait_for(lambda: simulator.inbox() == [], timeout=30, what="the SIM emptied")

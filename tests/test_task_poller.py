@@ -1,0 +1,275 @@
+"""task_poller against the real broker, the reference Sync server and protocol-quirk stubs on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+
+from reference_server.server import ReferenceServer
+from services import broker
+from services.broker import PublisherThread
+from services.ledger import Ledger
+from services.schemas import OutboundSms
+from services.settings import Settings
+from services.sync_protocol import USER_AGENT
+from task_poller.poller import PollError, TaskPoller
+from tests.conftest import wait_for
+from tests.http_stub import HttpStub, Request
+
+SECRET = "s3cret"
+
+
+def take_outbound(url: str) -> list[OutboundSms]:
+    """Everything on the shared outbound queue right now (consumed)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    found = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, _props, body = channel.basic_get(broker.OUTBOUND_QUEUE, auto_ack=True)
+            if method is None:
+                return found
+            found.append(OutboundSms.from_json(body))
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def publisher(clean_broker: str) -> Iterator[PublisherThread]:
+    p = PublisherThread(clean_broker, "test-task-poller")
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def server() -> Iterator[ReferenceServer]:
+    with ReferenceServer(SECRET) as s:
+        yield s
+
+
+def make_poller(amqp: str, sync_url: str, publisher: PublisherThread, state: Path, **env: str) -> TaskPoller:
+    settings = Settings.from_env({
+        "SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url, "SMSGW_SECRET": SECRET,
+        "SMSGW_STATE_DIR": str(state), "SMSGW_HTTP_TIMEOUT": "5", **env,
+    })
+    return TaskPoller(settings, publisher, Ledger(state))
+
+
+def test_message_results_flow_with_reference_server(clean_broker: str, publisher: PublisherThread,
+                                                    server: ReferenceServer, tmp_path: Path) -> None:
+    uuids = [server.queue_outgoing("+255700000001", f"hello {i}", f"u-{i}") for i in range(3)]
+    poller = make_poller(clean_broker, server.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+    result = poller.poll_once()
+    assert (result.offered, result.queued, result.duplicates) == (3, 3, 0)
+    queued = take_outbound(clean_broker)
+    assert sorted(m.uuid for m in queued) == uuids
+    assert all(m.origin == "task" and m.report and m.to == "+255700000001" for m in queued)
+    assert {o["uuid"]: o["status"] for o in server.outgoing()} == dict.fromkeys(uuids, "queued")
+    ledger = Ledger(tmp_path)
+    assert all(ledger.get(u).state == "queued" for u in uuids)  # type: ignore[union-attr]
+    # The server no longer offers them; a second poll queues nothing.
+    assert poller.poll_once().queued == 0
+    assert take_outbound(clean_broker) == []
+
+
+def test_without_message_results_each_uuid_is_queued_once(clean_broker: str, publisher: PublisherThread,
+                                                          server: ReferenceServer, tmp_path: Path) -> None:
+    server.queue_outgoing("+255700000001", "hi", "u-1")
+    poller = make_poller(clean_broker, server.url, publisher, tmp_path)
+    assert poller.poll_once().queued == 1
+    # The server keeps offering it (it is never told): known to the ledger, skipped.
+    second = poller.poll_once()
+    assert (second.offered, second.queued, second.duplicates) == (1, 0, 1)
+    assert [m.uuid for m in take_outbound(clean_broker)] == ["u-1"]
+    assert server.state()["counters"]["task_sent_posts"] == 0
+
+
+def test_quirky_server(clean_broker: str, publisher: PublisherThread, tmp_path: Path) -> None:
+    """Seed-PHP style: two JSON docs back to back, string success; secret with & = space; URL with a query;
+    Basic auth from the URL; ?task=sent answered with the queued_messages key and only one uuid echoed."""
+    secret = "a&b= c"
+
+    def respond(request: Request) -> tuple[int, str]:
+        if request.method == "GET" and request.query.get("task") == "send":
+            payload = {"payload": {"success": "true", "task": "send", "secret": secret, "messages": [
+                {"to": "+81902", "message": "one", "uuid": "q-1"},
+                {"to": "+81903", "message": "two", "uuid": "q-2"},
+                {"to": None, "message": "bad", "uuid": "q-3"},
+                {"to": "+81904", "message": "no uuid"},
+            ]}}
+            return 200, json.dumps(payload) + json.dumps({"message_uuids": ["q-1"]})
+        if request.method == "POST" and request.query.get("task") == "sent":
+            return 200, json.dumps({"queued_messages": ["q-1"]})
+        return 404, ""
+
+    stub = HttpStub(respond).start()
+    try:
+        url = stub.url.replace("http://", "http://user:p%40ss@") + "?x=1"
+        settings = Settings.from_env({"SMSGW_AMQP_URL": clean_broker, "SMSGW_SYNC_URL": url, "SMSGW_SECRET": secret,
+                                      "SMSGW_STATE_DIR": str(tmp_path), "SMSGW_MESSAGE_RESULTS": "true"})
+        poller = TaskPoller(settings, publisher, Ledger(tmp_path))
+        result = poller.poll_once()
+    finally:
+        stub.stop()
+    assert (result.offered, result.queued, result.invalid, result.not_confirmed) == (2, 1, 2, 1)
+    get, post = stub.requests
+    assert get.query == {"x": "1", "task": "send", "secret": secret}
+    assert get.headers["user-agent"] == USER_AGENT
+    assert get.headers["authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
+    assert post.query == {"x": "1", "task": "sent"}  # no secret, as the app
+    assert json.loads(post.body) == {"queued_messages": ["q-1", "q-2"]}
+    assert [m.uuid for m in take_outbound(clean_broker)] == ["q-1"]
+    # The unconfirmed claim is released: it is neither republished nor blocked from a later offer.
+    assert Ledger(tmp_path).get("q-2") is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        ({"task": "send", "secret": "wrong", "messages": [{"to": "+1", "message": "m", "uuid": "w-1"}]},
+         "does not match"),
+        ({"task": "send", "messages": [{"to": "+1", "message": "m", "uuid": "w-1"}]}, "is missing"),
+        ({"task": "alert", "secret": SECRET, "messages": [{"to": "+1", "message": "m", "uuid": "w-1"}]},
+         "not 'send'"),
+    ],
+)
+def test_untrusted_task_is_ignored_with_one_line(clean_broker: str, publisher: PublisherThread, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture, payload: dict[str, object],
+                                                 why: str) -> None:
+    stub = HttpStub(lambda r: (200, json.dumps({"payload": payload}))).start()
+    try:
+        poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        with caplog.at_level(logging.INFO, logger="task_poller.poller"):
+            assert poller.poll_once().queued == 0
+    finally:
+        stub.stop()
+    assert len(stub.requests) == 1  # no ?task=sent
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "ignored" in lines[0] and why in lines[0]
+    assert SECRET not in lines[0] and "wrong" not in lines[0]
+    assert take_outbound(clean_broker) == []
+    assert Ledger(tmp_path).known(["w-1"]) == set()
+
+
+def test_http_403_backs_off_without_crashing(clean_broker: str, publisher: PublisherThread, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    stub = HttpStub(lambda r: (403, '{"payload":{"success":false,"error":"bad secret"}}')).start()
+    poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_TASK_INTERVAL="1")
+    with pytest.raises(PollError, match="HTTP 403.*SMSGW_SECRET"):
+        poller.poll_once()
+    stop = threading.Event()
+    thread = threading.Thread(target=poller.run, args=(stop,), daemon=True)
+    times: list[float] = []
+    try:
+        with caplog.at_level(logging.ERROR, logger="task_poller.poller"):
+            thread.start()
+            wait_for(lambda: len(stub.requests) >= 2, timeout=10, what="first poll of the run loop")
+            times = [time.monotonic()]
+            wait_for(lambda: len(stub.requests) >= 3, timeout=10, what="second poll after back-off")
+            times.append(time.monotonic())
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        stub.stop()
+    assert not thread.is_alive()
+    assert times[1] - times[0] >= 1.8  # interval 1 s, doubled after a failure
+    assert all("HTTP 403" in r.getMessage() for r in caplog.records)
+
+
+def test_orphaned_claim_is_republished(clean_broker: str, publisher: PublisherThread, tmp_path: Path,
+                                       server: ReferenceServer) -> None:
+    ledger = Ledger(tmp_path)
+    assert ledger.claim("orphan-1", "+255700000002", "left behind")  # a poller died right after this
+    poller = make_poller(clean_broker, server.url, publisher, tmp_path)
+    poller.stale_claim_s = 0
+    assert poller.republish_orphans() == 1
+    [message] = take_outbound(clean_broker)
+    assert (message.uuid, message.to, message.text, message.origin) == ("orphan-1", "+255700000002", "left behind",
+                                                                        "task")
+    assert ledger.get("orphan-1").state == "queued"  # type: ignore[union-attr]
+    assert poller.republish_orphans() == 0
+
+
+def test_two_pollers_in_threads_never_queue_a_uuid_twice(clean_broker: str, server: ReferenceServer,
+                                                        tmp_path: Path) -> None:
+    uuids = [server.queue_outgoing("+255700000001", f"m{i}", f"r-{i}") for i in range(30)]
+    publishers = [PublisherThread(clean_broker, f"test-replica-{i}") for i in range(2)]
+    try:
+        pollers = [make_poller(clean_broker, server.url, p, tmp_path) for p in publishers]
+        barrier = threading.Barrier(2)
+
+        def hammer(poller: TaskPoller) -> None:
+            for _ in range(5):
+                barrier.wait()
+                poller.poll_once()
+
+        threads = [threading.Thread(target=hammer, args=(p,)) for p in pollers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        for p in publishers:
+            p.close()
+    queued = [m.uuid for m in take_outbound(clean_broker)]
+    assert sorted(queued) == sorted(uuids)
+
+
+def _env(amqp: str, sync_url: str, state: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url, "SMSGW_SECRET": SECRET,
+            "SMSGW_STATE_DIR": str(state), "SMSGW_METRICS_PORT": "0", "SMSGW_TASK_INTERVAL": "1", **extra}
+
+
+def test_two_poller_processes_share_the_ledger_and_drain_on_sigterm(clean_broker: str, server: ReferenceServer,
+                                                                   tmp_path: Path) -> None:
+    uuids = {server.queue_outgoing("+255700000001", f"m{i}", f"p-{i}") for i in range(20)}
+    env = _env(clean_broker, server.url, tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "task_poller"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for _ in range(2)]
+    seen: list[str] = []
+    try:
+        def all_seen_and_repolled() -> bool:
+            seen.extend(m.uuid for m in take_outbound(clean_broker))
+            # Both replicas keep polling a server that re-offers everything (no ?task=sent without the API).
+            return set(seen) == uuids and server.state()["counters"]["task_send_polls"] >= 8
+
+        wait_for(all_seen_and_repolled, timeout=30, interval=0.2, what="20 uuids queued and several re-polls")
+        started = time.monotonic()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=10) for p in procs]
+        assert time.monotonic() - started < 5  # the idle wait is an Event, not a sleep
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outputs = [p.stdout.read().decode() if p.stdout else "" for p in procs]
+    assert codes == [0, 0], outputs
+    seen.extend(m.uuid for m in take_outbound(clean_broker))
+    assert sorted(seen) == sorted(uuids)  # each exactly once
+    assert all(SECRET not in out for out in outputs)
+
+
+def test_cli_help_and_check(clean_broker: str, tmp_path: Path) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "task_poller", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    for name in ("SMSGW_TASK_INTERVAL", "SMSGW_MESSAGE_RESULTS", "SMSGW_STATE_DIR", "SMSGW_SECRET"):
+        assert name in help_text
+    env = _env(clean_broker, "", tmp_path)
+    done = subprocess.run([sys.executable, "-m", "task_poller", "--check"], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+    bad = subprocess.run([sys.executable, "-m", "task_poller"], env={**env, "SMSGW_TASK_INTERVAL": "zero"},
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "SMSGW_TASK_INTERVAL" in bad.stderr

@@ -200,7 +200,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
                     del buf[: pos + 2]
                     if raw:
                         # errors="replace": one stray byte must not kill the thread (library bug).
-                        self._on_line(raw.decode("utf-8", "replace"))
+                        self._on_line(raw.decode("utf-8"))
                 if buf:
                     self._check_prompt(buf)
         except Exception as exc:
@@ -228,7 +228,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
             header, self._urc_header = self._urc_header, None
             self._emit_urc([header, line])
             return
-        if line.startswith(_URC_PREFIXES):
+        if line.startswith(_URC_PREFIXES) and (self._pending is None or self._pending.done.is_set()):
             # A URC is never part of a response, whether or not a command is pending (library bug 1).
             if line.startswith(_TWO_LINE_URCS):
                 self._urc_header = line

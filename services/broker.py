@@ -678,7 +678,7 @@ class BatchConsumer:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
         retrying = Retrying(
             retry=retry_if_exception_type(BrokerUnavailable),
-            wait=wait_exponential_jitter(initial=0.5, max=30),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30),
             before_sleep=lambda state: log.warning(
                 "broker unavailable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
             ),

@@ -53,7 +53,7 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
-def _require_broker() -> None:
+def require_broker() -> None:
     """In CI a missing broker is a failure, not a skip: the integration tests are the point of the suite."""
     if not _broker_reachable():
         message = f"RabbitMQ is not reachable at {BROKER_HOST}:{BROKER_PORT}"
@@ -67,7 +67,7 @@ def _require_broker() -> None:
 @contextmanager
 def private_vhost() -> Iterator[str]:
     """Create a uniquely named vhost (guest has full rights), yield its name, delete it afterwards."""
-    _require_broker()
+    require_broker()
     vhost = f"smsgw-test-{uuid.uuid4().hex[:10]}"
     _rabbitmqctl("add_vhost", vhost)
     try:

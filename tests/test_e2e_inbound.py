@@ -147,3 +147,51 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(stack: Stack, server: Refe
     # A re-read or re-posted SMS keeps its message_id: the server never sees one SMS under two ids.
     assert len({m["message_id"] for m in received}) == total
     wait_for(lambda: simulator.inbox() == [], timeout=30, what="the SIM emptied")
+
+
+def metric_value(port: int, name: str) -> float | None:
+    """Read one sample from a worker's /metrics (None if absent)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return None  # not serving yet
+    for line in text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_unplug_reports_down_keeps_work_and_recovers(stack: Stack, server: ReferenceServer) -> None:
+    from scripts.stack import free_port, http_json
+    from services import broker
+    from services.broker import Publication, PublisherThread
+    from services.schemas import OutboundSms
+
+    server.configure(reply=False)
+    metrics_port = free_port()
+    simulator = stack.start_simulator("simulator", OWN_NUMBER)
+    stack.start_modem_worker("modem_worker", simulator, "modem-a", env={"SMSGW_METRICS_PORT": str(metrics_port)})
+    stack.start("sync_worker", "sync_worker")
+    wait_for(lambda: metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 1.0, timeout=30,
+             what="modem up")
+    http_json(f"{simulator.control_url}/unplug", {})
+    wait_for(lambda: metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 0.0, timeout=30,
+             what="modem reported down")
+    # Work that arrives while the modem is away: an SMS on the SIM and an SMS to send.
+    simulator.inject("+255740000001", "sent while unplugged")
+    publisher = PublisherThread(stack.amqp_url, "test", ["modem-a"])
+    try:
+        sms = OutboundSms(str(uuid.uuid4()), "+255740000002", "queued while unplugged", "task", 0, report=True)
+        publisher.publish(Publication(broker.OUTBOUND_QUEUE, sms.to_json(), message_id=sms.uuid))
+    finally:
+        publisher.close()
+    http_json(f"{simulator.control_url}/replug", {})
+    wait_for(lambda: [m["message"] for m in server.received()] == ["sent while unplugged"], timeout=60,
+             what="SIM SMS delivered after replug")
+    wait_for(lambda: [o["text"] for o in simulator.outbox()] == ["queued while unplugged"], timeout=60,
+             what="queued SMS sent after replug")
+    assert metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 1.0

@@ -488,7 +488,8 @@ def test_request_delivery_false_is_honoured(sim: Simulator, make_modem: Callable
     with_reports = make_modem()
     with_reports.modem.send(RECIPIENT, "want report")
     assert with_reports.reports.get(timeout=5).delivered is True
-    with_reports.modem.close()
+    with_reports.modem.close()  # waits for the worker's delete of the delivered report
+    assert sim.state()["sr_used"] == 0
 
     h = make_modem(request_delivery=False)
     h.modem.send(RECIPIENT, "no report")

@@ -33,7 +33,7 @@ SECRET = "s3cret"
 def take_outbound(url: str) -> list[OutboundSms]:
     """Everything on the shared outbound queue right now (consumed)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
-    found = []
+    found: list[OutboundSms] = []
     try:
         channel = connection.channel()
         while True:
@@ -166,7 +166,7 @@ def test_http_403_backs_off_without_crashing(clean_broker: str, publisher: Publi
                                              caplog: pytest.LogCaptureFixture) -> None:
     stub = HttpStub(lambda r: (403, '{"payload":{"success":false,"error":"bad secret"}}')).start()
     poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_TASK_INTERVAL="1")
-    with pytest.raises(PollError, match="HTTP 403.*SMSGW_SECRET"):
+    with pytest.raises(PollError, match=r"HTTP 403.*SMSGW_SECRET"):
         poller.poll_once()
     stop = threading.Event()
     thread = threading.Thread(target=poller.run, args=(stop,), daemon=True)
@@ -267,9 +267,9 @@ def test_cli_help_and_check(clean_broker: str, tmp_path: Path) -> None:
     for name in ("SMSGW_TASK_INTERVAL", "SMSGW_MESSAGE_RESULTS", "SMSGW_STATE_DIR", "SMSGW_SECRET"):
         assert name in help_text
     env = _env(clean_broker, "", tmp_path)
-    done = subprocess.run([sys.executable, "-m", "task_poller", "--check"], env=env, capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run([sys.executable, "-m", "task_poller", "--check"], check=False, env=env,
+                          capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
-    bad = subprocess.run([sys.executable, "-m", "task_poller"], env={**env, "SMSGW_TASK_INTERVAL": "zero"},
+    bad = subprocess.run([sys.executable, "-m", "task_poller"], check=False, env={**env, "SMSGW_TASK_INTERVAL": "zero"},
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "SMSGW_TASK_INTERVAL" in bad.stderr

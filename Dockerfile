@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# One image for every gateway process: the four workers, the modem simulator and the reference server.
+# Pick the process with the command, e.g. `python -m sync_worker` (see compose.yaml and docs/operations.md).
+# No secrets are baked in: every setting is an SMSGW_* environment variable read at start-up.
+
+# --- build: wheels of the project and its runtime dependencies (no dev extras) ---------------------------------
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml ./
+COPY services ./services
+COPY modem_worker ./modem_worker
+COPY sync_worker ./sync_worker
+COPY task_poller ./task_poller
+COPY result_reporter ./result_reporter
+COPY reference_server ./reference_server
+RUN pip wheel --wheel-dir /wheels .
+
+# --- runtime -----------------------------------------------------------------------------------------------------
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    SMSGW_STATE_DIR=/var/lib/smsgw \
+    SMSGW_METRICS_PORT=9100 \
+    SMSGW_METRICS_ADDR=0.0.0.0
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-index --find-links /tmp/wheels smssync-gateway \
+    && rm -rf /tmp/wheels
+# Non-root. "dialout" (gid 20 on Debian/Ubuntu hosts) owns /dev/ttyUSB*; compose adds the host's gid when it
+# differs (group_add). The state dir is created here so a fresh named volume inherits the ownership.
+RUN groupadd --system --gid 10001 smsgw \
+    && useradd --system --uid 10001 --gid smsgw --groups dialout --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin smsgw \
+    && install -d -o smsgw -g smsgw -m 0750 /var/lib/smsgw
+USER smsgw
+WORKDIR /var/lib/smsgw
+EXPOSE 9100
+# Default: print how to run each process. Compose always sets a command.
+CMD ["sh", "-c", "echo 'smssync-gateway: run one of: python -m modem_worker | sync_worker | task_poller | result_reporter (each takes --check), python -m sync_worker parked list|replay|purge, python -m modem_worker.simulator, python -m reference_server'; echo; for m in modem_worker sync_worker task_poller result_reporter; do python -m $m --help; echo; done"]

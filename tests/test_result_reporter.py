@@ -61,10 +61,11 @@ def drain_queue(url: str, name: str) -> list[bytes]:
 class Harness:
     """A ResultReporter on a BatchConsumer of the events queue, with a publisher to fake the modem worker."""
 
-    def __init__(self, amqp: str, sync_url: str, state: Path, keep_rounds: int = 5, **env: str) -> None:
+    def __init__(self, amqp: str, sync_url: str, state: Path, keep_rounds: int = 5, secret: str = SECRET,
+                 **env: str) -> None:
         self.amqp = amqp
         self.settings = Settings.from_env({"SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url,
-                                           "SMSGW_SECRET": SECRET, "SMSGW_HTTP_TIMEOUT": "5", **env})
+                                           "SMSGW_SECRET": secret, "SMSGW_HTTP_TIMEOUT": "5", **env})
         self.publisher = PublisherThread(amqp, "test-results")
         self.consumer = BatchConsumer(amqp, broker.EVENTS_QUEUE, self.publisher, name="test-results", prefetch=500)
         self.reporter = ResultReporter(self.settings, self.consumer, ledger=Ledger(state), keep_rounds=keep_rounds)
@@ -308,3 +309,54 @@ def test_cli_help_and_check(clean_broker: str) -> None:
     done = subprocess.run([sys.executable, "-m", "result_reporter", "--check"], check=False, env=env,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+# --- third-party servers: task -> sent -> result legs end to end --------------------------------------------
+
+
+def _poll_task(amqp: str, sync_url: str, secret: str, state: Path) -> list[str]:
+    publisher = PublisherThread(amqp, "test-peer-poller")
+    try:
+        settings = Settings.from_env({"SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url, "SMSGW_SECRET": secret,
+                                      "SMSGW_STATE_DIR": str(state), "SMSGW_MESSAGE_RESULTS": "true"})
+        TaskPoller(settings, publisher, Ledger(state)).poll_once()
+    finally:
+        publisher.close()
+    return [json.loads(b)["uuid"] for b in drain_queue(amqp, broker.OUTBOUND_QUEUE)]
+
+
+@pytest.mark.peers
+def test_seedphp_task_sent_and_result_legs(clean_broker: str, tmp_path: Path, harnesses: list[Harness]) -> None:
+    from tests.peers.runners import SeedPhpPeer, require_peer
+
+    require_peer("seedphp")
+    with SeedPhpPeer.start() as peer:
+        # Two JSON documents back to back, success "true", message_uuids echo of whatever we send.
+        assert _poll_task(clean_broker, peer.url, "123456", tmp_path) == ["1ba368bd-c467-4374-bf28"]
+        h = Harness(clean_broker, peer.url, tmp_path, secret="123456")
+        harnesses.append(h)
+        h.publish(sent("1ba368bd-c467-4374-bf28"))
+        h.held(1)
+        # It answers the result POST with 200 text/html and an empty body: accepted.
+        assert h.reporter.round().reported == 1
+        assert h.stop() == []
+
+
+@pytest.mark.peers
+def test_lykmapipo_task_sent_and_result_legs(clean_broker: str, tmp_path: Path, harnesses: list[Harness]) -> None:
+    from tests.peers.runners import LykmapipoPeer, require_peer
+
+    require_peer("lykmapipo")
+    with LykmapipoPeer.start(secret="s3cret") as peer:
+        # It answers ?task=sent with the queued_messages key instead of message_uuids.
+        assert _poll_task(clean_broker, peer.url, "s3cret", tmp_path) == ["out-0001"]
+        assert peer.state()["queued"] == ["out-0001"]
+        h = Harness(clean_broker, peer.url, tmp_path, secret="s3cret", SMSGW_RESULTS_SHAPE="message_result_array",
+                    SMSGW_SENT_OK_CODE="-1")
+        harnesses.append(h)
+        h.publish(sent("out-0001"), delivered("out-0001"))
+        h.held(2)
+        assert h.reporter.round().reported == 1
+        [[row]] = peer.state()["delivered"]
+        assert (row["uuid"], row["sent_result_code"], row["delivered_result_code"]) == ("out-0001", -1, -1)
+        assert h.stop() == []

@@ -145,9 +145,26 @@ def raw(sim: Simulator) -> Iterator[RawPort]:
 
 def test_connect_dialogue(sim: Simulator, client: ModemClient) -> None:
     log = sim.at_log()
-    for cmd in ("ATZ", "ATE0", "AT+CFUN?", "AT+CMEE=1", "AT+CPIN?", "AT+CLAC", "AT+CGMI", "AT+ZPAS?",
-                "AT+COPS=3,0", "AT+CMGF=0", "AT+CSCA?", "AT+CSMP=49,167,0,0", "AT+CPMS=?",
-                'AT+CPMS="SM","SM","SM"', "AT+CNMI=2,1,0,2", "AT+CLIP=1", "AT+CRC=1", "AT+CVHU=0"):
+    for cmd in (
+        "ATZ",
+        "ATE0",
+        "AT+CFUN?",
+        "AT+CMEE=1",
+        "AT+CPIN?",
+        "AT+CLAC",
+        "AT+CGMI",
+        "AT+ZPAS?",
+        "AT+COPS=3,0",
+        "AT+CMGF=0",
+        "AT+CSCA?",
+        "AT+CSMP=49,167,0,0",
+        "AT+CPMS=?",
+        'AT+CPMS="SM","SM","SM"',
+        "AT+CNMI=2,1,0,2",
+        "AT+CLIP=1",
+        "AT+CRC=1",
+        "AT+CVHU=0",
+    ):
         assert cmd in log
     modem = client.modem
     assert "+CSCS" in modem._commands and "^CVOICE" not in modem._commands
@@ -448,16 +465,19 @@ def test_send_delay(sim: Simulator, raw: RawPort) -> None:
 def test_control_api(sim: Simulator, raw: RawPort) -> None:
     url = sim.control_url
     assert requests.get(f"{url}/health", timeout=5).json()["ok"] is True
-    r = requests.post(f"{url}/sms", json={"from": SENDER, "text": "via http", "timestamp": 1_700_000_000_000},
-                      timeout=5)
+    r = requests.post(
+        f"{url}/sms", json={"from": SENDER, "text": "via http", "timestamp": 1_700_000_000_000}, timeout=5
+    )
     assert r.status_code == 200 and r.json() == {"indices": [1]}
     raw.read_until(lambda b: b'+CMTI: "SM",1' in b)
     inbox = requests.get(f"{url}/inbox", timeout=5).json()
-    assert inbox == [{"index": 1, "from": SENDER, "text": "via http", "timestamp": 1_700_000_000_000,
-                      "part": None, "read": False}]
+    assert inbox == [
+        {"index": 1, "from": SENDER, "text": "via http", "timestamp": 1_700_000_000_000, "part": None, "read": False}
+    ]
     # A batch: every +CMTI in ONE write, so they arrive together.
-    r = requests.post(f"{url}/sms/batch", json={"messages": [{"from": SENDER, "text": f"b{i}"} for i in range(3)]},
-                      timeout=5)
+    r = requests.post(
+        f"{url}/sms/batch", json={"messages": [{"from": SENDER, "text": f"b{i}"} for i in range(3)]}, timeout=5
+    )
     assert r.json() == {"indices": [[2], [3], [4]]}
     burst = raw.read_until(lambda b: b.count(b"+CMTI") == 3)
     assert burst == b"".join(f'\r\n+CMTI: "SM",{i}\r\n'.encode() for i in (2, 3, 4))
@@ -478,9 +498,7 @@ def test_control_api(sim: Simulator, raw: RawPort) -> None:
     pdu, length = _submit_pdu(RECIPIENT, "from raw")
     raw.send_pdu(pdu, length)
     outbox = requests.get(f"{url}/outbox", timeout=5).json()
-    assert [(e["to"], e["text"], e["reference"], e["references"]) for e in outbox] == [
-        (RECIPIENT, "from raw", 0, [0])
-    ]
+    assert [(e["to"], e["text"], e["reference"], e["references"]) for e in outbox] == [(RECIPIENT, "from raw", 0, [0])]
     assert requests.get(f"{url}/log", timeout=5).json()[-1] == f"AT+CMGS={length}"
     # Unplug / replug over HTTP.
     assert requests.post(f"{url}/unplug", timeout=5).json() == {"plugged": False}
@@ -492,14 +510,16 @@ def test_control_api(sim: Simulator, raw: RawPort) -> None:
 
 
 def test_cli_help_and_sigterm(tmp_path: Path) -> None:
-    help_text = subprocess.run([sys.executable, "-m", "modem_worker.simulator", "--help"], capture_output=True,
-                               text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "modem_worker.simulator", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for word in ("--link", "--control-port", "--own-number", "--capacity", "--smsc", "/sms/batch", "/unplug"):
         assert word in help_text
     link = tmp_path / "cli-modem"
     proc = subprocess.Popen(
         [sys.executable, "-m", "modem_worker.simulator", "--link", str(link), "--control-port", "0"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

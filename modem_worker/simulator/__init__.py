@@ -1,8 +1,8 @@
 """A GSM modem simulator on a pseudo-terminal, for tests, the demo and dry runs (see docs/simulator.md).
 
-    from modem_worker.simulator import Simulator
-    with Simulator("/tmp/smsgw-modem0") as sim:
-        sim.inject_sms("+255712345678", "Habari")
+from modem_worker.simulator import Simulator
+with Simulator("/tmp/smsgw-modem0") as sim:
+    sim.inject_sms("+255712345678", "Habari")
 """
 
 from .device import DEFAULT_CAPACITY, DEFAULT_OWN_NUMBER, DEFAULT_SMSC, Simulator

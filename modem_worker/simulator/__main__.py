@@ -43,19 +43,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--link", required=True, type=Path,
-                        help="path of the symlink to the pty slave (the port a modem worker opens)")
-    parser.add_argument("--control-port", required=True, type=int,
-                        help="TCP port of the control API on 127.0.0.1 (0 = any free port, logged at start)")
-    parser.add_argument("--own-number", default=DEFAULT_OWN_NUMBER,
-                        help=f"SIM subscriber number answered by AT+CNUM (default {DEFAULT_OWN_NUMBER})")
-    parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY,
-                        help=f"SIM slots in SM (and SR) memory, 1-255 (default {DEFAULT_CAPACITY}); beyond it "
-                             "injections get 507 / +CMS ERROR: 322")
-    parser.add_argument("--smsc", default=DEFAULT_SMSC,
-                        help=f"service centre number answered by AT+CSCA? (default {DEFAULT_SMSC})")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="DEBUG also logs every AT command and HTTP request (default INFO)")
+    parser.add_argument(
+        "--link", required=True, type=Path, help="path of the symlink to the pty slave (the port a modem worker opens)"
+    )
+    parser.add_argument(
+        "--control-port",
+        required=True,
+        type=int,
+        help="TCP port of the control API on 127.0.0.1 (0 = any free port, logged at start)",
+    )
+    parser.add_argument(
+        "--own-number",
+        default=DEFAULT_OWN_NUMBER,
+        help=f"SIM subscriber number answered by AT+CNUM (default {DEFAULT_OWN_NUMBER})",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=DEFAULT_CAPACITY,
+        help=f"SIM slots in SM (and SR) memory, 1-255 (default {DEFAULT_CAPACITY}); beyond it "
+        "injections get 507 / +CMS ERROR: 322",
+    )
+    parser.add_argument(
+        "--smsc", default=DEFAULT_SMSC, help=f"service centre number answered by AT+CSCA? (default {DEFAULT_SMSC})"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="DEBUG also logs every AT command and HTTP request (default INFO)",
+    )
     return parser.parse_args(argv)
 
 
@@ -74,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    sim = Simulator(args.link, control_port=args.control_port, own_number=args.own_number,
-                    capacity=args.capacity, smsc=args.smsc)
+    sim = Simulator(
+        args.link, control_port=args.control_port, own_number=args.own_number, capacity=args.capacity, smsc=args.smsc
+    )
     try:
         sim.start()
     except OSError as exc:

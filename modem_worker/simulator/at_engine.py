@@ -626,8 +626,13 @@ class AtEngine:
             self._respond([self._cms(CMS_INVALID_PDU)])
             return
         if sms.tpdu_length != prompt.length:
-            jsonlog.event("pdu_rejected", command=prompt.command, error="length mismatch",
-                          declared=prompt.length, actual=sms.tpdu_length)
+            jsonlog.event(
+                "pdu_rejected",
+                command=prompt.command,
+                error="length mismatch",
+                declared=prompt.length,
+                actual=sms.tpdu_length,
+            )
             self._respond([self._cms(CMS_INVALID_PDU)])
             return
         if prompt.command == "+CMGW":
@@ -650,8 +655,9 @@ class AtEngine:
             elif behaviour.fail_sends > 0:
                 behaviour.fail_sends -= 1
                 reply = self._cms(behaviour.cms_error)
-                jsonlog.event("send_failed", to=sms.address, cms_error=behaviour.cms_error,
-                              remaining=behaviour.fail_sends)
+                jsonlog.event(
+                    "send_failed", to=sms.address, cms_error=behaviour.cms_error, remaining=behaviour.fail_sends
+                )
             else:
                 mr, report = self.model.submit(sms)
                 reply = Reply(lines=[f"+CMGS: {mr}"])

@@ -145,8 +145,7 @@ def _epoch_ms(value: Any) -> int | None:
 
 def _post_sms(sim: Simulator, msg: dict[str, Any]) -> dict[str, Any]:
     """POST /sms."""
-    indices = sim.inject_sms(_text(msg, "from"), _text(msg, "text", allow_empty=True),
-                             _epoch_ms(msg.get("timestamp")))
+    indices = sim.inject_sms(_text(msg, "from"), _text(msg, "text", allow_empty=True), _epoch_ms(msg.get("timestamp")))
     return {"indices": indices}
 
 
@@ -156,8 +155,11 @@ def _post_batch(sim: Simulator, body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(messages, list):
         raise ApiError(HTTPStatus.BAD_REQUEST, '"messages" must be a list')
     checked = [
-        {"from": _text(m, "from"), "text": _text(m, "text", allow_empty=True),
-         "timestamp": _epoch_ms(m.get("timestamp"))}
+        {
+            "from": _text(m, "from"),
+            "text": _text(m, "text", allow_empty=True),
+            "timestamp": _epoch_ms(m.get("timestamp")),
+        }
         for m in (_object(x) for x in messages)
     ]
     return {"indices": sim.inject_batch(checked)}

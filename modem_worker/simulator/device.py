@@ -72,8 +72,13 @@ class Simulator:
         except OSError:
             self.stop()
             raise
-        jsonlog.event("started", link=str(self.link), control_url=self.control_url,
-                      own_number=self.model.own_number, capacity=self.model.capacity)
+        jsonlog.event(
+            "started",
+            link=str(self.link),
+            control_url=self.control_url,
+            own_number=self.model.own_number,
+            capacity=self.model.capacity,
+        )
 
     def stop(self) -> None:
         """Unplug, cancel pending status reports and stop the control API. Idempotent."""

@@ -110,8 +110,11 @@ def _validate(key: str, value: Any) -> Any:
     elif key in ranges:
         lo, hi = ranges[key]
         # 99 is +CSQ's "not known or not detectable".
-        valid = isinstance(value, int) and not isinstance(value, bool) and (lo <= value <= hi or
-                                                                            (key == "signal" and value == 99))
+        valid = (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and (lo <= value <= hi or (key == "signal" and value == 99))
+        )
         if not valid:
             raise ValueError(f"{key} must be an integer in [{lo:g}, {hi:g}]" + (" or 99" if key == "signal" else ""))
     else:  # the *_delay_s keys
@@ -245,15 +248,22 @@ class ModemModel:
                     if direct:
                         urcs.append(f"\r\n+CMT: ,{p.tpdu_length}\r\n{p.pdu}\r\n".encode())
                         continue
-                    record = StoredSms(0, SM, STAT_REC_UNREAD, p.pdu, p.tpdu_length, sender, p.text, ts_ms,
-                                       p.part, "deliver")
+                    record = StoredSms(
+                        0, SM, STAT_REC_UNREAD, p.pdu, p.tpdu_length, sender, p.text, ts_ms, p.part, "deliver"
+                    )
                     index = self._store(SM, record)
                     got.append(index)
                     if self.session.cnmi_mt == 1:
                         urcs.append(f'\r\n+CMTI: "SM",{index}\r\n'.encode())
                 indices.append(got)
-                jsonlog.event("sms_injected", sender=sender, parts=len(parts), indices=got, direct=direct,
-                              encoding=parts[0].encoding)
+                jsonlog.event(
+                    "sms_injected",
+                    sender=sender,
+                    parts=len(parts),
+                    indices=got,
+                    direct=direct,
+                    encoding=parts[0].encoding,
+                )
             return indices, urcs
 
     def inbox(self) -> list[dict[str, Any]]:
@@ -286,8 +296,7 @@ class ModemModel:
             now = self.clock_ms()
             if sms.concat is None:
                 self.outbox.append(
-                    {"to": sms.address, "text": sms.text, "reference": mr, "references": [mr], "at": now,
-                     "parts": 1}
+                    {"to": sms.address, "text": sms.text, "reference": mr, "references": [mr], "at": now, "parts": 1}
                 )
                 jsonlog.event("sms_sent", to=sms.address, reference=mr, parts=1, chars=len(sms.text))
             else:
@@ -295,8 +304,7 @@ class ModemModel:
                 key = (sms.address, ref, total)
                 pending = self._pending.setdefault(key, _PendingParts(total, sms.encoding))
                 pending.parts[seq] = (mr, sms.payload, sms.encoding)
-                jsonlog.event("sms_part_sent", to=sms.address, reference=mr, concat_ref=ref, part=seq,
-                              total=total)
+                jsonlog.event("sms_part_sent", to=sms.address, reference=mr, concat_ref=ref, part=seq, total=total)
                 if len(pending.parts) >= total:
                     del self._pending[key]
                     ordered = [pending.parts[s] for s in sorted(pending.parts)]
@@ -313,8 +321,7 @@ class ModemModel:
                     jsonlog.event("sms_sent", to=sms.address, reference=ordered[-1][0], parts=total)
             report = None
             if sms.status_report_requested and self.behaviour.delivery != "none":
-                report = ReportRequest(mr, sms.address, now, self.behaviour.delivery,
-                                       self.behaviour.delivery_delay_s)
+                report = ReportRequest(mr, sms.address, now, self.behaviour.delivery, self.behaviour.delivery_delay_s)
             return mr, report
 
     def status_report(self, req: ReportRequest) -> bytes:
@@ -324,15 +331,18 @@ class ModemModel:
             status = TP_STATUS_DELIVERED if req.delivery == "delivered" else TP_STATUS_FAILED
             now = self.clock_ms()
             pdu, length = build_status_report(
-                req.reference, req.recipient, submitted=local_datetime(req.submitted_ms),
-                discharged=local_datetime(now), status=status, smsc=self.session.smsc,
+                req.reference,
+                req.recipient,
+                submitted=local_datetime(req.submitted_ms),
+                discharged=local_datetime(now),
+                status=status,
+                smsc=self.session.smsc,
             )
             ds = self.session.cnmi_ds
             if ds == 1:
                 jsonlog.event("status_report", reference=req.reference, status=status, direct=True)
                 return f"\r\n+CDS: {length}\r\n{pdu}\r\n".encode()
-            record = StoredSms(0, SR, STAT_REC_UNREAD, pdu, length, req.recipient, "", now, None,
-                               "status-report")
+            record = StoredSms(0, SR, STAT_REC_UNREAD, pdu, length, req.recipient, "", now, None, "status-report")
             try:
                 index = self._store(SR, record)
             except SimFullError:
@@ -344,8 +354,9 @@ class ModemModel:
     def store_written(self, sms: DecodedPdu, pdu: str, stat: int) -> int:
         """AT+CMGW: store a PDU written by the client in SM. Raises SimFullError when SM is full."""
         with self.lock:
-            record = StoredSms(0, SM, stat, pdu, sms.tpdu_length, sms.address, sms.text, self.clock_ms(),
-                               sms.concat, "stored")
+            record = StoredSms(
+                0, SM, stat, pdu, sms.tpdu_length, sms.address, sms.text, self.clock_ms(), sms.concat, "stored"
+            )
             return self._store(SM, record)
 
     # --- control API views --------------------------------------------------------------------------------------

@@ -419,9 +419,7 @@ def decode_text(encoding: Encoding, payload: bytes) -> str:
     return payload.decode("latin-1")
 
 
-def _decode_user_data(
-    data: bytes, pos: int, udl: int, udhi: bool, encoding: Encoding
-) -> tuple[bytes, bytes]:
+def _decode_user_data(data: bytes, pos: int, udl: int, udhi: bool, encoding: Encoding) -> tuple[bytes, bytes]:
     """Split the user data at `pos` into (udh, payload); gsm7 payloads come back as unpacked septets."""
     ud = data[pos:]
     udh = b""

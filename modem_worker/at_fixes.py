@@ -113,7 +113,6 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         on_link_down: Callable[[BaseException], None],
         request_delivery: bool,
         command_timeout_s: float,
-        on_late_send: Callable[[int], None] | None = None,
     ) -> None:
         # mt=1: new SMS are stored on the SIM and announced with +CMTI (never delivered directly with +CMT,
         # which would leave nothing on the SIM to retry from); ds=2: status reports stored, +CDSI.
@@ -126,7 +125,6 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         )
         self._on_urc = on_urc
         self._on_link_down = on_link_down
-        self._on_late_send = on_late_send
         self._command_timeout_s = command_timeout_s
         self._state_lock = threading.Lock()
         self._pending: _Pending | None = None
@@ -200,7 +198,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
                     del buf[: pos + 2]
                     if raw:
                         # errors="replace": one stray byte must not kill the thread (library bug).
-                        self._on_line(raw.decode("utf-8"))
+                        self._on_line(raw.decode("utf-8", "replace"))
                 if buf:
                     self._check_prompt(buf)
         except Exception as exc:
@@ -228,7 +226,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
             header, self._urc_header = self._urc_header, None
             self._emit_urc([header, line])
             return
-        if line.startswith(_URC_PREFIXES) and (self._pending is None or self._pending.done.is_set()):
+        if line.startswith(_URC_PREFIXES):
             # A URC is never part of a response, whether or not a command is pending (library bug 1).
             if line.startswith(_TWO_LINE_URCS):
                 self._urc_header = line
@@ -258,14 +256,12 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
                     return
         if late is not None:
             logger.warning("late %s for a send that already timed out", late)
-            if self._on_late_send is not None:
-                with contextlib.suppress(ValueError, IndexError):
-                    self._on_late_send(int(late.split(":", 1)[1].strip().split(",")[0]))
             return
         # Stray final codes / unknown unsolicited lines: let the sink log them.
         self._emit_urc([line])
 
     def _emit_urc(self, lines: list[str]) -> None:
+        """Hand one URC to the sink; a failing sink must not kill the read thread."""
         try:
             self._on_urc(lines)
         except Exception:
@@ -276,6 +272,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         self._emit_urc(list(lines))
 
     def _fail_pending(self, exc: BaseException) -> None:
+        """Wake the command in flight (if any) so it raises ``exc`` instead of waiting out its timeout."""
         with self._state_lock:
             pending = self._pending
             if pending is not None and not pending.done.is_set():
@@ -344,6 +341,10 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
     def _exchange(
         self, payload: str, wait: bool, timeout: float, prompt: str | None, is_pdu: bool
     ) -> list[str] | None:
+        """Write ``payload`` and wait for the final result code (or ``prompt``); return the raw lines.
+
+        Raises LinkDown, TimeoutException. No error parsing here (see :meth:`write`).
+        """
         with self._txLock:
             if not self.alive or self._link_error is not None:
                 raise LinkDown(f"modem link on {self.port} is down")

@@ -331,6 +331,7 @@ class Modem:
                 logger.exception("on_fatal callback failed")
 
     def _require(self) -> FixedGsmModem:
+        """Return the live AT layer. Raises ModemUnavailable when not connected or the link is down."""
         gsm = self._gsm
         if gsm is None or not gsm.alive:
             raise ModemUnavailable(f"modem on {self.port} is not connected")
@@ -350,6 +351,7 @@ class Modem:
 
     @staticmethod
     def _first_match(pattern: re.Pattern[str], lines: list[str]) -> re.Match[str] | None:
+        """Return the match of the first line matching ``pattern``, or None."""
         for line in lines:
             match = pattern.match(line)
             if match:
@@ -440,6 +442,7 @@ class Modem:
     # ------------------------------------------------------------------ sending
 
     def _next_concat_ref(self) -> int:
+        """Return the next 8-bit concatenation reference (distinct for consecutive multipart sends)."""
         with self._ref_lock:
             self._concat_ref = (self._concat_ref + 1) % 256
             return self._concat_ref
@@ -483,7 +486,7 @@ class Modem:
         The whole exchange holds the command lock: another thread's command landing between the prompt
         and the PDU is what produced ``+CMS ERROR: 304`` with the bare library.
         """
-        if True:
+        with gsm.command_lock:
             try:
                 prompt = gsm.write(
                     f"AT+CMGS={pdu.tpdu_length}", timeout=_PROMPT_TIMEOUT_S, expectedResponseTermSeq="> "
@@ -559,6 +562,8 @@ class Modem:
                 logger.exception("unexpected error handling a modem notification")
 
     def _handle_stored_event(self, event: _StoredEvent) -> None:
+        """Read the slot a +CMTI/+CDSI announced and process it. Raises LinkDown, TimeoutException,
+        CommandError, ModemUnavailable (the SMS then stays on the SIM for the sweep)."""
         gsm = self._require()
         pdu = gsm.read_stored_pdu(event.memory, event.index)
         if pdu is None:
@@ -619,6 +624,8 @@ class Modem:
         return self._add_part(location, decoded)
 
     def _add_part(self, location: _Location | None, sms: DeliverPdu) -> int:
+        """Buffer one concatenated part (still on the SIM); deliver the message once all parts are there.
+        Returns the number of messages delivered (0 or 1)."""
         assert sms.concat is not None
         reference, total, seq = sms.concat
         key: _Key = (sms.sender, reference, total)
@@ -648,6 +655,7 @@ class Modem:
         return 0
 
     def _is_ready(self, key: _Key, buffer: _Buffer) -> bool:
+        """True when the buffered message is complete or has waited multipart_timeout_s."""
         return len(buffer.parts) == key[2] or time.monotonic() - buffer.first_seen >= self._multipart_timeout_s
 
     def _flush_expired(self, *, include_failed: bool) -> int:

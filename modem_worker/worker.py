@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from modem_worker.modem import (
     Modem,
+    ModemError,
     ModemInfo,
     ModemUnavailable,
     ReceivedMessage,
@@ -155,6 +156,9 @@ class ModemWorker:
         except ModemUnavailable as exc:
             log.error("modem %s: lost during housekeeping: %s", self.modem_id, exc)
             self._modem_down.set()
+        except ModemError as exc:
+            # A refused command or an unreadable answer: the SMS stay on the SIM for the next sweep.
+            log.warning("modem %s: housekeeping incomplete (%s); stored SMS stay on the SIM", self.modem_id, exc)
 
     def _on_fatal(self, exc: BaseException) -> None:
         log.error("modem %s: fatal error (%s); will reconnect", self.modem_id, exc)

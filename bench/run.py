@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -287,6 +288,8 @@ def throughput_phase(sims: list[Simulator], sink: Sink, count: int, batch: int, 
         result["first_to_last"] = (len(times) - 1) / (times[-1] - times[0])
         result["start_to_last"] = len(times) / (times[-1] - started)
         result["lat_p50"], result["lat_p99"] = percentile(latencies, 50), percentile(latencies, 99)
+        # A long silence means a stall (a lost +CMTI picked up by the 30 s SIM sweep, a broker alarm...).
+        result["max_gap"] = max(b - a for a, b in itertools.pairwise(times))
     return result
 
 
@@ -493,6 +496,7 @@ def _run(args: argparse.Namespace, stack: Stack, sink: Sink, sink_port: int) -> 
     watched["sink"] = stack.processes["sink"].pid
     for i in range(len(sims)):
         watched[f"simulator{i}"] = stack.processes[f"simulator{i}"].pid
+    watched["bench (injector)"] = os.getpid()
     rabbit = find_pid("beam.smp")
     if rabbit is not None:
         watched["rabbitmq (shared)"] = rabbit
@@ -539,7 +543,8 @@ def _report(args: argparse.Namespace, results: dict[str, dict[str, Any]], cpu: C
         print(f"  sustained inbound, injection->last     : {gateway_rate:8.1f} SMS/s   target >= "
               f"{TARGET_INBOUND_PER_S:.0f} [{verdict(gateway_rate >= TARGET_INBOUND_PER_S)}]")
         print(f"  injection took {r['injection_s']:.2f} s; latency under saturation p50 "
-              f"{r.get('lat_p50', float('nan')):.0f} ms, p99 {r.get('lat_p99', float('nan')):.0f} ms")
+              f"{r.get('lat_p50', float('nan')):.0f} ms, p99 {r.get('lat_p99', float('nan')):.0f} ms; "
+              f"longest gap between arrivals {1000 * r.get('max_gap', float('nan')):.0f} ms")
         if cpu.used:
             print(f"  CPU during the phase ({cpu.wall:.1f} s wall, machine {cpu.machine_pct:.0f} % of "
                   f"{os.cpu_count()} cores):")

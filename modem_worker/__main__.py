@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.run()
     finally:
         publisher.close()
-    return 0
+    return 1 if worker.failed else 0
 
 
 if __name__ == "__main__":

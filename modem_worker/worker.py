@@ -30,6 +30,7 @@ from modem_worker.modem import (
 from services import broker, metrics
 from services.broker import Ack, Consumer, Decision, Delivery, Park, Publication, PublisherThread, Requeue, Retry
 from services.ledger import FINAL_STATES, Ledger, LedgerEntry
+from services.runtime import start_supervised
 from services.schemas import DeliveryEvent, InboundSms, OutboundSms, SchemaError, SentEvent, derive_message_id
 from services.settings import Settings
 
@@ -65,6 +66,7 @@ class ModemWorker:
         self._info: ModemInfo | None = None
         self._send_lock = threading.Lock()
         self.up = threading.Event()  # set while the modem is connected (tests, --check)
+        self.failed = False  # set when the worker stopped because of an unrecoverable error
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -131,8 +133,7 @@ class ModemWorker:
             concurrency=1,
             modem_ids=[self.modem_id],
         )
-        consumer_thread = threading.Thread(target=consumer.run, name=f"outbound-{self.modem_id}", daemon=True)
-        consumer_thread.start()
+        consumer_thread = start_supervised(consumer.run, f"outbound consumer of {self.modem_id}", self._fail)
         try:
             while not self._modem_down.wait(HOUSEKEEPING_INTERVAL_S):
                 if not modem.ping():
@@ -159,6 +160,11 @@ class ModemWorker:
         except ModemError as exc:
             # A refused command or an unreadable answer: the SMS stay on the SIM for the next sweep.
             log.warning("modem %s: housekeeping incomplete (%s); stored SMS stay on the SIM", self.modem_id, exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The outbound consumer died of an error reconnecting cannot fix: stop, and exit non-zero."""
+        self.failed = True
+        self.stop()
 
     def _on_fatal(self, exc: BaseException) -> None:
         log.error("modem %s: fatal error (%s); will reconnect", self.modem_id, exc)

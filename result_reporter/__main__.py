@@ -11,7 +11,14 @@ from result_reporter.reporter import ResultReporter
 from services import broker
 from services.broker import BatchConsumer, PublisherThread
 from services.ledger import Ledger
-from services.runtime import check, install_stop_signals, load_settings, start_metrics, worker_parser
+from services.runtime import (
+    check,
+    install_stop_signals,
+    load_settings,
+    start_metrics,
+    start_supervised,
+    worker_parser,
+)
 from services.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -66,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         settings.amqp_url, broker.EVENTS_QUEUE, publisher, name="smsgw-result-reporter", prefetch=HOLD_PREFETCH
     )
     reporter = ResultReporter(settings, consumer, ledger=ledger)
-    consumer_thread = threading.Thread(target=consumer.run, name="result-consumer", daemon=True)
-    consumer_thread.start()
     stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def consumer_failed(exc: BaseException) -> None:
+        failures.append(exc)
+        stop.set()
+
+    consumer_thread = start_supervised(consumer.run, "events consumer", consumer_failed)
     install_stop_signals(stop.set)
     log.info("result_reporter started: Sync URL %s, every %.0fs, shape %s",
              reporter.redacted_url, settings.result_interval, settings.results_shape)
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         reporter.close()
         publisher.close()
     log.info("result_reporter stopped")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -55,12 +55,26 @@ HEADER_PARKED_AT_MS = "x-smsgw-parked-at-ms"
 HEADER_SOURCE_QUEUE = "x-smsgw-source-queue"
 
 
+# What a consumer's connection can die of: translated to BrokerUnavailable and retried with capped back-off.
+# A channel closed by the broker is different (a queue declared with other arguments, a permission missing):
+# retrying cannot fix it, so it becomes BrokerChannelError and the worker exits with the broker's words.
+CONNECTION_LOST = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ConnectionClosed,
+    OSError,
+)
+
+
 class BrokerError(Exception):
     """Base of the broker layer's errors."""
 
 
 class BrokerUnavailable(BrokerError):
     """The connection to RabbitMQ failed or was lost; retrying later may succeed."""
+
+
+class BrokerChannelError(BrokerError):
+    """The broker closed our channel (configuration problem): reconnecting will not help."""
 
 
 class PublishRefused(BrokerError):
@@ -439,12 +453,9 @@ class Consumer:
             while self._in_flight_count() > 0:
                 connection.process_data_events(time_limit=0.1)
             connection.close()
-        except (
-            pika.exceptions.AMQPConnectionError,
-            pika.exceptions.ChannelClosed,
-            pika.exceptions.ConnectionClosed,
-            OSError,
-        ) as exc:
+        except pika.exceptions.ChannelClosed as exc:
+            raise BrokerChannelError(f"RabbitMQ closed the channel: {exc!r}") from None
+        except CONNECTION_LOST as exc:
             raise BrokerUnavailable(f"consumer connection lost: {exc!r}") from None
         finally:
             self.connected.clear()
@@ -719,12 +730,9 @@ class BatchConsumer:
             # Run the acks the caller requested before stop(); what is still unacked goes back to the queue.
             connection.process_data_events(time_limit=0)
             connection.close()
-        except (
-            pika.exceptions.AMQPConnectionError,
-            pika.exceptions.ChannelClosed,
-            pika.exceptions.ConnectionClosed,
-            OSError,
-        ) as exc:
+        except pika.exceptions.ChannelClosed as exc:
+            raise BrokerChannelError(f"RabbitMQ closed the channel: {exc!r}") from None
+        except CONNECTION_LOST as exc:
             raise BrokerUnavailable(f"consumer connection lost: {exc!r}") from None
         finally:
             self.connected.clear()

@@ -93,3 +93,20 @@ def install_stop_signals(drain: Callable[[], None]) -> threading.Event:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stopping
+
+
+def start_supervised(target: Callable[[], None], name: str, on_failure: Callable[[BaseException], None]) -> \
+        threading.Thread:
+    """Run ``target`` on a daemon thread; if it raises, log one line and call ``on_failure`` (the worker then
+    stops and exits non-zero, so compose restarts it) instead of leaving a dead thread behind a live process."""
+
+    def supervised() -> None:
+        try:
+            target()
+        except Exception as exc:
+            log.error("%s stopped: %s", name, exc)
+            on_failure(exc)
+
+    thread = threading.Thread(target=supervised, name=name, daemon=True)
+    thread.start()
+    return thread

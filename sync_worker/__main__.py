@@ -11,6 +11,7 @@ import sys
 from services import broker
 from services.broker import Consumer, ParkedQueues, PublisherThread
 from services.runtime import check, install_stop_signals, load_settings, start_metrics, worker_parser
+from services.settings import Settings
 from sync_worker.forwarder import SyncForwarder
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not start_metrics(settings):
         return 1
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Consume the inbound queue until SIGTERM; returns the exit code."""
     publisher = PublisherThread(settings.amqp_url, "smsgw-sync-publisher")
     forwarder = SyncForwarder(settings, publisher)
     consumer = Consumer(
@@ -128,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("sync_worker started: Sync URL %s", forwarder.redacted_url)
     try:
         consumer.run()
+    except broker.BrokerChannelError as exc:
+        log.error("stopping: %s", exc)
+        return 1
     finally:
         publisher.close()
     log.info("sync_worker stopped")

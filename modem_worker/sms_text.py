@@ -2,7 +2,8 @@
 
 python-gsmmodem-new 0.13.0 counts length in code points (an emoji is two UTF-16 units on the air),
 raises ``ValueError`` when encoding characters outside the BMP, and splits UCS-2 text in the middle of
-surrogate pairs. Everything here is pure (no I/O) so it can be unit-tested without a modem.
+surrogate pairs. Everything here is pure (no I/O) so it can be unit-tested without a modem. The modem
+simulator (``modem_worker.simulator.pdu``) builds its DELIVER / STATUS-REPORT PDUs from the same primitives.
 
 Rules implemented (3GPP TS 23.038 / 23.040):
 
@@ -150,17 +151,26 @@ def encode_gsm7(text: str) -> list[int]:
 
 
 def decode_gsm7(septets: Iterable[int]) -> str:
-    """Return the text of unpacked GSM-7 septets (unknown extension codes become a space, per 23.038)."""
+    """Return the text of unpacked GSM-7 septets.
+
+    Per TS 23.038 6.2.1.1, an escape followed by a code the extension table does not define displays the
+    character of the default table for that code, and ESC ESC (reserved for a further extension table)
+    displays a space. A dangling escape at the end is dropped.
+    """
     out: list[str] = []
     escaped = False
-    for s in septets:
+    for value in septets:
+        s = value & 0x7F
         if escaped:
-            out.append(_EXTENSION_REVERSE.get(s, " "))
+            if s == GSM7_ESCAPE:
+                out.append(" ")
+            else:
+                out.append(_EXTENSION_REVERSE.get(s, GSM7_BASIC[s]))
             escaped = False
         elif s == GSM7_ESCAPE:
             escaped = True
         else:
-            out.append(GSM7_BASIC[s & 0x7F])
+            out.append(GSM7_BASIC[s])
     return "".join(out)
 
 
@@ -193,19 +203,44 @@ def repair_utf16(text: str) -> str:
     return text.encode("utf-16-be", "surrogatepass").decode("utf-16-be", "replace")
 
 
-def encode_address(number: str) -> bytes:
-    """Encode a destination number as a TP-DA address field (length in digits, TON/NPI, semi-octets).
+def encode_semi_octets(digits: str) -> bytes:
+    """Encode a digit string as swapped-nibble BCD (TS 23.040 9.1.2.3), padding an odd length with F."""
+    if len(digits) % 2:
+        digits += "F"
+    return bytes(int(digits[i + 1] + digits[i], 16) for i in range(0, len(digits), 2))
 
-    Raises ValueError for anything but an optional "+" followed by 1-20 digits.
+
+def encode_alphanumeric_address(name: str) -> bytes:
+    """Encode an alphanumeric TP-OA/TP-DA/TP-RA address field (TS 23.040 9.1.2.5: TON 5, GSM 7-bit packed).
+
+    The length octet counts useful semi-octets (7 bits per septet, rounded up to a nibble).
+    Raises ValueError for an empty name, one longer than 11 septets, or one not in the GSM-7 tables.
     """
-    compact = number.replace(" ", "")
+    if not name:
+        raise ValueError("empty address")
+    septets = encode_gsm7(name)
+    if len(septets) > 11:
+        raise ValueError(f"alphanumeric address {name!r} longer than 11 septets")
+    return bytes(((len(septets) * 7 + 3) // 4, 0xD0)) + pack_septets(septets)
+
+
+def encode_address(address: str, *, allow_alphanumeric: bool = False) -> bytes:
+    """Encode a TP-DA/TP-OA/TP-RA address field (length in digits, TON/NPI, semi-octets).
+
+    A number (spaces ignored: an optional "+" followed by 1-20 digits) is international (TON 1) with "+",
+    unknown (TON 0) without. Anything else is encoded as an alphanumeric address when ``allow_alphanumeric``
+    is set (see :func:`encode_alphanumeric_address`, used for network-side originators), and rejected otherwise.
+
+    Raises ValueError for an address that cannot be encoded.
+    """
+    compact = address.replace(" ", "")
     if not _NUMBER_RE.match(compact):
+        if allow_alphanumeric:
+            return encode_alphanumeric_address(address)
         raise ValueError("recipient must be digits with an optional leading +")
     toa = 0x91 if compact.startswith("+") else 0x81
     digits = compact.lstrip("+")
-    padded = digits + ("F" if len(digits) % 2 else "")
-    semi = bytes(int(padded[i + 1] + padded[i], 16) for i in range(0, len(padded), 2))
-    return bytes((len(digits), toa)) + semi
+    return bytes((len(digits), toa)) + encode_semi_octets(digits)
 
 
 @dataclass(frozen=True)

@@ -104,3 +104,20 @@ def test_poison_message_is_parked_by_the_delivery_limit(clean_broker: str, publi
     assert "delivery_limit" in listing[0].reason
     assert len(calls) > broker.DELIVERY_LIMIT
     assert parked.purge() == 1
+
+
+def test_channel_error_is_not_retried(fresh_amqp_url: str) -> None:
+    """A queue declared with other arguments is a configuration problem: the consumer stops with the broker's
+    words instead of reconnecting forever."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(fresh_amqp_url))
+    connection.channel().queue_declare(broker.INBOUND_QUEUE, durable=True)  # classic, not quorum
+    connection.close()
+    publisher = PublisherThread(fresh_amqp_url, "test-publisher")
+    consumer = Consumer(fresh_amqp_url, [broker.INBOUND_QUEUE], lambda _d: Ack(), publisher, name="test")
+    try:
+        with pytest.raises(broker.BrokerChannelError, match="PRECONDITION_FAILED"):
+            consumer.run()
+    finally:
+        publisher.close()

@@ -24,15 +24,8 @@ from gsmmodem.pdu import Concatenation, decodeSmsPdu
 from smspdudecoder.easy import read_incoming_sms
 
 from modem_worker.simulator import SimFullError, Simulator, build_deliver, decode_pdu
-from modem_worker.simulator.pdu import (
-    GSM7_PART,
-    UCS2_PART,
-    encode_address,
-    gsm7_septets,
-    local_datetime,
-    split_text,
-    utf16_units,
-)
+from modem_worker.simulator.pdu import local_datetime
+from modem_worker.sms_text import PART_LIMIT, encode_address, encode_gsm7, segment, text_units
 
 FINAL = ("OK", "ERROR", "+CMS ERROR:", "+CME ERROR:")
 SENDER = "+255712345678"
@@ -546,14 +539,15 @@ def test_cli_help_and_sigterm(tmp_path: Path) -> None:
 
 
 def test_split_never_breaks_escapes_or_surrogates() -> None:
-    encoding, parts = split_text("a" * 152 + "€" + "b" * 10)
-    assert encoding == "gsm7" and parts[0] == "a" * 152 and parts[1].startswith("€")
-    assert all(len(gsm7_septets(p)) <= GSM7_PART for p in parts)
-    encoding, parts = split_text("x" * 66 + "😀" + "y" * 10)
-    assert encoding == "ucs2" and parts[0] == "x" * 66 and parts[1].startswith("😀")
-    assert all(utf16_units(p) <= UCS2_PART for p in parts)
-    assert split_text("€" * 80) == ("gsm7", ["€" * 80])  # 160 septets: still one SMS
-    assert split_text("😀" * 35)[1] == ["😀" * 35]  # 70 UTF-16 units: still one SMS
+    seg = segment("a" * 152 + "€" + "b" * 10)
+    assert seg.encoding == "gsm7" and seg.parts[0] == "a" * 152 and seg.parts[1].startswith("€")
+    assert all(len(encode_gsm7(p)) <= PART_LIMIT["gsm7"] for p in seg.parts)
+    seg = segment("x" * 66 + "😀" + "y" * 10)
+    assert seg.encoding == "ucs2" and seg.parts[0] == "x" * 66 and seg.parts[1].startswith("😀")
+    assert all(text_units(p, "ucs2") <= PART_LIMIT["ucs2"] for p in seg.parts)
+    assert segment("€" * 80).parts == ("€" * 80,)  # 160 septets: still one SMS
+    assert segment("€" * 80).encoding == "gsm7"
+    assert segment("😀" * 35).parts == ("😀" * 35,)  # 70 UTF-16 units: still one SMS
 
 
 def test_alphanumeric_and_national_addresses() -> None:
@@ -561,7 +555,7 @@ def test_alphanumeric_and_national_addresses() -> None:
         (part,) = build_deliver(sender, "hi", local_datetime(1_700_000_000_000), "+255754000000")
         assert decode_pdu(part.pdu).address == sender
         assert read_incoming_sms(part.pdu)["sender"] == sender
-    assert encode_address("MPESA")[1] == 0xD0
+    assert encode_address("MPESA", allow_alphanumeric=True)[1] == 0xD0
 
 
 def _submit_pdu(number: str, text: str) -> tuple[str, int]:

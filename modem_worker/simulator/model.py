@@ -24,7 +24,6 @@ from .pdu import (
     build_status_report,
     decode_text,
     local_datetime,
-    split_text,
 )
 
 SM = "SM"
@@ -228,12 +227,11 @@ class ModemModel:
             built = []
             for sender, text, ts in messages:
                 ts_ms = self.clock_ms() if ts is None else int(ts)
-                ref = 0
-                if len(split_text(text)[1]) > 1:
-                    # Only multipart texts consume a concatenation reference, as with a real SMSC.
-                    ref = self._next_concat_ref
-                    self._next_concat_ref = (ref + 1) % 256
+                ref = self._next_concat_ref
                 parts = build_deliver(sender, text, local_datetime(ts_ms), self.session.smsc, ref)
+                if len(parts) > 1:
+                    # Only multipart texts consume a concatenation reference, as with a real SMSC.
+                    self._next_concat_ref = (ref + 1) % 256
                 built.append((sender, ts_ms, parts))
             direct = self.session.cnmi_mt in (2, 3)
             needed = 0 if direct else sum(len(parts) for _, _, parts in built)

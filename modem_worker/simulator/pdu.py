@@ -1,9 +1,10 @@
 """SMS TPDU codecs for the modem simulator (3GPP TS 23.040 / 23.038).
 
 python-gsmmodem-new only encodes SMS-SUBMIT, and its decoder mangles UCS-2 surrogate pairs, so the simulator
-carries its own small, independent codec: it builds SMS-DELIVER and SMS-STATUS-REPORT PDUs (what a network
-delivers to a modem) and decodes any of DELIVER / SUBMIT / STATUS-REPORT (what a client hands to the modem).
-Being independent of the library is deliberate: the simulator is the yardstick the library is measured against.
+does not use it: it builds SMS-DELIVER and SMS-STATUS-REPORT PDUs (what a network delivers to a modem) and
+decodes any of DELIVER / SUBMIT / STATUS-REPORT (what a client hands to the modem). The text primitives (GSM 03.38
+tables, septet packing, segmentation, address encoding) are shared with the adapter in ``modem_worker.sms_text``;
+the tests cross-check the PDUs against an independent decoder (smspdudecoder).
 
 All PDUs here are "PDU mode" strings as exchanged over AT (27.005): the SMSC address field comes first, and
 the TPDU length reported in `+CMGR:`/`+CMGS=` excludes it.
@@ -12,43 +13,26 @@ the TPDU length reported in `+CMGR:`/`+CMGS=` excludes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Literal
 
-# GSM 03.38 default alphabet; position = septet value. 0x1B is the escape to the extension table and is never
-# a character of its own, hence the placeholder that no real text contains.
-GSM7_BASIC = (
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x00ÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+from modem_worker.sms_text import Encoding as TextEncoding
+from modem_worker.sms_text import (
+    TextTooLong,
+    decode_gsm7,
+    encode_address,
+    encode_gsm7,
+    encode_semi_octets,
+    pack_septets,
+    segment,
 )
-GSM7_ESCAPE = 0x1B
-GSM7_EXTENSION: dict[str, int] = {
-    "\f": 0x0A,
-    "^": 0x14,
-    "{": 0x28,
-    "}": 0x29,
-    "\\": 0x2F,
-    "[": 0x3C,
-    "~": 0x3D,
-    "]": 0x3E,
-    "|": 0x40,
-    "€": 0x65,
-}
-_BASIC_INDEX: dict[str, int] = {ch: i for i, ch in enumerate(GSM7_BASIC) if i != GSM7_ESCAPE}
-_EXTENSION_CHAR: dict[int, str] = {code: ch for ch, code in GSM7_EXTENSION.items()}
-
-# Payload budgets (TS 23.040): a 6-octet concatenation UDH costs 7 septets / 3 UCS-2 units.
-GSM7_SINGLE = 160
-GSM7_PART = 153
-UCS2_SINGLE = 70
-UCS2_PART = 67
 
 TP_STATUS_DELIVERED = 0x00
 TP_STATUS_FAILED = 0x44  # permanent error: "SM delivery failed" family, what the library calls FAILED (68)
 
-Encoding = Literal["gsm7", "ucs2", "8bit"]
+# What a received TP-DCS can announce: the two text alphabets we send, plus 8-bit data.
+Encoding = Literal[TextEncoding, "8bit"]
 
 
 class PduError(ValueError):
@@ -56,62 +40,6 @@ class PduError(ValueError):
 
 
 # --- text ----------------------------------------------------------------------------------------------------
-
-
-def is_gsm7(text: str) -> bool:
-    """Return True when every character of `text` is in the GSM 03.38 default alphabet or extension table."""
-    return all(ch in _BASIC_INDEX or ch in GSM7_EXTENSION for ch in text)
-
-
-def gsm7_septets(text: str) -> list[int]:
-    """Encode `text` to unpacked GSM 7-bit septet values (extension characters become ESC + code).
-
-    Raises PduError when a character has no GSM 7-bit representation.
-    """
-    out: list[int] = []
-    for ch in text:
-        if ch in _BASIC_INDEX:
-            out.append(_BASIC_INDEX[ch])
-        elif ch in GSM7_EXTENSION:
-            out.extend((GSM7_ESCAPE, GSM7_EXTENSION[ch]))
-        else:
-            raise PduError(f"character {ch!r} is not in the GSM 7-bit alphabet")
-    return out
-
-
-def gsm7_decode(septets: Sequence[int]) -> str:
-    """Decode unpacked GSM 7-bit septets to text; an unknown extension code falls back to the basic table
-    (TS 23.038 says so), a dangling trailing ESC is dropped."""
-    out: list[str] = []
-    i = 0
-    while i < len(septets):
-        s = septets[i] & 0x7F
-        if s == GSM7_ESCAPE:
-            if i + 1 < len(septets):
-                nxt = septets[i + 1] & 0x7F
-                out.append(_EXTENSION_CHAR.get(nxt, GSM7_BASIC[nxt] if nxt != GSM7_ESCAPE else " "))
-            i += 2
-            continue
-        out.append(GSM7_BASIC[s])
-        i += 1
-    return "".join(out)
-
-
-def pack_septets(septets: Sequence[int], fill_bits: int = 0) -> bytes:
-    """Pack septets LSB-first into octets, after `fill_bits` zero bits (used to align text after a UDH)."""
-    acc = 0
-    nbits = fill_bits
-    out = bytearray()
-    for s in septets:
-        acc |= (s & 0x7F) << nbits
-        nbits += 7
-        while nbits >= 8:
-            out.append(acc & 0xFF)
-            acc >>= 8
-            nbits -= 8
-    if nbits > 0:
-        out.append(acc & 0xFF)
-    return bytes(out)
 
 
 def unpack_septets(data: bytes, count: int, skip_bits: int = 0) -> list[int]:
@@ -125,51 +53,7 @@ def unpack_septets(data: bytes, count: int, skip_bits: int = 0) -> list[int]:
     return [(value >> (skip_bits + 7 * i)) & 0x7F for i in range(count)]
 
 
-def utf16_units(text: str) -> int:
-    """Number of UTF-16 code units of `text` (what UCS-2 SMS lengths count: a non-BMP char is two)."""
-    return len(text.encode("utf-16-be", "surrogatepass")) // 2
-
-
-def split_text(text: str) -> tuple[Encoding, list[str]]:
-    """Choose the alphabet for `text` and split it into SMS-sized parts.
-
-    7-bit when every character fits GSM 03.38 (160 septets single / 153 per part), else UCS-2 (70 / 67 UTF-16
-    units). Parts are cut on character boundaries, so an escape sequence or a surrogate pair is never split.
-    """
-    encoding: Encoding = "gsm7" if is_gsm7(text) else "ucs2"
-
-    def cost(ch: str) -> int:
-        if encoding == "gsm7":
-            return 2 if ch in GSM7_EXTENSION else 1
-        return 2 if ord(ch) > 0xFFFF else 1
-
-    total = sum(cost(ch) for ch in text)
-    single, per_part = (GSM7_SINGLE, GSM7_PART) if encoding == "gsm7" else (UCS2_SINGLE, UCS2_PART)
-    if total <= single:
-        return encoding, [text]
-    parts: list[str] = []
-    current: list[str] = []
-    used = 0
-    for ch in text:
-        c = cost(ch)
-        if used + c > per_part:
-            parts.append("".join(current))
-            current, used = [], 0
-        current.append(ch)
-        used += c
-    if current:
-        parts.append("".join(current))
-    return encoding, parts
-
-
 # --- addresses and timestamps -----------------------------------------------------------------------------------
-
-
-def _semi_octets(digits: str) -> bytes:
-    """Swap-nibble BCD encoding of a digit string, padded with F."""
-    if len(digits) % 2:
-        digits += "F"
-    return bytes(int(digits[i + 1] + digits[i], 16) for i in range(0, len(digits), 2))
 
 
 def _from_semi_octets(data: bytes, ndigits: int) -> str:
@@ -184,25 +68,15 @@ def _from_semi_octets(data: bytes, ndigits: int) -> str:
     return "".join(out[:ndigits])
 
 
-def encode_address(address: str) -> bytes:
-    """Encode a TP-OA/TP-DA/TP-RA address field: "+digits" international (TON 1), digits unknown (TON 0),
-    anything else alphanumeric (TON 5, GSM 7-bit packed, at most 11 characters).
+def _encode_address(address: str) -> bytes:
+    """Encode a TP-OA/TP-RA field: a number, or else an alphanumeric sender (see sms_text.encode_address).
 
-    Raises PduError for an empty address, or an alphanumeric one that is too long or not GSM 7-bit.
+    Raises PduError when the address cannot be encoded.
     """
-    if not address:
-        raise PduError("empty address")
-    if address.startswith("+") and address[1:].isdigit():
-        digits = address[1:]
-        return bytes((len(digits), 0x91)) + _semi_octets(digits)
-    if address.isdigit():
-        return bytes((len(address), 0x81)) + _semi_octets(address)
-    septets = gsm7_septets(address)
-    if len(septets) > 11:
-        raise PduError(f"alphanumeric address {address!r} longer than 11 septets")
-    packed = pack_septets(septets)
-    # Length counts useful semi-octets: 7 bits per septet, rounded up to a nibble.
-    return bytes((math.ceil(len(septets) * 7 / 4), 0xD0)) + packed
+    try:
+        return encode_address(address, allow_alphanumeric=True)
+    except ValueError as exc:
+        raise PduError(str(exc)) from exc
 
 
 def encode_smsc(address: str | None) -> bytes:
@@ -213,7 +87,7 @@ def encode_smsc(address: str | None) -> bytes:
         digits, toa = address[1:], 0x91
     else:
         digits, toa = address, 0x81
-    body = _semi_octets(digits)
+    body = encode_semi_octets(digits)
     return bytes((len(body) + 1, toa)) + body
 
 
@@ -227,7 +101,7 @@ def _decode_address(data: bytes, pos: int) -> tuple[str, int]:
         raise PduError("truncated address field")
     ton = (toa >> 4) & 0x07
     if ton == 5:
-        text = gsm7_decode(unpack_septets(body, (ndigits * 4) // 7))
+        text = decode_gsm7(unpack_septets(body, (ndigits * 4) // 7))
         return text, pos + 2 + nbytes
     number = _from_semi_octets(body, ndigits)
     return ("+" + number if ton == 1 else number), pos + 2 + nbytes
@@ -242,10 +116,10 @@ def encode_timestamp(when: datetime) -> bytes:
     if offset is None:
         raise PduError("timestamp needs a timezone")
     quarters = round(offset.total_seconds() / 900)
-    tz = _semi_octets(f"{abs(quarters):02d}")[0]
+    tz = encode_semi_octets(f"{abs(quarters):02d}")[0]
     if quarters < 0:
         tz |= 0x08  # sign bit sits in the tens nibble, which is the low nibble after the swap
-    return _semi_octets(when.strftime("%y%m%d%H%M%S")) + bytes((tz,))
+    return encode_semi_octets(when.strftime("%y%m%d%H%M%S")) + bytes((tz,))
 
 
 def decode_timestamp(data: bytes) -> datetime:
@@ -297,18 +171,20 @@ def build_deliver(
     Long texts become concatenated parts with an 8-bit-reference UDH (IEI 00) using `concat_ref` (0-255).
     Raises PduError when the sender cannot be encoded or the text needs more than 255 parts.
     """
-    encoding, chunks = split_text(text)
-    if len(chunks) > 255:
-        raise PduError("text needs more than 255 parts")
+    try:
+        seg = segment(text)
+    except TextTooLong as exc:
+        raise PduError(str(exc)) from exc
+    encoding, chunks = seg.encoding, seg.parts
     smsc_field = encode_smsc(smsc)
-    oa = encode_address(sender)
+    oa = _encode_address(sender)
     scts = encode_timestamp(when)
     total = len(chunks)
     parts: list[DeliverPart] = []
     for seq, chunk in enumerate(chunks, start=1):
         udh = bytes((0x05, 0x00, 0x03, concat_ref & 0xFF, total, seq)) if total > 1 else b""
         if encoding == "gsm7":
-            septets = gsm7_septets(chunk)
+            septets = encode_gsm7(chunk)
             header_septets = math.ceil(len(udh) * 8 / 7)
             fill = header_septets * 7 - len(udh) * 8
             ud = udh + pack_septets(septets, fill) if udh else pack_septets(septets)
@@ -349,7 +225,7 @@ def build_status_report(
     # TP-MTI=10 (STATUS-REPORT), TP-MMS=1; TP-SRQ=0: this reports on an SMS-SUBMIT.
     tpdu = (
         bytes((0x06, reference & 0xFF))
-        + encode_address(recipient)
+        + _encode_address(recipient)
         + encode_timestamp(submitted)
         + encode_timestamp(discharged)
         + bytes((status & 0xFF,))
@@ -412,7 +288,7 @@ def _concat_from_udh(udh: bytes) -> tuple[int, int, int] | None:
 def decode_text(encoding: Encoding, payload: bytes) -> str:
     """Decode a payload as produced in DecodedPdu.payload (septet values or bytes) to text."""
     if encoding == "gsm7":
-        return gsm7_decode(list(payload))
+        return decode_gsm7(list(payload))
     if encoding == "ucs2":
         # 'replace' rather than 'surrogatepass': a lone surrogate must not leak into JSON/UTF-8 consumers.
         return payload.decode("utf-16-be", "replace")

@@ -222,7 +222,7 @@ class ModemWorker:
         modem = self._modem
         if modem is None or not modem.alive:
             return Requeue()
-        existing = self._ledger.begin_send(sms.uuid, self.modem_id, sms.to)
+        existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to)
         if existing is not None:
             return self._already_handled(sms, existing)
         started = time.monotonic()
@@ -230,7 +230,7 @@ class ModemWorker:
             receipt = modem.send(sms.to, sms.text)
         except ModemUnavailable as exc:
             # The PDU never reached the modem: safe to send later (here or on another modem).
-            self._ledger.release(sms.uuid)
+            self._ledger.release(sms.ledger_key)
             log.warning("modem %s: unavailable before sending %s (%s); requeued", self.modem_id, sms.uuid, exc)
             self._modem_down.set()
             return Requeue()
@@ -248,8 +248,8 @@ class ModemWorker:
     def _finish(self, sms: OutboundSms, outcome: str, detail: str, *, cms_error: int | None = None,
                 references: tuple[int, ...] = (), when: datetime | None = None) -> None:
         """Record the outcome in the ledger (durable first), then publish the event (confirmed)."""
-        self._ledger.finish_send(sms.uuid, outcome, detail, cms_error=cms_error, references=references,
-                                 modem_id=self.modem_id, recipient=sms.to)
+        self._ledger.finish_send(sms.ledger_key, outcome, detail, cms_error=cms_error, references=references,
+                                 modem_id=self.modem_id, recipient=sms.to, report_uuid=sms.uuid)
         metrics.SMS_SENT.labels(self.modem_id, outcome).inc()
         log.info("modem %s: outbound %s %s", self.modem_id, sms.uuid, outcome)
         self._publish_sent_event(sms.uuid, outcome, detail, cms_error=cms_error, references=references,

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS parts (
     modem_id TEXT NOT NULL,
     reference INTEGER NOT NULL,
     recipient_key TEXT NOT NULL,
-    uuid TEXT NOT NULL,
+    uuid TEXT NOT NULL,    -- the ledger key of the SMS
+    report_uuid TEXT NOT NULL,  -- the uuid results are reported under (the server's)
     part_index INTEGER NOT NULL,
     sent_at INTEGER NOT NULL,
     status TEXT            -- NULL until its status report: delivered | failed
@@ -192,8 +193,13 @@ class Ledger:
                        (_now_ms(), uuid))
 
     def finish_send(self, uuid: str, state: str, detail: str, *, cms_error: int | None = None,
-                    references: tuple[int, ...] = (), modem_id: str = "", recipient: str = "") -> None:
-        """Record the outcome of a send, and each part's TP-MR for delivery-report matching."""
+                    references: tuple[int, ...] = (), modem_id: str = "", recipient: str = "",
+                    report_uuid: str | None = None) -> None:
+        """Record the outcome of a send, and each part's TP-MR for delivery-report matching.
+
+        ``uuid`` is the ledger key; ``report_uuid`` (default: the same) is what delivery reports are published
+        under — they differ for server replies, whose uuids some servers reuse across messages.
+        """
         if state not in FINAL_STATES:
             raise ValueError(f"not a final state: {state!r}")
         now = _now_ms()
@@ -203,9 +209,9 @@ class Ledger:
                 "WHERE uuid = ?", (state, cms_error, detail, json.dumps(list(references)), now, uuid))
             key = recipient_key(recipient)
             db.executemany(
-                "INSERT INTO parts (modem_id, reference, recipient_key, uuid, part_index, sent_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(modem_id, ref, key, uuid, index, now) for index, ref in enumerate(references)],
+                "INSERT INTO parts (modem_id, reference, recipient_key, uuid, report_uuid, part_index, sent_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(modem_id, ref, key, uuid, report_uuid or uuid, index, now) for index, ref in enumerate(references)],
             )
 
     def match_report(self, modem_id: str, reference: int, recipient: str, delivered: bool,
@@ -217,18 +223,19 @@ class Ledger:
         cutoff = _now_ms() - int(window_s * 1000)
         with self._transaction() as db:
             row = db.execute(
-                "SELECT rowid, uuid FROM parts WHERE modem_id = ? AND reference = ? AND recipient_key = ? "
+                "SELECT rowid, uuid, report_uuid FROM parts WHERE modem_id = ? AND reference = ? "
+                "AND recipient_key = ? "
                 "AND sent_at >= ? ORDER BY status IS NOT NULL, sent_at DESC LIMIT 1",
                 (modem_id, reference, recipient_key(recipient), cutoff),
             ).fetchone()
             if row is None:
                 return None
-            rowid, uuid = row
+            rowid, uuid, report_uuid = row
             db.execute("UPDATE parts SET status = ? WHERE rowid = ?",
                        ("delivered" if delivered else "failed", rowid))
             statuses = [r[0] for r in db.execute("SELECT status FROM parts WHERE uuid = ?", (uuid,))]
         final = all(s is not None for s in statuses)
-        return ReportMatch(uuid=uuid, final=final, delivered=all(s == "delivered" for s in statuses))
+        return ReportMatch(uuid=report_uuid, final=final, delivered=all(s == "delivered" for s in statuses))
 
     def counts(self) -> dict[str, int]:
         """Number of uuids per state (for metrics and the demo)."""

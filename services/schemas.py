@@ -109,6 +109,15 @@ class OutboundSms(_Message):
     # Only task messages are reported through the Message Results API; replies carry a server uuid too but the
     # app never reports them, so neither do we unless the server asks for the uuid.
     report: bool = False
+    # Key of the outbound ledger ("never twice"); empty = ``uuid``. Replies set it to a key derived from the
+    # inbound message_id and the server's uuid: some servers (the seed PHP sample) reuse one uuid for every
+    # reply, and each reply must still go out once.
+    dedup_key: str = ""
+
+    @property
+    def ledger_key(self) -> str:
+        """The key under which the outbound ledger records this SMS."""
+        return self.dedup_key or self.uuid
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,7 @@ _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     ("OutboundSms", "origin"): str,
     ("OutboundSms", "created_at"): int,
     ("OutboundSms", "report"): bool,
+    ("OutboundSms", "dedup_key"): str,
     ("SentEvent", "uuid"): str,
     ("SentEvent", "modem_id"): str,
     ("SentEvent", "outcome"): str,

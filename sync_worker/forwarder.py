@@ -146,11 +146,13 @@ class SyncForwarder:
         outbound: list[OutboundSms] = []
         now = broker.now_ms()
         if self._settings.reply_from_server and task in ("send", None):
-            for index, task_message in enumerate(messages):
-                reply_uuid = task_message.uuid or str(
-                    uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/{index}")
+            for task_message in messages:
+                # Same SMS re-posted after a crash -> same key -> the ledger sends the reply once; another SMS
+                # answered with the same server uuid -> another key -> its reply goes out too.
+                key = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/{task_message.uuid}"))
+                outbound.append(
+                    OutboundSms(task_message.uuid, task_message.to, task_message.text, "reply", now, dedup_key=key)
                 )
-                outbound.append(OutboundSms(reply_uuid, task_message.to, task_message.text, "reply", now))
         elif messages:
             log.info(
                 "SMS %s: %d reply messages not sent (SMSGW_REPLY_FROM_SERVER is off or task is %r)",

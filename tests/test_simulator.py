@@ -25,7 +25,7 @@ from smspdudecoder.easy import read_incoming_sms
 
 from modem_worker.simulator import SimFullError, Simulator, build_deliver, decode_pdu
 from modem_worker.simulator.pdu import local_datetime
-from modem_worker.sms_text import PART_LIMIT, encode_address, encode_gsm7, segment, text_units
+from modem_worker.sms_text import PART_LIMIT, decode_gsm7, encode_address, encode_gsm7, segment, text_units
 
 FINAL = ("OK", "ERROR", "+CMS ERROR:", "+CME ERROR:")
 SENDER = "+255712345678"
@@ -548,6 +548,12 @@ def test_split_never_breaks_escapes_or_surrogates() -> None:
     assert segment("€" * 80).parts == ("€" * 80,)  # 160 septets: still one SMS
     assert segment("€" * 80).encoding == "gsm7"
     assert segment("😀" * 35).parts == ("😀" * 35,)  # 70 UTF-16 units: still one SMS
+
+
+def test_gsm7_decode_of_undefined_escapes() -> None:
+    # TS 23.038 6.2.1.1: ESC + a code the extension table lacks shows the default-table character,
+    # ESC ESC (reserved) shows a space, and a dangling ESC at the end is dropped.
+    assert decode_gsm7([0x1B, 0x41, 0x1B, 0x65, 0x1B, 0x1B, 0x42, 0x1B]) == "A€ B"
 
 
 def test_alphanumeric_and_national_addresses() -> None:

@@ -173,6 +173,19 @@ def declare_topology(channel: BlockingChannel, modem_ids: Sequence[str] = ()) ->
         declare_work_queue(channel, work_queue)
 
 
+def reconnecting() -> Retrying:
+    """The reconnect policy of every consumer: retry BrokerUnavailable (connection errors) with capped
+    exponential back-off and jitter, forever; anything else (BrokerChannelError) ends the loop."""
+    return Retrying(
+        retry=retry_if_exception_type(BrokerUnavailable),
+        wait=wait_exponential_jitter(multiplier=0.5, max=30),
+        before_sleep=lambda state: log.warning(
+            "broker unavailable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
+        ),
+        reraise=True,
+    )
+
+
 def choose_delay_tier(attempt: int) -> int:
     """Back-off tier (seconds) for retry number ``attempt`` (1-based): exponential with jitter, capped.
 
@@ -416,14 +429,7 @@ class Consumer:
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(BrokerUnavailable),
-            wait=wait_exponential_jitter(multiplier=0.5, max=30),
-            before_sleep=lambda state: log.warning(
-                "broker unavailable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
-            ),
-            reraise=True,
-        )
+        retrying = reconnecting()
         try:
             for attempt in retrying:
                 with attempt:
@@ -687,14 +693,7 @@ class BatchConsumer:
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(BrokerUnavailable),
-            wait=wait_exponential_jitter(multiplier=0.5, max=30),
-            before_sleep=lambda state: log.warning(
-                "broker unavailable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
-            ),
-            reraise=True,
-        )
+        retrying = reconnecting()
         for attempt in retrying:
             with attempt:
                 if not self._stopping.is_set():

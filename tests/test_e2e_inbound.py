@@ -82,6 +82,11 @@ def test_38_sms_reach_the_sync_url_exactly_and_replies_go_out_once(stack: Stack,
     assert sorted(o["to"] for o in outbox) == sorted(s for s, _ in sent)
     assert all(o["text"].startswith("Thanks, received: ") for o in outbox)
     assert simulator.inbox() == []
+    # At INFO the workers log ids, never bodies, numbers' texts or the secret.
+    for name in ("modem_worker", "sync_worker"):
+        log_text = stack.log_text(name)
+        assert "Habari za asubuhi" not in log_text and "Long report" not in log_text
+        assert SECRET not in log_text
 
 
 def test_sync_url_outage_loses_nothing_and_never_changes_ids(stack: Stack, server: ReferenceServer) -> None:

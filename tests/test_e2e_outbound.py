@@ -100,6 +100,9 @@ def test_twelve_tasks_sent_once_acknowledged_and_reported(stack: Stack, server: 
     assert server.acknowledged == {m["uuid"] for m in server.messages}
     assert all(row["sent_result_code"] == 0 for row in server.results.values())
     assert set(server.secrets_seen) == {SECRET}, "no request may carry a wrong secret"
+    for name in ("modem_worker", "task_poller", "result_reporter"):
+        log_text = stack.log_text(name)
+        assert SECRET not in log_text and "p%26ss" not in log_text and "Kumbusho" not in log_text
 
 
 @pytest.mark.parametrize("victim", ["task_poller", "modem_worker"])

@@ -26,22 +26,12 @@ from smspdudecoder.easy import read_incoming_sms
 from modem_worker.simulator import SimFullError, Simulator, build_deliver, decode_pdu
 from modem_worker.simulator.pdu import local_datetime
 from modem_worker.sms_text import PART_LIMIT, decode_gsm7, encode_address, encode_gsm7, segment, text_units
+from tests.conftest import wait_for
 
 FINAL = ("OK", "ERROR", "+CMS ERROR:", "+CME ERROR:")
 SENDER = "+255712345678"
 RECIPIENT = "+255700000002"
 
-
-def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    """Poll `cond` until truthy; return its value or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class RawPort:

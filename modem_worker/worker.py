@@ -177,7 +177,8 @@ class ModemWorker:
         identity = (info.imsi if info and info.imsi else None) or self.modem_id
         sent_ms = _ms(message.smsc_time)
         sms = InboundSms(
-            message_id=derive_message_id(identity, message.sender, sent_ms, message.text),
+            message_id=derive_message_id(identity, message.sender, sent_ms, message.text,
+                                          min(message.sim_indices, default=None)),
             sender=message.sender,
             text=message.text,
             sent_timestamp=sent_ms,

@@ -23,13 +23,16 @@ class SchemaError(ValueError):
     """A queue message body is not valid JSON or does not match its schema."""
 
 
-def derive_message_id(modem_identity: str, sender: str, smsc_time_ms: int, text: str) -> str:
+def derive_message_id(modem_identity: str, sender: str, smsc_time_ms: int, text: str, sim_slot: int | None) -> str:
     """Return the deterministic UUIDv5 ``message_id`` of one received SMS.
 
     The inputs identify the SMS itself (not the moment we read it), so a crash between broker publish and SIM
-    delete re-reads the same SMS and yields the same id.
+    delete re-reads the same SMS and yields the same id. ``sim_slot`` (the lowest SIM index of its parts)
+    separates two identical texts from one sender within the same second (SMSC time stamps have 1 s
+    resolution): they sit in different slots, and a slot is only reused after its SMS was confirmed and deleted.
     """
-    name = "\x1f".join((modem_identity, sender, str(smsc_time_ms), text))
+    slot = "" if sim_slot is None else str(sim_slot)
+    name = "\x1f".join((modem_identity, sender, str(smsc_time_ms), text, slot))
     return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, name))
 
 

@@ -200,3 +200,12 @@ def test_unplug_reports_down_keeps_work_and_recovers(stack: Stack, server: Refer
     wait_for(lambda: [o["text"] for o in simulator.outbox()] == ["queued while unplugged"], timeout=60,
              what="queued SMS sent after replug")
     assert metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 1.0
+
+
+def test_identical_sms_in_the_same_second_are_two_messages(stack: Stack, server: ReferenceServer) -> None:
+    server.configure(reply=False)
+    simulator = start_gateway(stack)
+    for _ in range(2):
+        simulator.inject("+255760000001", "YES", timestamp_ms=1_790_000_000_000)
+    wait_for(lambda: len(server.received()) >= 2, timeout=30, what="both YES messages")
+    assert len({m["message_id"] for m in server.received()}) == 2

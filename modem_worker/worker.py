@@ -28,7 +28,7 @@ from modem_worker.modem import (
     StatusReport,
 )
 from services import broker, metrics
-from services.broker import Ack, Consumer, Decision, Delivery, Park, Publication, PublisherThread, Requeue, Retry
+from services.broker import Ack, Consumer, Decision, Delivery, Park, Publication, PublisherThread, Retry
 from services.ledger import FINAL_STATES, Ledger, LedgerEntry
 from services.runtime import start_supervised
 from services.schemas import DeliveryEvent, InboundSms, OutboundSms, SchemaError, SentEvent, derive_message_id
@@ -205,7 +205,7 @@ class ModemWorker:
         if match is None:
             log.warning("modem %s: status report for unknown TP-MR %d ignored", self.modem_id, report.reference)
             return
-        if not match.final:
+        if not match.final or match.uuid is None:  # more parts to come, or an SMS nobody reports on (a reply)
             return
         event = DeliveryEvent(
             uuid=match.uuid, modem_id=self.modem_id, outcome="delivered" if match.delivered else "failed",
@@ -222,7 +222,10 @@ class ModemWorker:
             return Park(f"malformed outbound message: {exc}", label="malformed")
         modem = self._modem
         if modem is None or not modem.alive:
-            return Requeue()
+            # Stop consuming (the supervisor reconnects) and hand the SMS back through a delay queue: by then
+            # this consumer is stopped and another modem, or this one once back, takes it.
+            self._modem_down.set()
+            return Retry("modem down")
         existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to)
         if existing is not None:
             return self._already_handled(sms, existing)
@@ -234,13 +237,14 @@ class ModemWorker:
             self._ledger.release(sms.ledger_key)
             log.warning("modem %s: unavailable before sending %s (%s); requeued", self.modem_id, sms.uuid, exc)
             self._modem_down.set()
-            return Requeue()
+            return Retry("modem unavailable")
         except SendFailed as exc:
             detail = f"network refused: {exc.reason}"
             self._finish(sms, "failed", detail, cms_error=exc.cms_code)
         except SendOutcomeUnknown as exc:
             detail = f"Outcome unknown: the modem did not confirm the send ({exc}); not resent"
-            self._finish(sms, "unknown", detail)
+            # Parts that did leave keep their TP-MR, so their status reports still match.
+            self._finish(sms, "unknown", detail, references=exc.references)
         else:
             metrics.SEND_SECONDS.labels(self.modem_id).observe(time.monotonic() - started)
             self._finish(sms, "sent", "SMS sent", references=receipt.references, when=receipt.sent_at)
@@ -250,11 +254,13 @@ class ModemWorker:
                 references: tuple[int, ...] = (), when: datetime | None = None) -> None:
         """Record the outcome in the ledger (durable first), then publish the event (confirmed)."""
         self._ledger.finish_send(sms.ledger_key, outcome, detail, cms_error=cms_error, references=references,
-                                 modem_id=self.modem_id, recipient=sms.to, report_uuid=sms.uuid)
+                                 modem_id=self.modem_id, recipient=sms.to,
+                                 report_uuid=sms.uuid if sms.report else None)
         metrics.SMS_SENT.labels(self.modem_id, outcome).inc()
         log.info("modem %s: outbound %s %s", self.modem_id, sms.uuid, outcome)
-        self._publish_sent_event(sms.uuid, outcome, detail, cms_error=cms_error, references=references,
-                                 timestamp=_ms(when))
+        if sms.report:
+            self._publish_sent_event(sms.uuid, outcome, detail, cms_error=cms_error, references=references,
+                                     timestamp=_ms(when))
 
     def _publish_sent_event(self, uuid: str, outcome: str, detail: str, *, cms_error: int | None,
                             references: tuple[int, ...], timestamp: int) -> None:
@@ -270,9 +276,10 @@ class ModemWorker:
         if entry.state in FINAL_STATES:
             log.info("modem %s: outbound %s already %s; not sent again", self.modem_id, sms.uuid, entry.state)
             metrics.SMS_SENT.labels(self.modem_id, "duplicate").inc()
-            self._publish_sent_event(sms.uuid, entry.state, entry.detail or entry.state,
-                                     cms_error=entry.cms_error, references=entry.references,
-                                     timestamp=entry.updated_at)
+            if sms.report:  # again: the first publish may have failed after the ledger was written
+                self._publish_sent_event(sms.uuid, entry.state, entry.detail or entry.state,
+                                         cms_error=entry.cms_error, references=entry.references,
+                                         timestamp=entry.updated_at)
             return Ack()
         age_s = (broker.now_ms() - entry.updated_at) / 1000
         if entry.modem_id == self.modem_id or age_s > STALE_SENDING_S:

@@ -379,12 +379,10 @@ class Park:
     label: str = "error"  # low-cardinality metric label
 
 
-@dataclass(frozen=True)
-class Requeue:
-    """Put back at once without counting a retry (the work could not start: e.g. the modem is down)."""
-
-
-Decision = Ack | Retry | Park | Requeue
+# There is deliberately no "requeue now" decision: on a quorum queue every requeue counts towards
+# x-delivery-limit, so a handler that requeues while waiting for something (a modem coming back) would get its
+# message parked after DELIVERY_LIMIT tight loops. Waiting goes through a delay queue (Retry).
+Decision = Ack | Retry | Park
 Handler = Callable[[Delivery], Decision]
 
 
@@ -517,7 +515,7 @@ class Consumer:
                     exc,
                 )
                 requeue = True
-            self._settle(connection, channel, tag, requeue=requeue or isinstance(decision, Requeue))
+            self._settle(connection, channel, tag, requeue=requeue)
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS parts (
     reference INTEGER NOT NULL,
     recipient_key TEXT NOT NULL,
     uuid TEXT NOT NULL,    -- the ledger key of the SMS
-    report_uuid TEXT NOT NULL,  -- the uuid results are reported under (the server's)
+    report_uuid TEXT,      -- the uuid results are reported under (the server's); NULL: not reported
     part_index INTEGER NOT NULL,
     sent_at INTEGER NOT NULL,
     status TEXT            -- NULL until its status report: delivered | failed
@@ -71,7 +71,7 @@ class LedgerEntry:
 class ReportMatch:
     """A status report matched to its SMS; ``final`` when every part has a status."""
 
-    uuid: str
+    uuid: str | None  # the uuid to report under; None: the SMS is not reported (a reply)
     final: bool
     delivered: bool  # meaningful when final: every part delivered
 
@@ -197,8 +197,8 @@ class Ledger:
                     report_uuid: str | None = None) -> None:
         """Record the outcome of a send, and each part's TP-MR for delivery-report matching.
 
-        ``uuid`` is the ledger key; ``report_uuid`` (default: the same) is what delivery reports are published
-        under — they differ for server replies, whose uuids some servers reuse across messages.
+        ``uuid`` is the ledger key; ``report_uuid`` is what delivery reports are published under (None: the SMS
+        is not reported, e.g. a server reply). They differ for replies, whose uuids some servers reuse.
         """
         if state not in FINAL_STATES:
             raise ValueError(f"not a final state: {state!r}")
@@ -211,7 +211,7 @@ class Ledger:
             db.executemany(
                 "INSERT INTO parts (modem_id, reference, recipient_key, uuid, report_uuid, part_index, sent_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(modem_id, ref, key, uuid, report_uuid or uuid, index, now) for index, ref in enumerate(references)],
+                [(modem_id, ref, key, uuid, report_uuid, index, now) for index, ref in enumerate(references)],
             )
 
     def match_report(self, modem_id: str, reference: int, recipient: str, delivered: bool,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,14 +97,22 @@ def first_json_document(text: str) -> Any:
         value, end = decoder.raw_decode(stripped, start)
     except json.JSONDecodeError as exc:
         raise ReplyError(f"body is not JSON ({exc.msg} at {exc.pos}): {_snippet(stripped)}") from None
+    except RecursionError:
+        # A pathological (deeply nested) body must be one clear error, not a crash of the worker's loop.
+        raise ReplyError("body is JSON nested too deeply to read") from None
     rest = stripped[end:].strip()
     if rest:
         log.debug("ignoring %d characters after the first JSON document", len(rest))
     return value
 
 
+_SECRET_IN_BODY = re.compile(r'("secret"\s*:\s*)"(?:[^"\\]|\\.)*"|(secret=)[^&\s"]*', re.IGNORECASE)
+
+
 def _snippet(text: str, limit: int = 80) -> str:
+    """The start of a body for an error message, with any secret masked (a task reply carries ours)."""
     flat = " ".join(text.split())
+    flat = _SECRET_IN_BODY.sub(lambda m: (m.group(1) or m.group(2)) + ('"***"' if m.group(1) else "***"), flat)
     return flat[:limit] + ("…" if len(flat) > limit else "")
 
 
@@ -184,7 +193,19 @@ def _task_message(raw: Any) -> tuple[TaskMessage | None, str]:
         return None, "'message' is missing"
     if not isinstance(uuid, str | int) or not str(uuid).strip():
         return None, "'uuid' is missing"
+    for name, value in (("to", to), ("message", text), ("uuid", str(uuid))):
+        if not _encodable(value):
+            # JSON allows "\ud83d" alone; no SMS (nor our queues, nor SQLite) can carry a lone surrogate.
+            return None, f"'{name}' is not valid Unicode (lone surrogate)"
     return TaskMessage(to=to.strip(), text=text, uuid=str(uuid).strip()), ""
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def secrets_match(configured: str, received: str | None) -> bool:

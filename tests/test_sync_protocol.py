@@ -102,3 +102,22 @@ def test_results_body_shapes() -> None:
     assert json.loads(results_body(rows, "message_result_string")["message_result"]) == rows
     assert results_body(rows, "message_result_array") == {"message_result": rows}
     assert first_json_document('  {"a":1} trailing') == {"a": 1}
+
+
+def test_pathological_replies_are_reply_errors_not_crashes() -> None:
+    with pytest.raises(ReplyError, match="nested too deeply"):
+        parse_payload("[" * 100000 + "]" * 100000)
+    body = '{"payload":{"task":"send","messages":[{"to":"+2557","message":"bad \\ud83d","uuid":"a"},' \
+           '{"to":"+2557","message":"good","uuid":"b"}]}}'
+    payload = parse_payload(body)
+    assert [m.uuid for m in payload.messages] == ["b"]
+    assert "lone surrogate" in payload.skipped[0]
+
+
+def test_error_snippets_never_carry_the_secret() -> None:
+    with pytest.raises(ReplyError) as caught:
+        parse_payload('{"payload":{"success":"true","task":"send","secret":"123456","messages":[')
+    assert "123456" not in str(caught.value) and '"secret":"***"' in str(caught.value)
+    with pytest.raises(ReplyError) as caught:
+        first_json_document("<a href='/x?task=send&secret=s3cret'>moved</a>")
+    assert "s3cret" not in str(caught.value)

@@ -24,6 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +106,8 @@ def connection_parameters(url: str, name: str) -> pika.URLParameters:
     """pika parameters for ``url`` (vhost honoured) with heartbeats and a visible connection name."""
     params = pika.URLParameters(url)
     params.heartbeat = HEARTBEAT_S
-    params.blocked_connection_timeout = 60
+    # A broker under a resource alarm blocks publishers; give up (and reconnect) before callers time out.
+    params.blocked_connection_timeout = 30
     params.connection_attempts = 1
     params.socket_timeout = 5
     params.client_properties = {"connection_name": name}
@@ -173,12 +175,20 @@ def declare_topology(channel: BlockingChannel, modem_ids: Sequence[str] = ()) ->
         declare_work_queue(channel, work_queue)
 
 
-def reconnecting() -> Retrying:
+def reconnecting(stopping: threading.Event) -> Retrying:
     """The reconnect policy of every consumer: retry BrokerUnavailable (connection errors) with capped
-    exponential back-off and jitter, forever; anything else (BrokerChannelError) ends the loop."""
+    exponential back-off and jitter until ``stopping`` is set; anything else (BrokerChannelError) ends the loop.
+
+    The back-off sleeps on ``stopping``, so SIGTERM during a broker outage ends the worker at once.
+    """
+
+    def sleep(seconds: float) -> None:
+        stopping.wait(seconds)
+
     return Retrying(
         retry=retry_if_exception_type(BrokerUnavailable),
         wait=wait_exponential_jitter(multiplier=0.5, max=30),
+        sleep=sleep,
         before_sleep=lambda state: log.warning(
             "broker unavailable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
         ),
@@ -297,7 +307,7 @@ class PublisherThread:
         self._thread = threading.Thread(target=self._run, name=f"publisher-{name}", daemon=True)
         self._thread.start()
 
-    def publish(self, publication: Publication, timeout: float = 30.0) -> None:
+    def publish(self, publication: Publication, timeout: float = 45.0) -> None:
         """Publish with confirm from any thread.
 
         Raises:
@@ -309,6 +319,10 @@ class PublisherThread:
         try:
             future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
+            # Withdraw the request: the caller now treats it as not published (the SMS stays on the SIM and is
+            # published again later), so a late publish would be a duplicate. If it is already being published,
+            # at most that one copy goes out.
+            future.cancel()
             raise BrokerUnavailable("no publisher confirm within the time-out") from None
 
     def _run(self) -> None:
@@ -366,9 +380,11 @@ class Ack:
 
 @dataclass(frozen=True)
 class Retry:
-    """Try again later, through a delay queue."""
+    """Try again later, through a delay queue. ``count`` names a header to increment on the retry copy (e.g. the
+    sync worker counts refusals separately from outages)."""
 
     reason: str
+    count: str | None = None
 
 
 @dataclass(frozen=True)
@@ -427,7 +443,7 @@ class Consumer:
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
-        retrying = reconnecting()
+        retrying = reconnecting(self._stopping)
         try:
             for attempt in retrying:
                 with attempt:
@@ -453,9 +469,12 @@ class Consumer:
                 connection.process_data_events(time_limit=0.5)
             for tag in tags:
                 channel.basic_cancel(tag)
-            # Drain: let running handlers finish so their acks go out on this connection.
+            # Drain: let running handlers finish so their acks go out on this connection. A handler hands its
+            # ack over (add_callback_threadsafe) just before it stops counting as in flight, so run the I/O loop
+            # once more: close() would otherwise drop that last ack and the message would come back.
             while self._in_flight_count() > 0:
                 connection.process_data_events(time_limit=0.1)
+            connection.process_data_events(time_limit=0)
             connection.close()
         except pika.exceptions.ChannelClosed as exc:
             raise BrokerChannelError(f"RabbitMQ closed the channel: {exc!r}") from None
@@ -534,6 +553,8 @@ class Consumer:
                 attempt = delivery.attempts + 1
                 tier = choose_delay_tier(attempt)
                 headers = {**delivery.headers, HEADER_ATTEMPTS: attempt, HEADER_FIRST_ATTEMPT_MS: first}
+                if decision.count:
+                    headers[decision.count] = int(delivery.headers.get(decision.count, 0)) + 1
                 self._publisher.publish(
                     Publication(
                         f"{delivery.queue}.{tier}",
@@ -691,7 +712,7 @@ class BatchConsumer:
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
-        retrying = reconnecting()
+        retrying = reconnecting(self._stopping)
         for attempt in retrying:
             with attempt:
                 if not self._stopping.is_set():
@@ -808,52 +829,52 @@ class ParkedQueues:
                 props,
             )
 
-    def _channel(self) -> tuple[pika.BlockingConnection, BlockingChannel]:
+    @contextmanager
+    def _channel(self) -> Iterator[BlockingChannel]:
+        """A channel with the topology declared; pika errors translated, the connection always closed."""
         connection = connect(self._url, "smsgw-parked-cli")
-        channel = connection.channel()
-        declare_topology(channel, self._modem_ids)
-        return connection, channel
+        try:
+            channel = connection.channel()
+            declare_topology(channel, self._modem_ids)
+            yield channel
+        except pika.exceptions.UnroutableError:
+            raise PublishRefused("the source queue no longer exists; the message stays parked") from None
+        except pika.exceptions.ChannelClosed as exc:
+            raise BrokerChannelError(f"RabbitMQ closed the channel: {exc!r}") from None
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(f"connection lost: {exc!r}") from None
+        finally:
+            # Unacked gets (list, or a replay that stopped) return to the parked queue when this closes.
+            if connection.is_open:
+                with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                    connection.close()
 
     def list(self) -> list[ParkedMessage]:
-        """Every parked message, left in place (unacked gets are returned when the channel closes)."""
-        connection, channel = self._channel()
-        try:
+        """Every parked message, left in place.
+
+        Raises:
+            BrokerError: the broker is unreachable or refused.
+        """
+        with self._channel() as channel:
             return [message for _tag, message, _props in self._browse(channel)]
-        finally:
-            connection.close()
 
     def replay(self, limit: int | None = None) -> int:
         """Move parked messages back to their work queue (confirmed publish, then ack). Returns the count.
 
-        Retry headers are reset so the message gets a full retry budget again.
+        The gateway's retry/park headers and the broker's death headers are dropped, so the message gets a full
+        retry budget again.
+
+        Raises:
+            PublishRefused: a message's source queue no longer exists (it stays parked; earlier ones moved).
+            BrokerError: the broker is unreachable or refused.
         """
-        connection, channel = self._channel()
-        channel.confirm_delivery()
         moved = 0
-        try:
+        with self._channel() as channel:
+            channel.confirm_delivery()
             for tag, message, props in self._browse(channel):
                 if limit is not None and moved >= limit:
                     break
-                headers = {
-                    k: v
-                    for k, v in dict(props.headers or {}).items()
-                    if k
-                    not in {
-                        HEADER_ATTEMPTS,
-                        HEADER_FIRST_ATTEMPT_MS,
-                        HEADER_PARK_REASON,
-                        HEADER_PARKED_AT_MS,
-                        HEADER_SOURCE_QUEUE,
-                        "x-death",
-                        "x-first-death-exchange",
-                        "x-first-death-queue",
-                        "x-first-death-reason",
-                        "x-delivery-count",
-                        "x-last-death-exchange",
-                        "x-last-death-queue",
-                        "x-last-death-reason",
-                    }
-                }
+                headers = {k: v for k, v in dict(props.headers or {}).items() if not k.startswith(_RESET_HEADERS)}
                 new_props = pika.BasicProperties(
                     delivery_mode=pika.DeliveryMode.Persistent,
                     content_type=props.content_type,
@@ -866,18 +887,21 @@ class ParkedQueues:
                 channel.basic_publish(EXCHANGE, message.source_queue, message.body, new_props, mandatory=True)
                 channel.basic_ack(tag)
                 moved += 1
-        finally:
-            connection.close()
         return moved
 
     def purge(self) -> int:
-        """Delete every parked message of this work queue. Returns the count."""
-        connection, channel = self._channel()
-        try:
+        """Delete every parked message of this work queue. Returns the count.
+
+        Raises:
+            BrokerError: the broker is unreachable or refused.
+        """
+        with self._channel() as channel:
             result = channel.queue_purge(parked_queue_for(self._work_queue))
             return int(result.method.message_count)
-        finally:
-            connection.close()
+
+
+# Headers a replay drops: the gateway's own (x-smsgw-*) and the broker's dead-lettering history.
+_RESET_HEADERS = ("x-smsgw-", "x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 
 
 def wait_for_broker(url: str, timeout_s: float) -> None:

@@ -150,6 +150,25 @@ class Ledger:
             db.execute("UPDATE outbound SET state = 'queued', body = NULL, updated_at = ? "
                        "WHERE uuid = ? AND state = 'accepted'", (_now_ms(), uuid))
 
+    def touch(self, uuids: Iterable[str]) -> set[str]:
+        """Refresh ``updated_at`` of claims still ``accepted`` (a live poller about to publish them).
+
+        Keeps them out of ``unqueued()`` for another ``stale_claim_s``. Returns the subset still ``accepted``:
+        a uuid missing from it was republished (or released) meanwhile and must not be published again.
+        """
+        wanted = list(dict.fromkeys(uuids))
+        alive: set[str] = set()
+        now = _now_ms()
+        with self._transaction() as db:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"UPDATE outbound SET updated_at = ? WHERE state = 'accepted' "  # noqa: S608
+                           f"AND uuid IN ({marks})", (now, *chunk))
+                alive.update(r[0] for r in db.execute(
+                    f"SELECT uuid FROM outbound WHERE state = 'accepted' AND uuid IN ({marks})", chunk))  # noqa: S608
+        return alive
+
     def release_claim(self, uuid: str) -> bool:
         """Undo a claim that was never published (the server did not confirm it on ``?task=sent``).
 

@@ -109,10 +109,14 @@ def first_json_document(text: str) -> Any:
 _SECRET_IN_BODY = re.compile(r'("secret"\s*:\s*)"(?:[^"\\]|\\.)*"|(secret=)[^&\s"]*', re.IGNORECASE)
 
 
+def mask_secrets(text: str) -> str:
+    """``text`` with every ``"secret": "…"`` JSON value and ``secret=…`` query value replaced by ``***``."""
+    return _SECRET_IN_BODY.sub(lambda m: (m.group(1) or m.group(2)) + ('"***"' if m.group(1) else "***"), text)
+
+
 def _snippet(text: str, limit: int = 80) -> str:
     """The start of a body for an error message, with any secret masked (a task reply carries ours)."""
-    flat = " ".join(text.split())
-    flat = _SECRET_IN_BODY.sub(lambda m: (m.group(1) or m.group(2)) + ('"***"' if m.group(1) else "***"), flat)
+    flat = mask_secrets(" ".join(text.split()))
     return flat[:limit] + ("…" if len(flat) > limit else "")
 
 

@@ -33,7 +33,6 @@ QUEUES = {
     "outbound": broker.OUTBOUND_QUEUE,
     "events": broker.EVENTS_QUEUE,
 }
-CONCURRENCY = 8
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,8 +90,8 @@ def parked_command(args: argparse.Namespace, amqp_url: str) -> int:
             return 2
         print(f"purged {queues.purge()} message(s) from {broker.parked_queue_for(work_queue)}")
         return 0
-    except broker.BrokerUnavailable as exc:
-        print(f"RabbitMQ unavailable: {exc}", file=sys.stderr)
+    except broker.BrokerError as exc:
+        print(f"parked {args.action} failed: {exc}", file=sys.stderr)
         return 1
 
 
@@ -127,7 +126,9 @@ def serve(settings: Settings) -> int:
         publisher,
         name="smsgw-sync-worker",
         prefetch=settings.prefetch,
-        concurrency=CONCURRENCY,
+        # One handler thread per prefetched message: on SIGTERM every message we hold is already being posted,
+        # so the drain finishes within one HTTP time-out instead of working through a backlog.
+        concurrency=settings.prefetch,
         max_retry_age_s=settings.max_retry_age,
     )
     install_stop_signals(consumer.stop)

@@ -19,10 +19,18 @@ from dataclasses import dataclass
 import requests
 
 from services import broker, metrics
-from services.broker import Ack, Decision, Delivery, Park, Publication, PublisherThread, Retry
+from services.broker import Ack, BrokerError, Decision, Delivery, Park, Publication, PublisherThread, Retry
 from services.schemas import InboundSms, OutboundSms, SchemaError
 from services.settings import Settings, redact_url
-from services.sync_protocol import USER_AGENT, Endpoint, ReplyError, TaskMessage, parse_payload, sync_form
+from services.sync_protocol import (
+    USER_AGENT,
+    Endpoint,
+    ReplyError,
+    TaskMessage,
+    mask_secrets,
+    parse_payload,
+    sync_form,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,7 @@ log = logging.getLogger(__name__)
 PARK_AT_ONCE = {400, 401, 403, 404, 405, 410, 413, 414, 415, 422}
 REDIRECTS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 3
+HEADER_REFUSALS = "x-smsgw-refusals"
 REPLY_NAMESPACE = uuid.UUID("0f9d2a4e-8b51-4f0e-b3c7-2c1e5d6a7b80")
 
 
@@ -82,8 +91,16 @@ class SyncForwarder:
             answer = self._post(sms)
         except requests.RequestException as exc:
             metrics.SYNC_REQUESTS.labels("network_error").inc()
-            return Retry(f"Sync URL unreachable: {type(exc).__name__}: {_short(str(exc))}")
-        return self._judge(sms, delivery, answer)
+            # requests puts the URL (and a secret in its query) into its messages: mask before logging/parking.
+            return Retry(f"Sync URL unreachable: {type(exc).__name__}: {_short(mask_secrets(str(exc)))}")
+        except UnicodeError as exc:
+            return Park(f"SMS cannot be encoded for the Sync URL: {exc}", label="malformed")
+        try:
+            return self._judge(sms, delivery, answer)
+        except BrokerError as exc:
+            # The server accepted the SMS but a reply could not be queued: post again later (same message_id,
+            # reply keys derived from it, so nothing goes out twice) rather than ack and lose the reply.
+            return Retry(f"accepted, but its replies could not be queued: {exc}")
 
     def _post(self, sms: InboundSms) -> _Answer:
         url = self._endpoint.url
@@ -129,9 +146,11 @@ class SyncForwarder:
             reason = f"server refused the SMS (success={payload.success}): {payload.error or 'no error text'}"
             # success:false is also how some servers say "wrong secret": bounded retries, then park with
             # the server's own words so an operator can fix it and replay.
-            if delivery.attempts + 1 >= self._settings.max_refusals:
-                return Park(f"{reason}; gave up after {delivery.attempts + 1} attempts", label="refused")
-            return Retry(reason)
+            # Count refusals on their own: retries after an outage must not eat this budget.
+            refusals = int(delivery.headers.get(HEADER_REFUSALS, 0)) + 1
+            if refusals >= self._settings.max_refusals:
+                return Park(f"{reason}; gave up after {refusals} refusals", label="refused")
+            return Retry(reason, count=HEADER_REFUSALS)
         metrics.SYNC_REQUESTS.labels("accepted").inc()
         metrics.SYNC_END_TO_END_SECONDS.observe(max(0.0, time.time() - sms.received_at / 1000))
         log.info("SMS %s accepted by the Sync URL", sms.message_id)

@@ -159,3 +159,40 @@ def test_keyword_filter_forwards_only_matches(harness: Callable[..., Harness]) -
     h.inject(make_sms("I need HELP please"))
     wait_for(lambda: h.stub.requests, what="matching SMS forwarded")
     assert [r.form["message"] for r in h.stub.requests] == ["I need HELP please"]
+
+
+def test_outage_retries_do_not_eat_the_refusal_budget(harness: Callable[..., Harness]) -> None:
+    answers = iter([(503, "down")] * 2)
+    h = harness(lambda _r: next(answers, (200, '{"payload":{"success":false,"error":"db busy"}}')),
+                SMSGW_MAX_REFUSALS="2")
+    h.inject(make_sms())
+    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=60, what="parked after refusals")
+    assert len(h.stub.requests) == 4, "2 outage retries + 2 refusals"
+    assert "gave up after 2 refusals" in listing[0].reason and "db busy" in listing[0].reason
+
+
+class _DownPublisher:
+    def publish(self, *_args: object, **_kwargs: object) -> None:
+        raise broker.BrokerUnavailable("broker down")
+
+
+def test_reply_not_queued_means_retry_not_ack() -> None:
+    stub = HttpStub(ok_with_reply).start()
+    try:
+        settings = Settings.from_env({"SMSGW_SYNC_URL": stub.url, "SMSGW_SECRET": "s3cret"})
+        forwarder = SyncForwarder(settings, _DownPublisher())  # type: ignore[arg-type]
+        sms = make_sms()
+        decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, False, None))
+        assert isinstance(decision, broker.Retry) and "could not be queued" in decision.reason
+    finally:
+        stub.stop()
+
+
+def test_secret_in_the_sync_url_query_never_reaches_logs_or_park_reasons() -> None:
+    settings = Settings.from_env({"SMSGW_SYNC_URL": "http://127.0.0.1:9/smssync?secret=TOPSECRET",
+                                  "SMSGW_HTTP_TIMEOUT": "0.5"})
+    forwarder = SyncForwarder(settings, _DownPublisher())  # type: ignore[arg-type]
+    sms = make_sms()
+    decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, False, None))
+    assert isinstance(decision, broker.Retry)
+    assert "TOPSECRET" not in decision.reason and "TOPSECRET" not in forwarder.redacted_url

@@ -3,7 +3,9 @@
 Every ``SMSGW_RESULT_INTERVAL`` seconds (one *round*):
 
 1. take the events received since the last round from the ``BatchConsumer`` and merge them per uuid (latest
-   sent event for ``sent_*``, latest delivery event for ``delivered_*``); park malformed ones;
+   sent event for ``sent_*``, latest delivery event for ``delivered_*``); park malformed ones; ack at once the
+   uuids whose row would be exactly what the server already accepted (a duplicate, e.g. a SentEvent the modem
+   worker republished for a redelivered queue copy);
 2. ``GET ?task=result&secret=…`` — the uuids the server waits for;
 3. ``POST ?task=result&secret=…`` one row per waited-for uuid we hold (shape: ``SMSGW_RESULTS_SHAPE``);
 4. ack those events only once the server accepted (HTTP 2xx; an empty body counts, an explicit
@@ -13,6 +15,14 @@ Acks are the durability boundary: until the server has a report, its events stay
 crash, a failed POST or a lost connection redelivers them (merging by uuid makes a repeat harmless). Events
 for uuids the server does not wait for are kept ``keep_rounds`` rounds (it may ask later), then acked and
 counted — they are reports the server declined, not SMS.
+
+What was reported is remembered per uuid (bounded LRU): a later event only changes its own half of the row,
+so a late or duplicate SentEvent never turns a reported delivery back into "pending".
+
+One row the server keeps refusing must not block the others: after ``SPLIT_AFTER_ROUNDS`` refused rounds the
+rows are posted one by one; a row refused ``MAX_ROW_REFUSALS`` times in rounds where the server accepted other
+rows is parked with the server's error text. A server that refuses (or cannot take) every row parks nothing.
+See docs/outbound.md, "When the server refuses".
 """
 
 from __future__ import annotations
@@ -44,7 +54,14 @@ from services.sync_protocol import (
 log = logging.getLogger(__name__)
 
 KEEP_ROUNDS = 5  # rounds an event for a uuid the server does not wait for is kept before it is dropped
-SENT_CACHE_SIZE = 10_000  # sent events already reported, to fill sent_* when a delivery report follows
+REPORTED_CACHE_SIZE = 10_000  # uuids whose reported sent/delivery events are remembered (LRU)
+SPLIT_AFTER_ROUNDS = 3  # consecutive refused rounds after which rows are posted one by one
+MAX_ROW_REFUSALS = 5  # a row refused this often (in rounds where other rows were accepted) is parked
+SPLIT_GIVE_UP = 3  # a split round stops after this many refusals in a row while no row was accepted yet
+# HTTP statuses that say something about the server, never about one row: they end a split round at once and
+# never count against a row (auth, wrong URL or method, time-outs, rate limits, gateways, unavailability).
+SERVER_STATUSES = frozenset({401, 403, 404, 405, 407, 408, 429, 501, 502, 503, 504})
+MAX_ERROR_CHARS = 300
 
 
 class HoldsDeliveries(Protocol):
@@ -75,6 +92,26 @@ class _Pending:
     delivery: DeliveryEvent | None = None
     deliveries: list[HeldDelivery] = field(default_factory=list)
     declined_rounds: int = 0
+    refusals: int = 0  # times refused on its own in a round where the server accepted other rows
+    last_refused_round: int = -1  # round number of the last refusal on its own (any round); -1: never
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class _Reported:
+    """The events the server's current row for a uuid was built from (the row is recomputed from them)."""
+
+    sent: SentEvent | None
+    delivery: DeliveryEvent | None
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """A POST that got an answer, but not "accepted"."""
+
+    reason: str
+    row_level: bool  # could be caused by the rows posted (success:false, most 4xx, 500); False: the server
+    http_status: int | None = None  # None: HTTP 2xx with success:false
 
 
 @dataclass(frozen=True)
@@ -84,6 +121,18 @@ class RoundResult:
     reported: int = 0  # rows accepted by the server
     waiting: int = 0  # held uuids the server did not ask for (yet)
     dropped: int = 0  # uuids dropped after KEEP_ROUNDS rounds unasked
+    duplicates: int = 0  # uuids acked without a POST: their row is what the server already accepted
+    refused: int = 0  # rows refused on their own in a split round (kept, or parked)
+    parked: int = 0  # uuids parked after MAX_ROW_REFUSALS refusals
+
+
+def _same_send(a: SentEvent, b: SentEvent) -> bool:
+    """The same send outcome (a republished SentEvent carries the ledger's time, not the modem's)."""
+    return (a.outcome, a.detail, a.cms_error) == (b.outcome, b.detail, b.cms_error)
+
+
+def _clip(text: str) -> str:
+    return " ".join(text.split())[:MAX_ERROR_CHARS]
 
 
 class ResultReporter:
@@ -110,45 +159,67 @@ class ResultReporter:
         if self._endpoint.auth:
             self._session.auth = self._endpoint.auth
         self._pending: dict[str, _Pending] = {}
-        self._reported_sent: OrderedDict[str, SentEvent] = OrderedDict()
+        self._reported: OrderedDict[str, _Reported] = OrderedDict()
+        self._refused_rounds = 0  # consecutive rounds whose POST was refused; >= SPLIT_AFTER_ROUNDS: split
+        self._round_no = 0
+        self._unexpected_seen: set[str] = set()
         self.redacted_url = redact_url(settings.sync_url)
 
     def run(self, stop: threading.Event) -> None:
-        """A round every ``SMSGW_RESULT_INTERVAL`` s until ``stop``; a round in progress finishes first."""
+        """A round every ``SMSGW_RESULT_INTERVAL`` s until ``stop``; a round in progress finishes first.
+
+        Never ends over an exception of a round: an unexpected one (a bug, a pathological reply) is logged —
+        with its traceback the first time each kind occurs — and the next round runs as usual. The events
+        stay held (unacked), so nothing is lost.
+        """
         while not stop.wait(self._settings.result_interval):
             try:
                 self.round()
             except RoundError as exc:
                 log.error("result round failed, reports kept for the next round: %s", exc)
+            except Exception as exc:  # last resort: the loop must outlive any bug or pathological reply
+                metrics.RESULT_ROUNDS.labels("error").inc()
+                kind = type(exc).__name__
+                first = kind not in self._unexpected_seen
+                self._unexpected_seen.add(kind)
+                log.error(
+                    "result round failed unexpectedly (%s: %s), reports kept for the next round%s",
+                    kind,
+                    _clip(str(exc)),
+                    "" if first else " (traceback logged at its first occurrence)",
+                    exc_info=first,
+                )
 
     def round(self) -> RoundResult:
         """One round (see the module docstring).
 
         Raises:
-            RoundError: the server could not be reached or answered unusably; nothing was acked.
+            RoundError: the server could not be reached, answered unusably or refused every row; nothing of
+                what it did not accept was acked.
         """
+        self._round_no += 1
         self.collect()
+        duplicates = self._ack_duplicates()
         if not self._pending:
             metrics.RESULT_ROUNDS.labels("idle").inc()
-            return RoundResult()
+            return RoundResult(duplicates=duplicates)
+        status, text = self._request("GET", self._query())
+        if not 200 <= status < 300:
+            metrics.RESULT_ROUNDS.labels("http_error").inc()
+            raise RoundError(f"GET ?task=result answered HTTP {status}{_hint(status)}")
         try:
-            waited = set(parse_message_uuids(self._request("GET", self._query())))
+            waited = set(parse_message_uuids(text))
         except ReplyError as exc:
             metrics.RESULT_ROUNDS.labels("bad_reply").inc()
             raise RoundError(f"unreadable ?task=result reply: {exc}") from None
         asked = [uuid for uuid in self._pending if uuid in waited]
-        reported = 0
+        reported = refused = parked = 0
         if asked:
-            rows = [self._row(uuid) for uuid in asked]
-            self._post(rows)
-            for uuid in asked:
-                entry = self._pending.pop(uuid)
-                # Acked only now: the server has the report. A dead channel means redelivery, merged again.
-                self._consumer.ack(entry.deliveries)
-                if entry.sent is not None:
-                    self._remember_sent(entry.sent)
-            reported = len(asked)
-            metrics.RESULT_ROWS.labels("accepted").inc(reported)
+            if self._refused_rounds >= SPLIT_AFTER_ROUNDS:
+                reported, refused, parked = self._post_split(asked)
+            else:
+                self._post_batch(asked)
+                reported = len(asked)
         dropped = 0
         for uuid in [u for u in self._pending if u not in waited]:
             entry = self._pending[uuid]
@@ -162,10 +233,115 @@ class ResultReporter:
                     "dropped the report of %s: the server did not ask for it in %d rounds", uuid, self._keep_rounds
                 )
         metrics.RESULT_EVENTS_HELD.set(sum(len(e.deliveries) for e in self._pending.values()))
-        metrics.RESULT_ROUNDS.labels("ok").inc()
-        waiting = len(self._pending)
-        log.info("result round: %d reported, %d not asked for (yet), %d dropped", reported, waiting, dropped)
-        return RoundResult(reported=reported, waiting=waiting, dropped=dropped)
+        metrics.RESULT_ROUNDS.labels("split" if refused else "ok").inc()
+        waiting = sum(1 for uuid in self._pending if uuid not in waited)
+        log.info(
+            "result round: %d reported, %d not asked for (yet), %d dropped, %d duplicates, %d refused, %d parked",
+            reported, waiting, dropped, duplicates, refused, parked,
+        )
+        return RoundResult(reported=reported, waiting=waiting, dropped=dropped, duplicates=duplicates,
+                           refused=refused, parked=parked)
+
+    # --- posting ------------------------------------------------------------------------------------------
+
+    def _post_batch(self, asked: list[str]) -> None:
+        """All asked rows in one POST (the normal case). Raises RoundError when it was not accepted."""
+        resolved = {uuid: self._resolve(uuid) for uuid in asked}
+        refusal = self._post([self._build(uuid, *resolved[uuid]) for uuid in asked])
+        if refusal is not None:
+            metrics.RESULT_ROWS.labels("refused").inc(len(asked))
+            metrics.RESULT_ROUNDS.labels("http_error" if refusal.http_status else "refused").inc()
+            self._refused_rounds += 1
+            split = (
+                "; rows will be posted one by one from the next round"
+                if self._refused_rounds >= SPLIT_AFTER_ROUNDS
+                else ""
+            )
+            raise RoundError(f"server refused the results: {refusal.reason}{split}")
+        self._refused_rounds = 0
+        for uuid in asked:
+            self._accepted(uuid, resolved[uuid])
+        metrics.RESULT_ROWS.labels("accepted").inc(len(asked))
+
+    def _post_split(self, asked: list[str]) -> tuple[int, int, int]:
+        """Post the rows one by one to isolate the ones the server refuses; returns (accepted, refused, parked).
+
+        A refusal counts against a row only if the server accepted another row in the same round, and only
+        for answers a row can cause (``_Refusal.row_level``); rows not refused before go first. The round ends
+        early (RoundError, nothing counted) on a network error or a server-level status, and after
+        ``SPLIT_GIVE_UP`` refusals in a row while nothing was accepted yet: then the server refuses everything
+        and we must neither hammer it nor blame the rows.
+        """
+        order = sorted(asked, key=lambda u: self._pending[u].last_refused_round)
+        accepted: list[str] = []
+        refused: list[tuple[str, str]] = []
+        for uuid in order:
+            resolved = self._resolve(uuid)
+            refusal = self._post([self._build(uuid, *resolved)])
+            if refusal is None:
+                self._accepted(uuid, resolved)
+                accepted.append(uuid)
+                metrics.RESULT_ROWS.labels("accepted").inc()
+                continue
+            metrics.RESULT_ROWS.labels("refused").inc()
+            self._pending[uuid].last_refused_round = self._round_no
+            if not refusal.row_level:
+                metrics.RESULT_ROUNDS.labels("http_error").inc()
+                raise RoundError(f"server failed while posting rows one by one: {refusal.reason}")
+            refused.append((uuid, refusal.reason))
+            if not accepted and len(refused) >= SPLIT_GIVE_UP:
+                metrics.RESULT_ROUNDS.labels("refused").inc()
+                raise RoundError(
+                    f"server refused {len(refused)} rows one by one and accepted none: {refusal.reason}"
+                )
+        if not accepted:
+            metrics.RESULT_ROUNDS.labels("refused").inc()
+            reason = refused[-1][1] if refused else "no rows"
+            raise RoundError(f"server refused every row posted one by one: {reason}")
+        if not refused:
+            self._refused_rounds = 0  # back to one POST per round
+            return len(accepted), 0, 0
+        parked = 0
+        for uuid, reason in refused:
+            entry = self._pending[uuid]
+            entry.refusals += 1
+            entry.last_error = reason
+            if entry.refusals < MAX_ROW_REFUSALS:
+                log.warning("the server refused the result row of %s (%d/%d, accepting other rows): %s",
+                            uuid, entry.refusals, MAX_ROW_REFUSALS, reason)
+            elif self._park(uuid, entry):
+                parked += 1
+        return len(accepted), len(refused), parked
+
+    def _park(self, uuid: str, entry: _Pending) -> bool:
+        """Park every event of a row the server keeps refusing; True when all were parked."""
+        reason = (
+            f"the Sync server refused this result row {entry.refusals} times while accepting other rows: "
+            f"{entry.last_error}"
+        )
+        left: list[HeldDelivery] = []
+        for held in entry.deliveries:
+            if not self._consumer.is_live(held):
+                continue
+            try:
+                self._consumer.park(held, reason, label="refused")
+            except BrokerError as exc:
+                log.warning("could not park the refused report of %s (%s); retried next round", uuid, exc)
+                left.append(held)
+        entry.deliveries = left
+        if left:
+            return False
+        del self._pending[uuid]
+        metrics.RESULT_ROWS.labels("parked").inc()
+        log.error("parked the report of %s: %s (see `sync_worker parked list --queue events`)", uuid, reason)
+        return True
+
+    def _accepted(self, uuid: str, resolved: tuple[SentEvent | None, DeliveryEvent | None]) -> None:
+        """The server has the row of ``uuid``: remember what it was built from, then ack its events."""
+        entry = self._pending.pop(uuid)
+        self._remember(uuid, _Reported(*resolved))
+        # Acked only now: the server has the report. A dead channel means redelivery, merged again.
+        self._consumer.ack(entry.deliveries)
 
     # --- events -------------------------------------------------------------------------------------------
 
@@ -192,6 +368,7 @@ class ResultReporter:
                 continue
             entry = self._pending.setdefault(event.uuid, _Pending())
             entry.deliveries.append(held)
+            entry.declined_rounds = 0  # a new event gets its own KEEP_ROUNDS rounds
             # Latest state wins, per kind: a redelivered or older event must not overwrite a newer one.
             if isinstance(event, SentEvent):
                 if entry.sent is None or event.timestamp >= entry.sent.timestamp:
@@ -202,10 +379,42 @@ class ResultReporter:
         metrics.RESULT_EVENTS_HELD.set(held_count)
         return held_count
 
-    def _row(self, uuid: str) -> dict[str, Any]:
+    def _ack_duplicates(self) -> int:
+        """Ack, without a POST, the held uuids whose row is exactly the one the server already accepted."""
+        duplicates = 0
+        for uuid in [u for u in self._pending if u in self._reported]:
+            reported = self._reported[uuid]
+            sent, delivery = self._resolve(uuid)
+            if self._build(uuid, sent, delivery) != self._build(uuid, reported.sent, reported.delivery):
+                continue
+            entry = self._pending.pop(uuid)
+            self._consumer.ack(entry.deliveries)
+            self._reported.move_to_end(uuid)
+            duplicates += 1
+        if duplicates:
+            metrics.RESULT_ROWS.labels("duplicate").inc(duplicates)
+        return duplicates
+
+    def _resolve(self, uuid: str) -> tuple[SentEvent | None, DeliveryEvent | None]:
+        """The sent and delivery events the row of ``uuid`` is built from: what we hold, completed by (and never
+        regressing behind) what was already reported."""
         entry = self._pending[uuid]
-        sent = entry.sent or self._reported_sent.get(uuid) or self._sent_from_ledger(uuid)
-        return result_row(uuid, sent, entry.delivery, self._convention)
+        reported = self._reported.get(uuid)
+        sent, delivery = entry.sent, entry.delivery
+        if reported is not None:
+            old_sent, old_delivery = reported.sent, reported.delivery
+            if old_sent is not None and (
+                sent is None or _same_send(sent, old_sent) or sent.timestamp < old_sent.timestamp
+            ):
+                sent = old_sent  # a republished SentEvent carries a later time; the first one is the send's
+            if old_delivery is not None and (delivery is None or delivery.timestamp < old_delivery.timestamp):
+                delivery = old_delivery
+        if sent is None:
+            sent = self._sent_from_ledger(uuid)
+        return sent, delivery
+
+    def _build(self, uuid: str, sent: SentEvent | None, delivery: DeliveryEvent | None) -> dict[str, Any]:
+        return result_row(uuid, sent, delivery, self._convention)
 
     def _sent_from_ledger(self, uuid: str) -> SentEvent | None:
         """A delivery report whose sent event was reported before a restart: rebuild sent_* from the ledger."""
@@ -226,11 +435,11 @@ class ResultReporter:
             entry.cms_error,
         )
 
-    def _remember_sent(self, event: SentEvent) -> None:
-        self._reported_sent[event.uuid] = event
-        self._reported_sent.move_to_end(event.uuid)
-        while len(self._reported_sent) > SENT_CACHE_SIZE:
-            self._reported_sent.popitem(last=False)
+    def _remember(self, uuid: str, reported: _Reported) -> None:
+        self._reported[uuid] = reported
+        self._reported.move_to_end(uuid)
+        while len(self._reported) > REPORTED_CACHE_SIZE:
+            self._reported.popitem(last=False)
 
     # --- HTTP ---------------------------------------------------------------------------------------------
 
@@ -240,25 +449,29 @@ class ResultReporter:
             params["secret"] = self._settings.secret
         return self._endpoint.with_query(**params)
 
-    def _post(self, rows: list[dict[str, Any]]) -> None:
-        """POST the rows; returns when the server accepted them.
+    def _post(self, rows: list[dict[str, Any]]) -> _Refusal | None:
+        """POST the rows; None when the server accepted them, else why not.
 
         Raises:
-            RoundError: network error, non-2xx, or an explicit ``success:false``.
+            RoundError: network error (no answer at all).
         """
         body = results_body(rows, self._settings.results_shape)
-        text = self._request("POST", self._query(), body)
+        status, text = self._request("POST", self._query(), body)
+        if not 200 <= status < 300:
+            detail = f": {_clip(text)}" if text.strip() else ""
+            row_level = status not in SERVER_STATUSES and status < 501 and not 300 <= status < 400
+            return _Refusal(f"POST ?task=result answered HTTP {status}{_hint(status)}{detail}", row_level, status)
         if text.strip():
             try:
                 payload = parse_payload(text)
             except ReplyError:
                 payload = None  # 2xx with a body that is not SMSsync JSON: accepted (the seed PHP sends none)
             if payload is not None and payload.success is False:
-                metrics.RESULT_ROWS.labels("refused").inc(len(rows))
-                metrics.RESULT_ROUNDS.labels("refused").inc()
-                raise RoundError(f"server refused the results: {payload.error or 'no error text'}")
+                return _Refusal(_clip(payload.error or "success:false without an error text"), True)
+        return None
 
-    def _request(self, method: str, url: str, body: object = None) -> str:
+    def _request(self, method: str, url: str, body: object = None) -> tuple[int, str]:
+        """(status, body text). Raises RoundError when no answer came (network error)."""
         started = time.monotonic()
         try:
             response = self._session.request(
@@ -269,12 +482,12 @@ class ResultReporter:
             raise RoundError(f"Sync URL unreachable: {type(exc).__name__}") from None
         finally:
             metrics.HTTP_SECONDS.labels("result").observe(time.monotonic() - started)
-        if not 200 <= response.status_code < 300:
-            metrics.RESULT_ROUNDS.labels("http_error").inc()
-            hint = " (check SMSGW_SECRET)" if response.status_code in (401, 403) else ""
-            raise RoundError(f"{method} ?task=result answered HTTP {response.status_code}{hint}")
-        return response.text
+        return response.status_code, response.text
 
     def close(self) -> None:
         """Close the HTTP session."""
         self._session.close()
+
+
+def _hint(status: int) -> str:
+    return " (check SMSGW_SECRET)" if status in (401, 403) else ""

@@ -5,12 +5,16 @@ Never twice, across restarts, a server that keeps offering the same messages and
 
 1. ``ledger.claim(uuid)`` — one SQLite ``BEGIN IMMEDIATE`` transaction; exactly one poller (of any process)
    gets True for a uuid, ever. Everyone else skips it as a duplicate.
-2. With the Message Results API on: ``POST ?task=sent`` with the claimed uuids; the ones the server does not
-   echo are released again (``ledger.release_claim``) and not sent, as the app does.
-3. Publish ``OutboundSms`` with a publisher confirm, then ``ledger.mark_queued``.
+2. With the Message Results API on: ``POST ?task=sent`` with the claimed uuids; the ones the server explicitly
+   answers without echoing are released again (``ledger.release_claim``) and not sent, as the app does. No
+   usable answer (time-out, dropped connection, 5xx, unreadable body) is not a "no": the server may have
+   processed it and dropped the uuids from its outbox, so the claims stay and ``?task=sent`` is retried for
+   them on the next polls; if that never works they become orphans (below) and are sent anyway.
+3. ``ledger.touch`` the claims about to be published (so no replica takes them for orphans), publish
+   ``OutboundSms`` with a publisher confirm, then ``ledger.mark_queued``.
 
 A crash between 1 and 3 leaves an ``accepted`` claim: every cycle republishes claims older than
-``STALE_CLAIM_S``; the modem worker's ``ledger.begin_send`` refuses a uuid already sending or sent, so a
+``stale_claim_s``; the modem worker's ``ledger.begin_send`` refuses a uuid already sending or sent, so a
 republish can duplicate a queue message but never an SMS.
 """
 
@@ -20,6 +24,7 @@ import logging
 import sqlite3
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 900.0
 PUBLISH_TIMEOUT_S = 30.0
+# Distinct unexpected errors whose traceback was logged already (repeats get one line); bounded.
+MAX_REMEMBERED_CRASHES = 100
 
 
 class Publishes(Protocol):
@@ -57,9 +64,10 @@ class Publishes(Protocol):
 class PollError(Exception):
     """A poll failed in a way worth backing off for; the message is the one log line."""
 
-    def __init__(self, message: str, outcome: str) -> None:
+    def __init__(self, message: str, outcome: str, status: int | None = None) -> None:
         super().__init__(message)
         self.outcome = outcome  # metric label
+        self.status = status  # the HTTP status of a non-2xx answer
 
 
 @dataclass(frozen=True)
@@ -88,9 +96,15 @@ class TaskPoller:
         if self._endpoint.auth:
             self._session.auth = self._endpoint.auth
         self.redacted_url = redact_url(settings.sync_url)
-        # A live poller holds a claim at most one HTTP time-out plus one publish time-out; only older claims
-        # are orphans. Republishing a live one early would still not double-send (begin_send), just waste.
-        self.stale_claim_s = max(30.0, settings.http_timeout + PUBLISH_TIMEOUT_S + 5)
+        # A live poller leaves a claim unrefreshed for at most one request to the Sync URL (?task=sent: at most
+        # 3 x SMSGW_HTTP_TIMEOUT, see _request) or one publish (it touches the claims before each publish);
+        # only older claims are orphans. Republishing a live one early would still not double-send
+        # (begin_send), and the live poller skips a claim no longer ``accepted`` when it touches it.
+        self.stale_claim_s = max(30.0, 3 * settings.http_timeout + PUBLISH_TIMEOUT_S + 5)
+        # Claims whose ?task=sent got no usable answer: retried first thing on each poll until the server
+        # answers, or until they are republished as orphans (by us or a replica) after stale_claim_s.
+        self._unconfirmed: dict[str, TaskMessage] = {}
+        self._crashes_seen: set[str] = set()
 
     # --- loop ---------------------------------------------------------------------------------------------
 
@@ -108,10 +122,15 @@ class TaskPoller:
                 result = self.poll_once()
             except (PollError, sqlite3.Error) as exc:
                 failures += 1
-                delay = min(self._settings.task_interval * 2 ** min(failures, 10), max(MAX_BACKOFF_S, delay))
+                delay = self._backoff(failures)
                 outcome = exc.outcome if isinstance(exc, PollError) else "ledger_error"
                 metrics.TASK_POLLS.labels(outcome).inc()
                 log.error("task poll failed: %s; next poll in %.0fs", exc, delay)
+            except Exception as exc:  # last resort: a bug must not become a crash loop
+                failures += 1
+                delay = self._backoff(failures)
+                metrics.TASK_POLLS.labels("internal_error").inc()
+                self._log_crash(exc, delay)
             else:
                 if failures:
                     log.info("task poll works again after %d failure(s)", failures)
@@ -122,15 +141,38 @@ class TaskPoller:
             # An Event, not sleep(): the first SIGTERM ends the wait at once.
             stop.wait(delay)
 
+    def _backoff(self, failures: int) -> float:
+        interval = self._settings.task_interval
+        return min(interval * float(2 ** min(failures, 10)), max(MAX_BACKOFF_S, interval))
+
+    def _log_crash(self, exc: Exception, delay: float) -> None:
+        """One ERROR line per failed poll; the traceback only the first time this error (type + place) occurs."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        key = f"{type(exc).__name__}@{where}"
+        # The text may hold anything (a lone surrogate, say): make it printable and short.
+        text = str(exc).encode("utf-8", "backslashreplace").decode("utf-8")[:200]
+        if key in self._crashes_seen:
+            log.error("task poll failed unexpectedly: %s: %s; next poll in %.0fs", type(exc).__name__, text, delay)
+            return
+        if len(self._crashes_seen) >= MAX_REMEMBERED_CRASHES:
+            self._crashes_seen.clear()
+        self._crashes_seen.add(key)
+        log.error("task poll failed unexpectedly: %s: %s; next poll in %.0fs (traceback logged once)",
+                  type(exc).__name__, text, delay, exc_info=exc)
+
     # --- one poll -----------------------------------------------------------------------------------------
 
     def poll_once(self) -> PollResult:
         """GET ``?task=send``, validate, confirm (Message Results API) and queue new messages.
 
+        Claims left unconfirmed by an earlier poll's ``?task=sent`` are confirmed (and queued) first.
+
         Raises:
             PollError: the server could not be reached, refused, or answered something unreadable; or the
                 broker did not confirm (claims stay and are republished later).
         """
+        retried = self._retry_unconfirmed()
         params = {"task": "send"}
         if self._settings.secret:
             params["secret"] = self._settings.secret
@@ -147,7 +189,7 @@ class TaskPoller:
         if not payload.messages:
             metrics.TASK_POLLS.labels("empty").inc()
             log.debug("task poll: nothing to send")
-            return PollResult(invalid=len(payload.skipped))
+            return PollResult(queued=retried, invalid=len(payload.skipped))
         if payload.task != "send":
             metrics.TASK_POLLS.labels("ignored").inc()
             log.warning(
@@ -155,7 +197,7 @@ class TaskPoller:
                 payload.task,
                 len(payload.messages),
             )
-            return PollResult(invalid=len(payload.skipped))
+            return PollResult(queued=retried, invalid=len(payload.skipped))
         if not secrets_match(self._settings.secret, payload.secret):
             metrics.TASK_POLLS.labels("ignored").inc()
             log.warning(
@@ -163,8 +205,10 @@ class TaskPoller:
                 "is missing, unlike" if payload.secret is None else "does not match",
                 len(payload.messages),
             )
-            return PollResult(invalid=len(payload.skipped))
+            return PollResult(queued=retried, invalid=len(payload.skipped))
         result = self._queue(payload.messages)
+        result = PollResult(queued=result.queued + retried, duplicates=result.duplicates,
+                            not_confirmed=result.not_confirmed)
         metrics.TASK_POLLS.labels("ok").inc()
         log.info(
             "task poll: %d offered, %d queued, %d already known, %d not confirmed by the server, %d invalid",
@@ -202,38 +246,98 @@ class TaskPoller:
             claimed.append(message)
         not_confirmed = 0
         if claimed and self._settings.message_results:
-            confirmed = self._confirm_sent([m.uuid for m in claimed])
-            keep = [m for m in claimed if m.uuid in confirmed]
-            for message in claimed:
-                if message.uuid not in confirmed:
-                    # The app sends only echoed uuids; release the claim so a later offer can be taken again.
+            confirmed = self._confirm_sent(claimed)
+            not_confirmed = len(claimed) - len(confirmed)
+            claimed = confirmed
+        queued = self._publish_claimed(claimed)
+        return PollResult(queued=queued, duplicates=duplicates, not_confirmed=not_confirmed)
+
+    def _retry_unconfirmed(self) -> int:
+        """Retry ``?task=sent`` for claims an earlier poll got no usable answer for; queue the echoed ones.
+
+        Claims no longer ``accepted`` (republished as orphans meanwhile, by us or a replica) are dropped.
+
+        Raises:
+            PollError: still no usable answer (the claims stay for the next poll or the orphan republish).
+        """
+        if not self._unconfirmed:
+            return 0
+        pending: list[TaskMessage] = []
+        for message in list(self._unconfirmed.values()):
+            entry = self._ledger.get(message.uuid)
+            if entry is None or entry.state != "accepted":
+                del self._unconfirmed[message.uuid]
+                log.debug("unconfirmed task message %s is %s now; no retry", message.uuid,
+                          entry.state if entry else "released")
+            else:
+                pending.append(message)
+        if not pending:
+            return 0
+        log.info("retrying ?task=sent for %d claim(s) left unconfirmed by an earlier poll", len(pending))
+        return self._publish_claimed(self._confirm_sent(pending))
+
+    def _confirm_sent(self, messages: list[TaskMessage]) -> list[TaskMessage]:
+        """POST ``?task=sent`` (JSON, no secret — as the app) and return the messages the server echoed.
+
+        The claims the server explicitly did not echo are released. Without a usable answer (network error,
+        time-out, 5xx, unreadable body) the server may still have processed the POST and dropped the uuids
+        from its outbox, so releasing them could lose the SMS: the claims stay ``accepted`` and are retried
+        on the next poll (``_retry_unconfirmed``), or republished as orphans after ``stale_claim_s``. A 3xx/4xx
+        is a refusal before any work (auth, wrong URL): those claims are released as before.
+
+        Raises:
+            PollError: no usable answer.
+        """
+        uuids = [m.uuid for m in messages]
+        try:
+            text = self._request("POST", "sent", self._endpoint.with_query(task="sent"), {"queued_messages": uuids})
+            echoed = set(parse_message_uuids(text))
+        except (PollError, ReplyError) as exc:
+            if isinstance(exc, PollError) and exc.status is not None and 300 <= exc.status < 500:
+                for message in messages:
+                    self._unconfirmed.pop(message.uuid, None)
                     self._ledger.release_claim(message.uuid)
-                    not_confirmed += 1
-                    metrics.TASK_MESSAGES.labels("not_confirmed").inc()
-                    log.warning("task message %s not confirmed by ?task=sent; not sent", message.uuid)
-            claimed = keep
+                raise
+            for message in messages:
+                self._unconfirmed[message.uuid] = message
+            what = f"unreadable ?task=sent reply: {exc}" if isinstance(exc, ReplyError) else str(exc)
+            outcome = exc.outcome if isinstance(exc, PollError) else "bad_reply"
+            raise PollError(f"{what}; {len(messages)} claim(s) kept, ?task=sent retried on the next poll",
+                            outcome) from None
+        confirmed: list[TaskMessage] = []
+        for message in messages:
+            self._unconfirmed.pop(message.uuid, None)
+            if message.uuid in echoed:
+                confirmed.append(message)
+                continue
+            # The app sends only echoed uuids; release the claim so a later offer can be taken again.
+            self._ledger.release_claim(message.uuid)
+            metrics.TASK_MESSAGES.labels("not_confirmed").inc()
+            log.warning("task message %s not confirmed by ?task=sent; not sent", message.uuid)
+        return confirmed
+
+    def _publish_claimed(self, messages: Sequence[TaskMessage]) -> int:
+        """Publish claimed messages in order; returns how many were queued.
+
+        Before each publish the claims still to publish are touched, so that however long this poll has
+        held them none looks like an orphan to a replica; one that is no longer ``accepted`` (a replica
+        republished it meanwhile) is skipped rather than queued twice.
+
+        Raises:
+            PollError: the broker did not confirm (the rest stay ``accepted``, republished later).
+        """
         now = broker.now_ms()
-        for message in claimed:
+        queued = 0
+        for index, message in enumerate(messages):
+            if message.uuid not in self._ledger.touch(m.uuid for m in messages[index:]):
+                log.warning("task message %s was republished by another poller meanwhile; not queued again",
+                            message.uuid)
+                continue
             self._publish(OutboundSms(message.uuid, message.to, message.text, "task", now, report=True))
             metrics.TASK_MESSAGES.labels("queued").inc()
             log.info("task message %s queued", message.uuid)
-        return PollResult(queued=len(claimed), duplicates=duplicates, not_confirmed=not_confirmed)
-
-    def _confirm_sent(self, uuids: list[str]) -> set[str]:
-        """POST ``?task=sent`` (JSON, no secret — as the app) and return the uuids the server echoed.
-
-        Raises:
-            PollError: no usable answer; the claims are released first so the next poll starts clean.
-        """
-        try:
-            text = self._request("POST", "sent", self._endpoint.with_query(task="sent"), {"queued_messages": uuids})
-            return set(parse_message_uuids(text))
-        except (PollError, ReplyError) as exc:
-            for uuid in uuids:
-                self._ledger.release_claim(uuid)
-            if isinstance(exc, PollError):
-                raise
-            raise PollError(f"unreadable ?task=sent reply: {exc}", "bad_reply") from None
+            queued += 1
+        return queued
 
     def _publish(self, message: OutboundSms) -> None:
         """Confirmed publish to the shared outbound queue, then mark the claim queued.
@@ -272,31 +376,48 @@ class TaskPoller:
     def _request(self, method: str, task: str, url: str, body: object = None) -> str:
         """One request to the Sync URL; returns the body text of a 2xx answer.
 
+        Time-outs: connecting and the wait for the headers are each bounded by ``SMSGW_HTTP_TIMEOUT``; the body
+        is read against a deadline of ``SMSGW_HTTP_TIMEOUT`` after the start (so a server trickling its answer
+        cannot hold a poll, and its claims, indefinitely); one request takes at most about 3 x the setting.
+
         Raises:
-            PollError: network error or a non-2xx status (the log line says which, never the secret).
+            PollError: network error, time-out or a non-2xx status (the log line says which, never the secret).
         """
+        timeout = self._settings.http_timeout
         started = time.monotonic()
+        deadline = started + timeout
         try:
             response = self._session.request(
                 method,
                 url,
                 json=body,
-                timeout=self._settings.http_timeout,
+                timeout=timeout,
                 # A redirected POST would turn into a GET; a GET may follow (it stays a GET).
                 allow_redirects=method == "GET",
+                stream=True,
             )
+            with response:
+                if not 200 <= response.status_code < 300:
+                    hint = ""
+                    if response.status_code in (401, 403):
+                        hint = " (check SMSGW_SECRET and the user:pass in SMSGW_SYNC_URL)"
+                    elif 300 <= response.status_code < 400:
+                        hint = " (redirect: set SMSGW_SYNC_URL to the final URL)"
+                    raise PollError(f"?task={task}: Sync URL answered HTTP {response.status_code}{hint}",
+                                    "http_error", response.status_code)
+                chunks: list[bytes] = []
+                for chunk in response.iter_content(65536):
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise PollError(f"?task={task}: Sync URL answered too slowly (body not complete within "
+                                        f"SMSGW_HTTP_TIMEOUT={timeout:g}s)", "network_error")
+                # Decoded exactly as response.text would (charset header, else detection).
+                response._content = b"".join(chunks)
+                return response.text
         except requests.RequestException as exc:
             raise PollError(f"?task={task}: Sync URL unreachable: {type(exc).__name__}", "network_error") from None
         finally:
             metrics.HTTP_SECONDS.labels(task).observe(time.monotonic() - started)
-        if not 200 <= response.status_code < 300:
-            hint = ""
-            if response.status_code in (401, 403):
-                hint = " (check SMSGW_SECRET and the user:pass in SMSGW_SYNC_URL)"
-            elif 300 <= response.status_code < 400:
-                hint = " (redirect: set SMSGW_SYNC_URL to the final URL)"
-            raise PollError(f"?task={task}: Sync URL answered HTTP {response.status_code}{hint}", "http_error")
-        return response.text
 
     def close(self) -> None:
         """Close the HTTP session."""

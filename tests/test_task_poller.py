@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -273,3 +276,256 @@ def test_cli_help_and_check(clean_broker: str, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "task_poller"], check=False, env={**env, "SMSGW_TASK_INTERVAL": "zero"},
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "SMSGW_TASK_INTERVAL" in bad.stderr
+
+
+# --- regressions: ?task=sent without a usable answer, unexpected errors, live claims ------------------------
+
+
+def _task_reply(messages: list[dict[str, str]], secret: str = SECRET) -> str:
+    return json.dumps({"payload": {"task": "send", "secret": secret, "messages": messages}})
+
+
+def test_sent_answered_too_late_is_retried_and_queued_not_lost(clean_broker: str, publisher: PublisherThread,
+                                                               tmp_path: Path) -> None:
+    """The server processes ?task=sent (drops the uuids from its outbox) but answers after our time-out: the
+    claims must stay, ?task=sent is retried on the next poll and the echoed uuids are queued — exactly once."""
+    outbox = {u: {"to": "+255700000009", "message": f"text {u}", "uuid": u} for u in ("late-1", "late-2")}
+    acknowledged: set[str] = set()
+    may_answer = threading.Event()
+    sent_posts: list[list[str]] = []
+
+    def respond(request: Request) -> tuple[int, str]:
+        if request.query.get("task") == "send":
+            return 200, _task_reply(list(outbox.values()))
+        uuids = json.loads(request.body)["queued_messages"]
+        sent_posts.append(uuids)
+        for uuid in uuids:  # what the docs tell servers to do
+            outbox.pop(uuid, None)
+            acknowledged.add(uuid)
+        if len(sent_posts) == 1:
+            may_answer.wait(timeout=30)  # answers only after the poller gave up on it
+        return 200, json.dumps({"message_uuids": [u for u in uuids if u in acknowledged]})
+
+    stub = HttpStub(respond).start()
+    try:
+        poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true",
+                             SMSGW_HTTP_TIMEOUT="0.5")
+        with pytest.raises(PollError, match=r"ReadTimeout.*2 claim.*kept") as failed:
+            poller.poll_once()
+        assert failed.value.outcome == "network_error"
+        may_answer.set()
+        ledger = Ledger(tmp_path)
+        assert {ledger.get(u).state for u in ("late-1", "late-2")} == {"accepted"}  # type: ignore[union-attr]
+        assert take_outbound(clean_broker) == []
+        assert outbox == {}  # the server will never offer them again
+
+        second = poller.poll_once()  # retries ?task=sent first, then polls (nothing offered any more)
+        assert second.queued == 2
+        assert sent_posts == [["late-1", "late-2"], ["late-1", "late-2"]]
+        assert sorted(m.uuid for m in take_outbound(clean_broker)) == ["late-1", "late-2"]
+        assert {ledger.get(u).state for u in ("late-1", "late-2")} == {"queued"}  # type: ignore[union-attr]
+
+        assert poller.poll_once().queued == 0  # nothing left to retry: no third ?task=sent
+        assert len(sent_posts) == 2
+        poller.stale_claim_s = 0
+        assert poller.republish_orphans() == 0
+        assert take_outbound(clean_broker) == []
+    finally:
+        may_answer.set()
+        stub.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kept"),
+    [
+        (200, "<b>Warning</b>: database went away", True),  # unreadable: may have been processed
+        (500, "Internal Server Error", True),  # may have failed after committing
+        (200, "", True),
+        (403, '{"payload":{"success":false}}', False),  # refused before any work: released as before
+        (404, "not found", False),
+    ],
+)
+def test_sent_without_usable_answer_keeps_claims_for_the_orphan_republish(
+        clean_broker: str, publisher: PublisherThread, tmp_path: Path, status: int, body: str, kept: bool) -> None:
+    messages = [{"to": "+255700000010", "message": "hello", "uuid": "keep-1"}]
+
+    def respond(request: Request) -> tuple[int, str]:
+        if request.query.get("task") == "send":
+            return 200, _task_reply(messages)  # keeps offering it
+        return status, body
+
+    stub = HttpStub(respond).start()
+    try:
+        poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        with pytest.raises(PollError):
+            poller.poll_once()
+        entry = Ledger(tmp_path).get("keep-1")
+        if not kept:
+            assert entry is None
+            return
+        assert entry is not None and entry.state == "accepted"
+        # Still no usable answer on the retry: the claim stays, nothing is queued yet.
+        with pytest.raises(PollError, match="kept"):
+            poller.poll_once()
+        assert take_outbound(clean_broker) == []
+        # After stale_claim_s the orphan mechanism sends it (sending beats losing it) — once.
+        poller.stale_claim_s = 0
+        assert poller.republish_orphans() == 1
+        assert [m.uuid for m in take_outbound(clean_broker)] == ["keep-1"]
+        posts_before = sum(r.method == "POST" for r in stub.requests)
+        third = poller.poll_once()  # no retry any more (it is queued); the re-offer is a duplicate
+        assert (third.queued, third.duplicates) == (0, 1)
+        assert sum(r.method == "POST" for r in stub.requests) == posts_before
+        assert take_outbound(clean_broker) == []
+    finally:
+        stub.stop()
+
+
+def _run_in_thread(poller: TaskPoller) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
+    stop = threading.Event()
+    died: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            poller.run(stop)
+        except BaseException as exc:  # the regression: run() used to die here
+            died.append(exc)
+            raise
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, stop, died
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"payload":{"task":"send","secret":"s3cret","messages":[{"to":"+1555","message":"hi \\ud83d",'
+        '"uuid":"sur-1"}]}}',
+        '{"payload":{"task":"send","secret":"s3cret\\udc00","messages":[{"to":"+1555","message":"hi",'
+        '"uuid":"sur-2"}]}}',
+        '{"payload":{"task":"send","secret":"s3cret","messages":[{"to":"+1555","message":"hi",'
+        '"uuid":"sur-\\ud800"}]}}',
+        '{"payload":' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+    ids=["surrogate-text", "surrogate-secret", "surrogate-uuid", "deep-nesting"],
+)
+def test_run_survives_pathological_replies_and_keeps_polling(clean_broker: str, publisher: PublisherThread,
+                                                             tmp_path: Path, body: str) -> None:
+    stub = HttpStub(lambda r: (200, body)).start()
+    poller = make_poller(clean_broker, stub.url, publisher, tmp_path)
+    poller._settings = dataclasses.replace(poller._settings, task_interval=0.05)
+    thread, stop, died = _run_in_thread(poller)
+    try:
+        wait_for(lambda: len(stub.requests) >= 4 or died, timeout=15, what="four polls by one run() loop")
+        assert not died and thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        stub.stop()
+    assert not thread.is_alive() and not died
+    assert take_outbound(clean_broker) == []
+
+
+def test_unexpected_error_logs_traceback_once_backs_off_and_recovers(
+        clean_broker: str, publisher: PublisherThread, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.sync_protocol import parse_payload as real_parse
+    from task_poller import poller as poller_module
+
+    broken = threading.Event()
+    broken.set()
+
+    def parse(text: str) -> object:
+        if broken.is_set():
+            raise RuntimeError("a bug nobody anticipated")
+        return real_parse(text)
+
+    monkeypatch.setattr(poller_module, "parse_payload", parse)
+    stub = HttpStub(lambda r: (200, _task_reply([]))).start()
+    poller = make_poller(clean_broker, stub.url, publisher, tmp_path)
+    poller._settings = dataclasses.replace(poller._settings, task_interval=0.05)
+    with caplog.at_level(logging.INFO, logger="task_poller.poller"):
+        thread, stop, died = _run_in_thread(poller)
+        try:
+            wait_for(lambda: len(stub.requests) >= 4 or died, timeout=15, what="four failing polls")
+            failing = len(stub.requests)
+            broken.clear()
+            wait_for(lambda: any("works again" in r.getMessage() for r in caplog.records) or died, timeout=15,
+                     what="the loop to recover")
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+            stub.stop()
+    assert not died and not thread.is_alive()
+    crashes = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(crashes) >= failing - 1 >= 3
+    assert all(r.levelno == logging.ERROR and "RuntimeError: a bug nobody anticipated" in r.getMessage()
+               for r in crashes)
+    assert [bool(r.exc_info) for r in crashes] == [True] + [False] * (len(crashes) - 1)  # traceback once
+    # Backed off like any failed poll: 0.1, 0.2, 0.4 ... not a busy loop.
+    gaps = [b.created - a.created for a, b in itertools.pairwise(crashes)]
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps))
+
+
+class _AgedClaimsLedger(Ledger):
+    """Claims look an hour old at once: a poll that has held them a long time (slow ?task=sent trickle)."""
+
+    def claim(self, uuid: str, recipient: str, body: str) -> bool:
+        claimed = super().claim(uuid, recipient, body)
+        db = sqlite3.connect(self.path)
+        try:
+            with db:
+                db.execute("UPDATE outbound SET updated_at = updated_at - 3600000 WHERE uuid = ?", (uuid,))
+        finally:
+            db.close()
+        return claimed
+
+
+class _ReplicaRacesEachPublish:
+    """Before each publish of the live poller, a replica on the same ledger runs its orphan republish."""
+
+    def __init__(self, inner: PublisherThread, replica: TaskPoller) -> None:
+        self.inner, self.replica = inner, replica
+        self.republished: list[int] = []
+
+    def publish(self, publication: broker.Publication, timeout: float = 30.0) -> None:
+        self.republished.append(self.replica.republish_orphans())
+        self.inner.publish(publication, timeout)
+
+
+def test_live_claims_are_touched_before_each_publish_so_no_replica_republishes_them(
+        clean_broker: str, server: ReferenceServer, tmp_path: Path) -> None:
+    uuids = [server.queue_outgoing("+255700000011", f"live {i}", f"live-{i}") for i in range(3)]
+    publishers = [PublisherThread(clean_broker, f"test-live-{i}") for i in range(2)]
+    try:
+        replica = make_poller(clean_broker, server.url, publishers[1], tmp_path)
+        racing = _ReplicaRacesEachPublish(publishers[0], replica)
+        settings = Settings.from_env({"SMSGW_AMQP_URL": clean_broker, "SMSGW_SYNC_URL": server.url,
+                                      "SMSGW_SECRET": SECRET, "SMSGW_STATE_DIR": str(tmp_path),
+                                      "SMSGW_MESSAGE_RESULTS": "true"})
+        live = TaskPoller(settings, racing, _AgedClaimsLedger(tmp_path))
+        assert live.poll_once().queued == 3
+    finally:
+        for p in publishers:
+            p.close()
+    assert racing.republished == [0, 0, 0]
+    assert sorted(m.uuid for m in take_outbound(clean_broker)) == sorted(uuids)  # each exactly once
+
+
+def test_claim_republished_meanwhile_is_not_queued_again(clean_broker: str, publisher: PublisherThread,
+                                                         server: ReferenceServer, tmp_path: Path) -> None:
+    for i in range(2):
+        server.queue_outgoing("+255700000012", f"taken {i}", f"taken-{i}")
+    ledger = Ledger(tmp_path)
+
+    class TakeOverSecond:
+        def publish(self, publication: broker.Publication, timeout: float = 30.0) -> None:
+            # A replica republished the second claim while this poll published the first.
+            ledger.mark_queued("taken-1")
+            publisher.publish(publication, timeout)
+
+    poller = TaskPoller(make_poller(clean_broker, server.url, publisher, tmp_path)._settings, TakeOverSecond(),
+                        ledger)
+    assert poller.poll_once().queued == 1
+    assert [m.uuid for m in take_outbound(clean_broker)] == ["taken-0"]

@@ -216,7 +216,8 @@ def secrets_match(configured: str, received: str | None) -> bool:
     """Constant-time comparison of the configured secret with the one a task reply carries."""
     if received is None:
         return configured == ""
-    return hmac.compare_digest(configured.encode("utf-8"), received.encode("utf-8"))
+    # surrogatepass: a server's "\ud83d" must compare unequal, not crash the poller.
+    return hmac.compare_digest(configured.encode("utf-8", "surrogatepass"), received.encode("utf-8", "surrogatepass"))
 
 
 def parse_message_uuids(body: str) -> list[str]:

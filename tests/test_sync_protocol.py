@@ -121,3 +121,7 @@ def test_error_snippets_never_carry_the_secret() -> None:
     with pytest.raises(ReplyError) as caught:
         first_json_document("<a href='/x?task=send&secret=s3cret'>moved</a>")
     assert "s3cret" not in str(caught.value)
+
+
+def test_secret_with_a_lone_surrogate_is_a_mismatch_not_a_crash() -> None:
+    assert not secrets_match("s3cret", "s3cret\ud83d")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -168,9 +169,9 @@ class ResultReporter:
     def run(self, stop: threading.Event) -> None:
         """A round every ``SMSGW_RESULT_INTERVAL`` s until ``stop``; a round in progress finishes first.
 
-        Never ends over an exception of a round: an unexpected one (a bug, a pathological reply) is logged —
-        with its traceback the first time each kind occurs — and the next round runs as usual. The events
-        stay held (unacked), so nothing is lost.
+        Never ends over an exception of a round: an unexpected one (a bug, a pathological reply) is logged in
+        one line — with its traceback the first time that error (type and raising line) occurs — and the next
+        round runs as usual. The events stay held (unacked), so nothing is lost.
         """
         while not stop.wait(self._settings.result_interval):
             try:
@@ -178,13 +179,15 @@ class ResultReporter:
             except RoundError as exc:
                 log.error("result round failed, reports kept for the next round: %s", exc)
             except Exception as exc:  # last resort: the loop must outlive any bug or pathological reply
-                metrics.RESULT_ROUNDS.labels("error").inc()
-                kind = type(exc).__name__
-                first = kind not in self._unexpected_seen
-                self._unexpected_seen.add(kind)
+                metrics.RESULT_ROUNDS.labels("internal_error").inc()
+                frames = traceback.extract_tb(exc.__traceback__)
+                where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+                key = f"{type(exc).__name__}@{where}"  # the same error: same type, raised at the same line
+                first = key not in self._unexpected_seen
+                self._unexpected_seen.add(key)
                 log.error(
                     "result round failed unexpectedly (%s: %s), reports kept for the next round%s",
-                    kind,
+                    type(exc).__name__,
                     _clip(str(exc)),
                     "" if first else " (traceback logged at its first occurrence)",
                     exc_info=first,

@@ -5,14 +5,16 @@ The modem worker's side is faked: tests publish SentEvent/DeliveryEvent to the e
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,14 @@ import pytest
 import requests
 
 from reference_server.server import ReferenceServer
-from result_reporter.reporter import ResultReporter, RoundError
+from result_reporter import reporter as reporter_module
+from result_reporter.reporter import (
+    MAX_ROW_REFUSALS,
+    SPLIT_AFTER_ROUNDS,
+    SPLIT_GIVE_UP,
+    ResultReporter,
+    RoundError,
+)
 from services import broker
 from services.broker import BatchConsumer, Publication, PublisherThread
 from services.ledger import Ledger
@@ -43,6 +52,21 @@ def delivered(uuid: str, outcome: str = "delivered", ts: int = T0 + 5000) -> Del
     return DeliveryEvent(uuid, "m1", outcome, "status report", ts)  # type: ignore[arg-type]
 
 
+def drain_with_headers(url: str, name: str) -> list[tuple[bytes, dict[str, Any]]]:
+    """Like ``drain_queue``, with each message's headers (parked messages carry their park reason)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    messages: list[tuple[bytes, dict[str, Any]]] = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, props, body = channel.basic_get(name, auto_ack=True)
+            if method is None:
+                return messages
+            messages.append((body, dict(props.headers or {})))
+    finally:
+        connection.close()
+
+
 def drain_queue(url: str, name: str) -> list[bytes]:
     """Consume everything ready on ``name`` (after the reporter stopped, unacked events are back there)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -62,10 +86,12 @@ class Harness:
     """A ResultReporter on a BatchConsumer of the events queue, with a publisher to fake the modem worker."""
 
     def __init__(self, amqp: str, sync_url: str, state: Path, keep_rounds: int = 5, secret: str = SECRET,
-                 **env: str) -> None:
+                 interval: float | None = None, **env: str) -> None:
         self.amqp = amqp
         self.settings = Settings.from_env({"SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url,
                                            "SMSGW_SECRET": secret, "SMSGW_HTTP_TIMEOUT": "5", **env})
+        if interval is not None:  # below the 1 s the setting allows: run() tests need quick rounds
+            self.settings = dataclasses.replace(self.settings, result_interval=interval)
         self.publisher = PublisherThread(amqp, "test-results")
         self.consumer = BatchConsumer(amqp, broker.EVENTS_QUEUE, self.publisher, name="test-results", prefetch=500)
         self.reporter = ResultReporter(self.settings, self.consumer, ledger=Ledger(state), keep_rounds=keep_rounds)
@@ -136,19 +162,30 @@ class ScriptedServer:
 
     def __init__(self) -> None:
         self.waiting: list[str] = []
+        self.get_body: str | None = None  # None: {"message_uuids": waiting}
         self.post_status = 200
         self.post_body = '{"payload":{"success":true,"error":null}}'
+        # Decides per POST from its rows: (status, body), or None for post_status/post_body.
+        self.refuse: Callable[[list[dict[str, Any]]], tuple[int, str] | None] | None = None
         self.stub = HttpStub(self.respond).start()
 
     def respond(self, request: Request) -> tuple[int, str]:
         if request.query.get("task") != "result":
             return 404, ""
         if request.method == "GET":
-            return 200, json.dumps({"message_uuids": self.waiting})
+            return 200, self.get_body if self.get_body is not None else json.dumps({"message_uuids": self.waiting})
+        if self.refuse is not None:
+            answer = self.refuse(json.loads(request.body)["message_results"])
+            if answer is not None:
+                return answer
         return self.post_status, self.post_body
 
     def posts(self) -> list[dict[str, Any]]:
         return [json.loads(r.body) for r in self.stub.requests if r.method == "POST"]
+
+    def posted_rows(self) -> list[list[dict[str, Any]]]:
+        """The rows of each POST (message_results shape), in order."""
+        return [p["message_results"] for p in self.posts()]
 
 
 @pytest.fixture
@@ -270,6 +307,202 @@ def test_malformed_event_is_parked(clean_broker: str, tmp_path: Path, harnesses:
     assert h.reporter.round().reported == 0
     assert scripted.stub.requests == []  # nothing held: no HTTP at all
     assert h.stop() == []  # the originals were acked after parking
+
+
+# --- reported state is remembered: late and duplicate events (review A) -------------------------------------
+
+
+def test_late_duplicate_sent_event_does_not_reset_delivered(clean_broker: str, tmp_path: Path,
+                                                          harnesses: list[Harness],
+                                                          scripted: ScriptedServer) -> None:
+    scripted.waiting = ["u-1"]  # a server that keeps asking (it waits for a final delivery state, say)
+    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+    harnesses.append(h)
+    h.publish(sent("u-1"))
+    h.held(1)
+    assert h.reporter.round().reported == 1
+    h.publish(delivered("u-1"))
+    h.held(1)
+    assert h.reporter.round().reported == 1
+    [second] = scripted.posted_rows()[1]
+    assert (second["sent_timestamp"], second["delivered_result_code"]) == (T0, 0)  # sent_* from memory
+    # The modem worker republishes the SentEvent (with the ledger's time) for a redelivered queue copy, and a
+    # broker redelivery repeats the delivery report: the server already has exactly that row.
+    h.publish(sent("u-1", ts=T0 + 1), delivered("u-1"))
+    h.held(2)
+    result = h.reporter.round()
+    assert (result.reported, result.duplicates) == (0, 1)
+    assert len(scripted.posts()) == 2  # no POST: nothing new, and above all no "pending" row
+    assert h.stop() == []  # the duplicates were acked
+
+
+def test_sent_event_after_its_delivery_keeps_delivered(clean_broker: str, tmp_path: Path,
+                                                       harnesses: list[Harness],
+                                                       scripted: ScriptedServer) -> None:
+    scripted.waiting = ["u-2"]
+    h = Harness(clean_broker, scripted.stub.url, tmp_path)  # the ledger does not know u-2: no sent_* from it
+    harnesses.append(h)
+    h.publish(delivered("u-2"))
+    h.held(1)
+    assert h.reporter.round().reported == 1
+    h.publish(sent("u-2"))
+    h.held(1)
+    assert h.reporter.round().reported == 1  # it adds sent_timestamp ...
+    first, second = (rows[0] for rows in scripted.posted_rows())
+    assert (first["sent_timestamp"], first["delivered_result_code"]) == (None, 0)
+    assert second == {**first, "sent_timestamp": T0}  # ... and keeps delivered_* as reported
+    # A redelivered copy of that SentEvent, and an older failed delivery report, change nothing: no POST.
+    h.publish(sent("u-2"), delivered("u-2", "failed", ts=T0 + 1000))
+    h.held(2)
+    assert h.reporter.round().duplicates == 1
+    assert len(scripted.posts()) == 2
+    assert h.stop() == []
+
+
+# --- one refusing row must not block the others (review B) --------------------------------------------------
+
+BAD_ROW_ERROR = "invalid sent_result_message for bad"
+
+
+def refuse_bad(rows: list[dict[str, Any]]) -> tuple[int, str] | None:
+    if any(row["uuid"] == "bad" for row in rows):
+        return 200, json.dumps({"payload": {"success": False, "error": BAD_ROW_ERROR}})
+    return None
+
+
+def test_refused_row_is_isolated_then_parked(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
+                                             scripted: ScriptedServer) -> None:
+    scripted.waiting = ["bad", *(f"g{n}" for n in range(10))]
+    scripted.refuse = refuse_bad
+    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+    harnesses.append(h)
+    h.publish(sent("bad"), sent("g0"))
+    h.held(2)
+    for _ in range(SPLIT_AFTER_ROUNDS):
+        with pytest.raises(RoundError, match=BAD_ROW_ERROR):
+            h.reporter.round()  # one POST with both rows, refused as a whole
+    assert [len(rows) for rows in scripted.posted_rows()] == [2] * SPLIT_AFTER_ROUNDS
+    # Now rows go one by one: the good ones are accepted, "bad" is refused while others are accepted.
+    for n in range(1, MAX_ROW_REFUSALS + 1):
+        h.publish(sent(f"g{n}"))
+        h.held(3 if n == 1 else 2)
+        result = h.reporter.round()
+        assert (result.reported, result.refused) == (2 if n == 1 else 1, 1)
+        assert result.parked == (1 if n == MAX_ROW_REFUSALS else 0)
+    assert all(len(rows) == 1 for rows in scripted.posted_rows()[SPLIT_AFTER_ROUNDS:])
+    [(body, headers)] = drain_with_headers(clean_broker, broker.parked_queue_for(broker.EVENTS_QUEUE))
+    assert json.loads(body)["uuid"] == "bad"
+    assert BAD_ROW_ERROR in headers[broker.HEADER_PARK_REASON]
+    assert f"{MAX_ROW_REFUSALS} times" in headers[broker.HEADER_PARK_REASON]
+    # A round without refusals (still one by one) switches back to one POST per round.
+    h.publish(sent("g6"), sent("g7"))
+    h.held(2)
+    assert h.reporter.round().reported == 2
+    h.publish(sent("g8"), sent("g9"))
+    h.held(2)
+    assert h.reporter.round().reported == 2
+    assert [len(rows) for rows in scripted.posted_rows()[-3:]] == [1, 1, 2]
+    reported = {row["uuid"] for rows in scripted.posted_rows() for row in rows}
+    assert reported == {"bad", *(f"g{n}" for n in range(10))}
+    assert h.stop() == []  # everything acked: reported, or parked with the server's reason
+
+
+def _server_down() -> tuple[int, str]:
+    raise ConnectionAbortedError("the stub drops the connection")  # the client sees no answer at all
+
+
+@pytest.mark.parametrize(("status", "body"), [
+    (200, '{"payload":{"success":false,"error":"database is read-only"}}'),
+    (500, "<b>Fatal error</b>: Uncaught PDOException"),
+    (503, ""),
+    (None, ""),  # network error on every POST
+])
+def test_server_refusing_every_row_parks_nothing(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
+                                                 scripted: ScriptedServer, status: int | None, body: str) -> None:
+    uuids = [f"r{n}" for n in range(5)]
+    scripted.waiting = uuids
+    if status is None:
+        scripted.refuse = lambda rows: _server_down()
+    else:
+        scripted.refuse = lambda rows: (status, body)
+    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+    harnesses.append(h)
+    h.publish(*(sent(u) for u in uuids))
+    h.held(len(uuids))
+    rounds = SPLIT_AFTER_ROUNDS + MAX_ROW_REFUSALS + 3
+    per_round: list[int] = []
+    for _ in range(rounds):
+        before = len(scripted.posts())
+        with pytest.raises(RoundError):
+            h.reporter.round()
+        per_round.append(len(scripted.posts()) - before)
+    # A whole-server failure is never blamed on rows: nothing parked, nothing acked, and split rounds give up
+    # after a few single-row POSTs (one, for an answer no row can cause) instead of trying every row.
+    assert drain_with_headers(clean_broker, broker.parked_queue_for(broker.EVENTS_QUEUE)) == []
+    if status is None:
+        assert per_round == [1] * rounds
+    else:
+        assert per_round[:SPLIT_AFTER_ROUNDS] == [1] * SPLIT_AFTER_ROUNDS
+        assert all(1 <= n <= SPLIT_GIVE_UP for n in per_round[SPLIT_AFTER_ROUNDS:])
+        if status != 503:  # rows refused in a split round go last next time: every row gets probed
+            probed = {rows[0]["uuid"] for rows in scripted.posted_rows()[SPLIT_AFTER_ROUNDS:]}
+            assert probed == set(uuids)
+    scripted.refuse = None  # the server recovers: every report gets through
+    assert h.reporter.round().reported == len(uuids)
+    assert h.stop() == []
+
+
+# --- review C: a new event restarts the "not asked for" count ----------------------------------------------
+
+
+def test_new_event_resets_declined_rounds(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
+                                          scripted: ScriptedServer) -> None:
+    h = Harness(clean_broker, scripted.stub.url, tmp_path, keep_rounds=3)
+    harnesses.append(h)
+    h.publish(sent("x"))
+    h.held(1)
+    assert [h.reporter.round().dropped for _ in range(2)] == [0, 0]  # two rounds unasked
+    h.publish(delivered("x"))
+    h.held(2)
+    # Without the reset the delivery report would be dropped after this one round.
+    assert [h.reporter.round().dropped for _ in range(3)] == [0, 0, 1]
+    assert scripted.posts() == []
+    assert h.stop() == []
+
+
+# --- review D: the run loop outlives any exception of a round -----------------------------------------------
+
+
+@pytest.mark.parametrize("parser", ["real", "unguarded"])
+def test_run_loop_survives_pathological_reply(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
+                                              scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture, parser: str) -> None:
+    scripted.get_body = "[" * 100_000 + "]" * 100_000  # nested deeper than any decoder's recursion limit
+    if parser == "unguarded":  # a parser without a depth guard: RecursionError reaches the loop
+        monkeypatch.setattr(reporter_module, "parse_message_uuids", lambda body: json.loads(body)["message_uuids"])
+    caplog.set_level(logging.ERROR, logger=reporter_module.__name__)
+    h = Harness(clean_broker, scripted.stub.url, tmp_path, interval=0.01)
+    harnesses.append(h)
+    h.publish(sent("u-1"))
+    h.held(1)
+    stop = threading.Event()
+    loop = threading.Thread(target=h.reporter.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: len(scripted.stub.requests) >= 3 or not loop.is_alive(), what="three rounds")
+        assert loop.is_alive()  # survived every round so far
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert not loop.is_alive()
+    failures = [r for r in caplog.records if "result round failed" in r.getMessage()]
+    assert len(failures) >= 3
+    assert sum(1 for r in failures if r.exc_info) <= 1  # a traceback at most once, then one line each
+    if parser == "unguarded":
+        assert failures[0].exc_info and "RecursionError" in failures[0].getMessage()
+        assert all("RecursionError" in r.getMessage() for r in failures)
+    assert scripted.posts() == []
+    assert [json.loads(b)["uuid"] for b in h.stop()] == ["u-1"]  # still unacked: nothing lost
 
 
 def test_process_reports_and_drains_on_sigterm(clean_broker: str, tmp_path: Path) -> None:

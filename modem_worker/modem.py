@@ -12,6 +12,13 @@ Delivery contract ("an SMS leaves the SIM only after the broker confirmed it"):
 * A part whose SIM deletion failed after delivery is remembered, and deleted without a second delivery
   when it is seen again.
 * Status reports (+CDSI, SR memory) go to ``on_status_report`` and are deleted after it returns.
+* A stored PDU that cannot be decoded goes to ``on_unreadable`` (raw hex and reason) and is deleted only after
+  it returned, so the raw copy is kept somewhere before it leaves the SIM. Without that callback, or while it
+  raises, it stays on the SIM and is logged once (not on every sweep).
+* A concatenated part whose sequence number is 0 or above its part count cannot be placed in its message: it
+  is delivered on its own as a single SMS (``parts=1``) rather than buffered under an impossible number.
+* :meth:`Modem.sweep_stored` stops at the first ``on_message``/``on_status_report`` failure (the broker is
+  most likely down): the rest stays on the SIM for the next sweep instead of each SMS waiting out a timeout.
 
 Bugs of the library fixed here or in :mod:`modem_worker.at_fixes` are listed in that module and in
 ``tests/test_modem_adapter.py``.
@@ -107,6 +114,17 @@ class ModemInfo:
     model: str
 
 
+@dataclass(frozen=True)
+class UnreadableMessage:
+    """A stored PDU (in ``memory`` at ``index``) that cannot be decoded as SMS-DELIVER or SMS-STATUS-REPORT.
+    ``pdu_hex`` is the PDU as the modem listed it; ``reason`` says why decoding failed."""
+
+    memory: str
+    index: int
+    pdu_hex: str
+    reason: str
+
+
 class ModemError(Exception):
     """Base class of every error the adapter raises."""
 
@@ -183,6 +201,11 @@ class _Tick:
     """No event within the tick interval: only check multipart time-outs."""
 
 
+class _CallbackFailed(Exception):
+    """on_message/on_status_report raised: the SMS stays on the SIM, a sweep stops here. The message says
+    what failed; whoever catches it logs it."""
+
+
 _TICK: Final[_Tick] = _Tick()
 _Event = _StoredEvent | _DirectEvent | _Tick  # None in the queue stops the worker
 
@@ -202,8 +225,9 @@ def _status_delivered(status: int) -> bool | None:
 class Modem:
     """One GSM modem: connect, send, receive (via callbacks), status reports, health queries.
 
-    Callbacks run on the adapter's worker thread (``on_fatal`` on the thread that saw the link die). A
-    callback that raises leaves the SIM copy in place for the next :meth:`sweep_stored`.
+    Callbacks run on the adapter's worker thread, or on the thread calling :meth:`sweep_stored` (``on_fatal``
+    on the thread that saw the link die). A callback that raises leaves the SIM copy in place for the next
+    :meth:`sweep_stored`.
     """
 
     def __init__(
@@ -213,17 +237,23 @@ class Modem:
         on_message: Callable[[ReceivedMessage], None],
         on_status_report: Callable[[StatusReport], None],
         on_fatal: Callable[[BaseException], None] | None = None,
+        on_unreadable: Callable[[UnreadableMessage], None] | None = None,
         baudrate: int = 115200,
         request_delivery: bool = True,
         send_timeout_s: float = 35.0,
         command_timeout_s: float = 10.0,
         multipart_timeout_s: float = 600.0,
     ) -> None:
-        """Store the configuration; nothing is opened until :meth:`connect`."""
+        """Store the configuration; nothing is opened until :meth:`connect`.
+
+        ``on_unreadable`` receives stored PDUs that cannot be decoded; the entry is deleted from the SIM only
+        after it returned. Without it such entries stay on the SIM (logged once each).
+        """
         self.port = port
         self._on_message = on_message
         self._on_status_report = on_status_report
         self._on_fatal = on_fatal
+        self._on_unreadable = on_unreadable
         self._baudrate = baudrate
         self._request_delivery = request_delivery
         self._send_timeout_s = send_timeout_s
@@ -238,6 +268,11 @@ class Modem:
         self._buffers: dict[_Key, _Buffer] = {}
         self._closed: dict[_Key, _Closed] = {}
         self._undeleted: dict[tuple[str, int], str] = {}
+        # Undecodable entries already logged (insertion-ordered, bounded): logged once, not on every sweep.
+        self._unreadable_logged: dict[_Location, None] = {}
+        # Successful on_message/on_status_report calls and SIM deletions so far (sweep_stored() reports deltas).
+        self._delivered_count = 0
+        self._deleted_count = 0
         self._memories: tuple[str, ...] = ("SM",)
         self._concat_ref = random.randrange(256)
         self._ref_lock = threading.Lock()
@@ -553,6 +588,8 @@ class Modem:
                     elif isinstance(event, _DirectEvent):
                         self._process(None, event.pdu)
                     self._flush_expired(include_failed=False)
+            except _CallbackFailed as exc:
+                logger.warning("%s; kept on the SIM for the next sweep", exc)
             except (LinkDown, ModemUnavailable) as exc:
                 logger.warning("modem link lost while handling a notification: %s", exc)
             except (TimeoutException, CommandError) as exc:
@@ -574,58 +611,107 @@ class Modem:
     def sweep_stored(self) -> int:
         """List every stored message (AT+CMGL=4 on SM and SR memory) and deliver what is deliverable:
         single SMS, completed or expired multipart SMS (incl. ones whose delivery failed before), status
-        reports. Returns how many ``on_message``/``on_status_report`` calls succeeded.
+        reports, undecodable entries (to ``on_unreadable``). Returns how many ``on_message``/
+        ``on_status_report`` calls succeeded.
+
+        Stops at the first ``on_message``/``on_status_report`` that raises (logged, not re-raised): the
+        broker is most likely down, and trying every other stored SMS would hold the delivery lock for one
+        publish timeout each. What is left stays on the SIM for the next sweep.
 
         Raises ModemUnavailable (link lost / no answer), ModemError (listing refused).
         """
         with self._delivery_lock:
             gsm = self._require()
-            delivered = 0
+            entries: list[_Location] = []
             for memory in self._memories:
                 try:
-                    entries = gsm.list_stored_pdus(memory)
+                    entries += [(memory, index, pdu) for index, pdu in gsm.list_stored_pdus(memory)]
                 except (LinkDown, TimeoutException) as exc:
                     raise ModemUnavailable(f"listing {memory} failed: {exc!r}") from exc
                 except CommandError as exc:
                     raise ModemError(f"listing {memory} failed: {exc}") from exc
-                for index, pdu in entries:
-                    delivered += self._process((memory, index, pdu), pdu)
-            for key in [k for k, b in self._buffers.items() if b.failed and self._is_ready(k, b)]:
-                delivered += self._deliver_buffer(key)
-            delivered += self._flush_expired(include_failed=True)
-            return delivered
+            delivered_before, deleted_before = self._delivered_count, self._deleted_count
+            try:
+                for location in entries:
+                    self._process(location, location[2])
+                for key in [k for k, b in self._buffers.items() if b.failed and self._is_ready(k, b)]:
+                    self._deliver_buffer(key)
+                self._flush_expired(include_failed=True)
+            except _CallbackFailed as exc:
+                left = max(0, len(entries) - (self._deleted_count - deleted_before))
+                logger.warning("stopping the sweep: %s; %d SMS stay on the SIM for the next sweep", exc, left)
+            return self._delivered_count - delivered_before
 
     # ------------------------------------------------------------------ receiving: processing (delivery lock held)
 
-    def _process(self, location: _Location | None, pdu: str) -> int:
-        """Handle one stored (or directly delivered) PDU. Returns the number of callbacks that succeeded."""
+    def _process(self, location: _Location | None, pdu: str) -> None:
+        """Handle one stored (or directly delivered) PDU.
+
+        Raises _CallbackFailed when on_message/on_status_report raised (the SMS stays on the SIM)."""
         if location is not None and self._undeleted.get(location[:2]) == pdu:
             # Delivered before, only the delete failed: finish the delete, never deliver twice.
             self._delete([location])
-            return 0
+            return
         try:
             decoded = decode_stored_pdu(pdu)
         except ValueError as exc:
-            where = f"{location[0]}/{location[1]}" if location else "+CMT"
-            logger.error("undecodable PDU at %s left in place: %s", where, exc)
-            return 0
+            self._unreadable(location, pdu, str(exc))
+            return
         if isinstance(decoded, StatusReportPdu):
-            return self._deliver_report(location, decoded)
-        if decoded.concat is None or decoded.concat[1] <= 1:
-            message = ReceivedMessage(
-                sender=decoded.sender,
-                text=decoded.text,
-                smsc_time=decoded.smsc_time,
-                sim_indices=(location[1],) if location else (),
-                parts=1,
-                complete=True,
+            self._deliver_report(location, decoded)
+            return
+        if decoded.concat is not None and decoded.concat[1] > 1 and not 1 <= decoded.concat[2] <= decoded.concat[1]:
+            reference, total, seq = decoded.concat
+            # Buffered under an impossible number it would count towards "all parts there" while a real
+            # part is missing, and the message would come out complete=True with text lost.
+            logger.warning(
+                "concatenated part with sequence %d of %d (ref %d) from %s cannot be placed: delivered on its own",
+                seq, total, reference, decoded.sender,
             )
-            return self._deliver(message, [location] if location else [])
-        return self._add_part(location, decoded)
+        elif decoded.concat is not None and decoded.concat[1] > 1:
+            self._add_part(location, decoded)
+            return
+        message = ReceivedMessage(
+            sender=decoded.sender,
+            text=decoded.text,
+            smsc_time=decoded.smsc_time,
+            sim_indices=(location[1],) if location else (),
+            parts=1,
+            complete=True,
+        )
+        self._deliver(message, [location] if location else [])
 
-    def _add_part(self, location: _Location | None, sms: DeliverPdu) -> int:
+    def _unreadable(self, location: _Location | None, pdu: str, reason: str) -> None:
+        """An undecodable PDU: hand it to on_unreadable and delete it after that returned; otherwise keep it
+        on the SIM and log it once per (memory, index, pdu)."""
+        if location is None:  # a direct +CMT: nothing stored, nothing to retry or delete
+            logger.error("undecodable PDU in a +CMT dropped: %s; pdu=%s", reason, pdu)
+            return
+        memory, index, _pdu = location
+        failure = "no on_unreadable callback"
+        if self._on_unreadable is not None:
+            try:
+                self._on_unreadable(UnreadableMessage(memory=memory, index=index, pdu_hex=pdu, reason=reason))
+            except Exception as exc:
+                failure = f"on_unreadable failed ({exc!r})"
+            else:
+                logger.warning("undecodable PDU at %s/%d handed over and deleted: %s", memory, index, reason)
+                self._delete([location])
+                return
+        if location in self._unreadable_logged:
+            logger.debug("undecodable PDU at %s/%d still on the SIM (%s)", memory, index, failure)
+            return
+        self._unreadable_logged[location] = None
+        if len(self._unreadable_logged) > _UNDELETED_MAX:
+            del self._unreadable_logged[next(iter(self._unreadable_logged))]
+        logger.error(
+            "undecodable PDU at %s/%d left on the SIM (%s; logged once): %s; pdu=%s",
+            memory, index, failure, reason, pdu,
+        )
+
+    def _add_part(self, location: _Location | None, sms: DeliverPdu) -> None:
         """Buffer one concatenated part (still on the SIM); deliver the message once all parts are there.
-        Returns the number of messages delivered (0 or 1)."""
+        Raises _CallbackFailed when on_message raised."""
         assert sms.concat is not None
         reference, total, seq = sms.concat
         key: _Key = (sms.sender, reference, total)
@@ -635,7 +721,7 @@ class Modem:
             logger.debug("duplicate part %d/%d of an already delivered SMS", seq, total)
             if location is not None:
                 self._delete([location])
-            return 0
+            return
         buffer = self._buffers.get(key)
         if buffer is None:
             first_seen = time.monotonic()
@@ -648,30 +734,29 @@ class Modem:
         if existing is not None:
             if location is not None and existing.location != location and location not in buffer.duplicates:
                 buffer.duplicates.append(location)  # same part stored twice: delete both copies later
-            return 0
+            return
         buffer.parts[seq] = _Part(sms.raw_text, sms.smsc_time, location)
         if len(buffer.parts) == total:
-            return self._deliver_buffer(key)
-        return 0
+            self._deliver_buffer(key)
 
     def _is_ready(self, key: _Key, buffer: _Buffer) -> bool:
         """True when the buffered message is complete or has waited multipart_timeout_s."""
         return len(buffer.parts) == key[2] or time.monotonic() - buffer.first_seen >= self._multipart_timeout_s
 
-    def _flush_expired(self, *, include_failed: bool) -> int:
-        """Deliver multipart buffers older than multipart_timeout_s with the parts that arrived."""
+    def _flush_expired(self, *, include_failed: bool) -> None:
+        """Deliver multipart buffers older than multipart_timeout_s with the parts that arrived. Raises
+        _CallbackFailed at the first on_message that raised."""
         now = time.monotonic()
-        delivered = 0
-        for key, buffer in list(self._buffers.items()):
-            if (include_failed or not buffer.failed) and now - buffer.first_seen >= self._multipart_timeout_s:
-                delivered += self._deliver_buffer(key)
         retention = max(2 * self._multipart_timeout_s, _CLOSED_RETENTION_MIN_S)
         for key in [k for k, c in self._closed.items() if now - c.at > retention]:
             del self._closed[key]
-        return delivered
+        for key, buffer in list(self._buffers.items()):
+            if (include_failed or not buffer.failed) and now - buffer.first_seen >= self._multipart_timeout_s:
+                self._deliver_buffer(key)
 
-    def _deliver_buffer(self, key: _Key) -> int:
-        """Deliver one buffered multipart SMS (complete or not); delete its parts after on_message."""
+    def _deliver_buffer(self, key: _Key) -> None:
+        """Deliver one buffered multipart SMS (complete or not); delete its parts after on_message. Raises
+        _CallbackFailed (the buffer is then marked failed: only sweep_stored() retries it)."""
         buffer = self._buffers[key]
         sender, _reference, total = key
         complete = len(buffer.parts) == total
@@ -692,32 +777,32 @@ class Modem:
                 "multipart SMS (ref %d) incomplete after %.0f s: delivering %d of %d parts",
                 key[1], self._multipart_timeout_s, len(buffer.parts), total,
             )
-        if not self._deliver(message, locations):
+        try:
+            self._deliver(message, locations)
+        except _CallbackFailed:
             buffer.failed = True
-            return 0
+            raise
         del self._buffers[key]
         closed = self._closed.setdefault(key, _Closed(texts={}, complete=False, at=time.monotonic()))
         closed.texts.update({s: p.raw_text for s, p in buffer.parts.items()})
         closed.complete = closed.complete or complete
         closed.at = time.monotonic()
-        return 1
 
-    def _deliver(self, message: ReceivedMessage, locations: list[_Location]) -> int:
-        """Call on_message; only after it returned, delete the SIM copies. Returns 1 if delivered, else 0."""
+    def _deliver(self, message: ReceivedMessage, locations: list[_Location]) -> None:
+        """Call on_message; only after it returned, delete the SIM copies. Raises _CallbackFailed when
+        on_message raised."""
         try:
             self._on_message(message)
         except Exception as exc:
             # Not confirmed by the broker: the SIM copy is the only copy, keep it for the next sweep.
-            logger.warning(
-                "on_message failed (%r); SMS at SIM %s kept for the next sweep", exc, message.sim_indices
-            )
-            return 0
+            raise _CallbackFailed(f"on_message failed ({exc!r}) for the SMS at SIM {message.sim_indices}") from exc
+        self._delivered_count += 1
         logger.debug("delivered SMS from %s: %r", message.sender, message.text)
         self._delete(locations)
-        return 1
 
-    def _deliver_report(self, location: _Location | None, sr: StatusReportPdu) -> int:
-        """Call on_status_report; delete the SR copy only after it returned."""
+    def _deliver_report(self, location: _Location | None, sr: StatusReportPdu) -> None:
+        """Call on_status_report; delete the SR copy only after it returned. Raises _CallbackFailed when
+        on_status_report raised."""
         report = StatusReport(
             reference=sr.reference,
             recipient=sr.recipient,
@@ -729,10 +814,9 @@ class Modem:
         try:
             self._on_status_report(report)
         except Exception as exc:
-            logger.warning("on_status_report failed (%r); report %d kept for the next sweep", exc, sr.reference)
-            return 0
+            raise _CallbackFailed(f"on_status_report failed ({exc!r}) for report {sr.reference}") from exc
+        self._delivered_count += 1
         self._delete([location] if location else [])
-        return 1
 
     def _delete(self, locations: list[_Location]) -> None:
         """Delete delivered copies from the SIM. A failed delete is remembered so that the copy, when seen
@@ -748,6 +832,8 @@ class Modem:
                 logger.warning("deleting %s/%d failed (%r); will delete on the next sweep", memory, index, exc)
                 continue
             del self._undeleted[(memory, index)]
+            self._unreadable_logged.pop((memory, index, pdu), None)
+            self._deleted_count += 1
         if len(self._undeleted) > _UNDELETED_MAX:
             for stale in list(self._undeleted)[: len(self._undeleted) - _UNDELETED_MAX]:
                 del self._undeleted[stale]

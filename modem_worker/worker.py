@@ -11,6 +11,7 @@ interrupted by a crash is reported as "unknown" instead of being resent blindly.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from modem_worker.modem import (
     SendFailed,
     SendOutcomeUnknown,
     StatusReport,
+    UnreadableMessage,
 )
 from services import broker, metrics
 from services.broker import Ack, Consumer, Decision, Delivery, Park, Publication, PublisherThread, Retry
@@ -101,6 +103,7 @@ class ModemWorker:
             on_message=self._on_message,
             on_status_report=self._on_status_report,
             on_fatal=self._on_fatal,
+            on_unreadable=self._on_unreadable,
             baudrate=self._settings.modem_baudrate,
             request_delivery=True,
             send_timeout_s=self._send_timeout_s,
@@ -193,6 +196,16 @@ class ModemWorker:
         log.info("modem %s: SMS %s queued (%d part(s)%s)", self.modem_id, sms.message_id, message.parts,
                  "" if message.complete else ", incomplete")
         log.debug("SMS %s from %s: %r", sms.message_id, sms.sender, sms.text)
+
+    def _on_unreadable(self, message: UnreadableMessage) -> None:
+        """Park an SMS whose PDU cannot be decoded (raw PDU + reason, confirmed) so the SIM slot is freed and an
+        operator can look at it; raises BrokerError so the adapter keeps it on the SIM when that fails."""
+        body = json.dumps({
+            "schema": "unreadable_sms/1", "modem_id": self.modem_id, "memory": message.memory,
+            "index": message.index, "pdu": message.pdu_hex, "reason": message.reason, "received_at": broker.now_ms(),
+        }).encode()
+        broker.park_body(self._publisher, broker.INBOUND_QUEUE, body,
+                         f"undecodable PDU from modem {self.modem_id}: {message.reason}", message_id=None)
 
     def _on_status_report(self, report: StatusReport) -> None:
         """Match a status report to its uuid and publish a DeliveryEvent once all parts are final."""

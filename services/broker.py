@@ -764,16 +764,27 @@ def park(publisher: PublisherThread, delivery: Delivery, reason: str) -> None:
     Raises:
         BrokerError: not confirmed (the caller must not ack the original).
     """
-    headers = {
-        **delivery.headers,
+    park_body(publisher, delivery.queue, delivery.body, reason, message_id=delivery.message_id,
+              headers=delivery.headers)
+
+
+def park_body(publisher: PublisherThread, work_queue: str, body: bytes, reason: str, *, message_id: str | None,
+              headers: dict[str, Any] | None = None) -> None:
+    """Publish ``body`` straight to the parked queue of ``work_queue`` with the reason (confirmed).
+
+    For what never made it onto a work queue, e.g. an SMS whose PDU cannot be decoded.
+
+    Raises:
+        BrokerError: not confirmed.
+    """
+    park_headers = {
+        **(headers or {}),
         HEADER_PARK_REASON: reason[:1000],
         HEADER_PARKED_AT_MS: now_ms(),
-        HEADER_SOURCE_QUEUE: delivery.queue,
+        HEADER_SOURCE_QUEUE: work_queue,
     }
-    publisher.publish(
-        Publication(delivery.queue, delivery.body, PARKED_EXCHANGE, headers, delivery.message_id)
-    )
-    log.warning("parked a message from %s: %s", delivery.queue, reason)
+    publisher.publish(Publication(work_queue, body, PARKED_EXCHANGE, park_headers, message_id))
+    log.warning("parked a message for %s: %s", work_queue, reason)
 
 
 @dataclass(frozen=True)

@@ -238,3 +238,32 @@ def test_unplug_while_sending_parks_nothing_and_sends_nothing_twice(stack: Stack
     assert set(sent) <= set(texts)
     assert ParkedQueues(stack.amqp_url, broker.OUTBOUND_QUEUE).list() == []
     assert ParkedQueues(stack.amqp_url, broker.outbound_queue_for("modem-a")).list() == []
+
+
+def test_undecodable_pdu_is_parked_with_its_hex_and_leaves_the_sim(stack: Stack, server: ReferenceServer,
+                                                                   tmp_path: Path) -> None:
+    """Runs the simulator in-process to plant a corrupted record; the modem worker is the real process."""
+    from modem_worker.simulator import Simulator as InProcessSimulator
+    from services import broker
+    from services.broker import ParkedQueues
+    from tests.test_modem_adapter import GARBAGE_PDU, store_pdu
+
+    sim = InProcessSimulator(tmp_path / "inproc.tty", own_number=OWN_NUMBER)
+    sim.start()
+    try:
+        store_pdu(sim, GARBAGE_PDU)
+        sim.inject_sms("+255770000001", "readable neighbour")
+        stack.start("modem_worker", "modem_worker",
+                    env={"SMSGW_MODEM_PORT": str(sim.link), "SMSGW_MODEM_ID": "modem-a"})
+        stack.start("sync_worker", "sync_worker")
+        wait_for(lambda: [m["message"] for m in server.received()] == ["readable neighbour"], timeout=30,
+                 what="the readable SMS delivered")
+        parked = wait_for(ParkedQueues(stack.amqp_url, broker.INBOUND_QUEUE).list, timeout=60,
+                          what="the undecodable PDU parked")
+        record = json.loads(parked[0].body)
+        assert record["pdu"] == GARBAGE_PDU and record["schema"] == "unreadable_sms/1"
+        assert "undecodable PDU" in parked[0].reason
+        wait_for(lambda: sim.inbox() == [], timeout=30, what="the SIM slot freed")
+    finally:
+        stack.stop_all()
+        sim.stop()

@@ -8,6 +8,7 @@ polling), never with fixed sleeps.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import subprocess
@@ -33,10 +34,11 @@ from modem_worker.modem import (
     SendFailed,
     SendOutcomeUnknown,
     StatusReport,
+    UnreadableMessage,
 )
 from modem_worker.simulator.device import Simulator
-from modem_worker.simulator.model import SimFullError
-from modem_worker.simulator.pdu import build_deliver, local_datetime
+from modem_worker.simulator.model import STAT_REC_UNREAD, SimFullError, StoredSms
+from modem_worker.simulator.pdu import build_deliver, build_status_report, local_datetime
 from modem_worker.sms_text import (
     build_submit_pdus,
     choose_encoding,
@@ -134,6 +136,32 @@ def make_modem(sim: Simulator) -> Iterator[Callable[..., Harness]]:
 
 def rx_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("modem-rx")]
+
+
+def store_pdu(sim: Simulator, pdu_hex: str, memory: str = "SM", text: str = "") -> int:
+    """Put a raw PDU into a SIM memory without any URC (as if it was there before we connected, or as a
+    corrupted record would be). Returns its index."""
+    with sim.model.lock:
+        slots = sim.model.memories[memory]
+        index = next(i for i in range(1, sim.model.capacity + 1) if i not in slots)
+        slots[index] = StoredSms(
+            index, memory, STAT_REC_UNREAD, pdu_hex, len(pdu_hex) // 2, SENDER, text, 0, None, "deliver"
+        )
+    return index
+
+
+def stored(sim: Simulator, memory: str = "SM") -> dict[int, str]:
+    """index -> PDU hex of everything in a SIM memory."""
+    with sim.model.lock:
+        return {i: r.pdu for i, r in sim.model.memories[memory].items()}
+
+
+def store_silently(sim: Simulator, *texts: str) -> None:
+    """Store SMS from SENDER on the SIM without raising +CMTI: only a sweep finds them."""
+    sim.model.inject([(SENDER, text, None) for text in texts])
+
+
+GARBAGE_PDU = "DEADBEEF"  # the library's decoder gives up on it (StopIteration)
 
 
 # ---------------------------------------------------------------------------- pure functions (bug 5, 13, 4)
@@ -425,6 +453,166 @@ def test_incomplete_multipart_is_flushed_after_timeout(sim: Simulator, make_mode
     assert straggler.text == MISSING_PART + missing.text + MISSING_PART
     wait_for(lambda: sim.inbox() == [], what="straggler deleted")
     assert len(h.delivered) == 2
+
+
+@pytest.mark.parametrize("memory", ["SM", "SR"])
+def test_undecodable_pdu_goes_to_on_unreadable_then_is_deleted(
+    sim: Simulator, make_modem: Callable[..., Harness], memory: str
+) -> None:
+    """Review A: an undecodable stored PDU (SIM or SR memory) is handed to on_unreadable once, with its raw
+    hex, and deleted only after that returned; SMS next to it are delivered as usual."""
+    unreadable: list[UnreadableMessage] = []
+    h = make_modem(on_unreadable=unreadable.append)
+    index = store_pdu(sim, GARBAGE_PDU, memory)
+    store_silently(sim, "readable neighbour")
+    assert h.modem.sweep_stored() == 1
+    assert [m.text for m in h.delivered] == ["readable neighbour"]
+    assert len(unreadable) == 1
+    got = unreadable[0]
+    assert (got.memory, got.index, got.pdu_hex) == (memory, index, GARBAGE_PDU)
+    assert "undecodable" in got.reason
+    assert stored(sim, memory) == {}
+    assert sim.inbox() == []
+    assert h.modem.sweep_stored() == 0
+    assert len(unreadable) == 1
+
+
+def test_undecodable_pdu_announced_by_cmti_goes_to_on_unreadable_on_the_worker_thread(
+    sim: Simulator, make_modem: Callable[..., Harness]
+) -> None:
+    """Review A: the +CMTI path hands an undecodable PDU to on_unreadable on the adapter's worker thread
+    (where on_message runs for notified SMS) and then deletes it."""
+    calls: queue.Queue[tuple[UnreadableMessage, str]] = queue.Queue()
+    h = make_modem(on_unreadable=lambda m: calls.put((m, threading.current_thread().name)))
+    index = store_pdu(sim, GARBAGE_PDU)
+    sim.write_raw(f'\r\n+CMTI: "SM",{index}\r\n'.encode())
+    message, thread_name = calls.get(timeout=5)
+    assert (message.memory, message.index, message.pdu_hex) == ("SM", index, GARBAGE_PDU)
+    assert thread_name.startswith("modem-worker")
+    wait_for(lambda: stored(sim) == {}, what="undecodable PDU deleted")
+    assert calls.empty()
+    assert h.modem.alive
+
+
+def test_undecodable_pdu_without_on_unreadable_stays_and_is_logged_once(
+    sim: Simulator, make_modem: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review A: without on_unreadable the PDU stays on the SIM and is logged once, not on every sweep."""
+    h = make_modem()
+    index = store_pdu(sim, GARBAGE_PDU)
+    with caplog.at_level(logging.INFO, logger="modem_worker.modem"):
+        assert h.modem.sweep_stored() == 0
+        assert h.modem.sweep_stored() == 0
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO and "undecodable" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert f"SM/{index}" in lines[0].getMessage() and GARBAGE_PDU in lines[0].getMessage()
+    assert stored(sim) == {index: GARBAGE_PDU}
+
+
+def test_failing_on_unreadable_keeps_the_pdu_and_logs_once(
+    sim: Simulator, make_modem: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review A: while on_unreadable raises, the PDU stays on the SIM (retried by every sweep, logged once);
+    once it returns normally the PDU is deleted."""
+    broker_down = threading.Event()
+    broker_down.set()
+    calls: list[UnreadableMessage] = []
+
+    def on_unreadable(message: UnreadableMessage) -> None:
+        calls.append(message)
+        if broker_down.is_set():
+            raise RuntimeError("broker down")
+
+    h = make_modem(on_unreadable=on_unreadable)
+    index = store_pdu(sim, GARBAGE_PDU)
+    with caplog.at_level(logging.INFO, logger="modem_worker.modem"):
+        assert h.modem.sweep_stored() == 0
+        assert h.modem.sweep_stored() == 0
+    assert len(calls) == 2
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO and "undecodable" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "broker down" in lines[0].getMessage()
+    assert stored(sim) == {index: GARBAGE_PDU}
+    broker_down.clear()
+    assert h.modem.sweep_stored() == 0
+    assert len(calls) == 3
+    assert stored(sim) == {}
+
+
+def test_sweep_stops_at_the_first_failed_delivery(
+    sim: Simulator, make_modem: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review B: when on_message raises (broker down), the sweep does not try the other stored SMS (each
+    would wait out a publish timeout under the delivery lock): one log line, both stay on the SIM, and a
+    later sweep with a working callback delivers both."""
+    h = make_modem()
+    store_silently(sim, "first", "second")
+    h.fail_messages.set()
+    with caplog.at_level(logging.WARNING, logger="modem_worker.modem"):
+        assert h.modem.sweep_stored() == 0
+    assert h.message_attempts == 1
+    assert [r["text"] for r in sim.inbox()] == ["first", "second"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("stopping the sweep: ") and "broker down" in lines[0]
+    assert "2 SMS stay on the SIM for the next sweep" in lines[0]
+    h.fail_messages.clear()
+    assert h.modem.sweep_stored() == 2
+    assert sorted(m.text for m in h.delivered) == ["first", "second"]
+    assert sim.inbox() == []
+
+
+def test_sweep_stops_at_the_first_failed_status_report(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Review B: the same for on_status_report: one attempt per sweep, reports kept until it works."""
+    h = make_modem()
+    when = local_datetime(int(time.time() * 1000))
+    for reference in (1, 2):
+        pdu, _length = build_status_report(
+            reference, RECIPIENT, submitted=when, discharged=when, status=0, smsc="+255754000000"
+        )
+        store_pdu(sim, pdu, "SR")
+    h.fail_reports.set()
+    assert h.modem.sweep_stored() == 0
+    assert h.report_attempts == 1
+    assert len(stored(sim, "SR")) == 2
+    h.fail_reports.clear()
+    assert h.modem.sweep_stored() == 2
+    assert sorted(h.reports.get(timeout=1).reference for _ in range(2)) == [1, 2]
+    assert stored(sim, "SR") == {}
+
+
+def test_concat_part_with_impossible_sequence_is_delivered_alone(
+    sim: Simulator, make_modem: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review C: a part numbered 0, or above its part count, is not buffered under that number (which made
+    "all parts there" true while a real part was missing, losing text under complete=True): it is delivered
+    on its own as a single SMS, and the real message still waits for its real parts."""
+    when = local_datetime(int(time.time() * 1000))
+    real = build_deliver(SENDER, "A" * 200, when, "+255754000000", concat_ref=7)
+    bogus = build_deliver(SENDER, "B" * 200, when, "+255754000000", concat_ref=7)
+    assert len(real) == len(bogus) == 2
+
+    def renumbered(pdu: str, seq: int, new_seq: int) -> str:
+        udh = f"0500030702{seq:02X}"
+        assert pdu.count(udh) == 1
+        return pdu.replace(udh, f"0500030702{new_seq:02X}")
+
+    h = make_modem()
+    store_pdu(sim, real[0].pdu, text=real[0].text)
+    store_pdu(sim, renumbered(bogus[0].pdu, 1, 0), text=bogus[0].text)
+    store_pdu(sim, renumbered(bogus[1].pdu, 2, 3), text=bogus[1].text)
+    with caplog.at_level(logging.WARNING, logger="modem_worker.modem"):
+        assert h.modem.sweep_stored() == 2
+    assert sorted((m.text, m.parts, m.complete) for m in h.delivered) == sorted(
+        [(bogus[0].text, 1, True), (bogus[1].text, 1, True)]
+    )
+    assert len([r for r in caplog.records if "cannot be placed" in r.getMessage()]) == 2
+    assert [r["text"] for r in sim.inbox()] == [real[0].text]  # the real part 1 waits for part 2
+    store_pdu(sim, real[1].pdu, text=real[1].text)
+    assert h.modem.sweep_stored() == 1
+    whole = h.delivered[-1]
+    assert (whole.text, whole.parts, whole.complete) == ("A" * 200, 2, True)
+    assert sim.inbox() == []
 
 
 # ---------------------------------------------------------------------------- sending (bugs 5, 7, 8, 13)

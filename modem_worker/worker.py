@@ -212,7 +212,8 @@ class ModemWorker:
         if report.delivered is None:
             log.info("modem %s: pending status report for TP-MR %d", self.modem_id, report.reference)
             return
-        match = self._ledger.match_report(self.modem_id, report.reference, report.recipient, report.delivered)
+        match = self._ledger.match_report(self.modem_id, report.reference, report.recipient, report.delivered,
+                                          report_at=_ms(report.finalized_at) if report.finalized_at else None)
         outcome = "delivered" if report.delivered else "failed"
         metrics.DELIVERY_REPORTS.labels(self.modem_id, outcome).inc()
         if match is None:

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS parts (
     report_uuid TEXT,      -- the uuid results are reported under (the server's); NULL: not reported
     part_index INTEGER NOT NULL,
     sent_at INTEGER NOT NULL,
-    status TEXT            -- NULL until its status report: delivered | failed
+    status TEXT,           -- NULL until its status report: delivered | failed
+    report_at INTEGER      -- the report's discharge time (epoch ms): the same report read again matches again
 );
 CREATE INDEX IF NOT EXISTS parts_lookup ON parts (modem_id, reference, recipient_key, sent_at);
 CREATE INDEX IF NOT EXISTS parts_uuid ON parts (uuid);
@@ -234,24 +235,35 @@ class Ledger:
             )
 
     def match_report(self, modem_id: str, reference: int, recipient: str, delivered: bool,
-                     window_s: float = 7 * 86400) -> ReportMatch | None:
-        """Match a final status report to the newest part with that TP-MR and recipient on that modem.
+                     *, report_at: int | None = None, window_s: float = 7 * 86400) -> ReportMatch | None:
+        """Match a final status report to its part: the same report seen before (``report_at``, its discharge
+        time), else the newest unreported part with that TP-MR and recipient on that modem.
 
-        TP-MR wraps at 256, so the newest unreported part within ``window_s`` wins. Returns None if unknown.
+        A report is read again when publishing its event failed (it stays on the SIM); matching it to the part
+        it matched the first time keeps it from landing on an older SMS with the same TP-MR (TP-MR wraps at 256).
+        Returns None if unknown.
         """
         cutoff = _now_ms() - int(window_s * 1000)
+        key = (modem_id, reference, recipient_key(recipient))
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT rowid, uuid, report_uuid FROM parts WHERE modem_id = ? AND reference = ? "
-                "AND recipient_key = ? "
-                "AND sent_at >= ? ORDER BY status IS NOT NULL, sent_at DESC LIMIT 1",
-                (modem_id, reference, recipient_key(recipient), cutoff),
-            ).fetchone()
+            row = None
+            if report_at is not None:
+                row = db.execute(
+                    "SELECT rowid, uuid, report_uuid FROM parts WHERE modem_id = ? AND reference = ? "
+                    "AND recipient_key = ? AND report_at = ? ORDER BY sent_at DESC LIMIT 1", (*key, report_at),
+                ).fetchone()
+            if row is None:
+                row = db.execute(
+                    "SELECT rowid, uuid, report_uuid FROM parts WHERE modem_id = ? AND reference = ? "
+                    "AND recipient_key = ? AND sent_at >= ? "
+                    "ORDER BY status IS NOT NULL, sent_at DESC, rowid DESC LIMIT 1",
+                    (*key, cutoff),
+                ).fetchone()
             if row is None:
                 return None
             rowid, uuid, report_uuid = row
-            db.execute("UPDATE parts SET status = ? WHERE rowid = ?",
-                       ("delivered" if delivered else "failed", rowid))
+            db.execute("UPDATE parts SET status = ?, report_at = ? WHERE rowid = ?",
+                       ("delivered" if delivered else "failed", report_at, rowid))
             statuses = [r[0] for r in db.execute("SELECT status FROM parts WHERE uuid = ?", (uuid,))]
         final = all(s is not None for s in statuses)
         return ReportMatch(uuid=report_uuid, final=final, delivered=all(s == "delivered" for s in statuses))

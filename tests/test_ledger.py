@@ -1,0 +1,61 @@
+"""The outbound ledger across processes-worth of connections: claims, sends, status-report matching."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from services.ledger import Ledger
+
+
+def test_claim_is_won_by_exactly_one_of_many_concurrent_callers(tmp_path: Path) -> None:
+    ledgers = [Ledger(tmp_path) for _ in range(8)]  # separate connections, as separate processes would have
+    wins: list[bool] = []
+    barrier = threading.Barrier(len(ledgers))
+
+    def claim(ledger: Ledger) -> None:
+        barrier.wait()
+        wins.append(ledger.claim("u-1", "+255700000001", "hi"))
+
+    threads = [threading.Thread(target=claim, args=(ledger,)) for ledger in ledgers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(wins) == [False] * 7 + [True]
+
+
+def test_begin_send_refuses_a_uuid_already_sent(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    assert ledger.begin_send("u-2", "m1", "+255700000001") is None
+    ledger.finish_send("u-2", "sent", "SMS sent", references=(7,), modem_id="m1", recipient="+255700000001",
+                       report_uuid="u-2")
+    existing = ledger.begin_send("u-2", "m2", "+255700000001")
+    assert existing is not None and existing.state == "sent" and existing.references == (7,)
+
+
+def test_status_report_read_twice_matches_the_same_part(tmp_path: Path) -> None:
+    """TP-MR wraps: an older SMS with the same reference must not take a report re-read after a failure."""
+    ledger = Ledger(tmp_path)
+    for uuid in ("old", "new"):
+        ledger.begin_send(uuid, "m1", "+255700000001")
+        ledger.finish_send(uuid, "sent", "SMS sent", references=(9,), modem_id="m1", recipient="255700000001",
+                           report_uuid=uuid)
+    first = ledger.match_report("m1", 9, "+255700000001", True, report_at=1_000)
+    again = ledger.match_report("m1", 9, "+255700000001", True, report_at=1_000)
+    assert first is not None and again is not None
+    assert first.uuid == again.uuid == "new" and first.final and first.delivered
+    other = ledger.match_report("m1", 9, "+255700000001", False, report_at=2_000)
+    assert other is not None and other.uuid == "old" and not other.delivered
+
+
+def test_multipart_is_final_only_when_every_part_reported(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.begin_send("mp", "m1", "+255700000002")
+    ledger.finish_send("mp", "sent", "SMS sent", references=(1, 2, 3), modem_id="m1", recipient="+255700000002",
+                       report_uuid="mp")
+    assert not ledger.match_report("m1", 1, "+255700000002", True, report_at=1).final  # type: ignore[union-attr]
+    assert not ledger.match_report("m1", 2, "+255700000002", True, report_at=2).final  # type: ignore[union-attr]
+    last = ledger.match_report("m1", 3, "+255700000002", False, report_at=3)
+    assert last is not None and last.final and not last.delivered
+    assert ledger.match_report("m1", 99, "+255700000002", True) is None

@@ -8,7 +8,6 @@ import sys
 from services.broker import PublisherThread
 from services.ledger import Ledger
 from services.runtime import check, install_stop_signals, load_settings, start_metrics, worker_parser
-from services.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         ENV,
     )
     args = parser.parse_args(argv)
-    settings = load_settings("modem_worker")
+    settings = load_settings("modem_worker", modem_port=True)
     if settings is None:
-        return 2
-    try:
-        settings.require_modem_port()
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
         return 2
     if args.check:
         return check(settings, [settings.modem_id])

@@ -19,7 +19,6 @@ from services.runtime import (
     start_supervised,
     worker_parser,
 )
-from services.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         "the server accepted them.",
         ENV,
     ).parse_args(argv)
-    settings = load_settings("result_reporter")
+    settings = load_settings("result_reporter", sync_url=True)
     if settings is None:
         return 2
     if args.check:
         return check(settings)
-    try:
-        settings.require_sync_url()
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
-        return 2
     if not settings.message_results:
         log.warning("SMSGW_MESSAGE_RESULTS is off: the server will not be asked to confirm sends, but "
                     "results are still reported for the uuids it asks for")

@@ -576,19 +576,32 @@ class Consumer:
     def _settle(
         self, connection: pika.BlockingConnection, channel: BlockingChannel, tag: int, *, requeue: bool
     ) -> None:
-        def settle() -> None:
-            # The channel may have died meanwhile: then the broker redelivers, which is what we want.
-            if not channel.is_open:
-                return
+        settle_threadsafe(connection, channel, [tag], requeue=requeue)
+
+
+def settle_threadsafe(connection: pika.BlockingConnection, channel: BlockingChannel, tags: Sequence[int], *,
+                      requeue: bool) -> bool:
+    """Ack (or nack with requeue) ``tags`` from any thread: the work is handed to the connection's own thread.
+
+    Returns False when the connection is already gone; the broker then redelivers, which is what we want.
+    """
+
+    def settle() -> None:
+        # A channel that died meanwhile returns its unacked messages to the queue: nothing is lost.
+        if not channel.is_open:
+            return
+        for tag in tags:
             if requeue:
                 channel.basic_nack(tag, requeue=True)
             else:
                 channel.basic_ack(tag)
 
-        try:
-            connection.add_callback_threadsafe(settle)
-        except (pika.exceptions.AMQPError, OSError, RuntimeError):
-            log.info("connection closed before the ack; the broker will redeliver")
+    try:
+        connection.add_callback_threadsafe(settle)
+    except (pika.exceptions.AMQPError, OSError, RuntimeError):
+        log.info("connection closed before the ack; the broker will redeliver")
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -693,22 +706,7 @@ class BatchConsumer:
         if not tags or connection is None or channel is None:
             return 0
 
-        def settle() -> None:
-            # A channel that died meanwhile returns its unacked messages to the queue: nothing is lost.
-            if not channel.is_open:
-                return
-            for tag in tags:
-                if requeue:
-                    channel.basic_nack(tag, requeue=True)
-                else:
-                    channel.basic_ack(tag)
-
-        try:
-            connection.add_callback_threadsafe(settle)
-        except (pika.exceptions.AMQPError, OSError, RuntimeError):
-            log.info("connection closed before the ack; the broker will redeliver")
-            return 0
-        return len(tags)
+        return len(tags) if settle_threadsafe(connection, channel, tags, requeue=requeue) else 0
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""

@@ -36,10 +36,15 @@ def worker_parser(prog: str, description: str, env_names: Sequence[str]) -> argp
     return parser
 
 
-def load_settings(worker: str) -> Settings | None:
-    """Read settings and configure JSON logging; on a bad value print one line to stderr and return None."""
+def load_settings(worker: str, *, sync_url: bool = False, modem_port: bool = False) -> Settings | None:
+    """Read settings (and the ones this worker cannot do without), configure JSON logging; on a bad or
+    missing value print one line naming the variable to stderr and return None (exit code 2)."""
     try:
         settings = Settings.from_env()
+        if sync_url:
+            settings.require_sync_url()
+        if modem_port:
+            settings.require_modem_port()
     except ConfigError as exc:
         print(f"{worker}: configuration error: {exc}", file=sys.stderr)
         return None

@@ -98,18 +98,14 @@ def parked_command(args: argparse.Namespace, amqp_url: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
-    settings = load_settings("sync_worker")
+    # The parked CLI only needs the broker; the worker itself cannot run without a Sync URL.
+    settings = load_settings("sync_worker", sync_url=args.command != "parked")
     if settings is None:
         return 2
     if args.check:
         return check(settings)
     if args.command == "parked":
         return parked_command(args, settings.amqp_url)
-    try:
-        settings.require_sync_url()
-    except ValueError as exc:
-        log.error("configuration error: %s", exc)
-        return 2
     if not start_metrics(settings):
         return 1
     return serve(settings)

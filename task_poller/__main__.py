@@ -10,7 +10,6 @@ import threading
 from services.broker import PublisherThread
 from services.ledger import Ledger
 from services.runtime import check, install_stop_signals, load_settings, start_metrics, worker_parser
-from services.settings import ConfigError
 from task_poller.poller import TaskPoller
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         "Poll the SMSsync Sync URL for ?task=send and queue each message once for the modem workers.",
         ENV,
     ).parse_args(argv)
-    settings = load_settings("task_poller")
+    settings = load_settings("task_poller", sync_url=True)
     if settings is None:
         return 2
     try:
@@ -42,11 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         return check(settings)
-    try:
-        settings.require_sync_url()
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
-        return 2
     if not start_metrics(settings):
         return 1
     # The publisher thread also keeps the broker connection's heartbeat going between polls.

@@ -1,6 +1,6 @@
 """Regression tests of modem_worker.modem against the project's modem simulator.
 
-Every bug of python-gsmmodem-new 0.13.0 listed in /work/shared/modem-notes.md has a test here, named in its
+Every bug of python-gsmmodem-new 0.13.0 listed in ../shared/modem-notes.md has a test here, named in its
 docstring ("bug N"). Pure text/PDU functions are tested without a modem; everything else drives the real
 adapter over a pty against modem_worker.simulator. Waiting is done with deadlines (queue/Event timeouts or
 polling), never with fixed sleeps.

@@ -538,7 +538,8 @@ def test_cli_help_and_check(clean_broker: str) -> None:
                                check=True).stdout
     for name in ("SMSGW_RESULT_INTERVAL", "SMSGW_RESULTS_SHAPE", "SMSGW_SENT_OK_CODE"):
         assert name in help_text
-    env = {**os.environ, "SMSGW_AMQP_URL": clean_broker, "SMSGW_METRICS_PORT": "0"}
+    env = {**os.environ, "SMSGW_AMQP_URL": clean_broker, "SMSGW_METRICS_PORT": "0",
+           "SMSGW_SYNC_URL": "http://127.0.0.1:9/smssync"}
     done = subprocess.run([sys.executable, "-m", "result_reporter", "--check"], check=False, env=env,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr

@@ -270,6 +270,10 @@ def test_cli_help_and_check(clean_broker: str, tmp_path: Path) -> None:
     for name in ("SMSGW_TASK_INTERVAL", "SMSGW_MESSAGE_RESULTS", "SMSGW_STATE_DIR", "SMSGW_SECRET"):
         assert name in help_text
     env = _env(clean_broker, "", tmp_path)
+    missing = subprocess.run([sys.executable, "-m", "task_poller", "--check"], check=False, env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "SMSGW_SYNC_URL" in missing.stderr, "a health check must fail unconfigured"
+    env["SMSGW_SYNC_URL"] = "http://127.0.0.1:9/smssync"
     done = subprocess.run([sys.executable, "-m", "task_poller", "--check"], check=False, env=env,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr

@@ -39,6 +39,7 @@ from services.settings import Settings
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 30.0  # SIM sweep, signal, AT watchdog
+PRUNE_INTERVAL_S = 3600.0  # ledger retention
 RECONNECT_MAX_S = 30.0
 # A "sending" claim of another modem older than this was interrupted by a crash.
 STALE_SENDING_S = 120.0
@@ -69,6 +70,7 @@ class ModemWorker:
         self._send_lock = threading.Lock()
         self.up = threading.Event()  # set while the modem is connected (tests, --check)
         self.failed = False  # set when the worker stopped because of an unrecoverable error
+        self._next_prune = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -151,6 +153,12 @@ class ModemWorker:
                 log.warning("modem %s: down; outbound work stays queued until it is back", self.modem_id)
 
     def _housekeeping(self, modem: Modem) -> None:
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+            forgotten = self._ledger.prune(self._settings.ledger_retention_days * 86400)
+            if forgotten:
+                log.info("ledger: forgot %d SMS older than %.0f days", forgotten,
+                         self._settings.ledger_retention_days)
         try:
             swept = modem.sweep_stored()
             if swept:

@@ -268,6 +268,21 @@ class Ledger:
         final = all(s is not None for s in statuses)
         return ReportMatch(uuid=report_uuid, final=final, delivered=all(s == "delivered" for s in statuses))
 
+    def prune(self, older_than_s: float) -> int:
+        """Forget finished SMS (sent/failed/unknown) and their parts older than ``older_than_s``. Returns the
+        number of SMS forgotten.
+
+        The ledger must not grow forever on a gateway that runs for years; a server that offers a uuid again
+        after the retention period would get it sent again, so keep the retention well above any server's
+        memory of its outbox (default 90 days, ``SMSGW_LEDGER_RETENTION_DAYS``).
+        """
+        cutoff = _now_ms() - int(older_than_s * 1000)
+        with self._transaction() as db:
+            db.execute("DELETE FROM parts WHERE sent_at < ?", (cutoff,))
+            cursor = db.execute(
+                "DELETE FROM outbound WHERE state IN ('sent', 'failed', 'unknown') AND updated_at < ?", (cutoff,))
+            return cursor.rowcount
+
     def counts(self) -> dict[str, int]:
         """Number of uuids per state (for metrics and the demo)."""
         return {state: n for state, n in self._db().execute("SELECT state, COUNT(*) FROM outbound GROUP BY state")}

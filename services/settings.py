@@ -185,6 +185,8 @@ ENV_VARS: dict[str, EnvVar] = {
             "directory of the outbound ledger (shared by the modem workers and task pollers of one host)",
             _str,
         ),
+        EnvVar("SMSGW_LEDGER_RETENTION_DAYS", "90", "days the outbound ledger remembers a sent uuid (never-twice "
+               "window)", _number(1)),
         EnvVar("SMSGW_LOG_LEVEL", "INFO", "DEBUG shows message bodies; INFO never does", _str),
         EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
     )
@@ -216,6 +218,7 @@ class Settings:
     results_shape: ResultsShape
     sent_ok_code: int
     state_dir: str
+    ledger_retention_days: float
     log_level: str
     prefetch: int
 

@@ -59,3 +59,14 @@ def test_multipart_is_final_only_when_every_part_reported(tmp_path: Path) -> Non
     last = ledger.match_report("m1", 3, "+255700000002", False, report_at=3)
     assert last is not None and last.final and not last.delivered
     assert ledger.match_report("m1", 99, "+255700000002", True) is None
+
+
+def test_prune_forgets_only_finished_sms_past_retention(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.claim("queued-old", "+2557", "t")
+    ledger.begin_send("sent-old", "m1", "+2557")
+    ledger.finish_send("sent-old", "sent", "SMS sent", references=(1,), modem_id="m1", recipient="+2557")
+    assert ledger.prune(older_than_s=3600) == 0  # nothing is an hour old yet
+    assert ledger.prune(older_than_s=-1) == 1  # everything is "old": only the finished SMS goes
+    assert ledger.get("sent-old") is None
+    assert ledger.get("queued-old") is not None, "an SMS not sent yet must never be forgotten"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -67,7 +68,6 @@ class ModemWorker:
         self._modem_down = threading.Event()
         self._modem: Modem | None = None
         self._info: ModemInfo | None = None
-        self._send_lock = threading.Lock()
         self.up = threading.Event()  # set while the modem is connected (tests, --check)
         self.failed = False  # set when the worker stopped because of an unrecoverable error
         self._next_prune = 0.0
@@ -155,10 +155,14 @@ class ModemWorker:
     def _housekeeping(self, modem: Modem) -> None:
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
-            forgotten = self._ledger.prune(self._settings.ledger_retention_days * 86400)
-            if forgotten:
-                log.info("ledger: forgot %d SMS older than %.0f days", forgotten,
-                         self._settings.ledger_retention_days)
+            try:
+                forgotten = self._ledger.prune(self._settings.ledger_retention_days * 86400)
+            except sqlite3.Error as exc:  # a busy or full disk must not stop the modem; next hour again
+                log.warning("ledger: pruning failed (%s); will try again in an hour", exc)
+            else:
+                if forgotten:
+                    log.info("ledger: forgot %d SMS older than %.0f days", forgotten,
+                             self._settings.ledger_retention_days)
         try:
             swept = modem.sweep_stored()
             if swept:

@@ -267,3 +267,25 @@ def test_undecodable_pdu_is_parked_with_its_hex_and_leaves_the_sim(stack: Stack,
     finally:
         stack.stop_all()
         sim.stop()
+
+
+def test_sync_url_down_for_60_seconds_then_back(stack: Stack, server: ReferenceServer) -> None:
+    """The issue's acceptance point as stated: a full minute of outage, SMS arriving throughout."""
+    import time
+
+    server.configure(reply=False, fail_status=503)
+    simulator = start_gateway(stack)
+    outage_ends = time.monotonic() + 60
+    sent = 0
+    while time.monotonic() < outage_ends:
+        simulator.inject(f"+25578000{sent:04d}", f"minute outage {sent}")
+        sent += 1
+        # Pace the injections across the outage (this wait is the scenario, not a synchronisation).
+        time.sleep(5)
+    assert server.received() == []
+    server.configure(fail_status=None)
+    # The longest back-off tier reached within a minute is 60 s: everything arrives within ~2 tiers.
+    wait_for(lambda: len(server.received()) >= sent, timeout=150, what="every SMS after the outage")
+    received = server.received()
+    assert sorted(m["message"] for m in received) == sorted(f"minute outage {i}" for i in range(sent))
+    assert len({m["message_id"] for m in received}) == sent and all(m["repeats"] == 0 for m in received)

@@ -66,6 +66,16 @@ CONNECTION_LOST = (
 )
 
 
+def consumer_error(exc: Exception) -> Exception:
+    """Translate what a consumer's connection died of: channel closed by the broker -> BrokerChannelError (not
+    retried); connection lost -> BrokerUnavailable (reconnect); anything else is a bug and stays as it is."""
+    if isinstance(exc, pika.exceptions.ChannelClosed):
+        return BrokerChannelError(f"RabbitMQ closed the channel: {exc!r}")
+    if isinstance(exc, CONNECTION_LOST):
+        return BrokerUnavailable(f"consumer connection lost: {exc!r}")
+    return exc
+
+
 class BrokerError(Exception):
     """Base of the broker layer's errors."""
 
@@ -476,10 +486,10 @@ class Consumer:
                 connection.process_data_events(time_limit=0.1)
             connection.process_data_events(time_limit=0)
             connection.close()
-        except pika.exceptions.ChannelClosed as exc:
-            raise BrokerChannelError(f"RabbitMQ closed the channel: {exc!r}") from None
-        except CONNECTION_LOST as exc:
-            raise BrokerUnavailable(f"consumer connection lost: {exc!r}") from None
+        except BrokerError:
+            raise
+        except Exception as exc:
+            raise consumer_error(exc) from None
         finally:
             self.connected.clear()
             self._connection = None
@@ -746,10 +756,10 @@ class BatchConsumer:
             # Run the acks the caller requested before stop(); what is still unacked goes back to the queue.
             connection.process_data_events(time_limit=0)
             connection.close()
-        except pika.exceptions.ChannelClosed as exc:
-            raise BrokerChannelError(f"RabbitMQ closed the channel: {exc!r}") from None
-        except CONNECTION_LOST as exc:
-            raise BrokerUnavailable(f"consumer connection lost: {exc!r}") from None
+        except BrokerError:
+            raise
+        except Exception as exc:
+            raise consumer_error(exc) from None
         finally:
             self.connected.clear()
             with self._lock:

@@ -289,3 +289,35 @@ def test_sync_url_down_for_60_seconds_then_back(stack: Stack, server: ReferenceS
     received = server.received()
     assert sorted(m["message"] for m in received) == sorted(f"minute outage {i}" for i in range(sent))
     assert len({m["message_id"] for m in received}) == sent and all(m["repeats"] == 0 for m in received)
+
+
+def _close_vhost_connections(amqp_url: str) -> int:
+    """Have RabbitMQ close every client connection of this test's vhost (as a broker restart or a network cut
+    would); returns how many it closed."""
+    import urllib.parse
+
+    vhost = urllib.parse.unquote(amqp_url.rsplit("/", 1)[1])
+    listing = subprocess.run(["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "vhost", "pid"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    pids = [line.split("\t")[1] for line in listing.splitlines() if line.split("\t")[0] == vhost]
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "close_connection", pid, "test: connection cut"], capture_output=True,
+                       timeout=60, check=False)
+    return len(pids)
+
+
+def test_broker_connections_cut_mid_stream_lose_nothing(stack: Stack, server: ReferenceServer) -> None:
+    server.configure(reply=False)
+    simulator = start_gateway(stack)
+    for i in range(15):
+        simulator.inject(f"+25579000{i:04d}", f"cut {i}")
+    wait_for(lambda: len(server.received()) >= 3, timeout=30, what="the stream to start")
+    assert _close_vhost_connections(stack.amqp_url) >= 2
+    for i in range(15, 30):
+        simulator.inject(f"+25579000{i:04d}", f"cut {i}")
+    wait_for(lambda: len(server.received()) >= 30, timeout=120, what="every SMS after the connections were cut")
+    received = server.received()
+    assert sorted(m["message"] for m in received) == sorted(f"cut {i}" for i in range(30))
+    assert len({m["message_id"] for m in received}) == 30
+    wait_for(lambda: simulator.inbox() == [], timeout=60, what="the SIM emptied")
+    assert "Traceback" not in stack.log_text("sync_worker")

@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         return check(settings, [settings.modem_id])
-    if not start_metrics(settings):
-        return 1
+    start_metrics(settings, "modem_worker")
     # Imported late: the library emits warnings at import time, and --check/--help do not need it.
     from modem_worker.worker import ModemWorker
 

@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         # Only used to fill sent_* of a late delivery report; without it those rows say "sent" without a time.
         log.warning("ledger unavailable (%s); late delivery reports carry no sent_timestamp", exc)
         ledger = None
-    if not start_metrics(settings):
-        return 1
+    start_metrics(settings, "result_reporter")
     publisher = PublisherThread(settings.amqp_url, "smsgw-result-publisher")  # parks malformed events
     consumer = BatchConsumer(
         settings.amqp_url, broker.EVENTS_QUEUE, publisher, name="smsgw-result-reporter", prefetch=HOLD_PREFETCH

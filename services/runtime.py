@@ -70,14 +70,21 @@ def check(settings: Settings, modem_ids: Sequence[str] = ()) -> int:
     return 0
 
 
-def start_metrics(settings: Settings) -> bool:
-    """Serve /metrics; log one clear line and return False if the port is taken."""
+DEFAULT_METRICS_PORTS = {"modem_worker": 9101, "sync_worker": 9102, "task_poller": 9103, "result_reporter": 9104}
+
+
+def start_metrics(settings: Settings, worker: str) -> None:
+    """Serve /metrics on SMSGW_METRICS_PORT (else the worker's default port).
+
+    A port already taken (two workers started with the same port) is logged as one ERROR line and the worker
+    runs on without /metrics: losing the metrics is better than losing the SMS leg.
+    """
+    port = settings.metrics_port if settings.metrics_port is not None else DEFAULT_METRICS_PORTS[worker]
     try:
-        metrics.serve_metrics(settings.metrics_port, settings.metrics_addr)
+        metrics.serve_metrics(port, settings.metrics_addr)
     except OSError as exc:
-        log.error("cannot serve /metrics on %s:%s: %s", settings.metrics_addr, settings.metrics_port, exc)
-        return False
-    return True
+        log.error("cannot serve /metrics on %s:%s (%s); running without metrics: set SMSGW_METRICS_PORT",
+                  settings.metrics_addr, port, exc)
 
 
 def install_stop_signals(drain: Callable[[], None]) -> threading.Event:

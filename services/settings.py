@@ -73,6 +73,10 @@ def _port(name: str, raw: str) -> int:
     return value
 
 
+def _optional_port(name: str, raw: str) -> int | None:
+    return None if raw.strip() == "" else _port(name, raw)
+
+
 def _int(minimum: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
@@ -144,8 +148,10 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar(
             "SMSGW_AUTO_RESPONSE", "", "text sent to every sender whose SMS was accepted; empty = off", _str
         ),
-        EnvVar("SMSGW_METRICS_PORT", "9100", "port of /metrics (0 = off)", _port),
-        EnvVar("SMSGW_METRICS_ADDR", "0.0.0.0", "address /metrics binds to", _str),
+        EnvVar("SMSGW_METRICS_PORT", "", "port of /metrics; empty = the worker's own default (modem_worker 9101, "
+               "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off", _optional_port),
+        EnvVar("SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)",
+               _str),
         EnvVar(
             "SMSGW_HTTP_TIMEOUT", "30", "seconds for each HTTP request to the Sync URL", _number(0.1, 600)
         ),
@@ -207,7 +213,7 @@ class Settings:
     keywords: tuple[str, ...]
     reply_from_server: bool
     auto_response: str
-    metrics_port: int
+    metrics_port: int | None  # None: the worker's default port
     metrics_addr: str
     http_timeout: float
     max_retry_age: float

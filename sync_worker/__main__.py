@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return check(settings)
     if args.command == "parked":
         return parked_command(args, settings.amqp_url)
-    if not start_metrics(settings):
-        return 1
+    start_metrics(settings, "sync_worker")
     return serve(settings)
 
 

@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         return check(settings)
-    if not start_metrics(settings):
-        return 1
+    start_metrics(settings, "task_poller")
     # The publisher thread also keeps the broker connection's heartbeat going between polls.
     publisher = PublisherThread(settings.amqp_url, "smsgw-task-poller")
     poller = TaskPoller(settings, publisher, ledger)

@@ -150,8 +150,11 @@ class Payload:
     skipped: tuple[str, ...] = field(default=())  # one reason per invalid message
 
 
-def parse_payload(body: str) -> Payload:
+def parse_payload(body: str, *, require_uuid: bool = True) -> Payload:
     """Read a sync reply or a ``?task=send`` reply.
+
+    ``require_uuid=False`` (instant replies to a sync POST) accepts messages without ``uuid`` (``uuid`` is then
+    ""): the caller derives one. Task messages need the server's uuid for ``?task=sent`` and results.
 
     Raises:
         ReplyError: not JSON, not an object, or no ``payload`` object.
@@ -169,7 +172,7 @@ def parse_payload(body: str) -> Payload:
         skipped.append(f"'messages' is {type(raw_messages).__name__}, not a list")
         raw_messages = []
     for index, raw in enumerate(raw_messages or []):
-        message, reason = _task_message(raw)
+        message, reason = _task_message(raw, require_uuid)
         if message is None:
             skipped.append(f"message {index}: {reason}")
         else:
@@ -187,7 +190,7 @@ def parse_payload(body: str) -> Payload:
     )
 
 
-def _task_message(raw: Any) -> tuple[TaskMessage | None, str]:
+def _task_message(raw: Any, require_uuid: bool) -> tuple[TaskMessage | None, str]:
     if not isinstance(raw, dict):
         return None, f"not an object ({type(raw).__name__})"
     to, text, uuid = raw.get("to"), raw.get("message"), raw.get("uuid")
@@ -195,7 +198,9 @@ def _task_message(raw: Any) -> tuple[TaskMessage | None, str]:
         return None, "'to' is missing or empty"
     if not isinstance(text, str):
         return None, "'message' is missing"
-    if not isinstance(uuid, str | int) or not str(uuid).strip():
+    if uuid is None and not require_uuid:
+        uuid = ""
+    elif not isinstance(uuid, str | int) or not str(uuid).strip():
         return None, "'uuid' is missing"
     for name, value in (("to", to), ("message", text), ("uuid", str(uuid))):
         if not _encodable(value):

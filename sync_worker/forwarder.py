@@ -137,7 +137,7 @@ class SyncForwarder:
             metrics.SYNC_REQUESTS.labels("server_error").inc()
             return Retry(f"Sync URL answered HTTP {status}: {_server_error(answer.text)}")
         try:
-            payload = parse_payload(answer.text)
+            payload = parse_payload(answer.text, require_uuid=False)
         except ReplyError as exc:
             metrics.SYNC_REQUESTS.labels("bad_reply").inc()
             return Retry(f"unreadable reply: {exc}")
@@ -165,12 +165,15 @@ class SyncForwarder:
         outbound: list[OutboundSms] = []
         now = broker.now_ms()
         if self._settings.reply_from_server and task in ("send", None):
-            for task_message in messages:
+            for index, task_message in enumerate(messages):
                 # Same SMS re-posted after a crash -> same key -> the ledger sends the reply once; another SMS
-                # answered with the same server uuid -> another key -> its reply goes out too.
-                key = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/{task_message.uuid}"))
+                # answered with the same server uuid -> another key -> its reply goes out too. A reply without
+                # a uuid is named by its position in the answer.
+                server_uuid = task_message.uuid or f"#{index}"
+                key = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/{server_uuid}"))
                 outbound.append(
-                    OutboundSms(task_message.uuid, task_message.to, task_message.text, "reply", now, dedup_key=key)
+                    OutboundSms(task_message.uuid or key, task_message.to, task_message.text, "reply", now,
+                                dedup_key=key)
                 )
         elif messages:
             log.info(

@@ -125,3 +125,9 @@ def test_error_snippets_never_carry_the_secret() -> None:
 
 def test_secret_with_a_lone_surrogate_is_a_mismatch_not_a_crash() -> None:
     assert not secrets_match("s3cret", "s3cret\ud83d")
+
+
+def test_uuid_optional_only_for_instant_replies() -> None:
+    body = '{"payload":{"success":true,"task":"send","messages":[{"to":"+2557","message":"hi"}]}}'
+    assert parse_payload(body).messages == ()
+    assert [m.uuid for m in parse_payload(body, require_uuid=False).messages] == [""]

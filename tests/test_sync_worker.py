@@ -196,3 +196,19 @@ def test_secret_in_the_sync_url_query_never_reaches_logs_or_park_reasons() -> No
     decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, False, None))
     assert isinstance(decision, broker.Retry)
     assert "TOPSECRET" not in decision.reason and "TOPSECRET" not in forwarder.redacted_url
+
+
+def test_instant_reply_without_uuid_still_goes_out(harness: Callable[..., Harness]) -> None:
+    h = harness(lambda r: (200, json.dumps({"payload": {"success": True, "task": "send", "messages": [
+        {"to": r.form["from"], "message": "no uuid here"}]}})))
+    sms = make_sms()
+    h.inject(sms)
+    out: list[OutboundSms] = []
+
+    def collected() -> bool:
+        out.extend(h.outbound())
+        return len(out) >= 1
+
+    wait_for(collected, what="the reply queued")
+    assert [(o.to, o.text) for o in out] == [(sms.sender, "no uuid here")]
+    assert out[0].uuid and out[0].ledger_key == out[0].uuid

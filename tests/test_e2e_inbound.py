@@ -321,3 +321,16 @@ def test_broker_connections_cut_mid_stream_lose_nothing(stack: Stack, server: Re
     assert len({m["message_id"] for m in received}) == 30
     wait_for(lambda: simulator.inbox() == [], timeout=60, what="the SIM emptied")
     assert "Traceback" not in stack.log_text("sync_worker")
+
+
+def test_sms_already_on_the_sim_at_start_up_are_picked_up(stack: Stack, server: ReferenceServer) -> None:
+    server.configure(reply=False)
+    simulator = stack.start_simulator("simulator", OWN_NUMBER)
+    texts = [TEXTS[i % len(TEXTS)] + f" (stored {i})" for i in range(38)]
+    for i, text in enumerate(texts):
+        simulator.inject(f"+25571100{i:04d}", text)
+    stack.start_modem_worker("modem_worker", simulator, "modem-a")
+    stack.start("sync_worker", "sync_worker")
+    wait_for(lambda: len(server.received()) >= len(texts), timeout=90, what="every stored SMS")
+    assert sorted(m["message"] for m in server.received()) == sorted(texts)
+    wait_for(lambda: simulator.inbox() == [], timeout=30, what="the SIM emptied")

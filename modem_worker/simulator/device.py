@@ -19,7 +19,7 @@ from .pty_link import PtyLink
 
 DEFAULT_OWN_NUMBER = "+255700000001"
 DEFAULT_SMSC = "+255754000000"
-DEFAULT_CAPACITY = 50
+DEFAULT_CAPACITY = 255  # the largest real SIMs; --capacity 20 for a small one
 
 
 class Simulator:

@@ -46,21 +46,13 @@ from modem_worker.sms_text import (
     segment,
     text_units,
 )
+from tests.conftest import wait_for
 
 SENDER = "+255711000001"
 RECIPIENT = "+255722000002"
 
 
 # ---------------------------------------------------------------------------- helpers and fixtures
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until it is true or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @dataclass
@@ -284,7 +276,7 @@ def test_failed_connect_closes_port_and_stops_read_thread(tmp_path: Path) -> Non
         with pytest.raises(ModemUnavailable):
             modem.connect()
         assert not modem.alive
-        wait_for(lambda: len(rx_threads()) == before, 3, "read thread to stop")
+        wait_for(lambda: len(rx_threads()) == before, 3, what="read thread to stop")
         probe = serial.Serial(device, exclusive=True)  # would fail if the adapter still held the flock
         probe.close()
     finally:

@@ -107,7 +107,8 @@ def _watch(stack: Stack, args: argparse.Namespace, stopping: threading.Event, si
             print(line, flush=True)
             last = line
         done = (received == len(SAMPLE_SMS) and sent_by_modem >= len(SAMPLE_SMS) + 2
-                and all(item.get("status") == "delivered" for item in outgoing if item.get("source") != "reply"))
+                and len(outgoing) == len(SAMPLE_SMS) + 2
+                and all(item.get("status") == "delivered" for item in outgoing))
         if args.check and done:
             print("demo check: every SMS made the round trip", flush=True)
             return True

@@ -109,8 +109,9 @@ class OutboundSms(_Message):
     text: str
     origin: Literal["reply", "auto_response", "task"]
     created_at: int  # epoch ms
-    # Only task messages are reported through the Message Results API; replies carry a server uuid too but the
-    # app never reports them, so neither do we unless the server asks for the uuid.
+    # Publish sent/delivery events for it (the result reporter then answers ?task=result for this uuid if the
+    # server asks). True for task messages and for replies that carry a server uuid; False for our own
+    # auto-responses, whose uuid no server knows.
     report: bool = False
     # Key of the outbound ledger ("never twice"); empty = ``uuid``. Replies set it to a key derived from the
     # inbound message_id and the server's uuid: some servers (the seed PHP sample) reuse one uuid for every

@@ -171,9 +171,11 @@ class SyncForwarder:
                 # a uuid is named by its position in the answer.
                 server_uuid = task_message.uuid or f"#{index}"
                 key = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/{server_uuid}"))
+                # Reported under the server's uuid when it gave one: a server that lists it in ?task=result
+                # learns its fate; one that does not ask is never told (the reporter only answers questions).
                 outbound.append(
                     OutboundSms(task_message.uuid or key, task_message.to, task_message.text, "reply", now,
-                                dedup_key=key)
+                                report=bool(task_message.uuid), dedup_key=key)
                 )
         elif messages:
             log.info(

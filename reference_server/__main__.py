@@ -1,6 +1,6 @@
 """CLI: ``python -m reference_server --port 8700 --secret S [--path /smssync] [--reply] [--host 127.0.0.1]``.
 
-Logs JSON lines to stderr. The secret is never logged.
+Logs JSON lines to stdout (services/logs.py). The secret is never logged.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import signal
 import sys
 from types import FrameType
 
-from pythonjsonlogger.json import JsonFormatter
-
 from reference_server.server import ReferenceServer
+from services.logs import configure_logging
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,18 +43,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; returns the process exit code."""
     args = _parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level.upper(), "reference_server")
     server = ReferenceServer(
         args.secret,
         port=args.port,

@@ -509,14 +509,14 @@ def test_cli_help_and_sigterm(tmp_path: Path) -> None:
         started: dict[str, Any] = {}
         for line in proc.stdout:
             record = json.loads(line)
-            if record["event"] == "started":
+            if record["message"] == "started":
                 started = record
                 break
         assert link.is_symlink()
         assert requests.get(f"{started['control_url']}/health", timeout=5).json()["ok"] is True
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-        rest = [json.loads(x)["event"] for x in proc.stdout.read().splitlines()]
+        rest = [json.loads(x)["message"] for x in proc.stdout.read().splitlines()]
         assert "stopped" in rest
         assert not os.path.lexists(link)
     finally:

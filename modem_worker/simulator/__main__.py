@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from services.logs import configure_logging
+
 from . import jsonlog
 from .device import DEFAULT_CAPACITY, DEFAULT_OWN_NUMBER, DEFAULT_SMSC, Simulator
 
@@ -79,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until SIGTERM/SIGINT; return the exit status."""
     args = parse_args(argv)
-    jsonlog.configure(args.log_level)
+    configure_logging(args.log_level.upper(), "simulator")
     if not 1 <= args.capacity <= 255:
         jsonlog.event("bad_arguments", error="capacity must be within 1..255")
         return 2

@@ -254,7 +254,7 @@ class AtEngine:
                 with self.model.lock:
                     reply = self._dispatch(cmd)
             except Exception:  # a bug in one handler must answer ERROR, not leave the client waiting
-                jsonlog.log.exception("at_handler_error", extra={"fields": {"command": cmd}})
+                jsonlog.log.exception("at_handler_error", extra={"command": cmd})
                 reply = Reply(final="ERROR")
             replies.append(reply)
             if reply.final != "OK" or reply.prompt is not None:

@@ -46,11 +46,13 @@ OUTBOUND_QUEUE = "smsgw.outbound"  # any modem may send these
 EVENTS_QUEUE = "smsgw.events"  # sent results and delivery reports
 
 DELAY_TIERS_S: tuple[int, ...] = (1, 5, 15, 60, 300, 900, 3600)
-DELIVERY_LIMIT = 20  # redeliveries before the broker parks a message that keeps crashing consumers
+DELIVERY_LIMIT = 20  # redeliveries before the broker parks a message (last resort: a consumer process dying on it)
+HANDLER_CRASH_LIMIT = 5  # handler exceptions before the consumer parks the message itself
 HEARTBEAT_S = 15
 
 HEADER_ATTEMPTS = "x-smsgw-attempts"
 HEADER_FIRST_ATTEMPT_MS = "x-smsgw-first-attempt-ms"
+HEADER_CRASHES = "x-smsgw-crashes"
 HEADER_PARK_REASON = "x-smsgw-park-reason"
 HEADER_PARKED_AT_MS = "x-smsgw-parked-at-ms"
 HEADER_SOURCE_QUEUE = "x-smsgw-source-queue"
@@ -204,6 +206,28 @@ def reconnecting(stopping: threading.Event) -> Retrying:
         ),
         reraise=True,
     )
+
+
+def consume_until_stopped(stopping: threading.Event, session: Callable[[], None]) -> None:
+    """Run consumer ``session``s (one connection each) until ``stopping``; reconnect between them with the
+    ``reconnecting`` policy.
+
+    Raises:
+        BrokerChannelError: the broker closed the channel (configuration problem; not retried).
+    """
+    for attempt in reconnecting(stopping):
+        with attempt:
+            if not stopping.is_set():
+                session()
+
+
+def consumer_channel(connection: pika.BlockingConnection, modem_ids: Sequence[str],
+                     prefetch: int) -> BlockingChannel:
+    """A channel on ``connection`` with the topology declared and ``prefetch`` set (raises pika errors)."""
+    channel = connection.channel()
+    declare_topology(channel, modem_ids)
+    channel.basic_qos(prefetch_count=prefetch)
+    return channel
 
 
 def choose_delay_tier(attempt: int) -> int:
@@ -453,12 +477,8 @@ class Consumer:
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
-        retrying = reconnecting(self._stopping)
         try:
-            for attempt in retrying:
-                with attempt:
-                    if not self._stopping.is_set():
-                        self._consume_once()
+            consume_until_stopped(self._stopping, self._consume_once)
         finally:
             self._pool.shutdown(wait=True)
 
@@ -466,9 +486,7 @@ class Consumer:
         connection = connect(self._url, self._name)
         self._connection = connection
         try:
-            channel = connection.channel()
-            declare_topology(channel, self._modem_ids)
-            channel.basic_qos(prefetch_count=self._prefetch)
+            channel = consumer_channel(connection, self._modem_ids, self._prefetch)
             tags = [
                 channel.basic_consume(q, on_message_callback=self._make_callback(connection, channel))
                 for q in self._queues
@@ -527,12 +545,8 @@ class Consumer:
         try:
             try:
                 decision = self._handler(delivery)
-            except Exception:
-                # A bug must not lose the message nor loop it forever: requeue, and the quorum queue's
-                # delivery limit parks it after DELIVERY_LIMIT attempts.
-                log.exception("handler crashed on a message from %s; it will be redelivered", delivery.queue)
-                self._settle(connection, channel, tag, requeue=True)
-                return
+            except Exception as exc:
+                decision = self._after_crash(delivery, exc)
             requeue = False
             try:
                 self._apply(delivery, decision)
@@ -548,6 +562,19 @@ class Consumer:
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1
+
+    def _after_crash(self, delivery: Delivery, exc: Exception) -> Decision:
+        """A handler bug must neither lose the message nor loop it: retry it later through a delay queue (the
+        bug may depend on a passing state), park it with the error after HANDLER_CRASH_LIMIT crashes. The
+        traceback is logged once per message, later crashes in one line."""
+        crashes = int(delivery.headers.get(HEADER_CRASHES, 0)) + 1
+        if crashes == 1:
+            log.exception("handler crashed on a message from %s; retrying it later", delivery.queue)
+        else:
+            log.error("handler crashed again (%d) on a message from %s: %r", crashes, delivery.queue, exc)
+        if crashes >= HANDLER_CRASH_LIMIT:
+            return Park(f"handler crashed {crashes} times: {exc!r}", label="crash")
+        return Retry(f"handler crashed: {exc!r}", count=HEADER_CRASHES)
 
     def _apply(self, delivery: Delivery, decision: Decision) -> None:
         """Make the decision durable before the ack (publish retry copy / parked copy with confirm)."""
@@ -720,18 +747,12 @@ class BatchConsumer:
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
-        retrying = reconnecting(self._stopping)
-        for attempt in retrying:
-            with attempt:
-                if not self._stopping.is_set():
-                    self._consume_once()
+        consume_until_stopped(self._stopping, self._consume_once)
 
     def _consume_once(self) -> None:
         connection = connect(self._url, self._name)
         try:
-            channel = connection.channel()
-            declare_topology(channel, self._modem_ids)
-            channel.basic_qos(prefetch_count=self._prefetch)
+            channel = consumer_channel(connection, self._modem_ids, self._prefetch)
             with self._lock:
                 self._generation += 1
                 generation = self._generation

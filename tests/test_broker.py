@@ -90,19 +90,22 @@ def test_park_keeps_the_reason_and_replay_restores(clean_broker: str, publisher:
     assert parked.list() == []
 
 
-def test_poison_message_is_parked_by_the_delivery_limit(clean_broker: str, publisher: PublisherThread) -> None:
+def test_message_crashing_its_handler_is_retried_then_parked_with_the_error(
+    clean_broker: str, publisher: PublisherThread, caplog: pytest.LogCaptureFixture
+) -> None:
     calls = []
 
     def crashing(delivery: Delivery) -> Decision:
-        calls.append(1)
+        calls.append(delivery.headers.get(broker.HEADER_CRASHES, 0))
         raise RuntimeError("bug")
 
     parked = ParkedQueues(clean_broker, broker.EVENTS_QUEUE)
     with running_consumer(clean_broker, crashing, publisher):
         publisher.publish(Publication(broker.EVENTS_QUEUE, b"poison"))
-        listing = wait_for(parked.list, timeout=30, what="poison message parked by the broker")
-    assert "delivery_limit" in listing[0].reason
-    assert len(calls) > broker.DELIVERY_LIMIT
+        listing = wait_for(parked.list, timeout=60, what="poison message parked")
+    assert "handler crashed 5 times" in listing[0].reason and "bug" in listing[0].reason
+    assert calls == [0, 1, 2, 3, 4], "retried through delay queues, counted, then parked"
+    assert sum("Traceback" in (r.exc_text or "") or r.exc_info is not None for r in caplog.records) <= 1
     assert parked.purge() == 1
 
 

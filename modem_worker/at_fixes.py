@@ -143,11 +143,6 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         lock: threading.RLock = self._txLock
         return lock
 
-    @property
-    def link_error(self) -> BaseException | None:
-        """The exception that took the link down, if it went down (None after a clean close)."""
-        return self._link_error
-
     def connect(self, pin: str | None = None, waitingForModemToStartInSeconds: float = 0) -> None:  # noqa: N803
         """Open the port (exclusively), start the read thread and run the library's init dialogue.
 

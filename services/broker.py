@@ -942,20 +942,3 @@ class ParkedQueues:
 
 # Headers a replay drops: the gateway's own (x-smsgw-*) and the broker's dead-lettering history.
 _RESET_HEADERS = ("x-smsgw-", "x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
-
-
-def wait_for_broker(url: str, timeout_s: float) -> None:
-    """Block until the broker accepts a connection.
-
-    Raises:
-        BrokerUnavailable: still unreachable after ``timeout_s``.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            connect(url, "smsgw-probe").close()
-            return
-        except BrokerUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)

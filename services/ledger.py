@@ -283,10 +283,6 @@ class Ledger:
                 "DELETE FROM outbound WHERE state IN ('sent', 'failed', 'unknown') AND updated_at < ?", (cutoff,))
             return cursor.rowcount
 
-    def counts(self) -> dict[str, int]:
-        """Number of uuids per state (for metrics and the demo)."""
-        return {state: n for state, n in self._db().execute("SELECT state, COUNT(*) FROM outbound GROUP BY state")}
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)

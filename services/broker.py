@@ -545,6 +545,9 @@ class Consumer:
         try:
             try:
                 decision = self._handler(delivery)
+            except BrokerUnavailable as exc:
+                # The handler's own publish (a reply, an event) found the broker away: not a bug, try later.
+                decision = Retry(f"broker unavailable during handling: {exc}")
             except Exception as exc:
                 decision = self._after_crash(delivery, exc)
             requeue = False

@@ -12,6 +12,7 @@ A uuid in ``sending`` after a crash has an unknown outcome: it is reported as su
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import sqlite3
@@ -90,15 +91,28 @@ class Ledger:
         self.path = Path(state_dir) / "outbound-ledger.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        # executescript() COMMITs any open transaction first, so it cannot run inside _transaction(); every
-        # statement is CREATE ... IF NOT EXISTS, safe to run concurrently from several processes.
-        self._db().executescript(_SCHEMA)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        """Switch the file to WAL and create the tables, one process at a time.
+
+        Raises sqlite3.Error when the file cannot be opened or written.
+        """
+        # Why a lock file: switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
+        # locked" at once, without waiting out the busy timeout, when another process opens the same new file
+        # at that moment (two task_poller replicas starting together did, in CI). WAL is a property of the
+        # file, so connections opened afterwards need not (and do not) switch it again.
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            db = self._db()
+            db.execute("PRAGMA journal_mode=WAL")
+            # executescript() COMMITs any open transaction first, so it cannot run inside _transaction().
+            db.executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a claim must survive power loss, or we may send twice
             self._local.db = db
         return db

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -70,3 +74,32 @@ def test_prune_forgets_only_finished_sms_past_retention(tmp_path: Path) -> None:
     assert ledger.prune(older_than_s=-1) == 1  # everything is "old": only the finished SMS goes
     assert ledger.get("sent-old") is None
     assert ledger.get("queued-old") is not None, "an SMS not sent yet must never be forgotten"
+
+
+def _open_and_claim(state_dir: str, start: multiprocessing.synchronize.Barrier,
+                    errors: multiprocessing.Queue[str]) -> None:
+    start.wait()
+    try:
+        Ledger(state_dir).claim(f"u-{os.getpid()}", "+255700000001", "hi")
+    except Exception as exc:  # reported to the parent, which fails the test with it
+        errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_fresh_ledger_at_the_same_moment_all_succeed(tmp_path: Path) -> None:
+    # Regression (CI): two task_poller replicas started together; switching the new file to WAL needs an
+    # exclusive lock and SQLite answered "database is locked" at once instead of waiting.
+    ctx = multiprocessing.get_context("fork")
+    errors: multiprocessing.Queue[str] = ctx.Queue()
+    for round_no in range(25):
+        state_dir = tmp_path / f"round-{round_no}"
+        start = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_and_claim, args=(str(state_dir), start, errors)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0] * 6
+        assert errors.empty(), errors.get()
+        assert len(Ledger(state_dir).known(f"u-{p.pid}" for p in procs)) == 6
+    with sqlite3.connect(tmp_path / "round-0" / "outbound-ledger.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

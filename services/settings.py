@@ -24,6 +24,11 @@ _RESULTS_SHAPES: tuple[ResultsShape, ...] = (
     "message_result_string",
     "message_result_array",
 )
+SyncMethod = Literal["POST", "PUT"]
+SyncFormat = Literal["urlencoded", "json", "xml"]
+# The fields of an inbound sync request, in the app's order; SMSGW_SYNC_KEYS may rename each of them.
+SYNC_FIELDS = ("secret", "from", "message", "sent_timestamp", "sent_to", "message_id", "device_id")
+_XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,50 @@ def _results_shape(name: str, raw: str) -> ResultsShape:
     raise ConfigError(f"{name}: expected one of {', '.join(_RESULTS_SHAPES)}, got {raw!r}")
 
 
+def _sync_method(name: str, raw: str) -> SyncMethod:
+    value = raw.strip().upper()
+    if value == "POST":
+        return "POST"
+    if value == "PUT":
+        return "PUT"
+    raise ConfigError(f"{name}: expected POST or PUT, got {raw!r}")
+
+
+def _sync_format(name: str, raw: str) -> SyncFormat:
+    value = raw.strip().lower()
+    if value == "urlencoded":
+        return "urlencoded"
+    if value == "json":
+        return "json"
+    if value == "xml":
+        return "xml"
+    raise ConfigError(f"{name}: expected urlencoded, json or xml, got {raw!r}")
+
+
+def _sync_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    """``field=key`` pairs renaming the fields of the sync request (the app's configurable key names)."""
+    pairs: list[tuple[str, str]] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        sync_field, separator, key = (text.strip() for text in item.partition("="))
+        if not separator or not sync_field or not key:
+            raise ConfigError(f"{name}: expected field=key pairs such as 'message=text', got {item!r}")
+        if sync_field not in SYNC_FIELDS:
+            raise ConfigError(f"{name}: unknown field {sync_field!r}; the fields are {', '.join(SYNC_FIELDS)}")
+        if not key.isprintable() or any(ch.isspace() for ch in key):
+            raise ConfigError(f"{name}: key {key!r} of {sync_field!r} holds spaces or control characters")
+        if any(sync_field == known for known, _ in pairs):
+            raise ConfigError(f"{name}: field {sync_field!r} is renamed twice")
+        pairs.append((sync_field, key))
+    renamed = dict(pairs)
+    sent_keys = [renamed.get(f, f) for f in SYNC_FIELDS]
+    clashes = sorted({k for k in sent_keys if sent_keys.count(k) > 1})
+    if clashes:
+        raise ConfigError(f"{name}: two fields would be sent under the same key {clashes[0]!r}")
+    return tuple(pairs)
+
+
 def _modem_id(name: str, raw: str) -> str:
     if raw and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", raw):
         raise ConfigError(f"{name}: use 1-64 letters, digits, '.', '_' or '-', got {raw!r}")
@@ -160,6 +209,21 @@ ENV_VARS: dict[str, EnvVar] = {
             "604800",
             "seconds an inbound SMS is retried before it is parked",
             _number(1),
+        ),
+        EnvVar("SMSGW_SYNC_METHOD", "POST", "HTTP method of inbound sync requests: POST or PUT", _sync_method),
+        EnvVar(
+            "SMSGW_SYNC_FORMAT",
+            "urlencoded",
+            "body of inbound sync requests: urlencoded (the app's default), json (flat object of strings) or "
+            "xml (root <payload>)",
+            _sync_format,
+        ),
+        EnvVar(
+            "SMSGW_SYNC_KEYS",
+            "",
+            "rename sync fields, comma list of field=key (e.g. 'message=text,from=sender'); fields: "
+            + ", ".join(SYNC_FIELDS),
+            _sync_keys,
         ),
         EnvVar("SMSGW_MAX_REFUSALS", "10", "times a success:false reply is retried before parking", _int(1)),
         EnvVar("SMSGW_TASK_INTERVAL", "60", "seconds between ?task=send polls", _number(1)),
@@ -218,6 +282,9 @@ class Settings:
     http_timeout: float
     max_retry_age: float
     max_refusals: int
+    sync_method: SyncMethod
+    sync_format: SyncFormat
+    sync_keys: tuple[tuple[str, str], ...]  # (field, key sent) pairs; unnamed fields keep their own name
     task_interval: float
     result_interval: float
     message_results: bool
@@ -251,6 +318,13 @@ class Settings:
         values["result_interval"] = (
             _number(1)("SMSGW_RESULT_INTERVAL", raw_interval) if raw_interval else values["task_interval"]
         )
+        if values["sync_format"] == "xml":
+            renamed = dict(values["sync_keys"])
+            for key in (renamed.get(f, f) for f in SYNC_FIELDS):
+                if not _XML_NAME.fullmatch(key):
+                    raise ConfigError(
+                        f"SMSGW_SYNC_KEYS: {key!r} is not a valid XML element name (SMSGW_SYNC_FORMAT=xml)"
+                    )
         if not values["modem_id"] and values["modem_port"]:
             values["modem_id"] = modem_id_from_port(values["modem_port"])
         names = {f.name for f in fields(cls)}

@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from xml.etree import ElementTree
 
 from services.schemas import InboundSms
 
@@ -56,21 +57,69 @@ class Endpoint:
 
 
 def sync_form(sms: InboundSms, secret: str, device_id: str) -> dict[str, str]:
-    """The form fields of one inbound sync POST, with the app's default key names.
+    """The fields of one inbound sync request, under the app's default key names and in its order.
 
     ``sent_timestamp`` is epoch milliseconds as the app sends it (the docs say "UNIX timestamp" without unit).
     """
-    form = {
+    form = {"secret": secret} if secret else {}
+    form.update({
         "from": sms.sender,
         "message": sms.text,
-        "message_id": sms.message_id,
-        "sent_to": sms.sent_to,
         "sent_timestamp": str(sms.sent_timestamp),
+        "sent_to": sms.sent_to,
+        "message_id": sms.message_id,
         "device_id": device_id,
-    }
-    if secret:
-        form["secret"] = secret
+    })
     return form
+
+
+class SyncEncodingError(ValueError):
+    """An SMS cannot be written in the configured sync format; the message says which character and why."""
+
+
+# XML 1.0 allows tab, LF, CR and everything from U+0020 except the surrogates and U+FFFE/U+FFFF. GSM text can
+# hold a form feed (extension table) and the modem may hand over other control characters.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+@dataclass(frozen=True)
+class SyncScheme:
+    """How an inbound SMS is sent to the Sync URL: the app's "Sync Scheme" (method, data format, key names)."""
+
+    method: str = "POST"
+    format: str = "urlencoded"  # urlencoded | json | xml
+    keys: Mapping[str, str] = field(default_factory=dict)  # field -> key sent; absent: the field's own name
+
+    def encode(self, fields: Mapping[str, str]) -> tuple[bytes, str]:
+        """The request body and its Content-Type for ``fields`` (as ``sync_form`` returns them).
+
+        Raises:
+            SyncEncodingError: the text cannot be carried by the format (a lone surrogate; for XML, a
+                control character that XML 1.0 forbids).
+        """
+        named = {self.keys.get(name, name): value for name, value in fields.items()}
+        try:
+            for value in named.values():
+                value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SyncEncodingError(f"text is not valid Unicode ({exc.reason} at {exc.start})") from None
+        if self.format == "json":
+            # A flat object of strings, as the app sends it.
+            return json.dumps(named, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8"
+        if self.format == "xml":
+            for value in named.values():
+                bad = _XML_FORBIDDEN.search(value)
+                if bad:
+                    raise SyncEncodingError(
+                        f"text holds U+{ord(bad.group()):04X}, which XML 1.0 cannot carry"
+                    )
+            root = ElementTree.Element("payload")
+            for key, value in named.items():
+                ElementTree.SubElement(root, key).text = value
+            # The app labels this body application/json (a bug servers had to work around); we say what it is.
+            body = ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
+            return body, "application/xml; charset=utf-8"
+        return urllib.parse.urlencode(named).encode("ascii"), "application/x-www-form-urlencoded"
 
 
 def first_json_document(text: str) -> Any:

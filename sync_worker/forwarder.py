@@ -26,6 +26,8 @@ from services.sync_protocol import (
     USER_AGENT,
     Endpoint,
     ReplyError,
+    SyncEncodingError,
+    SyncScheme,
     TaskMessage,
     mask_secrets,
     parse_payload,
@@ -56,6 +58,7 @@ class SyncForwarder:
         settings.require_sync_url()
         self._settings = settings
         self._endpoint = Endpoint.parse(settings.sync_url)
+        self._scheme = SyncScheme(settings.sync_method, settings.sync_format, dict(settings.sync_keys))
         self._publisher = publisher
         self._local = threading.local()
         self._keywords = tuple(k.casefold() for k in settings.keywords)
@@ -93,7 +96,8 @@ class SyncForwarder:
             metrics.SYNC_REQUESTS.labels("network_error").inc()
             # requests puts the URL (and a secret in its query) into its messages: mask before logging/parking.
             return Retry(f"Sync URL unreachable: {type(exc).__name__}: {_short(mask_secrets(str(exc)))}")
-        except UnicodeError as exc:
+        except (UnicodeError, SyncEncodingError) as exc:
+            # Retrying cannot help; parked with the reason, it can be replayed after SMSGW_SYNC_FORMAT changes.
             return Park(f"SMS cannot be encoded for the Sync URL: {exc}", label="malformed")
         try:
             return self._judge(sms, delivery, answer)
@@ -103,17 +107,27 @@ class SyncForwarder:
             return Retry(f"accepted, but its replies could not be queued: {exc}")
 
     def _post(self, sms: InboundSms) -> _Answer:
+        """Send ``sms`` to the Sync URL in the configured scheme, following redirects with the same method.
+
+        Raises:
+            requests.RequestException: the server could not be reached or did not answer in time.
+            SyncEncodingError: the SMS cannot be written in the configured format.
+        """
         url = self._endpoint.url
-        form = sync_form(sms, self._settings.secret, self._settings.device_id)
+        body, content_type = self._scheme.encode(
+            sync_form(sms, self._settings.secret, self._settings.device_id)
+        )
+        headers = {"Content-Type": content_type}
         started = time.monotonic()
         try:
             for _ in range(MAX_REDIRECTS + 1):
-                response = self._session().post(
-                    url, data=form, timeout=self._settings.http_timeout, allow_redirects=False
+                response = self._session().request(
+                    self._scheme.method, url, data=body, headers=headers, timeout=self._settings.http_timeout,
+                    allow_redirects=False,
                 )
                 location = response.headers.get("Location")
                 if response.status_code in REDIRECTS and location:
-                    # Re-POST ourselves: requests would turn a 301/302 POST into a GET (the task branch of
+                    # Re-send ourselves: requests would turn a 301/302 POST into a GET (the task branch of
                     # most servers) and the SMS would be "accepted" by a handler that never saw it.
                     url = requests.compat.urljoin(url, location)
                     log.warning(

@@ -35,6 +35,7 @@ class HttpStub:
     respond: Responder
     requests: list[Request] = field(default_factory=list)
     content_type: str = "application/json; charset=utf-8"
+    location: str | None = None  # sent as the Location header of 3xx answers
 
     def start(self) -> HttpStub:
         stub = self
@@ -53,6 +54,8 @@ class HttpStub:
                 data = body.encode("utf-8")
                 self.send_response(status)
                 self.send_header("Content-Type", stub.content_type)
+                if stub.location and 300 <= status < 400:
+                    self.send_header("Location", stub.location)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from reference_server.server import BadRequestError, ReferenceServer
+from services.sync_protocol import SyncScheme
 from tests.conftest import free_port, wait_for
 
 SECRET = "s3cret-ref"
@@ -74,6 +75,17 @@ def test_json_body_and_query_secret_and_multipart_are_accepted(server: Reference
     assert server.received()[2]["message"] == "multi"
 
 
+@pytest.mark.parametrize("content_type", ["application/xml", "text/xml", "application/json"])
+def test_xml_body_is_accepted_even_when_labelled_json(server: ReferenceServer, content_type: str) -> None:
+    # The app sends its XML scheme as application/json (a bug); the body's first byte decides.
+    sms = _sms(message="<b> & 😀")
+    body = SyncScheme("POST", "xml").encode({**sms, "secret": SECRET})[0]
+    response = requests.post(server.url, data=body, headers={"Content-Type": content_type}, timeout=TIMEOUT)
+    assert response.json() == OK
+    [record] = server.received()
+    assert {k: record[k] for k in sms} == sms
+
+
 @pytest.mark.parametrize("secret", ["wrong", None, ""])
 def test_wrong_or_missing_secret_is_403(server: ReferenceServer, secret: str | None) -> None:
     data = dict(SMS) if secret is None else {**SMS, "secret": secret}
@@ -126,6 +138,11 @@ def test_reply_mode_answers_with_instant_sms(reply_server: ReferenceServer) -> N
         (b"message=no+sender&secret=" + SECRET.encode(), "application/x-www-form-urlencoded"),
         (b'{"from": "+1", "secret": "', "application/json"),
         (b"[1, 2]", "application/json"),
+        (b"<payload><from>+1</from>", "application/xml"),
+        (b"<payload><from><b>+1</b></from></payload>", "application/xml"),
+        # An entity expansion ("billion laughs") is refused before it is expanded.
+        (b'<!DOCTYPE p [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]><payload><from>&b;</from></payload>',
+         "application/xml"),
     ],
 )
 def test_bad_sync_bodies_are_400(server: ReferenceServer, body: bytes, content_type: str) -> None:

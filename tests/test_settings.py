@@ -28,6 +28,13 @@ def test_defaults_are_valid() -> None:
         ("SMSGW_RESULTS_SHAPE", "xml"),
         ("SMSGW_MODEM_ID", "bad id!"),
         ("SMSGW_LOG_LEVEL", "LOUD"),
+        ("SMSGW_SYNC_METHOD", "PATCH"),
+        ("SMSGW_SYNC_FORMAT", "yaml"),
+        ("SMSGW_SYNC_KEYS", "message"),
+        ("SMSGW_SYNC_KEYS", "body=text"),
+        ("SMSGW_SYNC_KEYS", "message=text,message=msg"),
+        ("SMSGW_SYNC_KEYS", "message=from"),
+        ("SMSGW_SYNC_KEYS", "message=my text"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -46,3 +53,19 @@ def test_redact_url_hides_password_and_secret() -> None:
     redacted = redact_url("https://user:pa55@example.org/sync?task=send&secret=s3cr%26t")
     assert "pa55" not in redacted and "s3cr" not in redacted
     assert "user:***@" in redacted and "secret=%2A%2A%2A" in redacted
+
+
+def test_sync_scheme_settings() -> None:
+    settings = Settings.from_env({"SMSGW_SYNC_METHOD": "put", "SMSGW_SYNC_FORMAT": "JSON",
+                                  "SMSGW_SYNC_KEYS": " message = text , from=sender,"})
+    assert (settings.sync_method, settings.sync_format) == ("PUT", "json")
+    assert settings.sync_keys == (("message", "text"), ("from", "sender"))
+    defaults = Settings.from_env({})
+    assert (defaults.sync_method, defaults.sync_format, defaults.sync_keys) == ("POST", "urlencoded", ())
+
+
+def test_xml_format_needs_element_names_as_keys() -> None:
+    keys = {"SMSGW_SYNC_KEYS": "message=data[text]"}
+    assert Settings.from_env(keys).sync_keys == (("message", "data[text]"),)  # fine for a form
+    with pytest.raises(ConfigError, match="SMSGW_SYNC_KEYS: 'data\\[text\\]' is not a valid XML element"):
+        Settings.from_env({**keys, "SMSGW_SYNC_FORMAT": "xml"})

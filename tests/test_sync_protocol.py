@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 
 import pytest
+from defusedxml import ElementTree as DefusedElementTree
 
 from services.schemas import InboundSms
 from services.sync_protocol import (
     Endpoint,
     ReplyError,
+    SyncEncodingError,
+    SyncScheme,
     first_json_document,
     parse_message_uuids,
     parse_payload,
@@ -131,3 +135,44 @@ def test_uuid_optional_only_for_instant_replies() -> None:
     body = '{"payload":{"success":true,"task":"send","messages":[{"to":"+2557","message":"hi"}]}}'
     assert parse_payload(body).messages == ()
     assert [m.uuid for m in parse_payload(body, require_uuid=False).messages] == [""]
+
+
+FIELDS = {"secret": "s&cret=1", "from": "+255700000001", "message": 'Habari <b> & "x" \'y\' 😀\nline 2',
+          "sent_timestamp": "1700000000123", "sent_to": "+255700000009", "message_id": "id-1", "device_id": "d"}
+
+
+def test_sync_scheme_urlencoded_is_the_apps_form() -> None:
+    body, content_type = SyncScheme().encode(FIELDS)
+    assert content_type == "application/x-www-form-urlencoded"
+    assert dict(urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True)) == FIELDS
+
+
+def test_sync_scheme_json_is_a_flat_object_of_strings_with_renamed_keys() -> None:
+    body, content_type = SyncScheme("PUT", "json", {"message": "text", "from": "sender"}).encode(FIELDS)
+    assert content_type.startswith("application/json")
+    document = json.loads(body)
+    expected = {("text" if k == "message" else "sender" if k == "from" else k): v for k, v in FIELDS.items()}
+    assert document == expected
+    assert list(document) == list(expected)  # the app's field order is kept
+
+
+def test_sync_scheme_xml_round_trips_markup_and_emoji() -> None:
+    body, content_type = SyncScheme("POST", "xml", {"message_id": "id"}).encode(FIELDS)
+    assert content_type.startswith("application/xml")  # not the app's mislabelled application/json
+    root = DefusedElementTree.fromstring(body)
+    assert root.tag == "payload"
+    parsed = {child.tag: child.text or "" for child in root}
+    assert parsed == {("id" if k == "message_id" else k): v for k, v in FIELDS.items()}
+
+
+@pytest.mark.parametrize("text", ["page\x0cbreak", "bell\x07"])
+def test_sync_scheme_xml_refuses_characters_xml_cannot_carry(text: str) -> None:
+    with pytest.raises(SyncEncodingError, match=r"XML 1\.0 cannot carry"):
+        SyncScheme("POST", "xml").encode({**FIELDS, "message": text})
+    # The same text is fine in the other formats.
+    assert json.loads(SyncScheme("POST", "json").encode({**FIELDS, "message": text})[0])["message"] == text
+
+
+def test_sync_scheme_refuses_a_lone_surrogate() -> None:
+    with pytest.raises(SyncEncodingError, match="not valid Unicode"):
+        SyncScheme("POST", "json").encode({**FIELDS, "message": "half \ud83d"})

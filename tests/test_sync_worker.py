@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import pika
 import pytest
 
+from reference_server.server import ReferenceServer
 from services import broker
 from services.broker import Consumer, ParkedQueues, Publication, PublisherThread
 from services.schemas import InboundSms, OutboundSms
@@ -17,6 +18,7 @@ from services.settings import Settings
 from sync_worker.forwarder import SyncForwarder
 from tests.conftest import wait_for
 from tests.http_stub import HttpStub, Request, Responder
+from tests.peers.runners import LykmapipoPeer, require_peer
 
 MODEM = "stub-modem"
 
@@ -26,11 +28,12 @@ def make_sms(text: str = "hello", sender: str = "+255700000001") -> InboundSms:
 
 
 class Harness:
-    def __init__(self, url: str, stub: HttpStub, **env: str) -> None:
-        self.settings = Settings.from_env({"SMSGW_AMQP_URL": url, "SMSGW_SYNC_URL": stub.url,
+    def __init__(self, url: str, stub: HttpStub | None, sync_url: str | None = None, **env: str) -> None:
+        sync_url = sync_url or (stub.url if stub else "")
+        self.settings = Settings.from_env({"SMSGW_AMQP_URL": url, "SMSGW_SYNC_URL": sync_url,
                                            "SMSGW_SECRET": "s3cret", "SMSGW_DEVICE_ID": "dev-1", **env})
         self.url = url
-        self.stub = stub
+        self._stub = stub
         self.publisher = PublisherThread(url, "test-sync", [MODEM])
         self.consumer = Consumer(url, [broker.INBOUND_QUEUE], SyncForwarder(self.settings, self.publisher).handle,
                                  self.publisher, name="test-sync", concurrency=4,
@@ -41,6 +44,11 @@ class Harness:
         self.thread.start()
         wait_for(self.consumer.connected.is_set, what="sync consumer connected")
         return self
+
+    @property
+    def stub(self) -> HttpStub:
+        assert self._stub is not None, "this harness posts to a server of its own"
+        return self._stub
 
     def inject(self, sms: InboundSms) -> None:
         self.publisher.publish(Publication(broker.INBOUND_QUEUE, sms.to_json(), message_id=sms.message_id))
@@ -80,6 +88,23 @@ def harness(clean_broker: str) -> Iterator[Callable[..., Harness]]:
     for h, stub in created:
         h.stop()
         stub.stop()
+
+
+@pytest.fixture
+def reference_harness(clean_broker: str) -> Iterator[Callable[..., tuple[Harness, ReferenceServer]]]:
+    """A sync_worker posting to the project's reference server (a real, independent parser of the body)."""
+    created: list[tuple[Harness, ReferenceServer]] = []
+
+    def make(**env: str) -> tuple[Harness, ReferenceServer]:
+        server = ReferenceServer("s3cret").start()
+        h = Harness(clean_broker, None, sync_url=server.url, **env).start()
+        created.append((h, server))
+        return h, server
+
+    yield make
+    for h, server in created:
+        h.stop()
+        server.stop()
 
 
 
@@ -212,3 +237,85 @@ def test_instant_reply_without_uuid_still_goes_out(harness: Callable[..., Harnes
     wait_for(collected, what="the reply queued")
     assert [(o.to, o.text) for o in out] == [(sms.sender, "no uuid here")]
     assert out[0].uuid and out[0].ledger_key == out[0].uuid
+
+
+def test_put_json_with_renamed_keys(harness: Callable[..., Harness]) -> None:
+    def respond(request: Request) -> tuple[int, str]:
+        sms = json.loads(request.body)
+        return 200, json.dumps({"payload": {"success": True, "task": "send", "messages": [
+            {"to": sms["sender"], "message": "re: " + sms["text"], "uuid": "r-" + sms["message_id"]}]}})
+
+    h = harness(respond, SMSGW_SYNC_METHOD="PUT", SMSGW_SYNC_FORMAT="json",
+                SMSGW_SYNC_KEYS="message=text,from=sender")
+    sms = make_sms("Jambo 😀 & <ok>")
+    h.inject(sms)
+    wait_for(lambda: h.stub.requests, what="sync PUT")
+    request = h.stub.requests[0]
+    assert request.method == "PUT"
+    assert request.headers["content-type"].startswith("application/json")
+    assert json.loads(request.body) == {
+        "secret": "s3cret", "sender": sms.sender, "text": sms.text, "sent_timestamp": "1700000000123",
+        "sent_to": "+255700000009", "message_id": sms.message_id, "device_id": "dev-1"}
+    out = wait_for(h.outbound, what="reply queued")
+    assert [(o.to, o.text) for o in out] == [(sms.sender, "re: " + sms.text)]
+
+
+def test_redirect_is_followed_with_the_same_method_and_body(harness: Callable[..., Harness]) -> None:
+    def respond(request: Request) -> tuple[int, str]:
+        if not request.path.endswith("/"):
+            return 308, ""  # with the stub's Location header
+        return 200, '{"payload":{"success":true}}'
+
+    h = harness(respond, SMSGW_SYNC_METHOD="PUT")
+    h.stub.location = "/smssync/"
+    sms = make_sms()
+    h.inject(sms)
+    wait_for(lambda: len(h.stub.requests) >= 2, what="request re-sent to the new location")
+    first, second = h.stub.requests[:2]
+    assert (first.method, first.path, second.method, second.path) == ("PUT", "/smssync", "PUT", "/smssync/")
+    assert second.body == first.body and second.form["message_id"] == sms.message_id
+
+
+def test_xml_reaches_the_reference_server_exactly(
+    reference_harness: Callable[..., tuple[Harness, ReferenceServer]],
+) -> None:
+    h, server = reference_harness(SMSGW_SYNC_FORMAT="xml")
+    texts = ["<b>bold</b> & 'quotes' \"too\"", "Habari 😀", "مرحبا", "line 1\nline 2"]
+    sent = [make_sms(text) for text in texts]
+    for sms in sent:
+        h.inject(sms)
+    wait_for(lambda: len(server.received()) == len(texts), what="4 SMS")
+    received = server.received()
+    assert sorted((r["message_id"], r["message"]) for r in received) == sorted(
+        (sms.message_id, sms.text) for sms in sent)
+
+
+def test_text_xml_cannot_carry_is_parked_with_the_reason(
+    reference_harness: Callable[..., tuple[Harness, ReferenceServer]],
+) -> None:
+    h, server = reference_harness(SMSGW_SYNC_FORMAT="xml")
+    h.inject(make_sms("form\x0cfeed"))
+    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, what="parked SMS")
+    assert "U+000C, which XML 1.0 cannot carry" in listing[0].reason
+    assert server.received() == []
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("sync_format", ["json", "urlencoded"])
+def test_lykmapipo_peer_reads_json_and_form_bodies(clean_broker: str, sync_format: str) -> None:
+    # protocol-notes §3.2: the npm peer parses JSON bodies, so SMSGW_SYNC_FORMAT=json works end to end with it.
+    require_peer("lykmapipo")
+    peer = LykmapipoPeer.start(secret="s3cret")
+    h = Harness(clean_broker, None, sync_url=peer.url, SMSGW_SYNC_FORMAT=sync_format).start()
+    try:
+        sms = make_sms("hello peer 👋")
+        h.inject(sms)
+        wait_for(peer.received, what="the SMS at the peer")
+        [received] = peer.received()
+        assert (received["from"], received["message"], received["message_id"]) == (
+            sms.sender, sms.text, sms.message_id)
+        out = wait_for(h.outbound, what="the peer's reply queued")
+        assert [(o.to, o.text) for o in out] == [(sms.sender, "got: hello peer 👋")]
+    finally:
+        h.stop()
+        peer.stop()

@@ -226,6 +226,12 @@ ENV_VARS: dict[str, EnvVar] = {
             _sync_keys,
         ),
         EnvVar("SMSGW_MAX_REFUSALS", "10", "times a success:false reply is retried before parking", _int(1)),
+        EnvVar(
+            "SMSGW_MAX_SERVER_ERRORS",
+            "24",
+            "HTTP 500 answers to one SMS before it is parked (some servers answer 500 to a repeated message_id)",
+            _int(1),
+        ),
         EnvVar("SMSGW_TASK_INTERVAL", "60", "seconds between ?task=send polls", _number(1)),
         EnvVar(
             "SMSGW_RESULT_INTERVAL",
@@ -282,6 +288,7 @@ class Settings:
     http_timeout: float
     max_retry_age: float
     max_refusals: int
+    max_server_errors: int
     sync_method: SyncMethod
     sync_format: SyncFormat
     sync_keys: tuple[tuple[str, str], ...]  # (field, key sent) pairs; unnamed fields keep their own name

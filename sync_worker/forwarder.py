@@ -41,6 +41,7 @@ PARK_AT_ONCE = {400, 401, 403, 404, 405, 410, 413, 414, 415, 422}
 REDIRECTS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 3
 HEADER_REFUSALS = "x-smsgw-refusals"
+HEADER_SERVER_ERRORS = "x-smsgw-server-errors"
 REPLY_NAMESPACE = uuid.UUID("0f9d2a4e-8b51-4f0e-b3c7-2c1e5d6a7b80")
 
 
@@ -140,16 +141,32 @@ class SyncForwarder:
         finally:
             metrics.SYNC_SECONDS.observe(time.monotonic() - started)
 
-    def _judge(self, sms: InboundSms, delivery: Delivery, answer: _Answer) -> Decision:
+    def _judge_http_status(self, delivery: Delivery, answer: _Answer) -> Decision:
+        """Park or retry an SMS the Sync URL answered with a status other than 200/201."""
         status = answer.status
+        reason = f"Sync URL answered HTTP {status}: {_server_error(answer.text)}"
         if status in PARK_AT_ONCE:
             metrics.SYNC_REQUESTS.labels("rejected").inc()
-            return Park(
-                f"Sync URL answered HTTP {status}: {_server_error(answer.text)}", label=f"http_{status}"
-            )
-        if status not in (200, 201):
-            metrics.SYNC_REQUESTS.labels("server_error").inc()
-            return Retry(f"Sync URL answered HTTP {status}: {_server_error(answer.text)}")
+            return Park(reason, label=f"http_{status}")
+        metrics.SYNC_REQUESTS.labels("server_error").inc()
+        if status == 500:
+            # Some servers store message_id as a primary key and answer 500 to a repeat (the first POST
+            # was stored, its answer lost): retrying that until SMSGW_MAX_RETRY_AGE only hides it. 500s
+            # are counted on their own; 502/503/504 (a proxy in front of a server that is down) are not.
+            errors = int(delivery.headers.get(HEADER_SERVER_ERRORS, 0)) + 1
+            if errors >= self._settings.max_server_errors:
+                return Park(f"{reason}; gave up after {errors} HTTP 500 answers", label="http_500")
+            return Retry(reason, count=HEADER_SERVER_ERRORS)
+        return Retry(reason)
+
+    def _judge(self, sms: InboundSms, delivery: Delivery, answer: _Answer) -> Decision:
+        """Ack, retry or park an SMS from the Sync URL's answer; queues the replies of an accepted one.
+
+        Raises:
+            BrokerError: a reply could not be queued (the caller retries the SMS).
+        """
+        if answer.status not in (200, 201):
+            return self._judge_http_status(delivery, answer)
         try:
             payload = parse_payload(answer.text, require_uuid=False)
         except ReplyError as exc:

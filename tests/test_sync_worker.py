@@ -319,3 +319,23 @@ def test_lykmapipo_peer_reads_json_and_form_bodies(clean_broker: str, sync_forma
     finally:
         h.stop()
         peer.stop()
+
+
+def test_http_500_is_retried_a_bounded_number_of_times_then_parked(harness: Callable[..., Harness]) -> None:
+    # A server keying SMS by message_id answers 500 to a repeat; retrying that for 7 days only hides it.
+    h = harness(lambda _r: (500, "<html>duplicate key value violates unique constraint</html>"),
+                SMSGW_MAX_SERVER_ERRORS="2")
+    sms = make_sms()
+    h.inject(sms)
+    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=30, what="parked after 500s")
+    assert len(h.stub.requests) == 2
+    assert "gave up after 2 HTTP 500 answers" in listing[0].reason
+    assert "duplicate key" in listing[0].reason
+
+
+def test_gateway_errors_do_not_count_as_http_500(harness: Callable[..., Harness]) -> None:
+    answers = iter([(503, "down"), (502, "bad gateway"), (504, "timeout")])
+    h = harness(lambda _r: next(answers, (200, '{"payload":{"success":true}}')), SMSGW_MAX_SERVER_ERRORS="1")
+    h.inject(make_sms())
+    wait_for(lambda: len(h.stub.requests) == 4, timeout=60, what="three outage retries, then accepted")
+    assert ParkedQueues(h.url, broker.INBOUND_QUEUE).list() == []

@@ -71,6 +71,8 @@ class ModemWorker:
         self.up = threading.Event()  # set while the modem is connected (tests, --check)
         self.failed = False  # set when the worker stopped because of an unrecoverable error
         self._next_prune = 0.0
+        self._health: tuple[int | None, int | None] = (None, None)  # (signal RSSI, battery %), last reading
+        self._registered: bool | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -164,11 +166,24 @@ class ModemWorker:
                     log.info("ledger: forgot %d SMS older than %.0f days", forgotten,
                              self._settings.ledger_retention_days)
         try:
+            # Health first: SMS picked up by the sweep below carry it (query codes are answered from it).
+            signal = modem.signal_strength()
+            battery = modem.battery_level()
+            registered = modem.is_registered()
+            self._health = (signal, battery)
+            metrics.MODEM_SIGNAL.labels(self.modem_id).set(-1 if signal is None else signal)
+            metrics.MODEM_BATTERY.labels(self.modem_id).set(-1 if battery is None else battery)
+            metrics.MODEM_REGISTERED.labels(self.modem_id).set(1 if registered else 0)
+            if registered != self._registered:  # log changes, not every reading
+                if registered:
+                    log.info("modem %s: registered on a network", self.modem_id)
+                else:
+                    log.warning("modem %s: not registered on a network; SMS cannot be sent or received",
+                                self.modem_id)
+                self._registered = registered
             swept = modem.sweep_stored()
             if swept:
                 log.info("modem %s: picked up %d stored SMS", self.modem_id, swept)
-            signal = modem.signal_strength()
-            metrics.MODEM_SIGNAL.labels(self.modem_id).set(-1 if signal is None else signal)
         except ModemUnavailable as exc:
             log.error("modem %s: lost during housekeeping: %s", self.modem_id, exc)
             self._modem_down.set()
@@ -202,6 +217,8 @@ class ModemWorker:
             modem_id=self.modem_id,
             received_at=broker.now_ms(),
             complete=message.complete,
+            modem_signal=self._health[0],
+            modem_battery=self._health[1],
         )
         self._publisher.publish(Publication(broker.INBOUND_QUEUE, sms.to_json(), message_id=sms.message_id))
         metrics.SMS_RECEIVED.labels(self.modem_id).inc()

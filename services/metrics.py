@@ -24,6 +24,10 @@ SEND_SECONDS = Histogram(
 DELIVERY_REPORTS = Counter("smsgw_delivery_reports_total", "Status reports, by outcome", ["modem", "outcome"])
 MODEM_UP = Gauge("smsgw_modem_up", "1 while the modem answers AT commands", ["modem"])
 MODEM_SIGNAL = Gauge("smsgw_modem_signal_rssi", "AT+CSQ RSSI (0-31; -1 unknown)", ["modem"])
+MODEM_BATTERY = Gauge("smsgw_modem_battery_percent", "AT+CBC battery charge (0-100; -1 unknown)", ["modem"])
+MODEM_REGISTERED = Gauge(
+    "smsgw_modem_registered", "1 while registered on the home network or roaming (AT+CREG)", ["modem"]
+)
 MODEM_RECONNECTS = Counter("smsgw_modem_reconnects_total", "Modem reconnect attempts", ["modem"])
 
 # --- sync_worker: inbound queue -> Sync URL ----------------------------------------------------------------

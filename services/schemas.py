@@ -97,6 +97,10 @@ class InboundSms(_Message):
     modem_id: str
     received_at: int  # epoch ms when the gateway read it from the SIM
     complete: bool = True  # False: a multipart SMS whose missing parts never arrived
+    # The modem's last health reading when the SMS was read (None = unknown). The sync worker answers the
+    # @10/@30/@40 query codes from these without talking to the modem (data flows one way).
+    modem_signal: int | None = None  # AT+CSQ RSSI 0-31
+    modem_battery: int | None = None  # AT+CBC percent
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ class OutboundSms(_Message):
     uuid: str
     to: str
     text: str
-    origin: Literal["reply", "auto_response", "task"]
+    origin: Literal["reply", "auto_response", "task", "query_code"]
     created_at: int  # epoch ms
     # Publish sent/delivery events for it (the result reporter then answers ?task=result for this uuid if the
     # server asks). True for task messages and for replies that carry a server uuid; False for our own
@@ -165,6 +169,8 @@ _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     ("InboundSms", "modem_id"): str,
     ("InboundSms", "received_at"): int,
     ("InboundSms", "complete"): bool,
+    ("InboundSms", "modem_signal"): (int, type(None)),
+    ("InboundSms", "modem_battery"): (int, type(None)),
     ("OutboundSms", "uuid"): str,
     ("OutboundSms", "to"): str,
     ("OutboundSms", "text"): str,

@@ -197,6 +197,13 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar(
             "SMSGW_AUTO_RESPONSE", "", "text sent to every sender whose SMS was accepted; empty = off", _str
         ),
+        EnvVar(
+            "SMSGW_QUERY_CODES",
+            "false",
+            "answer SMS '@10' (signal), '@20' (Sync URL status), '@30' (battery), '@40' (all) by SMS instead of "
+            "forwarding them",
+            _bool,
+        ),
         EnvVar("SMSGW_METRICS_PORT", "", "port of /metrics; empty = the worker's own default (modem_worker 9101, "
                "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off", _optional_port),
         EnvVar("SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)",
@@ -283,6 +290,7 @@ class Settings:
     keywords: tuple[str, ...]
     reply_from_server: bool
     auto_response: str
+    query_codes: bool
     metrics_port: int | None  # None: the worker's default port
     metrics_addr: str
     http_timeout: float

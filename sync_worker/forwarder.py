@@ -33,6 +33,8 @@ from services.sync_protocol import (
     parse_payload,
     sync_form,
 )
+from sync_worker import query_codes
+from sync_worker.query_codes import query_code
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +89,18 @@ class SyncForwarder:
             sms = InboundSms.from_json(delivery.body)
         except SchemaError as exc:
             return Park(f"malformed inbound message: {exc}", label="malformed")
+        code = query_code(sms.text) if self._settings.query_codes else None
+        if code is not None:
+            # Before the keyword filter: "@40" matches no keyword, and it is a question to us, not the server.
+            return self._answer_query(sms, code)
         if self._keywords and not any(k in sms.text.casefold() for k in self._keywords):
             metrics.SMS_FILTERED.inc()
             log.info("SMS %s matches no keyword; not forwarded (acknowledged)", sms.message_id)
             return Ack()
+        return self._forward(sms, delivery)
+
+    def _forward(self, sms: InboundSms, delivery: Delivery) -> Decision:
+        """POST ``sms`` to the Sync URL and judge the answer (never raises for bad input or bad answers)."""
         try:
             answer = self._post(sms)
         except requests.RequestException as exc:
@@ -106,6 +116,29 @@ class SyncForwarder:
             # The server accepted the SMS but a reply could not be queued: post again later (same message_id,
             # reply keys derived from it, so nothing goes out twice) rather than ack and lose the reply.
             return Retry(f"accepted, but its replies could not be queued: {exc}")
+
+    def _answer_query(self, sms: InboundSms, code: str) -> Decision:
+        """Answer a query code by SMS to its sender; the SMS itself is not forwarded."""
+        text = query_codes.answer(code, sms, self._probe_sync_url)
+        # Derived from the message_id: a redelivered query is answered once (the outbound ledger refuses a
+        # second send under the same key).
+        reply_uuid = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/query"))
+        try:
+            self._publish_outbound(sms, [OutboundSms(reply_uuid, sms.sender, text, "query_code", broker.now_ms())])
+        except BrokerError as exc:
+            return Retry(f"query code {code}: the answer could not be queued: {exc}")
+        log.info("SMS %s is query code %s: answered by SMS, not forwarded to the Sync URL", sms.message_id, code)
+        return Ack()
+
+    def _probe_sync_url(self) -> str:
+        """GET the Sync URL (no secret, no task) and describe what answered, for @20."""
+        try:
+            response = self._session().get(
+                self._endpoint.url, timeout=self._settings.http_timeout, allow_redirects=False
+            )
+        except requests.RequestException as exc:
+            return f"Sync URL unreachable ({type(exc).__name__})"
+        return f"Sync URL HTTP {response.status_code}"
 
     def _post(self, sms: InboundSms) -> _Answer:
         """Send ``sms`` to the Sync URL in the configured scheme, following redirects with the same method.
@@ -220,6 +253,12 @@ class SyncForwarder:
             outbound.append(
                 OutboundSms(auto_uuid, sms.sender, self._settings.auto_response, "auto_response", now)
             )
+        self._publish_outbound(sms, outbound)
+        if outbound:
+            log.info("SMS %s: queued %d outbound SMS", sms.message_id, len(outbound))
+
+    def _publish_outbound(self, sms: InboundSms, outbound: list[OutboundSms]) -> None:
+        """Publish answers to ``sms`` (confirmed) on its modem's queue. Raises BrokerError when not confirmed."""
         # Replies leave through the SIM the sender texted, so the answer comes from the number they know.
         routing_key = broker.outbound_queue_for(sms.modem_id)
         for message in outbound:
@@ -233,8 +272,6 @@ class SyncForwarder:
                     Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid)
                 )
             metrics.REPLIES_QUEUED.labels(message.origin).inc()
-        if outbound:
-            log.info("SMS %s: queued %d outbound SMS", sms.message_id, len(outbound))
 
 
 def _short(text: str, limit: int = 200) -> str:

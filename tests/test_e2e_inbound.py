@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from reference_server.server import ReferenceServer
 from scripts.stack import ROOT, Simulator, Stack
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 SECRET = "s3cret"
 OWN_NUMBER = "+255754000001"
@@ -334,3 +335,24 @@ def test_sms_already_on_the_sim_at_start_up_are_picked_up(stack: Stack, server: 
     wait_for(lambda: len(server.received()) >= len(texts), timeout=90, what="every stored SMS")
     assert sorted(m["message"] for m in server.received()) == sorted(texts)
     wait_for(lambda: simulator.inbox() == [], timeout=30, what="the SIM emptied")
+
+
+def test_query_code_is_answered_with_the_modems_health(stack: Stack, server: ReferenceServer) -> None:
+    server.configure(reply=False)
+    simulator = stack.start_simulator("simulator", OWN_NUMBER)
+    simulator.set_state(signal=17, battery=42)
+    metrics_port = free_port()
+    stack.start_modem_worker("modem_worker", simulator, "modem-a", env={"SMSGW_METRICS_PORT": str(metrics_port)})
+    stack.start("sync_worker", "sync_worker", env={"SMSGW_QUERY_CODES": "true"})
+    simulator.inject("+255700000777", "@40")
+    simulator.inject("+255700000778", "an ordinary SMS")
+    wait_for(lambda: [o for o in simulator.outbox() if o["to"] == "+255700000777"], timeout=60,
+             what="the answer to @40")
+    [answer] = [o["text"] for o in simulator.outbox() if o["to"] == "+255700000777"]
+    # The reference server answers a bare GET of the Sync URL (no task) with 400: reachable, and saying so.
+    assert answer == "clinic-gw-1: signal 17/31 (-79 dBm), Sync URL HTTP 400, battery 42%"
+    wait_for(server.received, timeout=30, what="the ordinary SMS forwarded")
+    assert [m["message"] for m in server.received()] == ["an ordinary SMS"]
+    exposition = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    assert 'smsgw_modem_battery_percent{modem="modem-a"} 42.0' in exposition
+    assert 'smsgw_modem_registered{modem="modem-a"} 1.0' in exposition

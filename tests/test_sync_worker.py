@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import uuid
@@ -339,3 +340,25 @@ def test_gateway_errors_do_not_count_as_http_500(harness: Callable[..., Harness]
     h.inject(make_sms())
     wait_for(lambda: len(h.stub.requests) == 4, timeout=60, what="three outage retries, then accepted")
     assert ParkedQueues(h.url, broker.INBOUND_QUEUE).list() == []
+
+
+def test_query_code_is_answered_by_sms_and_not_forwarded(harness: Callable[..., Harness]) -> None:
+    h = harness(lambda _r: (200, '{"payload":{"success":true}}'), SMSGW_QUERY_CODES="true",
+                SMSGW_KEYWORDS="vote")
+    query = dataclasses.replace(make_sms(" @40 "), modem_signal=20, modem_battery=None)
+    h.inject(query)
+    out = wait_for(h.outbound, what="the answer queued")
+    assert [(o.to, o.text, o.origin, o.report) for o in out] == [
+        (query.sender, "dev-1: signal 20/31 (-73 dBm), Sync URL HTTP 200, battery unknown", "query_code", False)]
+    [probe] = h.stub.requests
+    assert probe.method == "GET" and probe.query == {}  # reachability only: no secret, no task taken
+    h.inject(make_sms("vote yes"))
+    wait_for(lambda: len(h.stub.requests) == 2, what="the ordinary SMS forwarded")
+    assert h.stub.requests[1].method == "POST" and h.stub.requests[1].form["message"] == "vote yes"
+
+
+def test_query_codes_off_forwards_them_like_any_sms(harness: Callable[..., Harness]) -> None:
+    h = harness(lambda _r: (200, '{"payload":{"success":true}}'))
+    h.inject(make_sms("@40"))
+    wait_for(lambda: h.stub.requests, what="forwarded")
+    assert h.stub.requests[0].method == "POST" and h.stub.requests[0].form["message"] == "@40"

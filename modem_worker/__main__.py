@@ -12,7 +12,7 @@ from services.runtime import check, install_stop_signals, load_settings, start_m
 log = logging.getLogger(__name__)
 
 ENV = ("SMSGW_MODEM_PORT", "SMSGW_MODEM_ID", "SMSGW_MODEM_BAUDRATE", "SMSGW_DEVICE_ID", "SMSGW_STATE_DIR",
-       "SMSGW_LEDGER_RETENTION_DAYS")
+       "SMSGW_LEDGER_RETENTION_DAYS", "SMSGW_SEND_INTERVAL", "SMSGW_OUTBOUND_MAX_AGE")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,7 @@ class ModemWorker:
         self._next_prune = 0.0
         self._health: tuple[int | None, int | None] = (None, None)  # (signal RSSI, battery %), last reading
         self._registered: bool | None = None
+        self._next_send_at = 0.0  # time.monotonic() before which SMSGW_SEND_INTERVAL forbids the next send
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -263,6 +264,14 @@ class ModemWorker:
             sms = OutboundSms.from_json(delivery.body)
         except SchemaError as exc:
             return Park(f"malformed outbound message: {exc}", label="malformed")
+        expired = self._expired(sms)
+        if expired is not None:
+            return self._expire(sms, expired)
+        # Wait out SMSGW_SEND_INTERVAL before claiming the SMS in the ledger: a crash while waiting must leave it
+        # unclaimed (sent later), not "sending" (reported as an unknown outcome).
+        while (wait_s := self._next_send_at - time.monotonic()) > 0:
+            if self._stopping.wait(wait_s):
+                return Retry("worker stopping")
         modem = self._modem
         if modem is None or not modem.alive:
             # Stop consuming (the supervisor reconnects) and hand the SMS back through a delay queue: by then
@@ -272,7 +281,20 @@ class ModemWorker:
         existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to)
         if existing is not None:
             return self._already_handled(sms, existing)
+        return self._send_claimed(sms, modem)
+
+    def _expire(self, sms: OutboundSms, reason: str) -> Decision:
+        """Report ``sms`` failed without sending it; claimed in the ledger first so no other copy goes out."""
+        existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to)
+        if existing is not None:
+            return self._already_handled(sms, existing)
+        self._finish(sms, "failed", reason, metric_outcome="expired")
+        return Ack()
+
+    def _send_claimed(self, sms: OutboundSms, modem: Modem) -> Decision:
+        """Send an SMS claimed in the ledger; record and report the outcome. Ack unless the modem went away."""
         started = time.monotonic()
+        self._next_send_at = started + self._settings.send_interval
         try:
             receipt = modem.send(sms.to, sms.text)
         except ModemUnavailable as exc:
@@ -293,14 +315,24 @@ class ModemWorker:
             self._finish(sms, "sent", "SMS sent", references=receipt.references, when=receipt.sent_at)
         return Ack()
 
+    def _expired(self, sms: OutboundSms) -> str | None:
+        """Why ``sms`` must not be sent any more (SMSGW_OUTBOUND_MAX_AGE), or None when it may be sent."""
+        max_age_s = self._settings.outbound_max_age
+        age_s = (broker.now_ms() - sms.created_at) / 1000
+        if not max_age_s or age_s <= max_age_s:
+            return None
+        return (f"Expired: waited {age_s / 3600:.1f} h for a modem, longer than SMSGW_OUTBOUND_MAX_AGE "
+                f"({max_age_s / 3600:.1f} h); not sent")
+
     def _finish(self, sms: OutboundSms, outcome: str, detail: str, *, cms_error: int | None = None,
-                references: tuple[int, ...] = (), when: datetime | None = None) -> None:
+                references: tuple[int, ...] = (), when: datetime | None = None,
+                metric_outcome: str | None = None) -> None:
         """Record the outcome in the ledger (durable first), then publish the event (confirmed)."""
         self._ledger.finish_send(sms.ledger_key, outcome, detail, cms_error=cms_error, references=references,
                                  modem_id=self.modem_id, recipient=sms.to,
                                  report_uuid=sms.uuid if sms.report else None)
-        metrics.SMS_SENT.labels(self.modem_id, outcome).inc()
-        log.info("modem %s: outbound %s %s", self.modem_id, sms.uuid, outcome)
+        metrics.SMS_SENT.labels(self.modem_id, metric_outcome or outcome).inc()
+        log.info("modem %s: outbound %s %s", self.modem_id, sms.uuid, metric_outcome or outcome)
         if sms.report:
             self._publish_sent_event(sms.uuid, outcome, detail, cms_error=cms_error, references=references,
                                      timestamp=_ms(when))

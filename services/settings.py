@@ -268,6 +268,20 @@ ENV_VARS: dict[str, EnvVar] = {
             "directory of the outbound ledger (shared by the modem workers and task pollers of one host)",
             _str,
         ),
+        EnvVar(
+            "SMSGW_SEND_INTERVAL",
+            "0",
+            "minimum seconds between two SMS sent by one modem (operators block SIMs that send in bursts); "
+            "0 = as fast as the modem",
+            _number(0, 3600),
+        ),
+        EnvVar(
+            "SMSGW_OUTBOUND_MAX_AGE",
+            "0",
+            "seconds an outbound SMS may wait for a modem; older ones are not sent but reported failed "
+            "(stale reminders); 0 = never expire",
+            _number(0),
+        ),
         EnvVar("SMSGW_LEDGER_RETENTION_DAYS", "90", "days the outbound ledger remembers a sent uuid (never-twice "
                "window)", _number(1)),
         EnvVar("SMSGW_LOG_LEVEL", "INFO", "DEBUG shows message bodies; INFO never does", _str),
@@ -306,6 +320,8 @@ class Settings:
     results_shape: ResultsShape
     sent_ok_code: int
     state_dir: str
+    send_interval: float
+    outbound_max_age: float
     ledger_retention_days: float
     log_level: str
     prefetch: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 
 from services.broker import PublisherThread
@@ -33,8 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late: the library emits warnings at import time, and --check/--help do not need it.
     from modem_worker.worker import ModemWorker
 
+    try:
+        ledger = Ledger(settings.state_dir)
+    except (OSError, sqlite3.Error) as exc:
+        # Without the ledger no SMS may be sent (never twice): stop with one line rather than a traceback.
+        log.error("cannot open the ledger in SMSGW_STATE_DIR=%r: %s; modem_worker not started", settings.state_dir,
+                  exc)
+        return 1
     publisher = PublisherThread(settings.amqp_url, f"smsgw-modem-{settings.modem_id}", [settings.modem_id])
-    worker = ModemWorker(settings, publisher, Ledger(settings.state_dir))
+    worker = ModemWorker(settings, publisher, ledger)
     install_stop_signals(worker.stop)
     log.info("modem_worker %s starting on %s", settings.modem_id, settings.modem_port)
     try:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from modem_worker.modem import (
     Modem,
@@ -46,6 +47,7 @@ RECONNECT_MAX_S = 30.0
 STALE_SENDING_S = 120.0
 
 ModemFactory = Callable[..., Modem]
+_T = TypeVar("_T")
 
 
 def _ms(moment: datetime | None) -> int:
@@ -103,6 +105,7 @@ class ModemWorker:
 
     def _connect(self) -> Modem | None:
         self._modem_down.clear()
+        self._health = (None, None)  # a reading from before the reconnect may be stale: unknown until re-read
         modem = self._modem_factory(
             self._settings.modem_port,
             on_message=self._on_message,
@@ -167,21 +170,9 @@ class ModemWorker:
                     log.info("ledger: forgot %d SMS older than %.0f days", forgotten,
                              self._settings.ledger_retention_days)
         try:
-            # Health first: SMS picked up by the sweep below carry it (query codes are answered from it).
-            signal = modem.signal_strength()
-            battery = modem.battery_level()
-            registered = modem.is_registered()
-            self._health = (signal, battery)
-            metrics.MODEM_SIGNAL.labels(self.modem_id).set(-1 if signal is None else signal)
-            metrics.MODEM_BATTERY.labels(self.modem_id).set(-1 if battery is None else battery)
-            metrics.MODEM_REGISTERED.labels(self.modem_id).set(1 if registered else 0)
-            if registered != self._registered:  # log changes, not every reading
-                if registered:
-                    log.info("modem %s: registered on a network", self.modem_id)
-                else:
-                    log.warning("modem %s: not registered on a network; SMS cannot be sent or received",
-                                self.modem_id)
-                self._registered = registered
+            # Health first, so SMS picked up by the sweep carry a fresh reading (query codes are answered from
+            # it); a reading the modem refuses must not keep the sweep from running.
+            self._read_health(modem)
             swept = modem.sweep_stored()
             if swept:
                 log.info("modem %s: picked up %d stored SMS", self.modem_id, swept)
@@ -191,6 +182,37 @@ class ModemWorker:
         except ModemError as exc:
             # A refused command or an unreadable answer: the SMS stay on the SIM for the next sweep.
             log.warning("modem %s: housekeeping incomplete (%s); stored SMS stay on the SIM", self.modem_id, exc)
+
+    def _unless_refused(self, read: Callable[[], _T], what: str) -> _T | None:
+        """``read()``, or None when the modem refuses or garbles the answer. Raises ModemUnavailable."""
+        try:
+            return read()
+        except ModemUnavailable:
+            raise
+        except ModemError as exc:
+            log.debug("modem %s: %s unknown (%s)", self.modem_id, what, exc)
+            return None
+
+    def _read_health(self, modem: Modem) -> None:
+        """Read signal, battery and registration into the metrics and ``_health``.
+
+        A value the modem refuses or answers unreadably counts as unknown (some modules answer +CME ERROR to
+        AT+CREG? in some SIM states). Raises ModemUnavailable when the modem is gone.
+        """
+        signal = self._unless_refused(modem.signal_strength, "signal")
+        battery = self._unless_refused(modem.battery_level, "battery")
+        registered = bool(self._unless_refused(modem.is_registered, "registration"))
+        self._health = (signal, battery)
+        metrics.MODEM_SIGNAL.labels(self.modem_id).set(-1 if signal is None else signal)
+        metrics.MODEM_BATTERY.labels(self.modem_id).set(-1 if battery is None else battery)
+        metrics.MODEM_REGISTERED.labels(self.modem_id).set(1 if registered else 0)
+        if registered != self._registered:  # log changes, not every reading
+            if registered:
+                log.info("modem %s: registered on a network", self.modem_id)
+            else:
+                log.warning("modem %s: not registered on a network (or it does not say); SMS may not be sent "
+                            "or received", self.modem_id)
+            self._registered = registered
 
     def _fail(self, exc: BaseException) -> None:
         """The outbound consumer died of an error reconnecting cannot fix: stop, and exit non-zero."""
@@ -270,8 +292,10 @@ class ModemWorker:
         # Wait out SMSGW_SEND_INTERVAL before claiming the SMS in the ledger: a crash while waiting must leave it
         # unclaimed (sent later), not "sending" (reported as an unknown outcome).
         while (wait_s := self._next_send_at - time.monotonic()) > 0:
-            if self._stopping.wait(wait_s):
-                return Retry("worker stopping")
+            # _modem_down is also set by stop(): a drain or a lost modem ends the wait, and this consumer
+            # (stopped by the supervisor next) must not send through a modem it no longer owns.
+            if self._modem_down.wait(wait_s):
+                return Retry("modem down or worker stopping")
         modem = self._modem
         if modem is None or not modem.alive:
             # Stop consuming (the supervisor reconnects) and hand the SMS back through a delay queue: by then

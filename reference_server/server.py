@@ -429,11 +429,12 @@ def _parse_xml_payload(body: bytes) -> dict[str, Any]:
     """An XML sync body (``<payload><from>…</from>…</payload>``) as a flat dict of strings.
 
     Raises:
-        BadRequestError: not well-formed XML, entities or a DTD (refused by defusedxml), or nested elements.
+        BadRequestError: not well-formed XML, an unknown encoding, a DTD or entities (refused by defusedxml),
+            or nested elements.
     """
     try:
-        root = DefusedElementTree.fromstring(body)
-    except (ElementTree.ParseError, DefusedXmlException) as exc:
+        root = DefusedElementTree.fromstring(body, forbid_dtd=True)
+    except (ElementTree.ParseError, DefusedXmlException, LookupError, ValueError) as exc:
         raise BadRequestError(f"malformed XML body: {exc}") from exc
     fields: dict[str, Any] = {}
     for child in root:

@@ -395,16 +395,33 @@ class Delivery:
     redelivered: bool
     message_id: str | None
 
+    def count(self, header: str) -> int:
+        """The counter in ``header`` (0 when absent). A value that is not a whole number counts as 0: the
+        headers may come from outside the gateway (a shovel, a hand-published message), and a bad one must
+        not turn every delivery of the message into a crash."""
+        value = self.headers.get(header, 0)
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            return 0
+
     @property
     def attempts(self) -> int:
         """Retries already scheduled for this message (0 on first delivery)."""
-        return int(self.headers.get(HEADER_ATTEMPTS, 0))
+        return self.count(HEADER_ATTEMPTS)
 
     @property
     def first_attempt_ms(self) -> int | None:
         """Epoch ms of the first processing attempt, if this is a retry."""
         value = self.headers.get(HEADER_FIRST_ATTEMPT_MS)
-        return int(value) if value is not None else None
+        if value is None:
+            return None
+        try:
+            return int(str(value))
+        except ValueError:
+            return None  # not ours (see count()): the retry age starts again from now
 
 
 @dataclass(frozen=True)
@@ -570,7 +587,7 @@ class Consumer:
         """A handler bug must neither lose the message nor loop it: retry it later through a delay queue (the
         bug may depend on a passing state), park it with the error after HANDLER_CRASH_LIMIT crashes. The
         traceback is logged once per message, later crashes in one line."""
-        crashes = int(delivery.headers.get(HEADER_CRASHES, 0)) + 1
+        crashes = delivery.count(HEADER_CRASHES) + 1
         if crashes == 1:
             log.exception("handler crashed on a message from %s; retrying it later", delivery.queue)
         else:
@@ -594,7 +611,7 @@ class Consumer:
                 tier = choose_delay_tier(attempt)
                 headers = {**delivery.headers, HEADER_ATTEMPTS: attempt, HEADER_FIRST_ATTEMPT_MS: first}
                 if decision.count:
-                    headers[decision.count] = int(delivery.headers.get(decision.count, 0)) + 1
+                    headers[decision.count] = delivery.count(decision.count) + 1
                 self._publisher.publish(
                     Publication(
                         f"{delivery.queue}.{tier}",

@@ -96,7 +96,8 @@ class Ledger:
     def _initialise(self) -> None:
         """Switch the file to WAL and create the tables, one process at a time.
 
-        Raises sqlite3.Error when the file cannot be opened or written.
+        Raises sqlite3.Error when the database cannot be opened or written, OSError when the lock file
+        cannot be (a read-only or missing SMSGW_STATE_DIR).
         """
         # Why a lock file: switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
         # locked" at once, without waiting out the busy timeout, when another process opens the same new file

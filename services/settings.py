@@ -6,6 +6,7 @@ later on the first SMS. Each worker lists the variables it reads in its ``--help
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import urllib.parse
@@ -60,6 +61,8 @@ def _number(minimum: float, maximum: float | None = None) -> Callable[[str, str]
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+        if not math.isfinite(value):  # float() reads "nan" and "inf"; neither is a usable time or count
+            raise ConfigError(f"{name}: expected a finite number, got {raw!r}")
         if value < minimum or (maximum is not None and value > maximum):
             bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
             raise ConfigError(f"{name}: must be {bound}, got {raw!r}")

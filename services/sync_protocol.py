@@ -118,7 +118,9 @@ class SyncScheme:
                 ElementTree.SubElement(root, key).text = value
             # The app labels this body application/json (a bug servers had to work around); we say what it is.
             body = ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
-            return body, "application/xml; charset=utf-8"
+            # ElementTree writes CR as is and every XML parser turns CR and CRLF into LF; a character
+            # reference survives. Only text can hold a CR here (keys are element names), so this is exact.
+            return body.replace(b"\r", b"&#13;"), "application/xml; charset=utf-8"
         return urllib.parse.urlencode(named).encode("ascii"), "application/x-www-form-urlencoded"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 
@@ -110,6 +111,10 @@ class SyncForwarder:
         except (UnicodeError, SyncEncodingError) as exc:
             # Retrying cannot help; parked with the reason, it can be replayed after SMSGW_SYNC_FORMAT changes.
             return Park(f"SMS cannot be encoded for the Sync URL: {exc}", label="malformed")
+        except RedirectRefused as exc:
+            # A misconfiguration (or a hijacked server), not a passing fault: park at once, like a 4xx.
+            metrics.SYNC_REQUESTS.labels("rejected").inc()
+            return Park(str(exc), label="redirect")
         try:
             return self._judge(sms, delivery, answer)
         except BrokerError as exc:
@@ -146,6 +151,7 @@ class SyncForwarder:
         Raises:
             requests.RequestException: the server could not be reached or did not answer in time.
             SyncEncodingError: the SMS cannot be written in the configured format.
+            RedirectRefused: the Sync URL redirects to another host or to plain http.
         """
         url = self._endpoint.url
         body, content_type = self._scheme.encode(
@@ -163,7 +169,7 @@ class SyncForwarder:
                 if response.status_code in REDIRECTS and location:
                     # Re-send ourselves: requests would turn a 301/302 POST into a GET (the task branch of
                     # most servers) and the SMS would be "accepted" by a handler that never saw it.
-                    url = requests.compat.urljoin(url, location)
+                    url = _redirect_target(url, location)
                     log.warning(
                         "Sync URL redirects (HTTP %d); update SMSGW_SYNC_URL to avoid the extra hop",
                         response.status_code,
@@ -186,7 +192,7 @@ class SyncForwarder:
             # Some servers store message_id as a primary key and answer 500 to a repeat (the first POST
             # was stored, its answer lost): retrying that until SMSGW_MAX_RETRY_AGE only hides it. 500s
             # are counted on their own; 502/503/504 (a proxy in front of a server that is down) are not.
-            errors = int(delivery.headers.get(HEADER_SERVER_ERRORS, 0)) + 1
+            errors = delivery.count(HEADER_SERVER_ERRORS) + 1
             if errors >= self._settings.max_server_errors:
                 return Park(f"{reason}; gave up after {errors} HTTP 500 answers", label="http_500")
             return Retry(reason, count=HEADER_SERVER_ERRORS)
@@ -211,7 +217,7 @@ class SyncForwarder:
             # success:false is also how some servers say "wrong secret": bounded retries, then park with
             # the server's own words so an operator can fix it and replay.
             # Count refusals on their own: retries after an outage must not eat this budget.
-            refusals = int(delivery.headers.get(HEADER_REFUSALS, 0)) + 1
+            refusals = delivery.count(HEADER_REFUSALS) + 1
             if refusals >= self._settings.max_refusals:
                 return Park(f"{reason}; gave up after {refusals} refusals", label="refused")
             return Retry(reason, count=HEADER_REFUSALS)
@@ -272,6 +278,35 @@ class SyncForwarder:
                     Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid)
                 )
             metrics.REPLIES_QUEUED.labels(message.origin).inc()
+
+
+class RedirectRefused(Exception):
+    """The Sync URL redirects somewhere the SMS (with the secret and Basic auth) must not follow."""
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """The URL a redirect from ``url`` leads to, if the body may follow it.
+
+    We re-send the body ourselves (see ``_post``), so requests' own safeguards do not apply: the secret and the
+    Basic-auth credentials would go wherever ``Location`` says. Only the same host is followed, on the same
+    scheme and port or upgraded from http to https.
+
+    Raises:
+        RedirectRefused: another host, a downgrade to http, or a Location that is not a URL.
+    """
+    try:
+        target = urllib.parse.urljoin(url, location)
+        old, new = urllib.parse.urlsplit(url), urllib.parse.urlsplit(target)
+        same_origin = (old.scheme, old.hostname, old.port) == (new.scheme, new.hostname, new.port)
+        upgrade = old.scheme == "http" and new.scheme == "https" and old.hostname == new.hostname
+    except ValueError:
+        raise RedirectRefused(f"Sync URL redirects to an unreadable Location {_short(location, 80)!r}") from None
+    if not (same_origin or upgrade):
+        raise RedirectRefused(
+            f"Sync URL redirects to another host or to plain http ({redact_url(target)}); not followed with the "
+            "SMS and its secret: set SMSGW_SYNC_URL to the new address if it is right"
+        )
+    return target
 
 
 def _short(text: str, limit: int = 200) -> str:

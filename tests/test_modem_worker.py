@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from modem_worker.modem import SendReceipt
+from modem_worker.modem import ModemError, ModemUnavailable, SendReceipt
 from modem_worker.worker import ModemWorker
+from services import metrics
 from services.broker import Ack, Delivery, Publication, Retry, now_ms
 from services.ledger import Ledger
 from services.schemas import OutboundSms, decode_event
@@ -97,3 +99,62 @@ def test_send_interval_spaces_sends_and_stop_ends_the_wait(tmp_path: Path) -> No
     waiting = OutboundSms("u-3", "+255700000001", "hi", "task", now_ms(), report=True)
     assert isinstance(worker._handle_outbound(_delivery(waiting)), Retry)
     assert ledger.get("u-3") is None and len(modem.sent_at) == 3
+
+
+class _HealthModem:
+    """A modem whose health commands fail in chosen ways; records whether the SIM was swept."""
+
+    def __init__(self, signal: BaseException | int | None, registered: BaseException | bool) -> None:
+        self._signal = signal
+        self._registered = registered
+        self.swept = 0
+
+    def signal_strength(self) -> int | None:
+        if isinstance(self._signal, BaseException):
+            raise self._signal
+        return self._signal
+
+    def battery_level(self) -> int | None:
+        return 55
+
+    def is_registered(self) -> bool:
+        if isinstance(self._registered, BaseException):
+            raise self._registered
+        return self._registered
+
+    def sweep_stored(self) -> int:
+        self.swept += 1
+        return 0
+
+
+def test_a_refused_health_reading_does_not_stop_the_sim_sweep(tmp_path: Path) -> None:
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), SMSGW_MODEM_ID="health-a")
+    modem = _HealthModem(signal=ModemError("unparsable +CSQ answer"), registered=ModemError("+CME ERROR: 30"))
+    worker._housekeeping(modem)  # type: ignore[arg-type]
+    assert modem.swept == 1, "stored SMS must still be picked up"
+    assert worker._health == (None, 55)
+    assert metrics.MODEM_REGISTERED.labels("health-a")._value.get() == 0
+    assert metrics.MODEM_SIGNAL.labels("health-a")._value.get() == -1
+    assert not worker._modem_down.is_set()
+
+
+def test_a_lost_modem_during_health_reading_is_reported_down(tmp_path: Path) -> None:
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), SMSGW_MODEM_ID="health-b")
+    modem = _HealthModem(signal=ModemUnavailable("no answer"), registered=True)
+    worker._housekeeping(modem)  # type: ignore[arg-type]
+    assert worker._modem_down.is_set()
+    assert modem.swept == 0
+
+
+def test_send_interval_wait_ends_when_the_modem_goes_down(tmp_path: Path) -> None:
+    worker, ledger = _worker(tmp_path, _RecordingPublisher(), SMSGW_SEND_INTERVAL="3600")
+    modem = _FakeModem()
+    worker._modem = modem  # type: ignore[assignment]
+    first = OutboundSms("u-a", "+255700000001", "hi", "task", now_ms(), report=True)
+    assert isinstance(worker._handle_outbound(_delivery(first)), Ack)
+    timer = threading.Timer(0.2, worker._modem_down.set)  # the modem is lost while the next SMS waits its turn
+    timer.start()
+    second = OutboundSms("u-b", "+255700000001", "hi", "task", now_ms(), report=True)
+    assert isinstance(worker._handle_outbound(_delivery(second)), Retry)
+    timer.join()
+    assert ledger.get("u-b") is None and len(modem.sent_at) == 1

@@ -29,6 +29,8 @@ def test_defaults_are_valid() -> None:
         ("SMSGW_MODEM_ID", "bad id!"),
         ("SMSGW_LOG_LEVEL", "LOUD"),
         ("SMSGW_SYNC_METHOD", "PATCH"),
+        ("SMSGW_OUTBOUND_MAX_AGE", "nan"),
+        ("SMSGW_MAX_RETRY_AGE", "inf"),
         ("SMSGW_SYNC_FORMAT", "yaml"),
         ("SMSGW_SYNC_KEYS", "message"),
         ("SMSGW_SYNC_KEYS", "body=text"),

@@ -137,7 +137,7 @@ def test_uuid_optional_only_for_instant_replies() -> None:
     assert [m.uuid for m in parse_payload(body, require_uuid=False).messages] == [""]
 
 
-FIELDS = {"secret": "s&cret=1", "from": "+255700000001", "message": 'Habari <b> & "x" \'y\' 😀\nline 2',
+FIELDS = {"secret": "s&cret=1", "from": "+255700000001", "message": 'Habari <b> & "x" \'y\' 😀\nline 2\r\nline 3\r',
           "sent_timestamp": "1700000000123", "sent_to": "+255700000009", "message_id": "id-1", "device_id": "d"}
 
 

@@ -16,7 +16,7 @@ from services import broker
 from services.broker import Consumer, ParkedQueues, Publication, PublisherThread
 from services.schemas import InboundSms, OutboundSms
 from services.settings import Settings
-from sync_worker.forwarder import SyncForwarder
+from sync_worker.forwarder import RedirectRefused, SyncForwarder, _redirect_target
 from tests.conftest import wait_for
 from tests.http_stub import HttpStub, Request, Responder
 from tests.peers.runners import LykmapipoPeer, require_peer
@@ -362,3 +362,28 @@ def test_query_codes_off_forwards_them_like_any_sms(harness: Callable[..., Harne
     h.inject(make_sms("@40"))
     wait_for(lambda: h.stub.requests, what="forwarded")
     assert h.stub.requests[0].method == "POST" and h.stub.requests[0].form["message"] == "@40"
+
+
+@pytest.mark.parametrize(("url", "location", "followed"), [
+    ("http://a.example/smssync", "/smssync/", "http://a.example/smssync/"),
+    ("http://a.example/smssync", "https://a.example/smssync", "https://a.example/smssync"),
+    ("https://a.example/smssync", "http://a.example/smssync", None),
+    ("https://a.example/smssync", "https://b.example/smssync", None),
+    ("https://a.example/smssync", "https://a.example:8443/smssync", None),
+    ("https://a.example/smssync", "http://[::1", None),
+])
+def test_redirects_are_followed_only_on_the_same_host(url: str, location: str, followed: str | None) -> None:
+    if followed is None:
+        with pytest.raises(RedirectRefused):
+            _redirect_target(url, location)
+    else:
+        assert _redirect_target(url, location) == followed
+
+
+def test_redirect_to_another_host_parks_without_sending_the_sms_there(harness: Callable[..., Harness]) -> None:
+    h = harness(lambda _r: (302, ""))
+    h.stub.location = "http://localhost:9/elsewhere"  # another host name than the stub's 127.0.0.1
+    h.inject(make_sms())
+    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, what="parked redirect")
+    assert "redirects to another host" in listing[0].reason
+    assert len(h.stub.requests) == 1

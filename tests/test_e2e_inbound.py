@@ -344,6 +344,12 @@ def test_query_code_is_answered_with_the_modems_health(stack: Stack, server: Ref
     metrics_port = free_port()
     stack.start_modem_worker("modem_worker", simulator, "modem-a", env={"SMSGW_METRICS_PORT": str(metrics_port)})
     stack.start("sync_worker", "sync_worker", env={"SMSGW_QUERY_CODES": "true"})
+    # Health is read when the modem worker has connected; an SMS in the few ms before that would be answered
+    # "unknown" (documented), so wait for the first reading.
+    modem_log = stack.workdir / "logs" / "modem_worker.log"
+    first_reading = "modem modem-a: registered on a network"
+    wait_for(lambda: modem_log.exists() and first_reading in modem_log.read_text(), timeout=60,
+             what="the modem worker's first health reading")
     simulator.inject("+255700000777", "@40")
     simulator.inject("+255700000778", "an ordinary SMS")
     wait_for(lambda: [o for o in simulator.outbox() if o["to"] == "+255700000777"], timeout=60,

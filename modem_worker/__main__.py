@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import sys
 
 from services.broker import PublisherThread
-from services.ledger import Ledger
-from services.runtime import check, install_stop_signals, load_settings, start_metrics, worker_parser
+from services.runtime import (
+    check,
+    install_stop_signals,
+    load_settings,
+    open_ledger,
+    start_metrics,
+    worker_parser,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings("modem_worker", modem_port=True)
     if settings is None:
         return 2
+    ledger = open_ledger("modem_worker", settings)
+    if ledger is None:
+        return 1
     if args.check:
         return check(settings, [settings.modem_id])
     start_metrics(settings, "modem_worker")
     # Imported late: the library emits warnings at import time, and --check/--help do not need it.
     from modem_worker.worker import ModemWorker
 
-    try:
-        ledger = Ledger(settings.state_dir)
-    except (OSError, sqlite3.Error) as exc:
-        # Without the ledger no SMS may be sent (never twice): stop with one line rather than a traceback.
-        log.error("cannot open the ledger in SMSGW_STATE_DIR=%r: %s; modem_worker not started", settings.state_dir,
-                  exc)
-        return 1
     publisher = PublisherThread(settings.amqp_url, f"smsgw-modem-{settings.modem_id}", [settings.modem_id])
     worker = ModemWorker(settings, publisher, ledger)
     install_stop_signals(worker.stop)

@@ -44,9 +44,16 @@ with warnings.catch_warnings():
     from gsmmodem.exceptions import CmeError, CmsError, CommandError, TimeoutException
     from gsmmodem.modem import GsmModem
 
-from modem_worker.sms_text import repair_utf16
+from modem_worker.sms_text import GSM7_BASIC, GSM7_ESCAPE, GSM7_EXTENSION, repair_utf16
 
 logger = logging.getLogger(__name__)
+
+# Bug: the library's GSM 7-bit tables are wrong in two places: 0x5F is "`" instead of "§", and the extension
+# table maps form feed as {"ÿ": 10} (an int), so a received "§" became "`" and a form feed vanished. Its decoder
+# reads these module globals on every call, so replacing them with the 23.038 tables of sms_text fixes every
+# decode path at once. (0x1B keeps the library's ESC character, which its encoder looks up.)
+gsm_pdu.GSM7_BASIC = GSM7_BASIC[:GSM7_ESCAPE] + "\x1b" + GSM7_BASIC[GSM7_ESCAPE + 1:]
+gsm_pdu.GSM7_EXTENDED = {char: chr(code) for char, code in GSM7_EXTENSION.items()}
 
 __all__ = [
     "CTRL_Z",

@@ -266,6 +266,10 @@ class Modem:
         # never handled by both at once (which would deliver it twice).
         self._delivery_lock = threading.RLock()
         self._buffers: dict[_Key, _Buffer] = {}
+        # +CMT PDUs whose delivery failed. Nothing is on the SIM to fall back on, so they wait here for the
+        # next sweep (lost only if the process dies first; we configure the modem to store SMS, +CMT comes
+        # only from modems that ignore that).
+        self._direct_retry: list[str] = []
         self._closed: dict[_Key, _Closed] = {}
         self._undeleted: dict[tuple[str, int], str] = {}
         # Undecodable entries already logged (insertion-ordered, bounded): logged once, not on every sweep.
@@ -586,7 +590,7 @@ class Modem:
                     if isinstance(event, _StoredEvent):
                         self._handle_stored_event(event)
                     elif isinstance(event, _DirectEvent):
-                        self._process(None, event.pdu)
+                        self._process_direct(event.pdu)
                     self._flush_expired(include_failed=False)
             except _CallbackFailed as exc:
                 logger.warning("%s; kept on the SIM for the next sweep", exc)
@@ -597,6 +601,14 @@ class Modem:
                 logger.warning("reading a notified SMS failed (%r); left for the next sweep", exc)
             except Exception:
                 logger.exception("unexpected error handling a modem notification")
+
+    def _process_direct(self, pdu: str) -> None:
+        """Handle a +CMT PDU; keeps it for the next sweep when delivery fails. Raises _CallbackFailed then."""
+        try:
+            self._process(None, pdu)
+        except _CallbackFailed:
+            self._direct_retry.append(pdu)
+            raise
 
     def _handle_stored_event(self, event: _StoredEvent) -> None:
         """Read the slot a +CMTI/+CDSI announced and process it. Raises LinkDown, TimeoutException,
@@ -632,6 +644,9 @@ class Modem:
                     raise ModemError(f"listing {memory} failed: {exc}") from exc
             delivered_before, deleted_before = self._delivered_count, self._deleted_count
             try:
+                while self._direct_retry:
+                    self._process(None, self._direct_retry[0])
+                    self._direct_retry.pop(0)
                 for location in entries:
                     self._process(location, location[2])
                 for key in [k for k, b in self._buffers.items() if b.failed and self._is_ready(k, b)]:
@@ -684,10 +699,8 @@ class Modem:
     def _unreadable(self, location: _Location | None, pdu: str, reason: str) -> None:
         """An undecodable PDU: hand it to on_unreadable and delete it after that returned; otherwise keep it
         on the SIM and log it once per (memory, index, pdu)."""
-        if location is None:  # a direct +CMT: nothing stored, nothing to retry or delete
-            logger.error("undecodable PDU in a +CMT dropped: %s; pdu=%s", reason, pdu)
-            return
-        memory, index, _pdu = location
+        # A direct +CMT has no SIM slot: it is handed over as memory "+CMT", index -1.
+        memory, index = (location[0], location[1]) if location is not None else ("+CMT", -1)
         failure = "no on_unreadable callback"
         if self._on_unreadable is not None:
             try:
@@ -696,8 +709,14 @@ class Modem:
                 failure = f"on_unreadable failed ({exc!r})"
             else:
                 logger.warning("undecodable PDU at %s/%d handed over and deleted: %s", memory, index, reason)
-                self._delete([location])
+                if location is not None:
+                    self._delete([location])
                 return
+        if location is None:
+            # Not on the SIM, so it cannot wait there; logged in full so an operator still has the PDU.
+            logger.error("undecodable PDU in a +CMT could not be handed over (%s): %s; pdu=%s", failure, reason,
+                         pdu)
+            return
         if location in self._unreadable_logged:
             logger.debug("undecodable PDU at %s/%d still on the SIM (%s)", memory, index, failure)
             return

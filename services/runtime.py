@@ -6,12 +6,14 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
 from services import broker, metrics
+from services.ledger import Ledger
 from services.logs import configure_logging
 from services.settings import ConfigError, Settings, describe
 
@@ -50,6 +52,20 @@ def load_settings(worker: str, *, sync_url: bool = False, modem_port: bool = Fal
         return None
     configure_logging(settings.log_level, worker)
     return settings
+
+
+def open_ledger(worker: str, settings: Settings) -> Ledger | None:
+    """Open the outbound ledger in SMSGW_STATE_DIR; None, after one line on stderr, when it cannot be opened.
+
+    Workers that send (modem_worker) or claim (task_poller) SMS must not start without it: it is what keeps
+    an SMS from going out twice.
+    """
+    try:
+        return Ledger(settings.state_dir)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"unhealthy: {worker}: cannot open the ledger in SMSGW_STATE_DIR={settings.state_dir!r}: {exc}",
+              file=sys.stderr)
+        return None
 
 
 def check(settings: Settings, modem_ids: Sequence[str] = ()) -> int:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import sys
 import threading
 
 from services.broker import PublisherThread
-from services.ledger import Ledger
-from services.runtime import check, install_stop_signals, load_settings, start_metrics, worker_parser
+from services.runtime import (
+    check,
+    install_stop_signals,
+    load_settings,
+    open_ledger,
+    start_metrics,
+    worker_parser,
+)
 from task_poller.poller import TaskPoller
 
 log = logging.getLogger(__name__)
@@ -34,10 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings("task_poller", sync_url=True)
     if settings is None:
         return 2
-    try:
-        ledger = Ledger(settings.state_dir)
-    except (OSError, sqlite3.Error) as exc:
-        print(f"unhealthy: cannot open the ledger in SMSGW_STATE_DIR={settings.state_dir!r}: {exc}", file=sys.stderr)
+    ledger = open_ledger("task_poller", settings)
+    if ledger is None:
         return 1
     if args.check:
         return check(settings)

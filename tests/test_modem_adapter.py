@@ -891,3 +891,24 @@ def test_load_300_in_while_50_out(sim: Simulator, make_modem: Callable[..., Harn
         h.messages.get(timeout=0.2)
     wait_for(lambda: sim.inbox() == [], what="SIM drained")
     assert h.modem.sweep_stored() == 0 or sim.inbox() == []
+
+
+def test_receive_gsm7_section_sign_and_form_feed(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """Library bug: its GSM-7 table has "`" at 0x5F (should be "§") and a broken form-feed entry."""
+    h = make_modem()
+    text = "Art. §5 ` page\fbreak €[]"
+    sim.inject_sms(SENDER, text)
+    assert h.get_message().text == text
+
+
+def test_failed_direct_cmt_delivery_is_retried_by_the_sweep(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """A +CMT is not on the SIM: when on_message fails it is kept in memory and delivered by the next sweep."""
+    h = make_modem()
+    h.fail_messages.set()
+    part = build_deliver(SENDER, "direct, retried", local_datetime(int(time.time() * 1000)), "+255754000000")[0]
+    sim.write_raw(f"\r\n+CMT: ,{part.tpdu_length}\r\n{part.pdu}\r\n".encode())
+    wait_for(lambda: h.message_attempts == 1, what="the failing delivery")
+    h.fail_messages.clear()
+    assert h.modem.sweep_stored() == 1
+    assert [m.text for m in h.delivered] == ["direct, retried"]
+    assert h.modem.sweep_stored() == 0

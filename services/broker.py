@@ -139,15 +139,21 @@ def connect(url: str, name: str) -> pika.BlockingConnection:
 
 
 def _work_queue_arguments(work_queue: str) -> dict[str, Any]:
-    return {
+    arguments: dict[str, Any] = {
         "x-queue-type": "quorum",
-        "x-delivery-limit": DELIVERY_LIMIT,
         "x-dead-letter-exchange": PARKED_EXCHANGE,
         "x-dead-letter-routing-key": work_queue,
         # at-least-once dead-lettering needs reject-publish overflow (see broker-notes).
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
+    if work_queue != EVENTS_QUEUE:
+        # Not on the events queue: the result reporter holds events unacked on purpose (for rounds, and for
+        # as long as the server is down), and RabbitMQ counts every return (a reporter restart, a connection
+        # blip) as a delivery, so ~20 restarts during an outage would park results nobody had failed on.
+        # The reporter parks an event it cannot read itself.
+        arguments["x-delivery-limit"] = DELIVERY_LIMIT
+    return arguments
 
 
 def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
@@ -322,9 +328,7 @@ class Publisher:
     def close(self) -> None:
         """Close the connection, ignoring errors (it may already be gone)."""
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-                connection.close()
+        close_quietly(connection)
 
 
 class PublisherThread:
@@ -453,6 +457,29 @@ Decision = Ack | Retry | Park
 Handler = Callable[[Delivery], Decision]
 
 
+def close_quietly(connection: pika.BlockingConnection | None) -> None:
+    """Close ``connection`` if it is still open, ignoring errors (it may be half gone already)."""
+    if connection is not None and connection.is_open:
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            connection.close()
+
+
+def pump_until_stopped(connection: pika.BlockingConnection, channel: BlockingChannel,
+                       stopping: threading.Event) -> None:
+    """Run a consumer's I/O loop until ``stopping`` is set.
+
+    Raises:
+        BrokerUnavailable: the broker closed the channel. pika's ``process_data_events`` does not raise for
+            that (only for a lost connection), so without this check a consumer whose channel RabbitMQ closed
+            (``consumer_timeout`` on held deliveries, a policy change) would sit idle for ever; reconnecting
+            gets a new channel and the unacked messages back.
+    """
+    while not stopping.is_set():
+        connection.process_data_events(time_limit=0.5)
+        if not channel.is_open:
+            raise BrokerUnavailable("the broker closed the consumer channel; reconnecting")
+
+
 class Consumer:
     """Consume work queues with a handler pool; translate decisions into durable broker actions.
 
@@ -510,8 +537,7 @@ class Consumer:
             ]
             self.connected.set()
             log.info("consuming %s", ", ".join(self._queues))
-            while not self._stopping.is_set():
-                connection.process_data_events(time_limit=0.5)
+            pump_until_stopped(connection, channel, self._stopping)
             for tag in tags:
                 channel.basic_cancel(tag)
             # Drain: let running handlers finish so their acks go out on this connection. A handler hands its
@@ -528,6 +554,7 @@ class Consumer:
         finally:
             self.connected.clear()
             self._connection = None
+            close_quietly(connection)  # after an error: a connection whose channel the broker closed stays open
 
     def _in_flight_count(self) -> int:
         with self._in_flight_lock:
@@ -718,7 +745,8 @@ class BatchConsumer:
     def is_live(self, held: HeldDelivery) -> bool:
         """True while ``held`` can still be settled (its connection is the current, open one)."""
         with self._lock:
-            return held.generation == self._generation and self._connection is not None
+            return (held.generation == self._generation and self._channel is not None
+                    and self._channel.is_open)
 
     def stop(self) -> None:
         """Stop consuming; ``run()`` flushes settlements already requested, then closes (unacked ones return
@@ -791,8 +819,7 @@ class BatchConsumer:
             tag = channel.basic_consume(self._queue, on_message_callback=on_message)
             self.connected.set()
             log.info("consuming %s (holding up to %d unacked)", self._queue, self._prefetch)
-            while not self._stopping.is_set():
-                connection.process_data_events(time_limit=0.5)
+            pump_until_stopped(connection, channel, self._stopping)
             channel.basic_cancel(tag)
             # Run the acks the caller requested before stop(); what is still unacked goes back to the queue.
             connection.process_data_events(time_limit=0)
@@ -805,6 +832,7 @@ class BatchConsumer:
             self.connected.clear()
             with self._lock:
                 self._connection = self._channel = None
+            close_quietly(connection)  # after an error: a connection whose channel the broker closed stays open
 
 
 def park(publisher: PublisherThread, delivery: Delivery, reason: str) -> None:
@@ -905,9 +933,7 @@ class ParkedQueues:
             raise BrokerUnavailable(f"connection lost: {exc!r}") from None
         finally:
             # Unacked gets (list, or a replay that stopped) return to the parked queue when this closes.
-            if connection.is_open:
-                with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-                    connection.close()
+            close_quietly(connection)
 
     def list(self) -> list[ParkedMessage]:
         """Every parked message, left in place.

@@ -283,7 +283,9 @@ class TaskPoller:
         time-out, 5xx, unreadable body) the server may still have processed the POST and dropped the uuids
         from its outbox, so releasing them could lose the SMS: the claims stay ``accepted`` and are retried
         on the next poll (``_retry_unconfirmed``), or republished as orphans after ``stale_claim_s``. A 3xx/4xx
-        is a refusal before any work (auth, wrong URL): those claims are released as before.
+        (but 408/429, which say "later") is a refusal before any work (auth, wrong URL): first-time claims are
+        released; claims being retried are kept, since their earlier POST may have been processed and the
+        server may never offer them again.
 
         Raises:
             PollError: no usable answer.
@@ -293,10 +295,15 @@ class TaskPoller:
             text = self._request("POST", "sent", self._endpoint.with_query(task="sent"), {"queued_messages": uuids})
             echoed = set(parse_message_uuids(text))
         except (PollError, ReplyError) as exc:
-            if isinstance(exc, PollError) and exc.status is not None and 300 <= exc.status < 500:
-                for message in messages:
-                    self._unconfirmed.pop(message.uuid, None)
+            if isinstance(exc, PollError) and exc.status is not None and 300 <= exc.status < 500 \
+                    and exc.status not in (408, 429):
+                fresh = [m for m in messages if m.uuid not in self._unconfirmed]
+                for message in fresh:
                     self._ledger.release_claim(message.uuid)
+                    metrics.TASK_MESSAGES.labels("not_confirmed").inc()
+                if fresh:
+                    log.warning("?task=sent refused (HTTP %d): %d task message(s) released, not sent; the server "
+                                "may offer them again", exc.status, len(fresh))
                 raise
             for message in messages:
                 self._unconfirmed[message.uuid] = message

@@ -11,6 +11,7 @@ import pytest
 from services import broker
 from services.broker import (
     Ack,
+    BatchConsumer,
     Consumer,
     Decision,
     Delivery,
@@ -133,3 +134,29 @@ def test_counters_in_foreign_headers_never_crash_a_delivery() -> None:
     assert (delivery.attempts, delivery.count("x-a"), delivery.count("x-b"), delivery.count("x-c")) == (0, 3, 0, 2)
     assert delivery.count("absent") == 0
     assert delivery.first_attempt_ms is None
+
+
+def test_batch_consumer_reconnects_when_the_broker_closes_its_channel(
+        clean_broker: str, publisher: PublisherThread) -> None:
+    """RabbitMQ closes a channel that holds deliveries too long (consumer_timeout); pika's I/O loop does not
+    raise for that, and the consumer used to sit idle on the dead channel for ever."""
+    consumer = BatchConsumer(clean_broker, broker.EVENTS_QUEUE, publisher, name="test-batch", prefetch=10)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(consumer.connected.is_set, what="batch consumer connected")
+        publisher.publish(Publication(broker.EVENTS_QUEUE, b'{"held": 1}', message_id="held-1"))
+        first = wait_for(lambda: consumer.take(timeout=0.1), what="the delivery held")
+        connection, channel = consumer._connection, consumer._channel
+        assert connection is not None and channel is not None
+        # An ack of a tag the broker never gave is a channel error: the broker closes the channel, as it does
+        # on consumer_timeout.
+        connection.add_callback_threadsafe(lambda: channel.basic_ack(999_999))
+        wait_for(lambda: not consumer.is_live(first[0]), what="the old channel seen as dead")
+        again = wait_for(lambda: consumer.take(timeout=0.1), timeout=30, what="the delivery back on a new channel")
+        assert again[0].delivery.message_id == "held-1"
+        assert again[0].generation > first[0].generation and consumer.is_live(again[0])
+    finally:
+        consumer.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()

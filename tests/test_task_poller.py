@@ -347,6 +347,7 @@ def test_sent_answered_too_late_is_retried_and_queued_not_lost(clean_broker: str
         (200, "", True),
         (403, '{"payload":{"success":false}}', False),  # refused before any work: released as before
         (404, "not found", False),
+        (429, "slow down", True),  # "later", not a refusal
     ],
 )
 def test_sent_without_usable_answer_keeps_claims_for_the_orphan_republish(
@@ -381,6 +382,32 @@ def test_sent_without_usable_answer_keeps_claims_for_the_orphan_republish(
         assert (third.queued, third.duplicates) == (0, 1)
         assert sum(r.method == "POST" for r in stub.requests) == posts_before
         assert take_outbound(clean_broker) == []
+    finally:
+        stub.stop()
+
+
+def test_a_refusal_of_a_retried_task_sent_keeps_the_claim(
+        clean_broker: str, publisher: PublisherThread, tmp_path: Path) -> None:
+    # The first ?task=sent got no usable answer, so the server may have taken the uuid out of its outbox: a
+    # 403 on the retry must not release it (nobody would offer it again: lost).
+    answers = iter([(500, "Internal Server Error"), (403, '{"payload":{"success":false}}')])
+
+    def respond(request: Request) -> tuple[int, str]:
+        if request.query.get("task") == "send":
+            return 200, _task_reply([{"to": "+255700000010", "message": "hello", "uuid": "retried-1"}])
+        return next(answers, (403, "{}"))
+
+    stub = HttpStub(respond).start()
+    try:
+        poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        for _ in range(2):
+            with pytest.raises(PollError):
+                poller.poll_once()
+        entry = Ledger(tmp_path).get("retried-1")
+        assert entry is not None and entry.state == "accepted"
+        poller.stale_claim_s = 0
+        assert poller.republish_orphans() == 1
+        assert [m.uuid for m in take_outbound(clean_broker)] == ["retried-1"]
     finally:
         stub.stop()
 

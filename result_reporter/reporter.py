@@ -47,6 +47,7 @@ from services.sync_protocol import (
     USER_AGENT,
     Endpoint,
     ReplyError,
+    clip,
     parse_message_uuids,
     parse_payload,
     results_body,
@@ -132,10 +133,6 @@ def _same_send(a: SentEvent, b: SentEvent) -> bool:
     return (a.outcome, a.detail, a.cms_error) == (b.outcome, b.detail, b.cms_error)
 
 
-def _clip(text: str) -> str:
-    return " ".join(text.split())[:MAX_ERROR_CHARS]
-
-
 class ResultReporter:
     """Merge held events per uuid and report them each round; not thread-safe (one loop thread)."""
 
@@ -188,7 +185,7 @@ class ResultReporter:
                 log.error(
                     "result round failed unexpectedly (%s: %s), reports kept for the next round%s",
                     type(exc).__name__,
-                    _clip(str(exc)),
+                    clip(str(exc), MAX_ERROR_CHARS),
                     "" if first else " (traceback logged at its first occurrence)",
                     exc_info=first,
                 )
@@ -461,7 +458,7 @@ class ResultReporter:
         body = results_body(rows, self._settings.results_shape)
         status, text = self._request("POST", self._query(), body)
         if not 200 <= status < 300:
-            detail = f": {_clip(text)}" if text.strip() else ""
+            detail = f": {clip(text, MAX_ERROR_CHARS)}" if text.strip() else ""
             row_level = status not in SERVER_STATUSES and status < 501 and not 300 <= status < 400
             return _Refusal(f"POST ?task=result answered HTTP {status}{_hint(status)}{detail}", row_level, status)
         if text.strip():
@@ -470,7 +467,7 @@ class ResultReporter:
             except ReplyError:
                 payload = None  # 2xx with a body that is not SMSsync JSON: accepted (the seed PHP sends none)
             if payload is not None and payload.success is False:
-                return _Refusal(_clip(payload.error or "success:false without an error text"), True)
+                return _Refusal(clip(payload.error or "success:false without an error text", MAX_ERROR_CHARS), True)
         return None
 
     def _request(self, method: str, url: str, body: object = None) -> tuple[int, str]:

@@ -314,13 +314,12 @@ class Publisher:
             self.close()
             raise BrokerUnavailable(f"publish failed: {exc!r}") from None
 
-    def keep_alive(self, seconds: float) -> None:
-        """Serve heartbeats for up to ``seconds`` (an idle connection must still talk to the broker)."""
+    def keep_alive(self) -> None:
+        """Serve pending heartbeats without waiting (an idle connection must still talk to the broker)."""
         if self._connection is None or not self._connection.is_open:
-            time.sleep(seconds)
             return
         try:
-            self._connection.process_data_events(time_limit=seconds)
+            self._connection.process_data_events(time_limit=0)
         except (pika.exceptions.AMQPError, OSError) as exc:
             log.warning("publisher connection lost while idle: %r", exc)
             self.close()
@@ -368,7 +367,7 @@ class PublisherThread:
             try:
                 item = self._requests.get(timeout=1.0)
             except queue.Empty:
-                self._publisher.keep_alive(0.0)
+                self._publisher.keep_alive()
                 continue
             if item is None:
                 break
@@ -379,6 +378,10 @@ class PublisherThread:
                 self._publisher.publish(publication)
             except BrokerError as exc:
                 future.set_exception(exc)
+            except Exception as exc:  # never let this thread die: every later publish would time out
+                log.exception("publisher: unexpected error; reconnecting for the next publish")
+                self._publisher.close()
+                future.set_exception(BrokerUnavailable(f"publish failed: {exc!r}"))
             else:
                 future.set_result(None)
         self._publisher.close()
@@ -396,8 +399,12 @@ class Delivery:
     queue: str
     body: bytes
     headers: dict[str, Any]
-    redelivered: bool
     message_id: str | None
+
+    @classmethod
+    def received(cls, queue: str, props: pika.BasicProperties, body: bytes) -> Delivery:
+        """The delivery of ``body`` from ``queue`` as pika handed it over."""
+        return cls(queue=queue, body=body, headers=dict(props.headers or {}), message_id=props.message_id)
 
     def count(self, header: str) -> int:
         """The counter in ``header`` (0 when absent). A value that is not a whole number counts as 0: the
@@ -564,13 +571,7 @@ class Consumer:
         self, connection: pika.BlockingConnection, channel: BlockingChannel
     ) -> Callable[[BlockingChannel, Any, pika.BasicProperties, bytes], None]:
         def on_message(_ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-            delivery = Delivery(
-                queue=self._queue_of(method),
-                body=body,
-                headers=dict(props.headers or {}),
-                redelivered=bool(method.redelivered),
-                message_id=props.message_id,
-            )
+            delivery = Delivery.received(self._queue_of(method), props, body)
             with self._in_flight_lock:
                 self._in_flight += 1
             self._pool.submit(self._process, connection, channel, method.delivery_tag, delivery)
@@ -736,12 +737,6 @@ class BatchConsumer:
         self._channel: BlockingChannel | None = None
         self.connected = threading.Event()
 
-    @property
-    def generation(self) -> int:
-        """Number of the current (or last) connection; held deliveries of older ones are stale."""
-        with self._lock:
-            return self._generation
-
     def is_live(self, held: HeldDelivery) -> bool:
         """True while ``held`` can still be settled (its connection is the current, open one)."""
         with self._lock:
@@ -768,11 +763,12 @@ class BatchConsumer:
 
     def ack(self, items: Sequence[HeldDelivery]) -> int:
         """Ack the live ones among ``items`` (their effect is durable); returns how many were live."""
-        return self._settle(items, requeue=False)
-
-    def requeue(self, items: Sequence[HeldDelivery]) -> int:
-        """Give the live ones back to the queue at once; returns how many were live."""
-        return self._settle(items, requeue=True)
+        with self._lock:
+            connection, channel, generation = self._connection, self._channel, self._generation
+        tags = [h.tag for h in items if h.generation == generation]
+        if not tags or connection is None or channel is None:
+            return 0
+        return len(tags) if settle_threadsafe(connection, channel, tags, requeue=False) else 0
 
     def park(self, held: HeldDelivery, reason: str, label: str = "error") -> None:
         """Publish a parked copy with ``reason`` (confirmed), then ack the original.
@@ -783,15 +779,6 @@ class BatchConsumer:
         park(self._publisher, held.delivery, reason)
         metrics.PARKED.labels(held.delivery.queue, label).inc()
         self.ack([held])
-
-    def _settle(self, items: Sequence[HeldDelivery], *, requeue: bool) -> int:
-        with self._lock:
-            connection, channel, generation = self._connection, self._channel, self._generation
-        tags = [h.tag for h in items if h.generation == generation]
-        if not tags or connection is None or channel is None:
-            return 0
-
-        return len(tags) if settle_threadsafe(connection, channel, tags, requeue=requeue) else 0
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
@@ -807,13 +794,7 @@ class BatchConsumer:
                 self._connection, self._channel = connection, channel
 
             def on_message(_ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-                delivery = Delivery(
-                    queue=self._queue,
-                    body=body,
-                    headers=dict(props.headers or {}),
-                    redelivered=bool(method.redelivered),
-                    message_id=props.message_id,
-                )
+                delivery = Delivery.received(self._queue, props, body)
                 self._inbox.put(HeldDelivery(delivery, int(method.delivery_tag), generation))
 
             tag = channel.basic_consume(self._queue, on_message_callback=on_message)
@@ -877,7 +858,7 @@ class ParkedMessage:
 
 def _park_reason(headers: dict[str, Any]) -> str:
     if HEADER_PARK_REASON in headers:
-        return str(headers[HEADER_PARK_REASON])
+        return _to_str(headers[HEADER_PARK_REASON])
     deaths = headers.get("x-death") or []
     if deaths:
         first = deaths[0]
@@ -892,10 +873,9 @@ def _to_str(value: Any) -> str:
 class ParkedQueues:
     """List, replay and purge parked messages of one work queue."""
 
-    def __init__(self, url: str, work_queue: str, modem_ids: Sequence[str] = ()) -> None:
+    def __init__(self, url: str, work_queue: str) -> None:
         self._url = url
         self._work_queue = work_queue
-        self._modem_ids = tuple(modem_ids)
 
     def _browse(self, channel: BlockingChannel) -> Iterator[tuple[int, ParkedMessage, pika.BasicProperties]]:
         parked = parked_queue_for(self._work_queue)
@@ -909,7 +889,7 @@ class ParkedQueues:
                 method.delivery_tag,
                 ParkedMessage(
                     source_queue=_to_str(headers.get(HEADER_SOURCE_QUEUE, self._work_queue)),
-                    reason=_to_str(_park_reason(headers)),
+                    reason=_park_reason(headers),
                     parked_at_ms=int(parked_at) if parked_at is not None else None,
                     body=body,
                     message_id=props.message_id,
@@ -923,7 +903,7 @@ class ParkedQueues:
         connection = connect(self._url, "smsgw-parked-cli")
         try:
             channel = connection.channel()
-            declare_topology(channel, self._modem_ids)
+            declare_topology(channel)
             yield channel
         except pika.exceptions.UnroutableError:
             raise PublishRefused("the source queue no longer exists; the message stays parked") from None

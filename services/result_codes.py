@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.schemas import DeliveryEvent, SentEvent
+from services.sync_protocol import clip
 
 # Android SmsManager send result codes.
 RESULT_ERROR_GENERIC_FAILURE = 1
@@ -85,11 +86,6 @@ def failure_code(cms_error: int | None) -> int:
     return RESULT_ERROR_GENERIC_FAILURE
 
 
-def _clip(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat[:MAX_MESSAGE_CHARS]
-
-
 def sent_fields(event: SentEvent | None, convention: Convention) -> dict[str, Any]:
     """``sent_result_code``, ``sent_result_message`` and ``sent_timestamp`` (epoch ms) of one row.
 
@@ -108,11 +104,12 @@ def sent_fields(event: SentEvent | None, convention: Convention) -> dict[str, An
         # Not confirmed sent, but maybe sent: a failure code (the server must not count it as delivered-to-be)
         # with a text that stops an operator from resending without checking first.
         code = RESULT_ERROR_GENERIC_FAILURE
-        message = _clip(f"{UNKNOWN_PREFIX}: the SMS may have been sent; check before resending ({event.detail})")
+        message = clip(f"{UNKNOWN_PREFIX}: the SMS may have been sent; check before resending ({event.detail})",
+                       MAX_MESSAGE_CHARS)
     else:
         code = failure_code(event.cms_error)
         cms = f" (+CMS ERROR {event.cms_error})" if event.cms_error is not None else ""
-        message = _clip(f"Failed to send SMS: {event.detail}{cms}")
+        message = clip(f"Failed to send SMS: {event.detail}{cms}", MAX_MESSAGE_CHARS)
     return {"sent_result_code": code, "sent_result_message": message, "sent_timestamp": event.timestamp}
 
 
@@ -136,7 +133,7 @@ def delivered_fields(event: DeliveryEvent | None, convention: Convention) -> dic
         }
     return {
         "delivered_result_code": convention.not_delivered,
-        "delivered_result_message": _clip(f"SMS not delivered: {event.detail}"),
+        "delivered_result_message": clip(f"SMS not delivered: {event.detail}", MAX_MESSAGE_CHARS),
         "delivered_timestamp": event.timestamp,
     }
 

@@ -98,11 +98,8 @@ class SyncScheme:
                 control character that XML 1.0 forbids).
         """
         named = {self.keys.get(name, name): value for name, value in fields.items()}
-        try:
-            for value in named.values():
-                value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise SyncEncodingError(f"text is not valid Unicode ({exc.reason} at {exc.start})") from None
+        if not all(_encodable(value) for value in named.values()):
+            raise SyncEncodingError("text is not valid Unicode (a lone surrogate)")
         if self.format == "json":
             # A flat object of strings, as the app sends it.
             return json.dumps(named, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8"
@@ -141,13 +138,13 @@ def first_json_document(text: str) -> Any:
     if stripped[0] not in "{[":
         brace = stripped.find("{")
         if brace < 0:
-            raise ReplyError(f"body is not JSON: {_snippet(stripped)}")
+            raise ReplyError(f"body is not JSON: {clip(stripped)}")
         log.debug("skipping %d characters before the JSON document", brace)
         start = brace
     try:
         value, end = decoder.raw_decode(stripped, start)
     except json.JSONDecodeError as exc:
-        raise ReplyError(f"body is not JSON ({exc.msg} at {exc.pos}): {_snippet(stripped)}") from None
+        raise ReplyError(f"body is not JSON ({exc.msg} at {exc.pos}): {clip(stripped)}") from None
     except RecursionError:
         # A pathological (deeply nested) body must be one clear error, not a crash of the worker's loop.
         raise ReplyError("body is JSON nested too deeply to read") from None
@@ -165,10 +162,13 @@ def mask_secrets(text: str) -> str:
     return _SECRET_IN_BODY.sub(lambda m: (m.group(1) or m.group(2)) + ('"***"' if m.group(1) else "***"), text)
 
 
-def _snippet(text: str, limit: int = 80) -> str:
-    """The start of a body for an error message, with any secret masked (a task reply carries ours)."""
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` on one line, at most ``limit`` characters ("…" marks a cut), any secret masked.
+
+    For server answers in logs, park reasons and result messages: a server may echo our request (and secret).
+    """
     flat = mask_secrets(" ".join(text.split()))
-    return flat[:limit] + ("…" if len(flat) > limit else "")
+    return flat if len(flat) <= limit else flat[: max(0, limit - 1)] + "…"
 
 
 def is_success(value: Any) -> bool:

@@ -30,6 +30,7 @@ from services.sync_protocol import (
     SyncEncodingError,
     SyncScheme,
     TaskMessage,
+    clip,
     mask_secrets,
     parse_payload,
     sync_form,
@@ -52,7 +53,6 @@ REPLY_NAMESPACE = uuid.UUID("0f9d2a4e-8b51-4f0e-b3c7-2c1e5d6a7b80")
 class _Answer:
     status: int
     text: str
-    url: str
 
 
 class SyncForwarder:
@@ -107,7 +107,7 @@ class SyncForwarder:
         except requests.RequestException as exc:
             metrics.SYNC_REQUESTS.labels("network_error").inc()
             # requests puts the URL (and a secret in its query) into its messages: mask before logging/parking.
-            return Retry(f"Sync URL unreachable: {type(exc).__name__}: {_short(mask_secrets(str(exc)))}")
+            return Retry(f"Sync URL unreachable: {type(exc).__name__}: {clip(mask_secrets(str(exc)))}")
         except (UnicodeError, SyncEncodingError) as exc:
             # Retrying cannot help; parked with the reason, it can be replayed after SMSGW_SYNC_FORMAT changes.
             return Park(f"SMS cannot be encoded for the Sync URL: {exc}", label="malformed")
@@ -165,18 +165,17 @@ class SyncForwarder:
                     self._scheme.method, url, data=body, headers=headers, timeout=self._settings.http_timeout,
                     allow_redirects=False,
                 )
+                if response.status_code not in REDIRECTS:
+                    return _Answer(response.status_code, response.text)
                 location = response.headers.get("Location")
-                if response.status_code in REDIRECTS and location:
-                    # Re-send ourselves: requests would turn a 301/302 POST into a GET (the task branch of
-                    # most servers) and the SMS would be "accepted" by a handler that never saw it.
-                    url = _redirect_target(url, location)
-                    log.warning(
-                        "Sync URL redirects (HTTP %d); update SMSGW_SYNC_URL to avoid the extra hop",
-                        response.status_code,
-                    )
-                    continue
-                return _Answer(response.status_code, response.text, url)
-            return _Answer(response.status_code, response.text, url)
+                if not location:
+                    raise RedirectRefused(f"Sync URL answered HTTP {response.status_code} without a Location")
+                # Re-send ourselves: requests would turn a 301/302 POST into a GET (the task branch of most
+                # servers) and the SMS would be "accepted" by a handler that never saw it.
+                url = _redirect_target(url, location)
+                log.warning("Sync URL redirects (HTTP %d); update SMSGW_SYNC_URL to avoid the extra hop",
+                            response.status_code)
+            raise RedirectRefused(f"Sync URL redirected more than {MAX_REDIRECTS} times (last to {redact_url(url)})")
         finally:
             metrics.SYNC_SECONDS.observe(time.monotonic() - started)
 
@@ -300,7 +299,7 @@ def _redirect_target(url: str, location: str) -> str:
         same_origin = (old.scheme, old.hostname, old.port) == (new.scheme, new.hostname, new.port)
         upgrade = old.scheme == "http" and new.scheme == "https" and old.hostname == new.hostname
     except ValueError:
-        raise RedirectRefused(f"Sync URL redirects to an unreadable Location {_short(location, 80)!r}") from None
+        raise RedirectRefused(f"Sync URL redirects to an unreadable Location {clip(location, 80)!r}") from None
     if not (same_origin or upgrade):
         raise RedirectRefused(
             f"Sync URL redirects to another host or to plain http ({redact_url(target)}); not followed with the "
@@ -309,15 +308,10 @@ def _redirect_target(url: str, location: str) -> str:
     return target
 
 
-def _short(text: str, limit: int = 200) -> str:
-    flat = " ".join(text.split())
-    return flat[:limit]
-
-
 def _server_error(body: str) -> str:
     """The server's own error text if the body is SMSsync JSON, else the start of the body."""
     try:
         payload = parse_payload(body)
     except ReplyError:
-        return _short(body) or "empty body"
-    return payload.error or _short(body)
+        return clip(body) or "empty body"
+    return payload.error or clip(body)

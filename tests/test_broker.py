@@ -130,7 +130,7 @@ def test_channel_error_is_not_retried(fresh_amqp_url: str) -> None:
 def test_counters_in_foreign_headers_never_crash_a_delivery() -> None:
     # Headers may come from outside the gateway (a shovel, a hand-published message).
     delivery = Delivery("q", b"{}", {"x-smsgw-attempts": "abc", "x-a": "3", "x-b": None, "x-c": 2,
-                                     "x-smsgw-first-attempt-ms": "soon"}, False, None)
+                                     "x-smsgw-first-attempt-ms": "soon"}, None)
     assert (delivery.attempts, delivery.count("x-a"), delivery.count("x-b"), delivery.count("x-c")) == (0, 3, 0, 2)
     assert delivery.count("absent") == 0
     assert delivery.first_attempt_ms is None

@@ -28,7 +28,7 @@ def test_outbound_while_modem_down_waits_in_a_delay_queue_not_a_requeue_loop(tmp
     ledger = Ledger(tmp_path)
     worker = ModemWorker(settings, _NoPublisher(), ledger)  # type: ignore[arg-type]
     sms = OutboundSms("u-1", "+255700000001", "hello", "task", 0, report=True)
-    decision = worker._handle_outbound(Delivery("smsgw.outbound", sms.to_json(), {}, False, "u-1"))
+    decision = worker._handle_outbound(Delivery("smsgw.outbound", sms.to_json(), {}, "u-1"))
     assert isinstance(decision, Retry)
     assert ledger.get("u-1") is None, "the ledger must not claim an SMS that was never handed to a modem"
 
@@ -62,7 +62,7 @@ def _worker(tmp_path: Path, publisher: object, **env: str) -> tuple[ModemWorker,
 
 
 def _delivery(sms: OutboundSms) -> Delivery:
-    return Delivery("smsgw.outbound", sms.to_json(), {}, False, sms.uuid)
+    return Delivery("smsgw.outbound", sms.to_json(), {}, sms.uuid)
 
 
 def test_stale_outbound_sms_is_reported_failed_not_sent(tmp_path: Path) -> None:

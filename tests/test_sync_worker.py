@@ -208,7 +208,7 @@ def test_reply_not_queued_means_retry_not_ack() -> None:
         settings = Settings.from_env({"SMSGW_SYNC_URL": stub.url, "SMSGW_SECRET": "s3cret"})
         forwarder = SyncForwarder(settings, _DownPublisher())  # type: ignore[arg-type]
         sms = make_sms()
-        decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, False, None))
+        decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, None))
         assert isinstance(decision, broker.Retry) and "could not be queued" in decision.reason
     finally:
         stub.stop()
@@ -219,7 +219,7 @@ def test_secret_in_the_sync_url_query_never_reaches_logs_or_park_reasons() -> No
                                   "SMSGW_HTTP_TIMEOUT": "0.5"})
     forwarder = SyncForwarder(settings, _DownPublisher())  # type: ignore[arg-type]
     sms = make_sms()
-    decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, False, None))
+    decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, None))
     assert isinstance(decision, broker.Retry)
     assert "TOPSECRET" not in decision.reason and "TOPSECRET" not in forwarder.redacted_url
 
@@ -387,3 +387,12 @@ def test_redirect_to_another_host_parks_without_sending_the_sms_there(harness: C
     listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, what="parked redirect")
     assert "redirects to another host" in listing[0].reason
     assert len(h.stub.requests) == 1
+
+
+def test_endless_redirects_park_instead_of_retrying_for_days(harness: Callable[..., Harness]) -> None:
+    h = harness(lambda _r: (307, ""))
+    h.stub.location = "/smssync"  # the same URL again
+    h.inject(make_sms())
+    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, what="parked redirect loop")
+    assert "redirected more than 3 times" in listing[0].reason
+    assert len(h.stub.requests) == 4

@@ -44,13 +44,14 @@ from services.result_codes import Convention, result_row
 from services.schemas import DeliveryEvent, SchemaError, SentEvent, decode_event
 from services.settings import Settings, redact_url
 from services.sync_protocol import (
-    USER_AGENT,
     Endpoint,
     ReplyError,
     clip,
     parse_message_uuids,
     parse_payload,
+    request_with_deadline,
     results_body,
+    status_hint,
 )
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,7 @@ class ResultReporter:
         self._keep_rounds = keep_rounds
         self._convention = Convention.for_sent_ok_code(settings.sent_ok_code)
         self._endpoint = Endpoint.parse(settings.sync_url)
-        self._session = requests.Session()
-        self._session.headers["User-Agent"] = USER_AGENT
-        if self._endpoint.auth:
-            self._session.auth = self._endpoint.auth
+        self._session = self._endpoint.session()
         self._pending: dict[str, _Pending] = {}
         self._reported: OrderedDict[str, _Reported] = OrderedDict()
         self._refused_rounds = 0  # consecutive rounds whose POST was refused; >= SPLIT_AFTER_ROUNDS: split
@@ -206,7 +204,7 @@ class ResultReporter:
         status, text = self._request("GET", self._query())
         if not 200 <= status < 300:
             metrics.RESULT_ROUNDS.labels("http_error").inc()
-            raise RoundError(f"GET ?task=result answered HTTP {status}{_hint(status)}")
+            raise RoundError(f"GET ?task=result answered HTTP {status}{status_hint(status)}")
         try:
             waited = set(parse_message_uuids(text))
         except ReplyError as exc:
@@ -460,7 +458,7 @@ class ResultReporter:
         if not 200 <= status < 300:
             detail = f": {clip(text, MAX_ERROR_CHARS)}" if text.strip() else ""
             row_level = status not in SERVER_STATUSES and status < 501 and not 300 <= status < 400
-            return _Refusal(f"POST ?task=result answered HTTP {status}{_hint(status)}{detail}", row_level, status)
+            return _Refusal(f"POST ?task=result answered HTTP {status}{status_hint(status)}{detail}", row_level, status)
         if text.strip():
             try:
                 payload = parse_payload(text)
@@ -474,20 +472,17 @@ class ResultReporter:
         """(status, body text). Raises RoundError when no answer came (network error)."""
         started = time.monotonic()
         try:
-            response = self._session.request(
-                method, url, json=body, timeout=self._settings.http_timeout, allow_redirects=method == "GET"
-            )
+            return request_with_deadline(self._session, method, url, json_body=body,
+                                         timeout=self._settings.http_timeout)
         except requests.RequestException as exc:
             metrics.RESULT_ROUNDS.labels("network_error").inc()
-            raise RoundError(f"Sync URL unreachable: {type(exc).__name__}") from None
+            raise RoundError(f"Sync URL unreachable: {type(exc).__name__}: {clip(str(exc))}") from None
         finally:
             metrics.HTTP_SECONDS.labels("result").observe(time.monotonic() - started)
-        return response.status_code, response.text
 
     def close(self) -> None:
         """Close the HTTP session."""
         self._session.close()
 
 
-def _hint(status: int) -> str:
-    return " (check SMSGW_SECRET)" if status in (401, 403) else ""
+

@@ -24,7 +24,6 @@ from services.broker import Ack, BrokerError, Decision, Delivery, Park, Publicat
 from services.schemas import InboundSms, OutboundSms, SchemaError
 from services.settings import Settings, redact_url
 from services.sync_protocol import (
-    USER_AGENT,
     Endpoint,
     ReplyError,
     SyncEncodingError,
@@ -70,18 +69,8 @@ class SyncForwarder:
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()  # keep-alive to the Sync URL
-            session.headers["User-Agent"] = USER_AGENT
-            # Resolve proxy / CA-bundle environment settings once: with trust_env on, requests re-reads them
-            # (and ~/.netrc) on every request, which was the largest CPU cost per SMS in the benchmark.
-            environment = session.merge_environment_settings(self._endpoint.url, {}, None, None, None)
-            session.proxies.update(environment.get("proxies") or {})
-            session.verify = environment.get("verify", True)
-            session.trust_env = False
-            if self._endpoint.auth:
-                session.auth = self._endpoint.auth
-            self._local.session = session
+        if session is None:  # one per handler thread: requests sessions are not thread-safe
+            session = self._local.session = self._endpoint.session()
         return session
 
     def handle(self, delivery: Delivery) -> Decision:

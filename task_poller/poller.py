@@ -37,13 +37,15 @@ from services.ledger import Ledger
 from services.schemas import OutboundSms
 from services.settings import Settings, redact_url
 from services.sync_protocol import (
-    USER_AGENT,
     Endpoint,
     ReplyError,
     TaskMessage,
+    clip,
     parse_message_uuids,
     parse_payload,
+    request_with_deadline,
     secrets_match,
+    status_hint,
 )
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,7 @@ class TaskPoller:
         self._endpoint = Endpoint.parse(settings.sync_url)
         self._publisher = publisher
         self._ledger = ledger
-        self._session = requests.Session()
-        self._session.headers["User-Agent"] = USER_AGENT
-        if self._endpoint.auth:
-            self._session.auth = self._endpoint.auth
+        self._session = self._endpoint.session()
         self.redacted_url = redact_url(settings.sync_url)
         # A live poller leaves a claim unrefreshed for at most one request to the Sync URL (?task=sent: at most
         # 3 x SMSGW_HTTP_TIMEOUT, see _request) or one publish (it touches the claims before each publish);
@@ -390,41 +389,19 @@ class TaskPoller:
         Raises:
             PollError: network error, time-out or a non-2xx status (the log line says which, never the secret).
         """
-        timeout = self._settings.http_timeout
         started = time.monotonic()
-        deadline = started + timeout
         try:
-            response = self._session.request(
-                method,
-                url,
-                json=body,
-                timeout=timeout,
-                # A redirected POST would turn into a GET; a GET may follow (it stays a GET).
-                allow_redirects=method == "GET",
-                stream=True,
-            )
-            with response:
-                if not 200 <= response.status_code < 300:
-                    hint = ""
-                    if response.status_code in (401, 403):
-                        hint = " (check SMSGW_SECRET and the user:pass in SMSGW_SYNC_URL)"
-                    elif 300 <= response.status_code < 400:
-                        hint = " (redirect: set SMSGW_SYNC_URL to the final URL)"
-                    raise PollError(f"?task={task}: Sync URL answered HTTP {response.status_code}{hint}",
-                                    "http_error", response.status_code)
-                chunks: list[bytes] = []
-                for chunk in response.iter_content(65536):
-                    chunks.append(chunk)
-                    if time.monotonic() > deadline:
-                        raise PollError(f"?task={task}: Sync URL answered too slowly (body not complete within "
-                                        f"SMSGW_HTTP_TIMEOUT={timeout:g}s)", "network_error")
-                # Decoded exactly as response.text would (charset header, else detection).
-                response._content = b"".join(chunks)
-                return response.text
+            status, text = request_with_deadline(self._session, method, url, json_body=body,
+                                                 timeout=self._settings.http_timeout)
         except requests.RequestException as exc:
-            raise PollError(f"?task={task}: Sync URL unreachable: {type(exc).__name__}", "network_error") from None
+            raise PollError(f"?task={task}: Sync URL unreachable: {type(exc).__name__}: {clip(str(exc))}",
+                            "network_error") from None
         finally:
             metrics.HTTP_SECONDS.labels(task).observe(time.monotonic() - started)
+        if not 200 <= status < 300:
+            raise PollError(f"?task={task}: Sync URL answered HTTP {status}{status_hint(status)}", "http_error",
+                            status)
+        return text
 
     def close(self) -> None:
         """Close the HTTP session."""

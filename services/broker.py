@@ -441,12 +441,26 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A retry budget of its own, for failures that retrying rarely cures (a server refusing, a handler bug):
+    counted in ``header`` on each retry copy apart from other retries (an outage must not spend it); the
+    ``limit``-th such retry parks the message instead, saying "gave up after N <noun>"."""
+
+    header: str
+    limit: int
+    noun: str
+    label: str  # metric label of the park
+
+
+CRASHES = Budget(HEADER_CRASHES, HANDLER_CRASH_LIMIT, "crashes", "crash")
+
+
+@dataclass(frozen=True)
 class Retry:
-    """Try again later, through a delay queue. ``count`` names a header to increment on the retry copy (e.g. the
-    sync worker counts refusals separately from outages)."""
+    """Try again later, through a delay queue; with a ``budget``, park once that budget is spent."""
 
     reason: str
-    count: str | None = None
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True)
@@ -620,12 +634,15 @@ class Consumer:
             log.exception("handler crashed on a message from %s; retrying it later", delivery.queue)
         else:
             log.error("handler crashed again (%d) on a message from %s: %r", crashes, delivery.queue, exc)
-        if crashes >= HANDLER_CRASH_LIMIT:
-            return Park(f"handler crashed {crashes} times: {exc!r}", label="crash")
-        return Retry(f"handler crashed: {exc!r}", count=HEADER_CRASHES)
+        return Retry(f"handler crashed: {exc!r}", budget=CRASHES)
 
     def _apply(self, delivery: Delivery, decision: Decision) -> None:
         """Make the decision durable before the ack (publish retry copy / parked copy with confirm)."""
+        if isinstance(decision, Retry) and decision.budget is not None:
+            spent = delivery.count(decision.budget.header) + 1
+            if spent >= decision.budget.limit:
+                decision = Park(f"{decision.reason}; gave up after {spent} {decision.budget.noun}",
+                                label=decision.budget.label)
         if isinstance(decision, Retry):
             first = delivery.first_attempt_ms or now_ms()
             age_s = (now_ms() - first) / 1000
@@ -638,8 +655,8 @@ class Consumer:
                 attempt = delivery.attempts + 1
                 tier = choose_delay_tier(attempt)
                 headers = {**delivery.headers, HEADER_ATTEMPTS: attempt, HEADER_FIRST_ATTEMPT_MS: first}
-                if decision.count:
-                    headers[decision.count] = delivery.count(decision.count) + 1
+                if decision.budget is not None:
+                    headers[decision.budget.header] = delivery.count(decision.budget.header) + 1
                 self._publisher.publish(
                     Publication(
                         f"{delivery.queue}.{tier}",

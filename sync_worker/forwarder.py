@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import requests
 
 from services import broker, metrics
-from services.broker import Ack, BrokerError, Decision, Delivery, Park, Publication, PublisherThread, Retry
+from services.broker import Ack, BrokerError, Budget, Decision, Delivery, Park, Publication, PublisherThread, Retry
 from services.schemas import InboundSms, OutboundSms, SchemaError
 from services.settings import Settings, redact_url
 from services.sync_protocol import (
@@ -61,6 +61,8 @@ class SyncForwarder:
         settings.require_sync_url()
         self._settings = settings
         self._endpoint = Endpoint.parse(settings.sync_url)
+        self._refusals = Budget(HEADER_REFUSALS, settings.max_refusals, "refusals", "refused")
+        self._server_errors = Budget(HEADER_SERVER_ERRORS, settings.max_server_errors, "HTTP 500 answers", "http_500")
         self._scheme = SyncScheme(settings.sync_method, settings.sync_format, dict(settings.sync_keys))
         self._publisher = publisher
         self._local = threading.local()
@@ -87,9 +89,9 @@ class SyncForwarder:
             metrics.SMS_FILTERED.inc()
             log.info("SMS %s matches no keyword; not forwarded (acknowledged)", sms.message_id)
             return Ack()
-        return self._forward(sms, delivery)
+        return self._forward(sms)
 
-    def _forward(self, sms: InboundSms, delivery: Delivery) -> Decision:
+    def _forward(self, sms: InboundSms) -> Decision:
         """POST ``sms`` to the Sync URL and judge the answer (never raises for bad input or bad answers)."""
         try:
             answer = self._post(sms)
@@ -105,7 +107,7 @@ class SyncForwarder:
             metrics.SYNC_REQUESTS.labels("rejected").inc()
             return Park(str(exc), label="redirect")
         try:
-            return self._judge(sms, delivery, answer)
+            return self._judge(sms, answer)
         except BrokerError as exc:
             # The server accepted the SMS but a reply could not be queued: post again later (same message_id,
             # reply keys derived from it, so nothing goes out twice) rather than ack and lose the reply.
@@ -168,7 +170,7 @@ class SyncForwarder:
         finally:
             metrics.SYNC_SECONDS.observe(time.monotonic() - started)
 
-    def _judge_http_status(self, delivery: Delivery, answer: _Answer) -> Decision:
+    def _judge_http_status(self, answer: _Answer) -> Decision:
         """Park or retry an SMS the Sync URL answered with a status other than 200/201."""
         status = answer.status
         reason = f"Sync URL answered HTTP {status}: {_server_error(answer.text)}"
@@ -180,20 +182,17 @@ class SyncForwarder:
             # Some servers store message_id as a primary key and answer 500 to a repeat (the first POST
             # was stored, its answer lost): retrying that until SMSGW_MAX_RETRY_AGE only hides it. 500s
             # are counted on their own; 502/503/504 (a proxy in front of a server that is down) are not.
-            errors = delivery.count(HEADER_SERVER_ERRORS) + 1
-            if errors >= self._settings.max_server_errors:
-                return Park(f"{reason}; gave up after {errors} HTTP 500 answers", label="http_500")
-            return Retry(reason, count=HEADER_SERVER_ERRORS)
+            return Retry(reason, budget=self._server_errors)
         return Retry(reason)
 
-    def _judge(self, sms: InboundSms, delivery: Delivery, answer: _Answer) -> Decision:
+    def _judge(self, sms: InboundSms, answer: _Answer) -> Decision:
         """Ack, retry or park an SMS from the Sync URL's answer; queues the replies of an accepted one.
 
         Raises:
             BrokerError: a reply could not be queued (the caller retries the SMS).
         """
         if answer.status not in (200, 201):
-            return self._judge_http_status(delivery, answer)
+            return self._judge_http_status(answer)
         try:
             payload = parse_payload(answer.text, require_uuid=False)
         except ReplyError as exc:
@@ -205,10 +204,7 @@ class SyncForwarder:
             # success:false is also how some servers say "wrong secret": bounded retries, then park with
             # the server's own words so an operator can fix it and replay.
             # Count refusals on their own: retries after an outage must not eat this budget.
-            refusals = delivery.count(HEADER_REFUSALS) + 1
-            if refusals >= self._settings.max_refusals:
-                return Park(f"{reason}; gave up after {refusals} refusals", label="refused")
-            return Retry(reason, count=HEADER_REFUSALS)
+            return Retry(reason, budget=self._refusals)
         metrics.SYNC_REQUESTS.labels("accepted").inc()
         metrics.SYNC_END_TO_END_SECONDS.observe(max(0.0, time.time() - sms.received_at / 1000))
         log.info("SMS %s accepted by the Sync URL", sms.message_id)

@@ -609,18 +609,19 @@ class Consumer:
                 decision = Retry(f"broker unavailable during handling: {exc}")
             except Exception as exc:
                 decision = self._after_crash(delivery, exc)
-            requeue = False
             try:
-                self._apply(delivery, decision)
+                applied = self._apply_until_done(connection, delivery, decision)
             except BrokerError as exc:
-                log.warning(
-                    "could not apply %s for a message from %s (%s); requeueing",
-                    type(decision).__name__,
-                    delivery.queue,
-                    exc,
-                )
-                requeue = True
-            self._settle(connection, channel, tag, requeue=requeue)
+                # Not a passing outage (the retry or parked queue refused the copy): the broker's delivery
+                # limit is the last resort.
+                log.warning("could not apply %s for a message from %s (%s); requeueing",
+                            type(decision).__name__, delivery.queue, exc)
+                self._settle(connection, channel, tag, requeue=True)
+                return
+            if applied:
+                self._settle(connection, channel, tag, requeue=False)
+            # else: stopping with the copy unpublished; the message stays unacked and returns to the queue
+            # when the connection closes.
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1
@@ -635,6 +636,25 @@ class Consumer:
         else:
             log.error("handler crashed again (%d) on a message from %s: %r", crashes, delivery.queue, exc)
         return Retry(f"handler crashed: {exc!r}", budget=CRASHES)
+
+    def _apply_until_done(self, connection: pika.BlockingConnection, delivery: Delivery,
+                          decision: Decision) -> bool:
+        """``_apply`` the decision, retrying while the broker is unavailable (a resource alarm blocks publishers,
+        not consumers); False when stopping first, or when the delivery's own connection is gone (the message
+        is back in the queue and being handled anew: applying this copy's decision would double it).
+
+        Holding the message unacked meanwhile keeps it out of the queue: a requeue would hand it straight back
+        to a handler (the SMS POSTed again every publish time-out) and count towards x-delivery-limit.
+
+        Raises:
+            BrokerError: other than BrokerUnavailable (not retried).
+        """
+        for attempt in reconnecting(self._stopping):
+            with attempt:
+                if self._stopping.is_set() or not connection.is_open:
+                    return False
+                self._apply(delivery, decision)
+        return True
 
     def _apply(self, delivery: Delivery, decision: Decision) -> None:
         """Make the decision durable before the ack (publish retry copy / parked copy with confirm)."""

@@ -160,3 +160,35 @@ def test_batch_consumer_reconnects_when_the_broker_closes_its_channel(
         consumer.stop()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+class _FlakyPublisher:
+    """A PublisherThread whose first ``failures`` publishes to the retry exchange fail as in a broker alarm."""
+
+    def __init__(self, inner: PublisherThread, failures: int) -> None:
+        self._inner = inner
+        self.failures = failures
+
+    def publish(self, publication: Publication) -> None:
+        if publication.exchange == broker.RETRY_EXCHANGE and self.failures > 0:
+            self.failures -= 1
+            raise broker.BrokerUnavailable("no publisher confirm within the time-out")
+        self._inner.publish(publication)
+
+
+def test_a_retry_copy_that_cannot_be_published_yet_is_retried_not_requeued(
+        clean_broker: str, publisher: PublisherThread) -> None:
+    """A requeue would hand the message straight back to the handler (the SMS POSTed again) and count towards
+    x-delivery-limit; the consumer holds it and publishes the retry copy once the broker takes it."""
+    seen: list[int] = []
+
+    def handler(delivery: Delivery) -> Decision:
+        seen.append(delivery.attempts)
+        return Retry("server down") if delivery.attempts == 0 else Ack()
+
+    flaky = _FlakyPublisher(publisher, failures=2)
+    with running_consumer(clean_broker, handler, flaky):  # type: ignore[arg-type]
+        publisher.publish(Publication(broker.EVENTS_QUEUE, b"{}", message_id="m-1"))
+        wait_for(lambda: seen == [0, 1], timeout=30, what="handled, then once more as the retry copy")
+    assert flaky.failures == 0
+    assert seen == [0, 1], "never handed back to the handler while its retry copy could not be published"

@@ -491,7 +491,8 @@ class Modem:
 
         Raises SendFailed (refused, nothing sent; also for an invalid number or an over-long text),
         SendOutcomeUnknown (written but unconfirmed, or a later part failed after earlier ones went out:
-        never resend blindly), ModemUnavailable (not connected / link lost before anything was written).
+        never resend blindly), ModemUnavailable (not connected, link lost or no prompt before anything was
+        written: safe to send later).
         """
         gsm = self._require()
         try:
@@ -535,9 +536,11 @@ class Modem:
             except CommandError as exc:
                 raise SendFailed(None, f"AT+CMGS refused: {exc}") from exc
             except TimeoutException as exc:
-                # No prompt: the PDU was never written. ESC makes a modem that prompts late drop it.
+                # No prompt: the PDU was never written, so the SMS may go later (here or through another
+                # modem) rather than be reported failed for a modem that was busy. ESC makes a modem that
+                # prompts late drop it.
                 gsm.abort_prompt()
-                raise SendFailed(None, "modem did not prompt for the PDU") from exc
+                raise ModemUnavailable("modem did not prompt for the PDU") from exc
             except LinkDown as exc:
                 raise ModemUnavailable(f"modem link lost before sending: {exc}") from exc
             if not prompt or not prompt[-1].endswith("> "):

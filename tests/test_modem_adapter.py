@@ -912,3 +912,23 @@ def test_failed_direct_cmt_delivery_is_retried_by_the_sweep(sim: Simulator, make
     assert h.modem.sweep_stored() == 1
     assert [m.text for m in h.delivered] == ["direct, retried"]
     assert h.modem.sweep_stored() == 0
+
+
+def test_no_prompt_for_the_pdu_is_unavailable_not_failed(
+    sim: Simulator, make_modem: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing was written: the SMS may be sent later (ModemUnavailable), not reported failed for good."""
+    h = make_modem()
+    gsm = h.modem._gsm
+    assert gsm is not None
+    real_write = gsm.write
+
+    def write(data: str, *args: Any, **kwargs: Any) -> Any:
+        if data.startswith("AT+CMGS"):
+            raise at_fixes.TimeoutException("no prompt")
+        return real_write(data, *args, **kwargs)
+
+    monkeypatch.setattr(gsm, "write", write)
+    with pytest.raises(ModemUnavailable, match="did not prompt"):
+        h.modem.send(RECIPIENT, "later, please")
+    assert sim.outbox() == []

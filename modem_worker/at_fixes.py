@@ -451,12 +451,11 @@ class DeliverPdu:
 
 @dataclass(frozen=True)
 class StatusReportPdu:
-    """A decoded SMS-STATUS-REPORT (TP-MR, recipient, TP-Status, SC timestamp, discharge time)."""
+    """A decoded SMS-STATUS-REPORT (TP-MR, recipient, TP-Status, discharge time)."""
 
     reference: int
     recipient: str
     status: int
-    sent_at: datetime | None
     finalized_at: datetime | None
 
 
@@ -495,7 +494,6 @@ def decode_stored_pdu(pdu_hex: str) -> DeliverPdu | StatusReportPdu:
             reference=int(decoded["reference"]),
             recipient=str(decoded.get("number") or ""),
             status=int(decoded["status"]),
-            sent_at=_fixed_tz(decoded.get("time")),
             finalized_at=_fixed_tz(decoded.get("discharge")),
         )
     raise ValueError(f"unexpected PDU type {kind!r}")

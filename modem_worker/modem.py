@@ -100,7 +100,6 @@ class StatusReport:
     recipient: str
     delivered: bool | None
     status: int
-    sent_at: datetime | None
     finalized_at: datetime | None
 
 
@@ -830,7 +829,6 @@ class Modem:
             recipient=sr.recipient,
             delivered=_status_delivered(sr.status),
             status=sr.status,
-            sent_at=sr.sent_at,
             finalized_at=sr.finalized_at,
         )
         try:

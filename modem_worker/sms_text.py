@@ -61,15 +61,10 @@ class TextTooLong(ValueError):
 
 @dataclass(frozen=True)
 class Segmentation:
-    """How a text goes on the air: its encoding, the text of every part, and its total length.
-
-    ``units`` is septets for GSM-7 (extension characters count 2) and UTF-16 code units for UCS-2
-    (characters outside the BMP count 2).
-    """
+    """How a text goes on the air: its encoding and the text of every part (``text_units`` gives lengths)."""
 
     encoding: Encoding
     parts: tuple[str, ...]
-    units: int
 
 
 def char_units(ch: str, encoding: Encoding) -> int:
@@ -112,9 +107,8 @@ def segment(text: str) -> Segmentation:
     Raises TextTooLong if more than 255 parts would be needed.
     """
     enc = choose_encoding(text)
-    total = text_units(text, enc)
-    if total <= SINGLE_LIMIT[enc]:
-        return Segmentation(enc, (text,), total)
+    if text_units(text, enc) <= SINGLE_LIMIT[enc]:
+        return Segmentation(enc, (text,))
     limit = PART_LIMIT[enc]
     parts: list[str] = []
     current: list[str] = []
@@ -130,7 +124,7 @@ def segment(text: str) -> Segmentation:
         parts.append("".join(current))
     if len(parts) > MAX_PARTS:
         raise TextTooLong(f"text needs {len(parts)} parts, at most {MAX_PARTS} are possible")
-    return Segmentation(enc, tuple(parts), total)
+    return Segmentation(enc, tuple(parts))
 
 
 def encode_gsm7(text: str) -> list[int]:
@@ -255,6 +249,31 @@ class SubmitPdu:
 _VALIDITY_24H: Final[int] = 0xA7
 
 
+def data_coding_scheme(encoding: Encoding) -> int:
+    """TP-DCS of a text in ``encoding``: 0x00 GSM 7-bit default alphabet, 0x08 UCS-2."""
+    return 0x00 if encoding == "gsm7" else 0x08
+
+
+def concat_header(reference: int, total: int, seq: int) -> bytes:
+    """The UDH of part ``seq`` of ``total``: one concatenation IE with an 8-bit reference (IEI 00)."""
+    return bytes((0x05, 0x00, 0x03, reference & 0xFF, total, seq))
+
+
+def encode_user_data(text: str, encoding: Encoding, udh: bytes = b"") -> tuple[int, bytes]:
+    """``(TP-UDL, TP-UD)`` of one part: ``udh`` (may be empty) then the text.
+
+    GSM-7: the UDH is padded with fill bits up to a septet boundary and UDL counts septets; UCS-2: UTF-16-BE
+    (surrogate pairs kept; a lone surrogate is carried as is, as some handsets send it) and UDL counts octets.
+    """
+    if encoding == "gsm7":
+        septets = encode_gsm7(text)
+        header_bits = len(udh) * 8
+        fill = (7 - header_bits % 7) % 7
+        return (header_bits + fill) // 7 + len(septets), udh + pack_septets(septets, fill)
+    user_data = udh + text.encode("utf-16-be", "surrogatepass")
+    return len(user_data), user_data
+
+
 def build_submit_pdus(
     number: str, text: str, *, concat_reference: int, request_delivery: bool
 ) -> list[SubmitPdu]:
@@ -274,21 +293,11 @@ def build_submit_pdus(
         first |= 0x20  # TP-SRR
     if multipart:
         first |= 0x40  # TP-UDHI
-    dcs = 0x00 if seg.encoding == "gsm7" else 0x08
+    dcs = data_coding_scheme(seg.encoding)
     pdus: list[SubmitPdu] = []
     for seq, part in enumerate(seg.parts, start=1):
-        udh = bytes((0x05, 0x00, 0x03, concat_reference & 0xFF, len(seg.parts), seq)) if multipart else b""
-        if seg.encoding == "gsm7":
-            septets = encode_gsm7(part)
-            # The UDH (incl. its length octet) is padded with fill bits up to a septet boundary.
-            header_bits = len(udh) * 8
-            fill = (7 - header_bits % 7) % 7
-            user_data = udh + pack_septets(septets, fill)
-            udl = (header_bits + fill) // 7 + len(septets)
-        else:
-            payload = part.encode("utf-16-be")
-            user_data = udh + payload
-            udl = len(user_data)
+        udh = concat_header(concat_reference, len(seg.parts), seq) if multipart else b""
+        udl, user_data = encode_user_data(part, seg.encoding, udh)
         tpdu = bytes((first, 0x00)) + address + bytes((0x00, dcs, _VALIDITY_24H, udl)) + user_data
         pdus.append(SubmitPdu(hex=("00" + tpdu.hex()).upper(), tpdu_length=len(tpdu)))
     return pdus

@@ -20,11 +20,12 @@ from typing import Literal
 from modem_worker.sms_text import Encoding as TextEncoding
 from modem_worker.sms_text import (
     TextTooLong,
+    concat_header,
+    data_coding_scheme,
     decode_gsm7,
     encode_address,
-    encode_gsm7,
     encode_semi_octets,
-    pack_septets,
+    encode_user_data,
     segment,
 )
 
@@ -182,18 +183,9 @@ def build_deliver(
     total = len(chunks)
     parts: list[DeliverPart] = []
     for seq, chunk in enumerate(chunks, start=1):
-        udh = bytes((0x05, 0x00, 0x03, concat_ref & 0xFF, total, seq)) if total > 1 else b""
-        if encoding == "gsm7":
-            septets = encode_gsm7(chunk)
-            header_septets = math.ceil(len(udh) * 8 / 7)
-            fill = header_septets * 7 - len(udh) * 8
-            ud = udh + pack_septets(septets, fill) if udh else pack_septets(septets)
-            udl = header_septets + len(septets)
-            dcs = 0x00
-        else:
-            ud = udh + chunk.encode("utf-16-be", "surrogatepass")
-            udl = len(ud)
-            dcs = 0x08
+        udh = concat_header(concat_ref, total, seq) if total > 1 else b""
+        udl, ud = encode_user_data(chunk, encoding, udh)
+        dcs = data_coding_scheme(encoding)
         # TP-MTI=00 (DELIVER), TP-MMS=1 (no more messages waiting), TP-UDHI when a header is present.
         first = 0x04 | (0x40 if udh else 0x00)
         tpdu = bytes((first,)) + oa + bytes((0x00, dcs)) + scts + bytes((udl,)) + ud

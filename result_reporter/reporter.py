@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -40,6 +39,7 @@ import requests
 from services import metrics
 from services.broker import BrokerError, HeldDelivery
 from services.ledger import Ledger
+from services.logs import UnexpectedErrors
 from services.result_codes import Convention, result_row
 from services.schemas import DeliveryEvent, SchemaError, SentEvent, decode_event
 from services.settings import Settings, redact_url
@@ -158,7 +158,7 @@ class ResultReporter:
         self._reported: OrderedDict[str, _Reported] = OrderedDict()
         self._refused_rounds = 0  # consecutive rounds whose POST was refused; >= SPLIT_AFTER_ROUNDS: split
         self._round_no = 0
-        self._unexpected_seen: set[str] = set()
+        self._unexpected = UnexpectedErrors(log)
         self.redacted_url = redact_url(settings.sync_url)
 
     def run(self, stop: threading.Event) -> None:
@@ -175,18 +175,8 @@ class ResultReporter:
                 log.error("result round failed, reports kept for the next round: %s", exc)
             except Exception as exc:  # last resort: the loop must outlive any bug or pathological reply
                 metrics.RESULT_ROUNDS.labels("internal_error").inc()
-                frames = traceback.extract_tb(exc.__traceback__)
-                where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-                key = f"{type(exc).__name__}@{where}"  # the same error: same type, raised at the same line
-                first = key not in self._unexpected_seen
-                self._unexpected_seen.add(key)
-                log.error(
-                    "result round failed unexpectedly (%s: %s), reports kept for the next round%s",
-                    type(exc).__name__,
-                    clip(str(exc), MAX_ERROR_CHARS),
-                    "" if first else " (traceback logged at its first occurrence)",
-                    exc_info=first,
-                )
+                self._unexpected.log(exc, "result round failed unexpectedly (%s: %s), reports kept for the next round",
+                                     type(exc).__name__, clip(str(exc), MAX_ERROR_CHARS))
 
     def round(self) -> RoundResult:
         """One round (see the module docstring).

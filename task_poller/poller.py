@@ -24,7 +24,6 @@ import logging
 import sqlite3
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,6 +33,7 @@ import requests
 from services import broker, metrics
 from services.broker import BrokerError, Publication
 from services.ledger import Ledger
+from services.logs import UnexpectedErrors
 from services.schemas import OutboundSms
 from services.settings import Settings, redact_url
 from services.sync_protocol import (
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 900.0
 PUBLISH_TIMEOUT_S = 30.0
 # Distinct unexpected errors whose traceback was logged already (repeats get one line); bounded.
-MAX_REMEMBERED_CRASHES = 100
 
 
 class Publishes(Protocol):
@@ -103,7 +102,7 @@ class TaskPoller:
         # Claims whose ?task=sent got no usable answer: retried first thing on each poll until the server
         # answers, or until they are republished as orphans (by us or a replica) after stale_claim_s.
         self._unconfirmed: dict[str, TaskMessage] = {}
-        self._crashes_seen: set[str] = set()
+        self._unexpected = UnexpectedErrors(log)
 
     # --- loop ---------------------------------------------------------------------------------------------
 
@@ -129,7 +128,8 @@ class TaskPoller:
                 failures += 1
                 delay = self._backoff(failures)
                 metrics.TASK_POLLS.labels("internal_error").inc()
-                self._log_crash(exc, delay)
+                self._unexpected.log(exc, "task poll failed unexpectedly: %s: %s; next poll in %.0fs",
+                                     type(exc).__name__, clip(str(exc), 200), delay)
             else:
                 if failures:
                     log.info("task poll works again after %d failure(s)", failures)
@@ -143,22 +143,6 @@ class TaskPoller:
     def _backoff(self, failures: int) -> float:
         interval = self._settings.task_interval
         return min(interval * float(2 ** min(failures, 10)), max(MAX_BACKOFF_S, interval))
-
-    def _log_crash(self, exc: Exception, delay: float) -> None:
-        """One ERROR line per failed poll; the traceback only the first time this error (type + place) occurs."""
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-        key = f"{type(exc).__name__}@{where}"
-        # The text may hold anything (a lone surrogate, say): make it printable and short.
-        text = str(exc).encode("utf-8", "backslashreplace").decode("utf-8")[:200]
-        if key in self._crashes_seen:
-            log.error("task poll failed unexpectedly: %s: %s; next poll in %.0fs", type(exc).__name__, text, delay)
-            return
-        if len(self._crashes_seen) >= MAX_REMEMBERED_CRASHES:
-            self._crashes_seen.clear()
-        self._crashes_seen.add(key)
-        log.error("task poll failed unexpectedly: %s: %s; next poll in %.0fs (traceback logged once)",
-                  type(exc).__name__, text, delay, exc_info=exc)
 
     # --- one poll -----------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,10 @@ _RESULTS_SHAPES: tuple[ResultsShape, ...] = (
     "message_result_array",
 )
 SyncMethod = Literal["POST", "PUT"]
+_SYNC_METHODS: tuple[SyncMethod, ...] = ("POST", "PUT")
 SyncFormat = Literal["urlencoded", "json", "xml"]
+_SYNC_FORMATS: tuple[SyncFormat, ...] = ("urlencoded", "json", "xml")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The fields of an inbound sync request, in the app's order; SMSGW_SYNC_KEYS may rename each of them.
 SYNC_FIELDS = ("secret", "from", "message", "sent_timestamp", "sent_to", "message_id", "device_id")
 _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -118,31 +121,20 @@ def _keywords(name: str, raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
-def _results_shape(name: str, raw: str) -> ResultsShape:
-    for shape in _RESULTS_SHAPES:
-        if raw == shape:
-            return shape
-    raise ConfigError(f"{name}: expected one of {', '.join(_RESULTS_SHAPES)}, got {raw!r}")
+_C = TypeVar("_C", bound=str)
 
 
-def _sync_method(name: str, raw: str) -> SyncMethod:
-    value = raw.strip().upper()
-    if value == "POST":
-        return "POST"
-    if value == "PUT":
-        return "PUT"
-    raise ConfigError(f"{name}: expected POST or PUT, got {raw!r}")
+def _choice(options: tuple[_C, ...], normalise: Callable[[str], str] = str.strip) -> Callable[[str, str], _C]:
+    """A parser accepting one of ``options`` (after ``normalise``), else a ConfigError listing them."""
 
+    def parse(name: str, raw: str) -> _C:
+        value = normalise(raw)
+        for option in options:
+            if value == option:
+                return option
+        raise ConfigError(f"{name}: expected one of {', '.join(options)}, got {raw!r}")
 
-def _sync_format(name: str, raw: str) -> SyncFormat:
-    value = raw.strip().lower()
-    if value == "urlencoded":
-        return "urlencoded"
-    if value == "json":
-        return "json"
-    if value == "xml":
-        return "xml"
-    raise ConfigError(f"{name}: expected urlencoded, json or xml, got {raw!r}")
+    return parse
 
 
 def _sync_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
@@ -220,13 +212,14 @@ ENV_VARS: dict[str, EnvVar] = {
             "seconds an inbound SMS is retried before it is parked",
             _number(1),
         ),
-        EnvVar("SMSGW_SYNC_METHOD", "POST", "HTTP method of inbound sync requests: POST or PUT", _sync_method),
+        EnvVar("SMSGW_SYNC_METHOD", "POST", "HTTP method of inbound sync requests: POST or PUT",
+               _choice(_SYNC_METHODS, lambda raw: raw.strip().upper())),
         EnvVar(
             "SMSGW_SYNC_FORMAT",
             "urlencoded",
             "body of inbound sync requests: urlencoded (the app's default), json (flat object of strings) or "
             "xml (root <payload>)",
-            _sync_format,
+            _choice(_SYNC_FORMATS, lambda raw: raw.strip().lower()),
         ),
         EnvVar(
             "SMSGW_SYNC_KEYS",
@@ -260,7 +253,7 @@ ENV_VARS: dict[str, EnvVar] = {
             "message_results",
             "POST ?task=result body: message_results (docs), "
             "message_result_string (app), message_result_array",
-            _results_shape,
+            _choice(_RESULTS_SHAPES),
         ),
         EnvVar(
             "SMSGW_SENT_OK_CODE", "0", "sent_result_code for a successful send (docs 0, app -1)", _int(-1)
@@ -287,7 +280,8 @@ ENV_VARS: dict[str, EnvVar] = {
         ),
         EnvVar("SMSGW_LEDGER_RETENTION_DAYS", "90", "days the outbound ledger remembers a sent uuid (never-twice "
                "window)", _number(1)),
-        EnvVar("SMSGW_LOG_LEVEL", "INFO", "DEBUG shows message bodies; INFO never does", _str),
+        EnvVar("SMSGW_LOG_LEVEL", "INFO", "DEBUG shows message bodies; INFO never does",
+               _choice(_LOG_LEVELS, lambda raw: raw.strip().upper())),
         EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
     )
 }
@@ -343,11 +337,6 @@ class Settings:
             if raw is None:
                 raise ConfigError(f"{var.name}: required")
             values[var.name.removeprefix("SMSGW_").lower()] = var.parse(var.name, raw)
-        if values["log_level"].upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError(
-                f"SMSGW_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}"
-            )
-        values["log_level"] = values["log_level"].upper()
         raw_interval = values["result_interval"]
         values["result_interval"] = (
             _number(1)("SMSGW_RESULT_INTERVAL", raw_interval) if raw_interval else values["task_interval"]

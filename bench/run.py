@@ -211,14 +211,8 @@ class Delivered:
 
 
 def start_simulator(stack: Stack, name: str, own_number: str) -> Simulator:
-    """Like ``Stack.start_simulator`` but with the largest SIM (255 slots), so bursts fit."""
-    link = stack.workdir / f"{name}.tty"
-    port = free_port()
-    stack.start(name, "modem_worker.simulator", "--link", str(link), "--control-port", str(port),
-                "--own-number", own_number, "--capacity", str(SIM_CAPACITY))
-    simulator = Simulator(link, f"http://127.0.0.1:{port}", own_number)
-    wait_until(lambda: http_json(f"{simulator.control_url}/health") and link.exists(), 30, f"simulator {name}")
-    stack.simulators[name] = simulator
+    """A simulator with the largest SIM (255 slots, stated even though it is the default), so bursts fit."""
+    simulator = stack.start_simulator(name, own_number, None, "--capacity", str(SIM_CAPACITY))
     # No status reports: they would add load (and events nobody consumes) to the reply phase.
     simulator.set_state(delivery="none")
     return simulator

@@ -136,20 +136,22 @@ class Stack:
 
     def start(self, name: str, module: str, *args: str, env: dict[str, str] | None = None) -> Process:
         """Start ``python -m module args`` with the stack's environment plus ``env``."""
-        full_env = {**self.base_env(), **(env or {})}
-        argv = [sys.executable, "-m", module, *args]
+        return self._spawn(name, [sys.executable, "-m", module, *args], {**self.base_env(), **(env or {})})
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Process:
         log_file = (self.workdir / "logs" / f"{name}.log").open("a", encoding="utf-8")
-        popen = subprocess.Popen(argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
-        process = Process(name, argv, full_env, popen, log_file)
+        popen = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = Process(name, argv, env, popen, log_file)
         self.processes[name] = process
         return process
 
-    def start_simulator(self, name: str, own_number: str, control_port: int | None = None) -> Simulator:
-        """Start a modem simulator and wait for its control API."""
+    def start_simulator(self, name: str, own_number: str, control_port: int | None = None,
+                        *extra_args: str) -> Simulator:
+        """Start a modem simulator (``extra_args`` go to its command line) and wait for its control API."""
         link = self.workdir / f"{name}.tty"
         port = control_port or free_port()
         self.start(name, "modem_worker.simulator", "--link", str(link), "--control-port", str(port),
-                   "--own-number", own_number)
+                   "--own-number", own_number, *extra_args)
         simulator = Simulator(link, f"http://127.0.0.1:{port}", own_number)
         wait_until(lambda: http_json(f"{simulator.control_url}/health") and link.exists(), 20,
                    f"simulator {name}")
@@ -165,11 +167,7 @@ class Stack:
         """Start a stopped process again with the same command and environment."""
         old = self.processes[name]
         old.log_file.close()
-        log_file = (self.workdir / "logs" / f"{name}.log").open("a", encoding="utf-8")
-        popen = subprocess.Popen(old.argv, env=old.env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
-        process = Process(name, old.argv, old.env, popen, log_file)
-        self.processes[name] = process
-        return process
+        return self._spawn(name, old.argv, old.env)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to one process (by PID) and reap it."""

@@ -16,7 +16,10 @@ from typing import TypeVar
 import pika
 import pytest
 
+from scripts.stack import free_port
+
 T = TypeVar("T")
+__all__ = ["free_port", "wait_for"]
 
 BROKER_HOST = os.environ.get("SMSGW_TEST_BROKER_HOST", "127.0.0.1")
 BROKER_PORT = int(os.environ.get("SMSGW_TEST_BROKER_PORT", "5672"))
@@ -32,13 +35,6 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate!r}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _broker_reachable() -> bool:

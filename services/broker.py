@@ -552,8 +552,9 @@ class Consumer:
         self._connection = connection
         try:
             channel = consumer_channel(connection, self._modem_ids, self._prefetch)
+            # The consumer tag is the queue name, so every delivery says which queue it came from.
             tags = [
-                channel.basic_consume(q, on_message_callback=self._make_callback(connection, channel))
+                channel.basic_consume(q, on_message_callback=self._make_callback(connection, channel), consumer_tag=q)
                 for q in self._queues
             ]
             self.connected.set()
@@ -592,11 +593,11 @@ class Consumer:
 
         return on_message
 
-    def _queue_of(self, method: Any) -> str:
-        # Deliveries from delay queues come back through the default exchange with routing key = queue name;
-        # direct publishes use routing key = queue name too. consumer_tag would be the other option.
-        key = str(method.routing_key)
-        return key if key in self._queues else self._queues[0]
+    @staticmethod
+    def _queue_of(method: Any) -> str:
+        # Not the routing key: a message dead-lettered back from a delay queue, or published to a modem's queue
+        # through an exchange binding, may carry another one; the consumer tag is the queue (see basic_consume).
+        return str(method.consumer_tag)
 
     def _process(
         self, connection: pika.BlockingConnection, channel: BlockingChannel, tag: int, delivery: Delivery

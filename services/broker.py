@@ -34,19 +34,38 @@ from pika.adapters.blocking_connection import BlockingChannel
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from services import metrics
+from services.settings import amqp_urls
+from services.topology import (
+    DELAY_TIERS_S,
+    DELIVERY_LIMIT,
+    EVENTS_QUEUE,
+    EXCHANGE,
+    INBOUND_EXCHANGE,
+    INBOUND_QUEUE,
+    OUTBOUND_QUEUE,
+    PARKED_EXCHANGE,
+    RETRY_EXCHANGE,
+    Topology,
+    declare_topology,
+    declare_work_queue,
+    delay_queue_for,
+    events_queue_for,
+    inbound_queue_for,
+    outbound_queue_for,
+    parked_queue_for,
+    pool_queue_for,
+)
 
 log = logging.getLogger(__name__)
 
-EXCHANGE = "smsgw"  # direct: routing key = work queue name
-RETRY_EXCHANGE = "smsgw.retry"  # direct: routing key = "<queue>.<tier>s"
-PARKED_EXCHANGE = "smsgw.parked"  # direct: routing key = work queue name
+# Names and declaration live in services.topology; re-exported here for the workers that publish and consume.
+__all__ = [
+    "DELAY_TIERS_S", "DELIVERY_LIMIT", "EVENTS_QUEUE", "EXCHANGE", "INBOUND_EXCHANGE", "INBOUND_QUEUE",
+    "OUTBOUND_QUEUE", "PARKED_EXCHANGE", "RETRY_EXCHANGE", "Topology", "declare_topology", "declare_work_queue",
+    "delay_queue_for", "events_queue_for", "inbound_queue_for", "outbound_queue_for", "parked_queue_for",
+    "pool_queue_for",
+]
 
-INBOUND_QUEUE = "smsgw.inbound"
-OUTBOUND_QUEUE = "smsgw.outbound"  # any modem may send these
-EVENTS_QUEUE = "smsgw.events"  # sent results and delivery reports
-
-DELAY_TIERS_S: tuple[int, ...] = (1, 5, 15, 60, 300, 900, 3600)
-DELIVERY_LIMIT = 20  # redeliveries before the broker parks a message (last resort: a consumer process dying on it)
 HANDLER_CRASH_LIMIT = 5  # handler exceptions before the consumer parks the message itself
 HEARTBEAT_S = 15
 
@@ -94,103 +113,38 @@ class PublishRefused(BrokerError):
     """The broker refused a message (nack, or unroutable with mandatory): retrying as is will not help."""
 
 
-def outbound_queue_for(modem_id: str) -> str:
-    """Name of the outbound queue of one modem (SMS that must leave through that SIM)."""
-    return f"{OUTBOUND_QUEUE}.{modem_id}"
-
-
-def parked_queue_for(work_queue: str) -> str:
-    """Name of the parked queue of a work queue."""
-    return f"{work_queue}.parked"
-
-
-def delay_queue_for(work_queue: str, tier_s: int) -> str:
-    """Name of the delay queue of a work queue for one back-off tier."""
-    return f"{work_queue}.delay.{tier_s}s"
-
-
 def now_ms() -> int:
     """Current wall-clock time in epoch milliseconds."""
     return int(time.time() * 1000)
 
 
-def connection_parameters(url: str, name: str) -> pika.URLParameters:
-    """pika parameters for ``url`` (vhost honoured) with heartbeats and a visible connection name."""
-    params = pika.URLParameters(url)
-    params.heartbeat = HEARTBEAT_S
-    # A broker under a resource alarm blocks publishers; give up (and reconnect) before callers time out.
-    params.blocked_connection_timeout = 30
-    params.connection_attempts = 1
-    params.socket_timeout = 5
-    params.client_properties = {"connection_name": name}
-    return params
+def connection_parameters(url: str, name: str) -> list[pika.URLParameters]:
+    """pika parameters for each broker in ``url`` (one URL, or several of one cluster separated by commas; vhost
+    honoured) with heartbeats and a visible connection name. pika tries them in order: the first that answers
+    wins, so a worker fails over to another node of the cluster when one is down."""
+    parameters = []
+    for one in amqp_urls(url):
+        params = pika.URLParameters(one)
+        params.heartbeat = HEARTBEAT_S
+        # A broker under a resource alarm blocks publishers; give up (and reconnect) before callers time out.
+        params.blocked_connection_timeout = 30
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.client_properties = {"connection_name": name}
+        parameters.append(params)
+    return parameters
 
 
 def connect(url: str, name: str) -> pika.BlockingConnection:
-    """Open one blocking connection.
+    """Open one blocking connection to the first broker of ``url`` that answers.
 
     Raises:
-        BrokerUnavailable: the broker cannot be reached or refused the login/vhost.
+        BrokerUnavailable: no broker can be reached, or one refused the login/vhost.
     """
     try:
         return pika.BlockingConnection(connection_parameters(url, name))
     except (pika.exceptions.AMQPError, OSError) as exc:
         raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from None
-
-
-def _work_queue_arguments(work_queue: str) -> dict[str, Any]:
-    arguments: dict[str, Any] = {
-        "x-queue-type": "quorum",
-        "x-dead-letter-exchange": PARKED_EXCHANGE,
-        "x-dead-letter-routing-key": work_queue,
-        # at-least-once dead-lettering needs reject-publish overflow (see broker-notes).
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
-    }
-    if work_queue != EVENTS_QUEUE:
-        # Not on the events queue: the result reporter holds events unacked on purpose (for rounds, and for
-        # as long as the server is down), and RabbitMQ counts every return (a reporter restart, a connection
-        # blip) as a delivery, so ~20 restarts during an outage would park results nobody had failed on.
-        # The reporter parks an event it cannot read itself.
-        arguments["x-delivery-limit"] = DELIVERY_LIMIT
-    return arguments
-
-
-def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
-    """Declare a work queue with its parked queue and delay queues (idempotent)."""
-    channel.queue_declare(work_queue, durable=True, arguments=_work_queue_arguments(work_queue))
-    channel.queue_bind(work_queue, EXCHANGE, routing_key=work_queue)
-    parked = parked_queue_for(work_queue)
-    channel.queue_declare(parked, durable=True, arguments={"x-queue-type": "quorum"})
-    channel.queue_bind(parked, PARKED_EXCHANGE, routing_key=work_queue)
-    for tier in DELAY_TIERS_S:
-        delay = delay_queue_for(work_queue, tier)
-        channel.queue_declare(
-            delay,
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-message-ttl": tier * 1000,
-                # Expired messages go back to the work queue through the default exchange.
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": work_queue,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
-        )
-        channel.queue_bind(delay, RETRY_EXCHANGE, routing_key=f"{work_queue}.{tier}")
-
-
-def declare_topology(channel: BlockingChannel, modem_ids: Sequence[str] = ()) -> None:
-    """Declare the exchanges and the shared queues, plus the outbound queue of each given modem.
-
-    Raises:
-        pika.exceptions.ChannelClosedByBroker: a queue exists with other arguments (operator must delete it).
-    """
-    for exchange in (EXCHANGE, RETRY_EXCHANGE, PARKED_EXCHANGE):
-        channel.exchange_declare(exchange, exchange_type="direct", durable=True)
-    for work_queue in (INBOUND_QUEUE, OUTBOUND_QUEUE, EVENTS_QUEUE, *map(outbound_queue_for, modem_ids)):
-        declare_work_queue(channel, work_queue)
 
 
 def reconnecting(stopping: threading.Event) -> Retrying:
@@ -227,11 +181,11 @@ def consume_until_stopped(stopping: threading.Event, session: Callable[[], None]
                 session()
 
 
-def consumer_channel(connection: pika.BlockingConnection, modem_ids: Sequence[str],
+def consumer_channel(connection: pika.BlockingConnection, topology: Topology,
                      prefetch: int) -> BlockingChannel:
     """A channel on ``connection`` with the topology declared and ``prefetch`` set (raises pika errors)."""
     channel = connection.channel()
-    declare_topology(channel, modem_ids)
+    declare_topology(channel, topology)
     channel.basic_qos(prefetch_count=prefetch)
     return channel
 
@@ -256,6 +210,8 @@ class Publication:
     exchange: str = EXCHANGE
     headers: dict[str, Any] = field(default_factory=dict)
     message_id: str | None = None
+    # Per-message TTL: when it expires in a queue, the queue's dead-letter target takes it (failover).
+    expiration_ms: int | None = None
 
 
 class Publisher:
@@ -264,10 +220,10 @@ class Publisher:
     Connects lazily and reconnects on the next publish after a failure.
     """
 
-    def __init__(self, url: str, name: str, modem_ids: Sequence[str] = ()) -> None:
+    def __init__(self, url: str, name: str, topology: Topology | None = None) -> None:
         self._url = url
         self._name = name
-        self._modem_ids = tuple(modem_ids)
+        self._topology = topology or Topology()
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
 
@@ -278,7 +234,7 @@ class Publisher:
         self._connection = connect(self._url, self._name)
         try:
             channel = self._connection.channel()
-            declare_topology(channel, self._modem_ids)
+            declare_topology(channel, self._topology)
             channel.confirm_delivery()
         except pika.exceptions.AMQPError as exc:
             self.close()
@@ -301,6 +257,7 @@ class Publisher:
             headers=publication.headers or None,
             message_id=publication.message_id,
             timestamp=int(time.time()),
+            expiration=None if publication.expiration_ms is None else str(max(0, publication.expiration_ms)),
         )
         try:
             channel.basic_publish(
@@ -336,8 +293,8 @@ class PublisherThread:
     Used where many threads publish (the modem library runs each SMS callback on its own thread).
     """
 
-    def __init__(self, url: str, name: str, modem_ids: Sequence[str] = ()) -> None:
-        self._publisher = Publisher(url, name, modem_ids)
+    def __init__(self, url: str, name: str, topology: Topology | None = None) -> None:
+        self._publisher = Publisher(url, name, topology)
         self._requests: queue.Queue[tuple[Publication, concurrent.futures.Future[None]] | None] = (
             queue.Queue()
         )
@@ -471,10 +428,20 @@ class Park:
     label: str = "error"  # low-cardinality metric label
 
 
+@dataclass(frozen=True)
+class Move:
+    """Hand the message on to another work queue (confirmed publish, then ack), e.g. a reply whose modem is
+    down going back to its modem's queue with the rest of its failover TTL. ``expiration_ms`` None: no TTL."""
+
+    routing_key: str
+    reason: str
+    expiration_ms: int | None = None
+
+
 # There is deliberately no "requeue now" decision: on a quorum queue every requeue counts towards
 # x-delivery-limit, so a handler that requeues while waiting for something (a modem coming back) would get its
 # message parked after DELIVERY_LIMIT tight loops. Waiting goes through a delay queue (Retry).
-Decision = Ack | Retry | Park
+Decision = Ack | Retry | Park | Move
 Handler = Callable[[Delivery], Decision]
 
 
@@ -518,7 +485,7 @@ class Consumer:
         name: str,
         prefetch: int = 16,
         concurrency: int = 4,
-        modem_ids: Sequence[str] = (),
+        topology: Topology | None = None,
         max_retry_age_s: float | None = None,
     ) -> None:
         self._url = url
@@ -527,7 +494,7 @@ class Consumer:
         self._publisher = publisher
         self._name = name
         self._prefetch = prefetch
-        self._modem_ids = tuple(modem_ids)
+        self._topology = topology or Topology()
         self._max_retry_age_s = max_retry_age_s
         self._pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=f"{name}-handler")
         self._stopping = threading.Event()
@@ -551,7 +518,7 @@ class Consumer:
         connection = connect(self._url, self._name)
         self._connection = connection
         try:
-            channel = consumer_channel(connection, self._modem_ids, self._prefetch)
+            channel = consumer_channel(connection, self._topology, self._prefetch)
             # The consumer tag is the queue name, so every delivery says which queue it came from.
             tags = [
                 channel.basic_consume(q, on_message_callback=self._make_callback(connection, channel), consumer_tag=q)
@@ -692,6 +659,10 @@ class Consumer:
                     "retry %d of a message from %s in %ds: %s", attempt, delivery.queue, tier, decision.reason
                 )
                 return
+        if isinstance(decision, Move):
+            self._publisher.publish(Publication(decision.routing_key, delivery.body, EXCHANGE, delivery.headers,
+                                                delivery.message_id, decision.expiration_ms))
+            log.info("moved a message from %s to %s: %s", delivery.queue, decision.routing_key, decision.reason)
         if isinstance(decision, Park):
             park(self._publisher, delivery, decision.reason)
             metrics.PARKED.labels(delivery.queue, decision.label).inc()
@@ -759,14 +730,14 @@ class BatchConsumer:
         *,
         name: str,
         prefetch: int = 500,
-        modem_ids: Sequence[str] = (),
+        topology: Topology | None = None,
     ) -> None:
         self._url = url
         self._queue = work_queue
         self._publisher = publisher
         self._name = name
         self._prefetch = prefetch
-        self._modem_ids = tuple(modem_ids)
+        self._topology = topology or Topology()
         self._stopping = threading.Event()
         self._inbox: queue.Queue[HeldDelivery] = queue.Queue()
         self._lock = threading.Lock()
@@ -825,7 +796,7 @@ class BatchConsumer:
     def _consume_once(self) -> None:
         connection = connect(self._url, self._name)
         try:
-            channel = consumer_channel(connection, self._modem_ids, self._prefetch)
+            channel = consumer_channel(connection, self._topology, self._prefetch)
             with self._lock:
                 self._generation += 1
                 generation = self._generation
@@ -911,9 +882,10 @@ def _to_str(value: Any) -> str:
 class ParkedQueues:
     """List, replay and purge parked messages of one work queue."""
 
-    def __init__(self, url: str, work_queue: str) -> None:
+    def __init__(self, url: str, work_queue: str, topology: Topology | None = None) -> None:
         self._url = url
         self._work_queue = work_queue
+        self._topology = topology or Topology()
 
     def _browse(self, channel: BlockingChannel) -> Iterator[tuple[int, ParkedMessage, pika.BasicProperties]]:
         parked = parked_queue_for(self._work_queue)
@@ -941,7 +913,7 @@ class ParkedQueues:
         connection = connect(self._url, "smsgw-parked-cli")
         try:
             channel = connection.channel()
-            declare_topology(channel)
+            declare_topology(channel, self._topology)
             yield channel
         except pika.exceptions.UnroutableError:
             raise PublishRefused("the source queue no longer exists; the message stays parked") from None

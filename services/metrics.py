@@ -32,38 +32,65 @@ MODEM_RECONNECTS = Counter("smsgw_modem_reconnects_total", "Modem reconnect atte
 
 # --- sync_worker: inbound queue -> Sync URL ----------------------------------------------------------------
 SYNC_REQUESTS = Counter(
-    "smsgw_sync_requests_total", "POSTs of inbound SMS to the Sync URL, by outcome", ["outcome"]
+    "smsgw_sync_requests_total", "POSTs of inbound SMS to the Sync URL, by outcome", ["endpoint", "outcome"]
 )
-SYNC_SECONDS = Histogram("smsgw_sync_request_seconds", "Sync URL POST latency", buckets=LATENCY_BUCKETS)
+SYNC_SECONDS = Histogram(
+    "smsgw_sync_request_seconds", "Sync URL POST latency", ["endpoint"], buckets=LATENCY_BUCKETS
+)
 SYNC_END_TO_END_SECONDS = Histogram(
     "smsgw_sync_end_to_end_seconds",
     "From reading the SMS off the SIM to the Sync URL accepting it",
+    ["endpoint"],
     buckets=LATENCY_BUCKETS,
 )
-SMS_FILTERED = Counter("smsgw_sms_filtered_total", "Inbound SMS not forwarded because no keyword matched")
-REPLIES_QUEUED = Counter(
-    "smsgw_replies_queued_total", "Server replies and auto-responses queued as SMS", ["origin"]
+SMS_FILTERED = Counter(
+    "smsgw_sms_filtered_total",
+    "Inbound SMS not forwarded to an endpoint, by the filter's reason",
+    ["endpoint", "reason"],
 )
-REPLIES_SKIPPED = Counter("smsgw_replies_skipped_total", "Server reply messages skipped as invalid")
+REPLIES_QUEUED = Counter(
+    "smsgw_replies_queued_total", "Server replies and auto-responses queued as SMS", ["endpoint", "origin"]
+)
+REPLIES_SKIPPED = Counter("smsgw_replies_skipped_total", "Server reply messages skipped as invalid", ["endpoint"])
 
 # --- shared by every consumer -------------------------------------------------------------------------------
 RETRIES = Counter("smsgw_retries_total", "Messages scheduled for a delayed retry", ["queue"])
 PARKED = Counter("smsgw_parked_total", "Messages moved to a parked queue", ["queue", "reason"])
 
 # --- task_poller / result_reporter ----------------------------------------------------------------------------
-TASK_POLLS = Counter("smsgw_task_polls_total", "?task=send polls, by outcome", ["outcome"])
-TASK_MESSAGES = Counter("smsgw_task_messages_total", "Messages from ?task=send, by outcome", ["outcome"])
-RESULT_ROWS = Counter("smsgw_result_rows_total", "Message Results rows, by outcome", ["outcome"])
+TASK_POLLS = Counter("smsgw_task_polls_total", "?task=send polls, by outcome", ["endpoint", "outcome"])
+TASK_MESSAGES = Counter(
+    "smsgw_task_messages_total", "Messages from ?task=send, by outcome", ["endpoint", "outcome"]
+)
+RESULT_ROWS = Counter("smsgw_result_rows_total", "Message Results rows, by outcome", ["endpoint", "outcome"])
 HTTP_SECONDS = Histogram(
-    "smsgw_http_request_seconds", "Sync URL request latency by task", ["task"], buckets=LATENCY_BUCKETS
+    "smsgw_http_request_seconds", "Sync URL request latency by task", ["endpoint", "task"], buckets=LATENCY_BUCKETS
 )
 
-RESULT_ROUNDS = Counter("smsgw_result_rounds_total", "?task=result rounds, by outcome", ["outcome"])
+RESULT_ROUNDS = Counter("smsgw_result_rounds_total", "?task=result rounds, by outcome", ["endpoint", "outcome"])
 RESULT_EVENTS_HELD = Gauge(
-    "smsgw_result_events_held", "Sent/delivery events held unacked until the server accepts their report"
+    "smsgw_result_events_held", "Sent/delivery events held unacked until the server accepts their report",
+    ["endpoint"],
 )
 TASK_REPUBLISHED = Counter(
-    "smsgw_task_republished_total", "Claimed task messages published again after a poller died before its confirm"
+    "smsgw_task_republished_total", "Claimed task messages published again after a poller died before its confirm",
+    ["endpoint"],
+)
+
+# --- fleet: routing, failover and per-SIM limits (modem_worker) -----------------------------------------------
+SMS_LIMITED = Counter(
+    "smsgw_sms_limited_total",
+    "Outbound SMS not sent because a per-SIM limit refused them (reported failed), by limit",
+    ["modem", "limit"],
+)
+MODEM_SENT_TODAY = Gauge("smsgw_modem_sent_today", "SMS sent by the SIM since local midnight (max_per_day)", ["modem"])
+MODEM_CAPPED = Gauge(
+    "smsgw_modem_capped", "1 while the SIM reached max_per_day and takes no shared work until midnight", ["modem"]
+)
+OUTBOUND_FAILOVER = Counter(
+    "smsgw_outbound_failover_total",
+    "Outbound SMS a modem handed on (its modem down, capped or not allowed) instead of sending",
+    ["modem", "reason"],
 )
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:

@@ -13,13 +13,15 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from services import broker, metrics
+from services.config import FleetConfig, describe_fleet, load_fleet
 from services.ledger import Ledger
 from services.logs import configure_logging
 from services.settings import ConfigError, Settings, describe
+from services.topology import Topology
 
 log = logging.getLogger(__name__)
 
-COMMON_ENV = ("SMSGW_AMQP_URL", "SMSGW_METRICS_PORT", "SMSGW_METRICS_ADDR", "SMSGW_LOG_LEVEL")
+COMMON_ENV = ("SMSGW_AMQP_URL", "SMSGW_CONFIG", "SMSGW_METRICS_PORT", "SMSGW_METRICS_ADDR", "SMSGW_LOG_LEVEL")
 
 
 def worker_parser(prog: str, description: str, env_names: Sequence[str]) -> argparse.ArgumentParser:
@@ -54,6 +56,18 @@ def load_settings(worker: str, *, sync_url: bool = False, modem_port: bool = Fal
     return settings
 
 
+def load_fleet_config(worker: str, settings: Settings) -> FleetConfig | None:
+    """The fleet (``SMSGW_CONFIG`` file, else the env-only ``default`` endpoint); on an invalid file print one
+    line naming the file and key to stderr and return None (exit code 2)."""
+    try:
+        fleet = load_fleet(settings)
+    except ConfigError as exc:
+        print(f"{worker}: configuration error: {exc}", file=sys.stderr)
+        return None
+    log.info("fleet from %s: %s", fleet.source, describe_fleet(fleet))
+    return fleet
+
+
 def open_ledger(worker: str, settings: Settings) -> Ledger | None:
     """Open the outbound ledger in SMSGW_STATE_DIR; None, after one line on stderr, when it cannot be opened.
 
@@ -68,12 +82,12 @@ def open_ledger(worker: str, settings: Settings) -> Ledger | None:
         return None
 
 
-def check(settings: Settings, modem_ids: Sequence[str] = ()) -> int:
+def check(settings: Settings, topology: Topology | None = None) -> int:
     """Health check: the broker accepts us and the topology is declared. Returns an exit code."""
     try:
         connection = broker.connect(settings.amqp_url, "smsgw-check")
         try:
-            broker.declare_topology(connection.channel(), modem_ids)
+            broker.declare_topology(connection.channel(), topology)
         finally:
             connection.close()
     except broker.BrokerUnavailable as exc:

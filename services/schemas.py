@@ -121,6 +121,11 @@ class OutboundSms(_Message):
     # inbound message_id and the server's uuid: some servers (the seed PHP sample) reuse one uuid for every
     # reply, and each reply must still go out once.
     dedup_key: str = ""
+    # The endpoint that queued it: its sent and delivery events go back there (smsgw.events.<endpoint>).
+    endpoint: str = "default"
+    # The modems it may leave through (a route); empty = any modem. A modem worker not in the list does not
+    # send it (it reached a queue it should not have, e.g. dead-lettered after the delivery limit).
+    modems: list[str] = field(default_factory=list)
 
     @property
     def ledger_key(self) -> str:
@@ -145,6 +150,7 @@ class SentEvent(_Message):
     cms_error: int | None = None  # +CMS ERROR code when the network/modem refused
     parts: int = 1
     references: list[int] = field(default_factory=list)
+    endpoint: str = "default"
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,13 @@ class DeliveryEvent(_Message):
     outcome: Literal["delivered", "failed"]
     detail: str
     timestamp: int  # epoch ms of the status report (TP-DT), else when received
+    endpoint: str = "default"
+    # The send this report is about, so the reporter can fill sent_* without reading the ledger (the modem
+    # worker owns that record): None when unknown.
+    sent_outcome: str | None = None
+    sent_detail: str | None = None
+    sent_timestamp: int | None = None
+    sent_cms_error: int | None = None
 
 
 _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
@@ -178,6 +191,14 @@ _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     ("OutboundSms", "created_at"): int,
     ("OutboundSms", "report"): bool,
     ("OutboundSms", "dedup_key"): str,
+    ("OutboundSms", "endpoint"): str,
+    ("OutboundSms", "modems"): list,
+    ("SentEvent", "endpoint"): str,
+    ("DeliveryEvent", "endpoint"): str,
+    ("DeliveryEvent", "sent_outcome"): (str, type(None)),
+    ("DeliveryEvent", "sent_detail"): (str, type(None)),
+    ("DeliveryEvent", "sent_timestamp"): (int, type(None)),
+    ("DeliveryEvent", "sent_cms_error"): (int, type(None)),
     ("SentEvent", "uuid"): str,
     ("SentEvent", "modem_id"): str,
     ("SentEvent", "outcome"): str,
@@ -192,6 +213,12 @@ _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     ("DeliveryEvent", "detail"): str,
     ("DeliveryEvent", "timestamp"): int,
 }
+
+
+def task_ledger_key(endpoint: str, uuid: str) -> str:
+    """The ledger key of a task message: servers number their messages independently, so two endpoints may
+    both offer uuid "1"; the default endpoint keeps the bare uuid (ledgers written before endpoints existed)."""
+    return uuid if endpoint == "default" else f"{endpoint}/{uuid}"
 
 
 def decode_event(body: bytes) -> SentEvent | DeliveryEvent:

@@ -102,9 +102,27 @@ def _int(minimum: int) -> Callable[[str, str], int]:
 
 
 def _amqp_url(name: str, raw: str) -> str:
-    parts = urllib.parse.urlsplit(raw)
-    if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
-        raise ConfigError(f"{name}: expected amqp://user:pass@host:port/vhost, got scheme {parts.scheme!r}")
+    # Several brokers of one RabbitMQ cluster, comma separated: a worker connects to the first that answers.
+    for url in amqp_urls(raw):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
+            raise ConfigError(f"{name}: expected amqp://user:pass@host:port/vhost, got scheme {parts.scheme!r}")
+    if not amqp_urls(raw):
+        raise ConfigError(f"{name}: expected amqp://user:pass@host:port/vhost, got an empty value")
+    return raw
+
+
+def amqp_urls(raw: str) -> list[str]:
+    """The broker URLs of ``SMSGW_AMQP_URL`` (one, or several of one cluster separated by commas)."""
+    return [url.strip() for url in raw.split(",") if url.strip()]
+
+
+def _ledger_url(name: str, raw: str) -> str:
+    if raw == "":
+        return raw  # the SQLite file in SMSGW_STATE_DIR
+    scheme = urllib.parse.urlsplit(raw).scheme
+    if scheme not in {"sqlite", "postgresql", "postgres"}:
+        raise ConfigError(f"{name}: expected sqlite:///path or postgresql://user:pass@host/db, got scheme {scheme!r}")
     return raw
 
 
@@ -176,6 +194,8 @@ ENV_VARS: dict[str, EnvVar] = {
             "RabbitMQ URL; the vhost in the path is honoured",
             _amqp_url,
         ),
+        EnvVar("SMSGW_CONFIG", "", "fleet configuration file (TOML: endpoints, routes, per-modem limits); empty = "
+               "one endpoint named 'default' from the SMSGW_* variables below", _str),
         EnvVar("SMSGW_SYNC_URL", "", "the SMSsync Sync URL (user:pass@ in it becomes Basic auth)", _sync_url),
         EnvVar("SMSGW_SECRET", "", "secret sent with every sync and task request; empty = none", _str),
         EnvVar("SMSGW_DEVICE_ID", "smssync-gateway", "device_id sent to the Sync URL", _str),
@@ -278,6 +298,12 @@ ENV_VARS: dict[str, EnvVar] = {
             "(stale reminders); 0 = never expire",
             _number(0),
         ),
+        EnvVar("SMSGW_LEDGER_URL", "", "never-twice ledger: sqlite:///path (one host) or "
+               "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR", _ledger_url),
+        EnvVar("SMSGW_MODEM_FAILOVER", "300", "seconds a reply queued for one modem waits for it before another "
+               "modem may send it; 0 = wait for that modem forever", _number(0)),
+        EnvVar("SMSGW_INBOUND", "true", "POST inbound SMS to the Sync URL (false: an outbound-only server)", _bool),
+        EnvVar("SMSGW_TASKS", "true", "poll ?task=send on the Sync URL (false: an inbound-only server)", _bool),
         EnvVar("SMSGW_LEDGER_RETENTION_DAYS", "90", "days the outbound ledger remembers a sent uuid (never-twice "
                "window)", _number(1)),
         EnvVar("SMSGW_LOG_LEVEL", "INFO", "DEBUG shows message bodies; INFO never does",
@@ -292,6 +318,7 @@ class Settings:
     """All gateway settings, validated. Build with ``Settings.from_env()``."""
 
     amqp_url: str
+    config: str
     sync_url: str
     secret: str
     device_id: str
@@ -319,6 +346,10 @@ class Settings:
     state_dir: str
     send_interval: float
     outbound_max_age: float
+    ledger_url: str
+    modem_failover: float
+    inbound: bool
+    tasks: bool
     ledger_retention_days: float
     log_level: str
     prefetch: int
@@ -342,12 +373,7 @@ class Settings:
             _number(1)("SMSGW_RESULT_INTERVAL", raw_interval) if raw_interval else values["task_interval"]
         )
         if values["sync_format"] == "xml":
-            renamed = dict(values["sync_keys"])
-            for key in (renamed.get(f, f) for f in SYNC_FIELDS):
-                if not _XML_NAME.fullmatch(key):
-                    raise ConfigError(
-                        f"SMSGW_SYNC_KEYS: {key!r} is not a valid XML element name (SMSGW_SYNC_FORMAT=xml)"
-                    )
+            check_xml_keys(values["sync_keys"], "SMSGW_SYNC_KEYS")
         if not values["modem_id"] and values["modem_port"]:
             values["modem_id"] = modem_id_from_port(values["modem_port"])
         names = {f.name for f in fields(cls)}
@@ -362,6 +388,14 @@ class Settings:
         """Raises ConfigError when SMSGW_MODEM_PORT is empty."""
         if not self.modem_port:
             raise ConfigError("SMSGW_MODEM_PORT: required by this worker")
+
+
+def check_xml_keys(sync_keys: Sequence[tuple[str, str]], name: str) -> None:
+    """Raise ConfigError (naming ``name``) when a field would be sent under a key XML cannot carry."""
+    renamed = dict(sync_keys)
+    for key in (renamed.get(f, f) for f in SYNC_FIELDS):
+        if not _XML_NAME.fullmatch(key):
+            raise ConfigError(f"{name}: {key!r} is not a valid XML element name (sync format xml)")
 
 
 def modem_id_from_port(port: str) -> str:

@@ -1,0 +1,193 @@
+"""The gateway's queues and exchanges: names, and what each worker declares.
+
+Data flows one way, and the names say where a message is on its way::
+
+    modem ──► [smsgw.inbound fanout] ──► smsgw.inbound.<endpoint>  ──► sync_worker ──► Sync URL
+    Sync URL ──► sync_worker (replies) ──► smsgw.outbound.<modem>   ┐
+    Sync URL ──► task_poller ──► smsgw.outbound.pool.<a>+<b> (route) ├─► modem_worker ──► SIM
+                                 smsgw.outbound (any modem)          ┘
+    modem_worker ──► smsgw.events.<endpoint> ──► result_reporter ──► Sync URL
+
+* Inbound fan-out: a modem worker publishes each SMS once to the ``smsgw.inbound`` fanout exchange; the broker
+  puts one copy into the queue of every endpoint with ``inbound = true`` (atomically: the confirm comes once
+  all of them have it). Each endpoint's copy has its own retries and parked queue, so a dead server delays
+  no other; each endpoint's filter is applied by the sync worker on its own copy.
+* Outbound: a modem consumes its own queue (replies to SMS it received, routes to it alone), the pool queues
+  of routes it belongs to, and the shared queue. A message in a modem's own queue that may leave through any
+  modem (a reply) carries a per-message TTL of ``SMSGW_MODEM_FAILOVER`` seconds: when it expires unsent (the
+  modem is down, paused or gone), the broker dead-letters it into the shared queue, where any healthy modem
+  takes it. Messages routed to that modem alone carry no TTL: they wait for it.
+* Events: one queue per endpoint, so results go back to the server that queued the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pika.adapters.blocking_connection import BlockingChannel
+
+from services.config import DEFAULT_ENDPOINT, FleetConfig
+
+EXCHANGE = "smsgw"  # direct: routing key = work queue name
+RETRY_EXCHANGE = "smsgw.retry"  # direct: routing key = "<queue>.<tier>s"
+PARKED_EXCHANGE = "smsgw.parked"  # direct: routing key = work queue name
+INBOUND_EXCHANGE = "smsgw.inbound"  # fanout: one copy per endpoint's inbound queue
+
+OUTBOUND_QUEUE = "smsgw.outbound"  # any modem may send these
+
+DELAY_TIERS_S: tuple[int, ...] = (1, 5, 15, 60, 300, 900, 3600)
+DELIVERY_LIMIT = 20  # redeliveries before the broker parks a message (last resort: a consumer process dying on it)
+
+
+def inbound_queue_for(endpoint: str) -> str:
+    """Name of the inbound queue of one endpoint (its copy of every received SMS)."""
+    return f"smsgw.inbound.{endpoint}"
+
+
+def events_queue_for(endpoint: str) -> str:
+    """Name of the events queue of one endpoint (sent results and delivery reports of what it queued)."""
+    return f"smsgw.events.{endpoint}"
+
+
+def outbound_queue_for(modem_id: str) -> str:
+    """Name of the outbound queue of one modem (SMS that should leave through that SIM)."""
+    return f"{OUTBOUND_QUEUE}.{modem_id}"
+
+
+def pool_queue_for(modem_ids: Iterable[str]) -> str:
+    """Name of the outbound queue shared by a set of modems (a route with several modems)."""
+    return f"{OUTBOUND_QUEUE}.pool.{'+'.join(sorted(set(modem_ids)))}"
+
+
+def outbound_queue_for_route(modem_ids: Sequence[str]) -> str:
+    """The queue of SMS routed to ``modem_ids``: the modem's own queue for one, a pool queue for several,
+    the shared queue for none."""
+    if not modem_ids:
+        return OUTBOUND_QUEUE
+    if len(set(modem_ids)) == 1:
+        return outbound_queue_for(modem_ids[0])
+    return pool_queue_for(modem_ids)
+
+
+def parked_queue_for(work_queue: str) -> str:
+    """Name of the parked queue of a work queue."""
+    return f"{work_queue}.parked"
+
+
+def delay_queue_for(work_queue: str, tier_s: int) -> str:
+    """Name of the delay queue of a work queue for one back-off tier."""
+    return f"{work_queue}.delay.{tier_s}s"
+
+
+# The default endpoint's queues (env-only deployments, and what most tests use).
+INBOUND_QUEUE = inbound_queue_for(DEFAULT_ENDPOINT)
+EVENTS_QUEUE = events_queue_for(DEFAULT_ENDPOINT)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which endpoints, modems and pools a worker declares queues for (declaring is idempotent, so every
+    worker declares all it knows of, and a publish never finds its queue missing)."""
+
+    inbound_endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
+    event_endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
+    modems: tuple[str, ...] = ()
+    pools: tuple[tuple[str, ...], ...] = ()
+
+    @classmethod
+    def of(cls, fleet: FleetConfig, modems: Sequence[str] = ()) -> Topology:
+        """The topology of ``fleet``, plus the own queues of ``modems`` (a modem worker's own id)."""
+        known = dict.fromkeys([*fleet.modems, *modems])
+        return cls(
+            inbound_endpoints=tuple(e.name for e in fleet.inbound_endpoints()),
+            event_endpoints=fleet.endpoint_names,
+            modems=tuple(known),
+            pools=fleet.all_pools(),
+        )
+
+    def with_modems(self, modems: Sequence[str]) -> Topology:
+        """This topology plus the own queues of ``modems``."""
+        return Topology(self.inbound_endpoints, self.event_endpoints,
+                        tuple(dict.fromkeys([*self.modems, *modems])), self.pools)
+
+    def work_queues(self) -> list[str]:
+        """Every work queue of this topology."""
+        return [
+            *map(inbound_queue_for, self.inbound_endpoints),
+            OUTBOUND_QUEUE,
+            *map(outbound_queue_for, self.modems),
+            *map(pool_queue_for, self.pools),
+            *map(events_queue_for, self.event_endpoints),
+        ]
+
+
+def _work_queue_arguments(work_queue: str) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": PARKED_EXCHANGE,
+        "x-dead-letter-routing-key": work_queue,
+        # at-least-once dead-lettering needs reject-publish overflow (see broker-notes).
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    if is_modem_queue(work_queue):
+        # A reply whose failover TTL expires (its modem down or gone) moves on to the shared queue; so does a
+        # message over the delivery limit, which the shared queue's own limit then parks.
+        arguments["x-dead-letter-exchange"] = EXCHANGE
+        arguments["x-dead-letter-routing-key"] = OUTBOUND_QUEUE
+    if not work_queue.startswith("smsgw.events."):
+        # Not on the events queues: the result reporter holds events unacked on purpose (for rounds, and for
+        # as long as the server is down), and RabbitMQ counts every return (a reporter restart, a connection
+        # blip) as a delivery, so ~20 restarts during an outage would park results nobody had failed on.
+        # The reporter parks an event it cannot read itself.
+        arguments["x-delivery-limit"] = DELIVERY_LIMIT
+    return arguments
+
+
+def is_modem_queue(work_queue: str) -> bool:
+    """Whether ``work_queue`` is one modem's own outbound queue (not the shared or a pool queue)."""
+    prefix = f"{OUTBOUND_QUEUE}."
+    return work_queue.startswith(prefix) and not work_queue.startswith(f"{prefix}pool.")
+
+
+def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
+    """Declare a work queue with its parked queue and delay queues (idempotent)."""
+    channel.queue_declare(work_queue, durable=True, arguments=_work_queue_arguments(work_queue))
+    channel.queue_bind(work_queue, EXCHANGE, routing_key=work_queue)
+    parked = parked_queue_for(work_queue)
+    channel.queue_declare(parked, durable=True, arguments={"x-queue-type": "quorum"})
+    channel.queue_bind(parked, PARKED_EXCHANGE, routing_key=work_queue)
+    for tier in DELAY_TIERS_S:
+        delay = delay_queue_for(work_queue, tier)
+        channel.queue_declare(
+            delay,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": tier * 1000,
+                # Expired messages go back to the work queue through the default exchange.
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": work_queue,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        channel.queue_bind(delay, RETRY_EXCHANGE, routing_key=f"{work_queue}.{tier}")
+
+
+def declare_topology(channel: BlockingChannel, topology: Topology | None = None) -> None:
+    """Declare the exchanges and every queue of ``topology`` (default: the env-only ``default`` endpoint).
+
+    Raises:
+        pika.exceptions.ChannelClosedByBroker: a queue exists with other arguments (operator must delete it).
+    """
+    topology = topology or Topology()
+    for exchange in (EXCHANGE, RETRY_EXCHANGE, PARKED_EXCHANGE):
+        channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+    channel.exchange_declare(INBOUND_EXCHANGE, exchange_type="fanout", durable=True)
+    for work_queue in topology.work_queues():
+        declare_work_queue(channel, work_queue)
+    for endpoint in topology.inbound_endpoints:
+        channel.queue_bind(inbound_queue_for(endpoint), INBOUND_EXCHANGE)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from services.broker import PublisherThread
+from services.broker import PublisherThread, Topology
 from services.runtime import (
     check,
     install_stop_signals,
+    load_fleet_config,
     load_settings,
     open_ledger,
     start_metrics,
@@ -18,38 +19,46 @@ from services.runtime import (
 log = logging.getLogger(__name__)
 
 ENV = ("SMSGW_MODEM_PORT", "SMSGW_MODEM_ID", "SMSGW_MODEM_BAUDRATE", "SMSGW_DEVICE_ID", "SMSGW_STATE_DIR",
-       "SMSGW_LEDGER_RETENTION_DAYS", "SMSGW_SEND_INTERVAL", "SMSGW_OUTBOUND_MAX_AGE")
+       "SMSGW_LEDGER_URL", "SMSGW_LEDGER_RETENTION_DAYS", "SMSGW_SEND_INTERVAL", "SMSGW_OUTBOUND_MAX_AGE",
+       "SMSGW_MODEM_FAILOVER")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = worker_parser(
         "python -m modem_worker",
-        "Own one GSM modem: SIM -> inbound queue; outbound queues -> SMS; sent results and delivery reports -> "
-        "events queue.",
+        "Own one GSM modem: SIM -> every inbound endpoint's queue; its own, its routes' and the shared outbound "
+        "queues -> SMS (within the SIM's limits); sent results and delivery reports -> the events queue of the "
+        "endpoint that queued the SMS.",
         ENV,
     )
     args = parser.parse_args(argv)
     settings = load_settings("modem_worker", modem_port=True)
     if settings is None:
         return 2
+    fleet = load_fleet_config("modem_worker", settings)
+    if fleet is None:
+        return 2
     ledger = open_ledger("modem_worker", settings)
     if ledger is None:
         return 1
+    topology = Topology.of(fleet, modems=[settings.modem_id])
     if args.check:
-        return check(settings, [settings.modem_id])
+        ledger.close()
+        return check(settings, topology)
     start_metrics(settings, "modem_worker")
     # Imported late: the library emits warnings at import time, and --check/--help do not need it.
     from modem_worker.worker import ModemWorker
 
-    publisher = PublisherThread(settings.amqp_url, f"smsgw-modem-{settings.modem_id}", [settings.modem_id])
-    worker = ModemWorker(settings, publisher, ledger)
+    publisher = PublisherThread(settings.amqp_url, f"smsgw-modem-{settings.modem_id}", topology)
+    worker = ModemWorker(settings, publisher, ledger, fleet=fleet)
     install_stop_signals(worker.stop)
     log.info("modem_worker %s starting on %s", settings.modem_id, settings.modem_port)
     try:
         worker.run()
     finally:
         publisher.close()
+        ledger.close()
     return 1 if worker.failed else 0
 
 

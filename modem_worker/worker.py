@@ -1,19 +1,26 @@
-"""The modem worker: one GSM modem <-> RabbitMQ.
+"""The modem worker: one GSM modem <-> RabbitMQ, one member of a fleet of modems.
 
-Inbound: SIM -> ``smsgw.inbound``. The adapter calls ``_on_message`` on its own thread; we publish with a
-broker confirm and raise if that fails, and the adapter deletes the SMS from the SIM only when we return.
-So an SMS leaves the SIM only after the broker has it.
+Inbound: SIM -> the ``smsgw.inbound`` fanout exchange (one copy per inbound endpoint). The adapter calls
+``_on_message`` on its own thread; we publish with a broker confirm and raise if that fails, and the adapter
+deletes the SMS from the SIM only when we return. So an SMS leaves the SIM only after the broker has it.
 
-Outbound: ``smsgw.outbound.<modem>`` and ``smsgw.outbound`` -> modem -> ``smsgw.events``. The ledger is taken
-(``begin_send``) before the PDU is written, so a redelivered or duplicated uuid is never sent twice, and a send
-interrupted by a crash is reported as "unknown" instead of being resent blindly.
+Outbound: the modem's own queue (replies to SMS it received, routes to it alone), the pool queues of routes it
+belongs to and the shared queue -> modem -> ``smsgw.events.<endpoint>``. The own queue is consumed while the
+modem is up and not capped; pool and shared queues only while it is healthy (also registered), so a sick modem
+takes no shared work. The ledger is taken (``begin_send``) before the PDU is written, so a redelivered or
+duplicated key is never sent twice, and a send interrupted by a crash is reported as "unknown" instead of being
+resent blindly. Per-SIM limits (pacing, daily cap, per recipient and hour) live in ``modem_worker.sim_guard``.
+
+Failover: a message in this modem's own queue that may leave through any modem (a reply) carries a TTL of
+``SMSGW_MODEM_FAILOVER``; when it expires unsent the broker moves it to the shared queue. A message this worker
+took but cannot send now goes back to the own queue with the *rest* of that TTL (a Retry through a delay queue
+would lose it), so it keeps its failover clock.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -31,20 +38,36 @@ from modem_worker.modem import (
     StatusReport,
     UnreadableMessage,
 )
+from modem_worker.sim_guard import SimGuard
 from services import broker, metrics
-from services.broker import Ack, Consumer, Decision, Delivery, Park, Publication, PublisherThread, Retry
-from services.ledger import FINAL_STATES, Ledger, LedgerEntry
+from services.broker import (
+    Ack,
+    Consumer,
+    Decision,
+    Delivery,
+    Move,
+    Park,
+    Publication,
+    PublisherThread,
+    Retry,
+    Topology,
+)
+from services.config import FleetConfig, fleet_from_settings
+from services.ledger import FINAL_STATES, Ledger, LedgerError, SendRecord
 from services.runtime import start_supervised
 from services.schemas import DeliveryEvent, InboundSms, OutboundSms, SchemaError, SentEvent, derive_message_id
 from services.settings import Settings
+from services.topology import outbound_queue_for_route
 
 log = logging.getLogger(__name__)
 
-HOUSEKEEPING_INTERVAL_S = 30.0  # SIM sweep, signal, AT watchdog
+HOUSEKEEPING_INTERVAL_S = 30.0  # SIM sweep, signal, AT watchdog, daily count
 PRUNE_INTERVAL_S = 3600.0  # ledger retention
 RECONNECT_MAX_S = 30.0
 # A "sending" claim of another modem older than this was interrupted by a crash.
 STALE_SENDING_S = 120.0
+# OUTBOUND_FAILOVER reasons: why a modem handed an SMS on instead of sending it.
+FAILOVER_REASONS = ("modem_down", "capped", "not_allowed")
 
 ModemFactory = Callable[..., Modem]
 _T = TypeVar("_T")
@@ -54,11 +77,62 @@ def _ms(moment: datetime | None) -> int:
     return int((moment or datetime.now(UTC)).timestamp() * 1000)
 
 
+class _OutboundConsumer:
+    """The outbound consumer of one modem, restarted with another queue set when the modem's health changes.
+
+    One Consumer per queue set (a Consumer's handler pool is single-use): stopping waits for the SMS being
+    sent, so a new consumer never sends through the modem while the old one still does.
+    """
+
+    def __init__(self, start: Callable[[list[str]], tuple[Consumer, threading.Thread]], join_timeout_s: float,
+                 modem_id: str) -> None:
+        self._start = start
+        self._join_timeout_s = join_timeout_s
+        self._modem_id = modem_id
+        self.queues: list[str] = []
+        self._running: tuple[Consumer, threading.Thread] | None = None
+
+    def ensure(self, queues: list[str]) -> bool:
+        """Consume exactly ``queues`` (none: no consumer); restart only when the set changed. False when the old
+        consumer is still finishing a send (call again soon)."""
+        if self._running is not None and queues == self.queues:
+            return True
+        if not self.stop():
+            return False
+        self.queues = queues
+        if queues:
+            self._running = self._start(queues)
+            log.info("modem %s: taking outbound work from %s", self._modem_id, ", ".join(queues))
+        else:
+            log.info("modem %s: taking no outbound work for now", self._modem_id)
+        return True
+
+    def stop(self) -> bool:
+        """Stop consuming and wait for the SMS in flight; False when it did not finish within the time-out."""
+        if self._running is None:
+            return True
+        consumer, thread = self._running
+        consumer.stop()
+        thread.join(timeout=self._join_timeout_s)
+        if thread.is_alive():
+            log.warning("modem %s: outbound consumer still finishing a send", self._modem_id)
+            return False
+        self._running = None
+        self.queues = []
+        return True
+
+
 class ModemWorker:
     """Supervises one modem: connect, consume outbound work while it is up, reconnect after it goes away."""
 
-    def __init__(self, settings: Settings, publisher: PublisherThread, ledger: Ledger,
-                 modem_factory: ModemFactory = Modem, send_timeout_s: float = 35.0) -> None:
+    def __init__(self, settings: Settings, publisher: PublisherThread, ledger: Ledger, *,
+                 modem_factory: ModemFactory = Modem, send_timeout_s: float = 35.0,
+                 fleet: FleetConfig | None = None) -> None:
+        """``fleet`` (default: the env-only fleet of ``settings``) gives this modem's limits and route pools.
+
+        Raises:
+            ConfigError: SMSGW_MODEM_PORT is not set.
+        """
         settings.require_modem_port()
         self._settings = settings
         self._publisher = publisher
@@ -66,22 +140,41 @@ class ModemWorker:
         self._modem_factory = modem_factory
         self._send_timeout_s = send_timeout_s
         self.modem_id = settings.modem_id
+        self._fleet = fleet or fleet_from_settings(settings)
+        self._topology = Topology.of(self._fleet, modems=[self.modem_id])
+        self._own_queue = broker.outbound_queue_for(self.modem_id)
+        self._shared_queues = [*map(broker.pool_queue_for, self._fleet.pools_of(self.modem_id)),
+                               broker.OUTBOUND_QUEUE]
+        inbound = self._fleet.inbound_endpoints()
+        # Undecodable PDUs are parked once, with the first inbound endpoint's queue (the operator looks there).
+        self._unreadable_queue = broker.inbound_queue_for(inbound[0].name if inbound else "default")
+        self._guard = SimGuard(self.modem_id, self._fleet.limits_for(self.modem_id), ledger, settings.send_interval)
         self._stopping = threading.Event()
         self._modem_down = threading.Event()
+        # Ends a wait for the next send turn: the modem went down, the worker stops, or the SIM got capped.
+        self._interrupt = threading.Event()
+        self._wake = threading.Event()  # the supervisor loop looks at health and queues again
         self._modem: Modem | None = None
         self._info: ModemInfo | None = None
         self.up = threading.Event()  # set while the modem is connected (tests, --check)
         self.failed = False  # set when the worker stopped because of an unrecoverable error
         self._next_prune = 0.0
         self._health: tuple[int | None, int | None] = (None, None)  # (signal RSSI, battery %), last reading
-        self._registered: bool | None = None
-        self._next_send_at = 0.0  # time.monotonic() before which SMSGW_SEND_INTERVAL forbids the next send
+        self._registered: bool | None = None  # last reading as logged (unknown counts as not registered)
+        self._registration_ok = True  # for taking shared work: an unknown reading counts as registered
+        for reason in FAILOVER_REASONS:
+            metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
         """Drain: finish the SMS being sent, stop consuming, close the modem. ``run()`` then returns."""
         self._stopping.set()
+        self._mark_down()
+
+    def _mark_down(self) -> None:
         self._modem_down.set()
+        self._interrupt.set()
+        self._wake.set()
 
     def run(self) -> None:
         """Connect, serve, reconnect with capped back-off until ``stop()``."""
@@ -105,7 +198,9 @@ class ModemWorker:
 
     def _connect(self) -> Modem | None:
         self._modem_down.clear()
+        self._interrupt.clear()
         self._health = (None, None)  # a reading from before the reconnect may be stale: unknown until re-read
+        self._registration_ok = True
         modem = self._modem_factory(
             self._settings.modem_port,
             on_message=self._on_message,
@@ -128,13 +223,20 @@ class ModemWorker:
                  self._info.model, "known" if self._info.own_number else "unknown")
         return modem
 
-    def _serve(self, modem: Modem) -> None:
-        metrics.MODEM_UP.labels(self.modem_id).set(1)
-        self.up.set()
-        self._housekeeping(modem)  # SMS that arrived while we were away
+    def outbound_queues(self) -> list[str]:
+        """The queues this modem should consume now: none while capped (every SMS would be handed back), its own
+        queue while up, pools and the shared queue only while healthy (registered, or registration unknown)."""
+        if self._modem_down.is_set() or self._guard.capped:
+            return []
+        if not self._registration_ok:
+            return [self._own_queue]
+        return [self._own_queue, *self._shared_queues]
+
+    def _start_consumer(self, queues: list[str]) -> tuple[Consumer, threading.Thread]:
+        self._interrupt.clear()
         consumer = Consumer(
             self._settings.amqp_url,
-            [broker.outbound_queue_for(self.modem_id), broker.OUTBOUND_QUEUE],
+            queues,
             self._handle_outbound,
             self._publisher,
             name=f"smsgw-modem-{self.modem_id}",
@@ -142,33 +244,53 @@ class ModemWorker:
             # another modem could have sent it.
             prefetch=1,
             concurrency=1,
-            modem_ids=[self.modem_id],
+            topology=self._topology,
         )
-        consumer_thread = start_supervised(consumer.run, f"outbound consumer of {self.modem_id}", self._fail)
+        thread = start_supervised(consumer.run, f"outbound consumer of {self.modem_id}", self._fail)
+        return consumer, thread
+
+    def _serve(self, modem: Modem) -> None:
+        metrics.MODEM_UP.labels(self.modem_id).set(1)
+        self.up.set()
+        self._housekeeping(modem)  # SMS that arrived while we were away; health and the daily count
+        outbound = _OutboundConsumer(self._start_consumer, self._send_timeout_s + 15, self.modem_id)
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
         try:
-            while not self._modem_down.wait(HOUSEKEEPING_INTERVAL_S):
-                if not modem.ping():
-                    log.error("modem %s: no answer to AT; reconnecting", self.modem_id)
+            while not self._modem_down.is_set():
+                settled = outbound.ensure(self.outbound_queues())
+                self._wake.wait(max(0.0, next_housekeeping - time.monotonic()) if settled else 1.0)
+                # Cleared before looking again: a wake-up from now on is seen by the next ensure().
+                self._wake.clear()
+                if self._modem_down.is_set():
                     break
-                self._housekeeping(modem)
+                if time.monotonic() >= next_housekeeping:
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
+                    if not modem.ping():
+                        log.error("modem %s: no answer to AT; reconnecting", self.modem_id)
+                        self._mark_down()
+                        break
+                    self._housekeeping(modem)
         finally:
             # Stop taking work first; an SMS being sent finishes (or fails) and is acked before we close.
-            consumer.stop()
-            consumer_thread.join(timeout=self._send_timeout_s + 15)
+            self._mark_down()
+            outbound.stop()
             if not self._stopping.is_set():
-                log.warning("modem %s: down; outbound work stays queued until it is back", self.modem_id)
+                log.warning("modem %s: down; outbound work stays queued until it is back (replies move on to "
+                            "other modems after SMSGW_MODEM_FAILOVER)", self.modem_id)
 
     def _housekeeping(self, modem: Modem) -> None:
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
             try:
                 forgotten = self._ledger.prune(self._settings.ledger_retention_days * 86400)
-            except sqlite3.Error as exc:  # a busy or full disk must not stop the modem; next hour again
+            except LedgerError as exc:  # a busy or full disk must not stop the modem; next hour again
                 log.warning("ledger: pruning failed (%s); will try again in an hour", exc)
             else:
                 if forgotten:
                     log.info("ledger: forgot %d SMS older than %.0f days", forgotten,
                              self._settings.ledger_retention_days)
+        if self._refresh_daily():
+            self._interrupt.set()  # a send waiting for its turn goes back: the SIM may send no more today
         try:
             # Health first, so SMS picked up by the sweep carry a fresh reading (query codes are answered from
             # it); a reading the modem refuses must not keep the sweep from running.
@@ -178,10 +300,19 @@ class ModemWorker:
                 log.info("modem %s: picked up %d stored SMS", self.modem_id, swept)
         except ModemUnavailable as exc:
             log.error("modem %s: lost during housekeeping: %s", self.modem_id, exc)
-            self._modem_down.set()
+            self._mark_down()
         except ModemError as exc:
             # A refused command or an unreadable answer: the SMS stay on the SIM for the next sweep.
             log.warning("modem %s: housekeeping incomplete (%s); stored SMS stay on the SIM", self.modem_id, exc)
+
+    def _refresh_daily(self) -> bool:
+        """Recount today's SMS (``max_per_day``); returns whether the SIM is capped. A ledger error keeps the last
+        known state."""
+        try:
+            return self._guard.refresh_daily()
+        except LedgerError as exc:
+            log.warning("modem %s: cannot count today's SMS (%s); keeping the last count", self.modem_id, exc)
+            return self._guard.capped
 
     def _unless_refused(self, read: Callable[[], _T], what: str) -> _T | None:
         """``read()``, or None when the modem refuses or garbles the answer. Raises ModemUnavailable."""
@@ -197,11 +328,13 @@ class ModemWorker:
         """Read signal, battery and registration into the metrics and ``_health``.
 
         A value the modem refuses or answers unreadably counts as unknown (some modules answer +CME ERROR to
-        AT+CREG? in some SIM states). Raises ModemUnavailable when the modem is gone.
+        AT+CREG? in some SIM states): the metric shows 0, but the modem keeps taking shared work. Raises
+        ModemUnavailable when the modem is gone.
         """
         signal = self._unless_refused(modem.signal_strength, "signal")
         battery = self._unless_refused(modem.battery_level, "battery")
-        registered = bool(self._unless_refused(modem.is_registered, "registration"))
+        reading = self._unless_refused(modem.is_registered, "registration")
+        registered = bool(reading)
         self._health = (signal, battery)
         metrics.MODEM_SIGNAL.labels(self.modem_id).set(-1 if signal is None else signal)
         metrics.MODEM_BATTERY.labels(self.modem_id).set(-1 if battery is None else battery)
@@ -213,6 +346,12 @@ class ModemWorker:
                 log.warning("modem %s: not registered on a network (or it does not say); SMS may not be sent "
                             "or received", self.modem_id)
             self._registered = registered
+        registration_ok = reading is not False
+        if registration_ok != self._registration_ok:
+            self._registration_ok = registration_ok
+            if not registration_ok:
+                log.warning("modem %s: takes no shared work while it is not registered", self.modem_id)
+            self._wake.set()
 
     def _fail(self, exc: BaseException) -> None:
         """The outbound consumer died of an error reconnecting cannot fix: stop, and exit non-zero."""
@@ -221,11 +360,12 @@ class ModemWorker:
 
     def _on_fatal(self, exc: BaseException) -> None:
         log.error("modem %s: fatal error (%s); will reconnect", self.modem_id, exc)
-        self._modem_down.set()
+        self._mark_down()
 
     # ---- inbound: modem -> broker --------------------------------------------------------------------------
     def _on_message(self, message: ReceivedMessage) -> None:
-        """Publish one received SMS with confirm. Raises BrokerError so the adapter keeps it on the SIM."""
+        """Publish one received SMS with confirm, once, to the inbound fanout exchange (every inbound endpoint
+        gets a copy). Raises BrokerError so the adapter keeps it on the SIM."""
         info = self._info
         identity = (info.imsi if info and info.imsi else None) or self.modem_id
         sent_ms = _ms(message.smsc_time)
@@ -243,24 +383,27 @@ class ModemWorker:
             modem_signal=self._health[0],
             modem_battery=self._health[1],
         )
-        self._publisher.publish(Publication(broker.INBOUND_QUEUE, sms.to_json(), message_id=sms.message_id))
+        self._publisher.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE,
+                                            message_id=sms.message_id))
         metrics.SMS_RECEIVED.labels(self.modem_id).inc()
         log.info("modem %s: SMS %s queued (%d part(s)%s)", self.modem_id, sms.message_id, message.parts,
                  "" if message.complete else ", incomplete")
         log.debug("SMS %s from %s: %r", sms.message_id, sms.sender, sms.text)
 
     def _on_unreadable(self, message: UnreadableMessage) -> None:
-        """Park an SMS whose PDU cannot be decoded (raw PDU + reason, confirmed) so the SIM slot is freed and an
-        operator can look at it; raises BrokerError so the adapter keeps it on the SIM when that fails."""
+        """Park an SMS whose PDU cannot be decoded (raw PDU + reason, confirmed) in the parked queue of the first
+        inbound endpoint, so the SIM slot is freed and an operator can look at it; raises BrokerError so the
+        adapter keeps it on the SIM when that fails."""
         body = json.dumps({
             "schema": "unreadable_sms/1", "modem_id": self.modem_id, "memory": message.memory,
             "index": message.index, "pdu": message.pdu_hex, "reason": message.reason, "received_at": broker.now_ms(),
         }).encode()
-        broker.park_body(self._publisher, broker.INBOUND_QUEUE, body,
+        broker.park_body(self._publisher, self._unreadable_queue, body,
                          f"undecodable PDU from modem {self.modem_id}: {message.reason}", message_id=None)
 
     def _on_status_report(self, report: StatusReport) -> None:
-        """Match a status report to its uuid and publish a DeliveryEvent once all parts are final."""
+        """Match a status report to its uuid and publish a DeliveryEvent (with the facts of the send, to the
+        endpoint that queued the SMS) once all parts are final."""
         if report.delivered is None:
             log.info("modem %s: pending status report for TP-MR %d", self.modem_id, report.reference)
             return
@@ -276,9 +419,12 @@ class ModemWorker:
         event = DeliveryEvent(
             uuid=match.uuid, modem_id=self.modem_id, outcome="delivered" if match.delivered else "failed",
             detail="SMS delivered" if match.delivered else f"not delivered (TP-Status {report.status})",
-            timestamp=_ms(report.finalized_at),
+            timestamp=_ms(report.finalized_at), endpoint=match.endpoint,
+            sent_outcome=match.sent_state, sent_detail=match.sent_detail, sent_timestamp=match.sent_at,
+            sent_cms_error=match.sent_cms_error,
         )
-        self._publisher.publish(Publication(broker.EVENTS_QUEUE, event.to_json(), message_id=match.uuid))
+        self._publisher.publish(Publication(broker.events_queue_for(match.endpoint), event.to_json(),
+                                            message_id=match.uuid))
 
     # ---- outbound: broker -> modem -------------------------------------------------------------------------
     def _handle_outbound(self, delivery: Delivery) -> Decision:
@@ -286,47 +432,101 @@ class ModemWorker:
             sms = OutboundSms.from_json(delivery.body)
         except SchemaError as exc:
             return Park(f"malformed outbound message: {exc}", label="malformed")
+        refused = self._refusal(sms)
+        if refused is not None:
+            return refused
+        return self._send_in_turn(delivery, sms)
+
+    def _refusal(self, sms: OutboundSms) -> Decision | None:
+        """What to do with an SMS this modem must not send at all (another route, too old, over the recipient
+        limit), or None when it may be sent."""
+        if sms.modems and self.modem_id not in sms.modems:
+            # It reached a queue it should not have (e.g. dead-lettered into the shared queue): hand it to its
+            # route, never send it through a SIM the route excludes.
+            metrics.OUTBOUND_FAILOVER.labels(self.modem_id, "not_allowed").inc()
+            return Move(outbound_queue_for_route(sms.modems),
+                        f"may leave only through {', '.join(sms.modems)}, not modem {self.modem_id}")
         expired = self._expired(sms)
         if expired is not None:
-            return self._expire(sms, expired)
-        # Wait out SMSGW_SEND_INTERVAL before claiming the SMS in the ledger: a crash while waiting must leave it
-        # unclaimed (sent later), not "sending" (reported as an unknown outcome).
-        while (wait_s := self._next_send_at - time.monotonic()) > 0:
-            # _modem_down is also set by stop(): a drain or a lost modem ends the wait, and this consumer
-            # (stopped by the supervisor next) must not send through a modem it no longer owns.
-            if self._modem_down.wait(wait_s):
-                return Retry("modem down or worker stopping")
+            return self._refuse(sms, expired, metric_outcome="expired")
+        if self._guard.over_recipient_limit(sms.to):
+            # Reported failed at once, without waiting for a send turn: the SMS behind it are not held up.
+            return self._refuse(sms, self._guard.recipient_limit_detail(), metric_outcome="limited",
+                                limit="recipient_hour")
+        return None
+
+    def _send_in_turn(self, delivery: Delivery, sms: OutboundSms) -> Decision:
+        """Send ``sms`` when pacing allows and the SIM is not capped; hand it back when it cannot be sent now."""
+        if self._guard.limits.max_per_day and self._refresh_daily():
+            # The supervisor stops this consumer (no more work today). Not woken by the send that reached the
+            # cap: stopping a consumer while it acks that send would drop the ack (a needless redelivery).
+            self._wake.set()
+            return self._hand_back(delivery, sms, "capped")
+        # Wait for the send turn (pacing) before claiming the SMS in the ledger: a crash while waiting must leave
+        # it unclaimed (sent later), not "sending" (reported as an unknown outcome). The wait ends early when the
+        # modem goes down, the worker stops or the SIM got capped: this consumer is stopped next, and must not
+        # send through a modem it no longer owns.
+        if not self._guard.wait_for_turn(self._interrupt):
+            return self._hand_back(delivery, sms, "capped" if self._guard.capped else "modem_down")
         modem = self._modem
         if modem is None or not modem.alive:
-            # Stop consuming (the supervisor reconnects) and hand the SMS back through a delay queue: by then
-            # this consumer is stopped and another modem, or this one once back, takes it.
-            self._modem_down.set()
-            return Retry("modem down")
-        existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to)
+            # Stop consuming (the supervisor reconnects) and hand the SMS back: by then this consumer is stopped
+            # and another modem, or this one once back, takes it.
+            self._mark_down()
+            return self._hand_back(delivery, sms, "modem_down")
+        existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to, sms.endpoint)
         if existing is not None:
             return self._already_handled(sms, existing)
-        return self._send_claimed(sms, modem)
+        return self._send_claimed(delivery, sms, modem)
 
-    def _expire(self, sms: OutboundSms, reason: str) -> Decision:
-        """Report ``sms`` failed without sending it; claimed in the ledger first so no other copy goes out."""
-        existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to)
+    def _hand_back(self, delivery: Delivery, sms: OutboundSms, reason: str) -> Decision:
+        """An SMS this modem cannot send now (``reason``: modem_down or capped), not claimed in the ledger.
+
+        * From this modem's own queue, allowed through any modem (a reply): back to the own queue with the rest
+          of its failover time as TTL (then the broker moves it to the shared queue), or straight to the shared
+          queue once that time is up; SMSGW_MODEM_FAILOVER=0: back without a TTL, it waits for this modem.
+        * From the own queue, routed to this modem alone: it waits (a delayed retry).
+        * From a pool or the shared queue: a delayed retry, and another modem takes it meanwhile.
+        """
+        why = "modem down" if reason == "modem_down" else "daily cap (max_per_day) reached"
+        if delivery.queue != self._own_queue:
+            metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason).inc()
+            return Retry(f"{why} on modem {self.modem_id}")
+        if sms.modems:
+            return Retry(f"{why}; it waits for modem {self.modem_id}")
+        metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason).inc()
+        failover_ms = int(self._settings.modem_failover * 1000)
+        if not failover_ms:
+            return Move(self._own_queue, f"{why}; it waits for modem {self.modem_id} (SMSGW_MODEM_FAILOVER=0)")
+        rest_ms = failover_ms - (broker.now_ms() - sms.created_at)
+        if rest_ms <= 0:
+            return Move(broker.OUTBOUND_QUEUE, f"{why}; failover time over, any modem may send it")
+        return Move(self._own_queue, f"{why}; any modem may send it in {rest_ms / 1000:.0f}s",
+                    expiration_ms=rest_ms)
+
+    def _refuse(self, sms: OutboundSms, detail: str, *, metric_outcome: str, limit: str | None = None) -> Decision:
+        """Report ``sms`` failed without sending it; claimed in the ledger first so no other copy goes out.
+        ``limit``: the per-SIM limit that refused it (counted once, not again for a redelivered copy)."""
+        existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to, sms.endpoint)
         if existing is not None:
             return self._already_handled(sms, existing)
-        self._finish(sms, "failed", reason, metric_outcome="expired")
+        if limit is not None:
+            metrics.SMS_LIMITED.labels(self.modem_id, limit).inc()
+        self._finish(sms, "failed", detail, metric_outcome=metric_outcome)
         return Ack()
 
-    def _send_claimed(self, sms: OutboundSms, modem: Modem) -> Decision:
+    def _send_claimed(self, delivery: Delivery, sms: OutboundSms, modem: Modem) -> Decision:
         """Send an SMS claimed in the ledger; record and report the outcome. Ack unless the modem went away."""
         started = time.monotonic()
-        self._next_send_at = started + self._settings.send_interval
+        self._guard.sending()
         try:
             receipt = modem.send(sms.to, sms.text)
         except ModemUnavailable as exc:
             # The PDU never reached the modem: safe to send later (here or on another modem).
             self._ledger.release(sms.ledger_key)
-            log.warning("modem %s: unavailable before sending %s (%s); requeued", self.modem_id, sms.uuid, exc)
-            self._modem_down.set()
-            return Retry("modem unavailable")
+            log.warning("modem %s: unavailable before sending %s (%s); handed back", self.modem_id, sms.uuid, exc)
+            self._mark_down()
+            return self._hand_back(delivery, sms, "modem_down")
         except SendFailed as exc:
             detail = f"network refused: {exc.reason}"
             self._finish(sms, "failed", detail, cms_error=exc.cms_code)
@@ -337,6 +537,7 @@ class ModemWorker:
         else:
             metrics.SEND_SECONDS.labels(self.modem_id).observe(time.monotonic() - started)
             self._finish(sms, "sent", "SMS sent", references=receipt.references, when=receipt.sent_at)
+        self._refresh_daily()  # the count grew (MODEM_SENT_TODAY); the next SMS finds the SIM capped if it is
         return Ack()
 
     def _expired(self, sms: OutboundSms) -> str | None:
@@ -354,38 +555,39 @@ class ModemWorker:
         """Record the outcome in the ledger (durable first), then publish the event (confirmed)."""
         self._ledger.finish_send(sms.ledger_key, outcome, detail, cms_error=cms_error, references=references,
                                  modem_id=self.modem_id, recipient=sms.to,
-                                 report_uuid=sms.uuid if sms.report else None)
+                                 report_uuid=sms.uuid if sms.report else None, endpoint=sms.endpoint)
         metrics.SMS_SENT.labels(self.modem_id, metric_outcome or outcome).inc()
         log.info("modem %s: outbound %s %s", self.modem_id, sms.uuid, metric_outcome or outcome)
         if sms.report:
-            self._publish_sent_event(sms.uuid, outcome, detail, cms_error=cms_error, references=references,
+            self._publish_sent_event(sms, outcome, detail, cms_error=cms_error, references=references,
                                      timestamp=_ms(when))
 
-    def _publish_sent_event(self, uuid: str, outcome: str, detail: str, *, cms_error: int | None,
+    def _publish_sent_event(self, sms: OutboundSms, outcome: str, detail: str, *, cms_error: int | None,
                             references: tuple[int, ...], timestamp: int) -> None:
         assert outcome in ("sent", "failed", "unknown")
-        event = SentEvent(uuid=uuid, modem_id=self.modem_id, outcome=outcome,  # type: ignore[arg-type]
+        event = SentEvent(uuid=sms.uuid, modem_id=self.modem_id, outcome=outcome,  # type: ignore[arg-type]
                           detail=detail, timestamp=timestamp, cms_error=cms_error,
-                          parts=max(1, len(references)), references=list(references))
+                          parts=max(1, len(references)), references=list(references), endpoint=sms.endpoint)
         # If this raises, the Consumer requeues the outbound message; the redelivery finds the final state in
         # the ledger and publishes the event again instead of sending the SMS again.
-        self._publisher.publish(Publication(broker.EVENTS_QUEUE, event.to_json(), message_id=uuid))
+        self._publisher.publish(Publication(broker.events_queue_for(sms.endpoint), event.to_json(),
+                                            message_id=sms.uuid))
 
-    def _already_handled(self, sms: OutboundSms, entry: LedgerEntry) -> Decision:
-        if entry.state in FINAL_STATES:
-            log.info("modem %s: outbound %s already %s; not sent again", self.modem_id, sms.uuid, entry.state)
+    def _already_handled(self, sms: OutboundSms, record: SendRecord) -> Decision:
+        if record.state in FINAL_STATES:
+            log.info("modem %s: outbound %s already %s; not sent again", self.modem_id, sms.uuid, record.state)
             metrics.SMS_SENT.labels(self.modem_id, "duplicate").inc()
             if sms.report:  # again: the first publish may have failed after the ledger was written
-                self._publish_sent_event(sms.uuid, entry.state, entry.detail or entry.state,
-                                         cms_error=entry.cms_error, references=entry.references,
-                                         timestamp=entry.updated_at)
+                self._publish_sent_event(sms, record.state, record.detail or record.state,
+                                         cms_error=record.cms_error, references=record.references,
+                                         timestamp=record.updated_at)
             return Ack()
-        age_s = (broker.now_ms() - entry.updated_at) / 1000
-        if entry.modem_id == self.modem_id or age_s > STALE_SENDING_S:
+        age_s = (broker.now_ms() - record.updated_at) / 1000
+        if record.modem_id == self.modem_id or age_s > STALE_SENDING_S:
             # Only one process drives a modem (the port is opened exclusively) and it sends one SMS at a time,
             # so "sending" on our own modem means a previous process died while writing it; "sending" on
             # another modem for long means the same. It may or may not have left: never resend blindly.
             self._finish(sms, "unknown", "Outcome unknown: the gateway stopped while sending; not resent")
             return Ack()
         # Another modem is sending a duplicate copy right now: look again shortly; by then its outcome is final.
-        return Retry(f"being sent by modem {entry.modem_id}")
+        return Retry(f"being sent by modem {record.modem_id}")

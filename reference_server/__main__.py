@@ -1,6 +1,7 @@
-"""CLI: ``python -m reference_server --port 8700 --secret S [--path /smssync] [--reply] [--host 127.0.0.1]``.
+"""CLI: ``python -m reference_server --port 8700 --secret S [--path /smssync] [--reply] [--host 127.0.0.1]
+[--signing-key K]``.
 
-Logs JSON lines to stdout (services/logs.py). The secret is never logged.
+Logs JSON lines to stdout (services/logs.py). The secret and the signing key are never logged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("SMSSYNC_REFERENCE_SECRET"),
         help="shared secret (or env SMSSYNC_REFERENCE_SECRET; prefer the env var: argv is visible in ps)",
     )
+    parser.add_argument(
+        "--signing-key",
+        default=os.environ.get("SMSSYNC_REFERENCE_SIGNING_KEY", ""),
+        help="verify X-SMSGW-Signature on every Sync request with this key, 401 otherwise (docs/signing.md; "
+        "or env SMSSYNC_REFERENCE_SIGNING_KEY, preferred: argv is visible in ps; default: not checked)",
+    )
     parser.add_argument("--path", default="/smssync", help="Sync URL path (default /smssync)")
     parser.add_argument("--reply", action="store_true", help="answer each new SMS with an instant reply SMS")
     parser.add_argument(
@@ -54,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         reply=args.reply,
         host=args.host,
         delivered_ok_code=args.delivered_ok_code,
+        signing_key=args.signing_key,
     )
 
     def _terminate(signum: int, frame: FrameType | None) -> None:

@@ -15,7 +15,11 @@ Protocol endpoints (all on the Sync path, with or without a trailing slash):
 * ``POST ?task=result&secret=S`` with ``message_results`` (docs), ``message_result`` (array) or
   ``message_result`` (JSON string, as the app sends).
 
-Admin endpoints (loopback tool, no secret): ``GET /_state``, ``POST /_outgoing``, ``POST /_config``,
+With a signing key (``--signing-key``), every request on the Sync path must carry a valid ``X-SMSGW-Timestamp`` /
+``X-SMSGW-Signature`` pair (docs/signing.md; ``reference_server/signing.py`` is the recipe); a missing or bad
+signature, or a timestamp more than 5 minutes off, → 401 ``{"payload":{"success":false,"error":...}}``.
+
+Admin endpoints (loopback tool, no secret, never signed): ``GET /_state``, ``POST /_outgoing``, ``POST /_config``,
 ``GET /`` (operator HTML page).
 
 Result-code convention: a sent code of ``0`` (docs) or ``-1`` (Android ``RESULT_OK``) means "sent"; any
@@ -45,6 +49,8 @@ from xml.etree import ElementTree
 
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as DefusedElementTree
+
+from reference_server.signing import smsgw_signature_error
 
 logger = logging.getLogger("reference_server")
 
@@ -88,9 +94,10 @@ class ServerState:
     All public methods take the lock and return deep copies, so callers never see a half-updated record.
     """
 
-    def __init__(self, secret: str, reply: bool = False, delivered_ok_code: int = 0) -> None:
+    def __init__(self, secret: str, reply: bool = False, delivered_ok_code: int = 0, signing_key: str = "") -> None:
         self._lock = threading.Lock()
         self._secret = secret
+        self._signing_key = signing_key
         self._reply = reply
         self._delivered_ok_code = delivered_ok_code
         self._fail_status: int | None = None
@@ -106,6 +113,7 @@ class ServerState:
             "received": 0,
             "duplicates": 0,
             "auth_failures": 0,
+            "signature_failures": 0,
             "bad_requests": 0,
             "task_send_polls": 0,
             "task_sent_posts": 0,
@@ -138,6 +146,12 @@ class ServerState:
             return self._secret
 
     @property
+    def signing_key(self) -> str:
+        """The request-signing key ("" = signatures not checked); never logged or exposed by admin endpoints."""
+        with self._lock:
+            return self._signing_key
+
+    @property
     def reply(self) -> bool:
         """Whether sync POSTs get an instant reply SMS."""
         with self._lock:
@@ -153,12 +167,21 @@ class ServerState:
         """Apply admin settings and return the public configuration.
 
         Keys: ``fail_status`` (int HTTP status or None), ``fail_count`` (int ≥ 0 or None = until cleared),
-        ``success_as_string`` (bool), ``reply`` (bool), ``secret`` (str), ``delivered_ok_code`` (int).
+        ``success_as_string`` (bool), ``reply`` (bool), ``secret`` (str), ``delivered_ok_code`` (int),
+        ``signing_key`` (str; "" turns signature checks off).
 
         Raises:
             BadRequestError: an unknown key or a value of the wrong type; nothing is changed then.
         """
-        known = {"fail_status", "fail_count", "success_as_string", "reply", "secret", "delivered_ok_code"}
+        known = {
+            "fail_status",
+            "fail_count",
+            "success_as_string",
+            "reply",
+            "secret",
+            "delivered_ok_code",
+            "signing_key",
+        }
         unknown = set(settings) - known
         if unknown:
             raise BadRequestError(f"unknown config keys: {sorted(unknown)}")
@@ -179,8 +202,9 @@ class ServerState:
         for key in ("success_as_string", "reply"):
             if key in settings and not isinstance(settings[key], bool):
                 raise BadRequestError(f"{key} must be a boolean")
-        if "secret" in settings and not isinstance(settings["secret"], str):
-            raise BadRequestError("secret must be a string")
+        for key in ("secret", "signing_key"):
+            if key in settings and not isinstance(settings[key], str):
+                raise BadRequestError(f"{key} must be a string")
         if "delivered_ok_code" in settings and _as_int(settings["delivered_ok_code"]) is None:
             raise BadRequestError("delivered_ok_code must be an integer")
         with self._lock:
@@ -196,6 +220,8 @@ class ServerState:
                 self._reply = settings["reply"]
             if "secret" in settings:
                 self._secret = settings["secret"]
+            if "signing_key" in settings:
+                self._signing_key = settings["signing_key"]
             if "delivered_ok_code" in settings:
                 code = _as_int(settings["delivered_ok_code"])
                 assert code is not None  # validated above
@@ -211,6 +237,7 @@ class ServerState:
             "success_as_string": self._success_as_string,
             "reply": self._reply,
             "secret_set": bool(self._secret),
+            "signing_key_set": bool(self._signing_key),
             "delivered_ok_code": self._delivered_ok_code,
         }
 
@@ -626,6 +653,8 @@ class _Handler(BaseHTTPRequestHandler):
             page = f"<html><body><h1>{failure} simulated failure</h1></body></html>".encode()
             self._send(failure, page, "text/html; charset=utf-8")
             return
+        if not self._check_signature(body):
+            return
         task = query.get("task")
         method = self.command
         if method == "GET":
@@ -643,6 +672,29 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequestError(f"unknown task {task!r}")
         else:
             self._incoming_sms(query, body)
+
+    def _check_signature(self, body: bytes) -> bool:
+        """True when signatures are off or the request is signed with the key; else answers 401 and counts it."""
+        key = self.server.state.signing_key
+        if not key:
+            return True
+        # self.path is the request target as received (path and query string, not re-encoded).
+        error = smsgw_signature_error(
+            key,
+            self.command,
+            self.path,
+            body,
+            timestamp=self.headers.get("X-SMSGW-Timestamp"),
+            signature=self.headers.get("X-SMSGW-Signature"),
+        )
+        if error is None:
+            return True
+        self.server.state.count("signature_failures")
+        logger.warning(
+            "request signature refused", extra={"path": self._route_path(), "task": self._task, "error": error}
+        )
+        self._fail_payload(HTTPStatus.UNAUTHORIZED, f"request signature refused: {error}")
+        return False
 
     def _check_secret(self, candidate: str | None) -> bool:
         if self.server.state.secret_matches(candidate):
@@ -928,11 +980,12 @@ class ReferenceServer:
         *,
         host: str = "127.0.0.1",
         delivered_ok_code: int = 0,
+        signing_key: str = "",
     ) -> None:
         self._host = host
         self._port = port
         self._path = _normalise_path(path)
-        self._state = ServerState(secret, reply=reply, delivered_ok_code=delivered_ok_code)
+        self._state = ServerState(secret, reply=reply, delivered_ok_code=delivered_ok_code, signing_key=signing_key)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -1032,7 +1085,7 @@ class ReferenceServer:
 
     def configure(self, **settings: Any) -> JSONDict:
         """Same as ``POST /_config``: fail_status, fail_count, success_as_string, reply, secret,
-        delivered_ok_code. Returns the public configuration.
+        delivered_ok_code, signing_key. Returns the public configuration.
 
         Raises:
             BadRequestError: unknown key or bad value.

@@ -1,93 +1,177 @@
-"""``python -m result_reporter``: report sent results and delivery reports through the Message Results API."""
+"""``python -m result_reporter``: report sent results and delivery reports through the Message Results API.
+
+One process serves every endpoint with ``message_results = true``: per endpoint a consumer of its own events
+queue and a reporter loop on its own thread with its own rounds, so a dead or slow server never holds another
+endpoint's results. With no such endpoint it says so once and makes no requests.
+"""
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from result_reporter.reporter import ResultReporter
-from services import broker
-from services.broker import BatchConsumer, PublisherThread
-from services.ledger import Ledger
+from services.broker import BatchConsumer, PublisherThread, events_queue_for
+from services.config import EndpointConfig, FleetConfig
 from services.runtime import (
     check,
     install_stop_signals,
+    load_fleet_config,
     load_settings,
     start_metrics,
     start_supervised,
     worker_parser,
 )
+from services.settings import ConfigError, Settings
+from services.sync_client import SyncClient
+from services.topology import Topology
 
 log = logging.getLogger(__name__)
 
 ENV = (
     "SMSGW_SYNC_URL",
     "SMSGW_SECRET",
+    "SMSGW_MESSAGE_RESULTS",
     "SMSGW_RESULT_INTERVAL",
     "SMSGW_TASK_INTERVAL",
     "SMSGW_HTTP_TIMEOUT",
     "SMSGW_RESULTS_SHAPE",
     "SMSGW_SENT_OK_CODE",
-    "SMSGW_STATE_DIR",
 )
 # Events are held unacked for up to a round (and longer while the server is down), so the prefetch is what
 # bounds a round's batch; SMSGW_PREFETCH (default 16) is for one-at-a-time consumers and would be too small.
 HOLD_PREFETCH = 500
+JOIN_TIMEOUT_S = 10.0
+
+
+@dataclass
+class _Lane:
+    """What serves one endpoint: its events consumer, its HTTP client and its reporter loop."""
+
+    endpoint: EndpointConfig
+    consumer: BatchConsumer
+    client: SyncClient
+    reporter: ResultReporter
+    consumer_thread: threading.Thread | None = None
+    loop_thread: threading.Thread | None = None
+
+    def start(self, stop: threading.Event, failed: Callable[[BaseException], None]) -> None:
+        """Start the consumer and the reporter loop (which runs until ``stop``); a thread that dies calls
+        ``failed``."""
+        name = self.endpoint.name
+        self.consumer_thread = start_supervised(self.consumer.run, f"events consumer {name}", failed)
+        self.loop_thread = start_supervised(lambda: self.reporter.run(stop), f"result loop {name}", failed)
+        log.info(
+            "reporting results of %s to %s every %.0fs, shape %s",
+            name,
+            self.endpoint.redacted_url,
+            self.endpoint.result_interval,
+            self.endpoint.results_shape,
+        )
+
+
+def _lanes(
+    settings: Settings, endpoints: tuple[EndpointConfig, ...], publisher: PublisherThread, topology: Topology
+) -> list[_Lane]:
+    lanes = []
+    for endpoint in endpoints:
+        consumer = BatchConsumer(
+            settings.amqp_url,
+            events_queue_for(endpoint.name),
+            publisher,
+            name=f"smsgw-result-reporter-{endpoint.name}",
+            prefetch=HOLD_PREFETCH,
+            topology=topology,
+        )
+        client = SyncClient(endpoint)
+        lanes.append(_Lane(endpoint, consumer, client, ResultReporter(endpoint, consumer, client)))
+    return lanes
+
+
+def _require_env_sync_url(fleet: FleetConfig, settings: Settings) -> bool:
+    """Env-only deployments need SMSGW_SYNC_URL, as always (a file validates its own endpoints); False after
+    one line on stderr when it is missing."""
+    if fleet.source != "environment":
+        return True
+    try:
+        settings.require_sync_url()
+    except ConfigError as exc:
+        print(f"result_reporter: configuration error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _idle(stop: threading.Event, fleet: FleetConfig) -> int:
+    """No endpoint wants results: say so once, make no requests, wait for the stop signal."""
+    what = (
+        "SMSGW_MESSAGE_RESULTS is off"
+        if fleet.source == "environment"
+        else f"no endpoint in {fleet.source} has message_results = true"
+    )
+    # Events of endpoints without results are not ours to take: their queues stay untouched.
+    log.warning("%s: nothing to report, result_reporter makes no ?task=result requests and idles until stopped", what)
+    stop.wait()
+    log.info("result_reporter stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2: bad configuration, 1: cannot start)."""
+    """Entry point; returns the process exit code (2: bad configuration, 1: cannot start or a consumer died)."""
     args = worker_parser(
         "python -m result_reporter",
-        "Report sent results and delivery reports to the Sync URL (?task=result), acking events only once "
-        "the server accepted them.",
+        "Report sent results and delivery reports to every endpoint with the Message Results API on "
+        "(?task=result), acking events only once the server accepted them.",
         ENV,
     ).parse_args(argv)
-    settings = load_settings("result_reporter", sync_url=True)
+    settings = load_settings("result_reporter")
     if settings is None:
         return 2
+    fleet = load_fleet_config("result_reporter", settings)
+    if fleet is None or not _require_env_sync_url(fleet, settings):
+        return 2
+    topology = Topology.of(fleet)
     if args.check:
-        return check(settings)
-    if not settings.message_results:
-        log.warning("SMSGW_MESSAGE_RESULTS is off: the server will not be asked to confirm sends, but "
-                    "results are still reported for the uuids it asks for")
-    ledger: Ledger | None
-    try:
-        ledger = Ledger(settings.state_dir)
-    except (OSError, sqlite3.Error) as exc:
-        # Only used to fill sent_* of a late delivery report; without it those rows say "sent" without a time.
-        log.warning("ledger unavailable (%s); late delivery reports carry no sent_timestamp", exc)
-        ledger = None
-    start_metrics(settings, "result_reporter")
-    publisher = PublisherThread(settings.amqp_url, "smsgw-result-publisher")  # parks malformed events
-    consumer = BatchConsumer(
-        settings.amqp_url, broker.EVENTS_QUEUE, publisher, name="smsgw-result-reporter", prefetch=HOLD_PREFETCH
-    )
-    reporter = ResultReporter(settings, consumer, ledger=ledger)
+        return check(settings, topology)
+    endpoints = fleet.result_endpoints()
     stop = threading.Event()
+    install_stop_signals(stop.set)
+    start_metrics(settings, "result_reporter")
+    if not endpoints:
+        return _idle(stop, fleet)
+    publisher = PublisherThread(settings.amqp_url, "smsgw-result-publisher", topology)  # parks malformed events
+    lanes = _lanes(settings, endpoints, publisher, topology)
     failures: list[BaseException] = []
 
-    def consumer_failed(exc: BaseException) -> None:
+    def failed(exc: BaseException) -> None:
         failures.append(exc)
         stop.set()
 
-    consumer_thread = start_supervised(consumer.run, "events consumer", consumer_failed)
-    install_stop_signals(stop.set)
-    log.info("result_reporter started: Sync URL %s, every %.0fs, shape %s",
-             reporter.redacted_url, settings.result_interval, settings.results_shape)
     try:
-        reporter.run(stop)
+        for lane in lanes:
+            lane.start(stop, failed)
+        stop.wait()
     finally:
-        # Order matters: the round's acks were handed to the consumer thread; stop() flushes them, then closes
-        # (every event still held returns to the queue for the next start).
-        consumer.stop()
-        consumer_thread.join(timeout=10)
-        reporter.close()
+        _drain(lanes)
         publisher.close()
     log.info("result_reporter stopped")
     return 1 if failures else 0
+
+
+def _drain(lanes: list[_Lane]) -> None:
+    """Let every loop finish its round, then stop the consumers: stop() flushes the acks the rounds handed
+    over before closing (every event still held returns to its queue for the next start)."""
+    for lane in lanes:
+        if lane.loop_thread is not None:  # a round takes at most about 3 x http_timeout per request
+            lane.loop_thread.join(timeout=lane.endpoint.http_timeout * 3 + JOIN_TIMEOUT_S)
+    for lane in lanes:
+        lane.consumer.stop()
+    for lane in lanes:
+        if lane.consumer_thread is not None:
+            lane.consumer_thread.join(timeout=JOIN_TIMEOUT_S)
+        lane.client.close()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Results leg: hold sent/delivery events unacked and report them through the Message Results API in rounds.
 
-Every ``SMSGW_RESULT_INTERVAL`` seconds (one *round*):
+One ``ResultReporter`` serves one endpoint (a Sync URL with ``message_results = true``): it reads that
+endpoint's events queue only, so results go back to the server that queued the message, and runs its own
+rounds on its own thread, so a dead or slow server never holds another endpoint's results.
+
+Every ``result_interval`` seconds of its endpoint (one *round*):
 
 1. take the events received since the last round from the ``BatchConsumer`` and merge them per uuid (latest
    sent event for ``sent_*``, latest delivery event for ``delivered_*``); park malformed ones; ack at once the
    uuids whose row would be exactly what the server already accepted (a duplicate, e.g. a SentEvent the modem
    worker republished for a redelivered queue copy);
 2. ``GET ?task=result&secret=…`` — the uuids the server waits for;
-3. ``POST ?task=result&secret=…`` one row per waited-for uuid we hold (shape: ``SMSGW_RESULTS_SHAPE``);
+3. ``POST ?task=result&secret=…`` one row per waited-for uuid we hold (shape: the endpoint's ``results_shape``);
 4. ack those events only once the server accepted (HTTP 2xx; an empty body counts, an explicit
    ``success:false`` does not).
 
@@ -17,7 +21,9 @@ for uuids the server does not wait for are kept ``keep_rounds`` rounds (it may a
 counted — they are reports the server declined, not SMS.
 
 What was reported is remembered per uuid (bounded LRU): a later event only changes its own half of the row,
-so a late or duplicate SentEvent never turns a reported delivery back into "pending".
+so a late or duplicate SentEvent never turns a reported delivery back into "pending". A delivery report whose
+sent event was reported before a restart carries the send's outcome itself (``DeliveryEvent.sent_*``, filled
+by the modem worker from the ledger it owns), so the reporter reads no ledger.
 
 One row the server keeps refusing must not block the others: after ``SPLIT_AFTER_ROUNDS`` refused rounds the
 rows are posted one by one; a row refused ``MAX_ROW_REFUSALS`` times in rounds where the server accepted other
@@ -31,6 +37,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -38,18 +45,15 @@ import requests
 
 from services import metrics
 from services.broker import BrokerError, HeldDelivery
-from services.ledger import Ledger
+from services.config import EndpointConfig
 from services.logs import UnexpectedErrors
 from services.result_codes import Convention, result_row
 from services.schemas import DeliveryEvent, SchemaError, SentEvent, decode_event
-from services.settings import Settings, redact_url
 from services.sync_protocol import (
-    Endpoint,
     ReplyError,
     clip,
     parse_message_uuids,
     parse_payload,
-    request_with_deadline,
     results_body,
     status_hint,
 )
@@ -65,6 +69,14 @@ SPLIT_GIVE_UP = 3  # a split round stops after this many refusals in a row while
 # never count against a row (auth, wrong URL or method, time-outs, rate limits, gateways, unavailability).
 SERVER_STATUSES = frozenset({401, 403, 404, 405, 407, 408, 429, 501, 502, 503, 504})
 MAX_ERROR_CHARS = 300
+# Every outcome label the reporter counts; each endpoint's series start at 0 so rates and alerts see them.
+ROUND_OUTCOMES = ("ok", "idle", "split", "refused", "http_error", "bad_reply", "network_error", "internal_error")
+ROW_OUTCOMES = ("accepted", "refused", "parked", "duplicate", "not_requested")
+SENT_OUTCOMES: dict[str, Literal["sent", "failed", "unknown"]] = {
+    "sent": "sent",
+    "failed": "failed",
+    "unknown": "unknown",
+}
 
 
 class HoldsDeliveries(Protocol):
@@ -81,6 +93,38 @@ class HoldsDeliveries(Protocol):
 
     def is_live(self, held: HeldDelivery) -> bool:
         """Whether ``held`` can still be settled."""
+
+
+class Answer(Protocol):
+    """An HTTP answer (``services.sync_client.SyncAnswer``)."""
+
+    @property
+    def status(self) -> int:
+        """The HTTP status."""
+
+    @property
+    def text(self) -> str:
+        """The body as text."""
+
+
+class ResultsClient(Protocol):
+    """What the reporter needs of ``services.sync_client.SyncClient`` (one endpoint's Sync URL)."""
+
+    def get(self, **query: Any) -> Answer:
+        """GET the Sync URL with ``query`` added. Raises requests.RequestException (no answer)."""
+
+    def post_json(self, body: Any, **query: Any) -> Answer:
+        """POST ``body`` as JSON with ``query`` added. Raises requests.RequestException (no answer)."""
+
+
+def init_metrics(endpoint: str) -> None:
+    """Create every result series of ``endpoint`` at 0 (a series that never moved is still visible)."""
+    for outcome in ROUND_OUTCOMES:
+        metrics.RESULT_ROUNDS.labels(endpoint, outcome)
+    for outcome in ROW_OUTCOMES:
+        metrics.RESULT_ROWS.labels(endpoint, outcome)
+    metrics.RESULT_EVENTS_HELD.labels(endpoint).set(0)
+    metrics.HTTP_SECONDS.labels(endpoint, "result")
 
 
 class RoundError(Exception):
@@ -135,48 +179,53 @@ def _same_send(a: SentEvent, b: SentEvent) -> bool:
 
 
 class ResultReporter:
-    """Merge held events per uuid and report them each round; not thread-safe (one loop thread)."""
+    """Merge one endpoint's held events per uuid and report them to it each round; not thread-safe (one loop
+    thread per endpoint)."""
 
     def __init__(
         self,
-        settings: Settings,
+        endpoint: EndpointConfig,
         consumer: HoldsDeliveries,
+        client: ResultsClient,
         *,
-        ledger: Ledger | None = None,
         keep_rounds: int = KEEP_ROUNDS,
     ) -> None:
-        """Raises ConfigError when SMSGW_SYNC_URL is empty."""
-        settings.require_sync_url()
-        self._settings = settings
+        """``consumer`` holds the deliveries of ``events_queue_for(endpoint.name)``; ``client`` talks to
+        ``endpoint.sync_url`` (the caller owns and closes it). Initialises the endpoint's metrics at 0."""
+        self.endpoint = endpoint
+        self._name = endpoint.name
         self._consumer = consumer
-        self._ledger = ledger
+        self._client = client
         self._keep_rounds = keep_rounds
-        self._convention = Convention.for_sent_ok_code(settings.sent_ok_code)
-        self._endpoint = Endpoint.parse(settings.sync_url)
-        self._session = self._endpoint.session()
+        self._convention = Convention.for_sent_ok_code(endpoint.sent_ok_code)
         self._pending: dict[str, _Pending] = {}
         self._reported: OrderedDict[str, _Reported] = OrderedDict()
         self._refused_rounds = 0  # consecutive rounds whose POST was refused; >= SPLIT_AFTER_ROUNDS: split
         self._round_no = 0
         self._unexpected = UnexpectedErrors(log)
-        self.redacted_url = redact_url(settings.sync_url)
+        init_metrics(endpoint.name)
 
     def run(self, stop: threading.Event) -> None:
-        """A round every ``SMSGW_RESULT_INTERVAL`` s until ``stop``; a round in progress finishes first.
+        """A round every ``endpoint.result_interval`` s until ``stop``; a round in progress finishes first.
 
         Never ends over an exception of a round: an unexpected one (a bug, a pathological reply) is logged in
         one line — with its traceback the first time that error (type and raising line) occurs — and the next
         round runs as usual. The events stay held (unacked), so nothing is lost.
         """
-        while not stop.wait(self._settings.result_interval):
+        while not stop.wait(self.endpoint.result_interval):
             try:
                 self.round()
             except RoundError as exc:
-                log.error("result round failed, reports kept for the next round: %s", exc)
+                log.error("%s: result round failed, reports kept for the next round: %s", self._name, exc)
             except Exception as exc:  # last resort: the loop must outlive any bug or pathological reply
-                metrics.RESULT_ROUNDS.labels("internal_error").inc()
-                self._unexpected.log(exc, "result round failed unexpectedly (%s: %s), reports kept for the next round",
-                                     type(exc).__name__, clip(str(exc), MAX_ERROR_CHARS))
+                self._count_round("internal_error")
+                self._unexpected.log(
+                    exc,
+                    "%s: result round failed unexpectedly (%s: %s), reports kept for the next round",
+                    self._name,
+                    type(exc).__name__,
+                    clip(str(exc), MAX_ERROR_CHARS),
+                )
 
     def round(self) -> RoundResult:
         """One round (see the module docstring).
@@ -189,16 +238,16 @@ class ResultReporter:
         self.collect()
         duplicates = self._ack_duplicates()
         if not self._pending:
-            metrics.RESULT_ROUNDS.labels("idle").inc()
+            self._count_round("idle")
             return RoundResult(duplicates=duplicates)
-        status, text = self._request("GET", self._query())
+        status, text = self._request(lambda: self._client.get(**self._query()))
         if not 200 <= status < 300:
-            metrics.RESULT_ROUNDS.labels("http_error").inc()
+            self._count_round("http_error")
             raise RoundError(f"GET ?task=result answered HTTP {status}{status_hint(status)}")
         try:
             waited = set(parse_message_uuids(text))
         except ReplyError as exc:
-            metrics.RESULT_ROUNDS.labels("bad_reply").inc()
+            self._count_round("bad_reply")
             raise RoundError(f"unreadable ?task=result reply: {exc}") from None
         asked = [uuid for uuid in self._pending if uuid in waited]
         reported = refused = parked = 0
@@ -216,19 +265,29 @@ class ResultReporter:
                 del self._pending[uuid]
                 self._consumer.ack(entry.deliveries)
                 dropped += 1
-                metrics.RESULT_ROWS.labels("not_requested").inc()
+                self._count_rows("not_requested")
                 log.warning(
-                    "dropped the report of %s: the server did not ask for it in %d rounds", uuid, self._keep_rounds
+                    "%s: dropped the report of %s: the server did not ask for it in %d rounds",
+                    self._name,
+                    uuid,
+                    self._keep_rounds,
                 )
-        metrics.RESULT_EVENTS_HELD.set(sum(len(e.deliveries) for e in self._pending.values()))
-        metrics.RESULT_ROUNDS.labels("split" if refused else "ok").inc()
+        metrics.RESULT_EVENTS_HELD.labels(self._name).set(sum(len(e.deliveries) for e in self._pending.values()))
+        self._count_round("split" if refused else "ok")
         waiting = sum(1 for uuid in self._pending if uuid not in waited)
         log.info(
-            "result round: %d reported, %d not asked for (yet), %d dropped, %d duplicates, %d refused, %d parked",
-            reported, waiting, dropped, duplicates, refused, parked,
+            "%s: result round: %d reported, %d not asked for (yet), %d dropped, %d duplicates, %d refused, %d parked",
+            self._name,
+            reported,
+            waiting,
+            dropped,
+            duplicates,
+            refused,
+            parked,
         )
-        return RoundResult(reported=reported, waiting=waiting, dropped=dropped, duplicates=duplicates,
-                           refused=refused, parked=parked)
+        return RoundResult(
+            reported=reported, waiting=waiting, dropped=dropped, duplicates=duplicates, refused=refused, parked=parked
+        )
 
     # --- posting ------------------------------------------------------------------------------------------
 
@@ -237,8 +296,8 @@ class ResultReporter:
         resolved = {uuid: self._resolve(uuid) for uuid in asked}
         refusal = self._post([self._build(uuid, *resolved[uuid]) for uuid in asked])
         if refusal is not None:
-            metrics.RESULT_ROWS.labels("refused").inc(len(asked))
-            metrics.RESULT_ROUNDS.labels("http_error" if refusal.http_status else "refused").inc()
+            self._count_rows("refused", len(asked))
+            self._count_round("http_error" if refusal.http_status else "refused")
             self._refused_rounds += 1
             split = (
                 "; rows will be posted one by one from the next round"
@@ -249,7 +308,7 @@ class ResultReporter:
         self._refused_rounds = 0
         for uuid in asked:
             self._accepted(uuid, resolved[uuid])
-        metrics.RESULT_ROWS.labels("accepted").inc(len(asked))
+        self._count_rows("accepted", len(asked))
 
     def _post_split(self, asked: list[str]) -> tuple[int, int, int]:
         """Post the rows one by one to isolate the ones the server refuses; returns (accepted, refused, parked).
@@ -269,21 +328,19 @@ class ResultReporter:
             if refusal is None:
                 self._accepted(uuid, resolved)
                 accepted.append(uuid)
-                metrics.RESULT_ROWS.labels("accepted").inc()
+                self._count_rows("accepted")
                 continue
-            metrics.RESULT_ROWS.labels("refused").inc()
+            self._count_rows("refused")
             self._pending[uuid].last_refused_round = self._round_no
             if not refusal.row_level:
-                metrics.RESULT_ROUNDS.labels("http_error").inc()
+                self._count_round("http_error")
                 raise RoundError(f"server failed while posting rows one by one: {refusal.reason}")
             refused.append((uuid, refusal.reason))
             if not accepted and len(refused) >= SPLIT_GIVE_UP:
-                metrics.RESULT_ROUNDS.labels("refused").inc()
-                raise RoundError(
-                    f"server refused {len(refused)} rows one by one and accepted none: {refusal.reason}"
-                )
+                self._count_round("refused")
+                raise RoundError(f"server refused {len(refused)} rows one by one and accepted none: {refusal.reason}")
         if not accepted:
-            metrics.RESULT_ROUNDS.labels("refused").inc()
+            self._count_round("refused")
             reason = refused[-1][1] if refused else "no rows"
             raise RoundError(f"server refused every row posted one by one: {reason}")
         if not refused:
@@ -295,8 +352,14 @@ class ResultReporter:
             entry.refusals += 1
             entry.last_error = reason
             if entry.refusals < MAX_ROW_REFUSALS:
-                log.warning("the server refused the result row of %s (%d/%d, accepting other rows): %s",
-                            uuid, entry.refusals, MAX_ROW_REFUSALS, reason)
+                log.warning(
+                    "%s: the server refused the result row of %s (%d/%d, accepting other rows): %s",
+                    self._name,
+                    uuid,
+                    entry.refusals,
+                    MAX_ROW_REFUSALS,
+                    reason,
+                )
             elif self._park(uuid, entry):
                 parked += 1
         return len(accepted), len(refused), parked
@@ -314,14 +377,22 @@ class ResultReporter:
             try:
                 self._consumer.park(held, reason, label="refused")
             except BrokerError as exc:
-                log.warning("could not park the refused report of %s (%s); retried next round", uuid, exc)
+                log.warning(
+                    "%s: could not park the refused report of %s (%s); retried next round", self._name, uuid, exc
+                )
                 left.append(held)
         entry.deliveries = left
         if left:
             return False
         del self._pending[uuid]
-        metrics.RESULT_ROWS.labels("parked").inc()
-        log.error("parked the report of %s: %s (see `sync_worker parked list --queue events`)", uuid, reason)
+        self._count_rows("parked")
+        log.error(
+            "%s: parked the report of %s: %s (see `sync_worker parked list --queue events --endpoint %s`)",
+            self._name,
+            uuid,
+            reason,
+            self._name,
+        )
         return True
 
     def _accepted(self, uuid: str, resolved: tuple[SentEvent | None, DeliveryEvent | None]) -> None:
@@ -352,7 +423,7 @@ class ResultReporter:
                 try:
                     self._consumer.park(held, f"malformed event: {exc}", label="malformed")
                 except BrokerError as park_exc:
-                    log.warning("could not park a malformed event (%s); it stays unacked", park_exc)
+                    log.warning("%s: could not park a malformed event (%s); it stays unacked", self._name, park_exc)
                 continue
             entry = self._pending.setdefault(event.uuid, _Pending())
             entry.deliveries.append(held)
@@ -364,7 +435,7 @@ class ResultReporter:
             elif entry.delivery is None or event.timestamp >= entry.delivery.timestamp:
                 entry.delivery = event
         held_count = sum(len(e.deliveries) for e in self._pending.values())
-        metrics.RESULT_EVENTS_HELD.set(held_count)
+        metrics.RESULT_EVENTS_HELD.labels(self._name).set(held_count)
         return held_count
 
     def _ack_duplicates(self) -> int:
@@ -380,7 +451,7 @@ class ResultReporter:
             self._reported.move_to_end(uuid)
             duplicates += 1
         if duplicates:
-            metrics.RESULT_ROWS.labels("duplicate").inc(duplicates)
+            self._count_rows("duplicate", duplicates)
         return duplicates
 
     def _resolve(self, uuid: str) -> tuple[SentEvent | None, DeliveryEvent | None]:
@@ -397,31 +468,12 @@ class ResultReporter:
                 sent = old_sent  # a republished SentEvent carries a later time; the first one is the send's
             if old_delivery is not None and (delivery is None or delivery.timestamp < old_delivery.timestamp):
                 delivery = old_delivery
-        if sent is None:
-            sent = self._sent_from_ledger(uuid)
+        if sent is None and delivery is not None:
+            sent = _sent_from_delivery(delivery)
         return sent, delivery
 
     def _build(self, uuid: str, sent: SentEvent | None, delivery: DeliveryEvent | None) -> dict[str, Any]:
         return result_row(uuid, sent, delivery, self._convention)
-
-    def _sent_from_ledger(self, uuid: str) -> SentEvent | None:
-        """A delivery report whose sent event was reported before a restart: rebuild sent_* from the ledger."""
-        if self._ledger is None:
-            return None
-        entry = self._ledger.get(uuid)
-        if entry is None or entry.state not in ("sent", "failed", "unknown"):
-            return None
-        outcome: Literal["sent", "failed", "unknown"] = (
-            "sent" if entry.state == "sent" else "failed" if entry.state == "failed" else "unknown"
-        )
-        return SentEvent(
-            uuid,
-            entry.modem_id or "",
-            outcome,
-            entry.detail or entry.state,
-            entry.updated_at,
-            entry.cms_error,
-        )
 
     def _remember(self, uuid: str, reported: _Reported) -> None:
         self._reported[uuid] = reported
@@ -429,13 +481,13 @@ class ResultReporter:
         while len(self._reported) > REPORTED_CACHE_SIZE:
             self._reported.popitem(last=False)
 
-    # --- HTTP ---------------------------------------------------------------------------------------------
+    # --- HTTP and metrics ---------------------------------------------------------------------------------
 
-    def _query(self) -> str:
-        params = {"task": "result"}
-        if self._settings.secret:
-            params["secret"] = self._settings.secret
-        return self._endpoint.with_query(**params)
+    def _query(self) -> dict[str, str]:
+        query = {"task": "result"}
+        if self.endpoint.secret:
+            query["secret"] = self.endpoint.secret
+        return query
 
     def _post(self, rows: list[dict[str, Any]]) -> _Refusal | None:
         """POST the rows; None when the server accepted them, else why not.
@@ -443,8 +495,8 @@ class ResultReporter:
         Raises:
             RoundError: network error (no answer at all).
         """
-        body = results_body(rows, self._settings.results_shape)
-        status, text = self._request("POST", self._query(), body)
+        body = results_body(rows, self.endpoint.results_shape)
+        status, text = self._request(lambda: self._client.post_json(body, **self._query()))
         if not 200 <= status < 300:
             detail = f": {clip(text, MAX_ERROR_CHARS)}" if text.strip() else ""
             row_level = status not in SERVER_STATUSES and status < 501 and not 300 <= status < 400
@@ -458,21 +510,37 @@ class ResultReporter:
                 return _Refusal(clip(payload.error or "success:false without an error text", MAX_ERROR_CHARS), True)
         return None
 
-    def _request(self, method: str, url: str, body: object = None) -> tuple[int, str]:
-        """(status, body text). Raises RoundError when no answer came (network error)."""
+    def _request(self, call: Callable[[], Answer]) -> tuple[int, str]:
+        """(status, body text) of ``call``'s answer. Raises RoundError when no answer came (network error)."""
         started = time.monotonic()
         try:
-            return request_with_deadline(self._session, method, url, json_body=body,
-                                         timeout=self._settings.http_timeout)
+            answer = call()
         except requests.RequestException as exc:
-            metrics.RESULT_ROUNDS.labels("network_error").inc()
+            self._count_round("network_error")
             raise RoundError(f"Sync URL unreachable: {type(exc).__name__}: {clip(str(exc))}") from None
         finally:
-            metrics.HTTP_SECONDS.labels("result").observe(time.monotonic() - started)
+            metrics.HTTP_SECONDS.labels(self._name, "result").observe(time.monotonic() - started)
+        return answer.status, answer.text
 
-    def close(self) -> None:
-        """Close the HTTP session."""
-        self._session.close()
+    def _count_round(self, outcome: str) -> None:
+        metrics.RESULT_ROUNDS.labels(self._name, outcome).inc()
+
+    def _count_rows(self, outcome: str, rows: int = 1) -> None:
+        metrics.RESULT_ROWS.labels(self._name, outcome).inc(rows)
 
 
-
+def _sent_from_delivery(delivery: DeliveryEvent) -> SentEvent | None:
+    """The send a delivery report is about, from the fields the modem worker copied from its ledger (a report
+    whose sent event was reported before a restart); None when the report does not carry a final send."""
+    outcome = SENT_OUTCOMES.get(delivery.sent_outcome or "")
+    if outcome is None or delivery.sent_timestamp is None:
+        return None
+    return SentEvent(
+        delivery.uuid,
+        delivery.modem_id,
+        outcome,
+        delivery.sent_detail or outcome,
+        delivery.sent_timestamp,
+        delivery.sent_cms_error,
+        endpoint=delivery.endpoint,
+    )

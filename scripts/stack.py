@@ -56,8 +56,12 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
 def ensure_vhost(vhost: str) -> str:
     """Create ``vhost`` (guest has full rights) and return its AMQP URL."""
     subprocess.run(["rabbitmqctl", "add_vhost", vhost], capture_output=True, timeout=60, check=False)
-    subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                   capture_output=True, timeout=60, check=True)
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     return f"amqp://guest:guest@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
 
 
@@ -106,6 +110,44 @@ class Simulator:
 
 
 @dataclass
+class ReferenceServerProcess:
+    """A reference server running as its own process (``python -m reference_server``), driven over HTTP."""
+
+    base_url: str
+    path: str = "/smssync"
+
+    @property
+    def url(self) -> str:
+        """The Sync URL to configure on the gateway."""
+        return self.base_url + self.path
+
+    def state(self) -> dict[str, Any]:
+        """The ``GET /_state`` document: received, outgoing, counters, config."""
+        return dict(http_json(f"{self.base_url}/_state"))
+
+    def received(self) -> list[dict[str, Any]]:
+        """Inbound SMS received so far (each message_id once, with its ``repeats``)."""
+        return list(self.state()["received"])
+
+    def outgoing(self) -> list[dict[str, Any]]:
+        """Outgoing SMS with status and result rows."""
+        return list(self.state()["outgoing"])
+
+    def queue(self, messages: list[dict[str, str]]) -> list[str]:
+        """Queue outgoing SMS (``{"to", "message", "uuid"?}`` each) for ``?task=send``; returns their uuids."""
+        return list(http_json(f"{self.base_url}/_outgoing", {"messages": messages})["queued"])
+
+    def configure(self, **settings: Any) -> Any:
+        """``POST /_config`` (fail_status, fail_count, reply, secret, ...)."""
+        return http_json(f"{self.base_url}/_config", settings)
+
+    def wait_ready(self, timeout: float = 20.0) -> ReferenceServerProcess:
+        """Wait until the server answers ``/_state``; returns self. Raises TimeoutError."""
+        wait_until(self.state, timeout, f"reference server at {self.base_url}")
+        return self
+
+
+@dataclass
 class Stack:
     """Processes of one gateway installation, sharing a work directory and an AMQP URL."""
 
@@ -122,17 +164,27 @@ class Stack:
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SMSGW_")}
-        env.update({
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "SMSGW_AMQP_URL": self.amqp_url,
-            "SMSGW_SYNC_URL": self.sync_url,
-            "SMSGW_SECRET": self.secret,
-            "SMSGW_STATE_DIR": str(self.workdir / "state"),
-            "SMSGW_METRICS_PORT": "0",
-        })
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "PYTHONUNBUFFERED": "1",
+                "SMSGW_AMQP_URL": self.amqp_url,
+                "SMSGW_SYNC_URL": self.sync_url,
+                "SMSGW_SECRET": self.secret,
+                "SMSGW_STATE_DIR": str(self.workdir / "state"),
+                "SMSGW_METRICS_PORT": "0",
+            }
+        )
         env.update(self.env)
         return env
+
+    def write_config(self, toml_text: str, name: str = "fleet.toml") -> Path:
+        """Write a fleet file (``SMSGW_CONFIG``) into the work directory; every process started afterwards
+        reads it. Returns its path."""
+        path = self.workdir / name
+        path.write_text(toml_text, encoding="utf-8")
+        self.env["SMSGW_CONFIG"] = str(path)
+        return path
 
     def start(self, name: str, module: str, *args: str, env: dict[str, str] | None = None) -> Process:
         """Start ``python -m module args`` with the stack's environment plus ``env``."""
@@ -145,23 +197,45 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def start_simulator(self, name: str, own_number: str, control_port: int | None = None,
-                        *extra_args: str) -> Simulator:
+    def start_simulator(
+        self, name: str, own_number: str, control_port: int | None = None, *extra_args: str
+    ) -> Simulator:
         """Start a modem simulator (``extra_args`` go to its command line) and wait for its control API."""
         link = self.workdir / f"{name}.tty"
         port = control_port or free_port()
-        self.start(name, "modem_worker.simulator", "--link", str(link), "--control-port", str(port),
-                   "--own-number", own_number, *extra_args)
+        self.start(
+            name,
+            "modem_worker.simulator",
+            "--link",
+            str(link),
+            "--control-port",
+            str(port),
+            "--own-number",
+            own_number,
+            *extra_args,
+        )
         simulator = Simulator(link, f"http://127.0.0.1:{port}", own_number)
-        wait_until(lambda: http_json(f"{simulator.control_url}/health") and link.exists(), 20,
-                   f"simulator {name}")
+        wait_until(lambda: http_json(f"{simulator.control_url}/health") and link.exists(), 20, f"simulator {name}")
         self.simulators[name] = simulator
         return simulator
 
-    def start_modem_worker(self, name: str, simulator: Simulator, modem_id: str,
-                           env: dict[str, str] | None = None) -> Process:
-        return self.start(name, "modem_worker",
-                          env={"SMSGW_MODEM_PORT": str(simulator.link), "SMSGW_MODEM_ID": modem_id, **(env or {})})
+    def start_modem_worker(
+        self, name: str, simulator: Simulator, modem_id: str, env: dict[str, str] | None = None
+    ) -> Process:
+        return self.start(
+            name,
+            "modem_worker",
+            env={"SMSGW_MODEM_PORT": str(simulator.link), "SMSGW_MODEM_ID": modem_id, **(env or {})},
+        )
+
+    def start_reference_server(
+        self, name: str, secret: str, port: int | None = None, *extra_args: str
+    ) -> ReferenceServerProcess:
+        """Start ``python -m reference_server`` on ``port`` (default: a free one; ``restart(name)`` brings it back
+        on the same port) and wait until it answers. The secret goes in the environment, not in argv."""
+        port = port or free_port()
+        self.start(name, "reference_server", "--port", str(port), *extra_args, env={"SMSSYNC_REFERENCE_SECRET": secret})
+        return ReferenceServerProcess(f"http://127.0.0.1:{port}").wait_ready()
 
     def restart(self, name: str) -> Process:
         """Start a stopped process again with the same command and environment."""

@@ -118,6 +118,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def as_topology(topology: Topology | Sequence[str] | None) -> Topology:
+    """``topology``, or the default endpoint's topology; a plain list of modem ids (the API before endpoints
+    existed) adds those modems' queues to it."""
+    if topology is None:
+        return Topology()
+    if isinstance(topology, Topology):
+        return topology
+    return Topology(modems=tuple(topology))
+
+
 def connection_parameters(url: str, name: str) -> list[pika.URLParameters]:
     """pika parameters for each broker in ``url`` (one URL, or several of one cluster separated by commas; vhost
     honoured) with heartbeats and a visible connection name. pika tries them in order: the first that answers
@@ -220,10 +230,10 @@ class Publisher:
     Connects lazily and reconnects on the next publish after a failure.
     """
 
-    def __init__(self, url: str, name: str, topology: Topology | None = None) -> None:
+    def __init__(self, url: str, name: str, topology: Topology | Sequence[str] | None = None) -> None:
         self._url = url
         self._name = name
-        self._topology = topology or Topology()
+        self._topology = as_topology(topology)
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
 
@@ -293,7 +303,7 @@ class PublisherThread:
     Used where many threads publish (the modem library runs each SMS callback on its own thread).
     """
 
-    def __init__(self, url: str, name: str, topology: Topology | None = None) -> None:
+    def __init__(self, url: str, name: str, topology: Topology | Sequence[str] | None = None) -> None:
         self._publisher = Publisher(url, name, topology)
         self._requests: queue.Queue[tuple[Publication, concurrent.futures.Future[None]] | None] = (
             queue.Queue()
@@ -619,7 +629,9 @@ class Consumer:
         """
         for attempt in reconnecting(self._stopping):
             with attempt:
-                if self._stopping.is_set() or not connection.is_open:
+                # Stopping ends only the *retries*: the first attempt always runs, so a drain acks the SMS its
+                # handlers just sent instead of handing them back to the queue for a duplicate-check redelivery.
+                if not connection.is_open or (attempt.retry_state.attempt_number > 1 and self._stopping.is_set()):
                     return False
                 self._apply(delivery, decision)
         return True

@@ -267,6 +267,10 @@ class _Reader:
     def option(self, key: str, value: Any, path: str) -> Any:
         """Parse a per-endpoint option with the parser of the environment variable it mirrors."""
         var = ENV_VARS[_ENDPOINT_OPTIONS[key]]
+        if key == "result_interval":
+            # SMSGW_RESULT_INTERVAL is read as text (empty = the task interval); in the file the key is simply
+            # omitted for that, and a value is seconds, parsed and bounded like task_interval.
+            var = ENV_VARS["SMSGW_TASK_INTERVAL"]
         if key == "sync_keys" and isinstance(value, dict):
             value = ",".join(f"{k}={self.string(v, f'{path}.{k}')}" for k, v in value.items())
         if isinstance(value, bool):

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -14,9 +13,10 @@ from types import FrameType
 
 from services import broker, metrics
 from services.config import FleetConfig, describe_fleet, load_fleet
-from services.ledger import Ledger
+from services.ledger import Ledger, LedgerError
+from services.ledger import open_ledger as open_ledger_store
 from services.logs import configure_logging
-from services.settings import ConfigError, Settings, describe
+from services.settings import ConfigError, Settings, describe, redact_url
 from services.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -69,16 +69,19 @@ def load_fleet_config(worker: str, settings: Settings) -> FleetConfig | None:
 
 
 def open_ledger(worker: str, settings: Settings) -> Ledger | None:
-    """Open the outbound ledger in SMSGW_STATE_DIR; None, after one line on stderr, when it cannot be opened.
+    """Open the never-twice ledger (SMSGW_LEDGER_URL, else SQLite in SMSGW_STATE_DIR), creating or migrating
+    its schema; None, after one line on stderr, when it cannot be opened.
 
     Workers that send (modem_worker) or claim (task_poller) SMS must not start without it: it is what keeps
     an SMS from going out twice.
     """
     try:
-        return Ledger(settings.state_dir)
-    except (OSError, sqlite3.Error) as exc:
-        print(f"unhealthy: {worker}: cannot open the ledger in SMSGW_STATE_DIR={settings.state_dir!r}: {exc}",
-              file=sys.stderr)
+        return open_ledger_store(settings.ledger_url, settings.state_dir)
+    except (OSError, LedgerError) as exc:
+        where = (f"SMSGW_LEDGER_URL={redact_url(settings.ledger_url)!r}" if settings.ledger_url
+                 else f"SMSGW_STATE_DIR={settings.state_dir!r}")
+        reason = " ".join(str(exc).split())  # libpq's messages span lines; the operator gets one
+        print(f"unhealthy: {worker}: cannot open the ledger in {where}: {reason}", file=sys.stderr)
         return None
 
 

@@ -119,7 +119,7 @@ def request_with_deadline(session: requests.Session, method: str, url: str, *, j
 def status_hint(status: int) -> str:
     """What an operator should check when the Sync URL answers ``status`` to a task request ("" if nothing)."""
     if status in (401, 403):
-        return " (check SMSGW_SECRET and the user:pass in SMSGW_SYNC_URL)"
+        return " (check the secret (SMSGW_SECRET), the user:pass in the Sync URL and any signing_key)"
     if 300 <= status < 400:
         return " (redirect: set SMSGW_SYNC_URL to the final URL)"
     return ""

@@ -1,17 +1,35 @@
-"""``python -m sync_worker``: forward inbound SMS to the Sync URL; ``parked`` manages parked messages."""
+"""``python -m sync_worker``: forward inbound SMS to every inbound endpoint's Sync URL; ``parked`` manages parked
+messages (the same command as ``smsgw parked``, services/cli.py).
+
+One process serves every endpoint with ``inbound = true``, each through a lane of its own (its queue, broker
+connections, handler pool, HTTP client and retries): one endpoint's back-log or dead server never holds up
+another's SMS.
+"""
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from services import broker
-from services.broker import Consumer, ParkedQueues, PublisherThread
-from services.runtime import check, install_stop_signals, load_settings, start_metrics, worker_parser
-from services.settings import Settings
+from services.broker import Consumer, PublisherThread, Topology
+from services.cli import parked_main
+from services.config import EndpointConfig, FleetConfig, require_sync_urls
+from services.runtime import (
+    check,
+    install_stop_signals,
+    load_fleet_config,
+    load_settings,
+    start_metrics,
+    start_supervised,
+    worker_parser,
+)
+from services.settings import ConfigError, Settings
+from services.sync_client import SyncClient
 from sync_worker.forwarder import SyncForwarder
 
 log = logging.getLogger(__name__)
@@ -21,9 +39,11 @@ ENV = (
     "SMSGW_SECRET",
     "SMSGW_DEVICE_ID",
     "SMSGW_KEYWORDS",
+    "SMSGW_INBOUND",
     "SMSGW_REPLY_FROM_SERVER",
     "SMSGW_AUTO_RESPONSE",
     "SMSGW_QUERY_CODES",
+    "SMSGW_MESSAGE_RESULTS",
     "SMSGW_HTTP_TIMEOUT",
     "SMSGW_MAX_RETRY_AGE",
     "SMSGW_SYNC_METHOD",
@@ -31,117 +51,160 @@ ENV = (
     "SMSGW_SYNC_KEYS",
     "SMSGW_MAX_REFUSALS",
     "SMSGW_MAX_SERVER_ERRORS",
+    "SMSGW_MODEM_FAILOVER",
     "SMSGW_PREFETCH",
 )
-QUEUES = {
-    "inbound": broker.INBOUND_QUEUE,
-    "outbound": broker.OUTBOUND_QUEUE,
-    "events": broker.EVENTS_QUEUE,
-}
+# Joining with a time-out keeps the main thread responsive to signals on every platform.
+_JOIN_POLL_S = 0.5
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = worker_parser(
-        "python -m sync_worker", "Forward inbound SMS from RabbitMQ to the SMSsync Sync URL.", ENV
+        "python -m sync_worker",
+        "Forward inbound SMS from RabbitMQ to the Sync URL of every endpoint with inbound = true "
+        "(SMSGW_CONFIG file; without it, the one endpoint the SMSGW_* variables describe).",
+        ENV,
     )
-    sub = parser.add_subparsers(dest="command")
-    parked = sub.add_parser("parked", help="list, replay or purge parked messages")
-    parked.add_argument("action", choices=("list", "replay", "purge"))
-    parked.add_argument(
-        "--queue",
-        default="inbound",
-        help="inbound, outbound, events, or a full queue name such as smsgw.outbound.modem1",
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Listed for --help only: main() hands `parked ...` to the operator CLI before parsing.
+    sub.add_parser(
+        "parked",
+        add_help=False,
+        help="list, replay or purge parked messages, as `smsgw parked` (`parked --help` for options)",
     )
-    parked.add_argument("--limit", type=int, default=None, help="replay at most this many")
-    parked.add_argument(
-        "--show-body", action="store_true", help="list: include message bodies (contain SMS text)"
-    )
-    parked.add_argument("--yes", action="store_true", help="purge: confirm deleting the parked messages")
     return parser
 
 
-def parked_command(args: argparse.Namespace, amqp_url: str) -> int:
-    """Run ``parked list|replay|purge``; returns the exit code."""
-    work_queue = QUEUES.get(args.queue, args.queue)
-    if not work_queue.startswith("smsgw."):
-        print(
-            f"unknown queue {args.queue!r}: use inbound, outbound, events or a smsgw.* name", file=sys.stderr
-        )
-        return 2
-    queues = ParkedQueues(amqp_url, work_queue)
-    try:
-        if args.action == "list":
-            for message in queues.list():
-                parked_at = (
-                    datetime.datetime.fromtimestamp(message.parked_at_ms / 1000, datetime.UTC).isoformat()
-                    if message.parked_at_ms
-                    else None
-                )
-                row: dict[str, object] = {
-                    "message_id": message.message_id,
-                    "queue": message.source_queue,
-                    "parked_at": parked_at,
-                    "reason": message.reason,
-                }
-                if args.show_body:
-                    row["body"] = message.body.decode("utf-8", "replace")
-                print(json.dumps(row, ensure_ascii=False))
-            return 0
-        if args.action == "replay":
-            print(f"replayed {queues.replay(args.limit)} message(s) into {work_queue}")
-            return 0
-        if not args.yes:
-            print("purge deletes parked SMS for good; add --yes to confirm", file=sys.stderr)
-            return 2
-        print(f"purged {queues.purge()} message(s) from {broker.parked_queue_for(work_queue)}")
-        return 0
-    except broker.BrokerError as exc:
-        print(f"parked {args.action} failed: {exc}", file=sys.stderr)
-        return 1
+def parked(argv: list[str]) -> int:
+    """``python -m sync_worker parked ...``: the ``smsgw parked`` command, except that ``list`` keeps stdout to
+    the JSON lines (one per parked message, as before ``smsgw`` existed: scripts parse it line by line) and
+    says the rest (the count) on stderr. Returns the exit code."""
+    listing = "list" in argv
+
+    def out(line: str) -> None:
+        print(line, file=sys.stderr if listing and not line.startswith("{") else sys.stdout)
+
+    return parked_main(argv, out=out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code (2: bad configuration, 1: stopped by a broker error)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["parked"]:  # only needs the broker and the fleet's queue names
+        return parked(argv[1:])
     args = _parser().parse_args(argv)
-    # The parked CLI only needs the broker; the worker itself cannot run without a Sync URL.
-    settings = load_settings("sync_worker", sync_url=args.command != "parked")
-    if settings is None:
+    settings = load_settings("sync_worker")
+    loaded = None if settings is None else load_inbound_fleet(settings)
+    if settings is None or loaded is None:
         return 2
+    fleet, endpoints = loaded
+    topology = Topology.of(fleet)
     if args.check:
-        return check(settings)
-    if args.command == "parked":
-        return parked_command(args, settings.amqp_url)
+        return check(settings, topology)
     start_metrics(settings, "sync_worker")
-    return serve(settings)
+    return serve(settings, endpoints, topology)
 
 
-def serve(settings: Settings) -> int:
-    """Consume the inbound queue until SIGTERM; returns the exit code."""
-    publisher = PublisherThread(settings.amqp_url, "smsgw-sync-publisher")
-    forwarder = SyncForwarder(settings, publisher)
-    consumer = Consumer(
-        settings.amqp_url,
-        [broker.INBOUND_QUEUE],
-        forwarder.handle,
-        publisher,
-        name="smsgw-sync-worker",
-        prefetch=settings.prefetch,
-        # One handler thread per prefetched message: on SIGTERM every message we hold is already being posted,
-        # so the drain finishes within one HTTP time-out instead of working through a backlog.
-        concurrency=settings.prefetch,
-        max_retry_age_s=settings.max_retry_age,
+def load_inbound_fleet(settings: Settings) -> tuple[FleetConfig, tuple[EndpointConfig, ...]] | None:
+    """The fleet and the endpoints this worker forwards to; None, after one line on stderr saying what is wrong
+    (no Sync URL, an invalid fleet file, no endpoint with ``inbound = true``)."""
+    problem = None
+    if not settings.config and not settings.sync_url:  # said before the fleet is described: one line
+        problem = "SMSGW_SYNC_URL: required by this worker"
+    elif not settings.config and not settings.inbound:
+        problem = "SMSGW_INBOUND is false: no endpoint receives inbound SMS, so this worker has nothing to do"
+    else:
+        fleet = load_fleet_config("sync_worker", settings)
+        if fleet is None:
+            return None  # it said why
+        endpoints = fleet.inbound_endpoints()
+        try:
+            require_sync_urls(fleet, endpoints, "inbound = true")
+        except ConfigError as exc:
+            problem = str(exc)
+        else:
+            return fleet, endpoints
+    print(f"sync_worker: configuration error: {problem}", file=sys.stderr)
+    return None
+
+
+@dataclass
+class InboundLane:
+    """Everything one endpoint's inbound SMS pass through: its queue's consumer (own connection, handler pool
+    and retry policy), its publisher (retry copies, parks, replies) and its HTTP client."""
+
+    endpoint: EndpointConfig
+    publisher: PublisherThread
+    client: SyncClient
+    consumer: Consumer
+
+    @classmethod
+    def open(cls, settings: Settings, endpoint: EndpointConfig, topology: Topology) -> InboundLane:
+        """Build the lane of ``endpoint`` (connects lazily: nothing is contacted until ``run``)."""
+        name = f"smsgw-sync-{endpoint.name}"
+        publisher = PublisherThread(settings.amqp_url, f"{name}-publisher", topology)
+        client = SyncClient(endpoint)
+        forwarder = SyncForwarder(endpoint, publisher, client, modem_failover_s=settings.modem_failover)
+        consumer = Consumer(
+            settings.amqp_url,
+            [broker.inbound_queue_for(endpoint.name)],
+            forwarder.handle,
+            publisher,
+            name=name,
+            prefetch=settings.prefetch,
+            # One handler thread per prefetched message: on SIGTERM every message we hold is already being
+            # sent, so the drain finishes within one HTTP time-out instead of working through a backlog.
+            concurrency=settings.prefetch,
+            topology=topology,
+            max_retry_age_s=endpoint.max_retry_age,
+        )
+        return cls(endpoint, publisher, client, consumer)
+
+    def close(self) -> None:
+        """Release the publisher and the HTTP client (after the consumer stopped)."""
+        self.publisher.close()
+        self.client.close()
+
+
+def stop_lanes(lanes: Sequence[InboundLane]) -> None:
+    """Ask every lane to drain: no new SMS are taken, the ones being sent finish and are acked."""
+    for lane in lanes:
+        lane.consumer.stop()
+
+
+def run_lanes(lanes: Sequence[InboundLane]) -> int:
+    """Run every lane's consumer until ``stop_lanes`` has drained them all, or until one stops with an error,
+    which stops the others too; returns the exit code (1 after an error)."""
+    failed = threading.Event()
+
+    def on_failure(_exc: BaseException) -> None:
+        # The worker exits non-zero (compose restarts it) rather than serving some endpoints silently.
+        failed.set()
+        stop_lanes(lanes)
+
+    threads = [start_supervised(lane.consumer.run, f"inbound lane {lane.endpoint.name}", on_failure) for lane in lanes]
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(_JOIN_POLL_S)
+    return 1 if failed.is_set() else 0
+
+
+def serve(settings: Settings, endpoints: Sequence[EndpointConfig], topology: Topology) -> int:
+    """Forward inbound SMS to ``endpoints`` until SIGTERM (the first drains every lane, the second exits at
+    once); returns the exit code."""
+    lanes = [InboundLane.open(settings, endpoint, topology) for endpoint in endpoints]
+    install_stop_signals(lambda: stop_lanes(lanes))
+    log.info(
+        "sync_worker started: %s",
+        ", ".join(f"endpoint {lane.endpoint.name} (Sync URL {lane.endpoint.redacted_url})" for lane in lanes),
     )
-    install_stop_signals(consumer.stop)
-    log.info("sync_worker started: Sync URL %s", forwarder.redacted_url)
     try:
-        consumer.run()
-    except broker.BrokerChannelError as exc:
-        log.error("stopping: %s", exc)
-        return 1
+        code = run_lanes(lanes)
     finally:
-        publisher.close()
+        for lane in lanes:
+            lane.close()
     log.info("sync_worker stopped")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

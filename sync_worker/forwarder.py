@@ -1,30 +1,33 @@
-"""Inbound leg: one queued SMS -> one POST to the Sync URL -> ack, retry later, or park.
+"""Inbound leg of one endpoint: one queued SMS -> one request to its Sync URL -> ack, retry later, or park.
+
+Every endpoint with ``inbound = true`` has its own copy of each SMS (``smsgw.inbound.<endpoint>``, filled by the
+``smsgw.inbound`` fanout exchange) and its own ``SyncForwarder``: its filter, secret, sync scheme, replies and
+budgets apply to its copy only, so one endpoint's verdict never touches another's.
 
 Ordering that keeps "nothing lost, nothing doubled":
-1. POST the SMS (same ``message_id`` on every attempt, so a server can de-duplicate).
-2. On success, publish the server's replies and the auto-response to the outbound queue *with confirms*.
+1. Send the SMS (same ``message_id`` on every attempt and to every endpoint, so a server can de-duplicate).
+2. On success, publish the server's replies and the auto-response to the receiving modem's queue *with
+   confirms*.
 3. Only then ack (the Consumer does it when we return ``Ack``).
-A crash between 1 and 3 re-POSTs the SMS; reply uuids are stable (server uuid, else derived from the
-message_id), and the modem side's outbound ledger refuses a uuid it already sent, so no reply goes out twice.
+A crash between 1 and 3 re-sends the SMS; reply keys are stable (derived from the message_id, the endpoint and
+the server's uuid), and the modem side's outbound ledger refuses a key it already sent, so no reply goes out
+twice.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import urllib.parse
 import uuid
-from dataclasses import dataclass
 
 import requests
 
 from services import broker, metrics
 from services.broker import Ack, BrokerError, Budget, Decision, Delivery, Park, Publication, PublisherThread, Retry
+from services.config import DEFAULT_ENDPOINT, FILTER_REASONS, EndpointConfig
 from services.schemas import InboundSms, OutboundSms, SchemaError
-from services.settings import Settings, redact_url
+from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
 from services.sync_protocol import (
-    Endpoint,
     ReplyError,
     SyncEncodingError,
     SyncScheme,
@@ -41,39 +44,96 @@ log = logging.getLogger(__name__)
 
 # Misconfiguration, not a passing fault: retrying burns the retry budget and hides the problem. Park at once.
 PARK_AT_ONCE = {400, 401, 403, 404, 405, 410, 413, 414, 415, 422}
-REDIRECTS = {301, 302, 303, 307, 308}
-MAX_REDIRECTS = 3
 HEADER_REFUSALS = "x-smsgw-refusals"
 HEADER_SERVER_ERRORS = "x-smsgw-server-errors"
 REPLY_NAMESPACE = uuid.UUID("0f9d2a4e-8b51-4f0e-b3c7-2c1e5d6a7b80")
+SYNC_OUTCOMES = ("accepted", "refused", "rejected", "server_error", "network_error", "bad_reply")
+REPLY_ORIGINS = ("reply", "auto_response", "query_code")
 
 
-@dataclass(frozen=True)
-class _Answer:
-    status: int
-    text: str
+def init_metrics(endpoint: str) -> None:
+    """Create every inbound series of ``endpoint`` at 0, so dashboards and rate() see them before the first
+    event (a counter that appears only on its first increment hides that increment from rate())."""
+    for outcome in SYNC_OUTCOMES:
+        metrics.SYNC_REQUESTS.labels(endpoint, outcome)
+    for reason in FILTER_REASONS:
+        metrics.SMS_FILTERED.labels(endpoint, reason)
+    for origin in REPLY_ORIGINS:
+        metrics.REPLIES_QUEUED.labels(endpoint, origin)
+    metrics.REPLIES_SKIPPED.labels(endpoint)
+    metrics.SYNC_SECONDS.labels(endpoint)
+    metrics.SYNC_END_TO_END_SECONDS.labels(endpoint)
+
+
+def reply_key(endpoint: str, message_id: str, server_uuid: str) -> str:
+    """The outbound-ledger key of a reply (or auto-response) ``endpoint`` gave to SMS ``message_id``.
+
+    Stable across re-sends of the same SMS, so a reply goes out once; different per endpoint (two servers may
+    both answer with uuid "1") and per SMS (a server may reuse one uuid for every reply). The ``default``
+    endpoint keeps the key it had before endpoints existed, so replies in flight across an upgrade are not
+    sent twice.
+    """
+    name = f"{message_id}/{server_uuid}" if endpoint == DEFAULT_ENDPOINT else f"{endpoint}/{message_id}/{server_uuid}"
+    return str(uuid.uuid5(REPLY_NAMESPACE, name))
+
+
+def query_answer_key(message_id: str) -> str:
+    """The ledger key of the answer to a query code: from the message_id alone, so when several endpoints
+    answer query codes the sender still gets one answer (the modem's ledger refuses the others)."""
+    return str(uuid.uuid5(REPLY_NAMESPACE, f"{message_id}/query"))
+
+
+class ReplyPublisher:
+    """Queues SMS that answer an inbound SMS on the receiving modem's queue (confirmed).
+
+    Replies leave through the SIM the sender texted, so the answer comes from the number they know. With a
+    failover time they carry it as a per-message TTL: if that modem is down or gone for longer, the broker moves
+    the reply to the shared queue and any modem sends it.
+    """
+
+    def __init__(self, publisher: PublisherThread, endpoint: str, modem_failover_s: float) -> None:
+        self._publisher = publisher
+        self._endpoint = endpoint
+        self._expiration_ms = int(modem_failover_s * 1000) if modem_failover_s > 0 else None
+
+    def publish(self, sms: InboundSms, outbound: list[OutboundSms]) -> None:
+        """Publish ``outbound`` (answers to ``sms``), each confirmed.
+
+        Raises:
+            BrokerError: a message was not confirmed (the caller retries the SMS; keys keep it from doubling).
+        """
+        routing_key = broker.outbound_queue_for(sms.modem_id)
+        for message in outbound:
+            try:
+                self._publisher.publish(
+                    Publication(
+                        routing_key, message.to_json(), message_id=message.uuid, expiration_ms=self._expiration_ms
+                    )
+                )
+            except broker.PublishRefused:
+                # That modem's queue is gone (modem retired): any modem may answer rather than nobody.
+                log.warning(
+                    "no outbound queue for modem %s; reply %s goes to the shared queue", sms.modem_id, message.uuid
+                )
+                self._publisher.publish(Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid))
+            metrics.REPLIES_QUEUED.labels(self._endpoint, message.origin).inc()
 
 
 class SyncForwarder:
-    """Handler for the inbound queue (thread-safe: one HTTP session per handler thread)."""
+    """Handler of one endpoint's inbound queue (thread-safe: the client keeps one HTTP session per thread)."""
 
-    def __init__(self, settings: Settings, publisher: PublisherThread) -> None:
-        settings.require_sync_url()
-        self._settings = settings
-        self._endpoint = Endpoint.parse(settings.sync_url)
-        self._refusals = Budget(HEADER_REFUSALS, settings.max_refusals, "refusals", "refused")
-        self._server_errors = Budget(HEADER_SERVER_ERRORS, settings.max_server_errors, "HTTP 500 answers", "http_500")
-        self._scheme = SyncScheme(settings.sync_method, settings.sync_format, dict(settings.sync_keys))
-        self._publisher = publisher
-        self._local = threading.local()
-        self._keywords = tuple(k.casefold() for k in settings.keywords)
-        self.redacted_url = redact_url(settings.sync_url)
-
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:  # one per handler thread: requests sessions are not thread-safe
-            session = self._local.session = self._endpoint.session()
-        return session
+    def __init__(
+        self, endpoint: EndpointConfig, publisher: PublisherThread, client: SyncClient, *, modem_failover_s: float = 0.0
+    ) -> None:
+        self._endpoint = endpoint
+        self._name = endpoint.name
+        self._client = client
+        self._refusals = Budget(HEADER_REFUSALS, endpoint.max_refusals, "refusals", "refused")
+        self._server_errors = Budget(HEADER_SERVER_ERRORS, endpoint.max_server_errors, "HTTP 500 answers", "http_500")
+        self._scheme = SyncScheme(endpoint.sync_method, endpoint.sync_format, dict(endpoint.sync_keys))
+        self._replies = ReplyPublisher(publisher, endpoint.name, modem_failover_s)
+        self.redacted_url = endpoint.redacted_url
+        init_metrics(endpoint.name)
 
     def handle(self, delivery: Delivery) -> Decision:
         """Forward one inbound SMS; returns what to do with the queue message (never raises for bad input)."""
@@ -81,111 +141,92 @@ class SyncForwarder:
             sms = InboundSms.from_json(delivery.body)
         except SchemaError as exc:
             return Park(f"malformed inbound message: {exc}", label="malformed")
-        code = query_code(sms.text) if self._settings.query_codes else None
+        code = query_code(sms.text) if self._endpoint.query_codes else None
         if code is not None:
-            # Before the keyword filter: "@40" matches no keyword, and it is a question to us, not the server.
+            # Before the filter: "@40" matches no keyword, and it is a question to us, not the server.
             return self._answer_query(sms, code)
-        if self._keywords and not any(k in sms.text.casefold() for k in self._keywords):
-            metrics.SMS_FILTERED.inc()
-            log.info("SMS %s matches no keyword; not forwarded (acknowledged)", sms.message_id)
+        reason = self._endpoint.filter_reason(sms.sender, sms.text)
+        if reason is not None:
+            metrics.SMS_FILTERED.labels(self._name, reason).inc()
+            log.info("SMS %s not forwarded to endpoint %s (%s); acknowledged", sms.message_id, self._name, reason)
             return Ack()
         return self._forward(sms)
 
     def _forward(self, sms: InboundSms) -> Decision:
-        """POST ``sms`` to the Sync URL and judge the answer (never raises for bad input or bad answers)."""
+        """Send ``sms`` to the Sync URL and judge the answer (never raises for bad input or bad answers)."""
         try:
-            answer = self._post(sms)
+            answer = self._send(sms)
         except requests.RequestException as exc:
-            metrics.SYNC_REQUESTS.labels("network_error").inc()
+            metrics.SYNC_REQUESTS.labels(self._name, "network_error").inc()
             # requests puts the URL (and a secret in its query) into its messages: mask before logging/parking.
             return Retry(f"Sync URL unreachable: {type(exc).__name__}: {clip(mask_secrets(str(exc)))}")
         except (UnicodeError, SyncEncodingError) as exc:
-            # Retrying cannot help; parked with the reason, it can be replayed after SMSGW_SYNC_FORMAT changes.
+            # Retrying cannot help; parked with the reason, it can be replayed after the sync format changes.
             return Park(f"SMS cannot be encoded for the Sync URL: {exc}", label="malformed")
         except RedirectRefused as exc:
             # A misconfiguration (or a hijacked server), not a passing fault: park at once, like a 4xx.
-            metrics.SYNC_REQUESTS.labels("rejected").inc()
+            metrics.SYNC_REQUESTS.labels(self._name, "rejected").inc()
             return Park(str(exc), label="redirect")
         try:
             return self._judge(sms, answer)
         except BrokerError as exc:
-            # The server accepted the SMS but a reply could not be queued: post again later (same message_id,
+            # The server accepted the SMS but a reply could not be queued: send again later (same message_id,
             # reply keys derived from it, so nothing goes out twice) rather than ack and lose the reply.
             return Retry(f"accepted, but its replies could not be queued: {exc}")
+
+    def _send(self, sms: InboundSms) -> SyncAnswer:
+        """Send ``sms`` in the endpoint's sync scheme.
+
+        Raises:
+            requests.RequestException: the server could not be reached or did not answer in time.
+            SyncEncodingError, UnicodeError: the SMS cannot be written in the configured format.
+            RedirectRefused: the Sync URL redirects to another host, to plain http, or in a loop.
+        """
+        body, content_type = self._scheme.encode(sync_form(sms, self._endpoint.secret, self._endpoint.device_id))
+        started = time.monotonic()
+        try:
+            return self._client.send(self._scheme.method, body, content_type)
+        finally:
+            metrics.SYNC_SECONDS.labels(self._name).observe(time.monotonic() - started)
 
     def _answer_query(self, sms: InboundSms, code: str) -> Decision:
         """Answer a query code by SMS to its sender; the SMS itself is not forwarded."""
         text = query_codes.answer(code, sms, self._probe_sync_url)
-        # Derived from the message_id: a redelivered query is answered once (the outbound ledger refuses a
-        # second send under the same key).
-        reply_uuid = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/query"))
+        key = query_answer_key(sms.message_id)
+        answer = OutboundSms(key, sms.sender, text, "query_code", broker.now_ms(), endpoint=self._name)
         try:
-            self._publish_outbound(sms, [OutboundSms(reply_uuid, sms.sender, text, "query_code", broker.now_ms())])
+            self._replies.publish(sms, [answer])
         except BrokerError as exc:
             return Retry(f"query code {code}: the answer could not be queued: {exc}")
-        log.info("SMS %s is query code %s: answered by SMS, not forwarded to the Sync URL", sms.message_id, code)
+        log.info(
+            "SMS %s is query code %s: answered by SMS, not forwarded to endpoint %s", sms.message_id, code, self._name
+        )
         return Ack()
 
     def _probe_sync_url(self) -> str:
-        """GET the Sync URL (no secret, no task) and describe what answered, for @20."""
+        """Ask the Sync URL (no secret, no task) and describe what answered, for @20."""
         try:
-            response = self._session().get(
-                self._endpoint.url, timeout=self._settings.http_timeout, allow_redirects=False
-            )
+            probe = self._client.probe()
         except requests.RequestException as exc:
             return f"Sync URL unreachable ({type(exc).__name__})"
-        return f"Sync URL HTTP {response.status_code}"
+        return f"Sync URL HTTP {probe.status}"
 
-    def _post(self, sms: InboundSms) -> _Answer:
-        """Send ``sms`` to the Sync URL in the configured scheme, following redirects with the same method.
-
-        Raises:
-            requests.RequestException: the server could not be reached or did not answer in time.
-            SyncEncodingError: the SMS cannot be written in the configured format.
-            RedirectRefused: the Sync URL redirects to another host or to plain http.
-        """
-        url = self._endpoint.url
-        body, content_type = self._scheme.encode(
-            sync_form(sms, self._settings.secret, self._settings.device_id)
-        )
-        headers = {"Content-Type": content_type}
-        started = time.monotonic()
-        try:
-            for _ in range(MAX_REDIRECTS + 1):
-                response = self._session().request(
-                    self._scheme.method, url, data=body, headers=headers, timeout=self._settings.http_timeout,
-                    allow_redirects=False,
-                )
-                if response.status_code not in REDIRECTS:
-                    return _Answer(response.status_code, response.text)
-                location = response.headers.get("Location")
-                if not location:
-                    raise RedirectRefused(f"Sync URL answered HTTP {response.status_code} without a Location")
-                # Re-send ourselves: requests would turn a 301/302 POST into a GET (the task branch of most
-                # servers) and the SMS would be "accepted" by a handler that never saw it.
-                url = _redirect_target(url, location)
-                log.warning("Sync URL redirects (HTTP %d); update SMSGW_SYNC_URL to avoid the extra hop",
-                            response.status_code)
-            raise RedirectRefused(f"Sync URL redirected more than {MAX_REDIRECTS} times (last to {redact_url(url)})")
-        finally:
-            metrics.SYNC_SECONDS.observe(time.monotonic() - started)
-
-    def _judge_http_status(self, answer: _Answer) -> Decision:
+    def _judge_http_status(self, answer: SyncAnswer) -> Decision:
         """Park or retry an SMS the Sync URL answered with a status other than 200/201."""
         status = answer.status
         reason = f"Sync URL answered HTTP {status}: {_server_error(answer.text)}"
         if status in PARK_AT_ONCE:
-            metrics.SYNC_REQUESTS.labels("rejected").inc()
+            metrics.SYNC_REQUESTS.labels(self._name, "rejected").inc()
             return Park(reason, label=f"http_{status}")
-        metrics.SYNC_REQUESTS.labels("server_error").inc()
+        metrics.SYNC_REQUESTS.labels(self._name, "server_error").inc()
         if status == 500:
             # Some servers store message_id as a primary key and answer 500 to a repeat (the first POST
-            # was stored, its answer lost): retrying that until SMSGW_MAX_RETRY_AGE only hides it. 500s
-            # are counted on their own; 502/503/504 (a proxy in front of a server that is down) are not.
+            # was stored, its answer lost): retrying that until max_retry_age only hides it. 500s are
+            # counted on their own; 502/503/504 (a proxy in front of a server that is down) are not.
             return Retry(reason, budget=self._server_errors)
         return Retry(reason)
 
-    def _judge(self, sms: InboundSms, answer: _Answer) -> Decision:
+    def _judge(self, sms: InboundSms, answer: SyncAnswer) -> Decision:
         """Ack, retry or park an SMS from the Sync URL's answer; queues the replies of an accepted one.
 
         Raises:
@@ -196,101 +237,74 @@ class SyncForwarder:
         try:
             payload = parse_payload(answer.text, require_uuid=False)
         except ReplyError as exc:
-            metrics.SYNC_REQUESTS.labels("bad_reply").inc()
+            metrics.SYNC_REQUESTS.labels(self._name, "bad_reply").inc()
             return Retry(f"unreadable reply: {exc}")
         if payload.success is not True:
-            metrics.SYNC_REQUESTS.labels("refused").inc()
+            metrics.SYNC_REQUESTS.labels(self._name, "refused").inc()
             reason = f"server refused the SMS (success={payload.success}): {payload.error or 'no error text'}"
             # success:false is also how some servers say "wrong secret": bounded retries, then park with
             # the server's own words so an operator can fix it and replay.
             # Count refusals on their own: retries after an outage must not eat this budget.
             return Retry(reason, budget=self._refusals)
-        metrics.SYNC_REQUESTS.labels("accepted").inc()
-        metrics.SYNC_END_TO_END_SECONDS.observe(max(0.0, time.time() - sms.received_at / 1000))
-        log.info("SMS %s accepted by the Sync URL", sms.message_id)
+        metrics.SYNC_REQUESTS.labels(self._name, "accepted").inc()
+        metrics.SYNC_END_TO_END_SECONDS.labels(self._name).observe(max(0.0, time.time() - sms.received_at / 1000))
+        log.info("SMS %s accepted by endpoint %s", sms.message_id, self._name)
         for reason in payload.skipped:
-            metrics.REPLIES_SKIPPED.inc()
-            log.warning("skipped a reply message of SMS %s: %s", sms.message_id, reason)
-        self._queue_replies(sms, payload.task, payload.messages)
+            metrics.REPLIES_SKIPPED.labels(self._name).inc()
+            log.warning("skipped a reply message of SMS %s from endpoint %s: %s", sms.message_id, self._name, reason)
+        outbound = self._replies_to(sms, payload.task, payload.messages)
+        self._replies.publish(sms, outbound)
+        if outbound:
+            log.info("SMS %s: queued %d outbound SMS from endpoint %s", sms.message_id, len(outbound), self._name)
         return Ack()
 
-    def _queue_replies(self, sms: InboundSms, task: str | None, messages: tuple[TaskMessage, ...]) -> None:
-        """Publish replies (confirmed) before the SMS is acked; raises BrokerError so the SMS is requeued."""
+    def _replies_to(self, sms: InboundSms, task: str | None, messages: tuple[TaskMessage, ...]) -> list[OutboundSms]:
+        """The SMS to send in answer to an accepted ``sms``: the server's replies (if enabled) and the
+        auto-response (if configured)."""
         outbound: list[OutboundSms] = []
         now = broker.now_ms()
-        if self._settings.reply_from_server and task in ("send", None):
+        if self._endpoint.reply_from_server and task in ("send", None):
             for index, task_message in enumerate(messages):
-                # Same SMS re-posted after a crash -> same key -> the ledger sends the reply once; another SMS
-                # answered with the same server uuid -> another key -> its reply goes out too. A reply without
-                # a uuid is named by its position in the answer.
-                server_uuid = task_message.uuid or f"#{index}"
-                key = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/{server_uuid}"))
-                # Reported under the server's uuid when it gave one: a server that lists it in ?task=result
-                # learns its fate; one that does not ask is never told (the reporter only answers questions).
+                # Same SMS re-sent after a crash -> same key -> the ledger sends the reply once; another SMS
+                # (or another endpoint) answered with the same server uuid -> another key -> its reply goes out
+                # too. A reply without a uuid is named by its position in the answer.
+                key = reply_key(self._name, sms.message_id, task_message.uuid or f"#{index}")
+                # Reported under the server's uuid when it gave one and the endpoint asks for results: a server
+                # that lists it in ?task=result learns its fate; an endpoint whose Message Results API is off
+                # has no reporter, so no events are queued for it.
+                report = bool(task_message.uuid) and self._endpoint.message_results
                 outbound.append(
-                    OutboundSms(task_message.uuid or key, task_message.to, task_message.text, "reply", now,
-                                report=bool(task_message.uuid), dedup_key=key)
+                    OutboundSms(
+                        task_message.uuid or key,
+                        task_message.to,
+                        task_message.text,
+                        "reply",
+                        now,
+                        report=report,
+                        dedup_key=key,
+                        endpoint=self._name,
+                    )
                 )
         elif messages:
             log.info(
-                "SMS %s: %d reply messages not sent (SMSGW_REPLY_FROM_SERVER is off or task is %r)",
+                "SMS %s: %d reply messages from endpoint %s not sent (reply_from_server is off or task is %r)",
                 sms.message_id,
                 len(messages),
+                self._name,
                 task,
             )
-        if self._settings.auto_response:
-            auto_uuid = str(uuid.uuid5(REPLY_NAMESPACE, f"{sms.message_id}/auto"))
+        if self._endpoint.auto_response:
             outbound.append(
-                OutboundSms(auto_uuid, sms.sender, self._settings.auto_response, "auto_response", now)
-            )
-        self._publish_outbound(sms, outbound)
-        if outbound:
-            log.info("SMS %s: queued %d outbound SMS", sms.message_id, len(outbound))
-
-    def _publish_outbound(self, sms: InboundSms, outbound: list[OutboundSms]) -> None:
-        """Publish answers to ``sms`` (confirmed) on its modem's queue. Raises BrokerError when not confirmed."""
-        # Replies leave through the SIM the sender texted, so the answer comes from the number they know.
-        routing_key = broker.outbound_queue_for(sms.modem_id)
-        for message in outbound:
-            try:
-                self._publisher.publish(Publication(routing_key, message.to_json(), message_id=message.uuid))
-            except broker.PublishRefused:
-                # That modem's queue is gone (modem retired): any modem may answer rather than nobody.
-                log.warning("no outbound queue for modem %s; reply %s goes to the shared queue", sms.modem_id,
-                            message.uuid)
-                self._publisher.publish(
-                    Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid)
+                OutboundSms(
+                    reply_key(self._name, sms.message_id, "auto"),
+                    sms.sender,
+                    self._endpoint.auto_response,
+                    "auto_response",
+                    now,
+                    endpoint=self._name,
                 )
-            metrics.REPLIES_QUEUED.labels(message.origin).inc()
-
-
-class RedirectRefused(Exception):
-    """The Sync URL redirects somewhere the SMS (with the secret and Basic auth) must not follow."""
-
-
-def _redirect_target(url: str, location: str) -> str:
-    """The URL a redirect from ``url`` leads to, if the body may follow it.
-
-    We re-send the body ourselves (see ``_post``), so requests' own safeguards do not apply: the secret and the
-    Basic-auth credentials would go wherever ``Location`` says. Only the same host is followed, on the same
-    scheme and port or upgraded from http to https.
-
-    Raises:
-        RedirectRefused: another host, a downgrade to http, or a Location that is not a URL.
-    """
-    try:
-        target = urllib.parse.urljoin(url, location)
-        old, new = urllib.parse.urlsplit(url), urllib.parse.urlsplit(target)
-        same_origin = (old.scheme, old.hostname, old.port) == (new.scheme, new.hostname, new.port)
-        upgrade = old.scheme == "http" and new.scheme == "https" and old.hostname == new.hostname
-    except ValueError:
-        raise RedirectRefused(f"Sync URL redirects to an unreadable Location {clip(location, 80)!r}") from None
-    if not (same_origin or upgrade):
-        raise RedirectRefused(
-            f"Sync URL redirects to another host or to plain http ({redact_url(target)}); not followed with the "
-            "SMS and its secret: set SMSGW_SYNC_URL to the new address if it is right"
-        )
-    return target
+            )
+        return outbound
 
 
 def _server_error(body: str) -> str:

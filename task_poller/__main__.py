@@ -1,4 +1,4 @@
-"""``python -m task_poller``: poll the Sync URL's ``?task=send`` and queue its messages for the modems."""
+"""``python -m task_poller``: poll every endpoint's ``?task=send`` and queue its messages for the modems."""
 
 from __future__ import annotations
 
@@ -7,60 +7,104 @@ import sys
 import threading
 
 from services.broker import PublisherThread
+from services.config import DEFAULT_ENDPOINT, EndpointConfig, FleetConfig, require_sync_urls
 from services.runtime import (
     check,
     install_stop_signals,
+    load_fleet_config,
     load_settings,
     open_ledger,
     start_metrics,
     worker_parser,
 )
-from task_poller.poller import TaskPoller
+from services.settings import ConfigError
+from services.sync_client import SyncClient
+from services.topology import Topology
+from task_poller.poller import TaskPoller, init_metrics
+from task_poller.runner import PollerGroup
 
 log = logging.getLogger(__name__)
 
 ENV = (
     "SMSGW_SYNC_URL",
     "SMSGW_SECRET",
+    "SMSGW_TASKS",
     "SMSGW_TASK_INTERVAL",
     "SMSGW_HTTP_TIMEOUT",
     "SMSGW_MESSAGE_RESULTS",
     "SMSGW_STATE_DIR",
+    "SMSGW_LEDGER_URL",
+    "SMSGW_LEDGER_RETENTION_DAYS",
 )
+
+
+def task_endpoints(fleet: FleetConfig) -> tuple[EndpointConfig, ...]:
+    """The endpoints to poll.
+
+    Raises:
+        ConfigError: there is none (the env-only endpoint without ``SMSGW_SYNC_URL``, ``SMSGW_TASKS=false``, or a
+            file with no ``tasks = true``): a task_poller with nothing to do is said at start-up, not found as
+            silence.
+    """
+    endpoints = tuple(e for e in fleet.task_endpoints() if e.sync_url)
+    if not endpoints and fleet.source == "environment" and fleet.endpoint(DEFAULT_ENDPOINT).sync_url:
+        raise ConfigError("SMSGW_TASKS: false, so there is no server to poll; set it to true or do not run task_poller")
+    require_sync_urls(fleet, endpoints, "tasks = true")
+    return endpoints
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2: bad configuration, 1: cannot start)."""
     args = worker_parser(
         "python -m task_poller",
-        "Poll the SMSsync Sync URL for ?task=send and queue each message once for the modem workers.",
+        "Poll every endpoint with tasks on (the SMSsync Sync URL, or each [[endpoints]] of SMSGW_CONFIG) for "
+        "?task=send and queue each message once for the modem workers, routed by [[routes]].",
         ENV,
     ).parse_args(argv)
-    settings = load_settings("task_poller", sync_url=True)
+    settings = load_settings("task_poller")
     if settings is None:
+        return 2
+    fleet = load_fleet_config("task_poller", settings)
+    if fleet is None:
+        return 2
+    try:
+        endpoints = task_endpoints(fleet)
+    except ConfigError as exc:
+        print(f"task_poller: configuration error: {exc}", file=sys.stderr)
         return 2
     ledger = open_ledger("task_poller", settings)
     if ledger is None:
         return 1
+    topology = Topology.of(fleet)
     if args.check:
-        return check(settings)
+        ledger.close()
+        return check(settings, topology)
     start_metrics(settings, "task_poller")
-    # The publisher thread also keeps the broker connection's heartbeat going between polls.
-    publisher = PublisherThread(settings.amqp_url, "smsgw-task-poller")
-    poller = TaskPoller(settings, publisher, ledger)
+    # The publisher thread also keeps the broker connection's heartbeat going between polls. It declares the
+    # fleet's topology, so every route's queue exists before the first publish.
+    publisher = PublisherThread(settings.amqp_url, "smsgw-task-poller", topology=topology)
+    pollers: list[TaskPoller] = []
+    for index, endpoint in enumerate(endpoints):
+        init_metrics(endpoint.name)
+        # The first poller also republishes orphaned claims of endpoints this fleet no longer polls.
+        pollers.append(TaskPoller(endpoint, fleet, publisher, ledger, SyncClient(endpoint), adopt_strays=index == 0))
+        log.info(
+            "task_poller: endpoint %s: Sync URL %s, every %.0fs, Message Results API %s",
+            endpoint.name,
+            endpoint.redacted_url,
+            endpoint.task_interval,
+            "on" if endpoint.message_results else "off",
+        )
+    group = PollerGroup(pollers, ledger, settings.ledger_retention_days * 86400)
     stop = threading.Event()
     install_stop_signals(stop.set)
-    log.info(
-        "task_poller started: Sync URL %s, every %.0fs, Message Results API %s",
-        poller.redacted_url,
-        settings.task_interval,
-        "on" if settings.message_results else "off",
-    )
+    log.info("task_poller started: %d endpoint(s), %d route(s)", len(pollers), len(fleet.routes))
     try:
-        poller.run(stop)
+        group.run(stop)
     finally:
-        poller.close()
+        group.close()
         publisher.close()
+        ledger.close()
     log.info("task_poller stopped")
     return 0
 

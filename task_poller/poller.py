@@ -1,30 +1,35 @@
-"""Task leg: poll ``?task=send`` on the Sync URL and queue the messages it returns, each uuid at most once.
+"""Task leg of one endpoint: poll its ``?task=send`` and queue the messages it returns, each uuid at most once.
 
-Never twice, across restarts, a server that keeps offering the same messages and replicas sharing
-``SMSGW_STATE_DIR`` (docs/outbound.md has the full argument):
+Every endpoint with ``tasks = true`` has its own ``TaskPoller`` (on its own thread, ``task_poller.runner``).
+Servers number their messages independently, so the ledger key of a message is
+``task_ledger_key(endpoint, uuid)``: the same uuid offered by two endpoints is two SMS, and everything below
+holds per endpoint.
 
-1. ``ledger.claim(uuid)`` — one SQLite ``BEGIN IMMEDIATE`` transaction; exactly one poller (of any process)
-   gets True for a uuid, ever. Everyone else skips it as a duplicate.
+Never twice, across restarts, a server that keeps offering the same messages and replicas sharing one ledger
+(``SMSGW_LEDGER_URL``; docs/outbound.md has the full argument):
+
+1. ``ledger.claim(key)`` — one transaction; exactly one poller (of any process) gets True for a key, ever.
+   Everyone else skips it as a duplicate.
 2. With the Message Results API on: ``POST ?task=sent`` with the claimed uuids; the ones the server explicitly
    answers without echoing are released again (``ledger.release_claim``) and not sent, as the app does. No
    usable answer (time-out, dropped connection, 5xx, unreadable body) is not a "no": the server may have
    processed it and dropped the uuids from its outbox, so the claims stay and ``?task=sent`` is retried for
    them on the next polls; if that never works they become orphans (below) and are sent anyway.
 3. ``ledger.touch`` the claims about to be published (so no replica takes them for orphans), publish
-   ``OutboundSms`` with a publisher confirm, then ``ledger.mark_queued``.
+   ``OutboundSms`` (to its route's queue, ``task_poller.routing``) with a publisher confirm, then
+   ``ledger.mark_queued``.
 
-A crash between 1 and 3 leaves an ``accepted`` claim: every cycle republishes claims older than
-``stale_claim_s``; the modem worker's ``ledger.begin_send`` refuses a uuid already sending or sent, so a
-republish can duplicate a queue message but never an SMS.
+A crash between 1 and 3 leaves an ``accepted`` claim: every cycle republishes this endpoint's claims older than
+``stale_claim_s``, routed again; the modem worker's ``ledger.begin_send`` refuses a key already sending or
+sent, so a republish can duplicate a queue message but never an SMS.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,27 +37,42 @@ import requests
 
 from services import broker, metrics
 from services.broker import BrokerError, Publication
-from services.ledger import Ledger
+from services.config import EndpointConfig, FleetConfig
+from services.ledger import Ledger, LedgerError
 from services.logs import UnexpectedErrors
-from services.schemas import OutboundSms
-from services.settings import Settings, redact_url
+from services.schemas import task_ledger_key
 from services.sync_protocol import (
-    Endpoint,
     ReplyError,
     TaskMessage,
     clip,
     parse_message_uuids,
     parse_payload,
-    request_with_deadline,
     secrets_match,
     status_hint,
 )
+from task_poller.routing import RoutedSms, TaskRouter
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 900.0
 PUBLISH_TIMEOUT_S = 30.0
-# Distinct unexpected errors whose traceback was logged already (repeats get one line); bounded.
+
+# Metric outcomes, initialised at 0 for every endpoint at start-up (a dashboard sees a series before its first
+# event).
+POLL_OUTCOMES = (
+    "ok",
+    "empty",
+    "ignored",
+    "refused",
+    "bad_reply",
+    "network_error",
+    "http_error",
+    "broker_error",
+    "ledger_error",
+    "internal_error",
+)
+MESSAGE_OUTCOMES = ("queued", "duplicate", "invalid", "not_confirmed")
+HTTP_TASKS = ("send", "sent")
 
 
 class Publishes(Protocol):
@@ -60,6 +80,42 @@ class Publishes(Protocol):
 
     def publish(self, publication: Publication, timeout: float = 30.0) -> None:
         """Publish and wait for the confirm; raises BrokerError."""
+
+
+class Answer(Protocol):
+    """What the poller reads of ``services.sync_client.SyncAnswer``."""
+
+    @property
+    def status(self) -> int:
+        """The HTTP status."""
+
+    @property
+    def text(self) -> str:
+        """The body, decoded."""
+
+
+class SyncRequests(Protocol):
+    """What the poller needs of ``services.sync_client.SyncClient`` (the one HTTP path to a Sync URL)."""
+
+    def get(self, **query: str) -> Answer:
+        """GET the Sync URL with ``query``; raises requests.RequestException."""
+
+    def post_json(self, body: object, **query: str) -> Answer:
+        """POST ``body`` as JSON to the Sync URL with ``query``; raises requests.RequestException."""
+
+    def close(self) -> None:
+        """Release the connections."""
+
+
+def init_metrics(endpoint: str) -> None:
+    """Create every series of ``endpoint`` at 0."""
+    for outcome in POLL_OUTCOMES:
+        metrics.TASK_POLLS.labels(endpoint, outcome)
+    for outcome in MESSAGE_OUTCOMES:
+        metrics.TASK_MESSAGES.labels(endpoint, outcome)
+    for task in HTTP_TASKS:
+        metrics.HTTP_SECONDS.labels(endpoint, task)
+    metrics.TASK_REPUBLISHED.labels(endpoint)
 
 
 class PollError(Exception):
@@ -83,56 +139,85 @@ class PollResult:
 
 
 class TaskPoller:
-    """Poll the Sync URL for tasks and queue their messages; ``run()`` loops until the stop event is set."""
+    """Poll one endpoint for tasks and queue their messages; ``run()`` loops until the stop event is set."""
 
-    def __init__(self, settings: Settings, publisher: Publishes, ledger: Ledger) -> None:
-        """Raises ConfigError when SMSGW_SYNC_URL is empty."""
-        settings.require_sync_url()
-        self._settings = settings
-        self._endpoint = Endpoint.parse(settings.sync_url)
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        fleet: FleetConfig,
+        publisher: Publishes,
+        ledger: Ledger,
+        client: SyncRequests,
+        *,
+        adopt_strays: bool = False,
+    ) -> None:
+        """``adopt_strays``: also republish orphaned claims of endpoints this fleet does not poll (removed from
+        the file, or ``tasks`` switched off): set it on one poller of the process, so they are not lost.
+
+        Raises ValueError when the endpoint has no Sync URL.
+        """
+        if not endpoint.sync_url:
+            raise ValueError(f"endpoint {endpoint.name!r} has no sync_url to poll")
+        self.name = endpoint.name
+        self._endpoint = endpoint
         self._publisher = publisher
         self._ledger = ledger
-        self._session = self._endpoint.session()
-        self.redacted_url = redact_url(settings.sync_url)
-        # A live poller leaves a claim unrefreshed for at most one request to the Sync URL (?task=sent: at most
-        # 3 x SMSGW_HTTP_TIMEOUT, see _request) or one publish (it touches the claims before each publish);
-        # only older claims are orphans. Republishing a live one early would still not double-send
-        # (begin_send), and the live poller skips a claim no longer ``accepted`` when it touches it.
-        self.stale_claim_s = max(30.0, 3 * settings.http_timeout + PUBLISH_TIMEOUT_S + 5)
+        self._client = client
+        self._router = TaskRouter(fleet)
+        self._polled = {e.name for e in fleet.task_endpoints()}
+        self._adopt_strays = adopt_strays
+        self._secret_name = "SMSGW_SECRET" if fleet.source == "environment" else f"endpoint {self.name!r}'s secret"
+        self.redacted_url = endpoint.redacted_url
+        # A live poller leaves a claim unrefreshed for at most one request to the Sync URL (?task=sent: bounded
+        # by http_timeout; 3 x is the margin of the older per-phase time-outs) or one publish (it touches the
+        # claims before each publish); only older claims are orphans. Republishing a live one early would still
+        # not double-send (begin_send), and the live poller skips a claim no longer ``accepted`` when it
+        # touches it.
+        self.stale_claim_s = max(30.0, 3 * endpoint.http_timeout + PUBLISH_TIMEOUT_S + 5)
         # Claims whose ?task=sent got no usable answer: retried first thing on each poll until the server
         # answers, or until they are republished as orphans (by us or a replica) after stale_claim_s.
         self._unconfirmed: dict[str, TaskMessage] = {}
         self._unexpected = UnexpectedErrors(log)
 
+    def _key(self, uuid: str) -> str:
+        return task_ledger_key(self.name, uuid)
+
     # --- loop ---------------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Poll every ``SMSGW_TASK_INTERVAL`` s (at once again while a poll queued something) until ``stop``.
+        """Poll every ``task_interval`` s (at once again while a poll queued something) until ``stop``.
 
-        Never raises for server or broker trouble: it logs one line and backs off exponentially (capped), so
-        a wrong secret or a dead server never becomes a crash loop.
+        A poll in progress when ``stop`` is set finishes first. Never raises for server, ledger or broker
+        trouble: it logs one line and backs off exponentially (capped), so a wrong secret or a dead server
+        never becomes a crash loop.
         """
         failures = 0
         while not stop.is_set():
-            delay = self._settings.task_interval
+            delay = self._endpoint.task_interval
             try:
                 self.republish_orphans()
                 result = self.poll_once()
-            except (PollError, sqlite3.Error) as exc:
+            except (PollError, LedgerError) as exc:
                 failures += 1
                 delay = self._backoff(failures)
                 outcome = exc.outcome if isinstance(exc, PollError) else "ledger_error"
-                metrics.TASK_POLLS.labels(outcome).inc()
-                log.error("task poll failed: %s; next poll in %.0fs", exc, delay)
+                metrics.TASK_POLLS.labels(self.name, outcome).inc()
+                log.error("endpoint %s: task poll failed: %s; next poll in %.0fs", self.name, exc, delay)
             except Exception as exc:  # last resort: a bug must not become a crash loop
                 failures += 1
                 delay = self._backoff(failures)
-                metrics.TASK_POLLS.labels("internal_error").inc()
-                self._unexpected.log(exc, "task poll failed unexpectedly: %s: %s; next poll in %.0fs",
-                                     type(exc).__name__, clip(str(exc), 200), delay)
+                metrics.TASK_POLLS.labels(self.name, "internal_error").inc()
+                self._unexpected.log(
+                    exc,
+                    "endpoint %s: task poll failed unexpectedly: %s: %s; next poll in %.0fs",
+                    self.name,
+                    type(exc).__name__,
+                    clip(str(exc), 200),
+                    delay,
+                )
             else:
                 if failures:
-                    log.info("task poll works again after %d failure(s)", failures)
+                    log.info("endpoint %s: task poll works again after %d failure(s)", self.name, failures)
                 failures = 0
                 if result.queued:
                     # The server may hold more than one reply's worth: drain it before waiting.
@@ -141,7 +226,7 @@ class TaskPoller:
             stop.wait(delay)
 
     def _backoff(self, failures: int) -> float:
-        interval = self._settings.task_interval
+        interval = self._endpoint.task_interval
         return min(interval * float(2 ** min(failures, 10)), max(MAX_BACKOFF_S, interval))
 
     # --- one poll -----------------------------------------------------------------------------------------
@@ -154,12 +239,13 @@ class TaskPoller:
         Raises:
             PollError: the server could not be reached, refused, or answered something unreadable; or the
                 broker did not confirm (claims stay and are republished later).
+            LedgerError: the ledger could not be read or written (nothing is queued unclaimed).
         """
         retried = self._retry_unconfirmed()
-        params = {"task": "send"}
-        if self._settings.secret:
-            params["secret"] = self._settings.secret
-        text = self._request("GET", "send", self._endpoint.with_query(**params))
+        query = {"task": "send"}
+        if self._endpoint.secret:
+            query["secret"] = self._endpoint.secret
+        text = self._request("send", lambda: self._client.get(**query))
         try:
             payload = parse_payload(text)
         except ReplyError as exc:
@@ -167,68 +253,70 @@ class TaskPoller:
         if payload.success is False:
             raise PollError(f"server refused the task poll: {payload.error or 'no error text'}", "refused")
         for reason in payload.skipped:
-            metrics.TASK_MESSAGES.labels("invalid").inc()
-            log.warning("skipped an invalid task message: %s", reason)
+            metrics.TASK_MESSAGES.labels(self.name, "invalid").inc()
+            log.warning("endpoint %s: skipped an invalid task message: %s", self.name, reason)
         if not payload.messages:
-            metrics.TASK_POLLS.labels("empty").inc()
-            log.debug("task poll: nothing to send")
+            metrics.TASK_POLLS.labels(self.name, "empty").inc()
+            log.debug("endpoint %s: task poll: nothing to send", self.name)
             return PollResult(queued=retried, invalid=len(payload.skipped))
         if payload.task != "send":
-            metrics.TASK_POLLS.labels("ignored").inc()
+            metrics.TASK_POLLS.labels(self.name, "ignored").inc()
             log.warning(
-                "task reply ignored: task is %r, not 'send'; %d message(s) not sent",
+                "endpoint %s: task reply ignored: task is %r, not 'send'; %d message(s) not sent",
+                self.name,
                 payload.task,
                 len(payload.messages),
             )
             return PollResult(queued=retried, invalid=len(payload.skipped))
-        if not secrets_match(self._settings.secret, payload.secret):
-            metrics.TASK_POLLS.labels("ignored").inc()
+        if not secrets_match(self._endpoint.secret, payload.secret):
+            metrics.TASK_POLLS.labels(self.name, "ignored").inc()
             log.warning(
-                "task reply ignored: its secret %s SMSGW_SECRET; %d message(s) not sent",
+                "endpoint %s: task reply ignored: its secret %s %s; %d message(s) not sent",
+                self.name,
                 "is missing, unlike" if payload.secret is None else "does not match",
+                self._secret_name,
                 len(payload.messages),
             )
             return PollResult(queued=retried, invalid=len(payload.skipped))
         result = self._queue(payload.messages)
-        result = PollResult(queued=result.queued + retried, duplicates=result.duplicates,
-                            not_confirmed=result.not_confirmed)
-        metrics.TASK_POLLS.labels("ok").inc()
+        metrics.TASK_POLLS.labels(self.name, "ok").inc()
         log.info(
-            "task poll: %d offered, %d queued, %d already known, %d not confirmed by the server, %d invalid",
+            "endpoint %s: task poll: %d offered, %d queued, %d already known, %d not confirmed by the server, "
+            "%d invalid",
+            self.name,
             len(payload.messages),
-            result.queued,
+            result.queued + retried,
             result.duplicates,
             result.not_confirmed,
             len(payload.skipped),
         )
         return PollResult(
             offered=len(payload.messages),
-            queued=result.queued,
+            queued=result.queued + retried,
             duplicates=result.duplicates,
             invalid=len(payload.skipped),
             not_confirmed=result.not_confirmed,
         )
 
     def _queue(self, messages: Sequence[TaskMessage]) -> PollResult:
-        # Known uuids are skipped without a write transaction (the common case: a server that offers the same
+        # Known keys are skipped without a write transaction (the common case: a server that offers the same
         # messages on every poll); claim() below is what actually guarantees "once" against races.
-        known = self._ledger.known(m.uuid for m in messages)
+        known = self._ledger.known([self._key(m.uuid) for m in messages])
         claimed: list[TaskMessage] = []
         duplicates = 0
         seen: set[str] = set()
         for message in messages:
-            if message.uuid in known or message.uuid in seen or not self._ledger.claim(
-                message.uuid, message.to, message.text
-            ):
+            key = self._key(message.uuid)
+            if key in known or key in seen or not self._ledger.claim(key, message.to, message.text, self.name):
                 duplicates += 1
-                metrics.TASK_MESSAGES.labels("duplicate").inc()
-                log.debug("task message %s already claimed; skipped", message.uuid)
-                seen.add(message.uuid)
+                metrics.TASK_MESSAGES.labels(self.name, "duplicate").inc()
+                log.debug("endpoint %s: task message %s already claimed; skipped", self.name, message.uuid)
+                seen.add(key)
                 continue
-            seen.add(message.uuid)
+            seen.add(key)
             claimed.append(message)
         not_confirmed = 0
-        if claimed and self._settings.message_results:
+        if claimed and self._endpoint.message_results:
             confirmed = self._confirm_sent(claimed)
             not_confirmed = len(claimed) - len(confirmed)
             claimed = confirmed
@@ -242,21 +330,30 @@ class TaskPoller:
 
         Raises:
             PollError: still no usable answer (the claims stay for the next poll or the orphan republish).
+            LedgerError: the ledger could not be read.
         """
         if not self._unconfirmed:
             return 0
         pending: list[TaskMessage] = []
         for message in list(self._unconfirmed.values()):
-            entry = self._ledger.get(message.uuid)
-            if entry is None or entry.state != "accepted":
+            state = self._ledger.claim_state(self._key(message.uuid))
+            if state != "accepted":
                 del self._unconfirmed[message.uuid]
-                log.debug("unconfirmed task message %s is %s now; no retry", message.uuid,
-                          entry.state if entry else "released")
+                log.debug(
+                    "endpoint %s: unconfirmed task message %s is %s now; no retry",
+                    self.name,
+                    message.uuid,
+                    state or "released",
+                )
             else:
                 pending.append(message)
         if not pending:
             return 0
-        log.info("retrying ?task=sent for %d claim(s) left unconfirmed by an earlier poll", len(pending))
+        log.info(
+            "endpoint %s: retrying ?task=sent for %d claim(s) left unconfirmed by an earlier poll",
+            self.name,
+            len(pending),
+        )
         return self._publish_claimed(self._confirm_sent(pending))
 
     def _confirm_sent(self, messages: list[TaskMessage]) -> list[TaskMessage]:
@@ -272,28 +369,39 @@ class TaskPoller:
 
         Raises:
             PollError: no usable answer.
+            LedgerError: a claim could not be released.
         """
         uuids = [m.uuid for m in messages]
         try:
-            text = self._request("POST", "sent", self._endpoint.with_query(task="sent"), {"queued_messages": uuids})
+            text = self._request("sent", lambda: self._client.post_json({"queued_messages": uuids}, task="sent"))
             echoed = set(parse_message_uuids(text))
         except (PollError, ReplyError) as exc:
-            if isinstance(exc, PollError) and exc.status is not None and 300 <= exc.status < 500 \
-                    and exc.status not in (408, 429):
+            if (
+                isinstance(exc, PollError)
+                and exc.status is not None
+                and 300 <= exc.status < 500
+                and exc.status not in (408, 429)
+            ):
                 fresh = [m for m in messages if m.uuid not in self._unconfirmed]
                 for message in fresh:
-                    self._ledger.release_claim(message.uuid)
-                    metrics.TASK_MESSAGES.labels("not_confirmed").inc()
+                    self._ledger.release_claim(self._key(message.uuid))
+                    metrics.TASK_MESSAGES.labels(self.name, "not_confirmed").inc()
                 if fresh:
-                    log.warning("?task=sent refused (HTTP %d): %d task message(s) released, not sent; the server "
-                                "may offer them again", exc.status, len(fresh))
+                    log.warning(
+                        "endpoint %s: ?task=sent refused (HTTP %d): %d task message(s) released, not sent; "
+                        "the server may offer them again",
+                        self.name,
+                        exc.status,
+                        len(fresh),
+                    )
                 raise
             for message in messages:
                 self._unconfirmed[message.uuid] = message
             what = f"unreadable ?task=sent reply: {exc}" if isinstance(exc, ReplyError) else str(exc)
             outcome = exc.outcome if isinstance(exc, PollError) else "bad_reply"
-            raise PollError(f"{what}; {len(messages)} claim(s) kept, ?task=sent retried on the next poll",
-                            outcome) from None
+            raise PollError(
+                f"{what}; {len(messages)} claim(s) kept, ?task=sent retried on the next poll", outcome
+            ) from None
         confirmed: list[TaskMessage] = []
         for message in messages:
             self._unconfirmed.pop(message.uuid, None)
@@ -301,9 +409,9 @@ class TaskPoller:
                 confirmed.append(message)
                 continue
             # The app sends only echoed uuids; release the claim so a later offer can be taken again.
-            self._ledger.release_claim(message.uuid)
-            metrics.TASK_MESSAGES.labels("not_confirmed").inc()
-            log.warning("task message %s not confirmed by ?task=sent; not sent", message.uuid)
+            self._ledger.release_claim(self._key(message.uuid))
+            metrics.TASK_MESSAGES.labels(self.name, "not_confirmed").inc()
+            log.warning("endpoint %s: task message %s not confirmed by ?task=sent; not sent", self.name, message.uuid)
         return confirmed
 
     def _publish_claimed(self, messages: Sequence[TaskMessage]) -> int:
@@ -315,78 +423,105 @@ class TaskPoller:
 
         Raises:
             PollError: the broker did not confirm (the rest stay ``accepted``, republished later).
+            LedgerError: the ledger could not be written (the claims stay ``accepted``).
         """
         now = broker.now_ms()
+        keys = [self._key(m.uuid) for m in messages]
         queued = 0
         for index, message in enumerate(messages):
-            if message.uuid not in self._ledger.touch(m.uuid for m in messages[index:]):
-                log.warning("task message %s was republished by another poller meanwhile; not queued again",
-                            message.uuid)
+            if keys[index] not in self._ledger.touch(keys[index:]):
+                log.warning(
+                    "endpoint %s: task message %s was republished by another poller meanwhile; not queued again",
+                    self.name,
+                    message.uuid,
+                )
                 continue
-            self._publish(OutboundSms(message.uuid, message.to, message.text, "task", now, report=True))
-            metrics.TASK_MESSAGES.labels("queued").inc()
-            log.info("task message %s queued", message.uuid)
+            routed = self._router.route(self.name, message.uuid, message.to, message.text, now)
+            self._publish(routed)
+            metrics.TASK_MESSAGES.labels(self.name, "queued").inc()
+            log.info("endpoint %s: task message %s queued on %s", self.name, message.uuid, routed.queue)
             queued += 1
         return queued
 
-    def _publish(self, message: OutboundSms) -> None:
-        """Confirmed publish to the shared outbound queue, then mark the claim queued.
+    def _publish(self, routed: RoutedSms) -> None:
+        """Confirmed publish to the routed queue, then mark the claim queued.
 
         Raises:
             PollError: not confirmed; the claim stays ``accepted`` and is republished by a later cycle.
+            LedgerError: confirmed but not marked queued (the claim is republished later: a duplicate queue
+                message that ``begin_send`` keeps from becoming a second SMS).
         """
+        sms = routed.sms
         try:
             self._publisher.publish(
-                Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid),
+                Publication(routed.queue, sms.to_json(), message_id=sms.ledger_key),
                 timeout=PUBLISH_TIMEOUT_S,
             )
         except BrokerError as exc:
-            raise PollError(f"broker did not confirm task message {message.uuid}: {exc}", "broker_error") from None
-        self._ledger.mark_queued(message.uuid)
+            raise PollError(f"broker did not confirm task message {sms.uuid}: {exc}", "broker_error") from None
+        self._ledger.mark_queued(sms.ledger_key)
 
     def republish_orphans(self) -> int:
-        """Publish claims that were never confirmed on the queue (a poller died in between). Returns the count.
+        """Publish this endpoint's claims that were never confirmed on the queue (a poller died in between),
+        routed again; with ``adopt_strays`` also those of endpoints this fleet does not poll. Returns the count.
 
         Raises:
             PollError: the broker did not confirm one (the rest wait for the next cycle).
+            LedgerError: the ledger could not be read or written.
         """
         count = 0
-        for entry in self._ledger.unqueued(older_than_s=self.stale_claim_s):
-            if entry.recipient is None or entry.body is None:
-                log.error("ledger claim %s has no recipient/text; cannot republish it", entry.uuid)
+        for claim in self._ledger.unqueued(older_than_s=self.stale_claim_s):
+            mine = claim.endpoint == self.name
+            if not mine and not (self._adopt_strays and claim.endpoint not in self._polled):
+                continue  # its own endpoint's poller (here or in a replica) republishes it
+            prefix = task_ledger_key(claim.endpoint, "")
+            if claim.recipient is None or claim.body is None or not claim.key.startswith(prefix):
+                log.error(
+                    "ledger claim %s (endpoint %s) has no recipient/text or a foreign key; cannot republish it",
+                    claim.key,
+                    claim.endpoint,
+                )
                 continue
-            self._publish(OutboundSms(entry.uuid, entry.recipient, entry.body, "task", broker.now_ms(), report=True))
-            metrics.TASK_REPUBLISHED.inc()
-            log.warning("republished task message %s (its poller stopped before the broker confirm)", entry.uuid)
+            uuid = claim.key[len(prefix) :]
+            self._publish(self._router.route(claim.endpoint, uuid, claim.recipient, claim.body, broker.now_ms()))
+            # A stray is counted under the adopting endpoint: metric labels are configured names only.
+            metrics.TASK_REPUBLISHED.labels(self.name).inc()
+            log.warning(
+                "endpoint %s: republished task message %s (its poller stopped before the broker confirm)",
+                claim.endpoint,
+                uuid,
+            )
             count += 1
         return count
 
     # --- HTTP ---------------------------------------------------------------------------------------------
 
-    def _request(self, method: str, task: str, url: str, body: object = None) -> str:
-        """One request to the Sync URL; returns the body text of a 2xx answer.
+    def _request(self, task: str, call: Callable[[], Answer]) -> str:
+        """One request to the Sync URL through the endpoint's SyncClient; returns the body text of a 2xx answer.
 
-        Time-outs: connecting and the wait for the headers are each bounded by ``SMSGW_HTTP_TIMEOUT``; the body
-        is read against a deadline of ``SMSGW_HTTP_TIMEOUT`` after the start (so a server trickling its answer
-        cannot hold a poll, and its claims, indefinitely); one request takes at most about 3 x the setting.
+        The client bounds the whole answer by the endpoint's ``http_timeout``, so a server trickling its answer
+        cannot hold a poll (and its claims) indefinitely.
 
         Raises:
             PollError: network error, time-out or a non-2xx status (the log line says which, never the secret).
         """
         started = time.monotonic()
         try:
-            status, text = request_with_deadline(self._session, method, url, json_body=body,
-                                                 timeout=self._settings.http_timeout)
+            answer = call()
         except requests.RequestException as exc:
-            raise PollError(f"?task={task}: Sync URL unreachable: {type(exc).__name__}: {clip(str(exc))}",
-                            "network_error") from None
+            raise PollError(
+                f"?task={task}: Sync URL unreachable: {type(exc).__name__}: {clip(str(exc))}", "network_error"
+            ) from None
         finally:
-            metrics.HTTP_SECONDS.labels(task).observe(time.monotonic() - started)
-        if not 200 <= status < 300:
-            raise PollError(f"?task={task}: Sync URL answered HTTP {status}{status_hint(status)}", "http_error",
-                            status)
-        return text
+            metrics.HTTP_SECONDS.labels(self.name, task).observe(time.monotonic() - started)
+        if not 200 <= answer.status < 300:
+            raise PollError(
+                f"?task={task}: Sync URL answered HTTP {answer.status}{status_hint(answer.status)}",
+                "http_error",
+                answer.status,
+            )
+        return answer.text
 
     def close(self) -> None:
-        """Close the HTTP session."""
-        self._session.close()
+        """Close the HTTP client."""
+        self._client.close()

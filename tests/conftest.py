@@ -46,14 +46,22 @@ def _broker_reachable() -> bool:
 
 
 def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+    """Run ``rabbitmqctl``; fail the test with its stderr when it fails or hangs (a hung broker must fail a test,
+    not CI)."""
+    try:
+        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, text=True, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} did not answer within 60 s (is RabbitMQ hung?)")
+    if done.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
 
 
 def require_broker() -> None:
     """In CI a missing broker is a failure, not a skip: the integration tests are the point of the suite."""
     if not _broker_reachable():
         message = f"RabbitMQ is not reachable at {BROKER_HOST}:{BROKER_PORT}"
-        if os.environ.get("CI"):
+        # scripts/test starts RabbitMQ itself, so there a missing broker is a failure too (a skip would hide it).
+        if os.environ.get("CI") or os.environ.get("SMSGW_TEST_REQUIRE_SERVICES"):
             pytest.fail(message)
         pytest.skip(message)
     if shutil.which("rabbitmqctl") is None:
@@ -125,3 +133,68 @@ def _purge_all(url: str) -> None:
                 channel.queue_purge(name)
     finally:
         connection.close()
+
+
+# --- PostgreSQL: the fleet backend of the never-twice ledger (services/ledger/postgres.py) ----------------------
+PG_TEST_URL = os.environ.get("SMSGW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def require_postgres() -> None:
+    """PostgreSQL answers at PG_TEST_URL; else the test fails (CI, scripts/test: they start it) or is skipped."""
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_TEST_URL, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        message = f"PostgreSQL is not reachable at {PG_TEST_URL}: {' '.join(str(exc).split())}"
+        if os.environ.get("CI") or os.environ.get("SMSGW_TEST_REQUIRE_SERVICES"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@contextmanager
+def private_schema() -> Iterator[str]:
+    """Create a uniquely named schema in the test database, yield its name, drop it (and its tables) afterwards."""
+    import psycopg
+
+    require_postgres()
+    schema = f"smsgw_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_TEST_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(PG_TEST_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SET lock_timeout = '30s'")  # a connection left in a transaction fails the drop, not CI
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def pg_schema_url(schema: str) -> str:
+    """SMSGW_LEDGER_URL of ``schema`` in the test database (libpq's options set the search_path)."""
+    return f"{PG_TEST_URL}{'&' if '?' in PG_TEST_URL else '?'}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """SMSGW_LEDGER_URL of a PostgreSQL schema of this test session (dropped afterwards); tests sharing it must
+    use keys of their own."""
+    with private_schema() as schema:
+        yield pg_schema_url(schema)
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """SMSGW_LEDGER_URL of an empty PostgreSQL schema of this test's own."""
+    with private_schema() as schema:
+        yield pg_schema_url(schema)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """SMSGW_LEDGER_URL of an empty ledger, once per backend: a test taking it runs against SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path_factory.mktemp('ledger')}/outbound-ledger.sqlite3"
+        return
+    with private_schema() as schema:
+        yield pg_schema_url(schema)

@@ -27,9 +27,10 @@ from tests.conftest import wait_for
 
 @contextmanager
 def running_consumer(url: str, handler: Callable[[Delivery], Decision], publisher: PublisherThread,
-                     queue: str = broker.EVENTS_QUEUE) -> Iterator[Consumer]:
+                     queue: str = broker.EVENTS_QUEUE,
+                     topology: broker.Topology | None = None) -> Iterator[Consumer]:
     consumer = Consumer(url, [queue], handler, publisher, name="test-consumer", prefetch=4, concurrency=2,
-                        max_retry_age_s=3600)
+                        max_retry_age_s=3600, topology=topology)
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
     try:
@@ -192,3 +193,126 @@ def test_a_retry_copy_that_cannot_be_published_yet_is_retried_not_requeued(
         wait_for(lambda: seen == [0, 1], timeout=30, what="handled, then once more as the retry copy")
     assert flaky.failures == 0
     assert seen == [0, 1], "never handed back to the handler while its retry copy could not be published"
+
+
+# --- fleet topology: inbound fan-out, modem-queue failover, Move, broker lists ---------------------------------
+
+FLEET = broker.Topology(inbound_endpoints=("alpha", "beta"), event_endpoints=("alpha", "beta"), modems=("m1",),
+                        pools=(("m1", "m2"),))
+
+
+@pytest.fixture
+def fleet_broker(clean_broker: str) -> Iterator[str]:
+    """The session vhost; the fleet tests' own queues are deleted afterwards: inbound queues stay bound to the
+    fanout exchange and would collect a copy of every SMS later tests publish in the shared vhost."""
+    yield clean_broker
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(clean_broker))
+    try:
+        channel = connection.channel()
+        for work in FLEET.work_queues():
+            if work in (broker.OUTBOUND_QUEUE, broker.INBOUND_QUEUE, broker.EVENTS_QUEUE):
+                continue
+            for name in (work, broker.parked_queue_for(work),
+                         *(broker.delay_queue_for(work, tier) for tier in broker.DELAY_TIERS_S)):
+                channel.queue_delete(name)
+    finally:
+        connection.close()
+
+
+def _get_all(url: str, queue: str) -> list[bytes]:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        bodies: list[bytes] = []
+        while True:
+            method, _props, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return bodies
+            bodies.append(body)
+    finally:
+        connection.close()
+
+
+def test_one_inbound_publish_reaches_every_inbound_endpoint_queue(fleet_broker: str) -> None:
+    publisher = PublisherThread(fleet_broker, "test-fanout", FLEET)
+    try:
+        publisher.publish(Publication("", b'{"sms": 1}', broker.INBOUND_EXCHANGE, message_id="sms-1"))
+    finally:
+        publisher.close()
+    assert _get_all(fleet_broker, broker.inbound_queue_for("alpha")) == [b'{"sms": 1}']
+    assert _get_all(fleet_broker, broker.inbound_queue_for("beta")) == [b'{"sms": 1}']
+
+
+def test_a_reply_expiring_in_a_modem_queue_moves_on_to_the_shared_queue(fleet_broker: str) -> None:
+    """Failover lives in the broker: the modem's queue dead-letters an expired message into the shared queue, so
+    it moves on even when the modem's worker is gone (nobody consumes its queue)."""
+    _get_all(fleet_broker, broker.OUTBOUND_QUEUE)
+    publisher = PublisherThread(fleet_broker, "test-failover", FLEET)
+    try:
+        publisher.publish(Publication(broker.outbound_queue_for("m1"), b"reply", expiration_ms=200))
+        publisher.publish(Publication(broker.outbound_queue_for("m1"), b"routed-to-m1-alone"))
+    finally:
+        publisher.close()
+    assert wait_for(lambda: _get_all(fleet_broker, broker.OUTBOUND_QUEUE), timeout=15,
+                    what="expired reply in the shared queue") == [b"reply"]
+    assert _get_all(fleet_broker, broker.outbound_queue_for("m1")) == [b"routed-to-m1-alone"]
+
+
+def test_move_hands_a_message_on_with_its_ttl(fleet_broker: str) -> None:
+    publisher = PublisherThread(fleet_broker, "test-move", FLEET)
+    pool = broker.pool_queue_for(["m2", "m1"])
+    assert pool == "smsgw.outbound.pool.m1+m2"
+    moved = threading.Event()
+
+    def handler(delivery: Delivery) -> Decision:
+        moved.set()
+        return broker.Move(pool, "not allowed here")
+
+    try:
+        with running_consumer(fleet_broker, handler, publisher, queue=broker.outbound_queue_for("m1"), topology=FLEET):
+            publisher.publish(Publication(broker.outbound_queue_for("m1"), b"routed", message_id="r-1"))
+            wait_for(moved.is_set, what="handler called")
+            assert wait_for(lambda: _get_all(fleet_broker, pool), what="moved message") == [b"routed"]
+    finally:
+        publisher.close()
+
+
+def test_a_list_of_brokers_connects_to_the_first_that_answers(clean_broker: str) -> None:
+    from tests.conftest import free_port
+
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    connection = broker.connect(f"{dead}, {clean_broker}", "test-cluster")
+    try:
+        assert connection.is_open
+    finally:
+        connection.close()
+    with pytest.raises(broker.BrokerUnavailable):
+        broker.connect(dead, "test-dead")
+
+
+def test_a_drain_acks_the_message_its_handler_was_finishing(clean_broker: str, publisher: PublisherThread) -> None:
+    """SIGTERM while a handler sends an SMS: the handler's Ack must still be applied (before the fix the decision
+    was dropped once stopping, and the sent SMS came back to the queue for a duplicate-check redelivery)."""
+    started, release = threading.Event(), threading.Event()
+
+    def handler(delivery: Delivery) -> Decision:
+        started.set()
+        release.wait(10)
+        return Ack()
+
+    consumer = Consumer(clean_broker, [broker.EVENTS_QUEUE], handler, publisher, name="test-drain", prefetch=1,
+                        concurrency=1)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    wait_for(consumer.connected.is_set, what="consumer connected")
+    publisher.publish(Publication(broker.EVENTS_QUEUE, b'{"n":1}', message_id="drain-1"))
+    wait_for(started.is_set, what="handler running")
+    consumer.stop()
+    release.set()
+    thread.join(timeout=15)
+    assert not thread.is_alive()
+    assert _get_all(clean_broker, broker.EVENTS_QUEUE) == []

@@ -156,6 +156,34 @@ def test_dashboard_shows_every_metric() -> None:
     assert not missing, f"metrics without a panel in {DASHBOARD.name}: {sorted(missing)}"
 
 
+def test_dashboard_filters_per_endpoint_metrics_by_the_endpoint_variable() -> None:
+    dashboard = _dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["endpoint"]["definition"] == "label_values(smsgw_sync_requests_total, endpoint)"
+    assert variables["endpoint"]["includeAll"] and variables["endpoint"]["multi"]
+    series, labels = _series(), _labels()
+    unfiltered = []
+    for panel in _panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            for name in SERIES_RE.findall(target["expr"]):
+                if name in series and "endpoint" in labels[series[name]]:
+                    selector = re.search(rf"\b{name}\s*\{{([^}}]*)\}}", target["expr"])
+                    if not selector or 'endpoint=~"$endpoint"' not in selector.group(1):
+                        unfiltered.append(f"{panel['title']}: {name}")
+    assert not unfiltered, f'per-endpoint metrics without endpoint=~"$endpoint": {unfiltered}'
+
+
+def test_alerts_on_per_endpoint_metrics_fire_per_endpoint() -> None:
+    series, labels = _series(), _labels()
+    problems = []
+    for rule in _alert_rules():
+        expr = str(rule["expr"])
+        names = [n for n in SERIES_RE.findall(expr) if n in series and "endpoint" in labels[series[n]]]
+        if names and not re.search(r"\bby\s*\([^)]*\bendpoint\b", expr):
+            problems.append(f"{rule['alert']}: aggregates {names[0]} without by (endpoint)")
+    assert not problems, problems
+
+
 def test_dashboard_structure() -> None:
     dashboard = _dashboard()
     datasource = yaml.safe_load(

@@ -1,20 +1,46 @@
-"""modem_worker decisions that need no broker: what happens to outbound work while the modem is away."""
+"""modem_worker: outbound decisions (modem away, pacing, per-SIM limits, routing, failover) with a fake modem,
+and the fleet behaviour against the real RabbitMQ with the simulator on a pty."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pika
+import pytest
+
 from modem_worker.modem import ModemError, ModemUnavailable, SendReceipt
+from modem_worker.sim_guard import SimGuard, local_midnight_ms
+from modem_worker.simulator.device import Simulator
 from modem_worker.worker import ModemWorker
 from services import metrics
-from services.broker import Ack, Delivery, Publication, Retry, now_ms
-from services.ledger import Ledger
-from services.schemas import OutboundSms, decode_event
+from services.broker import (
+    OUTBOUND_QUEUE,
+    Ack,
+    Delivery,
+    Move,
+    Publication,
+    Publisher,
+    PublisherThread,
+    Retry,
+    Topology,
+    events_queue_for,
+    inbound_queue_for,
+    now_ms,
+    outbound_queue_for,
+    pool_queue_for,
+)
+from services.config import FleetConfig, ModemLimits, parse_fleet
+from services.ledger import Ledger, SendRecord, open_ledger
+from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
 from services.settings import Settings
+from tests.conftest import wait_for
 
 
 class _NoPublisher:
@@ -25,12 +51,17 @@ class _NoPublisher:
 def test_outbound_while_modem_down_waits_in_a_delay_queue_not_a_requeue_loop(tmp_path: Path) -> None:
     """A requeue would count towards the quorum queue's delivery limit and park the SMS unsent."""
     settings = Settings.from_env({"SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(tmp_path)})
-    ledger = Ledger(tmp_path)
+    ledger = open_ledger("", str(tmp_path))
     worker = ModemWorker(settings, _NoPublisher(), ledger)  # type: ignore[arg-type]
     sms = OutboundSms("u-1", "+255700000001", "hello", "task", 0, report=True)
     decision = worker._handle_outbound(Delivery("smsgw.outbound", sms.to_json(), {}, "u-1"))
     assert isinstance(decision, Retry)
-    assert ledger.get("u-1") is None, "the ledger must not claim an SMS that was never handed to a modem"
+    assert _record(ledger, "u-1") is None, "the ledger must not claim an SMS that was never handed to a modem"
+
+
+def _record(ledger: Ledger, key: str) -> SendRecord | None:
+    """The ledger's send record of ``key`` (None: never claimed; the probe then claims it, so call it last)."""
+    return ledger.begin_send(key, "probe", "", "default")
 
 
 class _RecordingPublisher:
@@ -48,21 +79,24 @@ class _FakeModem:
 
     def __init__(self) -> None:
         self.sent_at: list[float] = []
+        self.sent_to: list[str] = []
 
     def send(self, to: str, text: str) -> SendReceipt:
         self.sent_at.append(time.monotonic())
+        self.sent_to.append(to)
         return SendReceipt((len(self.sent_at),), 1, datetime.now(UTC))
 
 
-def _worker(tmp_path: Path, publisher: object, **env: str) -> tuple[ModemWorker, Ledger]:
+def _worker(tmp_path: Path, publisher: object, fleet: FleetConfig | None = None,
+            **env: str) -> tuple[ModemWorker, Ledger]:
     settings = Settings.from_env({"SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(tmp_path),
                                   **env})
-    ledger = Ledger(tmp_path)
-    return ModemWorker(settings, publisher, ledger), ledger  # type: ignore[arg-type]
+    ledger = open_ledger("", str(tmp_path))
+    return ModemWorker(settings, publisher, ledger, fleet=fleet), ledger  # type: ignore[arg-type]
 
 
-def _delivery(sms: OutboundSms) -> Delivery:
-    return Delivery("smsgw.outbound", sms.to_json(), {}, sms.uuid)
+def _delivery(sms: OutboundSms, queue: str = OUTBOUND_QUEUE) -> Delivery:
+    return Delivery(queue, sms.to_json(), {}, sms.uuid)
 
 
 def test_stale_outbound_sms_is_reported_failed_not_sent(tmp_path: Path) -> None:
@@ -76,14 +110,14 @@ def test_stale_outbound_sms_is_reported_failed_not_sent(tmp_path: Path) -> None:
     assert isinstance(worker._handle_outbound(_delivery(stale)), Ack)
     assert isinstance(worker._handle_outbound(_delivery(fresh)), Ack)
     assert len(modem.sent_at) == 1, "only the fresh SMS may leave"
-    entry = ledger.get("u-old")
-    assert entry is not None and entry.state == "failed"
-    assert entry.detail is not None and entry.detail.startswith("Expired: waited 2.0 h")
     events = [decode_event(p.body) for p in publisher.published]
     assert [(e.uuid, e.outcome) for e in events] == [("u-old", "failed"), ("u-new", "sent")]
     # A redelivered copy of the expired SMS is not sent either.
     assert isinstance(worker._handle_outbound(_delivery(stale)), Ack)
     assert len(modem.sent_at) == 1
+    entry = _record(ledger, "u-old")
+    assert entry is not None and entry.state == "failed"
+    assert entry.detail is not None and entry.detail.startswith("Expired: waited 2.0 h")
 
 
 def test_send_interval_spaces_sends_and_stop_ends_the_wait(tmp_path: Path) -> None:
@@ -98,7 +132,7 @@ def test_send_interval_spaces_sends_and_stop_ends_the_wait(tmp_path: Path) -> No
     worker.stop()  # a drain must not sit out the interval: the SMS goes back, unclaimed
     waiting = OutboundSms("u-3", "+255700000001", "hi", "task", now_ms(), report=True)
     assert isinstance(worker._handle_outbound(_delivery(waiting)), Retry)
-    assert ledger.get("u-3") is None and len(modem.sent_at) == 3
+    assert len(modem.sent_at) == 3 and _record(ledger, "u-3") is None
 
 
 class _HealthModem:
@@ -152,9 +186,336 @@ def test_send_interval_wait_ends_when_the_modem_goes_down(tmp_path: Path) -> Non
     worker._modem = modem  # type: ignore[assignment]
     first = OutboundSms("u-a", "+255700000001", "hi", "task", now_ms(), report=True)
     assert isinstance(worker._handle_outbound(_delivery(first)), Ack)
-    timer = threading.Timer(0.2, worker._modem_down.set)  # the modem is lost while the next SMS waits its turn
+    timer = threading.Timer(0.2, worker._mark_down)  # the modem is lost while the next SMS waits its turn
     timer.start()
     second = OutboundSms("u-b", "+255700000001", "hi", "task", now_ms(), report=True)
     assert isinstance(worker._handle_outbound(_delivery(second)), Retry)
     timer.join()
-    assert ledger.get("u-b") is None and len(modem.sent_at) == 1
+    assert len(modem.sent_at) == 1 and _record(ledger, "u-b") is None
+
+
+# ---- fleet: per-SIM limits, routing, failover (fake modem, no broker) ------------------------------------------
+def _fleet(modems: dict[str, dict[str, int]], *endpoints: str) -> FleetConfig:
+    names = endpoints or ("default",)
+    return parse_fleet({"endpoints": [{"name": n, "sync_url": f"http://127.0.0.1:9/{n}"} for n in names],
+                        "modems": modems}, "test-fleet.toml")
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _value(metric: Any, *labels: str) -> float:
+    return float(metric.labels(*labels)._value.get())
+
+
+def test_recipient_hour_limit_reports_the_excess_failed_and_sends_the_rest(tmp_path: Path) -> None:
+    modem_id = _unique("lim")
+    publisher = _RecordingPublisher()
+    fleet = _fleet({modem_id: {"max_per_recipient_per_hour": 5}}, "default", "clinic")
+    worker, _ledger = _worker(tmp_path, publisher, fleet, SMSGW_MODEM_ID=modem_id)
+    modem = _FakeModem()
+    worker._modem = modem  # type: ignore[assignment]
+    busy, other = "+255700000001", "+255711000002"
+    batch = [OutboundSms(f"a-{i}", busy, "dose reminder", "task", now_ms(), report=True, endpoint="clinic")
+             for i in range(12)]
+    batch[6:6] = [OutboundSms(f"b-{i}", other, "dose reminder", "task", now_ms(), report=True, endpoint="clinic")
+                  for i in range(3)]
+    for sms in batch:
+        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack)
+    assert modem.sent_to.count(busy) == 5 and modem.sent_to.count(other) == 3
+    assert {p.routing_key for p in publisher.published} == {events_queue_for("clinic")}
+    events = [decode_event(p.body) for p in publisher.published]
+    assert all(isinstance(e, SentEvent) and e.endpoint == "clinic" for e in events)
+    failed = {e.uuid: e.detail for e in events if e.outcome == "failed"}
+    assert sorted(failed) == sorted(f"a-{i}" for i in range(5, 12))
+    reason = (f"Not sent: more than 5 SMS to this number within an hour (max_per_recipient_per_hour of modem "
+              f"{modem_id})")
+    assert set(failed.values()) == {reason}
+    assert _value(metrics.SMS_LIMITED, modem_id, "recipient_hour") == 7
+    assert _value(metrics.SMS_SENT, modem_id, "limited") == 7
+    assert _value(metrics.SMS_SENT, modem_id, "sent") == 8
+    # A redelivered copy of a sent SMS is not refused (nor counted) again: its real outcome is reported again.
+    publisher.published.clear()
+    assert isinstance(worker._handle_outbound(_delivery(batch[0])), Ack)
+    assert [(e.uuid, e.outcome) for e in map(decode_event, (p.body for p in publisher.published))] == [
+        ("a-0", "sent")]
+    assert _value(metrics.SMS_LIMITED, modem_id, "recipient_hour") == 7 and len(modem.sent_to) == 8
+
+
+def test_an_sms_over_the_recipient_limit_does_not_wait_for_a_send_turn(tmp_path: Path) -> None:
+    modem_id = _unique("lim")
+    fleet = _fleet({modem_id: {"max_per_recipient_per_hour": 1}})
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=modem_id,
+                              SMSGW_SEND_INTERVAL="3600")
+    modem = _FakeModem()
+    worker._modem = modem  # type: ignore[assignment]
+    first = OutboundSms("r-1", "+255700000001", "hi", "task", now_ms(), report=True)
+    assert isinstance(worker._handle_outbound(_delivery(first)), Ack)
+    decisions: list[object] = []
+    second = OutboundSms("r-2", "+255700000001", "hi", "task", now_ms(), report=True)
+    handler = threading.Thread(target=lambda: decisions.append(worker._handle_outbound(_delivery(second))))
+    handler.start()
+    handler.join(timeout=10)
+    worker.stop()  # ends the wait should the limit not have been applied, so the test cannot hang
+    handler.join(timeout=10)
+    assert decisions == [Ack()], "the limited SMS must be reported at once, not after the send interval"
+    assert modem.sent_to == ["+255700000001"]
+
+
+def test_an_sms_routed_to_other_modems_is_moved_to_their_queue_not_sent(tmp_path: Path) -> None:
+    me, other, third = _unique("m"), _unique("m"), _unique("m")
+    fleet = _fleet({me: {}, other: {}, third: {}})
+    publisher = _RecordingPublisher()
+    worker, _ledger = _worker(tmp_path, publisher, fleet, SMSGW_MODEM_ID=me)
+    modem = _FakeModem()
+    worker._modem = modem  # type: ignore[assignment]
+    alone = OutboundSms("n-1", "+255730000001", "hi", "task", now_ms(), report=True, modems=[other])
+    pool = OutboundSms("n-2", "+255730000002", "hi", "task", now_ms(), report=True, modems=[other, third])
+    mine = OutboundSms("n-3", "+255730000003", "hi", "task", now_ms(), report=True, modems=[other, me])
+    assert _moved_to(worker._handle_outbound(_delivery(alone))) == (outbound_queue_for(other), None)
+    assert _moved_to(worker._handle_outbound(_delivery(pool))) == (pool_queue_for([other, third]), None)
+    assert isinstance(worker._handle_outbound(_delivery(mine)), Ack)
+    assert modem.sent_to == ["+255730000003"], "only the SMS whose route includes this modem leaves through it"
+    assert _value(metrics.OUTBOUND_FAILOVER, me, "not_allowed") == 2
+    assert [decode_event(p.body).uuid for p in publisher.published] == ["n-3"]
+
+
+def _moved_to(decision: object) -> tuple[str, int | None]:
+    """Where a Move decision sends the message, and with which TTL (its reason is for the logs)."""
+    assert isinstance(decision, Move), decision
+    return decision.routing_key, decision.expiration_ms
+
+
+def test_a_down_modem_hands_replies_on_with_the_rest_of_their_failover_time(tmp_path: Path) -> None:
+    modem_id = _unique("down")
+    own = outbound_queue_for(modem_id)
+    worker, ledger = _worker(tmp_path, _NoPublisher(), None, SMSGW_MODEM_ID=modem_id,
+                             SMSGW_MODEM_FAILOVER="300")
+    # No modem connected: every SMS goes back, unclaimed.
+    reply = OutboundSms("f-1", "+255700000001", "hi", "reply", now_ms() - 100_000, dedup_key="k-1")
+    queue, ttl = _moved_to(worker._handle_outbound(_delivery(reply, own)))
+    assert queue == own and ttl is not None and 190_000 <= ttl <= 200_000
+    late = OutboundSms("f-2", "+255700000001", "hi", "reply", now_ms() - 400_000, dedup_key="k-2")
+    assert _moved_to(worker._handle_outbound(_delivery(late, own))) == (OUTBOUND_QUEUE, None)
+    routed = OutboundSms("f-3", "+255700000001", "hi", "task", now_ms(), modems=[modem_id])
+    assert isinstance(worker._handle_outbound(_delivery(routed, own)), Retry), "routed to it alone: it waits"
+    shared = OutboundSms("f-4", "+255700000001", "hi", "task", now_ms())
+    assert isinstance(worker._handle_outbound(_delivery(shared)), Retry), "another modem takes it meanwhile"
+    assert _value(metrics.OUTBOUND_FAILOVER, modem_id, "modem_down") == 3
+    for key in ("k-1", "k-2", "f-3", "f-4"):
+        assert _record(ledger, key) is None, f"{key} must not be claimed: it was never handed to the modem"
+
+
+def test_failover_zero_keeps_a_reply_waiting_for_its_modem(tmp_path: Path) -> None:
+    modem_id = _unique("down")
+    own = outbound_queue_for(modem_id)
+    worker, _ledger = _worker(tmp_path, _NoPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_MODEM_FAILOVER="0")
+    reply = OutboundSms("z-1", "+255700000001", "hi", "reply", now_ms() - 10_000_000)
+    assert _moved_to(worker._handle_outbound(_delivery(reply, own))) == (own, None)
+
+
+def test_the_daily_cap_stops_sending_and_taking_work(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    modem_id = _unique("cap")
+    own = outbound_queue_for(modem_id)
+    fleet = _fleet({modem_id: {"max_per_day": 2}})
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=modem_id)
+    modem = _FakeModem()
+    worker._modem = modem  # type: ignore[assignment]
+    assert worker.outbound_queues() == [own, OUTBOUND_QUEUE]
+    caplog.set_level(logging.WARNING, logger="modem_worker.sim_guard")
+    for i in range(2):
+        sms = OutboundSms(f"c-{i}", f"+25570000000{i}", "hi", "task", now_ms(), report=True)
+        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack)
+    assert _value(metrics.MODEM_CAPPED, modem_id) == 1 and _value(metrics.MODEM_SENT_TODAY, modem_id) == 2
+    assert worker.outbound_queues() == [], "a capped SIM takes no work until midnight"
+    # Taken before the consumer stopped: handed back, not sent.
+    shared = OutboundSms("c-2", "+255700000009", "hi", "task", now_ms(), report=True)
+    assert isinstance(worker._handle_outbound(_delivery(shared)), Retry)
+    reply = OutboundSms("c-3", "+255700000009", "hi", "reply", now_ms())
+    queue, ttl = _moved_to(worker._handle_outbound(_delivery(reply, own)))
+    assert queue == own and ttl is not None and ttl > 0, "a reply keeps its failover clock"
+    assert len(modem.sent_to) == 2
+    assert _value(metrics.OUTBOUND_FAILOVER, modem_id, "capped") == 2
+    warnings = [r for r in caplog.records if "max_per_day" in r.getMessage()]
+    assert len(warnings) == 1, "one WARNING per capped episode"
+
+
+def test_pacing_is_the_slower_of_max_per_minute_and_send_interval(tmp_path: Path) -> None:
+    ledger = open_ledger("", str(tmp_path))
+    assert SimGuard("p", ModemLimits(max_per_minute=6), ledger, send_interval_s=2).spacing_s == 10
+    assert SimGuard("p", ModemLimits(max_per_minute=6), ledger, send_interval_s=30).spacing_s == 30
+    assert SimGuard("p", ModemLimits(), ledger, send_interval_s=0).spacing_s == 0
+    modem_id = _unique("pace")
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), _fleet({modem_id: {"max_per_minute": 300}}),
+                              SMSGW_MODEM_ID=modem_id)
+    modem = _FakeModem()
+    worker._modem = modem  # type: ignore[assignment]
+    for i in range(3):
+        sms = OutboundSms(f"p-{i}", "+255700000001", "hi", "task", now_ms(), report=True)
+        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack)
+    gaps = [b - a for a, b in zip(modem.sent_at, modem.sent_at[1:], strict=False)]
+    assert len(gaps) == 2 and min(gaps) >= 0.2, "300 a minute: one SMS every 0.2 s, waiting, nothing dropped"
+
+
+def test_the_day_starts_at_local_midnight() -> None:
+    now = time.time()
+    midnight_s = local_midnight_ms(now) / 1000
+    assert now - 25 * 3600 < midnight_s <= now  # 25 h: the day a DST change makes longer
+    assert datetime.fromtimestamp(midnight_s).time() == datetime.min.time()
+
+
+def test_pools_and_shared_queue_only_while_registered(tmp_path: Path) -> None:
+    me, other = _unique("m"), _unique("m")
+    fleet = parse_fleet({"endpoints": [{"name": "default", "sync_url": "http://127.0.0.1:9/"}],
+                         "modems": {me: {}, other: {}},
+                         "routes": [{"prefix": "+25573", "modems": [me, other]}]}, "test-fleet.toml")
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=me)
+    everything = [outbound_queue_for(me), pool_queue_for([me, other]), OUTBOUND_QUEUE]
+    assert worker.outbound_queues() == everything
+    worker._read_health(_HealthModem(signal=20, registered=False))  # type: ignore[arg-type]
+    assert worker.outbound_queues() == [outbound_queue_for(me)]
+    worker._read_health(_HealthModem(signal=20, registered=ModemError("+CME ERROR: 30")))  # type: ignore[arg-type]
+    assert worker.outbound_queues() == everything, "an unknown registration counts as registered"
+
+
+# ---- the fleet against the real broker and the simulator on a pty ---------------------------------------------
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Simulator]:
+    simulator = Simulator(tmp_path / "modem.tty")
+    simulator.start()
+    try:
+        yield simulator
+    finally:
+        simulator.stop()
+
+
+class _Running:
+    """A ModemWorker on its own thread, driving the simulator through the real adapter."""
+
+    def __init__(self, tmp_path: Path, amqp_url: str, sim: Simulator, fleet: FleetConfig, modem_id: str) -> None:
+        settings = Settings.from_env({"SMSGW_AMQP_URL": amqp_url, "SMSGW_MODEM_PORT": str(sim.link),
+                                      "SMSGW_MODEM_ID": modem_id, "SMSGW_STATE_DIR": str(tmp_path / "state")})
+        self.topology = Topology.of(fleet, modems=[modem_id])
+        self.publisher = PublisherThread(amqp_url, f"test-{modem_id}", self.topology)
+        self.ledger = open_ledger("", settings.state_dir)
+        self.worker = ModemWorker(settings, self.publisher, self.ledger, fleet=fleet, send_timeout_s=10)
+        self.thread = threading.Thread(target=self.worker.run, name=f"worker-{modem_id}", daemon=True)
+
+    def __enter__(self) -> ModemWorker:
+        self.thread.start()
+        wait_for(self.worker.up.is_set, timeout=30, what="the modem worker to connect")
+        return self.worker
+
+    def __exit__(self, *_exc: object) -> None:
+        self.worker.stop()
+        self.thread.join(timeout=60)
+        self.publisher.close()
+        self.ledger.close()
+        assert not self.thread.is_alive(), "the worker must drain and stop"
+
+
+def _publish(amqp_url: str, topology: Topology, queue: str, messages: list[OutboundSms],
+             expiration_ms: int | None = None) -> None:
+    publisher = Publisher(amqp_url, "test-publisher", topology)
+    try:
+        for sms in messages:
+            publisher.publish(Publication(queue, sms.to_json(), message_id=sms.uuid, expiration_ms=expiration_ms))
+    finally:
+        publisher.close()
+
+
+class _Taker:
+    """Another consumer of a queue: takes (acks) whatever is there whenever asked."""
+
+    def __init__(self, amqp_url: str, queue: str) -> None:
+        self._connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        self._channel = self._connection.channel()
+        self._queue = queue
+        self.taken: list[bytes] = []
+
+    def take(self) -> list[bytes]:
+        while True:
+            method, _props, body = self._channel.basic_get(self._queue, auto_ack=True)
+            if method is None:
+                return self.taken
+            self.taken.append(body)
+
+    def waiting(self) -> int:
+        """Messages ready in the queue (not taking them)."""
+        return int(self._channel.queue_declare(self._queue, passive=True).method.message_count)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def test_a_capped_modem_leaves_shared_work_for_another_consumer(clean_broker: str, tmp_path: Path,
+                                                                 sim: Simulator) -> None:
+    modem_id = _unique("capped")
+    fleet = _fleet({modem_id: {"max_per_day": 2}})
+    with _Running(tmp_path, clean_broker, sim, fleet, modem_id) as worker:
+        batch = [OutboundSms(_unique("cap"), f"+2557000000{i:02d}", f"notice {i}", "task", now_ms(), report=True)
+                 for i in range(5)]
+        _publish(clean_broker, worker._topology, OUTBOUND_QUEUE, batch)
+        wait_for(lambda: len(sim.outbox()) >= 2, timeout=30, what="two SMS sent")
+        wait_for(lambda: _value(metrics.MODEM_CAPPED, modem_id) == 1, what="the modem capped")
+        other = _Taker(clean_broker, OUTBOUND_QUEUE)
+        try:
+            # SMS the capped modem had taken come back through a delay queue; the rest never left the queue.
+            wait_for(lambda: len(other.take()) == 3, timeout=30, what="three SMS left for another modem")
+        finally:
+            other.close()
+        assert len(sim.outbox()) == 2, "a capped modem sends nothing more today"
+        assert {OutboundSms.from_json(b).uuid for b in other.taken} | {
+            next(s.uuid for s in batch if s.to == o["to"]) for o in sim.outbox()} == {s.uuid for s in batch}
+
+
+def test_routing_inbound_fanout_and_events_through_the_broker(clean_broker: str, tmp_path: Path,
+                                                               sim: Simulator) -> None:
+    me, other = _unique("me"), _unique("other")
+    first, second = _unique("ep"), _unique("ep")
+    fleet = _fleet({me: {}, other: {}}, first, second)
+    with _Running(tmp_path, clean_broker, sim, fleet, me) as worker:
+        allowed = OutboundSms(_unique("ok"), "+255700000001", "for anyone", "task", now_ms(), report=True,
+                              endpoint=second)
+        restricted = OutboundSms(_unique("no"), "+255700000002", "for the other modem", "task", now_ms(),
+                                 report=True, endpoint=second, modems=[other])
+        _publish(clean_broker, worker._topology, OUTBOUND_QUEUE, [restricted, allowed])
+        moved = _Taker(clean_broker, outbound_queue_for(other))
+        events = _Taker(clean_broker, events_queue_for(second))
+        copies = [_Taker(clean_broker, inbound_queue_for(name)) for name in (first, second)]
+        try:
+            wait_for(lambda: len(moved.take()) == 1, timeout=30, what="the restricted SMS in its modem's queue")
+            assert OutboundSms.from_json(moved.taken[0]).uuid == restricted.uuid
+            wait_for(lambda: len(events.take()) == 1, timeout=30, what="the sent event of the other SMS")
+            event = decode_event(events.taken[0])
+            assert (event.uuid, event.outcome, event.endpoint) == (allowed.uuid, "sent", second)
+            assert [o["to"] for o in sim.outbox()] == ["+255700000001"], "the restricted SMS is not sent here"
+            # Inbound: one publish, a copy for every inbound endpoint, one message_id.
+            sim.inject_sms("+255711000001", "REG 123")
+            wait_for(lambda: all(len(c.take()) == 1 for c in copies), timeout=30, what="a copy for each endpoint")
+            ids = {InboundSms.from_json(c.taken[0]).message_id for c in copies}
+            assert len(ids) == 1
+        finally:
+            for taker in (moved, events, *copies):
+                taker.close()
+
+
+def test_a_reply_in_a_down_modems_queue_moves_to_the_shared_queue_after_its_failover_ttl(
+        clean_broker: str) -> None:
+    gone = _unique("gone")
+    topology = Topology(modems=(gone,))
+    reply = OutboundSms(_unique("reply"), "+255700000001", "your results are ready", "reply", now_ms())
+    routed = OutboundSms(_unique("routed"), "+255700000002", "only through this SIM", "task", now_ms(),
+                         modems=[gone])
+    _publish(clean_broker, topology, outbound_queue_for(gone), [reply], expiration_ms=300)
+    _publish(clean_broker, topology, outbound_queue_for(gone), [routed])
+    shared = _Taker(clean_broker, OUTBOUND_QUEUE)
+    own = _Taker(clean_broker, outbound_queue_for(gone))
+    try:
+        wait_for(lambda: len(shared.take()) == 1, timeout=30, what="the reply in the shared queue")
+        assert OutboundSms.from_json(shared.taken[0]).uuid == reply.uuid
+        assert own.waiting() == 1, "a message without a failover TTL keeps waiting for its modem"
+    finally:
+        shared.close()
+        own.close()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +20,11 @@ from typing import Any
 import pytest
 import requests
 
+import reference_server.__main__ as reference_cli
 from reference_server.server import BadRequestError, ReferenceServer
+from services.config import fleet_from_settings
+from services.settings import Settings
+from services.sync_client import SyncClient
 from services.sync_protocol import SyncScheme
 from tests.conftest import free_port, wait_for
 
@@ -460,3 +468,71 @@ def test_cli_serves_and_logs_json_without_the_secret(tmp_path: Path) -> None:
     requests_logged = [line for line in lines if line["message"] == "request"]
     assert {r["status"] for r in requests_logged} >= {200, 403}
     assert all(r["path"] in ("/_state", "/smssync") for r in requests_logged)
+
+
+# --- request signing (docs/signing.md) ---------------------------------------------------------------------------
+
+SIGNING_KEY = "ref-signing-key"
+
+
+def _signing_client(server: ReferenceServer) -> SyncClient:
+    base = fleet_from_settings(Settings.from_env({"SMSGW_SYNC_URL": server.url})).endpoints[0]
+    return SyncClient(dataclasses.replace(base, signing_key=SIGNING_KEY, http_timeout=TIMEOUT))
+
+
+def test_signing_key_accepts_signed_requests_on_every_leg() -> None:
+    with ReferenceServer(SECRET, signing_key=SIGNING_KEY) as server:
+        client = _signing_client(server)
+        try:
+            body, content_type = SyncScheme().encode({**SMS, "secret": SECRET})
+            assert client.send("POST", body, content_type).status == 200
+            uuid_ = server.queue_outgoing("+255700000002", "hi")
+            polled = client.get(task="send", secret=SECRET)
+            assert polled.status == 200 and uuid_ in polled.text
+            assert client.post_json({"queued_messages": [uuid_]}, task="sent").status == 200
+            assert client.get(task="result", secret=SECRET).status == 200
+        finally:
+            client.close()
+        assert [r["message_id"] for r in server.received()] == [SMS["message_id"]]
+        assert server.outgoing()[0]["status"] == "queued"
+        assert server.state()["counters"]["signature_failures"] == 0
+
+
+def test_signing_key_refuses_unsigned_badly_signed_and_stale_requests_with_401() -> None:
+    with ReferenceServer(SECRET, signing_key=SIGNING_KEY) as server:
+        data = {**SMS, "secret": SECRET}
+        unsigned = requests.post(server.url, data=data, timeout=TIMEOUT)
+        forged = requests.get(
+            server.url,
+            params={"task": "send", "secret": SECRET},
+            headers={"X-SMSGW-Timestamp": str(int(time.time())), "X-SMSGW-Signature": "sha256=" + "0" * 64},
+            timeout=TIMEOUT,
+        )
+        stale_at = str(int(time.time()) - 301)
+        message = f"{stale_at}.GET./smssync?task=result.".encode()
+        stale_signature = "sha256=" + hmac.new(SIGNING_KEY.encode(), message, hashlib.sha256).hexdigest()
+        stale = requests.get(
+            server.url + "?task=result",
+            headers={"X-SMSGW-Timestamp": stale_at, "X-SMSGW-Signature": stale_signature},
+            timeout=TIMEOUT,
+        )
+        for response, reason in ((unsigned, "missing"), (forged, "does not match"), (stale, "5 minutes")):
+            assert response.status_code == 401
+            payload = response.json()["payload"]
+            assert payload["success"] is False and reason in payload["error"]
+            assert SIGNING_KEY not in response.text
+        assert server.received() == []
+        state = server.state()
+        assert state["counters"]["signature_failures"] == 3
+        assert state["config"]["signing_key_set"] is True and SIGNING_KEY not in json.dumps(state)
+        # Admin endpoints are a loopback tool and never signed; a key can be turned off there.
+        server.configure(signing_key="")
+        assert requests.post(server.url, data=data, timeout=TIMEOUT).json() == OK
+
+
+def test_cli_takes_the_signing_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMSSYNC_REFERENCE_SIGNING_KEY", "from-env")
+    assert reference_cli._parse_args(["--secret", "s"]).signing_key == "from-env"
+    assert reference_cli._parse_args(["--secret", "s", "--signing-key", "k"]).signing_key == "k"
+    monkeypatch.delenv("SMSSYNC_REFERENCE_SIGNING_KEY")
+    assert reference_cli._parse_args(["--secret", "s"]).signing_key == ""

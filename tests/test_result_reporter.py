@@ -1,6 +1,6 @@
 """result_reporter against the real broker, the reference Sync server and scriptable stubs on loopback.
 
-The modem worker's side is faked: tests publish SentEvent/DeliveryEvent to the events queue themselves.
+The modem worker's side is faked: tests publish SentEvent/DeliveryEvent to the events queues themselves.
 """
 
 from __future__ import annotations
@@ -21,22 +21,26 @@ from typing import Any
 import pika
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
 from reference_server.server import ReferenceServer
 from result_reporter import reporter as reporter_module
 from result_reporter.reporter import (
     MAX_ROW_REFUSALS,
+    ROUND_OUTCOMES,
+    ROW_OUTCOMES,
     SPLIT_AFTER_ROUNDS,
     SPLIT_GIVE_UP,
     ResultReporter,
     RoundError,
 )
 from services import broker
-from services.broker import BatchConsumer, Publication, PublisherThread
-from services.ledger import Ledger
+from services.broker import BatchConsumer, HeldDelivery, Publication, PublisherThread, events_queue_for
+from services.config import EndpointConfig, fleet_from_settings
 from services.schemas import DeliveryEvent, SentEvent
 from services.settings import Settings
-from task_poller.poller import TaskPoller
+from services.sync_client import SyncClient
+from services.topology import Topology
 from tests.conftest import wait_for
 from tests.http_stub import HttpStub, Request
 
@@ -48,8 +52,48 @@ def sent(uuid: str, outcome: str = "sent", cms: int | None = None, ts: int = T0,
     return SentEvent(uuid, "m1", outcome, detail, ts, cms)  # type: ignore[arg-type]
 
 
-def delivered(uuid: str, outcome: str = "delivered", ts: int = T0 + 5000) -> DeliveryEvent:
-    return DeliveryEvent(uuid, "m1", outcome, "status report", ts)  # type: ignore[arg-type]
+def delivered(uuid: str, outcome: str = "delivered", ts: int = T0 + 5000, **sent_fields: Any) -> DeliveryEvent:
+    return DeliveryEvent(uuid, "m1", outcome, "status report", ts, **sent_fields)  # type: ignore[arg-type]
+
+
+def endpoint_of(
+    sync_url: str, name: str = "default", secret: str = SECRET, interval: float | None = None, **env: str
+) -> EndpointConfig:
+    """An endpoint as the env-only fleet builds it from ``SMSGW_*`` (renamed; ``interval`` may be below the 1 s
+    the setting allows: run() tests need quick rounds)."""
+    settings = Settings.from_env(
+        {
+            "SMSGW_SYNC_URL": sync_url,
+            "SMSGW_SECRET": secret,
+            "SMSGW_HTTP_TIMEOUT": "5",
+            "SMSGW_MESSAGE_RESULTS": "true",
+            **env,
+        }
+    )
+    endpoint = dataclasses.replace(fleet_from_settings(settings).endpoints[0], name=name)
+    return endpoint if interval is None else dataclasses.replace(endpoint, result_interval=interval)
+
+
+def purge(url: str, *endpoints: str) -> None:
+    """Declare and empty the events queues (and their parked queues) of ``endpoints``: clean_broker only empties
+    the default endpoint's."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        broker.declare_topology(channel, Topology(event_endpoints=endpoints))
+        for name in endpoints:
+            channel.queue_purge(events_queue_for(name))
+            channel.queue_purge(broker.parked_queue_for(events_queue_for(name)))
+    finally:
+        connection.close()
+
+
+def consumers_of(url: str, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
+    finally:
+        connection.close()
 
 
 def drain_with_headers(url: str, name: str) -> list[tuple[bytes, dict[str, Any]]]:
@@ -83,18 +127,29 @@ def drain_queue(url: str, name: str) -> list[bytes]:
 
 
 class Harness:
-    """A ResultReporter on a BatchConsumer of the events queue, with a publisher to fake the modem worker."""
+    """A ResultReporter of one endpoint on a BatchConsumer of its events queue, with a publisher to fake the
+    modem worker."""
 
-    def __init__(self, amqp: str, sync_url: str, state: Path, keep_rounds: int = 5, secret: str = SECRET,
-                 interval: float | None = None, **env: str) -> None:
+    def __init__(
+        self,
+        amqp: str,
+        sync_url: str,
+        keep_rounds: int = 5,
+        secret: str = SECRET,
+        interval: float | None = None,
+        name: str = "default",
+        **env: str,
+    ) -> None:
         self.amqp = amqp
-        self.settings = Settings.from_env({"SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url,
-                                           "SMSGW_SECRET": secret, "SMSGW_HTTP_TIMEOUT": "5", **env})
-        if interval is not None:  # below the 1 s the setting allows: run() tests need quick rounds
-            self.settings = dataclasses.replace(self.settings, result_interval=interval)
-        self.publisher = PublisherThread(amqp, "test-results")
-        self.consumer = BatchConsumer(amqp, broker.EVENTS_QUEUE, self.publisher, name="test-results", prefetch=500)
-        self.reporter = ResultReporter(self.settings, self.consumer, ledger=Ledger(state), keep_rounds=keep_rounds)
+        self.endpoint = endpoint_of(sync_url, name, secret, interval, **env)
+        self.queue = events_queue_for(name)
+        topology = Topology(event_endpoints=(name,))
+        self.publisher = PublisherThread(amqp, f"test-results-{name}", topology)
+        self.consumer = BatchConsumer(
+            amqp, self.queue, self.publisher, name=f"test-results-{name}", prefetch=500, topology=topology
+        )
+        self.client = SyncClient(self.endpoint)
+        self.reporter = ResultReporter(self.endpoint, self.consumer, self.client, keep_rounds=keep_rounds)
         self.thread = threading.Thread(target=self.consumer.run, daemon=True)
         self.thread.start()
         wait_for(self.consumer.connected.is_set, what="events consumer connected")
@@ -103,7 +158,7 @@ class Harness:
     def publish(self, *events: SentEvent | DeliveryEvent | bytes) -> None:
         for event in events:
             body = event if isinstance(event, bytes) else event.to_json()
-            self.publisher.publish(Publication(broker.EVENTS_QUEUE, body))
+            self.publisher.publish(Publication(self.queue, body))
 
     def held(self, n: int) -> None:
         wait_for(lambda: self.reporter.collect() >= n, what=f"{n} events held")
@@ -115,8 +170,8 @@ class Harness:
             self.consumer.stop()
             self.thread.join(timeout=10)
             self.publisher.close()
-            self.reporter.close()
-        return drain_queue(self.amqp, broker.EVENTS_QUEUE)
+            self.client.close()
+        return drain_queue(self.amqp, self.queue)
 
 
 @pytest.fixture
@@ -127,25 +182,23 @@ def harnesses() -> Iterator[list[Harness]]:
         h.stop()
 
 
-def test_reports_to_reference_server(clean_broker: str, tmp_path: Path, harnesses: list[Harness]) -> None:
+def test_reports_to_reference_server(clean_broker: str, harnesses: list[Harness]) -> None:
+    uuids = ["ok", "nosvc", "unknown", "undelivered"]
     with ReferenceServer(SECRET) as server:
-        for name in ("ok", "nosvc", "unknown", "undelivered"):
+        for name in uuids:
             server.queue_outgoing("+255700000001", f"text {name}", name)
-        # Let the real task poller tell the server they are queued (status queued -> waiting for results).
-        publisher = PublisherThread(clean_broker, "test-results-poller")
-        try:
-            settings = Settings.from_env({"SMSGW_AMQP_URL": clean_broker, "SMSGW_SYNC_URL": server.url,
-                                          "SMSGW_SECRET": SECRET, "SMSGW_STATE_DIR": str(tmp_path),
-                                          "SMSGW_MESSAGE_RESULTS": "true"})
-            assert TaskPoller(settings, publisher, Ledger(tmp_path)).poll_once().queued == 4
-        finally:
-            publisher.close()
-        drain_queue(clean_broker, broker.OUTBOUND_QUEUE)
-        h = Harness(clean_broker, server.url, tmp_path)
+        # What the task poller does with the Message Results API on: the server now waits for their results.
+        requests.post(server.url + "?task=sent", json={"queued_messages": uuids}, timeout=5).raise_for_status()
+        h = Harness(clean_broker, server.url)
         harnesses.append(h)
-        h.publish(sent("ok"), delivered("ok"), sent("nosvc", "failed", 331, detail="no network"),
-                  sent("unknown", "unknown", detail="timeout after PDU"), sent("undelivered"),
-                  delivered("undelivered", "failed"))
+        h.publish(
+            sent("ok"),
+            delivered("ok"),
+            sent("nosvc", "failed", 331, detail="no network"),
+            sent("unknown", "unknown", detail="timeout after PDU"),
+            sent("undelivered"),
+            delivered("undelivered", "failed"),
+        )
         h.held(6)
         assert h.reporter.round().reported == 4
         by_uuid = {o["uuid"]: o for o in server.outgoing()}
@@ -196,11 +249,11 @@ def scripted() -> Iterator[ScriptedServer]:
 
 
 @pytest.mark.parametrize("shape", ["message_results", "message_result_string", "message_result_array"])
-def test_latest_state_per_uuid_and_body_shape(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                              scripted: ScriptedServer, shape: str) -> None:
+def test_latest_state_per_uuid_and_body_shape(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, shape: str
+) -> None:
     scripted.waiting = ["u-1", "not-held"]
-    h = Harness(clean_broker, scripted.stub.url + "?site=a", tmp_path, SMSGW_RESULTS_SHAPE=shape,
-                SMSGW_SENT_OK_CODE="-1")
+    h = Harness(clean_broker, scripted.stub.url + "?site=a", SMSGW_RESULTS_SHAPE=shape, SMSGW_SENT_OK_CODE="-1")
     harnesses.append(h)
     # An older sent event redelivered after the newer one must not win; the delivery report adds delivered_*.
     h.publish(sent("u-1", ts=T0 + 10), delivered("u-1"), sent("u-1", "failed", 500, ts=T0))
@@ -216,23 +269,32 @@ def test_latest_state_per_uuid_and_body_shape(clean_broker: str, tmp_path: Path,
         rows = json.loads(body["message_result"])
     else:
         rows = body["message_result"]
-    assert rows == [{
-        "uuid": "u-1", "sent_result_code": -1, "sent_result_message": "SMSSync Message Sent",
-        "sent_timestamp": T0 + 10, "delivered_result_code": -1, "delivered_result_message": "SMS Delivered",
-        "delivered_timestamp": T0 + 5000,
-    }]
+    assert rows == [
+        {
+            "uuid": "u-1",
+            "sent_result_code": -1,
+            "sent_result_message": "SMSSync Message Sent",
+            "sent_timestamp": T0 + 10,
+            "delivered_result_code": -1,
+            "delivered_result_message": "SMS Delivered",
+            "delivered_timestamp": T0 + 5000,
+        }
+    ]
     assert h.stop() == []
 
 
-def test_failed_post_keeps_events_unacked(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                          scripted: ScriptedServer) -> None:
+def test_failed_post_keeps_events_unacked(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
     scripted.waiting = ["u-1"]
-    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+    h = Harness(clean_broker, scripted.stub.url)
     harnesses.append(h)
     h.publish(sent("u-1"))
     h.held(1)
-    for status, body, match in ((500, "<html>oops</html>", "HTTP 500"),
-                                (200, '{"payload":{"success":false,"error":"nope"}}', "refused.*nope")):
+    for status, body, match in (
+        (500, "<html>oops</html>", "HTTP 500"),
+        (200, '{"payload":{"success":false,"error":"nope"}}', "refused.*nope"),
+    ):
         scripted.post_status, scripted.post_body = status, body
         with pytest.raises(RoundError, match=match):
             h.reporter.round()
@@ -243,11 +305,10 @@ def test_failed_post_keeps_events_unacked(clean_broker: str, tmp_path: Path, har
     assert h.stop() == []
 
 
-def test_unacked_events_survive_a_stop(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                       scripted: ScriptedServer) -> None:
+def test_unacked_events_survive_a_stop(clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer) -> None:
     scripted.waiting = ["u-1"]
     scripted.post_status = 503
-    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+    h = Harness(clean_broker, scripted.stub.url)
     harnesses.append(h)
     h.publish(sent("u-1"), delivered("u-1"))
     h.held(2)
@@ -257,9 +318,10 @@ def test_unacked_events_survive_a_stop(clean_broker: str, tmp_path: Path, harnes
     assert sorted(json.loads(b)["schema"] for b in back) == ["delivery_event/1", "sent_event/1"]
 
 
-def test_not_requested_reports_are_kept_then_dropped(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                                     scripted: ScriptedServer) -> None:
-    h = Harness(clean_broker, scripted.stub.url, tmp_path, keep_rounds=3)
+def test_not_requested_reports_are_kept_then_dropped(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
+    h = Harness(clean_broker, scripted.stub.url, keep_rounds=3)
     harnesses.append(h)
     h.publish(sent("late"), sent("never"))
     h.held(2)
@@ -273,33 +335,41 @@ def test_not_requested_reports_are_kept_then_dropped(clean_broker: str, tmp_path
     assert h.stop() == []
 
 
-def test_late_delivery_report_uses_sent_fields_from_ledger(clean_broker: str, tmp_path: Path,
-                                                           harnesses: list[Harness],
-                                                           scripted: ScriptedServer) -> None:
-    ledger = Ledger(tmp_path)
-    assert ledger.begin_send("u-9", "m1", "+255700000001") is None
-    ledger.finish_send("u-9", "sent", "sent", references=(7,), modem_id="m1", recipient="+255700000001")
-    scripted.waiting = ["u-9"]
-    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+def test_late_delivery_report_gets_sent_fields_from_the_event(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
+    # After a restart the reporter remembers nothing: a delivery report whose sent event was reported before
+    # carries the send's outcome itself (the modem worker copies it from its ledger). No ledger is read here.
+    scripted.waiting = ["u-9", "u-10", "u-11"]
+    h = Harness(clean_broker, scripted.stub.url)
     harnesses.append(h)
-    h.publish(delivered("u-9"))
-    h.held(1)
-    assert h.reporter.round().reported == 1
-    [row] = scripted.posts()[0]["message_results"]
-    assert row["sent_result_code"] == 0 and row["sent_timestamp"] == ledger.get("u-9").updated_at  # type: ignore[union-attr]
-    assert row["delivered_result_code"] == 0
+    h.publish(
+        delivered("u-9", sent_outcome="sent", sent_detail="sent", sent_timestamp=T0 - 1000),
+        delivered("u-10", "failed", sent_outcome="unknown", sent_detail="timeout after PDU", sent_timestamp=T0 - 2000),
+        delivered("u-11"),
+    )  # an older modem worker: no sent_* at all
+    h.held(3)
+    assert h.reporter.round().reported == 3
+    rows = {row["uuid"]: row for row in scripted.posts()[0]["message_results"]}
+    assert (rows["u-9"]["sent_result_code"], rows["u-9"]["sent_timestamp"]) == (0, T0 - 1000)
+    assert rows["u-9"]["delivered_result_code"] == 0
+    assert rows["u-10"]["sent_timestamp"] == T0 - 2000
+    assert rows["u-10"]["sent_result_message"].startswith("Outcome unknown")
+    assert "timeout after PDU" in rows["u-10"]["sent_result_message"]
+    # Without them a delivery still implies the SMS left: "sent", without a time.
+    assert (rows["u-11"]["sent_result_code"], rows["u-11"]["sent_timestamp"]) == (0, None)
+    assert h.stop() == []
 
 
-def test_malformed_event_is_parked(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                   scripted: ScriptedServer) -> None:
-    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+def test_malformed_event_is_parked(clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer) -> None:
+    h = Harness(clean_broker, scripted.stub.url)
     harnesses.append(h)
     h.publish(b'{"schema":"sent_event/9"}', b"not json")
     parked: list[bytes] = []
 
     def both_parked() -> bool:
         h.reporter.collect()  # decodes what arrived and parks what it cannot read
-        parked.extend(drain_queue(clean_broker, broker.parked_queue_for(broker.EVENTS_QUEUE)))
+        parked.extend(drain_queue(clean_broker, broker.parked_queue_for(h.queue)))
         return len(parked) >= 2
 
     wait_for(both_parked, what="two parked events")
@@ -312,11 +382,11 @@ def test_malformed_event_is_parked(clean_broker: str, tmp_path: Path, harnesses:
 # --- reported state is remembered: late and duplicate events (review A) -------------------------------------
 
 
-def test_late_duplicate_sent_event_does_not_reset_delivered(clean_broker: str, tmp_path: Path,
-                                                          harnesses: list[Harness],
-                                                          scripted: ScriptedServer) -> None:
+def test_late_duplicate_sent_event_does_not_reset_delivered(
+    clean_broker: str, tmp_path: Path, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
     scripted.waiting = ["u-1"]  # a server that keeps asking (it waits for a final delivery state, say)
-    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+    h = Harness(clean_broker, scripted.stub.url)
     harnesses.append(h)
     h.publish(sent("u-1"))
     h.held(1)
@@ -336,11 +406,11 @@ def test_late_duplicate_sent_event_does_not_reset_delivered(clean_broker: str, t
     assert h.stop() == []  # the duplicates were acked
 
 
-def test_sent_event_after_its_delivery_keeps_delivered(clean_broker: str, tmp_path: Path,
-                                                       harnesses: list[Harness],
-                                                       scripted: ScriptedServer) -> None:
+def test_sent_event_after_its_delivery_keeps_delivered(
+    clean_broker: str, tmp_path: Path, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
     scripted.waiting = ["u-2"]
-    h = Harness(clean_broker, scripted.stub.url, tmp_path)  # the ledger does not know u-2: no sent_* from it
+    h = Harness(clean_broker, scripted.stub.url)
     harnesses.append(h)
     h.publish(delivered("u-2"))
     h.held(1)
@@ -370,11 +440,12 @@ def refuse_bad(rows: list[dict[str, Any]]) -> tuple[int, str] | None:
     return None
 
 
-def test_refused_row_is_isolated_then_parked(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                             scripted: ScriptedServer) -> None:
+def test_refused_row_is_isolated_then_parked(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
     scripted.waiting = ["bad", *(f"g{n}" for n in range(10))]
     scripted.refuse = refuse_bad
-    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+    h = Harness(clean_broker, scripted.stub.url)
     harnesses.append(h)
     h.publish(sent("bad"), sent("g0"))
     h.held(2)
@@ -411,21 +482,25 @@ def _server_down() -> tuple[int, str]:
     raise ConnectionAbortedError("the stub drops the connection")  # the client sees no answer at all
 
 
-@pytest.mark.parametrize(("status", "body"), [
-    (200, '{"payload":{"success":false,"error":"database is read-only"}}'),
-    (500, "<b>Fatal error</b>: Uncaught PDOException"),
-    (503, ""),
-    (None, ""),  # network error on every POST
-])
-def test_server_refusing_every_row_parks_nothing(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                                 scripted: ScriptedServer, status: int | None, body: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, '{"payload":{"success":false,"error":"database is read-only"}}'),
+        (500, "<b>Fatal error</b>: Uncaught PDOException"),
+        (503, ""),
+        (None, ""),  # network error on every POST
+    ],
+)
+def test_server_refusing_every_row_parks_nothing(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, status: int | None, body: str
+) -> None:
     uuids = [f"r{n}" for n in range(5)]
     scripted.waiting = uuids
     if status is None:
         scripted.refuse = lambda rows: _server_down()
     else:
         scripted.refuse = lambda rows: (status, body)
-    h = Harness(clean_broker, scripted.stub.url, tmp_path)
+    h = Harness(clean_broker, scripted.stub.url)
     harnesses.append(h)
     h.publish(*(sent(u) for u in uuids))
     h.held(len(uuids))
@@ -455,9 +530,10 @@ def test_server_refusing_every_row_parks_nothing(clean_broker: str, tmp_path: Pa
 # --- review C: a new event restarts the "not asked for" count ----------------------------------------------
 
 
-def test_new_event_resets_declined_rounds(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                          scripted: ScriptedServer) -> None:
-    h = Harness(clean_broker, scripted.stub.url, tmp_path, keep_rounds=3)
+def test_new_event_resets_declined_rounds(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
+    h = Harness(clean_broker, scripted.stub.url, keep_rounds=3)
     harnesses.append(h)
     h.publish(sent("x"))
     h.held(1)
@@ -474,14 +550,19 @@ def test_new_event_resets_declined_rounds(clean_broker: str, tmp_path: Path, har
 
 
 @pytest.mark.parametrize("parser", ["real", "unguarded"])
-def test_run_loop_survives_pathological_reply(clean_broker: str, tmp_path: Path, harnesses: list[Harness],
-                                              scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch,
-                                              caplog: pytest.LogCaptureFixture, parser: str) -> None:
+def test_run_loop_survives_pathological_reply(
+    clean_broker: str,
+    harnesses: list[Harness],
+    scripted: ScriptedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    parser: str,
+) -> None:
     scripted.get_body = "[" * 100_000 + "]" * 100_000  # nested deeper than any decoder's recursion limit
     if parser == "unguarded":  # a parser without a depth guard: RecursionError reaches the loop
         monkeypatch.setattr(reporter_module, "parse_message_uuids", lambda body: json.loads(body)["message_uuids"])
     caplog.set_level(logging.ERROR, logger=reporter_module.__name__)
-    h = Harness(clean_broker, scripted.stub.url, tmp_path, interval=0.01)
+    h = Harness(clean_broker, scripted.stub.url, interval=0.01)
     harnesses.append(h)
     h.publish(sent("u-1"))
     h.held(1)
@@ -510,10 +591,19 @@ def test_process_reports_and_drains_on_sigterm(clean_broker: str, tmp_path: Path
         server.queue_outgoing("+255700000001", "hi", "p-1")
         # What the task poller does with the Message Results API on: the server now waits for p-1's result.
         requests.post(server.url + "?task=sent", json={"queued_messages": ["p-1"]}, timeout=5)
-        env = {**os.environ, "SMSGW_AMQP_URL": clean_broker, "SMSGW_SYNC_URL": server.url, "SMSGW_SECRET": SECRET,
-               "SMSGW_STATE_DIR": str(tmp_path), "SMSGW_METRICS_PORT": "0", "SMSGW_RESULT_INTERVAL": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "result_reporter"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        env = {
+            **os.environ,
+            "SMSGW_AMQP_URL": clean_broker,
+            "SMSGW_SYNC_URL": server.url,
+            "SMSGW_SECRET": SECRET,
+            "SMSGW_STATE_DIR": str(tmp_path),
+            "SMSGW_METRICS_PORT": "0",
+            "SMSGW_RESULT_INTERVAL": "1",
+            "SMSGW_MESSAGE_RESULTS": "true",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "result_reporter"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         try:
             publisher = PublisherThread(clean_broker, "test-results-proc")
             publisher.publish(Publication(broker.EVENTS_QUEUE, sent("p-1").to_json()))
@@ -534,27 +624,302 @@ def test_process_reports_and_drains_on_sigterm(clean_broker: str, tmp_path: Path
 
 
 def test_cli_help_and_check(clean_broker: str) -> None:
-    help_text = subprocess.run([sys.executable, "-m", "result_reporter", "--help"], capture_output=True, text=True,
-                               check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "result_reporter", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for name in ("SMSGW_RESULT_INTERVAL", "SMSGW_RESULTS_SHAPE", "SMSGW_SENT_OK_CODE"):
         assert name in help_text
-    env = {**os.environ, "SMSGW_AMQP_URL": clean_broker, "SMSGW_METRICS_PORT": "0",
-           "SMSGW_SYNC_URL": "http://127.0.0.1:9/smssync"}
-    done = subprocess.run([sys.executable, "-m", "result_reporter", "--check"], check=False, env=env,
-                          capture_output=True, text=True, timeout=30)
+    env = {
+        **os.environ,
+        "SMSGW_AMQP_URL": clean_broker,
+        "SMSGW_METRICS_PORT": "0",
+        "SMSGW_SYNC_URL": "http://127.0.0.1:9/smssync",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "result_reporter", "--check"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+# --- issue 6: one process, every endpoint with message_results = true, each in its own rounds ---------------
+
+
+class _NoDeliveries:
+    """A consumer that never holds anything (for tests that need no broker)."""
+
+    def take(self, timeout: float = 0.0) -> list[HeldDelivery]:
+        return []
+
+    def ack(self, items: list[HeldDelivery]) -> int:
+        return 0
+
+    def park(self, held: HeldDelivery, reason: str, label: str = "error") -> None:
+        raise AssertionError("nothing to park")
+
+    def is_live(self, held: HeldDelivery) -> bool:
+        return False
+
+
+def test_metrics_of_an_endpoint_start_at_zero() -> None:
+    endpoint = endpoint_of("http://127.0.0.1:9/smssync", name="metrics-zero")
+    client = SyncClient(endpoint)
+    try:
+        reporter = ResultReporter(endpoint, _NoDeliveries(), client)
+        for outcome in ROUND_OUTCOMES:
+            labels = {"endpoint": "metrics-zero", "outcome": outcome}
+            assert REGISTRY.get_sample_value("smsgw_result_rounds_total", labels) == 0, outcome
+        for outcome in ROW_OUTCOMES:
+            labels = {"endpoint": "metrics-zero", "outcome": outcome}
+            assert REGISTRY.get_sample_value("smsgw_result_rows_total", labels) == 0, outcome
+        assert REGISTRY.get_sample_value("smsgw_result_events_held", {"endpoint": "metrics-zero"}) == 0
+        labels = {"endpoint": "metrics-zero", "task": "result"}
+        assert REGISTRY.get_sample_value("smsgw_http_request_seconds_count", labels) == 0
+        # An idle round (nothing held) makes no request and is counted under the endpoint's own label.
+        assert reporter.round().reported == 0
+        idle = {"endpoint": "metrics-zero", "outcome": "idle"}
+        assert REGISTRY.get_sample_value("smsgw_result_rounds_total", idle) == 1
+    finally:
+        client.close()
+
+
+def test_each_endpoint_reports_its_own_events_to_its_own_server(clean_broker: str, harnesses: list[Harness]) -> None:
+    purge(clean_broker, "rr-a", "rr-b")
+    servers = {"rr-a": ScriptedServer(), "rr-b": ScriptedServer()}
+    try:
+        for name, server in servers.items():
+            server.waiting = [f"{name}-1", f"{name}-2"]
+        a = Harness(clean_broker, servers["rr-a"].stub.url, name="rr-a", secret="secret-a")
+        b = Harness(
+            clean_broker,
+            servers["rr-b"].stub.url,
+            name="rr-b",
+            secret="secret-b",
+            SMSGW_RESULTS_SHAPE="message_result_array",
+        )
+        harnesses.extend((a, b))
+        a.publish(sent("rr-a-1"), sent("rr-a-2"))
+        b.publish(sent("rr-b-1"), delivered("rr-b-1"), sent("rr-b-2"))
+        a.held(2)
+        b.held(3)
+        assert (a.reporter.round().reported, b.reporter.round().reported) == (2, 2)
+        a_rows = [row["uuid"] for post in servers["rr-a"].posts() for row in post["message_results"]]
+        b_rows = [row["uuid"] for post in servers["rr-b"].posts() for row in post["message_result"]]
+        assert sorted(a_rows) == ["rr-a-1", "rr-a-2"]
+        assert sorted(b_rows) == ["rr-b-1", "rr-b-2"]
+        # Each server gets its own secret, nothing of the other's.
+        assert {r.query["secret"] for r in servers["rr-a"].stub.requests} == {"secret-a"}
+        assert {r.query["secret"] for r in servers["rr-b"].stub.requests} == {"secret-b"}
+        assert a.stop() == [] and b.stop() == []
+    finally:
+        for server in servers.values():
+            server.stub.stop()
+
+
+class HangingServer(ScriptedServer):
+    """A Sync URL that answers nothing until ``release()`` (a server that accepts connections but hangs)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        super().__init__()
+
+    def respond(self, request: Request) -> tuple[int, str]:
+        self.gate.wait(timeout=60)
+        return super().respond(request)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+def write_fleet(path: Path, endpoints: dict[str, dict[str, Any]]) -> Path:
+    """A fleet file with one [[endpoints]] table per entry (values: strings, numbers, booleans)."""
+
+    def toml(value: Any) -> str:
+        return ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+
+    tables = [
+        "[[endpoints]]\n" + f"name = {toml(name)}\n" + "".join(f"{k} = {toml(v)}\n" for k, v in keys.items())
+        for name, keys in endpoints.items()
+    ]
+    path.write_text("\n".join(tables), encoding="utf-8")
+    return path
+
+
+def start_reporter(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "result_reporter"],
+            env={**os.environ, **env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def sigterm(proc: subprocess.Popen[bytes]) -> int:
+    """First SIGTERM: the process drains and exits on its own (fails the test after 15 s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("result_reporter did not exit within 15 s of SIGTERM")
+
+
+def test_process_serves_every_results_endpoint_in_its_own_rounds(clean_broker: str, tmp_path: Path) -> None:
+    names = ("rr-live", "rr-hang", "rr-off")
+    purge(clean_broker, *names)
+    live, hang, off = ScriptedServer(), HangingServer(), ScriptedServer()
+    live.waiting = ["live-1", "live-2"]
+    hang.waiting = ["hang-1"]
+    off.waiting = ["off-1"]
+    fleet = write_fleet(
+        tmp_path / "fleet.toml",
+        {
+            "rr-live": {
+                "sync_url": live.stub.url,
+                "secret": "secret-live",
+                "inbound": False,
+                "tasks": False,
+                "message_results": True,
+                "result_interval": 1,
+            },
+            # Hangs far longer than a round: with one loop for both, the live endpoint's results would wait for it.
+            "rr-hang": {
+                "sync_url": hang.stub.url,
+                "secret": "secret-hang",
+                "inbound": False,
+                "tasks": False,
+                "message_results": True,
+                "result_interval": 1,
+                "http_timeout": 60,
+                "results_shape": "message_result_string",
+            },
+            "rr-off": {
+                "sync_url": off.stub.url,
+                "secret": "secret-off",
+                "inbound": False,
+                "tasks": False,
+                "message_results": False,
+            },
+        },
+    )
+    log_path = tmp_path / "reporter.log"
+    proc = start_reporter(
+        {"SMSGW_AMQP_URL": clean_broker, "SMSGW_CONFIG": str(fleet), "SMSGW_METRICS_PORT": "0"}, log_path
+    )
+    publisher = PublisherThread(clean_broker, "test-results-fleet", Topology(event_endpoints=names))
+    try:
+        for name, event in (
+            ("rr-hang", sent("hang-1")),
+            ("rr-live", sent("live-1")),
+            ("rr-live", delivered("live-1")),
+            ("rr-live", sent("live-2")),
+            ("rr-off", sent("off-1")),
+        ):
+            publisher.publish(Publication(events_queue_for(name), event.to_json()))
+        wait_for(lambda: hang.stub.requests, timeout=20, what="the hanging endpoint's first request")
+
+        def live_reported() -> set[str]:
+            return {row["uuid"] for rows in live.posted_rows() for row in rows}
+
+        # The live server gets its results while the other one still hangs on its first request.
+        wait_for(lambda: live_reported() == {"live-1", "live-2"}, timeout=20, what="the live endpoint's results")
+        assert hang.posts() == [] and len(hang.stub.requests) == 1
+        hang.release()
+        wait_for(hang.posts, timeout=20, what="the hanging endpoint's results, once it answers")
+        assert [row["uuid"] for row in json.loads(hang.posts()[0]["message_result"])] == ["hang-1"]
+        assert off.stub.requests == []  # results off: not one ?task=result request
+        assert {r.query["secret"] for r in live.stub.requests} == {"secret-live"}
+        assert {r.query["secret"] for r in hang.stub.requests} == {"secret-hang"}
+        code = sigterm(proc)
+    finally:
+        hang.release()
+        publisher.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for server in (live, hang, off):
+            server.stub.stop()
+    output = log_path.read_text(encoding="utf-8")
+    assert code == 0, output
+    for secret in ("secret-live", "secret-hang", "secret-off"):
+        assert secret not in output
+    # Every reported event was acked before the exit; rr-off's events are not ours and stay queued.
+    assert drain_queue(clean_broker, events_queue_for("rr-live")) == []
+    assert drain_queue(clean_broker, events_queue_for("rr-hang")) == []
+    assert [json.loads(b)["uuid"] for b in drain_queue(clean_broker, events_queue_for("rr-off"))] == ["off-1"]
+
+
+def test_process_with_results_off_makes_no_requests(
+    clean_broker: str, tmp_path: Path, scripted: ScriptedServer
+) -> None:
+    scripted.waiting = ["p-1"]  # a server that would answer ?task=result
+    log_path = tmp_path / "reporter.log"
+    proc = start_reporter(
+        {
+            "SMSGW_AMQP_URL": clean_broker,
+            "SMSGW_SYNC_URL": scripted.stub.url,
+            "SMSGW_SECRET": SECRET,
+            "SMSGW_METRICS_PORT": "0",
+            "SMSGW_RESULT_INTERVAL": "1",
+            "SMSGW_MESSAGE_RESULTS": "false",
+        },
+        log_path,
+    )
+    try:
+        publisher = PublisherThread(clean_broker, "test-results-off")
+        publisher.publish(Publication(broker.EVENTS_QUEUE, sent("p-1").to_json()))
+        publisher.close()
+        wait_for(
+            lambda: "makes no ?task=result requests" in log_path.read_text(encoding="utf-8"),
+            timeout=20,
+            what="the results-off line",
+        )
+        assert consumers_of(clean_broker, broker.EVENTS_QUEUE) == 0  # it does not even take the events
+        code = sigterm(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log_path.read_text(encoding="utf-8")
+    assert code == 0, output
+    assert output.count("makes no ?task=result requests") == 1  # said once
+    assert scripted.stub.requests == []
+    assert [json.loads(b)["uuid"] for b in drain_queue(clean_broker, broker.EVENTS_QUEUE)] == ["p-1"]
 
 
 # --- third-party servers: task -> sent -> result legs end to end --------------------------------------------
 
 
 def _poll_task(amqp: str, sync_url: str, secret: str, state: Path) -> list[str]:
+    """One poll of the real task poller (Message Results API on); returns the uuids it queued."""
+    from services.ledger import open_ledger  # the other legs' modules: only these peer tests need them
+    from task_poller.poller import TaskPoller
+
+    settings = Settings.from_env(
+        {
+            "SMSGW_AMQP_URL": amqp,
+            "SMSGW_SYNC_URL": sync_url,
+            "SMSGW_SECRET": secret,
+            "SMSGW_STATE_DIR": str(state),
+            "SMSGW_MESSAGE_RESULTS": "true",
+        }
+    )
+    fleet = fleet_from_settings(settings)
+    endpoint = fleet.endpoints[0]
     publisher = PublisherThread(amqp, "test-peer-poller")
+    client = SyncClient(endpoint)
+    ledger = open_ledger("", str(state))
     try:
-        settings = Settings.from_env({"SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url, "SMSGW_SECRET": secret,
-                                      "SMSGW_STATE_DIR": str(state), "SMSGW_MESSAGE_RESULTS": "true"})
-        TaskPoller(settings, publisher, Ledger(state)).poll_once()
+        TaskPoller(endpoint, fleet, publisher, ledger, client).poll_once()
     finally:
+        ledger.close()
+        client.close()
         publisher.close()
     return [json.loads(b)["uuid"] for b in drain_queue(amqp, broker.OUTBOUND_QUEUE)]
 
@@ -567,7 +932,7 @@ def test_seedphp_task_sent_and_result_legs(clean_broker: str, tmp_path: Path, ha
     with SeedPhpPeer.start() as peer:
         # Two JSON documents back to back, success "true", message_uuids echo of whatever we send.
         assert _poll_task(clean_broker, peer.url, "123456", tmp_path) == ["1ba368bd-c467-4374-bf28"]
-        h = Harness(clean_broker, peer.url, tmp_path, secret="123456")
+        h = Harness(clean_broker, peer.url, secret="123456")
         harnesses.append(h)
         h.publish(sent("1ba368bd-c467-4374-bf28"))
         h.held(1)
@@ -585,8 +950,9 @@ def test_lykmapipo_task_sent_and_result_legs(clean_broker: str, tmp_path: Path, 
         # It answers ?task=sent with the queued_messages key instead of message_uuids.
         assert _poll_task(clean_broker, peer.url, "s3cret", tmp_path) == ["out-0001"]
         assert peer.state()["queued"] == ["out-0001"]
-        h = Harness(clean_broker, peer.url, tmp_path, secret="s3cret", SMSGW_RESULTS_SHAPE="message_result_array",
-                    SMSGW_SENT_OK_CODE="-1")
+        h = Harness(
+            clean_broker, peer.url, secret="s3cret", SMSGW_RESULTS_SHAPE="message_result_array", SMSGW_SENT_OK_CODE="-1"
+        )
         harnesses.append(h)
         h.publish(sent("out-0001"), delivered("out-0001"))
         h.held(2)

@@ -37,6 +37,11 @@ def test_defaults_are_valid() -> None:
         ("SMSGW_SYNC_KEYS", "message=text,message=msg"),
         ("SMSGW_SYNC_KEYS", "message=from"),
         ("SMSGW_SYNC_KEYS", "message=my text"),
+        ("SMSGW_AMQP_URL", "amqp://guest:guest@a:5672/%2F,http://b"),
+        ("SMSGW_AMQP_URL", " , "),
+        ("SMSGW_LEDGER_URL", "mysql://db/ledger"),
+        ("SMSGW_MODEM_FAILOVER", "-1"),
+        ("SMSGW_INBOUND", "sometimes"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -71,3 +76,13 @@ def test_xml_format_needs_element_names_as_keys() -> None:
     assert Settings.from_env(keys).sync_keys == (("message", "data[text]"),)  # fine for a form
     with pytest.raises(ConfigError, match="SMSGW_SYNC_KEYS: 'data\\[text\\]' is not a valid XML element"):
         Settings.from_env({**keys, "SMSGW_SYNC_FORMAT": "xml"})
+
+
+def test_a_cluster_of_brokers_and_a_shared_ledger_are_accepted() -> None:
+    settings = Settings.from_env({
+        "SMSGW_AMQP_URL": "amqp://u:p@node1:5672/%2F, amqp://u:p@node2:5672/%2F",
+        "SMSGW_LEDGER_URL": "postgresql://smsgw@db/smsgw",
+        "SMSGW_MODEM_FAILOVER": "0",
+    })
+    assert settings.ledger_url == "postgresql://smsgw@db/smsgw"
+    assert settings.modem_failover == 0

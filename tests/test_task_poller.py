@@ -8,44 +8,56 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
+from prometheus_client import REGISTRY
 
 from reference_server.server import ReferenceServer
 from services import broker
 from services.broker import PublisherThread
-from services.ledger import Ledger
+from services.config import EndpointConfig, FleetConfig, fleet_from_settings, parse_fleet
+from services.ledger import Ledger, open_ledger
 from services.schemas import OutboundSms
 from services.settings import Settings
+from services.sync_client import SyncClient
 from services.sync_protocol import USER_AGENT
-from task_poller.poller import PollError, TaskPoller
+from services.topology import Topology, outbound_queue_for, pool_queue_for
+from task_poller.poller import PollError, TaskPoller, init_metrics
+from task_poller.runner import PollerGroup
 from tests.conftest import wait_for
 from tests.http_stub import HttpStub, Request
 
 SECRET = "s3cret"
 
 
-def take_outbound(url: str) -> list[OutboundSms]:
-    """Everything on the shared outbound queue right now (consumed)."""
+def take(url: str, queue: str = broker.OUTBOUND_QUEUE, topology: Topology | None = None) -> list[OutboundSms]:
+    """Everything on ``queue`` right now (consumed); ``topology`` is declared first (so its queues exist)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     found: list[OutboundSms] = []
     try:
         channel = connection.channel()
+        if topology is not None:
+            broker.declare_topology(channel, topology)
         while True:
-            method, _props, body = channel.basic_get(broker.OUTBOUND_QUEUE, auto_ack=True)
+            method, _props, body = channel.basic_get(queue, auto_ack=True)
             if method is None:
                 return found
             found.append(OutboundSms.from_json(body))
     finally:
         connection.close()
+
+
+def take_outbound(url: str) -> list[OutboundSms]:
+    """Everything on the shared outbound queue right now (consumed)."""
+    return take(url)
 
 
 @pytest.fixture
@@ -61,40 +73,102 @@ def server() -> Iterator[ReferenceServer]:
         yield s
 
 
-def make_poller(amqp: str, sync_url: str, publisher: PublisherThread, state: Path, **env: str) -> TaskPoller:
-    settings = Settings.from_env({
-        "SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url, "SMSGW_SECRET": SECRET,
-        "SMSGW_STATE_DIR": str(state), "SMSGW_HTTP_TIMEOUT": "5", **env,
-    })
-    return TaskPoller(settings, publisher, Ledger(state))
+# Ledgers and pollers the helpers opened in the running test; closed after it (autouse fixture below).
+_opened: list[Ledger | TaskPoller] = []
 
 
-def test_message_results_flow_with_reference_server(clean_broker: str, publisher: PublisherThread,
-                                                    server: ReferenceServer, tmp_path: Path) -> None:
+@pytest.fixture(autouse=True)
+def _close_opened() -> Iterator[None]:
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
+def ledger_of(state: Path) -> Ledger:
+    ledger = open_ledger("", str(state))
+    _opened.append(ledger)
+    return ledger
+
+
+def env_fleet(sync_url: str, **env: str) -> FleetConfig:
+    """The env-only fleet (one endpoint "default"), as with today's variables."""
+    return fleet_from_settings(
+        Settings.from_env(
+            {
+                "SMSGW_SYNC_URL": sync_url,
+                "SMSGW_SECRET": SECRET,
+                "SMSGW_HTTP_TIMEOUT": "5",
+                **env,
+            }
+        )
+    )
+
+
+def poller_for(
+    endpoint: EndpointConfig, fleet: FleetConfig, publisher: Any, ledger: Ledger, **kwargs: bool
+) -> TaskPoller:
+    poller = TaskPoller(endpoint, fleet, publisher, ledger, SyncClient(endpoint), **kwargs)
+    _opened.append(poller)
+    return poller
+
+
+def make_poller(
+    sync_url: str,
+    publisher: Any,
+    state: Path,
+    *,
+    ledger: Ledger | None = None,
+    interval: float | None = None,
+    **env: str,
+) -> TaskPoller:
+    fleet = env_fleet(sync_url, **env)
+    endpoint = fleet.endpoints[0]
+    if interval is not None:  # below the 1 s the settings allow: fast loop tests
+        endpoint = dataclasses.replace(endpoint, task_interval=interval)
+    return poller_for(endpoint, fleet, publisher, ledger or ledger_of(state))
+
+
+def file_fleet(
+    endpoints: Sequence[dict[str, Any]], routes: Sequence[dict[str, Any]] = (), modems: Sequence[str] = ()
+) -> FleetConfig:
+    """A fleet as a config file would give it."""
+    return parse_fleet(
+        {"endpoints": list(endpoints), "routes": list(routes), "modems": {m: {} for m in modems}}, "test.toml"
+    )
+
+
+def test_message_results_flow_with_reference_server(
+    clean_broker: str, publisher: PublisherThread, server: ReferenceServer, tmp_path: Path
+) -> None:
     uuids = [server.queue_outgoing("+255700000001", f"hello {i}", f"u-{i}") for i in range(3)]
-    poller = make_poller(clean_broker, server.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+    poller = make_poller(server.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
     result = poller.poll_once()
     assert (result.offered, result.queued, result.duplicates) == (3, 3, 0)
     queued = take_outbound(clean_broker)
     assert sorted(m.uuid for m in queued) == uuids
     assert all(m.origin == "task" and m.report and m.to == "+255700000001" for m in queued)
+    # The env-only endpoint: bare uuids as ledger keys, events to the default endpoint, any modem.
+    assert all(m.endpoint == "default" and m.ledger_key == m.uuid and m.modems == [] for m in queued)
     assert {o["uuid"]: o["status"] for o in server.outgoing()} == dict.fromkeys(uuids, "queued")
-    ledger = Ledger(tmp_path)
-    assert all(ledger.get(u).state == "queued" for u in uuids)  # type: ignore[union-attr]
+    ledger = ledger_of(tmp_path)
+    assert all(ledger.claim_state(u) == "queued" for u in uuids)
     # The server no longer offers them; a second poll queues nothing.
     assert poller.poll_once().queued == 0
     assert take_outbound(clean_broker) == []
 
 
-def test_without_message_results_each_uuid_is_queued_once(clean_broker: str, publisher: PublisherThread,
-                                                          server: ReferenceServer, tmp_path: Path) -> None:
+def test_without_message_results_each_uuid_is_queued_once(
+    clean_broker: str, publisher: PublisherThread, server: ReferenceServer, tmp_path: Path
+) -> None:
     server.queue_outgoing("+255700000001", "hi", "u-1")
-    poller = make_poller(clean_broker, server.url, publisher, tmp_path)
+    poller = make_poller(server.url, publisher, tmp_path)
     assert poller.poll_once().queued == 1
     # The server keeps offering it (it is never told): known to the ledger, skipped.
     second = poller.poll_once()
     assert (second.offered, second.queued, second.duplicates) == (1, 0, 1)
-    assert [m.uuid for m in take_outbound(clean_broker)] == ["u-1"]
+    [message] = take_outbound(clean_broker)
+    assert message.uuid == "u-1"
+    assert not message.report  # no Message Results API: no events for it
     assert server.state()["counters"]["task_sent_posts"] == 0
 
 
@@ -105,12 +179,19 @@ def test_quirky_server(clean_broker: str, publisher: PublisherThread, tmp_path: 
 
     def respond(request: Request) -> tuple[int, str]:
         if request.method == "GET" and request.query.get("task") == "send":
-            payload = {"payload": {"success": "true", "task": "send", "secret": secret, "messages": [
-                {"to": "+81902", "message": "one", "uuid": "q-1"},
-                {"to": "+81903", "message": "two", "uuid": "q-2"},
-                {"to": None, "message": "bad", "uuid": "q-3"},
-                {"to": "+81904", "message": "no uuid"},
-            ]}}
+            payload = {
+                "payload": {
+                    "success": "true",
+                    "task": "send",
+                    "secret": secret,
+                    "messages": [
+                        {"to": "+81902", "message": "one", "uuid": "q-1"},
+                        {"to": "+81903", "message": "two", "uuid": "q-2"},
+                        {"to": None, "message": "bad", "uuid": "q-3"},
+                        {"to": "+81904", "message": "no uuid"},
+                    ],
+                }
+            }
             return 200, json.dumps(payload) + json.dumps({"message_uuids": ["q-1"]})
         if request.method == "POST" and request.query.get("task") == "sent":
             return 200, json.dumps({"queued_messages": ["q-1"]})
@@ -119,9 +200,7 @@ def test_quirky_server(clean_broker: str, publisher: PublisherThread, tmp_path: 
     stub = HttpStub(respond).start()
     try:
         url = stub.url.replace("http://", "http://user:p%40ss@") + "?x=1"
-        settings = Settings.from_env({"SMSGW_AMQP_URL": clean_broker, "SMSGW_SYNC_URL": url, "SMSGW_SECRET": secret,
-                                      "SMSGW_STATE_DIR": str(tmp_path), "SMSGW_MESSAGE_RESULTS": "true"})
-        poller = TaskPoller(settings, publisher, Ledger(tmp_path))
+        poller = make_poller(url, publisher, tmp_path, SMSGW_SECRET=secret, SMSGW_MESSAGE_RESULTS="true")
         result = poller.poll_once()
     finally:
         stub.stop()
@@ -134,25 +213,31 @@ def test_quirky_server(clean_broker: str, publisher: PublisherThread, tmp_path: 
     assert json.loads(post.body) == {"queued_messages": ["q-1", "q-2"]}
     assert [m.uuid for m in take_outbound(clean_broker)] == ["q-1"]
     # The unconfirmed claim is released: it is neither republished nor blocked from a later offer.
-    assert Ledger(tmp_path).get("q-2") is None
+    assert ledger_of(tmp_path).claim_state("q-2") is None
 
 
 @pytest.mark.parametrize(
     ("payload", "why"),
     [
-        ({"task": "send", "secret": "wrong", "messages": [{"to": "+1", "message": "m", "uuid": "w-1"}]},
-         "does not match"),
+        (
+            {"task": "send", "secret": "wrong", "messages": [{"to": "+1", "message": "m", "uuid": "w-1"}]},
+            "does not match",
+        ),
         ({"task": "send", "messages": [{"to": "+1", "message": "m", "uuid": "w-1"}]}, "is missing"),
-        ({"task": "alert", "secret": SECRET, "messages": [{"to": "+1", "message": "m", "uuid": "w-1"}]},
-         "not 'send'"),
+        ({"task": "alert", "secret": SECRET, "messages": [{"to": "+1", "message": "m", "uuid": "w-1"}]}, "not 'send'"),
     ],
 )
-def test_untrusted_task_is_ignored_with_one_line(clean_broker: str, publisher: PublisherThread, tmp_path: Path,
-                                                 caplog: pytest.LogCaptureFixture, payload: dict[str, object],
-                                                 why: str) -> None:
+def test_untrusted_task_is_ignored_with_one_line(
+    clean_broker: str,
+    publisher: PublisherThread,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    payload: dict[str, object],
+    why: str,
+) -> None:
     stub = HttpStub(lambda r: (200, json.dumps({"payload": payload}))).start()
     try:
-        poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
         with caplog.at_level(logging.INFO, logger="task_poller.poller"):
             assert poller.poll_once().queued == 0
     finally:
@@ -162,13 +247,14 @@ def test_untrusted_task_is_ignored_with_one_line(clean_broker: str, publisher: P
     assert len(lines) == 1 and "ignored" in lines[0] and why in lines[0]
     assert SECRET not in lines[0] and "wrong" not in lines[0]
     assert take_outbound(clean_broker) == []
-    assert Ledger(tmp_path).known(["w-1"]) == set()
+    assert ledger_of(tmp_path).known(["w-1"]) == set()
 
 
-def test_http_403_backs_off_without_crashing(clean_broker: str, publisher: PublisherThread, tmp_path: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_http_403_backs_off_without_crashing(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     stub = HttpStub(lambda r: (403, '{"payload":{"success":false,"error":"bad secret"}}')).start()
-    poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_TASK_INTERVAL="1")
+    poller = make_poller(stub.url, publisher, tmp_path, SMSGW_TASK_INTERVAL="1")
     with pytest.raises(PollError, match=r"HTTP 403.*SMSGW_SECRET"):
         poller.poll_once()
     stop = threading.Event()
@@ -187,29 +273,36 @@ def test_http_403_backs_off_without_crashing(clean_broker: str, publisher: Publi
         stub.stop()
     assert not thread.is_alive()
     assert times[1] - times[0] >= 1.8  # interval 1 s, doubled after a failure
-    assert all("HTTP 403" in r.getMessage() for r in caplog.records)
+    assert all("HTTP 403" in r.getMessage() and "endpoint default" in r.getMessage() for r in caplog.records)
 
 
-def test_orphaned_claim_is_republished(clean_broker: str, publisher: PublisherThread, tmp_path: Path,
-                                       server: ReferenceServer) -> None:
-    ledger = Ledger(tmp_path)
-    assert ledger.claim("orphan-1", "+255700000002", "left behind")  # a poller died right after this
-    poller = make_poller(clean_broker, server.url, publisher, tmp_path)
+def test_orphaned_claim_is_republished(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path, server: ReferenceServer
+) -> None:
+    ledger = ledger_of(tmp_path)
+    assert ledger.claim("orphan-1", "+255700000002", "left behind", "default")  # a poller died right after this
+    poller = make_poller(server.url, publisher, tmp_path)
     poller.stale_claim_s = 0
     assert poller.republish_orphans() == 1
     [message] = take_outbound(clean_broker)
-    assert (message.uuid, message.to, message.text, message.origin) == ("orphan-1", "+255700000002", "left behind",
-                                                                        "task")
-    assert ledger.get("orphan-1").state == "queued"  # type: ignore[union-attr]
+    assert (message.uuid, message.to, message.text, message.origin, message.endpoint) == (
+        "orphan-1",
+        "+255700000002",
+        "left behind",
+        "task",
+        "default",
+    )
+    assert ledger.claim_state("orphan-1") == "queued"
     assert poller.republish_orphans() == 0
 
 
-def test_two_pollers_in_threads_never_queue_a_uuid_twice(clean_broker: str, server: ReferenceServer,
-                                                        tmp_path: Path) -> None:
+def test_two_pollers_in_threads_never_queue_a_uuid_twice(
+    clean_broker: str, server: ReferenceServer, tmp_path: Path
+) -> None:
     uuids = [server.queue_outgoing("+255700000001", f"m{i}", f"r-{i}") for i in range(30)]
     publishers = [PublisherThread(clean_broker, f"test-replica-{i}") for i in range(2)]
     try:
-        pollers = [make_poller(clean_broker, server.url, p, tmp_path) for p in publishers]
+        pollers = [make_poller(server.url, p, tmp_path) for p in publishers]
         barrier = threading.Barrier(2)
 
         def hammer(poller: TaskPoller) -> None:
@@ -230,18 +323,32 @@ def test_two_pollers_in_threads_never_queue_a_uuid_twice(clean_broker: str, serv
 
 
 def _env(amqp: str, sync_url: str, state: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "SMSGW_AMQP_URL": amqp, "SMSGW_SYNC_URL": sync_url, "SMSGW_SECRET": SECRET,
-            "SMSGW_STATE_DIR": str(state), "SMSGW_METRICS_PORT": "0", "SMSGW_TASK_INTERVAL": "1", **extra}
+    return {
+        **os.environ,
+        "SMSGW_AMQP_URL": amqp,
+        "SMSGW_SYNC_URL": sync_url,
+        "SMSGW_SECRET": SECRET,
+        "SMSGW_STATE_DIR": str(state),
+        "SMSGW_METRICS_PORT": "0",
+        "SMSGW_TASK_INTERVAL": "1",
+        **extra,
+    }
 
 
-def test_two_poller_processes_share_the_ledger_and_drain_on_sigterm(clean_broker: str, server: ReferenceServer,
-                                                                   tmp_path: Path) -> None:
+def test_two_poller_processes_share_the_ledger_and_drain_on_sigterm(
+    clean_broker: str, server: ReferenceServer, tmp_path: Path
+) -> None:
     uuids = {server.queue_outgoing("+255700000001", f"m{i}", f"p-{i}") for i in range(20)}
     env = _env(clean_broker, server.url, tmp_path)
-    procs = [subprocess.Popen([sys.executable, "-m", "task_poller"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "task_poller"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for _ in range(2)
+    ]
     seen: list[str] = []
     try:
+
         def all_seen_and_repolled() -> bool:
             seen.extend(m.uuid for m in take_outbound(clean_broker))
             # Both replicas keep polling a server that re-offers everything (no ?task=sent without the API).
@@ -257,6 +364,7 @@ def test_two_poller_processes_share_the_ledger_and_drain_on_sigterm(clean_broker
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait(timeout=10)
     outputs = [p.stdout.read().decode() if p.stdout else "" for p in procs]
     assert codes == [0, 0], outputs
     seen.extend(m.uuid for m in take_outbound(clean_broker))
@@ -265,21 +373,56 @@ def test_two_poller_processes_share_the_ledger_and_drain_on_sigterm(clean_broker
 
 
 def test_cli_help_and_check(clean_broker: str, tmp_path: Path) -> None:
-    help_text = subprocess.run([sys.executable, "-m", "task_poller", "--help"], capture_output=True, text=True,
-                               check=True).stdout
-    for name in ("SMSGW_TASK_INTERVAL", "SMSGW_MESSAGE_RESULTS", "SMSGW_STATE_DIR", "SMSGW_SECRET"):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "task_poller", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in (
+        "SMSGW_TASK_INTERVAL",
+        "SMSGW_MESSAGE_RESULTS",
+        "SMSGW_STATE_DIR",
+        "SMSGW_SECRET",
+        "SMSGW_CONFIG",
+        "SMSGW_LEDGER_URL",
+    ):
         assert name in help_text
     env = _env(clean_broker, "", tmp_path)
-    missing = subprocess.run([sys.executable, "-m", "task_poller", "--check"], check=False, env=env,
-                             capture_output=True, text=True, timeout=30)
+    missing = subprocess.run(
+        [sys.executable, "-m", "task_poller", "--check"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert missing.returncode == 2 and "SMSGW_SYNC_URL" in missing.stderr, "a health check must fail unconfigured"
     env["SMSGW_SYNC_URL"] = "http://127.0.0.1:9/smssync"
-    done = subprocess.run([sys.executable, "-m", "task_poller", "--check"], check=False, env=env,
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "task_poller", "--check"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
-    bad = subprocess.run([sys.executable, "-m", "task_poller"], check=False, env={**env, "SMSGW_TASK_INTERVAL": "zero"},
-                         capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        [sys.executable, "-m", "task_poller"],
+        check=False,
+        env={**env, "SMSGW_TASK_INTERVAL": "zero"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 2 and "SMSGW_TASK_INTERVAL" in bad.stderr
+    off = subprocess.run(
+        [sys.executable, "-m", "task_poller", "--check"],
+        check=False,
+        env={**env, "SMSGW_TASKS": "false"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert off.returncode == 2 and "SMSGW_TASKS" in off.stderr and len(off.stderr.splitlines()) == 1
 
 
 # --- regressions: ?task=sent without a usable answer, unexpected errors, live claims ------------------------
@@ -289,8 +432,9 @@ def _task_reply(messages: list[dict[str, str]], secret: str = SECRET) -> str:
     return json.dumps({"payload": {"task": "send", "secret": secret, "messages": messages}})
 
 
-def test_sent_answered_too_late_is_retried_and_queued_not_lost(clean_broker: str, publisher: PublisherThread,
-                                                               tmp_path: Path) -> None:
+def test_sent_answered_too_late_is_retried_and_queued_not_lost(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path
+) -> None:
     """The server processes ?task=sent (drops the uuids from its outbox) but answers after our time-out: the
     claims must stay, ?task=sent is retried on the next poll and the echoed uuids are queued — exactly once."""
     outbox = {u: {"to": "+255700000009", "message": f"text {u}", "uuid": u} for u in ("late-1", "late-2")}
@@ -312,14 +456,13 @@ def test_sent_answered_too_late_is_retried_and_queued_not_lost(clean_broker: str
 
     stub = HttpStub(respond).start()
     try:
-        poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true",
-                             SMSGW_HTTP_TIMEOUT="0.5")
-        with pytest.raises(PollError, match=r"ReadTimeout.*2 claim.*kept") as failed:
+        poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true", SMSGW_HTTP_TIMEOUT="0.5")
+        with pytest.raises(PollError, match=r"Timeout.*2 claim.*kept") as failed:
             poller.poll_once()
         assert failed.value.outcome == "network_error"
         may_answer.set()
-        ledger = Ledger(tmp_path)
-        assert {ledger.get(u).state for u in ("late-1", "late-2")} == {"accepted"}  # type: ignore[union-attr]
+        ledger = ledger_of(tmp_path)
+        assert {ledger.claim_state(u) for u in ("late-1", "late-2")} == {"accepted"}
         assert take_outbound(clean_broker) == []
         assert outbox == {}  # the server will never offer them again
 
@@ -327,7 +470,7 @@ def test_sent_answered_too_late_is_retried_and_queued_not_lost(clean_broker: str
         assert second.queued == 2
         assert sent_posts == [["late-1", "late-2"], ["late-1", "late-2"]]
         assert sorted(m.uuid for m in take_outbound(clean_broker)) == ["late-1", "late-2"]
-        assert {ledger.get(u).state for u in ("late-1", "late-2")} == {"queued"}  # type: ignore[union-attr]
+        assert {ledger.claim_state(u) for u in ("late-1", "late-2")} == {"queued"}
 
         assert poller.poll_once().queued == 0  # nothing left to retry: no third ?task=sent
         assert len(sent_posts) == 2
@@ -351,7 +494,8 @@ def test_sent_answered_too_late_is_retried_and_queued_not_lost(clean_broker: str
     ],
 )
 def test_sent_without_usable_answer_keeps_claims_for_the_orphan_republish(
-        clean_broker: str, publisher: PublisherThread, tmp_path: Path, status: int, body: str, kept: bool) -> None:
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path, status: int, body: str, kept: bool
+) -> None:
     messages = [{"to": "+255700000010", "message": "hello", "uuid": "keep-1"}]
 
     def respond(request: Request) -> tuple[int, str]:
@@ -361,14 +505,14 @@ def test_sent_without_usable_answer_keeps_claims_for_the_orphan_republish(
 
     stub = HttpStub(respond).start()
     try:
-        poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
         with pytest.raises(PollError):
             poller.poll_once()
-        entry = Ledger(tmp_path).get("keep-1")
+        state = ledger_of(tmp_path).claim_state("keep-1")
         if not kept:
-            assert entry is None
+            assert state is None
             return
-        assert entry is not None and entry.state == "accepted"
+        assert state == "accepted"
         # Still no usable answer on the retry: the claim stays, nothing is queued yet.
         with pytest.raises(PollError, match="kept"):
             poller.poll_once()
@@ -387,7 +531,8 @@ def test_sent_without_usable_answer_keeps_claims_for_the_orphan_republish(
 
 
 def test_a_refusal_of_a_retried_task_sent_keeps_the_claim(
-        clean_broker: str, publisher: PublisherThread, tmp_path: Path) -> None:
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path
+) -> None:
     # The first ?task=sent got no usable answer, so the server may have taken the uuid out of its outbox: a
     # 403 on the retry must not release it (nobody would offer it again: lost).
     answers = iter([(500, "Internal Server Error"), (403, '{"payload":{"success":false}}')])
@@ -399,12 +544,11 @@ def test_a_refusal_of_a_retried_task_sent_keeps_the_claim(
 
     stub = HttpStub(respond).start()
     try:
-        poller = make_poller(clean_broker, stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
         for _ in range(2):
             with pytest.raises(PollError):
                 poller.poll_once()
-        entry = Ledger(tmp_path).get("retried-1")
-        assert entry is not None and entry.state == "accepted"
+        assert ledger_of(tmp_path).claim_state("retried-1") == "accepted"
         poller.stale_claim_s = 0
         assert poller.republish_orphans() == 1
         assert [m.uuid for m in take_outbound(clean_broker)] == ["retried-1"]
@@ -435,17 +579,16 @@ def _run_in_thread(poller: TaskPoller) -> tuple[threading.Thread, threading.Even
         '"uuid":"sur-1"}]}}',
         '{"payload":{"task":"send","secret":"s3cret\\udc00","messages":[{"to":"+1555","message":"hi",'
         '"uuid":"sur-2"}]}}',
-        '{"payload":{"task":"send","secret":"s3cret","messages":[{"to":"+1555","message":"hi",'
-        '"uuid":"sur-\\ud800"}]}}',
+        '{"payload":{"task":"send","secret":"s3cret","messages":[{"to":"+1555","message":"hi","uuid":"sur-\\ud800"}]}}',
         '{"payload":' + "[" * 100_000 + "]" * 100_000 + "}",
     ],
     ids=["surrogate-text", "surrogate-secret", "surrogate-uuid", "deep-nesting"],
 )
-def test_run_survives_pathological_replies_and_keeps_polling(clean_broker: str, publisher: PublisherThread,
-                                                             tmp_path: Path, body: str) -> None:
+def test_run_survives_pathological_replies_and_keeps_polling(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path, body: str
+) -> None:
     stub = HttpStub(lambda r: (200, body)).start()
-    poller = make_poller(clean_broker, stub.url, publisher, tmp_path)
-    poller._settings = dataclasses.replace(poller._settings, task_interval=0.05)
+    poller = make_poller(stub.url, publisher, tmp_path, interval=0.05)
     thread, stop, died = _run_in_thread(poller)
     try:
         wait_for(lambda: len(stub.requests) >= 4 or died, timeout=15, what="four polls by one run() loop")
@@ -459,8 +602,12 @@ def test_run_survives_pathological_replies_and_keeps_polling(clean_broker: str, 
 
 
 def test_unexpected_error_logs_traceback_once_backs_off_and_recovers(
-        clean_broker: str, publisher: PublisherThread, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    clean_broker: str,
+    publisher: PublisherThread,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from services.sync_protocol import parse_payload as real_parse
     from task_poller import poller as poller_module
 
@@ -474,16 +621,18 @@ def test_unexpected_error_logs_traceback_once_backs_off_and_recovers(
 
     monkeypatch.setattr(poller_module, "parse_payload", parse)
     stub = HttpStub(lambda r: (200, _task_reply([]))).start()
-    poller = make_poller(clean_broker, stub.url, publisher, tmp_path)
-    poller._settings = dataclasses.replace(poller._settings, task_interval=0.05)
+    poller = make_poller(stub.url, publisher, tmp_path, interval=0.05)
     with caplog.at_level(logging.INFO, logger="task_poller.poller"):
         thread, stop, died = _run_in_thread(poller)
         try:
             wait_for(lambda: len(stub.requests) >= 4 or died, timeout=15, what="four failing polls")
             failing = len(stub.requests)
             broken.clear()
-            wait_for(lambda: any("works again" in r.getMessage() for r in caplog.records) or died, timeout=15,
-                     what="the loop to recover")
+            wait_for(
+                lambda: any("works again" in r.getMessage() for r in caplog.records) or died,
+                timeout=15,
+                what="the loop to recover",
+            )
         finally:
             stop.set()
             thread.join(timeout=10)
@@ -491,26 +640,13 @@ def test_unexpected_error_logs_traceback_once_backs_off_and_recovers(
     assert not died and not thread.is_alive()
     crashes = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
     assert len(crashes) >= failing - 1 >= 3
-    assert all(r.levelno == logging.ERROR and "RuntimeError: a bug nobody anticipated" in r.getMessage()
-               for r in crashes)
+    assert all(
+        r.levelno == logging.ERROR and "RuntimeError: a bug nobody anticipated" in r.getMessage() for r in crashes
+    )
     assert [bool(r.exc_info) for r in crashes] == [True] + [False] * (len(crashes) - 1)  # traceback once
     # Backed off like any failed poll: 0.1, 0.2, 0.4 ... not a busy loop.
     gaps = [b.created - a.created for a, b in itertools.pairwise(crashes)]
     assert all(later > earlier for earlier, later in itertools.pairwise(gaps))
-
-
-class _AgedClaimsLedger(Ledger):
-    """Claims look an hour old at once: a poll that has held them a long time (slow ?task=sent trickle)."""
-
-    def claim(self, uuid: str, recipient: str, body: str) -> bool:
-        claimed = super().claim(uuid, recipient, body)
-        db = sqlite3.connect(self.path)
-        try:
-            with db:
-                db.execute("UPDATE outbound SET updated_at = updated_at - 3600000 WHERE uuid = ?", (uuid,))
-        finally:
-            db.close()
-        return claimed
 
 
 class _ReplicaRacesEachPublish:
@@ -526,29 +662,39 @@ class _ReplicaRacesEachPublish:
 
 
 def test_live_claims_are_touched_before_each_publish_so_no_replica_republishes_them(
-        clean_broker: str, server: ReferenceServer, tmp_path: Path) -> None:
-    uuids = [server.queue_outgoing("+255700000011", f"live {i}", f"live-{i}") for i in range(3)]
+    clean_broker: str, tmp_path: Path
+) -> None:
+    messages = [{"to": "+255700000011", "message": f"live {i}", "uuid": f"live-{i}"} for i in range(3)]
+
+    def respond(request: Request) -> tuple[int, str]:
+        if request.query.get("task") == "send":
+            return 200, _task_reply(messages)
+        # A slow ?task=sent: when it answers, the claims are older than the replica's stale_claim_s below.
+        time.sleep(1.5)
+        return 200, json.dumps({"message_uuids": json.loads(request.body)["queued_messages"]})
+
+    stub = HttpStub(respond).start()
     publishers = [PublisherThread(clean_broker, f"test-live-{i}") for i in range(2)]
     try:
-        replica = make_poller(clean_broker, server.url, publishers[1], tmp_path)
+        replica = make_poller(stub.url, publishers[1], tmp_path)
+        replica.stale_claim_s = 1.0
         racing = _ReplicaRacesEachPublish(publishers[0], replica)
-        settings = Settings.from_env({"SMSGW_AMQP_URL": clean_broker, "SMSGW_SYNC_URL": server.url,
-                                      "SMSGW_SECRET": SECRET, "SMSGW_STATE_DIR": str(tmp_path),
-                                      "SMSGW_MESSAGE_RESULTS": "true"})
-        live = TaskPoller(settings, racing, _AgedClaimsLedger(tmp_path))
+        live = make_poller(stub.url, racing, tmp_path, SMSGW_MESSAGE_RESULTS="true")
         assert live.poll_once().queued == 3
     finally:
         for p in publishers:
             p.close()
+        stub.stop()
     assert racing.republished == [0, 0, 0]
-    assert sorted(m.uuid for m in take_outbound(clean_broker)) == sorted(uuids)  # each exactly once
+    assert sorted(m.uuid for m in take_outbound(clean_broker)) == ["live-0", "live-1", "live-2"]  # each once
 
 
-def test_claim_republished_meanwhile_is_not_queued_again(clean_broker: str, publisher: PublisherThread,
-                                                         server: ReferenceServer, tmp_path: Path) -> None:
+def test_claim_republished_meanwhile_is_not_queued_again(
+    clean_broker: str, publisher: PublisherThread, server: ReferenceServer, tmp_path: Path
+) -> None:
     for i in range(2):
         server.queue_outgoing("+255700000012", f"taken {i}", f"taken-{i}")
-    ledger = Ledger(tmp_path)
+    ledger = ledger_of(tmp_path)
 
     class TakeOverSecond:
         def publish(self, publication: broker.Publication, timeout: float = 30.0) -> None:
@@ -556,7 +702,260 @@ def test_claim_republished_meanwhile_is_not_queued_again(clean_broker: str, publ
             ledger.mark_queued("taken-1")
             publisher.publish(publication, timeout)
 
-    poller = TaskPoller(make_poller(clean_broker, server.url, publisher, tmp_path)._settings, TakeOverSecond(),
-                        ledger)
+    poller = make_poller(server.url, TakeOverSecond(), tmp_path, ledger=ledger)
     assert poller.poll_once().queued == 1
     assert [m.uuid for m in take_outbound(clean_broker)] == ["taken-0"]
+
+
+# --- the fleet: several endpoints, routes, per-endpoint keys ------------------------------------------------
+
+
+def _toml_endpoint(name: str, url: str, secret: str, **options: object) -> str:
+    lines = ["[[endpoints]]", f'name = "{name}"', f'sync_url = "{url}"', f'secret = "{secret}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_one_process_polls_two_endpoints_and_queues_each_message_once_with_its_endpoint(
+    clean_broker: str, tmp_path: Path
+) -> None:
+    with ReferenceServer("alpha-secret") as alpha, ReferenceServer("beta-secret") as beta:
+        # Both servers number their messages from the same space: "same-1" is two different SMS.
+        expected = {
+            ("alpha", alpha.queue_outgoing("+255700000021", "from alpha", "same-1")),
+            ("alpha", alpha.queue_outgoing("+255700000022", "alpha only", "a-1")),
+            ("beta", beta.queue_outgoing("+255700000023", "from beta", "same-1")),
+            ("beta", beta.queue_outgoing("+255700000024", "beta only", "b-1")),
+        }
+        config = tmp_path / "fleet.toml"
+        config.write_text(
+            _toml_endpoint("alpha", alpha.url, "alpha-secret", task_interval=1, message_results=True, inbound=False)
+            + _toml_endpoint("beta", beta.url, "beta-secret", task_interval=1, inbound=False)
+        )
+        env = {
+            **os.environ,
+            "SMSGW_AMQP_URL": clean_broker,
+            "SMSGW_CONFIG": str(config),
+            "SMSGW_STATE_DIR": str(tmp_path / "state"),
+            "SMSGW_METRICS_PORT": "0",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "task_poller"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        seen: list[OutboundSms] = []
+        try:
+
+            def all_seen_and_beta_repolled() -> bool:
+                seen.extend(take_outbound(clean_broker))
+                # beta (no Message Results API) keeps offering everything: re-polls must not queue again.
+                return len(seen) >= 4 and beta.state()["counters"]["task_send_polls"] >= 4
+
+            wait_for(all_seen_and_beta_repolled, timeout=30, interval=0.2, what="4 messages and beta re-polled")
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        assert code == 0, output
+        seen.extend(take_outbound(clean_broker))
+        assert sorted((m.endpoint, m.uuid) for m in seen) == sorted(expected)  # each exactly once
+        by_endpoint = {(m.endpoint, m.uuid): m for m in seen}
+        assert by_endpoint["alpha", "same-1"].text == "from alpha"
+        assert by_endpoint["beta", "same-1"].text == "from beta"
+        assert {m.ledger_key for m in seen} == {"alpha/same-1", "alpha/a-1", "beta/same-1", "beta/b-1"}
+        # Events only for the endpoint with the Message Results API on.
+        assert {m.endpoint: m.report for m in seen} == {"alpha": True, "beta": False}
+        assert {o["uuid"]: o["status"] for o in alpha.outgoing()} == {"same-1": "queued", "a-1": "queued"}
+        assert "alpha-secret" not in output and "beta-secret" not in output
+    ledger = ledger_of(tmp_path / "state")
+    assert {ledger.claim_state(k) for k in ("alpha/same-1", "beta/same-1", "alpha/a-1", "beta/b-1")} == {"queued"}
+
+
+ROUTED_MODEMS = ("tp-m1", "tp-m2", "tp-m3")
+
+
+def test_prefix_routes_pick_the_modem_queue_or_the_pool_queue(
+    clean_broker: str, server: ReferenceServer, tmp_path: Path
+) -> None:
+    fleet = file_fleet(
+        [{"name": "clinic", "sync_url": server.url, "secret": SECRET}],
+        routes=[
+            {"prefix": "+25573", "modems": ["tp-m1"]},
+            {"prefix": "+25574", "modems": ["tp-m2", "tp-m3"]},
+            {"prefix": "+2557", "modems": ["tp-m3"]},
+        ],  # first match wins: not for +25573/+25574
+        modems=ROUTED_MODEMS,
+    )
+    topology = Topology.of(fleet)
+    one, pool = outbound_queue_for("tp-m1"), pool_queue_for(["tp-m2", "tp-m3"])
+    for queue in (one, pool, outbound_queue_for("tp-m3")):
+        take(clean_broker, queue, topology)  # leftovers of an earlier run
+    server.queue_outgoing("+255730000001", "to m1", "r-1")
+    server.queue_outgoing("+255740000001", "to the pool", "r-2")
+    server.queue_outgoing("+255750000001", "to m3", "r-3")
+    server.queue_outgoing("+255600000001", "anywhere", "r-4")
+    publisher = PublisherThread(clean_broker, "test-routes", topology=topology)
+    try:
+        poller = poller_for(fleet.endpoint("clinic"), fleet, publisher, ledger_of(tmp_path))
+        assert poller.poll_once().queued == 4
+    finally:
+        publisher.close()
+    [to_m1] = take(clean_broker, one)
+    [to_pool] = take(clean_broker, pool)
+    [to_m3] = take(clean_broker, outbound_queue_for("tp-m3"))
+    [anywhere] = take_outbound(clean_broker)
+    assert (to_m1.uuid, to_m1.modems) == ("r-1", ["tp-m1"])
+    assert (to_pool.uuid, to_pool.modems) == ("r-2", ["tp-m2", "tp-m3"])
+    assert (to_m3.uuid, to_m3.modems) == ("r-3", ["tp-m3"])
+    assert (anywhere.uuid, anywhere.modems) == ("r-4", [])
+    assert {m.endpoint for m in (to_m1, to_pool, to_m3, anywhere)} == {"clinic"}
+    assert {m.ledger_key for m in (to_m1, to_pool, to_m3, anywhere)} == {
+        "clinic/r-1",
+        "clinic/r-2",
+        "clinic/r-3",
+        "clinic/r-4",
+    }
+
+
+def test_orphans_are_republished_by_their_endpoint_routed_again_and_strays_adopted(
+    clean_broker: str, server: ReferenceServer, tmp_path: Path
+) -> None:
+    fleet = file_fleet(
+        [
+            {"name": "clinic", "sync_url": server.url, "secret": SECRET, "message_results": True},
+            {"name": "helpline", "sync_url": server.url, "secret": SECRET},
+        ],
+        routes=[{"prefix": "+25573", "modems": ["tp-m1"]}],
+        modems=ROUTED_MODEMS,
+    )
+    topology = Topology.of(fleet)
+    take(clean_broker, outbound_queue_for("tp-m1"), topology)
+    ledger = ledger_of(tmp_path)
+    # Pollers died right after these claims: one of each endpoint, one of an endpoint no longer configured.
+    assert ledger.claim("clinic/o-1", "+255730000009", "routed orphan", "clinic")
+    assert ledger.claim("helpline/o-2", "+255600000009", "helpline orphan", "helpline")
+    assert ledger.claim("gone/o-3", "+255600000008", "stray orphan", "gone")
+    publisher = PublisherThread(clean_broker, "test-orphans", topology=topology)
+    try:
+        clinic = poller_for(fleet.endpoint("clinic"), fleet, publisher, ledger, adopt_strays=True)
+        helpline = poller_for(fleet.endpoint("helpline"), fleet, publisher, ledger)
+        clinic.stale_claim_s = helpline.stale_claim_s = 0
+        assert helpline.republish_orphans() == 1  # its own only
+        assert clinic.republish_orphans() == 2  # its own and the stray
+        assert clinic.republish_orphans() == helpline.republish_orphans() == 0
+    finally:
+        publisher.close()
+    [routed] = take(clean_broker, outbound_queue_for("tp-m1"))
+    assert (routed.uuid, routed.endpoint, routed.modems, routed.report, routed.ledger_key) == (
+        "o-1",
+        "clinic",
+        ["tp-m1"],
+        True,
+        "clinic/o-1",
+    )
+    shared = {m.uuid: m for m in take_outbound(clean_broker)}
+    assert (shared["o-2"].endpoint, shared["o-2"].report, shared["o-2"].ledger_key) == (
+        "helpline",
+        False,
+        "helpline/o-2",
+    )
+    # A removed endpoint has no events queue: sent, but not reported.
+    assert (shared["o-3"].endpoint, shared["o-3"].report, shared["o-3"].ledger_key) == ("gone", False, "gone/o-3")
+    assert {ledger.claim_state(k) for k in ("clinic/o-1", "helpline/o-2", "gone/o-3")} == {"queued"}
+
+
+def test_a_hanging_server_does_not_delay_another_endpoints_polls(clean_broker: str, tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def hang(request: Request) -> tuple[int, str]:
+        release.wait(timeout=30)  # far longer than its http_timeout
+        return 200, _task_reply([])
+
+    slow_stub = HttpStub(hang).start()
+    fast_stub = HttpStub(lambda r: (200, _task_reply([]))).start()
+    fleet = file_fleet(
+        [
+            {"name": "slow", "sync_url": slow_stub.url, "secret": SECRET, "http_timeout": 4},
+            {"name": "fast", "sync_url": fast_stub.url, "secret": SECRET},
+        ]
+    )
+    ledger = ledger_of(tmp_path)
+    publisher = PublisherThread(clean_broker, "test-hang", topology=Topology.of(fleet))
+    pollers = [poller_for(dataclasses.replace(e, task_interval=0.2), fleet, publisher, ledger) for e in fleet.endpoints]
+    group = PollerGroup(pollers, ledger, retention_s=90 * 86400)
+    stop = threading.Event()
+    runner = threading.Thread(target=group.run, args=(stop,), daemon=True)
+    try:
+        runner.start()
+        wait_for(lambda: slow_stub.requests, timeout=10, what="the slow endpoint's first poll")
+        hung_at = time.monotonic()
+        wait_for(lambda: len(fast_stub.requests) >= 5, timeout=10, what="five polls of the fast endpoint")
+        # All while the slow endpoint's first poll was still waiting for its answer.
+        assert time.monotonic() - hung_at < 3.5
+        assert len(slow_stub.requests) == 1
+    finally:
+        stop.set()
+        release.set()
+        runner.join(timeout=15)
+        group.close()
+        publisher.close()
+        slow_stub.stop()
+        fast_stub.stop()
+    assert not runner.is_alive()  # drained: the poll in progress finished, then every thread stopped
+
+
+def test_claims_past_the_retention_are_pruned_at_start(tmp_path: Path) -> None:
+    ledger = ledger_of(tmp_path)
+    assert ledger.claim("old-1", "+255700000031", "old", "default")
+    ledger.mark_queued("old-1")
+    assert ledger.claim("live-1", "+255700000032", "publishing", "default")  # accepted: never pruned
+    # retention -1 s: every queued claim is "old".
+    group = PollerGroup([], ledger, retention_s=-1, prune_interval_s=3600)
+    stop = threading.Event()
+    runner = threading.Thread(target=group.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: ledger.claim_state("old-1") is None, timeout=10, what="the first prune")
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert ledger.claim_state("live-1") == "accepted"
+
+
+def test_metrics_of_every_endpoint_and_outcome_start_at_zero() -> None:
+    init_metrics("metrics-ep")
+    for outcome in ("ok", "empty", "network_error", "http_error", "ledger_error", "internal_error"):
+        assert REGISTRY.get_sample_value("smsgw_task_polls_total", {"endpoint": "metrics-ep", "outcome": outcome}) == 0
+    for outcome in ("queued", "duplicate", "invalid", "not_confirmed"):
+        assert (
+            REGISTRY.get_sample_value("smsgw_task_messages_total", {"endpoint": "metrics-ep", "outcome": outcome}) == 0
+        )
+    assert REGISTRY.get_sample_value("smsgw_task_republished_total", {"endpoint": "metrics-ep"}) == 0
+    assert (
+        REGISTRY.get_sample_value("smsgw_http_request_seconds_count", {"endpoint": "metrics-ep", "task": "sent"}) == 0
+    )
+
+
+def test_config_without_a_task_endpoint_stops_with_one_line(clean_broker: str, tmp_path: Path) -> None:
+    config = tmp_path / "fleet.toml"
+    config.write_text(_toml_endpoint("inbound-only", "http://127.0.0.1:9/smssync", SECRET, tasks=False))
+    env = {
+        **os.environ,
+        "SMSGW_AMQP_URL": clean_broker,
+        "SMSGW_CONFIG": str(config),
+        "SMSGW_STATE_DIR": str(tmp_path),
+        "SMSGW_METRICS_PORT": "0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "task_poller", "--check"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and str(config) in done.stderr and "tasks" in done.stderr

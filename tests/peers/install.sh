@@ -25,8 +25,21 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# --- preconditions, before installing anything ------------------------------------------------------------
+# The seed PHP sample comes from the seed docs in a shared/ folder next to the repo. A plain clone has none:
+# outside CI its tests are skipped with this reason (tests/peers/runners.py); in CI it is a failure.
+seed=1
+if [[ ! -r "$docs" ]]; then
+    if [[ -n "${CI:-}" ]]; then
+        log "seed docs not found at $docs (expected a shared/ folder next to the repo)"
+        exit 1
+    fi
+    log "seed docs not found at $docs: the seed PHP peer's tests will be skipped"
+    seed=0
+fi
+
 # --- tools ------------------------------------------------------------------------------------------------
-if ! command -v php >/dev/null 2>&1; then
+if [[ $seed == 1 ]] && ! command -v php >/dev/null 2>&1; then
     apt_install php-cli
 fi
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
@@ -34,10 +47,7 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
 fi
 
 # --- seed PHP sample (protocol-notes 3.1) -----------------------------------------------------------------
-if [[ ! -r "$docs" ]]; then
-    log "seed docs not found at $docs (expected a shared/ folder next to the repo)"
-    exit 1
-fi
+install_seedphp() {
 mkdir -p "$peers/seedphp"
 start=$(grep -n '^/\*\*$' "$docs" | head -1 | cut -d: -f1)
 end=$(grep -n "^Assuming you've the above code" "$docs" | head -1 | cut -d: -f1)
@@ -55,6 +65,11 @@ if cmp -s "$tmp_php" "$peers/seedphp/index.php"; then
 else
     mv "$tmp_php" "$peers/seedphp/index.php"
     log "wrote .peers/seedphp/index.php"
+fi
+trap - EXIT
+}
+if [[ $seed == 1 ]]; then
+    install_seedphp
 fi
 
 # --- npm smssync (lykmapipo) peer (protocol-notes 3.2) ----------------------------------------------------
@@ -74,4 +89,4 @@ fi
 node -e 'const v=require(process.argv[1]).version; if (v !== "0.3.28") { console.error("smssync " + v); process.exit(1); }' \
     "$lyk/node_modules/smssync/package.json"
 
-log "ok: php $(php -r 'echo PHP_VERSION;'), node $(node --version)"
+log "ok: $( [[ $seed == 1 ]] && echo "php $(php -r 'echo PHP_VERSION;'), ")node $(node --version)"

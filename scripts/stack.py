@@ -158,6 +158,10 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, Process] = field(default_factory=dict)
     simulators: dict[str, Simulator] = field(default_factory=dict)
+    # True: each process gets its own session, so a Ctrl-C on the terminal reaches only the parent (the demo),
+    # which then sends each child exactly one SIGTERM (stop_all) instead of the terminal's SIGINT plus that
+    # SIGTERM, which a worker counts as the second signal (exit at once, no drain).
+    own_session: bool = False
 
     def __post_init__(self) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -192,7 +196,9 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Process:
         log_file = (self.workdir / "logs" / f"{name}.log").open("a", encoding="utf-8")
-        popen = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        popen = subprocess.Popen(
+            argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=self.own_session
+        )
         process = Process(name, argv, env, popen, log_file)
         self.processes[name] = process
         return process

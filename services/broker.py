@@ -21,6 +21,8 @@ import contextlib
 import logging
 import queue
 import random
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,9 +33,11 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from services import metrics
+from services.logs import OutageLog
 from services.settings import amqp_urls
 from services.topology import (
     DELAY_TIERS_S,
@@ -105,6 +109,11 @@ class BrokerUnavailable(BrokerError):
     """The connection to RabbitMQ failed or was lost; retrying later may succeed."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """RabbitMQ refused the login or the vhost: a configuration problem, still retried (it may be fixed on the
+    broker's side), but reported at ERROR."""
+
+
 class BrokerChannelError(BrokerError):
     """The broker closed our channel (configuration problem): reconnecting will not help."""
 
@@ -149,43 +158,99 @@ def connect(url: str, name: str) -> pika.BlockingConnection:
     """Open one blocking connection to the first broker of ``url`` that answers.
 
     Raises:
-        BrokerUnavailable: no broker can be reached, or one refused the login/vhost.
+        BrokerRefused: a broker refused the login or the vhost (the message says which; never the password).
+        BrokerUnavailable: no broker can be reached.
     """
+    parameters = connection_parameters(url, name)
     try:
-        return pika.BlockingConnection(connection_parameters(url, name))
+        return pika.BlockingConnection(parameters)
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from None
+        raise connect_error(exc, parameters) from None
 
 
-def reconnecting(stopping: threading.Event) -> Retrying:
+def connect_error(exc: BaseException, parameters: Sequence[pika.URLParameters]) -> BrokerUnavailable:
+    """One line for a failed connection: where to (hosts, vhost), and why in the operator's words: a refused
+    login or vhost names the user and SMSGW_AMQP_URL (never the password), a network failure its cause."""
+    first = parameters[0]
+    user = first.credentials.username if isinstance(first.credentials, pika.PlainCredentials) else "?"
+    hosts = ", ".join(f"{p.host}:{p.port}" for p in parameters)
+    where = f"{hosts} (vhost {first.virtual_host!r})"
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        return BrokerRefused(
+            f"RabbitMQ at {where} refused the login for user {user!r} (wrong user or password): check SMSGW_AMQP_URL"
+        )
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return BrokerRefused(
+            f"RabbitMQ at {hosts} refused user {user!r} access to vhost {first.virtual_host!r} "
+            f"({_broker_words(exc) or 'no such vhost, or no permission on it'}): check SMSGW_AMQP_URL"
+        )
+    return BrokerUnavailable(f"cannot connect to RabbitMQ at {where}: {_network_cause(exc)}")
+
+
+def _broker_words(exc: BaseException) -> str:
+    """The broker's own reason in a pika close error, e.g. ``NOT_ALLOWED - vhost x not found`` ("" if none)."""
+    found = re.search(r"\(\d+\) '([^']*)'", str(exc))
+    return found.group(1) if found else ""
+
+
+def _network_cause(exc: BaseException) -> str:
+    """Why a connection could not be made, without pika's wrapper types (connection refused, unknown host…)."""
+    for _ in range(5):  # pika nests its connector errors; the socket error is inside
+        inner = getattr(exc, "exception", None)
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        nested = [arg for arg in exc.args if isinstance(arg, BaseException)]
+        if isinstance(exc, pika.exceptions.AMQPError) and nested:
+            exc = nested[-1]
+            continue
+        break
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    if isinstance(exc, TimeoutError | pika.exceptions.AMQPConnectorStackTimeout):  # type: ignore[misc]
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def reconnecting(stopping: threading.Event, outage: OutageLog | None = None) -> Retrying:
     """The reconnect policy of every consumer: retry BrokerUnavailable (connection errors) with capped
     exponential back-off and jitter until ``stopping`` is set; anything else (BrokerChannelError) ends the loop.
 
-    The back-off sleeps on ``stopping``, so SIGTERM during a broker outage ends the worker at once.
+    The back-off sleeps on ``stopping``, so SIGTERM during a broker outage ends the worker at once. Failures are
+    reported to ``outage`` (one line per outage, then every few minutes; a refused login or vhost at ERROR).
     """
 
     def sleep(seconds: float) -> None:
         stopping.wait(seconds)
 
+    def before_sleep(state: RetryCallState) -> None:
+        if outage is None:
+            return
+        exc = state.outcome.exception() if state.outcome else None
+        level = logging.ERROR if isinstance(exc, BrokerRefused) else logging.WARNING
+        retry_in = state.next_action.sleep if state.next_action else None
+        outage.failed(str(exc) if exc else "?", level=level, retry_in_s=retry_in)
+
     return Retrying(
         retry=retry_if_exception_type(BrokerUnavailable),
         wait=wait_exponential_jitter(multiplier=0.5, max=30),
         sleep=sleep,
-        before_sleep=lambda state: log.warning(
-            "broker unavailable (%s); reconnecting", state.outcome.exception() if state.outcome else "?"
-        ),
+        before_sleep=before_sleep,
         reraise=True,
     )
 
 
-def consume_until_stopped(stopping: threading.Event, session: Callable[[], None]) -> None:
+def consume_until_stopped(stopping: threading.Event, session: Callable[[], None], outage: OutageLog) -> None:
     """Run consumer ``session``s (one connection each) until ``stopping``; reconnect between them with the
-    ``reconnecting`` policy.
+    ``reconnecting`` policy, reporting failures to ``outage`` (the session calls ``outage.recovered()`` once it
+    consumes).
 
     Raises:
         BrokerChannelError: the broker closed the channel (configuration problem; not retried).
     """
-    for attempt in reconnecting(stopping):
+    for attempt in reconnecting(stopping, outage):
         with attempt:
             if not stopping.is_set():
                 session()
@@ -446,6 +511,7 @@ class Move:
     routing_key: str
     reason: str
     expiration_ms: int | None = None
+    headers: dict[str, Any] | None = None  # set on the moved copy (over the delivery's own), e.g. a try count
 
 
 # There is deliberately no "requeue now" decision: on a quorum queue every requeue counts towards
@@ -672,7 +738,8 @@ class Consumer:
                 )
                 return
         if isinstance(decision, Move):
-            self._publisher.publish(Publication(decision.routing_key, delivery.body, EXCHANGE, delivery.headers,
+            self._publisher.publish(Publication(decision.routing_key, delivery.body, EXCHANGE,
+                                                {**delivery.headers, **(decision.headers or {})},
                                                 delivery.message_id, decision.expiration_ms))
             log.info("moved a message from %s to %s: %s", delivery.queue, decision.routing_key, decision.reason)
         if isinstance(decision, Park):

@@ -316,3 +316,17 @@ def test_a_drain_acks_the_message_its_handler_was_finishing(clean_broker: str, p
     thread.join(timeout=15)
     assert not thread.is_alive()
     assert _get_all(clean_broker, broker.EVENTS_QUEUE) == []
+
+
+def test_a_stalled_handshake_is_a_broker_outage_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit test (pika stubbed): a broker that accepts the socket but never finishes the AMQP handshake makes pika
+    raise AMQPConnectorStackTimeout, which is no AMQPError; untranslated it stopped every worker for good."""
+    import pika
+    from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
+
+    def stalled(_params: object) -> None:
+        raise AMQPConnectorStackTimeout("Timeout during AMQP handshake")
+
+    monkeypatch.setattr(pika, "BlockingConnection", stalled)
+    with pytest.raises(broker.BrokerUnavailable, match="handshake"):
+        broker.connect("amqp://guest:guest@127.0.0.1:5672/%2F", "test-stall")

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # One image for every gateway process: the four workers, the modem simulator and the reference server.
 # Pick the process with the command, e.g. `python -m sync_worker` (see compose.yaml and docs/operations.md).
-# No secrets are baked in: every setting is an SMSGW_* environment variable read at start-up.
+# No secrets are baked in: settings are SMSGW_* environment variables read at start-up, secrets files mounted at
+# run time (compose secrets: SMSGW_SECRET_FILE, SMSGW_AMQP_PASSWORD_FILE; docs/operations.md, "Secrets").
 
 # --- build: wheels of the project and its runtime dependencies (no dev extras) ---------------------------------
 FROM python:3.11-slim AS build
@@ -38,4 +39,4 @@ USER smsgw
 WORKDIR /var/lib/smsgw
 EXPOSE 9100
 # Default: print how to run each process. Compose always sets a command.
-CMD ["sh", "-c", "echo 'smssync-gateway: run one of: python -m modem_worker | sync_worker | task_poller | result_reporter (each takes --check), python -m sync_worker parked list|replay|purge, python -m modem_worker.simulator, python -m reference_server'; echo; for m in modem_worker sync_worker task_poller result_reporter; do python -m $m --help; echo; done"]
+CMD ["sh", "-c", "echo 'smssync-gateway: run one of: python -m modem_worker | sync_worker | task_poller | result_reporter (each takes --check), smsgw parked|config|check|compose-modems (smsgw --help), python -m modem_worker.simulator, python -m reference_server'; echo; for m in modem_worker sync_worker task_poller result_reporter; do python -m $m --help; echo; done"]

@@ -15,12 +15,31 @@ from services.runtime import (
     start_metrics,
     worker_parser,
 )
+from services.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
 ENV = ("SMSGW_MODEM_PORT", "SMSGW_MODEM_ID", "SMSGW_MODEM_BAUDRATE", "SMSGW_DEVICE_ID", "SMSGW_STATE_DIR",
        "SMSGW_LEDGER_URL", "SMSGW_LEDGER_RETENTION_DAYS", "SMSGW_SEND_INTERVAL", "SMSGW_OUTBOUND_MAX_AGE",
-       "SMSGW_MODEM_FAILOVER")
+       "SMSGW_MODEM_FAILOVER", "SMSGW_MODEM_WATCHDOG", "SMSGW_MODEM_RESET_COMMAND", "SMSGW_SIM_PIN",
+       "SMSGW_SIM_PIN_FILE", "SMSGW_MODEM_IMEI", "SMSGW_MODEM_PORT_GLOB", "SMSGW_SIM_BLOCK_AFTER", "SMSGW_SIM_PAUSE",
+       "SMSGW_BALANCE_USSD", "SMSGW_BALANCE_INTERVAL")
+# Exit code after a stop while a locked SIM blocked the worker (docs/modem.md). The worker does not exit by itself
+# then: it stays up, serving /metrics (smsgw_modem_sim_locked 1), so `restart: unless-stopped` cannot loop it into
+# the SIM's PIN tries.
+EXIT_SIM_LOCKED = 3
+
+
+def _sim_pin_readable(settings: Settings) -> bool:
+    """Whether the SIM PIN setting is usable (a missing PIN file or a malformed PIN: one line, exit 2)."""
+    from modem_worker.sim_pin import configured_pin  # late: it imports the modem library
+
+    try:
+        configured_pin(settings)
+    except ConfigError as exc:
+        log.error("modem_worker: %s", exc)
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings("modem_worker", modem_port=True)
     if settings is None:
         return 2
-    fleet = load_fleet_config("modem_worker", settings)
-    if fleet is None:
+    fleet = load_fleet_config("modem_worker", settings, read_secrets=False)  # no Sync URL here
+    if fleet is None or not _sim_pin_readable(settings):
         return 2
     ledger = open_ledger("modem_worker", settings)
     if ledger is None:
@@ -45,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     topology = Topology.of(fleet, modems=[settings.modem_id])
     if args.check:
         ledger.close()
-        return check(settings, topology)
+        return check(settings, topology, modem=True)
     start_metrics(settings, "modem_worker")
     # Imported late: the library emits warnings at import time, and --check/--help do not need it.
     from modem_worker.worker import ModemWorker
@@ -59,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         publisher.close()
         ledger.close()
+    if worker.blocked:
+        return EXIT_SIM_LOCKED
     return 1 if worker.failed else 0
 
 

@@ -43,6 +43,7 @@ with warnings.catch_warnings():
     from gsmmodem import pdu as gsm_pdu
     from gsmmodem.exceptions import CmeError, CmsError, CommandError, TimeoutException
     from gsmmodem.modem import GsmModem
+    from gsmmodem.serial_comms import SerialComms
 
 from modem_worker.sms_text import GSM7_BASIC, GSM7_ESCAPE, GSM7_EXTENSION, repair_utf16
 
@@ -78,7 +79,14 @@ _FINAL_RE: Final[re.Pattern[str]] = re.compile(
 )
 _CM_ERROR_RE: Final[re.Pattern[str]] = re.compile(r"^\+(CM[ES]) ERROR: ?(\d+)$")
 # Unsolicited result codes we care about. None of them is ever the answer to a command we send.
-_URC_PREFIXES: Final[tuple[str, ...]] = ("+CMTI:", "+CDSI:", "+CMT:", "+CDS:", "RING", "+CRING:", "+CLIP:")
+# Huawei-style status lines are URCs too (never the answer to a command); other "^" lines may be (^ICCID:).
+_URC_PREFIXES: Final[tuple[str, ...]] = (
+    "+CMTI:", "+CDSI:", "+CMT:", "+CDS:", "RING", "+CRING:", "+CLIP:",
+    "^RSSI:", "^BOOT:", "^MODE:", "^HCSQ:", "^SRVST:", "^SIMST:", "^DSFLOWRPT:", "^SYSSTART",
+)
+# Unsolicited lines that can also answer a command (+CREG: answers AT+CREG?), so they stay in a pending response:
+# a PDU listing skips them instead of taking one for the PDU (the SMS would be parked as undecodable and deleted).
+_NOISE_PREFIXES: Final[tuple[str, ...]] = (*_URC_PREFIXES, "^", "+CREG:", "+CGREG:", "+CEREG:", "+CUSD:")
 # URCs whose PDU follows on the next line.
 _TWO_LINE_URCS: Final[tuple[str, ...]] = ("+CMT:", "+CDS:")
 _BUSY_CME_CODES: Final[frozenset[int]] = frozenset({14, 515})  # SIM busy / "please wait, init in progress"
@@ -163,6 +171,24 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         except BaseException:
             self.close()
             raise
+
+    # ------------------------------------------------------------------ supervisor hooks (SIM PIN, identity)
+
+    # Set by the adapter before connect(): called by the init dialogue instead of the library's PIN logic (which
+    # sent whatever PIN it had, even to a SIM asking for its PUK, and on every reconnect). Raises to stop connect.
+    unlock_sim: Callable[[], None] | None = None
+
+    def _unlockSim(self, pin: str | None) -> None:  # noqa: N802 - library hook name
+        """Library hook of the init dialogue: delegate to :attr:`unlock_sim` (the library's own logic without it)."""
+        if self.unlock_sim is not None:
+            self.unlock_sim()
+            return
+        super()._unlockSim(pin)
+
+    def open_port(self) -> None:
+        """Open the port (exclusively) and start the read thread, without the init dialogue: for reading the
+        modem's identity without changing any of its settings. Raises serial.SerialException."""
+        SerialComms.connect(self)
 
     def close(self) -> None:
         """Stop the read thread and close the port; idempotent, never fires the link-down callback."""
@@ -355,7 +381,9 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
                 with self._state_lock:
                     self._pending = pending
             try:
-                logger.debug("write: %s", payload[:16].strip())
+                # Never the PIN (AT+CPIN="1234"): only the command name goes to the log.
+                shown = "AT+CPIN=***" if payload.upper().startswith("AT+CPIN=") else payload[:16].strip()
+                logger.debug("write: %s", shown)
                 try:
                     self.serial.write(payload.encode("ascii", "replace"))
                 except Exception as exc:
@@ -401,8 +429,8 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
                     return None
                 raise
         for i, line in enumerate(lines):
-            if line.startswith("+CMGR:") and i + 1 < len(lines):
-                return lines[i + 1].strip()
+            if line.startswith("+CMGR:"):
+                return _pdu_after(lines, i)
         return None
 
     def list_stored_pdus(self, memory: str) -> list[tuple[int, str]]:
@@ -412,13 +440,15 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
             lines = self.write("AT+CMGL=4", timeout=max(self._command_timeout_s, 30.0)) or []
         out: list[tuple[int, str]] = []
         for i, line in enumerate(lines):
-            if line.startswith("+CMGL:") and i + 1 < len(lines):
+            if line.startswith("+CMGL:"):
                 try:
                     index = int(line.split(":", 1)[1].split(",")[0])
                 except ValueError:
                     logger.warning("unparsable +CMGL header %r", line[:40])
                     continue
-                out.append((index, lines[i + 1].strip()))
+                pdu = _pdu_after(lines, i)
+                if pdu is not None:
+                    out.append((index, pdu))
         return out
 
     def delete_stored(self, memory: str, index: int) -> None:
@@ -427,6 +457,17 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         with self._txLock:
             self.select_memory(memory)
             self.write(f"AT+CMGD={index}")
+
+
+def _pdu_after(lines: list[str], header: int) -> str | None:
+    """The PDU line following the ``+CMGR:``/``+CMGL:`` header at ``lines[header]``, skipping unsolicited noise
+    lines in between; None when the response ends (or the next header comes) first."""
+    for line in lines[header + 1:]:
+        if line.startswith(("+CMGL:", "+CMGR:")) or _FINAL_RE.match(line):
+            return None
+        if not line.startswith(_NOISE_PREFIXES):
+            return line.strip()
+    return None
 
 
 # ---------------------------------------------------------------------------- PDU decoding

@@ -26,6 +26,7 @@ Bugs of the library fixed here or in :mod:`modem_worker.at_fixes` are listed in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -35,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 from modem_worker.at_fixes import (
     CTRL_Z,
@@ -49,7 +50,7 @@ from modem_worker.at_fixes import (
     TimeoutException,
     decode_stored_pdu,
 )
-from modem_worker.sms_text import SubmitPdu, build_submit_pdus, repair_utf16
+from modem_worker.sms_text import SubmitPdu, build_submit_pdus, decode_gsm7, repair_utf16
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,24 @@ _CBC_RE: Final[re.Pattern[str]] = re.compile(r"^\+CBC:\s*\d+\s*,\s*(\d+)")
 _CREG_RE: Final[re.Pattern[str]] = re.compile(r"^\+CREG:\s*(?:\d+\s*,\s*)?(\d+)")
 _CNUM_RE: Final[re.Pattern[str]] = re.compile(r'^\+CNUM:\s*"[^"]*"\s*,\s*"([^"]+)"')
 _SWEEP_MEMORIES: Final[tuple[str, ...]] = ("SM", "ME", "SR")
+# Supervisor support (identity, SIM PIN, reboot detection).
+_CMGF_RE: Final[re.Pattern[str]] = re.compile(r"^\+CMGF:\s*(\d)")
+_CNMI_RE: Final[re.Pattern[str]] = re.compile(r"^\+CNMI:\s*\d+\s*,\s*(\d+)")
+_CPIN_RE: Final[re.Pattern[str]] = re.compile(r"^\+CPIN:\s*(.+?)\s*$")
+_IMEI_RE: Final[re.Pattern[str]] = re.compile(r"^(?:\+C?GSN:\s*)?\"?(\d{14,17})\"?$")
+_ICCID_RE: Final[re.Pattern[str]] = re.compile(r"^(?:[+^]I?CCID:\s*)?\"?([0-9A-Fa-f]{18,22})\"?$")
+_IMSI_RE: Final[re.Pattern[str]] = re.compile(r"^(?:\+CIMI:\s*)?\"?(\d{6,15})\"?$")
+# Lines a modem writes when it (re)starts. Only a hint: ^BOOT is also periodic noise on Huawei sticks, so the
+# supervisor checks the settings before it believes in a reboot.
+_BOOT_RE: Final[re.Pattern[str]] = re.compile(r"^(RDY|\^BOOT|\+CFUN:\s*1\b|\+CPIN:\s*READY|SMS DONE|PB DONE)")
+_PIN_READY_WAIT_S: Final[float] = 10.0
+_STORAGE_MEMORIES: Final[tuple[str, ...]] = ("SM", "ME")  # where received SMS are stored (SR holds reports)
+_CPMS_READ_RE: Final[re.Pattern[str]] = re.compile(r'^\+CPMS:\s*"([^"]+)"\s*,\s*(\d+)\s*,\s*(\d+)')
+_CUSD_RE: Final[re.Pattern[str]] = re.compile(r'^\+CUSD:\s*(\d+)\s*(?:,\s*"([^"]*)"\s*(?:,\s*(\d+))?)?')
+USSD_CODE_RE: Final[re.Pattern[str]] = re.compile(r"[0-9*#+]{1,40}")
+_HEX_RE: Final[re.Pattern[str]] = re.compile(r"(?:[0-9A-Fa-f]{2})+")
+# The first number of a balance text: "1,234.50" (thousands separators), "1234.5", "-20".
+_AMOUNT_RE: Final[re.Pattern[str]] = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 
 
 # ---------------------------------------------------------------------------- public types
@@ -124,6 +143,21 @@ class UnreadableMessage:
     reason: str
 
 
+@dataclass(frozen=True)
+class StorageUse:
+    """How full one message memory is (``AT+CPMS?``): ``memory`` "SM" (SIM) or "ME" (modem), ``used`` of
+    ``total`` slots."""
+
+    memory: str
+    used: int
+    total: int
+
+    @property
+    def ratio(self) -> float:
+        """``used / total`` (1.0 for a memory without slots: nothing more fits)."""
+        return self.used / self.total if self.total > 0 else 1.0
+
+
 class ModemError(Exception):
     """Base class of every error the adapter raises."""
 
@@ -133,12 +167,18 @@ class ModemUnavailable(ModemError):
 
 
 class SendFailed(ModemError):
-    """The modem or network refused the SMS: it was NOT sent (safe to retry or report as failed)."""
+    """The modem or network refused the SMS: it was NOT sent (safe to retry or report as failed).
 
-    def __init__(self, cms_code: int | None, reason: str) -> None:
+    ``cms_code`` is the ``+CMS ERROR`` code (or the ``+CME ERROR`` code when ``source`` is "CME"; None without a
+    code); ``invalid`` is True when the SMS could not even be encoded (bad number, text too long).
+    ``modem_worker.send_errors.classify`` says what it means."""
+
+    def __init__(self, cms_code: int | None, reason: str, *, source: str = "CMS", invalid: bool = False) -> None:
         super().__init__(f"send failed ({cms_code}): {reason}" if cms_code is not None else f"send failed: {reason}")
         self.cms_code = cms_code
         self.reason = reason
+        self.source = source
+        self.invalid = invalid
 
 
 class SendOutcomeUnknown(ModemError):
@@ -209,6 +249,65 @@ _TICK: Final[_Tick] = _Tick()
 _Event = _StoredEvent | _DirectEvent | _Tick  # None in the queue stops the worker
 
 
+def unpack_septets(data: bytes) -> list[int]:
+    """Unpack GSM-7 septets packed LSB-first into octets (the inverse of ``sms_text.pack_septets``)."""
+    septets: list[int] = []
+    acc = 0
+    nbits = 0
+    for octet in data:
+        acc |= octet << nbits
+        nbits += 8
+        while nbits >= 7:
+            septets.append(acc & 0x7F)
+            acc >>= 7
+            nbits -= 7
+    if len(data) * 8 % 7 == 0 and septets and septets[-1] == 0:
+        septets.pop()  # 7 spare bits at the end are padding (23.038 6.1.2.3.1), not an "@"
+    return septets
+
+
+def _ussd_alphabet(dcs: int | None) -> str:
+    """The alphabet a USSD data coding scheme (23.038 §5, CBS coding) announces: "gsm7", "8bit" or "ucs2"."""
+    if dcs is None:
+        return "gsm7"
+    if dcs == 0x11:  # UCS-2 preceded by a language
+        return "ucs2"
+    if dcs & 0xC0 == 0x40:  # general data coding: bits 3-2 give the alphabet
+        return {0: "gsm7", 1: "8bit", 2: "ucs2"}.get((dcs >> 2) & 0x03, "gsm7")
+    return "gsm7"
+
+
+def decode_ussd_text(text: str, dcs: int | None) -> str:
+    """The text of a ``+CUSD`` answer: UCS-2 hex or packed GSM-7 hex (what modems in the default character set
+    answer, depending on ``dcs``) decoded, plain text as it is."""
+    if not _HEX_RE.fullmatch(text) or text.isdigit():  # digits only: a plain-text number, not hex
+        return text
+    data = bytes.fromhex(text)
+    alphabet = _ussd_alphabet(dcs)
+    if alphabet == "ucs2" and len(data) % 2 == 0:
+        return repair_utf16(data.decode("utf-16-be", "replace"))
+    if alphabet == "gsm7":
+        decoded = decode_gsm7(unpack_septets(data)).rstrip("\r")
+        # A plain-text answer that happens to look like hex ("CAFE") decodes into control characters and
+        # Greek capitals: keep it. Real answers are mostly ASCII.
+        ascii_share = sum(ch.isascii() and (ch.isprintable() or ch in "\r\n") for ch in decoded) / max(1, len(decoded))
+        if decoded and ascii_share >= 0.8:
+            return decoded
+    return text
+
+
+def first_amount(text: str) -> float | None:
+    """The first number in ``text`` ("Salio lako ni TSh 1,234.50" -> 1234.5), None when there is none.
+    Commas are read as thousands separators only between groups of three digits."""
+    match = _AMOUNT_RE.search(text)
+    return float(match.group(0).replace(",", "")) if match else None
+
+
+def _error_source(exc: CommandError) -> str:
+    """"CME" for a ``+CME ERROR`` (27.007 codes), else "CMS" (27.005 / 24.011 codes)."""
+    return "CME" if isinstance(exc, CmeError) else "CMS"
+
+
 def _status_delivered(status: int) -> bool | None:
     """Map TP-Status (23.040 9.2.3.15) to delivered True / pending None / failed False."""
     if status < 0x20:
@@ -242,8 +341,14 @@ class Modem:
         send_timeout_s: float = 35.0,
         command_timeout_s: float = 10.0,
         multipart_timeout_s: float = 600.0,
+        sim_unlock: SimUnlock | None = None,
+        on_boot: Callable[[str], None] | None = None,
     ) -> None:
         """Store the configuration; nothing is opened until :meth:`connect`.
+
+        ``sim_unlock`` decides whether a SIM asking for its PIN gets one (without it such a SIM is refused with
+        :class:`SimLocked`); ``on_boot`` receives boot-like unsolicited lines (``RDY``, ``+CPIN: READY``, ...) on
+        the read thread, as a hint that the modem may have restarted (it must not block).
 
         ``on_unreadable`` receives stored PDUs that cannot be decoded; the entry is deleted from the SIM only
         after it returned. Without it such entries stay on the SIM (logged once each).
@@ -258,9 +363,13 @@ class Modem:
         self._send_timeout_s = send_timeout_s
         self._command_timeout_s = command_timeout_s
         self._multipart_timeout_s = multipart_timeout_s
+        self._sim_unlock = sim_unlock
+        self._on_boot = on_boot
         self._gsm: FixedGsmModem | None = None
         self._worker: threading.Thread | None = None
         self._events: queue.Queue[_Event | None] = queue.Queue()
+        self._ussd_answers: queue.Queue[str] = queue.Queue()  # +CUSD lines that came as URCs
+        self._ussd_lock = threading.Lock()
         # Held across read -> on_message -> delete, by the worker and by sweep_stored(), so one stored SMS is
         # never handled by both at once (which would deliver it twice).
         self._delivery_lock = threading.RLock()
@@ -289,8 +398,8 @@ class Modem:
         """Open the port exclusively, initialise the modem (PDU mode, SMS stored on the SIM) and start the
         worker thread. Returns the modem's identity.
 
-        Raises ModemUnavailable (port missing or busy, no answer, init refused); the port is closed and the
-        read thread stopped before it is raised.
+        Raises ModemUnavailable (port missing or busy, no answer, init refused), SimLocked (the SIM needs a PIN
+        or PUK it may not be given); the port is closed and the read thread stopped before it is raised.
         """
         if self._gsm is not None and self._gsm.alive:
             raise ModemError(f"modem on {self.port} is already connected")
@@ -307,10 +416,14 @@ class Modem:
             request_delivery=self._request_delivery,
             command_timeout_s=self._command_timeout_s,
         )
+        gsm.unlock_sim = lambda: self._unlock_sim(gsm)
         try:
             gsm.connect()
             info = self._query_info(gsm)
             self._memories = self._query_memories(gsm)
+        except SimLocked:
+            gsm.close()
+            raise
         except Exception as exc:
             gsm.close()
             raise ModemUnavailable(f"cannot initialise modem on {self.port}: {exc!r}") from exc
@@ -477,6 +590,167 @@ class Modem:
         finally:
             gsm.command_lock.release()
 
+    # ------------------------------------------------------------------ housekeeping: USSD, storage
+
+    def ussd(self, code: str, timeout_s: float = 30.0) -> str:
+        """Run the USSD request ``code`` (``AT+CUSD=1,"<code>",15``) and return the network's answer text,
+        decoded (GSM-7 or UCS-2 hex as the modem presents it, or plain text).
+
+        The whole dialogue holds the command lock: no other command (a send, a probe) can take the answer,
+        which comes either inside the command's reply or as an unsolicited ``+CUSD:`` line after its OK.
+
+        Raises ModemUnavailable (link lost, no answer to the command), ModemError (``code`` not a USSD string,
+        refused, no ``+CUSD`` within ``timeout_s``, an answer without text).
+        """
+        if not USSD_CODE_RE.fullmatch(code):
+            raise ModemError(f"not a USSD code: {code!r} (digits, * # + only)")
+        gsm = self._require()
+        with self._ussd_lock, gsm.command_lock:
+            while not self._ussd_answers.empty():  # a late answer to an earlier request
+                self._ussd_answers.get_nowait()
+            lines = self._command(f'AT+CUSD=1,"{code}",15', timeout=timeout_s)
+            line = next((ln for ln in lines if ln.startswith("+CUSD:")), None)
+            if line is None:
+                try:
+                    line = self._ussd_answers.get(timeout=timeout_s)
+                except queue.Empty:
+                    try:
+                        self._command("AT+CUSD=2")  # end the session so the next request is not refused
+                    except ModemUnavailable:
+                        raise
+                    except ModemError:
+                        pass
+                    raise ModemError(f"no USSD answer to {code} within {timeout_s:g} s") from None
+        match = _CUSD_RE.match(line)
+        if match is None or match.group(2) is None:
+            raise ModemError(f"USSD answer without text: {line[:60]!r}")
+        dcs = int(match.group(3)) if match.group(3) else None
+        return decode_ussd_text(match.group(2), dcs)
+
+    def storage_use(self) -> list[StorageUse]:
+        """How full the SIM ("SM") and, where the modem has it, the modem's own ("ME") message memory are: each
+        memory is selected and read with ``AT+CPMS?`` (its first ``"<mem>",used,total``). A memory the modem
+        refuses is left out.
+
+        Raises ModemUnavailable (link lost, no answer), ModemError (no memory could be read).
+        """
+        gsm = self._require()
+        found: list[StorageUse] = []
+        refused: list[str] = []
+        with gsm.command_lock:
+            for memory in (m for m in _STORAGE_MEMORIES if m in self._memories):
+                try:
+                    gsm.select_memory(memory)
+                    lines = gsm.write("AT+CPMS?") or []
+                except (LinkDown, TimeoutException) as exc:
+                    raise ModemUnavailable(f"reading {memory} storage: no answer ({exc!r})") from exc
+                except CommandError as exc:
+                    refused.append(f"{memory}: {exc}")
+                    continue
+                match = self._first_match(_CPMS_READ_RE, lines)
+                if match is None or match.group(1).upper() != memory:
+                    refused.append(f"{memory}: unreadable answer {lines[:1]!r}")
+                    continue
+                found.append(StorageUse(memory, int(match.group(2)), int(match.group(3))))
+        if not found:
+            raise ModemError(f"storage unreadable ({'; '.join(refused) or 'no memory'})")
+        return found
+
+    # ---------------------------------------------------------- supervisor support: probe, settings, identity, PIN
+
+    def probe(self, deadline_s: float) -> bool:
+        """Watchdog probe: True if ``AT`` is answered within ``deadline_s``. The deadline is fixed: URCs and
+        noise lines arriving meanwhile do not extend it. Never raises.
+
+        While another command holds the line for longer than ``deadline_s`` (a send waits up to
+        ``send_timeout_s``) this returns :attr:`alive`: that command ends with its own time-out, and the next
+        probe tells.
+        """
+        gsm = self._gsm
+        if gsm is None or not gsm.alive:
+            return False
+        if not gsm.command_lock.acquire(timeout=deadline_s):
+            return self.alive
+        try:
+            gsm.write("AT", timeout=deadline_s)
+            return True
+        except (LinkDown, TimeoutException, CommandError):
+            return False
+        finally:
+            gsm.command_lock.release()
+
+    def settings_hold(self) -> bool:
+        """True while the settings :meth:`connect` made still hold: echo off, PDU mode (``AT+CMGF?`` 0), new SMS
+        stored and announced (``AT+CNMI?`` mt 1). False once the modem reset them, i.e. it restarted.
+
+        Raises ModemUnavailable (no answer), ModemError (refused or unreadable answer: cannot tell).
+        """
+        cmgf = self._command("AT+CMGF?")
+        cnmi = self._command("AT+CNMI?")
+        echoed = any(line.strip().upper().startswith("AT") for line in cmgf + cnmi)
+        mode = self._first_match(_CMGF_RE, cmgf)
+        indication = self._first_match(_CNMI_RE, cnmi)
+        if mode is None or indication is None:
+            raise ModemError(f"unreadable +CMGF/+CNMI answer: {(cmgf + cnmi)[:4]}")
+        return not echoed and mode.group(1) == "0" and indication.group(1) == "1"
+
+    def read_identity(self) -> ModemIdentity:
+        """IMEI (``AT+CGSN``), ICCID (``AT+CCID``, else ``AT^ICCID?``) and IMSI (``AT+CIMI``) of the connected
+        modem and SIM; a value the modem refuses or garbles is "". Raises ModemUnavailable."""
+        imei = self._identity_value(("AT+CGSN",), _IMEI_RE)
+        iccid = self._identity_value(("AT+CCID", "AT^ICCID?"), _ICCID_RE)
+        imsi = self._identity_value(("AT+CIMI",), _IMSI_RE)
+        return ModemIdentity(imei=imei, iccid=iccid.upper(), imsi=imsi)
+
+    def _identity_value(self, commands: tuple[str, ...], pattern: re.Pattern[str]) -> str:
+        """The first answer line matching ``pattern`` of the first command that has one, else "". Raises
+        ModemUnavailable."""
+        for command in commands:
+            try:
+                lines = self._command(command)
+            except ModemUnavailable:
+                raise
+            except ModemError:
+                continue
+            match = self._first_match(pattern, [line.strip() for line in lines])
+            if match:
+                return match.group(1)
+        return ""
+
+    def _sim_state(self, gsm: FixedGsmModem) -> str:
+        """``AT+CPIN?``: "READY", "SIM PIN", "SIM PUK", ... Raises LinkDown, TimeoutException, CommandError."""
+        match = self._first_match(_CPIN_RE, [ln.strip() for ln in gsm.write("AT+CPIN?", timeout=15) or []])
+        if match is None:
+            raise CommandError("AT+CPIN?")
+        return match.group(1).strip('"').upper()
+
+    def _unlock_sim(self, gsm: FixedGsmModem) -> None:
+        """The init dialogue's SIM check (instead of the library's): nothing when the SIM is ready; the PIN
+        ``sim_unlock`` allows, once, when it asks for its PIN; SimLocked for anything else (a PUK, a rejected
+        PIN, no PIN to give). Raises SimLocked, LinkDown, TimeoutException, CommandError."""
+        state = self._sim_state(gsm)
+        if state == "READY":
+            return
+        if state != "SIM PIN":
+            raise SimLocked(state, f"the SIM asks for {state}, which the gateway never enters")
+        if self._sim_unlock is None:
+            raise SimLocked(state, "the SIM asks for its PIN and none is configured")
+        pin = self._sim_unlock.pin_to_try()  # raises SimLocked when it must not be tried
+        try:
+            gsm.write(f'AT+CPIN="{pin}"', timeout=15)
+        except CommandError as exc:
+            self._sim_unlock.rejected()
+            raise SimLocked(state, f"the SIM rejected the configured PIN ({exc})", rejected=True) from exc
+        self._sim_unlock.accepted()
+        logger.info("SIM PIN accepted by the modem on %s", self.port)
+        # The SIM is busy for a moment after its PIN (CME 14); the init dialogue needs it ready.
+        deadline = time.monotonic() + _PIN_READY_WAIT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(CommandError):
+                if self._sim_state(gsm) == "READY":
+                    return
+            time.sleep(0.2)
+
     # ------------------------------------------------------------------ sending
 
     def _next_concat_ref(self) -> int:
@@ -499,7 +773,7 @@ class Modem:
                 to, text, concat_reference=self._next_concat_ref(), request_delivery=self._request_delivery
             )
         except ValueError as exc:
-            raise SendFailed(None, str(exc)) from exc
+            raise SendFailed(None, str(exc), invalid=True) from exc
         references: list[int] = []
         for number, pdu in enumerate(pdus, start=1):
             try:
@@ -531,7 +805,7 @@ class Modem:
                     f"AT+CMGS={pdu.tpdu_length}", timeout=_PROMPT_TIMEOUT_S, expectedResponseTermSeq="> "
                 ) or []
             except (CmsError, CmeError) as exc:
-                raise SendFailed(exc.code, f"AT+CMGS refused: {exc}") from exc
+                raise SendFailed(exc.code, f"AT+CMGS refused: {exc}", source=_error_source(exc)) from exc
             except CommandError as exc:
                 raise SendFailed(None, f"AT+CMGS refused: {exc}") from exc
             except TimeoutException as exc:
@@ -547,7 +821,7 @@ class Modem:
             try:
                 answer = gsm.write(pdu.hex, timeout=self._send_timeout_s, writeTerm=CTRL_Z) or []
             except (CmsError, CmeError) as exc:
-                raise SendFailed(exc.code, f"network refused the SMS: {exc}") from exc
+                raise SendFailed(exc.code, f"network refused the SMS: {exc}", source=_error_source(exc)) from exc
             except CommandError as exc:
                 raise SendFailed(None, f"modem refused the PDU: {exc}") from exc
             except TimeoutException as exc:
@@ -567,9 +841,13 @@ class Modem:
         match = _CMTI_RE.match(head)
         if match:
             self._events.put(_StoredEvent(match.group(1), int(match.group(2))))
+        elif head.startswith("+CUSD:"):
+            self._ussd_answers.put(head)  # the network's answer to ussd(), after its OK
         elif head.startswith(("+CMT:", "+CDS:")) and len(lines) > 1:
             # Direct delivery (only if something reconfigured CNMI): handled rather than lost.
             self._events.put(_DirectEvent(lines[1].strip()))
+        elif self._on_boot is not None and _BOOT_RE.match(head):
+            self._on_boot(head)
         else:
             logger.debug("ignored unsolicited line %r", head[:40])
 
@@ -857,3 +1135,60 @@ class Modem:
         if len(self._undeleted) > _UNDELETED_MAX:
             for stale in list(self._undeleted)[: len(self._undeleted) - _UNDELETED_MAX]:
                 del self._undeleted[stale]
+
+
+# ---------------------------------------------------------------------------- supervisor support (identity, PIN)
+
+
+@dataclass(frozen=True)
+class ModemIdentity:
+    """Who the modem is: IMEI (the device), ICCID (the SIM card) and IMSI (the subscriber); "" when unknown."""
+
+    imei: str
+    iccid: str
+    imsi: str
+
+
+class SimLocked(ModemError):
+    """The SIM needs a PIN or PUK the gateway may not enter (none configured, already rejected, a PUK).
+    ``state`` is the ``AT+CPIN?`` answer; ``rejected`` is True when the SIM refused the PIN just entered."""
+
+    def __init__(self, state: str, detail: str, *, rejected: bool = False) -> None:
+        super().__init__(detail)
+        self.state = state
+        self.detail = detail
+        self.rejected = rejected
+
+
+class SimUnlock(Protocol):
+    """Decides whether a SIM asking for its PIN gets one (see ``modem_worker.sim_pin``)."""
+
+    def pin_to_try(self) -> str:
+        """The PIN to enter now. Raises SimLocked when none may be tried."""
+
+    def accepted(self) -> None:
+        """The SIM took the PIN just given."""
+
+    def rejected(self) -> None:
+        """The SIM refused the PIN just given."""
+
+
+def read_imei(port: str, *, baudrate: int = 115200, timeout_s: float = 3.0) -> str | None:
+    """The IMEI (``AT+CGSN``) of the modem on ``port``, read without the init dialogue, so no setting of the
+    modem changes. None when the port cannot be opened (missing, or busy: another worker has it), the device does
+    not answer or answers no IMEI. Never raises."""
+    gsm = FixedGsmModem(port, baudrate=baudrate, on_urc=lambda _lines: None, on_link_down=lambda _exc: None,
+                        request_delivery=False, command_timeout_s=timeout_s)
+    try:
+        gsm.open_port()
+        lines = gsm.write("AT+CGSN") or []
+    except Exception as exc:  # serial errors, no answer, refused: this port has no IMEI to offer now
+        logger.debug("no IMEI from %s: %r", port, exc)
+        return None
+    finally:
+        gsm.close()
+    for line in lines:
+        match = _IMEI_RE.match(line.strip())
+        if match:
+            return match.group(1)
+    return None

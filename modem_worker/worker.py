@@ -15,6 +15,15 @@ Failover: a message in this modem's own queue that may leave through any modem (
 ``SMSGW_MODEM_FAILOVER``; when it expires unsent the broker moves it to the shared queue. A message this worker
 took but cannot send now goes back to the own queue with the *rest* of that TTL (a Retry through a delay queue
 would lose it), so it keeps its failover clock.
+
+Refused sends (``+CMS ERROR``) are classified by ``modem_worker.send_errors``: permanent for the recipient ->
+reported failed at once; transient -> the ledger claim is released (nothing left the SIM) and the SMS tried again
+later, through another modem where its route allows, at most ``SEND_TRIES`` times (counted in a header of the
+message); SIM-level -> the SIM is paused (``sim_guard``) and the SMS handed back like one of a capped SIM. A
+failing recipient never holds up the messages behind it: its SMS is acked here and waits in a delay queue.
+
+Housekeeping readings (``_read_health``): signal, battery, registration, the fill level of SIM and ME message
+storage, and every ``SMSGW_BALANCE_INTERVAL`` the balance (``SMSGW_BALANCE_USSD``), never during a send.
 """
 
 from __future__ import annotations
@@ -27,9 +36,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from modem_worker import send_errors
 from modem_worker.modem import (
     Modem,
     ModemError,
+    ModemIdentity,
     ModemInfo,
     ModemUnavailable,
     ReceivedMessage,
@@ -37,11 +48,16 @@ from modem_worker.modem import (
     SendOutcomeUnknown,
     StatusReport,
     UnreadableMessage,
+    first_amount,
 )
+from modem_worker.send_errors import SEND_TRIES, Kind
 from modem_worker.sim_guard import SimGuard
+from modem_worker.sim_pin import SimPin, configured_pin
+from modem_worker.supervisor import ModemSupervisor, Outcome, SupervisorPolicy
 from services import broker, metrics
 from services.broker import (
     Ack,
+    Budget,
     Consumer,
     Decision,
     Delivery,
@@ -61,13 +77,15 @@ from services.topology import outbound_queue_for_route
 
 log = logging.getLogger(__name__)
 
-HOUSEKEEPING_INTERVAL_S = 30.0  # SIM sweep, signal, AT watchdog, daily count
 PRUNE_INTERVAL_S = 3600.0  # ledger retention
-RECONNECT_MAX_S = 30.0
 # A "sending" claim of another modem older than this was interrupted by a crash.
 STALE_SENDING_S = 120.0
 # OUTBOUND_FAILOVER reasons: why a modem handed an SMS on instead of sending it.
-FAILOVER_REASONS = ("modem_down", "capped", "not_allowed")
+FAILOVER_REASONS = ("modem_down", "capped", "paused", "not_allowed")
+_HAND_BACK_WHY = {"modem_down": "modem down", "capped": "daily cap (max_per_day) reached", "paused": "SIM paused"}
+# Sends of one SMS the network refused (transient or SIM-level), counted on the message across modems.
+HEADER_SEND_FAILURES = "x-smsgw-send-failures"
+SEND_FAILURES = Budget(HEADER_SEND_FAILURES, SEND_TRIES, "refused sends", "send_refused")
 
 ModemFactory = Callable[..., Modem]
 _T = TypeVar("_T")
@@ -123,7 +141,9 @@ class _OutboundConsumer:
 
 
 class ModemWorker:
-    """Supervises one modem: connect, consume outbound work while it is up, reconnect after it goes away."""
+    """One modem's work: publish what it receives, send what its queues hold while it is up. Its lifecycle
+    (connect, watchdog, reboots, SIM PIN, identity, reconnect) is ``modem_worker.supervisor.ModemSupervisor``, for
+    which this class is the host (``open_modem``/``modem_up``/``keep_serving``/``housekeeping``/``modem_down``)."""
 
     def __init__(self, settings: Settings, publisher: PublisherThread, ledger: Ledger, *,
                  modem_factory: ModemFactory = Modem, send_timeout_s: float = 35.0,
@@ -131,7 +151,8 @@ class ModemWorker:
         """``fleet`` (default: the env-only fleet of ``settings``) gives this modem's limits and route pools.
 
         Raises:
-            ConfigError: SMSGW_MODEM_PORT is not set.
+            ConfigError: SMSGW_MODEM_PORT is not set (or auto without SMSGW_MODEM_IMEI), the SIM PIN file cannot
+                be read or the PIN is malformed.
         """
         settings.require_modem_port()
         self._settings = settings
@@ -148,7 +169,13 @@ class ModemWorker:
         inbound = self._fleet.inbound_endpoints()
         # Undecodable PDUs are parked once, with the first inbound endpoint's queue (the operator looks there).
         self._unreadable_queue = broker.inbound_queue_for(inbound[0].name if inbound else "default")
-        self._guard = SimGuard(self.modem_id, self._fleet.limits_for(self.modem_id), ledger, settings.send_interval)
+        self._guard = SimGuard(self.modem_id, self._fleet.limits_for(self.modem_id), ledger, settings.send_interval,
+                               block_after=settings.sim_block_after, pause_s=settings.sim_pause)
+        # Held around every send and the balance USSD: a USSD dialogue never runs while an SMS is being sent.
+        self._send_lock = threading.Lock()
+        self._pause_timer: threading.Timer | None = None
+        self._next_balance = 0.0  # time.monotonic() of the next balance request
+        self._storage_full: set[str] = set()  # memories last read full (logged on change)
         self._stopping = threading.Event()
         self._modem_down = threading.Event()
         # Ends a wait for the next send turn: the modem went down, the worker stops, or the SIM got capped.
@@ -162,8 +189,21 @@ class ModemWorker:
         self._health: tuple[int | None, int | None] = (None, None)  # (signal RSSI, battery %), last reading
         self._registered: bool | None = None  # last reading as logged (unknown counts as not registered)
         self._registration_ok = True  # for taking shared work: an unknown reading counts as registered
+        self._identity: ModemIdentity | None = None  # IMEI, ICCID, IMSI (read by the supervisor at connect)
+        self._outbound: _OutboundConsumer | None = None
+        self.blocked = False  # set when a locked SIM blocked the worker (exit code 3)
+        self._sim_pin = SimPin(configured_pin(settings), settings.state_dir, self.modem_id)
+        self._supervisor = ModemSupervisor(
+            self.modem_id, settings.modem_port, self, SupervisorPolicy(
+                watchdog_s=settings.modem_watchdog, reset_command=settings.modem_reset_command),
+            stopping=self._stopping, down=self._modem_down, wake=self._wake, expected_imei=settings.modem_imei,
+            port_globs=settings.modem_port_glob, baudrate=settings.modem_baudrate)
         for reason in FAILOVER_REASONS:
             metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason)
+        for kind in Kind:
+            metrics.SEND_REFUSALS.labels(self.modem_id, kind)
+        if settings.balance_ussd:
+            metrics.SIM_BALANCE.labels(self.modem_id).set(float("nan"))  # unknown, not 0 (which would alert)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -177,32 +217,16 @@ class ModemWorker:
         self._wake.set()
 
     def run(self) -> None:
-        """Connect, serve, reconnect with capped back-off until ``stop()``."""
-        delay = 1.0
-        while not self._stopping.is_set():
-            modem = self._connect()
-            if modem is None:
-                metrics.MODEM_UP.labels(self.modem_id).set(0)
-                self._stopping.wait(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
-                continue
-            delay = 1.0
-            try:
-                self._serve(modem)
-            finally:
-                self.up.clear()
-                metrics.MODEM_UP.labels(self.modem_id).set(0)
-                modem.close()
-                self._modem = None
+        """Keep the modem connected and served (``modem_worker.supervisor``) until ``stop()``; a locked SIM
+        blocks the worker until then (``blocked``)."""
+        self.blocked = self._supervisor.run() is Outcome.BLOCKED
         log.info("modem %s: stopped", self.modem_id)
 
-    def _connect(self) -> Modem | None:
-        self._modem_down.clear()
-        self._interrupt.clear()
-        self._health = (None, None)  # a reading from before the reconnect may be stale: unknown until re-read
-        self._registration_ok = True
-        modem = self._modem_factory(
-            self._settings.modem_port,
+    # ---- the supervisor's host (modem_worker.supervisor.Host) ------------------------------------------------
+    def open_modem(self, port: str) -> Modem:
+        """A new adapter for ``port`` with this worker's callbacks (not connected yet)."""
+        return self._modem_factory(
+            port,
             on_message=self._on_message,
             on_status_report=self._on_status_report,
             on_fatal=self._on_fatal,
@@ -210,23 +234,46 @@ class ModemWorker:
             baudrate=self._settings.modem_baudrate,
             request_delivery=True,
             send_timeout_s=self._send_timeout_s,
+            sim_unlock=self._sim_pin,
+            on_boot=self._supervisor.boot_hint,
         )
-        metrics.MODEM_RECONNECTS.labels(self.modem_id).inc()
-        try:
-            self._info = modem.connect()
-        except ModemUnavailable as exc:
-            log.warning("modem %s: not available on %s (%s); retrying", self.modem_id,
-                        self._settings.modem_port, exc)
-            return None
+
+    def modem_up(self, modem: Modem, info: ModemInfo) -> None:
+        """The supervisor connected and identified ``modem``: serve it (outbound starts with keep_serving)."""
+        self._modem_down.clear()
+        self._interrupt.clear()
+        self._health = (None, None)  # a reading from before the reconnect may be stale: unknown until re-read
+        self._registration_ok = True
+        self._info = info
+        self._identity = self._supervisor.identity
         self._modem = modem
+        self._outbound = _OutboundConsumer(self._start_consumer, self._send_timeout_s + 15, self.modem_id)
+        self.up.set()
         log.info("modem %s: connected (%s %s, own number %s)", self.modem_id, self._info.manufacturer,
                  self._info.model, "known" if self._info.own_number else "unknown")
-        return modem
+
+    def keep_serving(self) -> bool:
+        """Consume the queues the modem's health allows; False while the old consumer still finishes a send."""
+        return self._outbound.ensure(self.outbound_queues()) if self._outbound is not None else True
+
+    def housekeeping(self, modem: Modem) -> None:
+        """Prune the ledger, recount the day, read health, sweep the SIM (``_housekeeping``)."""
+        self._housekeeping(modem)
+
+    def modem_down(self) -> None:
+        """Stop taking work; an SMS being sent finishes (or fails) and is acked before the supervisor closes."""
+        self._mark_down()
+        self.up.clear()
+        if self._outbound is not None:
+            self._outbound.stop()
+            self._outbound = None
+        self._modem = None
 
     def outbound_queues(self) -> list[str]:
-        """The queues this modem should consume now: none while capped (every SMS would be handed back), its own
-        queue while up, pools and the shared queue only while healthy (registered, or registration unknown)."""
-        if self._modem_down.is_set() or self._guard.capped:
+        """The queues this modem should consume now: none while capped or paused (every SMS would be handed
+        back), its own queue while up, pools and the shared queue only while healthy (registered, or registration
+        unknown)."""
+        if self._modem_down.is_set() or self._guard.capped or self._guard.paused:
             return []
         if not self._registration_ok:
             return [self._own_queue]
@@ -248,35 +295,6 @@ class ModemWorker:
         )
         thread = start_supervised(consumer.run, f"outbound consumer of {self.modem_id}", self._fail)
         return consumer, thread
-
-    def _serve(self, modem: Modem) -> None:
-        metrics.MODEM_UP.labels(self.modem_id).set(1)
-        self.up.set()
-        self._housekeeping(modem)  # SMS that arrived while we were away; health and the daily count
-        outbound = _OutboundConsumer(self._start_consumer, self._send_timeout_s + 15, self.modem_id)
-        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
-        try:
-            while not self._modem_down.is_set():
-                settled = outbound.ensure(self.outbound_queues())
-                self._wake.wait(max(0.0, next_housekeeping - time.monotonic()) if settled else 1.0)
-                # Cleared before looking again: a wake-up from now on is seen by the next ensure().
-                self._wake.clear()
-                if self._modem_down.is_set():
-                    break
-                if time.monotonic() >= next_housekeeping:
-                    next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
-                    if not modem.ping():
-                        log.error("modem %s: no answer to AT; reconnecting", self.modem_id)
-                        self._mark_down()
-                        break
-                    self._housekeeping(modem)
-        finally:
-            # Stop taking work first; an SMS being sent finishes (or fails) and is acked before we close.
-            self._mark_down()
-            outbound.stop()
-            if not self._stopping.is_set():
-                log.warning("modem %s: down; outbound work stays queued until it is back (replies move on to "
-                            "other modems after SMSGW_MODEM_FAILOVER)", self.modem_id)
 
     def _housekeeping(self, modem: Modem) -> None:
         if time.monotonic() >= self._next_prune:
@@ -352,6 +370,46 @@ class ModemWorker:
             if not registration_ok:
                 log.warning("modem %s: takes no shared work while it is not registered", self.modem_id)
             self._wake.set()
+        self._read_storage(modem)
+        self._read_balance(modem)
+
+    def _read_storage(self, modem: Modem) -> None:
+        """Read how full SIM and ME message storage are into ``smsgw_sim_storage_used_ratio`` (a WARNING when a
+        memory becomes full: SMS sent to this SIM then wait in the network). Raises ModemUnavailable."""
+        uses = self._unless_refused(modem.storage_use, "message storage")
+        for use in uses or []:
+            metrics.SIM_STORAGE_USED_RATIO.labels(self.modem_id, use.memory).set(use.ratio)
+            full = use.used >= use.total
+            if full and use.memory not in self._storage_full:
+                log.warning("modem %s: %s message storage full (%d of %d); new SMS wait in the network until the "
+                            "sweep frees it", self.modem_id, use.memory, use.used, use.total)
+                self._storage_full.add(use.memory)
+            elif not full:
+                self._storage_full.discard(use.memory)
+
+    def _read_balance(self, modem: Modem) -> None:
+        """Every SMSGW_BALANCE_INTERVAL: run SMSGW_BALANCE_USSD (under the send lock, so never during a send),
+        log the answer at INFO and set its first number as ``smsgw_sim_balance``. A refused or unanswered request
+        keeps the last value and is tried again next interval. Raises ModemUnavailable."""
+        code = self._settings.balance_ussd
+        if not code or time.monotonic() < self._next_balance:
+            return
+        self._next_balance = time.monotonic() + self._settings.balance_interval
+        try:
+            with self._send_lock:
+                text = modem.ussd(code)
+        except ModemUnavailable:
+            raise
+        except ModemError as exc:
+            log.warning("modem %s: balance request %s failed (%s); next try in %.0f s", self.modem_id, code, exc,
+                        self._settings.balance_interval)
+            return
+        amount = first_amount(text)
+        log.info("modem %s: balance answer to %s: %s", self.modem_id, code, text)
+        if amount is None:
+            log.warning("modem %s: no number in the balance answer; smsgw_sim_balance unchanged", self.modem_id)
+            return
+        metrics.SIM_BALANCE.labels(self.modem_id).set(amount)
 
     def _fail(self, exc: BaseException) -> None:
         """The outbound consumer died of an error reconnecting cannot fix: stop, and exit non-zero."""
@@ -359,7 +417,8 @@ class ModemWorker:
         self.stop()
 
     def _on_fatal(self, exc: BaseException) -> None:
-        log.error("modem %s: fatal error (%s); will reconnect", self.modem_id, exc)
+        """The link died (adapter thread): the supervisor reconnects (and logs the episode)."""
+        log.debug("modem %s: link lost (%s)", self.modem_id, exc)
         self._mark_down()
 
     # ---- inbound: modem -> broker --------------------------------------------------------------------------
@@ -462,12 +521,16 @@ class ModemWorker:
             # cap: stopping a consumer while it acks that send would drop the ack (a needless redelivery).
             self._wake.set()
             return self._hand_back(delivery, sms, "capped")
+        if self._guard.paused:
+            self._wake.set()  # the supervisor stops this consumer: no work while the SIM is paused
+            return self._hand_back(delivery, sms, "paused")
         # Wait for the send turn (pacing) before claiming the SMS in the ledger: a crash while waiting must leave
         # it unclaimed (sent later), not "sending" (reported as an unknown outcome). The wait ends early when the
         # modem goes down, the worker stops or the SIM got capped: this consumer is stopped next, and must not
         # send through a modem it no longer owns.
         if not self._guard.wait_for_turn(self._interrupt):
-            return self._hand_back(delivery, sms, "capped" if self._guard.capped else "modem_down")
+            reason = "capped" if self._guard.capped else "paused" if self._guard.paused else "modem_down"
+            return self._hand_back(delivery, sms, reason)
         modem = self._modem
         if modem is None or not modem.alive:
             # Stop consuming (the supervisor reconnects) and hand the SMS back: by then this consumer is stopped
@@ -479,8 +542,10 @@ class ModemWorker:
             return self._already_handled(sms, existing)
         return self._send_claimed(delivery, sms, modem)
 
-    def _hand_back(self, delivery: Delivery, sms: OutboundSms, reason: str) -> Decision:
-        """An SMS this modem cannot send now (``reason``: modem_down or capped), not claimed in the ledger.
+    def _hand_back(self, delivery: Delivery, sms: OutboundSms, reason: str, *, refusals: int | None = None
+                   ) -> Decision:
+        """An SMS this modem cannot send now (``reason``: modem_down, capped or paused), not claimed in the
+        ledger. ``refusals``: it was just refused for the refusals-th time (counted on the message).
 
         * From this modem's own queue, allowed through any modem (a reply): back to the own queue with the rest
           of its failover time as TTL (then the broker moves it to the shared queue), or straight to the shared
@@ -488,21 +553,24 @@ class ModemWorker:
         * From the own queue, routed to this modem alone: it waits (a delayed retry).
         * From a pool or the shared queue: a delayed retry, and another modem takes it meanwhile.
         """
-        why = "modem down" if reason == "modem_down" else "daily cap (max_per_day) reached"
+        why = _HAND_BACK_WHY[reason]
+        budget = SEND_FAILURES if refusals is not None else None
+        headers = {HEADER_SEND_FAILURES: refusals} if refusals is not None else None
         if delivery.queue != self._own_queue:
             metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason).inc()
-            return Retry(f"{why} on modem {self.modem_id}")
+            return Retry(f"{why} on modem {self.modem_id}", budget=budget)
         if sms.modems:
-            return Retry(f"{why}; it waits for modem {self.modem_id}")
+            return Retry(f"{why}; it waits for modem {self.modem_id}", budget=budget)
         metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason).inc()
         failover_ms = int(self._settings.modem_failover * 1000)
         if not failover_ms:
-            return Move(self._own_queue, f"{why}; it waits for modem {self.modem_id} (SMSGW_MODEM_FAILOVER=0)")
+            return Move(self._own_queue, f"{why}; it waits for modem {self.modem_id} (SMSGW_MODEM_FAILOVER=0)",
+                        headers=headers)
         rest_ms = failover_ms - (broker.now_ms() - sms.created_at)
         if rest_ms <= 0:
-            return Move(broker.OUTBOUND_QUEUE, f"{why}; failover time over, any modem may send it")
+            return Move(broker.OUTBOUND_QUEUE, f"{why}; failover time over, any modem may send it", headers=headers)
         return Move(self._own_queue, f"{why}; any modem may send it in {rest_ms / 1000:.0f}s",
-                    expiration_ms=rest_ms)
+                    expiration_ms=rest_ms, headers=headers)
 
     def _refuse(self, sms: OutboundSms, detail: str, *, metric_outcome: str, limit: str | None = None) -> Decision:
         """Report ``sms`` failed without sending it; claimed in the ledger first so no other copy goes out.
@@ -516,11 +584,14 @@ class ModemWorker:
         return Ack()
 
     def _send_claimed(self, delivery: Delivery, sms: OutboundSms, modem: Modem) -> Decision:
-        """Send an SMS claimed in the ledger; record and report the outcome. Ack unless the modem went away."""
+        """Send an SMS claimed in the ledger; record and report the outcome. Ack unless the modem went away or the
+        network refused it for a cause another try may cure (``_refused``)."""
         started = time.monotonic()
         self._guard.sending()
+        decision: Decision = Ack()
         try:
-            receipt = modem.send(sms.to, sms.text)
+            with self._send_lock:
+                receipt = modem.send(sms.to, sms.text)
         except ModemUnavailable as exc:
             # The PDU never reached the modem: safe to send later (here or on another modem).
             self._ledger.release(sms.ledger_key)
@@ -528,8 +599,7 @@ class ModemWorker:
             self._mark_down()
             return self._hand_back(delivery, sms, "modem_down")
         except SendFailed as exc:
-            detail = f"network refused: {exc.reason}"
-            self._finish(sms, "failed", detail, cms_error=exc.cms_code)
+            decision = self._refused(delivery, sms, exc)
         except SendOutcomeUnknown as exc:
             detail = f"Outcome unknown: the modem did not confirm the send ({exc}); not resent"
             # Parts that did leave keep their TP-MR, so their status reports still match.
@@ -537,8 +607,60 @@ class ModemWorker:
         else:
             metrics.SEND_SECONDS.labels(self.modem_id).observe(time.monotonic() - started)
             self._finish(sms, "sent", "SMS sent", references=receipt.references, when=receipt.sent_at)
+            self._guard.send_succeeded()
         self._refresh_daily()  # the count grew (MODEM_SENT_TODAY); the next SMS finds the SIM capped if it is
-        return Ack()
+        return decision
+
+    def _refused(self, delivery: Delivery, sms: OutboundSms, exc: SendFailed) -> Decision:
+        """The network or modem refused ``sms``: nothing left the SIM. Report it failed when the cause is
+        permanent for the recipient or its ``SEND_TRIES`` are spent; otherwise release the ledger claim (so it
+        may be sent again) and hand it back: a transient cause -> another try later, through any modem its
+        route allows; a SIM-level cause -> the SIM is paused and the SMS goes to other modems. Every refusal
+        counts towards the SIM's failures in a row (``SimGuard.send_refused``), except an SMS that could not be
+        encoded at all.
+
+        Raises LedgerError (the Consumer then retries the message; its claim stays "sending" and the redelivery
+        reports the outcome unknown, never sending it twice)."""
+        cause = send_errors.classify(exc.source, exc.cms_code, invalid=exc.invalid)
+        metrics.SEND_REFUSALS.labels(self.modem_id, cause.kind).inc()
+        # An SMS that could not even be encoded says nothing about the SIM.
+        if not exc.invalid and self._guard.send_refused(sms.to, cause, self._sim_name()):
+            self._wake_when_pause_ends()
+        cms_error = exc.cms_code if exc.source == "CMS" else None
+        refusals = delivery.count(HEADER_SEND_FAILURES) + 1
+        if cause.kind is Kind.RECIPIENT:
+            self._finish(sms, "failed", f"network refused: {cause.describe()}", cms_error=cms_error)
+            return Ack()
+        if refusals >= SEND_TRIES:
+            self._finish(sms, "failed", f"network refused: {cause.describe()}; gave up after {refusals} tries",
+                         cms_error=cms_error)
+            return Ack()
+        self._ledger.release(sms.ledger_key)
+        log.info("modem %s: outbound %s refused with %s (try %d of %d); handed back", self.modem_id, sms.uuid,
+                 cause.describe(), refusals, SEND_TRIES)
+        if cause.kind is Kind.SIM:
+            return self._hand_back(delivery, sms, "paused", refusals=refusals)
+        why = f"{cause.describe()} on modem {self.modem_id} (try {refusals} of {SEND_TRIES})"
+        if delivery.queue == self._own_queue and not sms.modems:
+            # A reply any modem may send: to the shared queue, where every modem (this one too) can take it.
+            return Move(broker.OUTBOUND_QUEUE, f"{why}; any modem may send it",
+                        headers={HEADER_SEND_FAILURES: refusals})
+        # Shared or pool queue: back there after a delay, any modem of the route takes it; routed to this modem
+        # alone: it waits for this modem.
+        return Retry(why, budget=SEND_FAILURES)
+
+    def _sim_name(self) -> str:
+        """The SIM as the pause WARNING names it: modem id, and the ICCID when the modem reported it."""
+        iccid = self._identity.iccid if self._identity is not None else ""
+        return f"{self.modem_id} (ICCID {iccid})" if iccid else self.modem_id
+
+    def _wake_when_pause_ends(self) -> None:
+        """Have the supervisor loop look at the queue set again when the pause ends (it then takes work again)."""
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+        self._pause_timer = threading.Timer(self._guard.pause_remaining_s() + 0.05, self._wake.set)
+        self._pause_timer.daemon = True
+        self._pause_timer.start()
 
     def _expired(self, sms: OutboundSms) -> str | None:
         """Why ``sms`` must not be sent any more (SMSGW_OUTBOUND_MAX_AGE), or None when it may be sent."""

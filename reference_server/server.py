@@ -20,7 +20,9 @@ With a signing key (``--signing-key``), every request on the Sync path must carr
 signature, or a timestamp more than 5 minutes off, → 401 ``{"payload":{"success":false,"error":...}}``.
 
 Admin endpoints (loopback tool, no secret, never signed): ``GET /_state``, ``POST /_outgoing``, ``POST /_config``,
-``GET /`` (operator HTML page).
+``GET /`` (operator HTML page), ``GET /outbox`` (a form to queue an outgoing SMS by hand) and ``POST /outbox``
+(form-encoded ``to`` and ``text``, as that form or ``curl --data-urlencode`` sends them: queued for the next
+``?task=send``; answers 303 to ``/`` with ``queued <uuid>`` as the body).
 
 Result-code convention: a sent code of ``0`` (docs) or ``-1`` (Android ``RESULT_OK``) means "sent"; any
 other sent code means "failed". A delivered code equal to ``delivered_ok_code`` (default ``0`` as in the
@@ -36,6 +38,7 @@ import hmac
 import html
 import json
 import logging
+import re
 import threading
 import time
 import uuid as uuid_module
@@ -503,7 +506,7 @@ class _Handler(BaseHTTPRequestHandler):
     # the client's delayed ACK (~40 ms per request).
     disable_nagle_algorithm = True
     server_version = "smssync-reference/0.1"
-    admin_paths: ClassVar[frozenset[str]] = frozenset({"/", "/_state", "/_outgoing", "/_config"})
+    admin_paths: ClassVar[frozenset[str]] = frozenset({"/", "/_state", "/_outgoing", "/_config", "/outbox"})
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -869,6 +872,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, {"queued": [q["uuid"] for q in queued]})
         elif path == "/_config" and self.command == "POST":
             self._send_json(HTTPStatus.OK, state.configure(self._admin_json(body)))
+        elif path == "/outbox" and self.command == "GET":
+            host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
+            page = render_outbox_form(self.server.sync_path, f"http://{host}").encode("utf-8")
+            self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
+        elif path == "/outbox" and self.command == "POST":
+            to, text = _outbox_form(body, self.headers.get("Content-Type", ""))
+            record = state.queue_outgoing(to, text, source="form")
+            logger.info("outgoing SMS queued from the form", extra={"uuid": record["uuid"], "chars": len(text)})
+            # 303: a browser goes back to the page (where the SMS shows as pending); curl prints the body.
+            self._send(
+                HTTPStatus.SEE_OTHER,
+                f"queued {record['uuid']} for {to}; the gateway sends it after its next ?task=send poll\n".encode(),
+                "text/plain; charset=utf-8",
+                {"Location": "/"},
+            )
         else:
             self._send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method not allowed"})
 
@@ -881,6 +899,41 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(document, dict):
             raise BadRequestError("JSON body must be an object")
         return document
+
+
+#: What the outbox form accepts as a destination: an international or local number, digits only after the '+'.
+_PHONE_NUMBER = re.compile(r"\+?[0-9]{3,20}")
+
+
+def _outbox_form(body: bytes, content_type: str) -> tuple[str, str]:
+    """``to`` and ``text`` of a ``POST /outbox`` form (urlencoded or multipart), ``to`` without blanks.
+
+    Raises:
+        BadRequestError: another body type, a field missing or empty, or ``to`` not a phone number.
+    """
+    media = content_type.split(";", maxsplit=1)[0].strip().lower()
+    if media == "multipart/form-data":
+        fields = _parse_multipart(body, content_type)
+    elif media in ("", "application/x-www-form-urlencoded"):
+        try:
+            fields = _flatten_form(parse_qs(body.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError as exc:
+            raise BadRequestError("form body is not UTF-8") from exc
+    else:
+        raise BadRequestError(f"POST /outbox takes a form (to, text), not {media}; JSON goes to POST /_outgoing")
+    raw_to = fields.get("to", "")
+    to = "".join(raw_to.split())
+    text = fields.get("text", "")
+    if not to or not text.strip():
+        raise BadRequestError("POST /outbox needs the form fields 'to' and 'text'; nothing was queued")
+    # A '+' sent unencoded (curl -d to=+255...) arrives as a leading blank; taken as is, the SMS would go to a
+    # local number instead of the international one.
+    if raw_to[:1].isspace() or not _PHONE_NUMBER.fullmatch(to):
+        raise BadRequestError(
+            f"'to' must be a phone number such as +255700000001, not {raw_to!r} (curl: send the fields with "
+            "--data-urlencode, which keeps the '+'); nothing was queued"
+        )
+    return to, text
 
 
 class _TooLargeError(Exception):
@@ -943,7 +996,7 @@ th {{ background: #eee; }} .delivered {{ background: #e6ffe6; }} .failed {{ back
 </style></head><body>
 <h1>SMSsync reference server</h1>
 <p>Sync path <code>{esc(sync_path)}</code>; instant reply {"on" if config["reply"] else "off"}{outage}.
-Page refreshes every 2 s.</p>
+Page refreshes every 2 s. <a href="/outbox">Queue an outgoing SMS</a></p>
 <h2>Received SMS ({len(snapshot["received"])})</h2>
 <table><tr><th>received at (UTC)</th><th>from</th><th>message</th><th>sent to</th><th>device</th>
 <th>message id</th><th>repeats</th></tr>{received_rows}</table>
@@ -951,6 +1004,27 @@ Page refreshes every 2 s.</p>
 <table><tr><th>created at (UTC)</th><th>to</th><th>message</th><th>source</th><th>status</th>
 <th>sent result</th><th>delivery result</th><th>uuid</th></tr>{outgoing_rows}</table>
 <p><small>{counters}</small></p>
+</body></html>
+"""
+
+
+def render_outbox_form(sync_path: str, base_url: str) -> str:
+    """The page of ``GET /outbox``: a form queueing one outgoing SMS (``POST /outbox``), and the curl line that
+    does the same. Its own page because the main page reloads every 2 s and would wipe what is being typed."""
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Queue an outgoing SMS</title>
+<style>body {{ font-family: sans-serif; margin: 1.5em; }} label {{ display: block; margin: .5em 0; }}</style>
+</head><body>
+<h1>Queue an outgoing SMS</h1>
+<p>The SMS waits here until the gateway's next <code>{html.escape(sync_path)}?task=send</code> poll, then a modem
+sends it; follow it on <a href="/">the main page</a>.</p>
+<form method="post" action="/outbox">
+<label>to <input name="to" required placeholder="+255700000001" pattern="\\+?[0-9 ]{{3,24}}"></label>
+<label>text <textarea name="text" required rows="4" cols="60"></textarea></label>
+<button type="submit">Queue</button>
+</form>
+<p>Or: <code>curl -s --data-urlencode to=+255700000001 --data-urlencode 'text=Habari'
+{html.escape(base_url)}/outbox</code></p>
 </body></html>
 """
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 ENV = (
     "SMSGW_SYNC_URL",
     "SMSGW_SECRET",
+    "SMSGW_SECRET_FILE",
     "SMSGW_MESSAGE_RESULTS",
     "SMSGW_RESULT_INTERVAL",
     "SMSGW_TASK_INTERVAL",

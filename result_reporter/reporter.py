@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import requests
 
@@ -49,9 +49,11 @@ from services.config import EndpointConfig
 from services.logs import UnexpectedErrors
 from services.result_codes import Convention, result_row
 from services.schemas import DeliveryEvent, SchemaError, SentEvent, decode_event
+from services.settings import ResultsShape
 from services.sync_protocol import (
     ReplyError,
     clip,
+    describe_body,
     parse_message_uuids,
     parse_payload,
     results_body,
@@ -64,6 +66,7 @@ KEEP_ROUNDS = 5  # rounds an event for a uuid the server does not wait for is ke
 REPORTED_CACHE_SIZE = 10_000  # uuids whose reported sent/delivery events are remembered (LRU)
 SPLIT_AFTER_ROUNDS = 3  # consecutive refused rounds after which rows are posted one by one
 MAX_ROW_REFUSALS = 5  # a row refused this often (in rounds where other rows were accepted) is parked
+ASKED_AGAIN_ROUNDS = 3  # rounds a server may ask again for a final result it accepted before we suspect the shape
 SPLIT_GIVE_UP = 3  # a split round stops after this many refusals in a row while no row was accepted yet
 # HTTP statuses that say something about the server, never about one row: they end a split round at once and
 # never count against a row (auth, wrong URL or method, time-outs, rate limits, gateways, unavailability).
@@ -203,6 +206,10 @@ class ResultReporter:
         self._refused_rounds = 0  # consecutive rounds whose POST was refused; >= SPLIT_AFTER_ROUNDS: split
         self._round_no = 0
         self._unexpected = UnexpectedErrors(log)
+        # uuid -> consecutive rounds the server asked again for a final result it had accepted; bounded by the
+        # uuids of one ?task=result answer that are also in ``_reported``.
+        self._asked_again: dict[str, int] = {}
+        self._shape_warned = False
         init_metrics(endpoint.name)
 
     def run(self, stop: threading.Event) -> None:
@@ -243,12 +250,13 @@ class ResultReporter:
         status, text = self._request(lambda: self._client.get(**self._query()))
         if not 200 <= status < 300:
             self._count_round("http_error")
-            raise RoundError(f"GET ?task=result answered HTTP {status}{status_hint(status)}")
+            raise RoundError(f"GET ?task=result answered HTTP {status}{status_hint(status)}: {describe_body(text)}")
         try:
             waited = set(parse_message_uuids(text))
         except ReplyError as exc:
             self._count_round("bad_reply")
             raise RoundError(f"unreadable ?task=result reply: {exc}") from None
+        self._note_asked_again(waited)
         asked = [uuid for uuid in self._pending if uuid in waited]
         reported = refused = parked = 0
         if asked:
@@ -266,12 +274,7 @@ class ResultReporter:
                 self._consumer.ack(entry.deliveries)
                 dropped += 1
                 self._count_rows("not_requested")
-                log.warning(
-                    "%s: dropped the report of %s: the server did not ask for it in %d rounds",
-                    self._name,
-                    uuid,
-                    self._keep_rounds,
-                )
+                self._log_dropped(uuid, entry)
         metrics.RESULT_EVENTS_HELD.labels(self._name).set(sum(len(e.deliveries) for e in self._pending.values()))
         self._count_round("split" if refused else "ok")
         waiting = sum(1 for uuid in self._pending if uuid not in waited)
@@ -288,6 +291,57 @@ class ResultReporter:
         return RoundResult(
             reported=reported, waiting=waiting, dropped=dropped, duplicates=duplicates, refused=refused, parked=parked
         )
+
+    def _log_dropped(self, uuid: str, entry: _Pending) -> None:
+        """One line for a report dropped unasked: INFO for a delivery report whose sent result went out before
+        (many servers stop asking once they have the sent result: nothing is wrong), WARNING otherwise."""
+        delivery_only = entry.sent is None and entry.delivery is not None
+        if delivery_only and entry.delivery is not None and (uuid in self._reported or entry.delivery.sent_outcome):
+            log.info(
+                "%s: dropped the delivery report of %s: the server no longer asks for it after its sent result "
+                "(usual for servers that do not track deliveries)",
+                self._name,
+                uuid,
+            )
+            return
+        log.warning(
+            "%s: dropped the report of %s: the server did not ask for it in %d rounds",
+            self._name,
+            uuid,
+            self._keep_rounds,
+        )
+
+    def _note_asked_again(self, waited: set[str]) -> None:
+        """Warn once when the server keeps asking (``ASKED_AGAIN_ROUNDS`` rounds in a row) for results it
+        accepted and that are final (a delivery report, or a send that failed): it answered 2xx but did not find
+        the rows in the body, which usually means it reads another ``results_shape``."""
+        if self._shape_warned:
+            return
+        final = [uuid for uuid in waited if uuid not in self._pending and self._is_final(uuid)]
+        self._asked_again = {uuid: self._asked_again.get(uuid, 0) + 1 for uuid in final}
+        stuck = sorted(uuid for uuid, rounds in self._asked_again.items() if rounds >= ASKED_AGAIN_ROUNDS)
+        if not stuck:
+            return
+        self._shape_warned = True
+        shape = self.endpoint.results_shape
+        others = " or ".join(other for other in get_args(ResultsShape) if other != shape)
+        log.warning(
+            "%s: the server still asks for %d final result(s) it accepted %d rounds ago (e.g. %s): it probably "
+            "reads another body than results_shape %s; try %s (results_shape, SMSGW_RESULTS_SHAPE). Logged once",
+            self._name,
+            len(stuck),
+            ASKED_AGAIN_ROUNDS,
+            stuck[0],
+            shape,
+            others,
+        )
+
+    def _is_final(self, uuid: str) -> bool:
+        """Whether the accepted row of ``uuid`` was final: a delivery report, or a send that did not succeed."""
+        reported = self._reported.get(uuid)
+        if reported is None:
+            return False
+        return reported.delivery is not None or (reported.sent is not None and reported.sent.outcome != "sent")
 
     # --- posting ------------------------------------------------------------------------------------------
 
@@ -498,7 +552,7 @@ class ResultReporter:
         body = results_body(rows, self.endpoint.results_shape)
         status, text = self._request(lambda: self._client.post_json(body, **self._query()))
         if not 200 <= status < 300:
-            detail = f": {clip(text, MAX_ERROR_CHARS)}" if text.strip() else ""
+            detail = f": {describe_body(text, MAX_ERROR_CHARS)}" if text.strip() else ""
             row_level = status not in SERVER_STATUSES and status < 501 and not 300 <= status < 400
             return _Refusal(f"POST ?task=result answered HTTP {status}{status_hint(status)}{detail}", row_level, status)
         if text.strip():

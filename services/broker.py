@@ -164,7 +164,8 @@ def connect(url: str, name: str) -> pika.BlockingConnection:
     parameters = connection_parameters(url, name)
     try:
         return pika.BlockingConnection(parameters)
-    except (pika.exceptions.AMQPError, OSError) as exc:
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
+        # AMQPConnectorException (a broker that accepts the socket but stalls the handshake) is no AMQPError.
         raise connect_error(exc, parameters) from None
 
 
@@ -207,10 +208,10 @@ def _network_cause(exc: BaseException) -> str:
         break
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
-    if isinstance(exc, TimeoutError | pika.exceptions.AMQPConnectorStackTimeout):  # type: ignore[misc]
-        return "timed out"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -370,6 +371,8 @@ class PublisherThread:
 
     def __init__(self, url: str, name: str, topology: Topology | Sequence[str] | None = None) -> None:
         self._publisher = Publisher(url, name, topology)
+        # Callers log what a failed publish means for their message; this says once per outage why it fails.
+        self._outage = OutageLog(log, f"RabbitMQ publisher {name}")
         self._requests: queue.Queue[tuple[Publication, concurrent.futures.Future[None]] | None] = (
             queue.Queue()
         )
@@ -408,6 +411,10 @@ class PublisherThread:
                 continue
             try:
                 self._publisher.publish(publication)
+            except BrokerUnavailable as exc:
+                level = logging.ERROR if isinstance(exc, BrokerRefused) else logging.WARNING
+                self._outage.failed(str(exc), level=level)
+                future.set_exception(exc)
             except BrokerError as exc:
                 future.set_exception(exc)
             except Exception as exc:  # never let this thread die: every later publish would time out
@@ -415,6 +422,7 @@ class PublisherThread:
                 self._publisher.close()
                 future.set_exception(BrokerUnavailable(f"publish failed: {exc!r}"))
             else:
+                self._outage.recovered()
                 future.set_result(None)
         self._publisher.close()
 
@@ -489,10 +497,23 @@ CRASHES = Budget(HEADER_CRASHES, HANDLER_CRASH_LIMIT, "crashes", "crash")
 
 @dataclass(frozen=True)
 class Retry:
-    """Try again later, through a delay queue; with a ``budget``, park once that budget is spent."""
+    """Try again later, through a delay queue; with a ``budget``, park once that budget is spent.
+
+    ``warn``: the failure matters to an operator before the message is parked (an inbound SMS not reaching its
+    server): the retry is logged at WARNING on the first attempt of the streak and then on attempts 5, 25 and
+    every 100th (``is_warning_attempt``), at INFO otherwise. Without it every retry is INFO (a modem worker's
+    SMS waiting for its modem).
+    """
 
     reason: str
     budget: Budget | None = None
+    warn: bool = False
+
+
+def is_warning_attempt(attempt: int) -> bool:
+    """Whether retry number ``attempt`` (1-based) of a ``Retry(warn=True)`` is logged at WARNING: 1, 5, 25, then
+    every 100th — visible within minutes, and still a line a day or so while the retries go on for days."""
+    return attempt in (1, 5, 25) or attempt % 100 == 0
 
 
 @dataclass(frozen=True)
@@ -577,6 +598,10 @@ class Consumer:
         self._connection: pika.BlockingConnection | None = None
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        # One line per broker outage (not per attempt) for the consumer's connection, and one for the copies its
+        # handlers' decisions publish (the publisher's connection fails on its own).
+        self._outage = OutageLog(log, f"RabbitMQ connection of {name}")
+        self._apply_outage = OutageLog(log, f"{name}: publishing retry/park copies")
         self.connected = threading.Event()
 
     def stop(self) -> None:
@@ -586,7 +611,7 @@ class Consumer:
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
         try:
-            consume_until_stopped(self._stopping, self._consume_once)
+            consume_until_stopped(self._stopping, self._consume_once, self._outage)
         finally:
             self._pool.shutdown(wait=True)
 
@@ -601,6 +626,7 @@ class Consumer:
                 for q in self._queues
             ]
             self.connected.set()
+            self._outage.recovered()
             log.info("consuming %s", ", ".join(self._queues))
             pump_until_stopped(connection, channel, self._stopping)
             for tag in tags:
@@ -693,13 +719,14 @@ class Consumer:
         Raises:
             BrokerError: other than BrokerUnavailable (not retried).
         """
-        for attempt in reconnecting(self._stopping):
+        for attempt in reconnecting(self._stopping, self._apply_outage):
             with attempt:
                 # Stopping ends only the *retries*: the first attempt always runs, so a drain acks the SMS its
                 # handlers just sent instead of handing them back to the queue for a duplicate-check redelivery.
                 if not connection.is_open or (attempt.retry_state.attempt_number > 1 and self._stopping.is_set()):
                     return False
                 self._apply(delivery, decision)
+        self._apply_outage.recovered()
         return True
 
     def _apply(self, delivery: Delivery, decision: Decision) -> None:
@@ -733,8 +760,16 @@ class Consumer:
                     )
                 )
                 metrics.RETRIES.labels(delivery.queue).inc()
-                log.info(
-                    "retry %d of a message from %s in %ds: %s", attempt, delivery.queue, tier, decision.reason
+                loud = decision.warn and is_warning_attempt(attempt)
+                log.log(
+                    logging.WARNING if loud else logging.INFO,
+                    "retry %d of message %s from %s in %ds: %s%s",
+                    attempt,
+                    delivery.message_id or "(no id)",
+                    delivery.queue,
+                    tier,
+                    decision.reason,
+                    " (WARNING on retries 1, 5, 25 and every 100th; INFO otherwise)" if loud else "",
                 )
                 return
         if isinstance(decision, Move):
@@ -823,6 +858,7 @@ class BatchConsumer:
         self._generation = 0
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._outage = OutageLog(log, f"RabbitMQ connection of {name}")
         self.connected = threading.Event()
 
     def is_live(self, held: HeldDelivery) -> bool:
@@ -870,7 +906,7 @@ class BatchConsumer:
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnect with capped exponential back-off on connection loss."""
-        consume_until_stopped(self._stopping, self._consume_once)
+        consume_until_stopped(self._stopping, self._consume_once, self._outage)
 
     def _consume_once(self) -> None:
         connection = connect(self._url, self._name)
@@ -887,6 +923,7 @@ class BatchConsumer:
 
             tag = channel.basic_consume(self._queue, on_message_callback=on_message)
             self.connected.set()
+            self._outage.recovered()
             log.info("consuming %s (holding up to %d unacked)", self._queue, self._prefetch)
             pump_until_stopped(connection, channel, self._stopping)
             channel.basic_cancel(tag)

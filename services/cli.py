@@ -3,6 +3,8 @@
 * ``smsgw parked list|replay|purge``: parked messages of one work queue (``--queue``, ``--endpoint``);
 * ``smsgw config check [FILE]``: validate a fleet file (``services.config``);
 * ``smsgw check WORKER``: that worker's health check (``--check``: settings, broker, topology);
+* ``smsgw compose-modems DEVICE[=ID]...``: print a compose.override.yaml with one modem worker per device
+  (``services.compose_modems``);
 * ``smsgw modem-worker|sync-worker|task-poller|result-reporter [ARGS]``: run a worker, exactly as
   ``python -m <worker> [ARGS]`` does.
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from services import broker
 from services.config import DEFAULT_ENDPOINT, FleetConfig, load_fleet
 from services.config import main as config_main
+from services.logs import quiet_libraries
 from services.settings import ConfigError, Settings, amqp_urls
 from services.topology import (
     OUTBOUND_QUEUE,
@@ -194,7 +197,7 @@ def parked_main(argv: list[str], *, out: Callable[[str], None] = print) -> int:
     args = _parked_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        fleet = load_fleet(settings)
+        fleet = load_fleet(settings, read_secrets=False)  # queue names only
         target = resolve_target(fleet, args.queue, args.endpoint)
     except (ConfigError, UsageError) as exc:
         print(f"{PROG} parked: {exc}", file=sys.stderr)
@@ -235,6 +238,12 @@ def _check_main(argv: list[str]) -> int:
     return _run_worker(args.worker, ["--check"])
 
 
+def _compose_modems_main(argv: list[str]) -> int:
+    from services import compose_modems  # imported only here: no other command needs it
+
+    return compose_modems.main(argv)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -247,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("parked", help="list, replay or purge parked messages (--queue, --endpoint)", add_help=False)
     sub.add_parser("config", help="config check [FILE]: validate a fleet file (default: $SMSGW_CONFIG)", add_help=False)
     sub.add_parser("check", help="check WORKER: a worker's health check (settings, broker, topology)", add_help=False)
+    sub.add_parser("compose-modems", help="compose-modems DEVICE[=ID]...: print a compose.override.yaml with one "
+                   "modem worker per device", add_help=False)
     for command, help_text in _WORKER_HELP.items():
         sub.add_parser(command, help=help_text, add_help=False)
     return parser
@@ -263,14 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         return _run_worker(command, rest)
     # The operator commands log only problems, as plain lines on stderr (stdout is their answer).
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
-    for noisy in ("pika",):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    if command == "parked":
-        return parked_main(rest)
-    if command == "config":
-        return config_main(rest)
-    if command == "check":
-        return _check_main(rest)
+    quiet_libraries(logging.WARNING)  # a broker problem is the command's own one line, not pika's five
+    operator_commands: dict[str, Callable[[list[str]], int]] = {
+        "parked": parked_main,
+        "config": config_main,
+        "check": _check_main,
+        "compose-modems": _compose_modems_main,
+    }
+    if command in operator_commands:
+        return operator_commands[command](rest)
     _parser().parse_args(argv)  # --help, or "invalid choice" with the list of commands (exit 2)
     return 2
 

@@ -50,6 +50,7 @@ from services.settings import (
 DEFAULT_ENDPOINT = "default"
 _ENDPOINT_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 _MODEM_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_RESERVED_NAMES = frozenset({"parked"})
 _PREFIX = re.compile(r"\+?[0-9]{1,15}")
 
 
@@ -83,6 +84,7 @@ class EndpointConfig:
     max_retry_age: float
     device_id: str
     http_timeout: float
+    refusal_is_final: bool = False  # park an inbound SMS at the first success:false (SMSGW_REFUSAL_IS_FINAL)
 
     @property
     def redacted_url(self) -> str:
@@ -208,6 +210,7 @@ _ENDPOINT_OPTIONS: dict[str, str] = {
     "auto_response": "SMSGW_AUTO_RESPONSE",
     "query_codes": "SMSGW_QUERY_CODES",
     "max_refusals": "SMSGW_MAX_REFUSALS",
+    "refusal_is_final": "SMSGW_REFUSAL_IS_FINAL",
     "max_server_errors": "SMSGW_MAX_SERVER_ERRORS",
     "max_retry_age": "SMSGW_MAX_RETRY_AGE",
     "device_id": "SMSGW_DEVICE_ID",
@@ -226,8 +229,11 @@ _LIMIT_KEYS = {f.name for f in ModemLimits.__dataclass_fields__.values()}
 class _Reader:
     """Typed access to a parsed TOML document; every error names the file and the key path."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, read_secrets: bool = True) -> None:
         self.source = source
+        # Workers that never talk to a Sync URL (modem workers, the parked CLI) do not read secret files: they
+        # need not be mounted in their containers (each container gets only the secrets it uses).
+        self.read_secrets = read_secrets
 
     def error(self, path: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.source}: {path}: {problem}")
@@ -258,6 +264,8 @@ class _Reader:
 
     def secret_file(self, value: Any, path: str) -> str:
         name = self.string(value, path)
+        if not self.read_secrets:
+            return ""
         try:
             # Docker/compose secrets end with a newline; a secret never does.
             return Path(name).read_text(encoding="utf-8").strip()
@@ -322,6 +330,9 @@ def _endpoint(reader: _Reader, raw: Any, path: str) -> EndpointConfig:
     name = reader.string(table["name"], f"{path}.name")
     if not _ENDPOINT_NAME.fullmatch(name):
         raise reader.error(f"{path}.name", f"use 1-32 of a-z, 0-9, '_' or '-', got {name!r}")
+    if name in _RESERVED_NAMES:
+        # smsgw.inbound.parked is the parked queue of the single-endpoint version's inbound queue.
+        raise reader.error(f"{path}.name", f"{name!r} is reserved (it would clash with a parked queue's name)")
     values: dict[str, Any] = {}
     for key, var_name in _ENDPOINT_OPTIONS.items():
         default = ENV_VARS[var_name].default or ""
@@ -369,13 +380,14 @@ def _limits(reader: _Reader, raw: Any, path: str) -> ModemLimits:
     return ModemLimits(**values)
 
 
-def parse_fleet(document: Mapping[str, Any], source: str) -> FleetConfig:
-    """Validate a parsed fleet file.
+def parse_fleet(document: Mapping[str, Any], source: str, *, read_secrets: bool = True) -> FleetConfig:
+    """Validate a parsed fleet file; ``read_secrets=False`` leaves ``secret_file``/``signing_key_file`` unread
+    (their endpoints' secrets are empty) for workers that never talk to a Sync URL.
 
     Raises:
         ConfigError: one line naming ``source``, the key path and the problem.
     """
-    reader = _Reader(source)
+    reader = _Reader(source, read_secrets=read_secrets)
     reader.unknown_keys(document, {"endpoints", "routes", "modems"}, "")
     raw_endpoints = document.get("endpoints", [])
     if not isinstance(raw_endpoints, list) or not raw_endpoints:
@@ -417,7 +429,7 @@ def parse_fleet(document: Mapping[str, Any], source: str) -> FleetConfig:
     return FleetConfig(source, endpoints, tuple(routes), tuple(limits))
 
 
-def load_fleet_file(path: str) -> FleetConfig:
+def load_fleet_file(path: str, *, read_secrets: bool = True) -> FleetConfig:
     """Read and validate the fleet file at ``path``.
 
     Raises:
@@ -430,7 +442,7 @@ def load_fleet_file(path: str) -> FleetConfig:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_fleet(document, path)
+    return parse_fleet(document, path, read_secrets=read_secrets)
 
 
 def fleet_from_settings(settings: Settings) -> FleetConfig:
@@ -458,6 +470,7 @@ def fleet_from_settings(settings: Settings) -> FleetConfig:
         auto_response=settings.auto_response,
         query_codes=settings.query_codes,
         max_refusals=settings.max_refusals,
+        refusal_is_final=settings.refusal_is_final,
         max_server_errors=settings.max_server_errors,
         max_retry_age=settings.max_retry_age,
         device_id=settings.device_id,
@@ -466,13 +479,15 @@ def fleet_from_settings(settings: Settings) -> FleetConfig:
     return FleetConfig("environment", (endpoint,))
 
 
-def load_fleet(settings: Settings) -> FleetConfig:
+def load_fleet(settings: Settings, *, read_secrets: bool = True) -> FleetConfig:
     """The fleet of this gateway: the ``SMSGW_CONFIG`` file if set, else the env-only ``default`` endpoint.
 
     Raises:
         ConfigError: the file is invalid (one line naming the file and key).
     """
-    return load_fleet_file(settings.config) if settings.config else fleet_from_settings(settings)
+    if settings.config:
+        return load_fleet_file(settings.config, read_secrets=read_secrets)
+    return fleet_from_settings(settings)
 
 
 def require_sync_urls(fleet: FleetConfig, endpoints: Sequence[EndpointConfig], what: str) -> None:

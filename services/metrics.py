@@ -93,6 +93,74 @@ OUTBOUND_FAILOVER = Counter(
     ["modem", "reason"],
 )
 
+# --- SIM protection, balance, storage (modem_worker, issue 7) ---------------------------------------------------
+SEND_REFUSALS = Counter(
+    "smsgw_send_refusals_total",
+    "Sends the network or modem refused (+CMS/+CME ERROR), by class of cause (modem_worker/send_errors.py)",
+    ["modem", "kind"],
+)
+MODEM_PAUSED = Gauge(
+    "smsgw_modem_paused", "1 while the SIM is paused (SIM-level refusal or failures in a row) and sends nothing",
+    ["modem"],
+)
+MODEM_PAUSE_REASON = Gauge(
+    "smsgw_modem_pause_reason", "1 for the reason of the current pause (sim_refused, failures), else 0",
+    ["modem", "reason"],
+)
+MODEM_PAUSES = Counter("smsgw_modem_pauses_total", "Pauses of the SIM, by reason", ["modem", "reason"])
+SIM_BALANCE = Gauge(
+    "smsgw_sim_balance", "First number of the SMSGW_BALANCE_USSD answer (the SIM's credit); NaN until read",
+    ["modem"],
+)
+SIM_STORAGE_USED_RATIO = Gauge(
+    "smsgw_sim_storage_used_ratio", "Used share of a message memory (AT+CPMS?): SM = SIM, ME = modem",
+    ["modem", "memory"],
+)
+
+
+# --- modem supervisor: watchdog, reboots, SIM PIN, identity (modem_worker, issue 7) ----------------------------
+MODEM_WATCHDOG_RESETS = Counter(
+    "smsgw_modem_watchdog_resets_total",
+    "Recovery actions of the modem supervisor: reopen (port closed and reopened, modem re-initialised, SIM swept), "
+    "reset_command (SMSGW_MODEM_RESET_COMMAND run)",
+    ["modem", "action"],
+)
+WATCHDOG_ACTIONS = ("reopen", "reset_command")
+MODEM_REBOOTS = Counter(
+    "smsgw_modem_reboots_total", "Modem restarts detected (boot lines, or its settings found reset); re-initialised",
+    ["modem"],
+)
+MODEM_SIM_LOCKED = Gauge(
+    "smsgw_modem_sim_locked",
+    "1 while the worker is blocked because the SIM needs a PIN/PUK it may not enter (see docs/modem.md)",
+    ["modem"],
+)
+MODEM_IDENTITY_MISMATCH = Gauge(
+    "smsgw_modem_identity_mismatch",
+    "1 while the modem with SMSGW_MODEM_IMEI is not where it should be (another IMEI on the port, or not found)",
+    ["modem"],
+)
+# The one exception to low-cardinality labels: one series per modem, value always 1 (an info metric).
+MODEM_INFO = Gauge(
+    "smsgw_modem_info", "Identity of the connected modem and SIM (always 1)", ["modem", "imei", "iccid", "imsi"]
+)
+
+# --- Sync URL probe (sync_worker/probe.py, issue 9) -------------------------------------------------------------
+SYNC_URL_UP = Gauge(
+    "smsgw_sync_url_up",
+    "1 while a bare GET of the endpoint's Sync URL gets an HTTP answer below 500; 0 after a network error or 5xx",
+    ["endpoint"],
+)
+
+# --- servers that differ (task_poller, issue 8) -------------------------------------------------------------------
+TASK_RELEASED = Counter(
+    "smsgw_task_released_total",
+    "Claimed task messages released unsent because the server refused ?task=sent (HTTP 3xx/4xx); a server that "
+    "marks messages sent when it hands them out never offers them again",
+    ["endpoint"],
+)
+
+
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``addr:port`` from a daemon thread; port 0 disables it.
 

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 from services import broker, metrics
 from services.config import FleetConfig, describe_fleet, load_fleet
 from services.ledger import Ledger, LedgerError
 from services.ledger import open_ledger as open_ledger_store
 from services.logs import configure_logging
-from services.settings import ConfigError, Settings, describe, redact_url
+from services.settings import AUTO_PORT, ConfigError, Settings, describe, redact_url
 from services.topology import Topology
 
 log = logging.getLogger(__name__)
 
-COMMON_ENV = ("SMSGW_AMQP_URL", "SMSGW_CONFIG", "SMSGW_METRICS_PORT", "SMSGW_METRICS_ADDR", "SMSGW_LOG_LEVEL")
+COMMON_ENV = (
+    "SMSGW_AMQP_URL",
+    "SMSGW_AMQP_PASSWORD_FILE",
+    "SMSGW_CONFIG",
+    "SMSGW_METRICS_PORT",
+    "SMSGW_METRICS_ADDR",
+    "SMSGW_LOG_LEVEL",
+)
 
 
 def worker_parser(prog: str, description: str, env_names: Sequence[str]) -> argparse.ArgumentParser:
@@ -34,10 +44,33 @@ def worker_parser(prog: str, description: str, env_names: Sequence[str]) -> argp
     )
     parser.add_argument(
         "--check",
-        action="store_true",
-        help="validate the settings, connect to RabbitMQ, declare the topology, exit 0 if healthy (healthchecks)",
+        action=_HealthCheckFlag,
+        help="validate the settings, connect to RabbitMQ, declare the topology (modem_worker: and find its modem "
+        "port), print one line and exit 0 if healthy, 1 if unhealthy, 2 on a configuration error (healthchecks)",
     )
     return parser
+
+
+# Set by ``--check`` while parsing, read (and cleared) by the next ``load_settings``: a health check's answer is
+# its one line ("ok" / "unhealthy: …"), so its logging stays at WARNING (start-up INFO lines would bury it).
+_health_check = threading.Event()
+
+
+class _HealthCheckFlag(argparse.Action):
+    """``--check``: a flag (store True) that also makes the worker's logging quiet for the check."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, True)
+        _health_check.set()
 
 
 def load_settings(worker: str, *, sync_url: bool = False, modem_port: bool = False) -> Settings | None:
@@ -52,15 +85,19 @@ def load_settings(worker: str, *, sync_url: bool = False, modem_port: bool = Fal
     except ConfigError as exc:
         print(f"{worker}: configuration error: {exc}", file=sys.stderr)
         return None
-    configure_logging(settings.log_level, worker)
+    level = settings.log_level
+    if _health_check.is_set():
+        _health_check.clear()
+        level = "WARNING" if level == "INFO" else level  # DEBUG stays: someone is looking into the check
+    configure_logging(level, worker)
     return settings
 
 
-def load_fleet_config(worker: str, settings: Settings) -> FleetConfig | None:
+def load_fleet_config(worker: str, settings: Settings, *, read_secrets: bool = True) -> FleetConfig | None:
     """The fleet (``SMSGW_CONFIG`` file, else the env-only ``default`` endpoint); on an invalid file print one
     line naming the file and key to stderr and return None (exit code 2)."""
     try:
-        fleet = load_fleet(settings)
+        fleet = load_fleet(settings, read_secrets=read_secrets)
     except ConfigError as exc:
         print(f"{worker}: configuration error: {exc}", file=sys.stderr)
         return None
@@ -85,22 +122,77 @@ def open_ledger(worker: str, settings: Settings) -> Ledger | None:
         return None
 
 
-def check(settings: Settings, topology: Topology | None = None) -> int:
-    """Health check: the broker accepts us and the topology is declared. Returns an exit code."""
+def check(settings: Settings, topology: Topology | None = None, *, modem: bool = False) -> int:
+    """Health check: with ``modem`` the worker's modem port is there and usable (``modem_port_problem``); the
+    broker accepts us and the topology is declared. Prints one line ("ok", or "unhealthy: <why>" on stderr) and
+    returns the exit code: 0 healthy, 1 unhealthy."""
+    if modem:
+        problem = modem_port_problem(settings)
+        if problem is not None:
+            print(f"unhealthy: {problem}", file=sys.stderr)
+            return 1
     try:
         connection = broker.connect(settings.amqp_url, "smsgw-check")
         try:
             broker.declare_topology(connection.channel(), topology)
         finally:
-            connection.close()
+            broker.close_quietly(connection)
     except broker.BrokerUnavailable as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        print(f"unhealthy: cannot declare the topology: {exc!r}", file=sys.stderr)
+        print(f"unhealthy: cannot declare the topology: {' '.join(repr(exc).split())}", file=sys.stderr)
         return 1
     print("ok")
     return 0
+
+
+def modem_port_problem(settings: Settings) -> str | None:
+    """Why the modem worker's port cannot be used (``check_modem_port``), or None. With SMSGW_MODEM_PORT=auto, at
+    least one device matching SMSGW_MODEM_PORT_GLOB must be usable (which one is the modem, by its IMEI, only
+    the running worker can tell: asking would disturb it)."""
+    if settings.modem_port != AUTO_PORT:
+        return check_modem_port(settings.modem_port)
+    candidates = sorted({path for pattern in settings.modem_port_glob for path in glob.glob(pattern)})
+    if not candidates:
+        return (f"SMSGW_MODEM_PORT=auto: no device matches SMSGW_MODEM_PORT_GLOB "
+                f"({', '.join(settings.modem_port_glob)}): modem unplugged, or not mapped into the container")
+    problems = [check_modem_port(path) for path in candidates]
+    return None if None in problems else problems[0]
+
+
+def check_modem_port(path: str) -> str | None:
+    """Why the modem port ``path`` cannot be used (one line naming SMSGW_MODEM_PORT), or None when it exists, is a
+    character device and this process may read and write it.
+
+    The port is deliberately not opened: the check also runs inside the container of a modem worker that holds the
+    port open exclusively, where opening it would fail although all is well (or, without exclusivity, disturb the
+    running worker's AT dialogue). Whether the modem answers is the running worker's business
+    (``smsgw_modem_up``).
+    """
+    if not path:
+        return "SMSGW_MODEM_PORT is empty"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return _missing_port(path, exc)
+    if not stat.S_ISCHR(mode):
+        return f"modem port {path} (SMSGW_MODEM_PORT) is not a serial device (not a character device)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return (f"no read/write permission on modem port {path} (SMSGW_MODEM_PORT) for uid {os.getuid()}: add the "
+                "user to the device's group (often dialout) or map the device with its permissions")
+    return None
+
+
+def _missing_port(path: str, exc: OSError) -> str:
+    """Why ``os.stat(path)`` failed, for ``check_modem_port``."""
+    if not isinstance(exc, FileNotFoundError):
+        return f"modem port {path} (SMSGW_MODEM_PORT) cannot be examined: {exc.strerror or exc}"
+    if os.path.islink(path):
+        return (f"modem port {path} (SMSGW_MODEM_PORT) links to {os.readlink(path)}, which does not exist: "
+                "modem unplugged, or its simulator stopped")
+    return (f"modem port {path} (SMSGW_MODEM_PORT) does not exist: modem unplugged, a wrong name, or the device "
+            "not mapped into the container")
 
 
 DEFAULT_METRICS_PORTS = {"modem_worker": 9101, "sync_worker": 9102, "task_poller": 9103, "result_reporter": 9104}

@@ -11,7 +11,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
 
@@ -32,6 +32,7 @@ _SYNC_FORMATS: tuple[SyncFormat, ...] = ("urlencoded", "json", "xml")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The fields of an inbound sync request, in the app's order; SMSGW_SYNC_KEYS may rename each of them.
 SYNC_FIELDS = ("secret", "from", "message", "sent_timestamp", "sent_to", "message_id", "device_id")
+AUTO_PORT = "auto"  # SMSGW_MODEM_PORT=auto: find the port by SMSGW_MODEM_IMEI
 _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 
@@ -88,6 +89,14 @@ def _optional_port(name: str, raw: str) -> int | None:
     return None if raw.strip() == "" else _port(name, raw)
 
 
+def _ussd_code(name: str, raw: str) -> str:
+    """A USSD code (``*100#``): digits, ``*``, ``#``, ``+`` only, since it goes into an AT command; empty = off."""
+    value = raw.strip()
+    if value and not re.fullmatch(r"[0-9*#+]{1,40}", value):
+        raise ConfigError(f"{name}: expected a USSD code such as *100# (digits, * # + only), got {raw!r}")
+    return value
+
+
 def _int(minimum: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
@@ -115,6 +124,42 @@ def _amqp_url(name: str, raw: str) -> str:
 def amqp_urls(raw: str) -> list[str]:
     """The broker URLs of ``SMSGW_AMQP_URL`` (one, or several of one cluster separated by commas)."""
     return [url.strip() for url in raw.split(",") if url.strip()]
+
+
+def read_secret_file(name: str, path: str) -> str:
+    """The secret in the file ``path`` (setting ``name``), without the trailing newline editors and ``echo`` add.
+
+    Raises:
+        ConfigError: the file cannot be read (the message names the setting and the path, never the content).
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{name}: cannot read {path}: {reason}") from None
+
+
+def with_amqp_password(raw: str, password: str) -> str:
+    """``raw`` (``SMSGW_AMQP_URL``: one URL or a comma list of one cluster's nodes) with ``password``, URL-quoted,
+    as the password of every URL (replacing one already there), so any character may be used in it.
+
+    Raises:
+        ConfigError: a URL names no user to go with the password.
+    """
+    quoted = urllib.parse.quote(password, safe="")
+    urls = []
+    for url in amqp_urls(raw):
+        parts = urllib.parse.urlsplit(url)
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        if not user:
+            raise ConfigError(
+                "SMSGW_AMQP_PASSWORD_FILE: SMSGW_AMQP_URL names no user for the password "
+                f"(expected amqp://USER@host:port/vhost, got {redact_url(url)!r})"
+            )
+        urls.append(urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{quoted}@{hostport}")))
+    return ",".join(urls)
 
 
 def _ledger_url(name: str, raw: str) -> str:
@@ -185,6 +230,13 @@ def _modem_id(name: str, raw: str) -> str:
     return raw
 
 
+def _imei(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value and not re.fullmatch(r"\d{14,17}", value):
+        raise ConfigError(f"{name}: expected the modem's IMEI (14-17 digits, AT+CGSN), got {raw!r}")
+    return value
+
+
 ENV_VARS: dict[str, EnvVar] = {
     v.name: v
     for v in (
@@ -198,8 +250,14 @@ ENV_VARS: dict[str, EnvVar] = {
                "one endpoint named 'default' from the SMSGW_* variables below", _str),
         EnvVar("SMSGW_SYNC_URL", "", "the SMSsync Sync URL (user:pass@ in it becomes Basic auth)", _sync_url),
         EnvVar("SMSGW_SECRET", "", "secret sent with every sync and task request; empty = none", _str),
+        EnvVar("SMSGW_SECRET_FILE", "", "file holding SMSGW_SECRET (wins over it; e.g. a compose secret); trailing "
+               "newline stripped", _str),
+        EnvVar("SMSGW_AMQP_PASSWORD_FILE", "", "file holding the RabbitMQ password, put into every URL of "
+               "SMSGW_AMQP_URL (which then names the user only: amqp://smsgw@rabbitmq/%2F); empty = the URL's own",
+               _str),
         EnvVar("SMSGW_DEVICE_ID", "smssync-gateway", "device_id sent to the Sync URL", _str),
-        EnvVar("SMSGW_MODEM_PORT", "", "serial device of this worker's modem", _str),
+        EnvVar("SMSGW_MODEM_PORT", "", "serial device of this worker's modem, or auto (found by SMSGW_MODEM_IMEI)",
+               _str),
         EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
         EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
         EnvVar(
@@ -249,6 +307,13 @@ ENV_VARS: dict[str, EnvVar] = {
             _sync_keys,
         ),
         EnvVar("SMSGW_MAX_REFUSALS", "10", "times a success:false reply is retried before parking", _int(1)),
+        EnvVar(
+            "SMSGW_REFUSAL_IS_FINAL",
+            "false",
+            "park an inbound SMS at the first success:false instead of retrying it (for a server that stores the "
+            "SMS and then refuses: each retry would store another copy)",
+            _bool,
+        ),
         EnvVar(
             "SMSGW_MAX_SERVER_ERRORS",
             "24",
@@ -302,6 +367,19 @@ ENV_VARS: dict[str, EnvVar] = {
                "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR", _ledger_url),
         EnvVar("SMSGW_MODEM_FAILOVER", "300", "seconds a reply queued for one modem waits for it before another "
                "modem may send it; 0 = wait for that modem forever", _number(0)),
+        # --- modem supervisor (issue 7): watchdog, reset command, SIM PIN, identity ---
+        EnvVar("SMSGW_MODEM_WATCHDOG", "30", "seconds between two watchdog probes (AT, and a check that the modem "
+               "kept its settings); also the SIM sweep and health reading interval", _number(1, 3600)),
+        EnvVar("SMSGW_MODEM_RESET_COMMAND", "", "shell command run (with a time-out, capped back-off) when reopening "
+               "the port does not bring the modem back, e.g. a USB power cycle with uhubctl; empty = none", _str),
+        EnvVar("SMSGW_SIM_PIN", "", "PIN entered once when the SIM asks for it (never logged); a rejected PIN is "
+               "never tried again automatically", _str),
+        EnvVar("SMSGW_SIM_PIN_FILE", "", "file holding the SIM PIN (wins over SMSGW_SIM_PIN; e.g. a Docker secret)",
+               _str),
+        EnvVar("SMSGW_MODEM_IMEI", "", "IMEI this worker's modem must have; another modem on the port is refused; "
+               "required with SMSGW_MODEM_PORT=auto", _imei),
+        EnvVar("SMSGW_MODEM_PORT_GLOB", "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*", "comma list of glob "
+               "patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI", _keywords),
         EnvVar("SMSGW_INBOUND", "true", "POST inbound SMS to the Sync URL (false: an outbound-only server)", _bool),
         EnvVar("SMSGW_TASKS", "true", "poll ?task=send on the Sync URL (false: an inbound-only server)", _bool),
         EnvVar("SMSGW_LEDGER_RETENTION_DAYS", "90", "days the outbound ledger remembers a sent uuid (never-twice "
@@ -309,6 +387,16 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("SMSGW_LOG_LEVEL", "INFO", "DEBUG shows message bodies; INFO never does",
                _choice(_LOG_LEVELS, lambda raw: raw.strip().upper())),
         EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
+        EnvVar("SMSGW_PROBE_INTERVAL", "30", "seconds between two probes (a bare GET) of each inbound endpoint's Sync "
+               "URL by sync_worker: smsgw_sync_url_up, alert SmsgwSyncUrlFailing", _number(1, 3600)),
+        EnvVar("SMSGW_SIM_BLOCK_AFTER", "5", "failed sends in a row to different recipients that pause the SIM "
+               "(operator barring suspected); 0 = only SIM-level refusals pause it", _int(0)),
+        EnvVar("SMSGW_SIM_PAUSE", "1800", "seconds a paused SIM sends nothing; doubles while pauses repeat (at most "
+               "a day), back to this after a successful send", _number(1)),
+        EnvVar("SMSGW_BALANCE_USSD", "", "USSD code that asks the SIM's balance (e.g. *100#); its first number "
+               "becomes smsgw_sim_balance; empty = off", _ussd_code),
+        EnvVar("SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)",
+               _number(10)),
     )
 }
 
@@ -334,6 +422,7 @@ class Settings:
     http_timeout: float
     max_retry_age: float
     max_refusals: int
+    refusal_is_final: bool
     max_server_errors: int
     sync_method: SyncMethod
     sync_format: SyncFormat
@@ -348,11 +437,22 @@ class Settings:
     outbound_max_age: float
     ledger_url: str
     modem_failover: float
+    modem_watchdog: float
+    modem_reset_command: str
+    sim_pin: str = field(repr=False)  # a secret: never in a repr or a log line
+    sim_pin_file: str
+    modem_imei: str
+    modem_port_glob: tuple[str, ...]
     inbound: bool
     tasks: bool
     ledger_retention_days: float
     log_level: str
     prefetch: int
+    probe_interval: float
+    sim_block_after: int
+    sim_pause: float
+    balance_ussd: str
+    balance_interval: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -368,13 +468,21 @@ class Settings:
             if raw is None:
                 raise ConfigError(f"{var.name}: required")
             values[var.name.removeprefix("SMSGW_").lower()] = var.parse(var.name, raw)
+        # Secrets from files (compose secrets) win over the variables: the value never sits in the environment.
+        if values["secret_file"]:
+            values["secret"] = read_secret_file("SMSGW_SECRET_FILE", values["secret_file"])
+        if values["amqp_password_file"]:
+            password = read_secret_file("SMSGW_AMQP_PASSWORD_FILE", values["amqp_password_file"])
+            values["amqp_url"] = with_amqp_password(values["amqp_url"], password)
         raw_interval = values["result_interval"]
         values["result_interval"] = (
             _number(1)("SMSGW_RESULT_INTERVAL", raw_interval) if raw_interval else values["task_interval"]
         )
         if values["sync_format"] == "xml":
             check_xml_keys(values["sync_keys"], "SMSGW_SYNC_KEYS")
-        if not values["modem_id"] and values["modem_port"]:
+        if not values["modem_id"] and values["modem_port"] == AUTO_PORT and values["modem_imei"]:
+            values["modem_id"] = f"imei-{values['modem_imei']}"  # the port may change; the IMEI does not
+        elif not values["modem_id"] and values["modem_port"]:
             values["modem_id"] = modem_id_from_port(values["modem_port"])
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
@@ -388,6 +496,8 @@ class Settings:
         """Raises ConfigError when SMSGW_MODEM_PORT is empty."""
         if not self.modem_port:
             raise ConfigError("SMSGW_MODEM_PORT: required by this worker")
+        if self.modem_port == AUTO_PORT and not self.modem_imei:
+            raise ConfigError("SMSGW_MODEM_PORT=auto: set SMSGW_MODEM_IMEI to the IMEI of the modem to find")
 
 
 def check_xml_keys(sync_keys: Sequence[tuple[str, str]], name: str) -> None:

@@ -8,7 +8,9 @@ back as a ``ReplyError`` with a one-line reason that the caller logs next to wha
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import html
 import json
 import logging
 import re
@@ -207,13 +209,13 @@ def first_json_document(text: str) -> Any:
     if stripped[0] not in "{[":
         brace = stripped.find("{")
         if brace < 0:
-            raise ReplyError(f"body is not JSON: {clip(stripped)}")
+            raise ReplyError(f"body is not JSON: {describe_body(stripped)}")
         log.debug("skipping %d characters before the JSON document", brace)
         start = brace
     try:
         value, end = decoder.raw_decode(stripped, start)
     except json.JSONDecodeError as exc:
-        raise ReplyError(f"body is not JSON ({exc.msg} at {exc.pos}): {clip(stripped)}") from None
+        raise ReplyError(f"body is not JSON ({exc.msg} at {exc.pos}): {describe_body(stripped)}") from None
     except RecursionError:
         # A pathological (deeply nested) body must be one clear error, not a crash of the worker's loop.
         raise ReplyError("body is JSON nested too deeply to read") from None
@@ -238,6 +240,34 @@ def clip(text: str, limit: int = 80) -> str:
     """
     flat = mask_secrets(" ".join(text.split()))
     return flat if len(flat) <= limit else flat[: max(0, limit - 1)] + "…"
+
+
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_HIDDEN = re.compile(r"<!--.*?-->|<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+
+def describe_body(text: str, limit: int = 80) -> str:
+    """The gist of an answer body for a log line, a retry or park reason: for an HTML (or XML) page its
+    ``<title>`` — "DisallowedHost at /sms", "502 Bad Gateway" — or else its first line of text, never the
+    markup; any other body on one line. Clipped to ``limit`` characters and secrets masked (``clip``); "empty
+    body" when there is none.
+
+    Error pages of frameworks (Django, Flask/Werkzeug, PHP, nginx) start with a kilobyte of markup and styles,
+    so the first characters of the body say nothing.
+    """
+    stripped = text.strip()
+    if not stripped:
+        return "empty body"
+    if stripped.startswith("<"):
+        title = _HTML_TITLE.search(stripped)
+        gist = " ".join(html.unescape(title.group(1)).split()) if title else ""
+        if not gist:
+            visible = html.unescape(_HTML_TAG.sub("", _HTML_HIDDEN.sub("\n", stripped)))
+            gist = next((line for line in visible.splitlines() if line.strip()), "")
+        if gist.strip():
+            return clip(gist, limit)
+    return clip(stripped, limit)
 
 
 def is_success(value: Any) -> bool:
@@ -268,6 +298,9 @@ class Payload:
     secret: str | None
     messages: tuple[TaskMessage, ...]
     skipped: tuple[str, ...] = field(default=())  # one reason per invalid message
+    # One stable identity per entry of ``skipped`` (a hash of the invalid message and its defect, not of its
+    # position): a server offering the same invalid message on every poll is reported once.
+    skipped_keys: tuple[str, ...] = field(default=())
 
 
 def parse_payload(body: str, *, require_uuid: bool = True) -> Payload:
@@ -287,14 +320,17 @@ def parse_payload(body: str, *, require_uuid: bool = True) -> Payload:
         raise ReplyError("reply has no 'payload' object")
     messages: list[TaskMessage] = []
     skipped: list[str] = []
+    skipped_keys: list[str] = []
     raw_messages = payload.get("messages")
     if raw_messages is not None and not isinstance(raw_messages, list):
         skipped.append(f"'messages' is {type(raw_messages).__name__}, not a list")
+        skipped_keys.append(_invalid_key(raw_messages, skipped[-1]))
         raw_messages = []
     for index, raw in enumerate(raw_messages or []):
         message, reason = _task_message(raw, require_uuid)
         if message is None:
             skipped.append(f"message {index}: {reason}")
+            skipped_keys.append(_invalid_key(raw, reason))
         else:
             messages.append(message)
     error = payload.get("error")
@@ -307,7 +343,14 @@ def parse_payload(body: str, *, require_uuid: bool = True) -> Payload:
         secret=secret if isinstance(secret, str) else None,
         messages=tuple(messages),
         skipped=tuple(skipped),
+        skipped_keys=tuple(skipped_keys),
     )
+
+
+def _invalid_key(raw: Any, reason: str) -> str:
+    """A short stable hash of an invalid message and what is wrong with it (see ``Payload.skipped_keys``)."""
+    canonical = json.dumps(raw, sort_keys=True, default=str) + "\n" + reason
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _task_message(raw: Any, require_uuid: bool) -> tuple[TaskMessage | None, str]:

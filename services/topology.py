@@ -39,6 +39,9 @@ OUTBOUND_QUEUE = "smsgw.outbound"  # any modem may send these
 
 DELAY_TIERS_S: tuple[int, ...] = (1, 5, 15, 60, 300, 900, 3600)
 DELIVERY_LIMIT = 20  # redeliveries before the broker parks a message (last resort: a consumer process dying on it)
+# "No limit", stated: RabbitMQ 4 gives a quorum queue without x-delivery-limit a limit of 20, and its "-1 = off"
+# dead-letters at the first return on 3.x. The largest AMQP signed int is never reached on any version.
+UNLIMITED_DELIVERIES = 2**31 - 1
 
 
 def inbound_queue_for(endpoint: str) -> str:
@@ -143,6 +146,8 @@ def _work_queue_arguments(work_queue: str) -> dict[str, Any]:
         # blip) as a delivery, so ~20 restarts during an outage would park results nobody had failed on.
         # The reporter parks an event it cannot read itself.
         arguments["x-delivery-limit"] = DELIVERY_LIMIT
+    else:
+        arguments["x-delivery-limit"] = UNLIMITED_DELIVERIES
     return arguments
 
 
@@ -157,7 +162,9 @@ def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
     channel.queue_declare(work_queue, durable=True, arguments=_work_queue_arguments(work_queue))
     channel.queue_bind(work_queue, EXCHANGE, routing_key=work_queue)
     parked = parked_queue_for(work_queue)
-    channel.queue_declare(parked, durable=True, arguments={"x-queue-type": "quorum"})
+    # Parked queues have no dead-letter exchange: under RabbitMQ 4's default limit, 20 looks would DROP a message.
+    channel.queue_declare(parked, durable=True, arguments={"x-queue-type": "quorum",
+                                                           "x-delivery-limit": UNLIMITED_DELIVERIES})
     channel.queue_bind(parked, PARKED_EXCHANGE, routing_key=work_queue)
     for tier in DELAY_TIERS_S:
         delay = delay_queue_for(work_queue, tier)
@@ -166,6 +173,7 @@ def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
             durable=True,
             arguments={
                 "x-queue-type": "quorum",
+                "x-delivery-limit": UNLIMITED_DELIVERIES,
                 "x-message-ttl": tier * 1000,
                 # Expired messages go back to the work queue through the default exchange.
                 "x-dead-letter-exchange": "",

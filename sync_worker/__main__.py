@@ -31,12 +31,14 @@ from services.runtime import (
 from services.settings import ConfigError, Settings
 from services.sync_client import SyncClient
 from sync_worker.forwarder import SyncForwarder
+from sync_worker.probe import SyncUrlProbe
 
 log = logging.getLogger(__name__)
 
 ENV = (
     "SMSGW_SYNC_URL",
     "SMSGW_SECRET",
+    "SMSGW_SECRET_FILE",
     "SMSGW_DEVICE_ID",
     "SMSGW_KEYWORDS",
     "SMSGW_INBOUND",
@@ -193,14 +195,20 @@ def serve(settings: Settings, endpoints: Sequence[EndpointConfig], topology: Top
     """Forward inbound SMS to ``endpoints`` until SIGTERM (the first drains every lane, the second exits at
     once); returns the exit code."""
     lanes = [InboundLane.open(settings, endpoint, topology) for endpoint in endpoints]
+    # smsgw_sync_url_up: a dead server shows (alert SmsgwSyncUrlFailing) even when there is nothing to POST.
+    probes = [SyncUrlProbe(endpoint, settings.probe_interval) for endpoint in endpoints]
     install_stop_signals(lambda: stop_lanes(lanes))
     log.info(
         "sync_worker started: %s",
         ", ".join(f"endpoint {lane.endpoint.name} (Sync URL {lane.endpoint.redacted_url})" for lane in lanes),
     )
+    for probe in probes:
+        probe.start()
     try:
         code = run_lanes(lanes)
     finally:
+        for probe in probes:
+            probe.stop()
         for lane in lanes:
             lane.close()
     log.info("sync_worker stopped")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 import requests
 
@@ -33,6 +34,7 @@ from services.sync_protocol import (
     SyncScheme,
     TaskMessage,
     clip,
+    describe_body,
     mask_secrets,
     parse_payload,
     sync_form,
@@ -136,7 +138,17 @@ class SyncForwarder:
         init_metrics(endpoint.name)
 
     def handle(self, delivery: Delivery) -> Decision:
-        """Forward one inbound SMS; returns what to do with the queue message (never raises for bad input)."""
+        """Forward one inbound SMS; returns what to do with the queue message (never raises for bad input).
+
+        Every retry is marked ``warn``: an SMS that does not reach its server is a WARNING line on its first
+        failed attempt and then on attempts 5, 25 and every 100th (the Consumer logs it with the reason), not
+        only when it is parked days later.
+        """
+        decision = self._decide(delivery)
+        return replace(decision, warn=True) if isinstance(decision, Retry) else decision
+
+    def _decide(self, delivery: Delivery) -> Decision:
+        """What to do with one inbound SMS (``handle`` without the log level of its retries)."""
         try:
             sms = InboundSms.from_json(delivery.body)
         except SchemaError as exc:
@@ -242,6 +254,9 @@ class SyncForwarder:
         if payload.success is not True:
             metrics.SYNC_REQUESTS.labels(self._name, "refused").inc()
             reason = f"server refused the SMS (success={payload.success}): {payload.error or 'no error text'}"
+            if self._endpoint.refusal_is_final:
+                # Some servers store the SMS and then answer success:false: every retry would store a copy.
+                return Park(f"{reason}; not retried (refusal_is_final is on)", label="refused")
             # success:false is also how some servers say "wrong secret": bounded retries, then park with
             # the server's own words so an operator can fix it and replay.
             # Count refusals on their own: retries after an outage must not eat this budget.
@@ -308,9 +323,10 @@ class SyncForwarder:
 
 
 def _server_error(body: str) -> str:
-    """The server's own error text if the body is SMSsync JSON, else the start of the body."""
+    """The server's own error text if the body is SMSsync JSON, else the gist of the body (an HTML error page's
+    title, ``describe_body``)."""
     try:
         payload = parse_payload(body)
     except ReplyError:
-        return clip(body) or "empty body"
-    return payload.error or clip(body)
+        return describe_body(body)
+    return payload.error or describe_body(body)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 ENV = (
     "SMSGW_SYNC_URL",
     "SMSGW_SECRET",
+    "SMSGW_SECRET_FILE",
     "SMSGW_TASKS",
     "SMSGW_TASK_INTERVAL",
     "SMSGW_HTTP_TIMEOUT",

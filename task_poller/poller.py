@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,9 +43,11 @@ from services.ledger import Ledger, LedgerError
 from services.logs import UnexpectedErrors
 from services.schemas import task_ledger_key
 from services.sync_protocol import (
+    Payload,
     ReplyError,
     TaskMessage,
     clip,
+    describe_body,
     parse_message_uuids,
     parse_payload,
     secrets_match,
@@ -55,6 +58,7 @@ from task_poller.routing import RoutedSms, TaskRouter
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 900.0
+INVALID_REMEMBERED = 1000  # invalid task messages already reported (LRU): each is logged once, not every poll
 PUBLISH_TIMEOUT_S = 30.0
 
 # Metric outcomes, initialised at 0 for every endpoint at start-up (a dashboard sees a series before its first
@@ -116,6 +120,7 @@ def init_metrics(endpoint: str) -> None:
     for task in HTTP_TASKS:
         metrics.HTTP_SECONDS.labels(endpoint, task)
     metrics.TASK_REPUBLISHED.labels(endpoint)
+    metrics.TASK_RELEASED.labels(endpoint)
 
 
 class PollError(Exception):
@@ -178,6 +183,11 @@ class TaskPoller:
         # answers, or until they are republished as orphans (by us or a replica) after stale_claim_s.
         self._unconfirmed: dict[str, TaskMessage] = {}
         self._unexpected = UnexpectedErrors(log)
+        self._invalid_seen: OrderedDict[str, None] = OrderedDict()
+        self._results_setting = (
+            "SMSGW_MESSAGE_RESULTS=false" if fleet.source == "environment"
+            else f"message_results = false for endpoint {self.name!r}"
+        )
 
     def _key(self, uuid: str) -> str:
         return task_ledger_key(self.name, uuid)
@@ -252,9 +262,7 @@ class TaskPoller:
             raise PollError(f"unreadable ?task=send reply: {exc}", "bad_reply") from None
         if payload.success is False:
             raise PollError(f"server refused the task poll: {payload.error or 'no error text'}", "refused")
-        for reason in payload.skipped:
-            metrics.TASK_MESSAGES.labels(self.name, "invalid").inc()
-            log.warning("endpoint %s: skipped an invalid task message: %s", self.name, reason)
+        self._report_invalid(payload)
         if not payload.messages:
             metrics.TASK_POLLS.labels(self.name, "empty").inc()
             log.debug("endpoint %s: task poll: nothing to send", self.name)
@@ -297,6 +305,26 @@ class TaskPoller:
             invalid=len(payload.skipped),
             not_confirmed=result.not_confirmed,
         )
+
+    def _report_invalid(self, payload: Payload) -> None:
+        """Count every invalid task message of the reply; log each one once (WARNING) while the server keeps
+        offering it, not on every poll (the memory is bounded: ``INVALID_REMEMBERED``)."""
+        keys = payload.skipped_keys if len(payload.skipped_keys) == len(payload.skipped) else payload.skipped
+        for reason, key in zip(payload.skipped, keys, strict=True):
+            metrics.TASK_MESSAGES.labels(self.name, "invalid").inc()
+            if key in self._invalid_seen:
+                self._invalid_seen.move_to_end(key)
+                log.debug("endpoint %s: the invalid task message is offered again: %s", self.name, reason)
+                continue
+            self._invalid_seen[key] = None
+            while len(self._invalid_seen) > INVALID_REMEMBERED:
+                self._invalid_seen.popitem(last=False)
+            log.warning(
+                "endpoint %s: skipped an invalid task message, not sent: %s (logged once while the server keeps "
+                "offering it; counted in smsgw_task_messages_total{outcome=\"invalid\"})",
+                self.name,
+                reason,
+            )
 
     def _queue(self, messages: Sequence[TaskMessage]) -> PollResult:
         # Known keys are skipped without a write transaction (the common case: a server that offers the same
@@ -386,21 +414,30 @@ class TaskPoller:
                 for message in fresh:
                     self._ledger.release_claim(self._key(message.uuid))
                     metrics.TASK_MESSAGES.labels(self.name, "not_confirmed").inc()
-                if fresh:
-                    log.warning(
-                        "endpoint %s: ?task=sent refused (HTTP %d): %d task message(s) released, not sent; "
-                        "the server may offer them again",
-                        self.name,
-                        exc.status,
-                        len(fresh),
-                    )
-                raise
+                    metrics.TASK_RELEASED.labels(self.name).inc()
+                kept = len(messages) - len(fresh)
+                # One line (the poll loop's ERROR) that names both usual causes: some servers without the
+                # Results API mark a message sent when they hand it out, so a released one is never offered again.
+                raise PollError(
+                    f"{exc}; {len(fresh)} task message(s) released unsent (the server may offer them again, or "
+                    f"never if it marks messages sent when it hands them out: smsgw_task_released_total)"
+                    + (f", {kept} kept (an earlier ?task=sent for them may have been processed)" if kept else "")
+                    + f". Likely causes: the secret or the credentials, or a server without the Message Results "
+                    f"API: then set {self._results_setting}",
+                    exc.outcome,
+                    exc.status,
+                ) from None
             for message in messages:
                 self._unconfirmed[message.uuid] = message
             what = f"unreadable ?task=sent reply: {exc}" if isinstance(exc, ReplyError) else str(exc)
             outcome = exc.outcome if isinstance(exc, PollError) else "bad_reply"
+            status = exc.status if isinstance(exc, PollError) else None
+            hint = (
+                f" (a server without the Message Results API may answer ?task=sent so: then set "
+                f"{self._results_setting})" if status in (500, 501) else ""
+            )
             raise PollError(
-                f"{what}; {len(messages)} claim(s) kept, ?task=sent retried on the next poll", outcome
+                f"{what}; {len(messages)} claim(s) kept, ?task=sent retried on the next poll{hint}", outcome, status
             ) from None
         confirmed: list[TaskMessage] = []
         for message in messages:
@@ -516,7 +553,8 @@ class TaskPoller:
             metrics.HTTP_SECONDS.labels(self.name, task).observe(time.monotonic() - started)
         if not 200 <= answer.status < 300:
             raise PollError(
-                f"?task={task}: Sync URL answered HTTP {answer.status}{status_hint(answer.status)}",
+                f"?task={task}: Sync URL answered HTTP {answer.status}{status_hint(answer.status)}: "
+                f"{describe_body(answer.text)}",
                 "http_error",
                 answer.status,
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -330,3 +332,86 @@ def test_a_stalled_handshake_is_a_broker_outage_not_a_crash(monkeypatch: pytest.
     monkeypatch.setattr(pika, "BlockingConnection", stalled)
     with pytest.raises(broker.BrokerUnavailable, match="handshake"):
         broker.connect("amqp://guest:guest@127.0.0.1:5672/%2F", "test-stall")
+
+
+# --- issue 8: a broker problem is one line, in the operator's words -------------------------------------------
+
+
+def test_connect_names_a_refused_login_or_vhost_and_never_the_password(amqp_url: str) -> None:
+    host = amqp_url.split("@", 1)[1].split("/", 1)[0]
+    with pytest.raises(broker.BrokerRefused) as login:
+        broker.connect(f"amqp://guest:not-the-pass-9z@{host}/%2F", "test-login")
+    assert "refused the login for user 'guest'" in str(login.value) and "SMSGW_AMQP_URL" in str(login.value)
+    assert "not-the-pass-9z" not in str(login.value)
+    with pytest.raises(broker.BrokerRefused) as vhost:
+        broker.connect(f"amqp://guest:guest@{host}/no-such-vhost-x1", "test-vhost")
+    assert "vhost 'no-such-vhost-x1'" in str(vhost.value) and "SMSGW_AMQP_URL" in str(vhost.value)
+
+
+def test_connect_to_a_closed_port_says_connection_refused() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(broker.BrokerUnavailable) as refused:
+        broker.connect(f"amqp://guest:guest@127.0.0.1:{port}/%2F", "test-closed")
+    assert not isinstance(refused.value, broker.BrokerRefused)
+    assert str(refused.value) == f"cannot connect to RabbitMQ at 127.0.0.1:{port} (vhost '/'): connection refused"
+
+
+def test_a_consumer_logs_an_outage_once_not_once_per_attempt(caplog: pytest.LogCaptureFixture) -> None:
+    # Something that accepts TCP and hangs up at once: every reconnect attempt fails, and can be counted.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    attempts: list[int] = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            attempts.append(1)
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    url = f"amqp://guest:guest@127.0.0.1:{listener.getsockname()[1]}/%2F"
+    publisher = PublisherThread(url, "test-outage-publisher")
+    consumer = Consumer(url, [broker.EVENTS_QUEUE], lambda _d: Ack(), publisher, name="test-outage")
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="services.broker"):
+            thread.start()
+            wait_for(lambda: len(attempts) >= 3, timeout=30, what="three connection attempts")
+            consumer.stop()
+            thread.join(timeout=10)
+    finally:
+        consumer.stop()
+        publisher.close()
+        listener.close()
+    lines = [r for r in caplog.records if "test-outage" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.WARNING and "cannot connect to RabbitMQ at 127.0.0.1" in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.name.startswith("services") and r.exc_info]  # no traceback of ours
+
+
+def test_retries_worth_a_warning_are_the_first_and_ever_rarer_ones() -> None:
+    loud = [attempt for attempt in range(1, 301) if broker.is_warning_attempt(attempt)]
+    assert loud == [1, 5, 25, 100, 200, 300]
+
+
+def test_a_warn_retry_is_a_warning_on_its_first_attempt_only(
+    clean_broker: str, publisher: PublisherThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[Delivery] = []
+
+    def handler(delivery: Delivery) -> Decision:
+        seen.append(delivery)
+        return Retry("Sync URL answered HTTP 500: DisallowedHost at /sms", warn=True) if len(seen) < 3 else Ack()
+
+    with caplog.at_level(logging.INFO, logger="services.broker"), running_consumer(clean_broker, handler, publisher):
+        publisher.publish(Publication(broker.EVENTS_QUEUE, b"{}", message_id="m-warn"))
+        wait_for(lambda: len(seen) >= 3, timeout=30, what="two retries")
+    retries = [(r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("retry ")]
+    assert [level for level, _ in retries] == [logging.WARNING, logging.INFO]
+    assert "m-warn" in retries[0][1] and "DisallowedHost at /sms" in retries[0][1]

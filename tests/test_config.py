@@ -351,3 +351,25 @@ def test_allow_and_block_senders_block_wins() -> None:
     assert clinic.filter_reason("+255711000001", "REG 1") == "blocked_sender", "block wins over allow"
     assert clinic.filter_reason("+255711000001", "hello") == "blocked_sender", "sender checked before the text"
     assert endpoint(block_senders=["+255700"]).filter_reason("+255700123456", "x") == "blocked_sender"
+
+
+def test_workers_without_a_sync_url_do_not_read_secret_files(tmp_path: Path) -> None:
+    """A modem worker's container holds no endpoint secret: loading the fleet there must not need the files."""
+    from services.config import load_fleet_file
+
+    path = tmp_path / "fleet.toml"
+    path.write_text('[[endpoints]]\nname = "clinic"\nsync_url = "https://clinic.example/sms"\n'
+                    'secret_file = "/run/secrets/not-mounted-here"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"endpoints\[0\]\.secret_file"):
+        load_fleet_file(str(path))
+    fleet = load_fleet_file(str(path), read_secrets=False)
+    assert fleet.endpoint("clinic").secret == ""
+
+
+def test_the_endpoint_name_parked_is_reserved(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text('[[endpoints]]\nname = "parked"\nsync_url = "https://x.example/sms"\n', encoding="utf-8")
+    from services.config import load_fleet_file
+
+    with pytest.raises(ConfigError, match=r"endpoints\[0\]\.name: 'parked' is reserved"):
+        load_fleet_file(str(path))

@@ -2,8 +2,11 @@
 
 * every ``smsgw_*`` series named in deploy/ (Prometheus alerts, Grafana dashboard) is one that services.metrics
   registers, with labels that metric has; the dashboard shows every metric;
-* compose.yaml only runs modules that exist, each worker's healthcheck is its own ``--check``, the ledger
-  volume is shared by the processes that open it, and it names only real ``SMSGW_*`` settings;
+* compose.yaml, the modem template deploy/compose/modem.yaml and compose.override.example.yaml match the
+  compose-spec JSON schema (tests/data/compose-spec.json), alone and merged as compose merges them (extends
+  resolved); they only run modules that exist, each worker's healthcheck is its own ``--check``, the ledger
+  volume is shared by the processes that open it, every setting reaches the workers by name and no worker
+  holds an admin password or a secret in its environment; they name only real ``SMSGW_*`` settings;
 * .env.example lists every ``SMSGW_*`` setting with its built-in default.
 """
 
@@ -16,6 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import jsonschema.protocols
+import jsonschema.validators
 import pytest
 import yaml
 from prometheus_client import REGISTRY
@@ -29,6 +35,25 @@ DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "smssync-gateway.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 COMPOSE = ROOT / "compose.yaml"
+MODEM_TEMPLATE = DEPLOY / "compose" / "modem.yaml"
+OVERRIDE_EXAMPLE = ROOT / "compose.override.example.yaml"
+COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"  # vendored: tests/data/README.md
+# Sequences compose merges (extends, override files) instead of replacing.
+UNION_KEYS = {"secrets", "devices", "volumes", "ports", "expose", "group_add", "dns", "tmpfs", "profiles"}
+# Settings compose sets itself, the ones each modem's service sets (compose.override.yaml), and the secrets that
+# only ever come as files (their *_FILE twins): none of these is copied from .env.
+WIRED_SETTINGS = {
+    "SMSGW_AMQP_URL",
+    "SMSGW_AMQP_PASSWORD_FILE",
+    "SMSGW_STATE_DIR",
+    "SMSGW_METRICS_PORT",
+    "SMSGW_METRICS_ADDR",
+}
+PER_MODEM_SETTINGS = {"SMSGW_MODEM_ID", "SMSGW_MODEM_IMEI", "SMSGW_SIM_PIN_FILE"}
+SECRET_SETTINGS = {"SMSGW_SECRET", "SMSGW_SIM_PIN"}
+WORKER_SECRETS = {"rabbitmq_password", "smsgw_secret"}
+ADMIN_VAR_RE = re.compile(r"^(GF_|GRAFANA_|RABBITMQ_DEFAULT_)")
+ADMIN_INTERPOLATION_RE = re.compile(r"\$\{?(GRAFANA_ADMIN_PASSWORD|RABBITMQ_DEFAULT_PASS)\b")
 WORKERS = ("modem_worker", "sync_worker", "task_poller", "result_reporter")
 # Labels Prometheus adds to every scraped series, and the histogram bucket label.
 TARGET_LABELS = {"job", "instance", "le"}
@@ -216,21 +241,65 @@ def test_alert_rules_are_complete() -> None:
     assert len(names) == len(set(names)), "alert names must be unique"
     for rule in rules:
         assert rule["expr"].strip(), rule["alert"]
-        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        # "none": the Watchdog, which Alertmanager sends to the dead-man's switch only.
+        assert rule["labels"]["severity"] in {"critical", "warning", "none"}, rule["alert"]
         assert rule["annotations"]["summary"], rule["alert"]
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
-    assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    # Relative to prometheus.yml: /etc/prometheus in the container, deploy/prometheus in tests/test_alerts.py.
+    assert prometheus["rule_files"] == ["alerts.yml"]
     rabbitmq_conf = (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text(encoding="utf-8")
     assert re.search(r"^prometheus\.return_per_object_metrics\s*=\s*true$", rabbitmq_conf, re.MULTILINE)
     assert "rabbitmq_prometheus" in (DEPLOY / "rabbitmq" / "enabled_plugins").read_text(encoding="utf-8")
 
 
-# --- compose.yaml ------------------------------------------------------------------------------------------------
+# --- compose: compose.yaml, the modem template, the override example ---------------------------------------------
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))  # resolves YAML merge keys (<<)
+    return data
 
 
 def _compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
-    return data
+    return _load_yaml(COMPOSE)
+
+
+def _merge(base: Any, override: Any, key: str = "") -> Any:
+    """Merge two compose values as compose does for ``extends`` and override files: mappings key by key, the
+    sequences compose unions (secrets, devices, volumes, ports, ...) without duplicates, anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for name, value in override.items():
+            merged[name] = _merge(base[name], value, name) if name in base else value
+        return merged
+    if isinstance(base, list) and isinstance(override, list) and key in UNION_KEYS:
+        return base + [item for item in override if item not in base]
+    return override
+
+
+def _resolve_extends(services: dict[str, Any], project_dir: Path) -> dict[str, Any]:
+    """``services`` with every ``extends: {file, service}`` replaced by the base service merged with the local one
+    (``depends_on`` is never inherited, as in compose)."""
+    resolved = {}
+    for name, service in services.items():
+        extends = service.get("extends")
+        if extends is None:
+            resolved[name] = service
+            continue
+        base_file = project_dir / extends["file"]
+        base = _load_yaml(base_file)["services"][extends["service"]]
+        assert "extends" not in base, f"{name}: nested extends in {base_file} are not resolved here"
+        base = {k: v for k, v in base.items() if k != "depends_on"}
+        resolved[name] = _merge(base, {k: v for k, v in service.items() if k != "extends"})
+    return resolved
+
+
+def _project() -> dict[str, Any]:
+    """compose.yaml with compose.override.example.yaml merged in and every extends resolved: what `docker compose
+    config` shows on a site whose compose.override.yaml is the example."""
+    project: dict[str, Any] = _merge(_compose(), _load_yaml(OVERRIDE_EXAMPLE))
+    project["services"] = _resolve_extends(project["services"], ROOT)
+    return project
 
 
 def _command_text(value: Any) -> str:
@@ -241,8 +310,59 @@ def _modules(service: dict[str, Any]) -> list[str]:
     return PYTHON_M_RE.findall(_command_text(service.get("command")))
 
 
+def _gateway_workers(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run a gateway worker (the last ``python -m`` of their command)."""
+    return {n: s for n, s in services.items() if _modules(s) and _modules(s)[-1] in WORKERS}
+
+
+def _environment(service: dict[str, Any]) -> dict[str, Any]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return dict(env)
+
+
+def _schema_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    validator: jsonschema.protocols.Validator = validator_class(schema)
+    return validator
+
+
+@pytest.mark.parametrize("path", [COMPOSE, MODEM_TEMPLATE, OVERRIDE_EXAMPLE], ids=lambda p: p.name)
+def test_compose_file_matches_the_compose_spec_schema(path: Path) -> None:
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+        for e in _schema_validator().iter_errors(_load_yaml(path))
+    ]
+    assert not errors, f"{path.name} does not match the compose-spec schema: {errors}"
+
+
+def test_merged_project_matches_the_compose_spec_schema() -> None:
+    project = _project()
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _schema_validator().iter_errors(project)]
+    assert not errors, errors
+    # Every secret a service mounts is defined, as a file of the untracked secrets/ directory (.gitignore).
+    defined = project["secrets"]
+    for name, service in project["services"].items():
+        for secret in service.get("secrets", []):
+            source = secret if isinstance(secret, str) else secret["source"]
+            assert source in defined, f"{name}: secret {source} is not defined"
+    for name, secret in defined.items():
+        assert secret["file"].startswith("./secrets/"), name
+    assert "/secrets/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert "/compose.override.yaml" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+
+
+def test_the_schema_check_catches_a_malformed_compose_file() -> None:
+    broken = _compose()
+    broken["services"]["sync_worker"]["stop_grace_priod"] = "60s"  # a typo compose would refuse
+    assert list(_schema_validator().iter_errors(broken))
+
+
 def test_compose_runs_existing_modules() -> None:
-    for name, service in _compose()["services"].items():
+    for name, service in _project()["services"].items():
         commands = [_command_text(service.get("command")), _command_text(service.get("healthcheck", {}).get("test"))]
         for module in (m for text in commands for m in PYTHON_M_RE.findall(text)):
             assert importlib.util.find_spec(module) is not None, f"{name}: no module {module}"
@@ -250,35 +370,125 @@ def test_compose_runs_existing_modules() -> None:
 
 @pytest.mark.parametrize("worker", WORKERS)
 def test_each_worker_runs_with_its_own_healthcheck(worker: str) -> None:
-    services = {n: s for n, s in _compose()["services"].items() if _modules(s) and _modules(s)[-1] == worker}
+    services = {n: s for n, s in _gateway_workers(_project()["services"]).items() if _modules(s)[-1] == worker}
     assert services, f"no compose service runs python -m {worker}"
     for name, service in services.items():
         assert service["healthcheck"]["test"] == ["CMD", "python", "-m", worker, "--check"], name
         assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
         assert service["restart"] == "unless-stopped", name
-        assert service["env_file"] == ".env", name
         grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
         assert grace and int(grace.group(1)) >= 30, name
 
 
-def test_ledger_volume_is_shared_by_modem_workers_and_pollers() -> None:
+def test_worker_containers_hold_no_admin_password() -> None:
+    project = _project()
+    workers = _gateway_workers(project["services"])
+    assert len(workers) >= 6  # 3 server workers, the demo modem, the example's two modems
+    for name, service in workers.items():
+        assert "env_file" not in service, f"{name}: env_file would hand it every variable of that file"
+        env = _environment(service)
+        admin = [k for k in env if ADMIN_VAR_RE.match(k)]
+        assert not admin, f"{name}: admin settings in a worker: {admin}"
+        leaked = [k for k, v in env.items() if v is not None and ADMIN_INTERPOLATION_RE.search(str(v))]
+        assert not leaked, f"{name}: an admin password is interpolated into {leaked}"
+        assert set(service.get("secrets", [])) <= WORKER_SECRETS | {
+            s for s in service.get("secrets", []) if s.startswith("sim_pin_")
+        }, name
+        # Secret values never travel as environment variables: only their *_FILE twins do.
+        assert not SECRET_SETTINGS & set(env), f"{name}: {SECRET_SETTINGS & set(env)} in its environment"
+    # The admin passwords reach their own containers only, as files.
+    holders = {n for n, s in project["services"].items() if "grafana_admin_password" in s.get("secrets", [])}
+    assert holders == {"grafana"}
+    grafana = _environment(project["services"]["grafana"])
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana
+    rabbitmq = project["services"]["rabbitmq"]
+    assert "RABBITMQ_DEFAULT_PASS" not in _environment(rabbitmq)
+    assert "RABBITMQ_DEFAULT_PASS_FILE" not in _environment(rabbitmq)  # the image exits on it (3.9+)
+    assert "/run/secrets/rabbitmq_password" in _command_text(rabbitmq["entrypoint"])
+    conf = (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text(encoding="utf-8")
+    assert re.search(r"^default_user_tags\.management\s*=\s*true$", conf, re.MULTILINE), "the workers' user is no admin"
+    assert not re.search(r"^default_user_tags\.administrator\s*=\s*true$", conf, re.MULTILINE)
+
+
+def test_gateway_settings_reach_the_workers_by_name() -> None:
+    """Every setting is either copied from .env by name (no value in the file), wired by compose, set per modem by
+    the override, or a secret that only comes as a file: a new setting fails here until compose passes it."""
+    expected = set(ENV_VARS) - SECRET_SETTINGS - PER_MODEM_SETTINGS
+    raw = _compose()
+    shared = {k: v for k, v in raw["x-gateway-settings"].items() if k.startswith("SMSGW_")}
+    assert set(shared) | {"SMSGW_SECRET_FILE", "SMSGW_MODEM_PORT"} == expected, (
+        f"x-gateway-settings: missing {sorted(expected - set(shared) - {'SMSGW_SECRET_FILE', 'SMSGW_MODEM_PORT'})}"
+        f", unknown {sorted(set(shared) - expected)}"
+    )
+    template = {
+        k: v
+        for k, v in _environment(_load_yaml(MODEM_TEMPLATE)["services"]["modem-worker"]).items()
+        if k.startswith("SMSGW_")
+    }
+    assert set(template) == set(shared) | {"SMSGW_MODEM_PORT"}, "deploy/compose/modem.yaml differs from compose.yaml"
+    for name in set(shared) - WIRED_SETTINGS:
+        assert shared[name] is None and template[name] is None, f"{name}: pass it by name, without a value"
+    for name in WIRED_SETTINGS & set(shared):
+        assert shared[name] == template[name] is not None, name
+    server = _environment(_project()["services"]["sync_worker"])
+    assert server["SMSGW_SECRET_FILE"] == "/run/secrets/smsgw_secret"
+
+
+def test_hardware_modems_come_from_the_override_only() -> None:
     compose = _compose()
+    modems = {
+        n: s
+        for n, s in _gateway_workers(_resolve_extends(compose["services"], ROOT)).items()
+        if _modules(s)[-1] == "modem_worker"
+    }
+    assert modems and all(s.get("profiles") == ["demo"] for s in modems.values()), "compose.yaml ships no real modem"
+    override = _load_yaml(OVERRIDE_EXAMPLE)["services"]
+    ids = []
+    for name, service in _resolve_extends(override, ROOT).items():
+        assert override[name]["extends"] == {"file": "deploy/compose/modem.yaml", "service": "modem-worker"}, name
+        assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+        assert "profiles" not in service, name
+        assert [d.rsplit(":", 1)[1] for d in service["devices"]] == ["/dev/modem"], name
+        assert _environment(service)["SMSGW_MODEM_PORT"] == "/dev/modem", name
+        ids.append(_environment(service)["SMSGW_MODEM_ID"])
+    assert len(ids) >= 2 and len(ids) == len(set(ids)), f"each modem needs its own SMSGW_MODEM_ID: {ids}"
+
+
+def test_ledger_volume_is_shared_by_modem_workers_and_pollers() -> None:
+    project = _project()
     mounts = set()
-    for name, service in compose["services"].items():
+    for name, service in project["services"].items():
         if not {"modem_worker", "task_poller"} & set(_modules(service)):
             continue
-        state_dir = service["environment"]["SMSGW_STATE_DIR"]
+        state_dir = _environment(service)["SMSGW_STATE_DIR"]
         volumes = [v for v in service.get("volumes", []) if v.split(":")[1] == state_dir]
         assert len(volumes) == 1, f"{name}: SMSGW_STATE_DIR {state_dir} is not on a volume"
         source = volumes[0].split(":")[0]
-        assert source in compose["volumes"], f"{name}: {source} is not a named volume"
+        assert source in project["volumes"], f"{name}: {source} is not a named volume"
         mounts.add(source)
     assert len(mounts) == 1, f"modem workers and task pollers must share one ledger volume, got {mounts}"
 
 
 def test_compose_names_only_real_settings() -> None:
-    unknown = set(SMSGW_VAR_RE.findall(COMPOSE.read_text(encoding="utf-8"))) - set(ENV_VARS)
-    assert not unknown, f"compose.yaml uses unknown settings: {sorted(unknown)}"
+    for path in (COMPOSE, MODEM_TEMPLATE, OVERRIDE_EXAMPLE):
+        unknown = set(SMSGW_VAR_RE.findall(path.read_text(encoding="utf-8"))) - set(ENV_VARS)
+        assert not unknown, f"{path.name} uses unknown settings: {sorted(unknown)}"
+
+
+def test_rabbitmq_image_is_a_supported_series() -> None:
+    image = _compose()["services"]["rabbitmq"]["image"]
+    match = re.fullmatch(r"rabbitmq:(\d+)\.(\d+)(?:\.\d+)?-management", image)
+    assert match and (int(match.group(1)), int(match.group(2))) >= (3, 13), f"{image}: 3.10-3.12 are end of life"
+
+
+def test_docs_state_the_stop_grace_period_of_the_compose_file() -> None:
+    periods = {s["stop_grace_period"] for s in _gateway_workers(_project()["services"]).values()}
+    assert len(periods) == 1, f"one grace period for every worker, got {periods}"
+    docs = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    stated = set(re.findall(r"stop_grace_period:\s*(\d+s)", docs))
+    assert stated == periods, f"docs/operations.md says stop_grace_period {stated}, compose.yaml {periods}"
+    assert "one by one" not in docs, "compose recreates every changed container at once (one shared image)"
 
 
 # --- .env.example --------------------------------------------------------------------------------------------------

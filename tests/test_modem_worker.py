@@ -15,10 +15,11 @@ from typing import Any
 import pika
 import pytest
 
-from modem_worker.modem import ModemError, ModemUnavailable, SendReceipt
+from modem_worker.modem import ModemError, ModemUnavailable, SendFailed, SendReceipt, StorageUse
+from modem_worker.send_errors import SEND_TRIES
 from modem_worker.sim_guard import SimGuard, local_midnight_ms
 from modem_worker.simulator.device import Simulator
-from modem_worker.worker import ModemWorker
+from modem_worker.worker import HEADER_SEND_FAILURES, ModemWorker
 from services import metrics
 from services.broker import (
     OUTBOUND_QUEUE,
@@ -160,6 +161,12 @@ class _HealthModem:
         self.swept += 1
         return 0
 
+    def storage_use(self) -> list[StorageUse]:
+        return [StorageUse("SM", 9, 10), StorageUse("ME", 0, 20)]
+
+    def ussd(self, code: str) -> str:
+        raise ModemError(f"{code}: +CME ERROR: 4")
+
 
 def test_a_refused_health_reading_does_not_stop_the_sim_sweep(tmp_path: Path) -> None:
     worker, _ledger = _worker(tmp_path, _RecordingPublisher(), SMSGW_MODEM_ID="health-a")
@@ -169,6 +176,8 @@ def test_a_refused_health_reading_does_not_stop_the_sim_sweep(tmp_path: Path) ->
     assert worker._health == (None, 55)
     assert metrics.MODEM_REGISTERED.labels("health-a")._value.get() == 0
     assert metrics.MODEM_SIGNAL.labels("health-a")._value.get() == -1
+    assert metrics.SIM_STORAGE_USED_RATIO.labels("health-a", "SM")._value.get() == 0.9
+    assert metrics.SIM_STORAGE_USED_RATIO.labels("health-a", "ME")._value.get() == 0
     assert not worker._modem_down.is_set()
 
 
@@ -377,6 +386,158 @@ def test_pools_and_shared_queue_only_while_registered(tmp_path: Path) -> None:
     assert worker.outbound_queues() == [outbound_queue_for(me)]
     worker._read_health(_HealthModem(signal=20, registered=ModemError("+CME ERROR: 30")))  # type: ignore[arg-type]
     assert worker.outbound_queues() == everything, "an unknown registration counts as registered"
+
+
+# ---- refused sends: classified, retried within a budget, SIM paused (fake modem, no broker) ----------------------
+class _RefusingModem(_FakeModem):
+    """Refuses sends to some numbers with a +CMS ERROR code (``refuse``: number -> code); sends the rest."""
+
+    def __init__(self, refuse: dict[str, int]) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.refused: list[str] = []
+
+    def send(self, to: str, text: str) -> SendReceipt:
+        code = self.refuse.get(to)
+        if code is not None:
+            self.refused.append(to)
+            raise SendFailed(code, f"network refused the SMS: CMS {code}")
+        return super().send(to, text)
+
+
+def _retried(decision: object, refusals: int) -> None:
+    assert isinstance(decision, Retry) and decision.budget is not None, decision
+    assert decision.budget.header == HEADER_SEND_FAILURES and decision.budget.limit == SEND_TRIES
+
+
+def test_a_rejected_recipient_is_failed_at_once_and_the_rest_is_sent(tmp_path: Path) -> None:
+    modem_id = _unique("rej")
+    publisher = _RecordingPublisher()
+    worker, ledger = _worker(tmp_path, publisher, None, SMSGW_MODEM_ID=modem_id)
+    modem = _RefusingModem({"+255700000003": 21})
+    worker._modem = modem  # type: ignore[assignment]
+    batch = [OutboundSms(f"j-{i}", f"+25570000000{i}", "hi", "task", now_ms(), report=True) for i in range(6)]
+    assert all(isinstance(worker._handle_outbound(_delivery(sms)), Ack) for sms in batch)
+    assert sorted(modem.sent_to) == sorted(s.to for s in batch if s.to != "+255700000003")
+    events = {e.uuid: e for e in map(decode_event, (p.body for p in publisher.published))}
+    assert isinstance(events["j-3"], SentEvent)
+    assert (events["j-3"].outcome, events["j-3"].cms_error) == ("failed", 21)
+    assert "short message transfer rejected" in events["j-3"].detail
+    assert {u for u, e in events.items() if e.outcome == "sent"} == {f"j-{i}" for i in (0, 1, 2, 4, 5)}
+    assert _value(metrics.SEND_REFUSALS, modem_id, "recipient") == 1
+    record = _record(ledger, "j-3")
+    assert record is not None and record.state == "failed"
+
+
+def test_a_transient_refusal_is_retried_within_its_budget_then_failed(tmp_path: Path) -> None:
+    modem_id = _unique("tr")
+    own = outbound_queue_for(modem_id)
+    publisher = _RecordingPublisher()
+    worker, ledger = _worker(tmp_path, publisher, None, SMSGW_MODEM_ID=modem_id)
+    worker._modem = _RefusingModem({"+255700000001": 42})  # type: ignore[assignment]
+    shared = OutboundSms("t-1", "+255700000001", "hi", "task", now_ms(), report=True)
+    _retried(worker._handle_outbound(_delivery(shared)), 1)
+    assert _record(ledger, "t-1") is None, "released: the SMS may be sent again"
+    ledger.release("t-1")  # the probe's claim
+    # A reply from the own queue goes to the shared queue at once, where any modem can take it; counted.
+    reply = OutboundSms("t-2", "+255700000001", "hi", "reply", now_ms(), dedup_key="k-t2")
+    decision = worker._handle_outbound(_delivery(reply, own))
+    assert _moved_to(decision) == (OUTBOUND_QUEUE, None)
+    assert isinstance(decision, Move) and decision.headers == {HEADER_SEND_FAILURES: 1}
+    # Routed to this modem alone: it waits for this modem.
+    routed = OutboundSms("t-3", "+255700000001", "hi", "task", now_ms(), modems=[modem_id])
+    _retried(worker._handle_outbound(_delivery(routed, own)), 1)
+    # The last try: reported failed, not retried again.
+    last = Delivery(OUTBOUND_QUEUE, shared.to_json(), {HEADER_SEND_FAILURES: SEND_TRIES - 1}, shared.uuid)
+    assert isinstance(worker._handle_outbound(last), Ack)
+    event = decode_event(publisher.published[-1].body)
+    assert (event.uuid, event.outcome) == ("t-1", "failed")
+    assert f"gave up after {SEND_TRIES} tries" in event.detail and "congestion" in event.detail
+    assert not publisher.published[:-1], "nothing is reported for a refusal that will be retried"
+    assert not worker._guard.paused, "one recipient failing again and again does not pause the SIM"
+
+
+def test_a_sim_level_refusal_pauses_the_sim_and_hands_the_sms_on(tmp_path: Path) -> None:
+    modem_id = _unique("bar")
+    own = outbound_queue_for(modem_id)
+    worker, ledger = _worker(tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_SIM_PAUSE="600")
+    modem = _RefusingModem({"+255700000001": 8})
+    worker._modem = modem  # type: ignore[assignment]
+    assert worker.outbound_queues() == [own, OUTBOUND_QUEUE]
+    barred = OutboundSms("s-1", "+255700000001", "hi", "task", now_ms(), report=True)
+    _retried(worker._handle_outbound(_delivery(barred)), 1)
+    assert _record(ledger, "s-1") is None, "handed back, not failed"
+    assert worker._guard.paused and _value(metrics.MODEM_PAUSED, modem_id) == 1
+    assert _value(metrics.MODEM_PAUSE_REASON, modem_id, "sim_refused") == 1
+    assert worker.outbound_queues() == [], "a paused SIM takes no outbound work"
+    # Taken before the consumer stopped: handed back unsent; a reply keeps its failover clock.
+    other = OutboundSms("s-2", "+255700000002", "hi", "task", now_ms(), report=True)
+    assert isinstance(worker._handle_outbound(_delivery(other)), Retry)
+    reply = OutboundSms("s-3", "+255700000002", "hi", "reply", now_ms())
+    queue, ttl = _moved_to(worker._handle_outbound(_delivery(reply, own)))
+    assert queue == own and ttl is not None and ttl > 0
+    assert modem.sent_to == [] and modem.refused == ["+255700000001"]
+    assert _value(metrics.OUTBOUND_FAILOVER, modem_id, "paused") == 3
+    worker._guard._pause_until = 0.0  # the cool-off is over
+    assert worker.outbound_queues() == [own, OUTBOUND_QUEUE]
+    assert isinstance(worker._handle_outbound(_delivery(other)), Ack) and modem.sent_to == ["+255700000002"]
+
+
+def test_failures_in_a_row_to_different_recipients_pause_the_sim(tmp_path: Path) -> None:
+    modem_id = _unique("row")
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id,
+                              SMSGW_SIM_BLOCK_AFTER="3")
+    worker._modem = _RefusingModem({f"+25570000000{i}": 21 for i in range(5)})  # type: ignore[assignment]
+    for i in range(3):
+        sms = OutboundSms(f"w-{i}", f"+25570000000{i}", "hi", "task", now_ms(), report=True)
+        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack), "each is reported failed"
+    assert worker._guard.paused and _value(metrics.MODEM_PAUSE_REASON, modem_id, "failures") == 1
+
+
+class _BalanceModem(_HealthModem):
+    """Answers the balance USSD; its send blocks until ``release`` is set (a send in progress)."""
+
+    alive = True
+
+    def __init__(self) -> None:
+        super().__init__(signal=20, registered=True)
+        self.release = threading.Event()
+        self.sending = threading.Event()
+        self.events: list[str] = []
+
+    def send(self, to: str, text: str) -> SendReceipt:
+        self.sending.set()
+        self.release.wait(10)
+        self.events.append("send done")
+        return SendReceipt((1,), 1, datetime.now(UTC))
+
+    def ussd(self, code: str) -> str:
+        self.events.append(f"ussd {code}")
+        return "Salio lako ni TSh 1,234.50"
+
+
+def test_the_balance_is_read_between_sends_never_during_one(tmp_path: Path) -> None:
+    modem_id = _unique("bal")
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id,
+                              SMSGW_BALANCE_USSD="*100#")
+    assert _value(metrics.SIM_BALANCE, modem_id) != _value(metrics.SIM_BALANCE, modem_id), "NaN until read"
+    modem = _BalanceModem()
+    worker._modem = modem  # type: ignore[assignment]
+    sms = OutboundSms("b-1", "+255700000001", "hi", "task", now_ms(), report=True)
+    sender = threading.Thread(target=worker._handle_outbound, args=(_delivery(sms),))
+    sender.start()
+    assert modem.sending.wait(10)
+    reader = threading.Thread(target=worker._read_health, args=(modem,))
+    reader.start()
+    reader.join(timeout=0.3)
+    assert reader.is_alive(), "the balance request waits for the send in progress"
+    modem.release.set()
+    sender.join(timeout=10)
+    reader.join(timeout=10)
+    assert modem.events == ["send done", "ussd *100#"]
+    assert _value(metrics.SIM_BALANCE, modem_id) == 1234.5
+    worker._read_health(modem)  # type: ignore[arg-type]
+    assert modem.events == ["send done", "ussd *100#"], "asked again only after SMSGW_BALANCE_INTERVAL"
 
 
 # ---- the fleet against the real broker and the simulator on a pty ---------------------------------------------

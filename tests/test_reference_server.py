@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -536,3 +537,76 @@ def test_cli_takes_the_signing_key_from_the_environment(monkeypatch: pytest.Monk
     assert reference_cli._parse_args(["--secret", "s", "--signing-key", "k"]).signing_key == "k"
     monkeypatch.delenv("SMSSYNC_REFERENCE_SIGNING_KEY")
     assert reference_cli._parse_args(["--secret", "s"]).signing_key == ""
+
+
+# --- the outbox form (GET/POST /outbox) ----------------------------------------------------------------------
+
+
+def test_outbox_form_queues_an_sms_for_the_next_task_send(server: ReferenceServer) -> None:
+    form = requests.get(server.base_url + "/outbox", timeout=TIMEOUT)
+    assert form.status_code == 200
+    assert form.headers["Content-Type"].startswith("text/html")
+    assert '<form method="post" action="/outbox">' in form.text
+    assert f"{server.base_url}/outbox" in form.text  # the curl line names this server
+    assert 'href="/outbox"' in requests.get(server.base_url + "/", timeout=TIMEOUT).text
+
+    # What curl --data-urlencode (and a browser) send: '+' encoded as %2B.
+    answer = requests.post(
+        server.base_url + "/outbox",
+        data={"to": "+255 700 000 301", "text": "Habari 😀 & karibu"},
+        allow_redirects=False,
+        timeout=TIMEOUT,
+    )
+    assert answer.status_code == 303
+    assert answer.headers["Location"] == "/"
+    [record] = server.outgoing()
+    assert answer.text.startswith(f"queued {record['uuid']} for +255700000301")
+    assert (record["to"], record["message"], record["source"], record["status"]) == (
+        "+255700000301",
+        "Habari 😀 & karibu",
+        "form",
+        "pending",
+    )
+    polled = requests.get(server.url, params={"task": "send", "secret": SECRET}, timeout=TIMEOUT).json()
+    assert polled["payload"]["messages"] == [
+        {"to": "+255700000301", "message": "Habari 😀 & karibu", "uuid": record["uuid"]}
+    ]
+
+
+def test_outbox_form_from_curl_with_data_urlencode() -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    with ReferenceServer(SECRET) as srv:
+        done = subprocess.run(
+            [curl, "-s", "--data-urlencode", "to=+255700000302", "--data-urlencode", "text=Habari",
+             srv.base_url + "/outbox"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )
+        [record] = srv.outgoing()
+        assert done.stdout.startswith(f"queued {record['uuid']} for +255700000302")
+        assert (record["to"], record["message"]) == ("+255700000302", "Habari")
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "error"),
+    [
+        (b"to=%2B255700000301", "application/x-www-form-urlencoded", "needs the form fields 'to' and 'text'"),
+        (b"to=%2B255700000301&text=+++", "application/x-www-form-urlencoded", "needs the form fields"),
+        (b"text=hello", "application/x-www-form-urlencoded", "needs the form fields"),
+        (b"to=clinic&text=hello", "application/x-www-form-urlencoded", "must be a phone number"),
+        # curl -d to=+255...: the unencoded '+' arrives as a blank; taken as is, the SMS would go to another number.
+        (b"to=+255700000301&text=hello", "application/x-www-form-urlencoded", "--data-urlencode"),
+        (b'{"to": "+255700000301", "text": "hi"}', "application/json", "JSON goes to POST /_outgoing"),
+        (b"to=\xff&text=hi", "application/x-www-form-urlencoded", "not UTF-8"),
+    ],
+)
+def test_outbox_form_refuses_bad_input_and_queues_nothing(
+    server: ReferenceServer, data: bytes, content_type: str, error: str
+) -> None:
+    answer = requests.post(
+        server.base_url + "/outbox", data=data, headers={"Content-Type": content_type}, timeout=TIMEOUT
+    )
+    assert answer.status_code == 400
+    assert error in answer.json()["payload"]["error"]
+    assert server.outgoing() == []

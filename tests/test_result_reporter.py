@@ -960,3 +960,65 @@ def test_lykmapipo_task_sent_and_result_legs(clean_broker: str, tmp_path: Path, 
         [[row]] = peer.state()["delivered"]
         assert (row["uuid"], row["sent_result_code"], row["delivered_result_code"]) == ("out-0001", -1, -1)
         assert h.stop() == []
+
+
+# --- issue 8: one line per distinct problem, servers that read another body shape -------------------------------
+
+
+def test_a_server_asking_again_for_final_results_it_accepted_gets_one_shape_warning(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It answers 2xx to every POST but never finds the rows (it reads another key): it keeps asking.
+    scripted.waiting = ["failed-send", "sent-only"]
+    h = Harness(clean_broker, scripted.stub.url, keep_rounds=20)
+    harnesses.append(h)
+    h.publish(sent("failed-send", "failed", 331, detail="no network"), sent("sent-only"))
+    h.held(2)
+    assert h.reporter.round().reported == 2
+    with caplog.at_level(logging.WARNING, logger="result_reporter.reporter"):
+        for index in range(5):  # something held, so each round asks the server what it waits for
+            h.publish(sent(f"other-{index}"))
+            h.held(1)
+            h.reporter.round()
+    warnings = [r.getMessage() for r in caplog.records if "results_shape" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    # Only the final result counts: "sent-only" may legitimately wait for its delivery report.
+    assert "1 final result(s)" in warnings[0] and "failed-send" in warnings[0]
+    assert "results_shape message_results" in warnings[0]
+    assert "message_result_string or message_result_array" in warnings[0] and "SMSGW_RESULTS_SHAPE" in warnings[0]
+
+
+def test_a_delivery_report_the_server_no_longer_asks_for_is_dropped_at_info(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted.waiting = ["u-1"]
+    h = Harness(clean_broker, scripted.stub.url, keep_rounds=2)
+    harnesses.append(h)
+    h.publish(sent("u-1"))
+    h.held(1)
+    assert h.reporter.round().reported == 1
+    scripted.waiting = []  # many servers stop asking once they have the sent result
+    h.publish(delivered("u-1"), sent("never-asked"))
+    h.held(2)
+    with caplog.at_level(logging.INFO, logger="result_reporter.reporter"):
+        h.reporter.round()
+        assert h.reporter.round().dropped == 2
+    dropped = {r.getMessage().split(": ", 1)[1]: r.levelno for r in caplog.records if "dropped the" in r.getMessage()}
+    assert sorted(dropped.values()) == [logging.INFO, logging.WARNING]
+    assert [level for text, level in dropped.items() if "delivery report of u-1" in text] == [logging.INFO]
+    assert [level for text, level in dropped.items() if "never-asked" in text] == [logging.WARNING]
+    assert h.stop() == []
+
+
+def test_an_html_error_page_is_named_by_its_title(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
+    scripted.waiting = ["u-1"]
+    scripted.post_status = 500
+    scripted.post_body = "<html><head><title>UnicodeEncodeError // Werkzeug Debugger</title><style>x{}</style>"
+    h = Harness(clean_broker, scripted.stub.url)
+    harnesses.append(h)
+    h.publish(sent("u-1"))
+    h.held(1)
+    with pytest.raises(RoundError, match=r"HTTP 500: UnicodeEncodeError // Werkzeug Debugger$"):
+        h.reporter.round()

@@ -33,7 +33,6 @@ SENDER = "+255712345678"
 RECIPIENT = "+255700000002"
 
 
-
 class RawPort:
     """A bare pyserial client speaking AT to the simulator."""
 
@@ -142,7 +141,8 @@ def test_connect_dialogue(sim: Simulator, client: ModemClient) -> None:
         "AT+CSCA?",
         "AT+CSMP=49,167,0,0",
         "AT+CPMS=?",
-        'AT+CPMS="SM","SM","SM"',
+        # The library prefers the modem's own memory (ME) whenever AT+CPMS=? lists it.
+        'AT+CPMS="ME","ME","ME"',
         "AT+CNMI=2,1,0,2",
         "AT+CLIP=1",
         "AT+CRC=1",
@@ -451,11 +451,19 @@ def test_control_api(sim: Simulator, raw: RawPort) -> None:
     r = requests.post(
         f"{url}/sms", json={"from": SENDER, "text": "via http", "timestamp": 1_700_000_000_000}, timeout=5
     )
-    assert r.status_code == 200 and r.json() == {"indices": [1]}
+    assert r.status_code == 200 and r.json() == {"indices": [1], "pending": 0}
     raw.read_until(lambda b: b'+CMTI: "SM",1' in b)
     inbox = requests.get(f"{url}/inbox", timeout=5).json()
     assert inbox == [
-        {"index": 1, "from": SENDER, "text": "via http", "timestamp": 1_700_000_000_000, "part": None, "read": False}
+        {
+            "index": 1,
+            "from": SENDER,
+            "text": "via http",
+            "timestamp": 1_700_000_000_000,
+            "part": None,
+            "read": False,
+            "memory": "SM",
+        }
     ]
     # A batch: every +CMTI in ONE write, so they arrive together.
     r = requests.post(
@@ -560,3 +568,427 @@ def _submit_pdu(number: str, text: str) -> tuple[str, int]:
 
     (pdu,) = encodeSmsSubmitPdu(number, text, reference=0)
     return str(pdu), pdu.tpduLength
+
+
+# --- field faults (issue 7) ----------------------------------------------------------------------------------------
+
+
+def _lines(data: bytes) -> list[str]:
+    """The non-empty lines of raw modem output."""
+    return [x for x in data.decode("latin-1").split("\r\n") if x]
+
+
+def test_hang_until_port_reopened(sim: Simulator, raw: RawPort) -> None:
+    state = sim.set_state(hang=True)
+    assert state["hang"] is True
+    raw.port.write(b"AT\r")
+    # The bytes reached the modem and were ignored: no answer can come for them any more.
+    wait_for(lambda: sim.state()["hang_discarded_bytes"] >= 3, what="input discarded")
+    # An SMS arriving meanwhile is stored on the SIM as usual, but announced with no +CMTI.
+    assert sim.inject_sms(SENDER, "during the hang") == [1]
+    assert [m["text"] for m in sim.inbox()] == ["during the hang"]
+    assert raw.port.in_waiting == 0
+    # Even the control API's raw write is swallowed.
+    assert requests.post(f"{sim.control_url}/raw", json={"hex": "0d0a"}, timeout=5).json()["written"] == 0
+    # Close and reopen the port (what a USB reset does): the modem answers again.
+    raw.close()
+    raw.port = serial.Serial(str(sim.link), 115200, timeout=0.05)
+    wait_for(lambda: sim.state()["hang"] is False, what="hang ended by the reopen")
+    assert raw.command("AT") == ["OK"]
+    assert raw.command("AT+CMGL=4")[0].startswith("+CMGL: 1,0,,")
+
+
+def test_hang_ended_over_the_api(sim: Simulator, raw: RawPort) -> None:
+    requests.post(f"{sim.control_url}/state", json={"hang": True}, timeout=5).raise_for_status()
+    raw.port.write(b"AT+CSQ")  # half a command: forgotten when the hang ends
+    wait_for(lambda: sim.state()["hang_discarded_bytes"] >= 6, what="input discarded")
+    assert raw.port.in_waiting == 0
+    sim.set_state(hang=False)
+    assert raw.command("AT") == ["OK"]
+
+
+def test_reboot_drops_settings_and_keeps_stored_sms(sim: Simulator, raw: RawPort) -> None:
+    assert raw.command("AT+CNMI=2,1,0,2,0;+CMEE=1") == ["OK"]
+    sim.inject_sms(SENDER, "stored before the reboot")
+    raw.read_until(lambda b: b"+CMTI" in b)
+    # A send is half-way: the prompt is out, the PDU not yet typed.
+    pdu, length = _submit_pdu(RECIPIENT, "lost with the session")
+    raw.port.write(f"AT+CMGS={length}\r".encode())
+    raw.read_until(lambda b: b.endswith(b"> "))
+    answer = requests.post(f"{sim.control_url}/reboot", timeout=5).json()
+    assert answer == {"rebooted": True, "boots": 1}
+    boot = raw.read_until(lambda b: b"+CPIN:" in b and b.endswith(b"\r\n"))
+    assert _lines(boot) == ["RDY", "^BOOT:20952483,0,0,0,72", "+CFUN: 1", "+CPIN: READY"]
+    # The PDU typed after the reboot is not sent, and it does not spoil the next command.
+    raw.port.write(pdu.encode() + b"\x1a")
+    # Power-on settings: echo on, text mode, no new-SMS indications, plain ERROR.
+    assert raw.command("AT+CMGF?") == ["AT+CMGF?\r", "+CMGF: 1", "OK"]
+    assert raw.command("AT+CNMI?") == ["AT+CNMI?\r", "+CNMI: 0,0,0,0,0", "OK"]
+    assert raw.command("AT+CMEE?") == ["AT+CMEE?\r", "+CMEE: 0", "OK"]
+    assert raw.command("AT+CSCS?") == ["AT+CSCS?\r", '+CSCS: "IRA"', "OK"]
+    assert raw.command("AT+CMGL=4") == ["AT+CMGL=4\r", "+CMS ERROR: 302"]  # PDU commands in text mode
+    assert sim.outbox() == []
+    state = sim.state()
+    assert (state["echo"], state["cmgf"], state["cnmi"], state["cmee"], state["boots"]) == (True, 1, [0, 0], 0, 1)
+    # SMS arriving now are stored silently (+CNMI off); everything stored survived.
+    sim.inject_sms(SENDER, "after the reboot")
+    assert raw.port.in_waiting == 0
+    assert [m["text"] for m in sim.inbox()] == ["stored before the reboot", "after the reboot"]
+    # Re-initialised, the modem works as before.
+    assert raw.command("ATE0") == ["ATE0\r", "OK"]
+    assert raw.command("AT+CMGF=0;+CNMI=2,1,0,2,0") == ["OK"]
+    assert raw.send_pdu(pdu, length)[-1] == "OK"
+    assert [e["text"] for e in sim.outbox()] == ["lost with the session"]
+
+
+def test_library_reconnects_after_reboot(sim: Simulator, client: ModemClient) -> None:
+    client.close()
+    sim.reboot()
+    sim.inject_sms(SENDER, "while rebooting")  # <mem3> is back to SM after a power-on
+    again = ModemClient(sim.link)
+    try:
+        assert [m.text for m in again.modem.listStoredSms(memory="SM")] == ["while rebooting"]
+        again.modem.sendSms(RECIPIENT, "after the reboot")
+        assert sim.outbox()[-1]["text"] == "after the reboot"
+    finally:
+        again.close()
+
+
+def test_pin_unlock_and_puk(tmp_path: Path) -> None:
+    with Simulator(tmp_path / "locked", pin="1234") as sim:
+        port = RawPort(sim.link)
+        try:
+            state = sim.state()
+            assert (state["sim_status"], state["pin_tries_left"], state["pin_attempts"]) == ("SIM PIN", 3, 0)
+            assert port.command("AT+CPIN?") == ["+CPIN: SIM PIN", "OK"]
+            assert port.command("AT+CMGL=4") == ["+CME ERROR: 11"]
+            assert port.command("AT+CIMI") == ["+CME ERROR: 11"]
+            assert port.command("AT+CREG?") == ["+CREG: 0,0", "OK"]
+            assert port.command("AT+CCID")[-1] == "OK"  # the ICCID is readable on a locked SIM
+            # An SMS cannot reach a locked SIM: it waits in the network.
+            assert sim.inject_sms(SENDER, "waits for the PIN") == []
+            assert sim.state()["network_pending"] == 1
+            assert port.command('AT+CPIN="0000"') == ["+CME ERROR: 16"]
+            assert sim.state()["pin_tries_left"] == 2
+            # The right PIN (unquoted works too) unlocks; the waiting SMS arrives after the OK.
+            port.port.write(b"AT+CPIN=1234\r")
+            out = port.read_until(lambda b: b"+CMTI" in b and b.endswith(b"\r\n"))
+            assert _lines(out) == ["OK", '+CMTI: "SM",1']
+            assert port.command("AT+CPIN?") == ["+CPIN: READY", "OK"]
+            state = sim.state()
+            assert (state["sim_status"], state["pin_tries_left"], state["pin_attempts"]) == ("READY", 3, 2)
+            # A reboot (a power cut) asks for the PIN again.
+            sim.reboot()
+            port.read_until(lambda b: b"+CPIN: SIM PIN\r\n" in b)
+            assert port.command("ATE0") == ["ATE0\r", "OK"]
+            assert port.command("AT+CPIN?") == ["+CPIN: SIM PIN", "OK"]
+            assert port.command("AT+CMGL=4") == ["ERROR"]  # +CMEE is off after a reboot
+            assert port.command("AT+CMEE=1") == ["OK"]
+            # Three wrong PINs block the SIM: SIM PUK, everything SIM-related fails with +CME ERROR: 12.
+            for _ in range(3):
+                assert port.command('AT+CPIN="9999"') == ["+CME ERROR: 16"]
+            assert port.command("AT+CPIN?") == ["+CPIN: SIM PUK", "OK"]
+            assert port.command('AT+CPIN="1234"') == ["+CME ERROR: 12"]
+            assert port.command("AT+CMGL=4") == ["+CME ERROR: 12"]
+            _, length = _submit_pdu(RECIPIENT, "never")
+            assert port.command(f"AT+CMGS={length}") == ["+CME ERROR: 12"]
+            state = sim.state()
+            assert (state["sim_status"], state["pin_tries_left"], state["pin_attempts"]) == ("SIM PUK", 0, 6)
+            sim.reboot()  # the SIM keeps its lock over a power cut
+            assert sim.state()["sim_status"] == "SIM PUK"
+            # A new SIM without PIN (over the API): ready again.
+            assert requests.post(f"{sim.control_url}/state", json={"pin": None}, timeout=5).json()["sim_status"] == (
+                "READY"
+            )
+        finally:
+            port.close()
+
+
+def test_pin_set_over_the_api_locks_at_once(sim: Simulator, raw: RawPort) -> None:
+    assert sim.set_state(pin="4321")["sim_status"] == "SIM PIN"
+    assert raw.command("AT+CPIN?") == ["+CPIN: SIM PIN", "OK"]
+    assert raw.command('AT+CPIN="4321"') == ["OK"]
+    assert raw.command('AT+CPIN="4321"') == ["+CME ERROR: 3"]  # not asked for: refused, still counted
+    assert sim.state()["pin_attempts"] == 2
+    assert requests.post(f"{sim.control_url}/state", json={"pin": "12"}, timeout=5).status_code == 400
+
+
+def test_library_connect_with_pin(tmp_path: Path) -> None:
+    """python-gsmmodem enters the PIN it is given (AT+CPIN=<pin>) once the SIM asks."""
+    with Simulator(tmp_path / "locked", pin="1234") as sim:
+        modem = GsmModem(str(sim.link), 115200)
+        modem.timeout = 0.05
+        try:
+            modem.connect(pin="1234")
+            assert sim.state()["sim_status"] == "READY"
+            assert [c for c in sim.at_log() if c.startswith("AT+CPIN=")] == ['AT+CPIN="1234"']
+        finally:
+            modem.close()
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def test_identity_derived_from_link_and_stable(tmp_path: Path, sim: Simulator, raw: RawPort) -> None:
+    state = sim.state()
+    imei, iccid, imsi = state["imei"], state["iccid"], state["imsi"]
+    assert len(imei) == 15 and _luhn_ok(imei)
+    assert len(iccid) == 19 and iccid.startswith("89") and _luhn_ok(iccid)
+    assert len(imsi) == 15 and imsi.startswith("64004")
+    assert raw.command("AT+CGSN") == [imei, "OK"]
+    assert raw.command("AT+CCID") == [f"+CCID: {iccid}", "OK"]
+    assert raw.command("AT^ICCID?") == [f"+CCID: {iccid}", "OK"]
+    assert raw.command("AT+CIMI") == [imsi, "OK"]
+    assert f"IMEI: {imei}" in raw.command("ATI")
+    # The same link gives the same identity, another link another one.
+    same = Simulator(sim.link)
+    other = Simulator(tmp_path / "modem1")
+    assert same.state()["imei"] == imei and same.state()["iccid"] == iccid
+    assert other.state()["imei"] != imei and other.state()["iccid"] != iccid and other.state()["imsi"] != imsi
+    # Settable (another modem behind the same port).
+    sim.set_state(imei="490154203237518")
+    assert raw.command("AT+CGSN") == ["490154203237518", "OK"]
+    assert requests.post(f"{sim.control_url}/state", json={"imei": "123"}, timeout=5).status_code == 400
+
+
+def test_reject_numbers(sim: Simulator, raw: RawPort) -> None:
+    sim.set_state(delivery="none")
+    state = requests.post(
+        f"{sim.control_url}/state", json={"reject_numbers": ["+2557000000"], "reject_cms": 21}, timeout=5
+    ).json()
+    assert (state["reject_numbers"], state["reject_cms"]) == (["+2557000000"], 21)
+    assert raw.send_pdu(*_submit_pdu(RECIPIENT, "to a phone that is off")) == ["+CMS ERROR: 21"]
+    assert raw.send_pdu(*_submit_pdu("+255711111111", "to another one"))[-1] == "OK"
+    assert [e["to"] for e in sim.outbox()] == ["+255711111111"]
+    sim.set_state(reject_numbers=[])
+    assert raw.send_pdu(*_submit_pdu(RECIPIENT, "now it works"))[-1] == "OK"
+
+
+def test_block_after_n_sends(sim: Simulator, raw: RawPort) -> None:
+    sim.set_state(delivery="none")
+    state = requests.post(f"{sim.control_url}/state", json={"block_after": 2, "block_cms": 8}, timeout=5).json()
+    assert (state["block_after"], state["block_remaining"], state["blocked"]) == (2, 2, False)
+    sim.set_state(fail_sends=1, cms_error=38)
+    assert raw.send_pdu(*_submit_pdu(RECIPIENT, "failed: not counted")) == ["+CMS ERROR: 38"]
+    assert raw.send_pdu(*_submit_pdu(RECIPIENT, "one"))[-1] == "OK"
+    assert raw.send_pdu(*_submit_pdu("+255711111111", "two"))[-1] == "OK"
+    assert sim.state()["blocked"] is True
+    for number in (RECIPIENT, "+255722222222"):
+        assert raw.send_pdu(*_submit_pdu(number, "barred")) == ["+CMS ERROR: 8"]
+    assert [e["text"] for e in sim.outbox()] == ["one", "two"]
+    state = sim.set_state(block_after=None)
+    assert (state["block_after"], state["block_remaining"], state["blocked"]) == (None, None, False)
+    assert raw.send_pdu(*_submit_pdu(RECIPIENT, "lifted"))[-1] == "OK"
+
+
+def _read_cusd(raw: RawPort, request: str) -> str:
+    """Send a USSD request; return the +CUSD URC line that follows the OK."""
+    raw.port.write(f"{request}\r".encode())
+    out = raw.read_until(lambda b: b"+CUSD:" in b and b.endswith(b"\r\n"))
+    lines = _lines(out)
+    assert lines[0] == "OK"
+    (urc,) = lines[1:]
+    return urc
+
+
+def test_ussd_balance(sim: Simulator, raw: RawPort) -> None:
+    text = "Salio lako ni TSh 1,234.50"
+    state = requests.post(f"{sim.control_url}/state", json={"ussd": {"*100#": text}}, timeout=5).json()
+    assert state["ussd"] == {"*100#": text} and state["ussd_encoding"] == "ucs2"
+    urc = _read_cusd(raw, 'AT+CUSD=1,"*100#",15')
+    assert urc == f'+CUSD: 0,"{text.encode("utf-16-be").hex().upper()}",72'
+    sim.set_state(ussd_encoding="gsm7")
+    urc = _read_cusd(raw, 'AT+CUSD=1,"*100#",15')
+    head, hex_text, dcs = urc.split(",", 1)[0], urc.split('"')[1], urc.rsplit(",", 1)[1]
+    assert (head, dcs) == ("+CUSD: 0", "15")
+    from modem_worker.simulator.pdu import unpack_septets
+
+    packed = bytes.fromhex(hex_text)
+    assert decode_gsm7(unpack_septets(packed, len(text))) == text
+    # A request packed as GSM-7 hex (Huawei style) is understood too.
+    from modem_worker.sms_text import pack_septets
+
+    packed_request = pack_septets(encode_gsm7("*100#")).hex().upper()
+    assert _read_cusd(raw, f'AT+CUSD=1,"{packed_request}",15').startswith("+CUSD: 0,")
+    # Unknown code: +CUSD: 4 (operation not supported); cancelling a session is a plain OK.
+    assert _read_cusd(raw, 'AT+CUSD=1,"*999#",15') == "+CUSD: 4"
+    assert raw.command("AT+CUSD=2") == ["OK"]
+    assert raw.command("AT+CUSD=1") == ["OK"]
+
+
+def test_ussd_answer_decodes_with_the_worker_decoder(sim: Simulator, raw: RawPort) -> None:
+    """Both encodings come back to the text through the modem adapter's own decoder."""
+    from modem_worker.modem import decode_ussd_text
+
+    text = "Salio lako ni TSh 1,234.50"
+    sim.set_state(ussd={"*100#": text})
+    for encoding in ("ucs2", "gsm7"):
+        sim.set_state(ussd_encoding=encoding)
+        urc = _read_cusd(raw, 'AT+CUSD=1,"*100#",15')
+        assert decode_ussd_text(urc.split('"')[1], int(urc.rsplit(",", 1)[1])) == text
+
+
+def _strip_noise(lines: list[str]) -> list[str]:
+    noise = ("^RSSI:", "^BOOT:", "RING", "+CREG: 1", "^MODE:")
+    return [x for x in lines if not x.startswith(noise)]
+
+
+def _noisy_session(sim: Simulator, raw: RawPort, seed: int) -> list[bytes]:
+    """A fixed command sequence under noise; returns the raw answers."""
+    sim.set_state(noise=True, noise_seed=seed, noise_rate=0.5)
+    out: list[bytes] = []
+    for cmd in ("AT+CSQ", "AT+CMGL=4", "AT+CPMS?", "AT", "AT+CSQ", "AT+CNMI?"):
+        raw.port.write(cmd.encode() + b"\r")
+        out.append(raw.read_until(_has_final))
+    return out
+
+
+def test_noise_interleaves_whole_lines_only(sim: Simulator, raw: RawPort) -> None:
+    sim.set_state(delivery="none")
+    sim.inject_sms(SENDER, "one")
+    sim.inject_sms(SENDER, "two")
+    raw.read_until(lambda b: b.count(b"+CMTI") == 2)
+    assert raw.command("AT+CMGL=4")[-1] == "OK"  # both read now: the sessions below change nothing
+    first = _noisy_session(sim, raw, seed=7)
+    noisy = [line for chunk in first for line in _lines(chunk) if _strip_noise([line]) == []]
+    assert noisy, "noise_rate 0.5 over 6 replies gives noise lines"
+    # Every noise line is a whole line; without them the answers are the normal ones.
+    for chunk in first:
+        assert _strip_noise(_lines(chunk))[-1] == "OK"
+    cmgl = _strip_noise(_lines(first[1]))
+    assert [x.split(",")[0] for x in cmgl[0:4:2]] == ["+CMGL: 1", "+CMGL: 2"]
+    assert all(decode_pdu(pdu).type == "deliver" for pdu in cmgl[1:4:2])
+    # The same seed replays the same noise; the prompt exchange never carries any.
+    assert _noisy_session(sim, raw, seed=7) == first
+    pdu, length = _submit_pdu(RECIPIENT, "through the noise")
+    for _ in range(5):
+        raw.port.write(f"AT+CMGS={length}\r".encode())
+        assert raw.read_until(lambda b: b.endswith(b"> ")) == b"\r\n> "
+        raw.port.write(pdu.encode() + b"\x1a")
+        assert _strip_noise(_lines(raw.read_until(_has_final)))[-1] == "OK"
+    assert len(sim.outbox()) == 5
+    sim.set_state(noise=False)
+    assert raw.command("AT") == ["OK"]
+
+
+def test_storage_full_keeps_sms_in_the_network(sim: Simulator, raw: RawPort) -> None:
+    sim.inject_sms(SENDER, "already stored")
+    raw.read_until(lambda b: b"+CMTI" in b)
+    state = requests.post(f"{sim.control_url}/state", json={"storage": "full"}, timeout=5).json()
+    assert state["storage"] == "full"
+    r = requests.post(f"{sim.control_url}/sms", json={"from": SENDER, "text": "waits"}, timeout=5)
+    assert r.status_code == 200 and r.json() == {"indices": [], "pending": 1}
+    assert raw.port.in_waiting == 0  # no +CMTI
+    assert raw.command("AT+CPMS?") == ['+CPMS: "SM",20,20,"SM",20,20,"SM",20,20', "OK"]
+    assert raw.command('AT+CPMS="ME","ME","ME"') == ["+CPMS: 20,20,20,20,20,20", "OK"]
+    pdu, length = _submit_pdu(RECIPIENT, "draft")
+    raw.port.write(f"AT+CMGW={length}\r".encode())
+    raw.read_until(lambda b: b.endswith(b"> "))
+    raw.port.write(pdu.encode() + b"\x1a")
+    assert raw.read_until(_has_final) == b"\r\n+CMS ERROR: 322\r\n"
+    assert raw.command('AT+CPMS="SM","SM","SM"')[-1] == "OK"
+    # Storage frees up: the network delivers what waited, in order.
+    state = sim.set_state(storage=None)
+    assert (state["storage"], state["network_pending"]) == ("normal", 0)
+    assert raw.read_until(lambda b: b"+CMTI" in b) == b'\r\n+CMTI: "SM",2\r\n'
+    assert [m["text"] for m in sim.inbox()] == ["already stored", "waits"]
+    assert raw.command("AT+CPMS?") == ['+CPMS: "SM",2,20,"SM",2,20,"SM",2,20', "OK"]
+
+
+def test_me_memory(tmp_path: Path) -> None:
+    with Simulator(tmp_path / "me", capacity=10, me_capacity=30) as sim:
+        port = RawPort(sim.link)
+        try:
+            assert port.command("AT+CPMS=?") == ['+CPMS: ("SM","ME","SR"),("SM","ME"),("SM","ME")', "OK"]
+            r = requests.post(
+                f"{sim.control_url}/sms", json={"from": SENDER, "text": "in ME", "memory": "ME"}, timeout=5
+            )
+            assert r.json()["indices"] == [1]
+            assert port.read_until(lambda b: b"+CMTI" in b) == b'\r\n+CMTI: "ME",1\r\n'
+            sim.inject_sms(SENDER, "in SM")
+            port.read_until(lambda b: b"+CMTI" in b)
+            assert [(m["memory"], m["text"]) for m in sim.inbox()] == [("SM", "in SM"), ("ME", "in ME")]
+            assert port.command('AT+CPMS="ME"') == ["+CPMS: 1,30,1,10,1,10", "OK"]
+            assert port.command("AT+CPMS?") == ['+CPMS: "ME",1,30,"SM",1,10,"SM",1,10', "OK"]
+            lines = port.command("AT+CMGL=4")
+            assert lines[0].startswith("+CMGL: 1,0,,") and decode_pdu(lines[1]).text == "in ME"
+            # <mem3> = ME: the network stores there from now on.
+            assert port.command('AT+CPMS="ME","ME","ME"') == ["+CPMS: 1,30,1,30,1,30", "OK"]
+            sim.inject_sms(SENDER, "follows mem3")
+            assert port.read_until(lambda b: b"+CMTI" in b) == b'\r\n+CMTI: "ME",2\r\n'
+            assert port.command("AT+CMGD=1") == ["OK"]
+            assert sim.state()["me_used"] == 1
+            assert (
+                requests.post(
+                    f"{sim.control_url}/sms", json={"from": SENDER, "text": "x", "memory": "SR"}, timeout=5
+                ).status_code
+                == 400
+            )
+        finally:
+            port.close()
+
+
+def test_state_shows_every_fault(sim: Simulator) -> None:
+    state = requests.get(f"{sim.control_url}/state", timeout=5).json()
+    for key in (
+        "hang", "pin", "reject_numbers", "reject_cms", "block_after", "block_cms", "ussd", "ussd_encoding",
+        "noise", "noise_seed", "noise_rate", "storage", "imei", "iccid", "imsi", "sim_status", "pin_attempts",
+        "pin_tries_left", "block_remaining", "blocked", "network_pending", "boots", "me_used", "me_capacity",
+    ):  # fmt: skip
+        assert key in state, key
+    assert (state["hang"], state["pin"], state["storage"], state["noise"]) == (False, None, "normal", False)
+
+
+def test_cli_fault_flags(tmp_path: Path) -> None:
+    link = tmp_path / "cli-faults"
+    identity = {"--imei": "490154203237518", "--iccid": "8925504123456789012", "--imsi": "640041234567890"}
+    argv = [sys.executable, "-m", "modem_worker.simulator", "--link", str(link), "--control-port", "0"]
+    argv += ["--pin", "1234", "--me-capacity", "50", *(x for pair in identity.items() for x in pair)]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        started: dict[str, Any] = {}
+        for line in proc.stdout:
+            record = json.loads(line)
+            assert "1234" not in line  # the PIN is never logged
+            if record["message"] == "started":
+                started = record
+                break
+        state = requests.get(f"{started['control_url']}/state", timeout=5).json()
+        assert (state["imei"], state["iccid"], state["imsi"]) == tuple(identity.values())
+        assert (state["sim_status"], state["me_capacity"]) == ("SIM PIN", 50)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    bad = subprocess.run(
+        [sys.executable, "-m", "modem_worker.simulator", "--link", str(link), "--control-port", "0", "--pin", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert bad.returncode == 2
+
+
+def test_library_reconnect_ends_a_hang(sim: Simulator, client: ModemClient) -> None:
+    sim.set_state(hang=True)
+    sim.inject_sms(SENDER, "stored during the hang")
+    client.close()  # what a watchdog does: close the port...
+    again = ModemClient(sim.link)  # ...and open it again: the whole connect dialogue is answered
+    try:
+        assert sim.state()["hang"] is False
+        assert [m.text for m in again.modem.listStoredSms(memory="ME")] == ["stored during the hang"]
+    finally:
+        again.close()

@@ -18,6 +18,7 @@ from services.sync_protocol import (
     ReplyError,
     SyncEncodingError,
     SyncScheme,
+    describe_body,
     first_json_document,
     parse_message_uuids,
     parse_payload,
@@ -213,3 +214,61 @@ def test_a_trickling_answer_is_cut_at_the_deadline() -> None:
         stop.set()
         server.shutdown()
         server.server_close()
+
+
+# --- error texts: what an answer body says, in one line (issue 8) -------------------------------------------------
+
+WERKZEUG_PAGE = """<!doctype html>
+<html lang=en>
+  <head>
+    <title>UnicodeEncodeError: 'latin-1' codec can't encode character
+ // Werkzeug Debugger</title>
+    <link rel="stylesheet" href="?__debugger__=yes&amp;cmd=resource&amp;f=style.css">
+    <script>var CONSOLE_MODE = false, EVALEX = true;</script>
+  </head>
+  <body style="background-color: #fff"><div class="debugger"><h1>UnicodeEncodeError</h1></div></body>
+</html>"""
+
+
+@pytest.mark.parametrize(
+    ("body", "gist"),
+    [
+        ("<html><head><title>DisallowedHost\n   at /sms</title><style>p{}</style></head></html>",
+         "DisallowedHost at /sms"),
+        (WERKZEUG_PAGE, "UnicodeEncodeError: 'latin-1' codec can't encode character // Werkzeug Debugger"),
+        ("<html><head><title>502 Bad Gateway</title></head><body><center>nginx</center></body></html>",
+         "502 Bad Gateway"),
+        ("<!DOCTYPE html><html><head><style>h1{}</style></head><body>\n<h1>Server Error (500)</h1></body></html>",
+         "Server Error (500)"),  # Django without DEBUG: no title
+        ("<br />\n<b>Fatal error</b>:  Uncaught PDOException in /var/www/sms.php:12", "Fatal error: Uncaught PDOException"
+         " in /var/www/sms.php:12"),
+        ("<title>Tom &amp; Jerry</title>", "Tom & Jerry"),
+        ("Internal Server Error", "Internal Server Error"),
+        ('{"error": "db down"}', '{"error": "db down"}'),
+        ("   \n ", "empty body"),
+        ("<title>secret=hunter2 rejected</title>", "secret=*** rejected"),
+    ],
+)
+def test_describe_body_names_an_html_page_by_its_title_or_first_text_line(body: str, gist: str) -> None:
+    assert describe_body(body, 200) == gist
+
+
+def test_describe_body_is_clipped() -> None:
+    described = describe_body("<title>" + "x" * 500 + "</title>", 80)
+    assert len(described) == 80 and described.endswith("…")
+
+
+def test_a_json_parse_error_on_an_html_page_carries_its_title() -> None:
+    with pytest.raises(ReplyError, match=r"body is not JSON.*: DisallowedHost at /sms$"):
+        parse_payload("<html><head><title>DisallowedHost at /sms</title><style>a { b: c }</style></head></html>")
+
+
+def test_an_invalid_message_keeps_its_key_wherever_it_stands() -> None:
+    bad = {"to": "", "message": "x", "uuid": "b-1"}
+    good = {"to": "+1", "message": "ok", "uuid": "g-1"}
+    first = parse_payload(json.dumps({"payload": {"task": "send", "messages": [bad]}}))
+    moved = parse_payload(json.dumps({"payload": {"task": "send", "messages": [good, bad, {"to": "+2"}]}}))
+    assert first.skipped == ("message 0: 'to' is missing or empty",)
+    assert moved.skipped[0] == "message 1: 'to' is missing or empty"
+    assert len(moved.skipped_keys) == 2 and moved.skipped_keys[0] == first.skipped_keys[0]
+    assert moved.skipped_keys[1] != moved.skipped_keys[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -905,3 +906,57 @@ def test_help_lists_the_variables_the_worker_reads(capsys: pytest.CaptureFixture
     text = capsys.readouterr().out
     for name in ("SMSGW_CONFIG", "SMSGW_SYNC_URL", "SMSGW_MODEM_FAILOVER", "SMSGW_QUERY_CODES", "parked"):
         assert name in text
+
+
+# --- issue 8: failures visible at WARNING early, HTML error pages by their title, refusal_is_final -------------
+
+DJANGO_DEBUG_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta http-equiv="content-type" content="text/html; charset=utf-8">
+  <title>DisallowedHost
+          at /sms</title>
+  <style type="text/css">
+    html * { padding:0; margin:0; }
+    body * { padding:10px 20px; }
+  </style>
+</head>
+<body><div id="summary"><h1>DisallowedHost at /sms</h1><pre>Invalid HTTP_HOST header</pre></div></body>
+</html>"""
+
+
+def test_an_html_error_page_is_named_by_its_title_and_the_first_failure_is_a_warning(
+    harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="services.broker")
+    h = harness(lambda _r: (500, DJANGO_DEBUG_PAGE), SMSGW_MAX_SERVER_ERRORS="3")
+    sms = make_sms()
+    h.inject(sms)
+    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=30, what="parked after 500s")
+    assert "HTTP 500: DisallowedHost at /sms" in listing[0].reason and "<" not in listing[0].reason
+    retries = [r for r in caplog.records if r.getMessage().startswith("retry ") and sms.message_id in r.getMessage()]
+    assert [(r.levelno, r.getMessage().split(" of ")[0]) for r in retries] == [
+        (logging.WARNING, "retry 1"),
+        (logging.INFO, "retry 2"),
+    ]
+    assert "DisallowedHost at /sms" in retries[0].getMessage()
+
+
+def test_refusal_is_final_parks_at_the_first_refusal(harness: Callable[..., Harness]) -> None:
+    # A server that stores the SMS and then answers success:false would get one copy per retry.
+    h = harness(lambda _r: (200, '{"payload":{"success":false,"error":"auto-reply failed"}}'),
+                SMSGW_REFUSAL_IS_FINAL="true")
+    h.inject(make_sms())
+    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=30, what="parked at once")
+    assert len(h.stub.requests) == 1
+    assert "auto-reply failed" in listing[0].reason and "refusal_is_final" in listing[0].reason
+
+
+def test_refusal_is_final_is_an_endpoint_option() -> None:
+    fleet = parse_fleet(
+        {"endpoints": [{"name": "a", "sync_url": "http://127.0.0.1:9/a", "refusal_is_final": True},
+                       {"name": "b", "sync_url": "http://127.0.0.1:9/b"}]},
+        "test.toml",
+    )
+    assert [e.refusal_is_final for e in fleet.endpoints] == [True, False]
+    assert default_endpoint(SMSGW_SYNC_URL="http://127.0.0.1:9/x", SMSGW_REFUSAL_IS_FINAL="true").refusal_is_final

@@ -25,7 +25,7 @@ from services import broker
 from services.broker import PublisherThread
 from services.config import EndpointConfig, FleetConfig, fleet_from_settings, parse_fleet
 from services.ledger import Ledger, open_ledger
-from services.schemas import OutboundSms
+from services.schemas import OutboundSms, task_ledger_key
 from services.settings import Settings
 from services.sync_client import SyncClient
 from services.sync_protocol import USER_AGENT
@@ -959,3 +959,81 @@ def test_config_without_a_task_endpoint_stops_with_one_line(clean_broker: str, t
     )
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1 and str(config) in done.stderr and "tasks" in done.stderr
+
+
+# --- issue 8: one line per distinct problem, servers that differ ------------------------------------------------
+
+
+def test_the_same_invalid_task_message_is_logged_once_not_on_every_poll(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    offers = iter(
+        [
+            [{"to": "", "message": "x", "uuid": "bad-1"}],
+            [{"to": "+255700000011", "message": "ok", "uuid": "good-1"}, {"to": "", "message": "x", "uuid": "bad-1"}],
+            [{"to": "", "message": "x", "uuid": "bad-1"}, {"to": "+2557", "message": "y"}],
+        ]
+    )
+    stub = HttpStub(lambda r: (200, _task_reply(next(offers)))).start()
+    before = REGISTRY.get_sample_value("smsgw_task_messages_total", {"endpoint": "default", "outcome": "invalid"})
+    try:
+        poller = make_poller(stub.url, publisher, tmp_path)
+        with caplog.at_level(logging.WARNING, logger="task_poller.poller"):
+            for _ in range(3):  # bad-1 on every poll, at another position in the second one
+                poller.poll_once()
+    finally:
+        stub.stop()
+    lines = [r.getMessage() for r in caplog.records if "invalid task message" in r.getMessage()]
+    assert len(lines) == 2, lines  # bad-1 once, the message without a uuid once
+    assert "'to' is missing" in lines[0] and "'uuid' is missing" in lines[1]
+    after = REGISTRY.get_sample_value("smsgw_task_messages_total", {"endpoint": "default", "outcome": "invalid"})
+    assert after == (before or 0) + 4  # still counted on every poll
+
+
+@pytest.mark.parametrize("status", [403, 404, 405])
+def test_a_refused_task_sent_counts_the_released_messages_and_names_both_causes(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path, status: int
+) -> None:
+    def respond(request: Request) -> tuple[int, str]:
+        if request.query.get("task") == "send":
+            return 200, _task_reply([{"to": "+255700000012", "message": "hi", "uuid": f"rel-{status}"}])
+        return status, "<html><head><title>Method Not Allowed</title><style>p{}</style></head></html>"
+
+    init_metrics("default")
+    released = REGISTRY.get_sample_value("smsgw_task_released_total", {"endpoint": "default"})
+    assert released is not None  # the series exists from start-up
+    stub = HttpStub(respond).start()
+    try:
+        poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        with pytest.raises(PollError) as raised:
+            poller.poll_once()
+    finally:
+        stub.stop()
+    message = str(raised.value)
+    assert f"HTTP {status}" in message and "Method Not Allowed" in message and "<style" not in message
+    assert "1 task message(s) released unsent" in message
+    assert "secret" in message and "SMSGW_MESSAGE_RESULTS=false" in message
+    assert REGISTRY.get_sample_value("smsgw_task_released_total", {"endpoint": "default"}) == released + 1
+    assert ledger_of(tmp_path).claim_state(f"rel-{status}") is None
+
+
+def test_a_file_endpoint_is_told_its_own_message_results_key(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path
+) -> None:
+    def respond(request: Request) -> tuple[int, str]:
+        if request.query.get("task") == "send":
+            return 200, _task_reply([{"to": "+255700000013", "message": "hi", "uuid": "kept-500"}])
+        return 500, "<!DOCTYPE html><html><head><title>UnicodeEncodeError</title></head><body>…</body></html>"
+
+    stub = HttpStub(respond).start()
+    try:
+        fleet = file_fleet([{"name": "php", "sync_url": stub.url, "secret": SECRET, "message_results": True}])
+        poller = poller_for(fleet.endpoints[0], fleet, publisher, ledger_of(tmp_path))
+        with pytest.raises(PollError) as raised:
+            poller.poll_once()
+    finally:
+        stub.stop()
+    message = str(raised.value)
+    assert "UnicodeEncodeError" in message and "claim(s) kept" in message
+    assert "message_results = false for endpoint 'php'" in message
+    assert ledger_of(tmp_path).claim_state(task_ledger_key("php", "kept-500")) == "accepted"

@@ -23,12 +23,16 @@ SIGTERM/SIGINT stop it cleanly (exit 0).
 
 EPILOG = """\
 control API (JSON on http://127.0.0.1:PORT):
-  POST /sms {"from","text","timestamp"?}   store on the SIM + "+CMTI" per part -> {"indices":[...]}; 507 when full
+  POST /sms {"from","text","timestamp"?,"memory"?}  store (SM or ME) + "+CMTI" per part -> {"indices":[...]};
+                                           507 when full
   POST /sms/batch {"messages":[...]}       store all, every +CMTI in ONE write (a URC burst)
   GET  /inbox                              SMS still on the SIM
   GET  /outbox                             SMS the client sent (multipart joined)
   GET|POST /state                          signal, battery, registered, fail_sends, cms_error, delivery,
-                                           delivery_delay_s, reply_delay_s, send_delay_s
+                                           delivery_delay_s, reply_delay_s, send_delay_s; faults: hang, pin,
+                                           reject_numbers, reject_cms, block_after, block_cms, ussd,
+                                           ussd_encoding, noise, noise_seed, noise_rate, storage, imei, iccid, imsi
+  POST /reboot                             the modem restarts (settings lost, boot lines, PIN asked again)
   POST /unplug, POST /replug               remove / recreate the pty at the same link
   POST /raw {"hex"}                        write raw bytes to the client
   GET  /log                                AT commands received, in order
@@ -70,6 +74,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--smsc", default=DEFAULT_SMSC, help=f"service centre number answered by AT+CSCA? (default {DEFAULT_SMSC})"
     )
     parser.add_argument(
+        "--me-capacity",
+        type=int,
+        default=None,
+        help="slots in the modem's own ME memory, 1-255 (default: --capacity)",
+    )
+    parser.add_argument("--pin", default=None, help="SIM PIN (4-8 digits): the SIM starts locked (AT+CPIN?)")
+    parser.add_argument("--imei", default=None, help="IMEI for AT+CGSN (default: derived from --link, stable)")
+    parser.add_argument("--iccid", default=None, help="ICCID for AT+CCID (default: derived from --link, stable)")
+    parser.add_argument("--imsi", default=None, help="IMSI for AT+CIMI (default: derived from --link, stable)")
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -82,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until SIGTERM/SIGINT; return the exit status."""
     args = parse_args(argv)
     configure_logging(args.log_level.upper(), "simulator")
-    if not 1 <= args.capacity <= 255:
+    if not 1 <= args.capacity <= 255 or not 1 <= (args.me_capacity or args.capacity) <= 255:
         jsonlog.event("bad_arguments", error="capacity must be within 1..255")
         return 2
     stop = threading.Event()
@@ -93,9 +107,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    sim = Simulator(
-        args.link, control_port=args.control_port, own_number=args.own_number, capacity=args.capacity, smsc=args.smsc
-    )
+    try:
+        sim = Simulator(
+            args.link,
+            control_port=args.control_port,
+            own_number=args.own_number,
+            capacity=args.capacity,
+            smsc=args.smsc,
+            me_capacity=args.me_capacity,
+            pin=args.pin,
+            imei=args.imei,
+            iccid=args.iccid,
+            imsi=args.imsi,
+        )
+    except ValueError as exc:
+        jsonlog.event("bad_arguments", error=str(exc))
+        return 2
     try:
         sim.start()
     except OSError as exc:

@@ -16,16 +16,21 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from modem_worker.sms_text import is_gsm7
+
 from . import jsonlog
+from .identity import decode_ussd_request, encode_ussd
 from .model import (
     CMS_MEMORY_FULL,
     CMS_NO_NETWORK,
     MEMORIES,
-    SM,
+    SIM_PIN,
+    SIM_READY,
     STAT_REC_READ,
     STAT_REC_UNREAD,
     STAT_STO_SENT,
     STAT_STO_UNSENT,
+    STORE_MEMORIES,
     ModemModel,
     ReportRequest,
     SimFullError,
@@ -40,14 +45,25 @@ CMS_INVALID_PDU = 304
 CMS_INVALID_INDEX = 321
 CMS_OPERATION_NOT_ALLOWED = 302
 CMS_NOT_SUPPORTED = 303
+CME_OPERATION_NOT_ALLOWED = 3
 CME_NOT_SUPPORTED = 4
+CME_SIM_PIN_REQUIRED = 11
+CME_SIM_PUK_REQUIRED = 12
+CME_INCORRECT_PASSWORD = 16
+CME_NO_NETWORK = 30
 CME_INVALID_PARAM = 50
+
+# Commands that need an unlocked SIM (SIM data, SMS service, USSD): +CME ERROR: 11 / 12 while locked.
+SIM_COMMANDS = frozenset({"+CMGS", "+CMGW", "+CMGR", "+CMGL", "+CMGD", "+CPMS", "+CSCA", "+CNUM", "+CIMI", "+CUSD"})
+# The 27.005 message commands exist here in PDU mode only; in text mode (after a reboot) they are refused.
+PDU_ONLY_COMMANDS = frozenset({"+CMGS", "+CMGW", "+CMGR", "+CMGL"})
+
+# Unsolicited lines a real (Huawei-style) modem drops into its output; the `noise` fault interleaves them.
+NOISE_LINES = ("^RSSI: 17", "^BOOT:20952483,0,0,0,72", "RING", "+CREG: 1", "^MODE: 5,4")
 
 MANUFACTURER = "smssync"
 MODEL = "smssync-simulator"
 REVISION = "1.0"
-IMEI = "356938035643809"
-IMSI = "640040000000001"
 OPERATOR = "SIMULATED"
 OPERATOR_NUMERIC = "64004"
 
@@ -62,6 +78,7 @@ class Reply:
     lines: list[str] = field(default_factory=list)
     final: str = "OK"
     prompt: _Prompt | None = None
+    after: list[str] = field(default_factory=list)  # URCs written right after the final result (+CUSD)
 
 
 @dataclass
@@ -148,6 +165,7 @@ class AtEngine:
         self._schedule_report = schedule_report
         self._line = bytearray()
         self._prompt: _Prompt | None = None
+        self._boots_seen = model.boots  # a reboot (model.boots changes) drops the half-typed line and prompt
         self._handlers: dict[str, Callable[[str, str], Reply]] = {
             "+CFUN": self._cfun,
             "+CMEE": self._cmee,
@@ -159,9 +177,11 @@ class AtEngine:
             "+GMM": self._ident(MODEL),
             "+CGMR": self._ident(REVISION),
             "+GMR": self._ident(REVISION),
-            "+CGSN": self._ident(IMEI),
-            "+GSN": self._ident(IMEI),
-            "+CIMI": self._ident(IMSI),
+            "+CGSN": self._identity("imei"),
+            "+GSN": self._identity("imei"),
+            "+CIMI": self._identity("imsi"),
+            "+CCID": self._ccid,
+            "^ICCID": self._ccid,
             "+GCAP": self._gcap,
             "+COPS": self._cops,
             "+CREG": self._creg("+CREG"),
@@ -187,14 +207,23 @@ class AtEngine:
             "+CVHU": self._simple("+CVHU: 0"),
             "+IFC": self._simple("+IFC: 2,2", "+IFC: (0-2),(0-2)"),
             "+CMMS": self._simple("+CMMS: 0", "+CMMS: (0-2)"),
-            "+CUSD": self._simple("+CUSD: 0", "+CUSD: (0-2)"),
+            "+CUSD": self._cusd,
         }
 
     # --- input framing ------------------------------------------------------------------------------------------
 
+    def reset_input(self) -> None:
+        """Forget a half-typed command line and a pending `> ` prompt (hang ended, modem rebooted)."""
+        self._line.clear()
+        self._prompt = None
+
     def feed(self, data: bytes) -> None:
         """Consume bytes from the client: complete command lines and prompted PDUs are executed in order."""
         for byte in data:
+            if self._boots_seen != self.model.boots:
+                # The modem rebooted: what was typed before (a pending AT+CMGS too) died with its RAM.
+                self._boots_seen = self.model.boots
+                self.reset_input()
             if self._prompt is not None:
                 self._feed_prompt(byte)
             elif byte == 0x0D:
@@ -202,8 +231,15 @@ class AtEngine:
                 self._line.clear()
                 if line:
                     self._execute_line(line)
+                    self._deliver_pending()
             elif byte == 0x0A:
                 continue  # CR terminates; an LF after it (or before a command) is noise
+            elif byte in (CTRL_Z, ESC):
+                # A PDU whose prompt was lost (the modem rebooted meanwhile) ends here: drop it, so that the
+                # next command is not glued to it.
+                if self._line:
+                    jsonlog.event("stray_input_dropped", bytes=len(self._line))
+                self._line.clear()
             elif byte == 0x08:
                 del self._line[-1:]
             elif len(self._line) < MAX_LINE:
@@ -211,6 +247,13 @@ class AtEngine:
             else:
                 jsonlog.event("line_overflow_dropped", bytes=len(self._line))
                 self._line.clear()
+
+    def _deliver_pending(self) -> None:
+        """Let SMS waiting in the network arrive once a command freed storage or unlocked the SIM."""
+        with self.model.lock:
+            urcs = self.model.deliver_pending() if self.model.network_pending else []
+        if urcs:
+            self._write(b"".join(urcs))
 
     def _feed_prompt(self, byte: int) -> None:
         """One byte of PDU input after a `> ` prompt."""
@@ -263,23 +306,42 @@ class AtEngine:
 
     def _respond(self, replies: list[Reply], extra_delay_s: float = 0.0) -> None:
         """Write information text of all replies plus the last reply's final result (or the prompt), after
-        the configured reply delay."""
-        out: list[str] = []
-        for r in replies:
-            if r.lines:
-                out.append("\r\n" + "\r\n".join(r.lines) + "\r\n")
+        the configured reply delay; with the `noise` fault on, unsolicited lines land between lines."""
+        lines = [line for r in replies for line in r.lines]
         last = replies[-1]
         if last.prompt is not None:
             self._prompt = last.prompt
-            # The prompt is not a final result: it comes without the reply delay.
-            self._write(("".join(out) + "\r\n> ").encode("latin-1"))
+            # The prompt is not a final result: it comes without the reply delay, and never with noise.
+            info = "\r\n" + "\r\n".join(lines) + "\r\n" if lines else ""
+            self._write((info + "\r\n> ").encode("latin-1"))
             return
-        out.append(f"\r\n{last.final}\r\n")
         with self.model.lock:
             delay = self.model.behaviour.reply_delay_s + extra_delay_s
+            boots = self.model.boots
+            text = self._frame(lines, last.final)
         if delay > 0 and self._abort.wait(delay):
             return  # unplugged or stopped while "busy": the answer is lost, as with a real modem
-        self._write("".join(out).encode("latin-1"))
+        if boots != self.model.boots:
+            return  # rebooted while "busy": the answer is lost too
+        self._write(text.encode("latin-1"))
+        if last.after:
+            self._write("".join(f"\r\n{u}\r\n" for u in last.after).encode("latin-1"))
+
+    def _frame(self, lines: list[str], final: str) -> str:
+        """V.250 framing of information lines and the final result; noise lines (the `noise` fault) are put at
+        random line boundaries, each as a complete `\r\n<line>\r\n`. Called with the model lock held."""
+        behaviour = self.model.behaviour
+        segments = [("\r\n" if i == 0 else "") + line + "\r\n" for i, line in enumerate(lines)]
+        segments.append(f"\r\n{final}\r\n")
+        if not behaviour.noise:
+            return "".join(segments)
+        rng = self.model.noise_rng
+        out: list[str] = []
+        for segment in segments:  # a boundary before every line and before the final result
+            if rng.random() < behaviour.noise_rate:
+                out.append(f"\r\n{rng.choice(NOISE_LINES)}\r\n")
+            out.append(segment)
+        return "".join(out)
 
     def _dispatch(self, cmd: str) -> Reply:
         """Run a single command (without the AT prefix). Called with the model lock held."""
@@ -300,13 +362,24 @@ class AtEngine:
             else:
                 return Reply(final="ERROR")
             handler = self._handlers.get(name)
-            if handler is None:
-                return Reply(final="ERROR")
+            # An unknown command is an ERROR; a known one may be refused (SIM locked, text mode).
+            refusal = Reply(final="ERROR") if handler is None else self._refusal(name, op)
+            if refusal is not None or handler is None:
+                return refusal if refusal is not None else Reply(final="ERROR")
             try:
                 return handler(op, args)
             except (ValueError, IndexError):
                 return self._cme(CME_INVALID_PARAM)
         return self._basic(cmd.upper())
+
+    def _refusal(self, name: str, op: str) -> Reply | None:
+        """The error a command gets from the SIM lock or text mode, or None when it may run."""
+        status = self.model.sim_status
+        if name in SIM_COMMANDS and status != SIM_READY and op != "test":
+            return self._cme(CME_SIM_PIN_REQUIRED if status == SIM_PIN else CME_SIM_PUK_REQUIRED)
+        if name in PDU_ONLY_COMMANDS and self.model.session.cmgf == 1 and op == "set":
+            return self._cms(CMS_OPERATION_NOT_ALLOWED)
+        return None
 
     def _cme(self, code: int) -> Reply:
         """A +CME ERROR, or plain ERROR when +CMEE=0."""
@@ -332,7 +405,8 @@ class AtEngine:
             session.cmee = 1
             return Reply()
         if letter == "I":
-            return Reply(lines=[f"{MANUFACTURER} {MODEL}", f"Revision: {REVISION}", f"IMEI: {IMEI}"])
+            imei = self.model.behaviour.imei
+            return Reply(lines=[f"{MANUFACTURER} {MODEL}", f"Revision: {REVISION}", f"IMEI: {imei}"])
         if letter in ("V", "Q", "X", "L", "M", "H", "&C", "&D", "&K", "&W", "&V"):
             return Reply()
         if letter == "S":
@@ -348,6 +422,53 @@ class AtEngine:
             return Reply(lines=[value]) if op == "exec" else Reply() if op == "test" else Reply(final="ERROR")
 
         return handler
+
+    def _identity(self, key: str) -> Callable[[str, str], Reply]:
+        """Handler for AT+CGSN / AT+CIMI: the current `imei` / `imsi` knob on execution."""
+
+        def handler(op: str, _args: str) -> Reply:
+            if op == "exec":
+                return Reply(lines=[str(getattr(self.model.behaviour, key))])
+            return Reply() if op == "test" else Reply(final="ERROR")
+
+        return handler
+
+    def _ccid(self, op: str, args: str) -> Reply:
+        """AT+CCID / AT^ICCID?: the SIM's ICCID as `+CCID: <iccid>` (readable even while the SIM is locked)."""
+        if op == "test":
+            return Reply()
+        if op == "set":
+            return Reply(final="ERROR")
+        return Reply(lines=[f"+CCID: {self.model.behaviour.iccid}"])
+
+    def _cusd(self, op: str, args: str) -> Reply:
+        """AT+CUSD=<n>[,<str>[,<dcs>]]: with a request string, OK then the network's answer as a URC:
+        `+CUSD: 0,"<hex>",<dcs>` for a code in the `ussd` knob, `+CUSD: 4` (not supported) otherwise."""
+        if op == "read":
+            return Reply(lines=["+CUSD: 0"])
+        if op == "test":
+            return Reply(lines=["+CUSD: (0-2)"])
+        if op != "set":
+            return Reply()
+        values = split_args(args)
+        if values[0] not in ("0", "1", "2"):
+            return self._cme(CME_INVALID_PARAM)
+        if len(values) < 2 or not values[1] or values[0] == "2":
+            return Reply()  # only sets the presentation (or cancels the session)
+        return self._ussd_request(values[1])
+
+    def _ussd_request(self, code: str) -> Reply:
+        """Answer a USSD request string from the `ussd` knob (see _cusd)."""
+        behaviour = self.model.behaviour
+        if not behaviour.registered:
+            return self._cme(CME_NO_NETWORK)
+        answer = next((behaviour.ussd[c] for c in decode_ussd_request(code) if c in behaviour.ussd), None)
+        jsonlog.event("ussd", code=code, known=answer is not None)
+        if answer is None:
+            return Reply(after=["+CUSD: 4"])
+        # The <dcs> tells the alphabet (23.038 §5): 15 = GSM-7 (language unspecified), 72 = UCS-2.
+        dcs = 15 if behaviour.ussd_encoding == "gsm7" and is_gsm7(answer) else 72
+        return Reply(after=[f'+CUSD: 0,"{encode_ussd(answer, behaviour.ussd_encoding)}",{dcs}'])
 
     def _simple(self, read: str | None, test: str | None = None) -> Callable[[str, str], Reply]:
         """Handler for a setting the simulator accepts and ignores: set/exec → OK, read → `read`."""
@@ -384,10 +505,21 @@ class AtEngine:
         return Reply()
 
     def _cpin(self, op: str, args: str) -> Reply:
-        """+CPIN: the SIM is always unlocked."""
+        """+CPIN? reports READY / SIM PIN / SIM PUK; +CPIN=<pin> (quoted or not) unlocks with the right PIN,
+        three wrong ones block the SIM (SIM PUK). Entering a PUK is not simulated (POST /state "pin" = a new
+        SIM)."""
         if op == "read":
-            return Reply(lines=["+CPIN: READY"])
-        return Reply()
+            return Reply(lines=[f"+CPIN: {self.model.sim_status}"])
+        if op != "set":
+            return Reply()
+        outcome = self.model.enter_pin(split_args(args)[0])
+        if outcome is None:
+            return Reply()
+        if outcome == "puk":
+            return self._cme(CME_SIM_PUK_REQUIRED)
+        if outcome == "not needed":
+            return self._cme(CME_OPERATION_NOT_ALLOWED)
+        return self._cme(CME_INCORRECT_PASSWORD)
 
     def _clac(self, op: str, args: str) -> Reply:
         """+CLAC: one supported command per line; leaves out ^CVOICE/+WIND/+ZPAS so the library treats the
@@ -404,7 +536,7 @@ class AtEngine:
     def _cops(self, op: str, args: str) -> Reply:
         """+COPS: the simulated operator while registered."""
         if op == "read":
-            if self.model.behaviour.registered:
+            if self.model.behaviour.registered and self.model.sim_status == SIM_READY:
                 return Reply(lines=[f'+COPS: 0,0,"{OPERATOR}",0'])
             return Reply(lines=["+COPS: 0"])
         if op == "test":
@@ -417,7 +549,8 @@ class AtEngine:
         def handler(op: str, args: str) -> Reply:
             session = self.model.session
             if op == "read":
-                stat = 1 if self.model.behaviour.registered else 2  # 2: not registered, searching
+                # 0: a locked SIM cannot attach; 2: not registered, searching.
+                stat = 0 if self.model.sim_status != SIM_READY else 1 if self.model.behaviour.registered else 2
                 return Reply(lines=[f"{name}: {session.creg_n},{stat}"])
             if op == "test":
                 return Reply(lines=[f"{name}: (0-2)"])
@@ -470,9 +603,11 @@ class AtEngine:
             return Reply(lines=[f"+CMGF: {self.model.session.cmgf}"])
         if op == "test":
             return Reply(lines=["+CMGF: (0,1)"])
-        if op == "set" and int(args or "0") != 0:
-            # Advertised for Gammu's probe, but only PDU mode is implemented.
-            return self._cms(CMS_NOT_SUPPORTED)
+        if op == "set":
+            if int(args or "0") != 0:
+                # Advertised for Gammu's probe, but only PDU mode is implemented.
+                return self._cms(CMS_NOT_SUPPORTED)
+            self.model.session.cmgf = 0
         return Reply()
 
     def _csca(self, op: str, args: str) -> Reply:
@@ -496,30 +631,37 @@ class AtEngine:
         return Reply()
 
     def _memory_counts(self, memories: list[str]) -> str:
-        """`used,total` pairs for +CPMS answers."""
-        return ",".join(f"{len(self.model.memories[m])},{self.model.capacity}" for m in memories)
+        """`used,total` pairs for +CPMS answers (a full `storage` fault shows SM/ME as used = total)."""
+        return ",".join(f"{self.model.used_slots(m)},{self.model.capacities[m]}" for m in memories)
 
     def _cpms(self, op: str, args: str) -> Reply:
-        """+CPMS: select memories; <mem1> (read/delete) may be SM or SR, <mem2>/<mem3> only SM."""
+        """+CPMS: select memories; <mem1> (read/delete) may be SM, ME or SR, <mem2> (write) and <mem3> (where
+        the network's SMS are stored) SM or ME."""
         session = self.model.session
         if op == "test":
-            return Reply(lines=['+CPMS: ("SM","SR"),("SM"),("SM")'])
+            return Reply(lines=['+CPMS: ("SM","ME","SR"),("SM","ME"),("SM","ME")'])
         if op == "read":
-            parts = [f'"{m}",{len(self.model.memories[m])},{self.model.capacity}' for m in (session.mem_read, SM, SM)]
+            selected = (session.mem_read, session.mem_write, session.mem_store)
+            parts = [f'"{m}",{self._memory_counts([m])}' for m in selected]
             return Reply(lines=["+CPMS: " + ",".join(parts)])
         if op == "set":
             mems = [m.upper() for m in split_args(args)]
-            if not 1 <= len(mems) <= 3 or mems[0] not in MEMORIES or any(m != SM for m in mems[1:]):
+            if not 1 <= len(mems) <= 3 or mems[0] not in MEMORIES or any(m not in STORE_MEMORIES for m in mems[1:]):
                 return self._cms(CMS_OPERATION_NOT_ALLOWED)
             session.mem_read = mems[0]
-            return Reply(lines=["+CPMS: " + self._memory_counts([mems[0], SM, SM])])
+            if len(mems) > 1:
+                session.mem_write = mems[1]
+            if len(mems) > 2:
+                session.mem_store = mems[2]
+            counts = self._memory_counts([session.mem_read, session.mem_write, session.mem_store])
+            return Reply(lines=["+CPMS: " + counts])
         return Reply(final="ERROR")
 
     def _cnmi(self, op: str, args: str) -> Reply:
         """+CNMI: <mt> decides +CMTI (1) / +CMT direct (2, 3) / silent store (0); <ds> +CDS (1) / +CDSI (2)."""
         session = self.model.session
         if op == "read":
-            return Reply(lines=[f"+CNMI: 2,{session.cnmi_mt},0,{session.cnmi_ds},0"])
+            return Reply(lines=[f"+CNMI: {session.cnmi_mode},{session.cnmi_mt},0,{session.cnmi_ds},0"])
         if op == "test":
             return Reply(lines=["+CNMI: (0-3),(0-3),(0,2),(0-2),(0,1)"])
         if op == "set":
@@ -527,7 +669,7 @@ class AtEngine:
             values += [0] * (5 - len(values))
             if not 0 <= values[1] <= 3 or not 0 <= values[3] <= 2:
                 return self._cms(CMS_OPERATION_NOT_ALLOWED)
-            session.cnmi_mt, session.cnmi_ds = values[1], values[3]
+            session.cnmi_mode, session.cnmi_mt, session.cnmi_ds = values[0], values[1], values[3]
         return Reply()
 
     def _cmgr(self, op: str, args: str) -> Reply:
@@ -573,7 +715,7 @@ class AtEngine:
         index = int(values[0]) if values[0] else 0
         flag = int(values[1]) if len(values) > 1 and values[1] else 0
         if flag == 0:
-            if not 1 <= index <= self.model.capacity:
+            if not 1 <= index <= self.model.capacities[self.model.session.mem_read]:
                 return self._cms(CMS_INVALID_INDEX)
             memory.pop(index, None)  # deleting an empty slot is not an error on common modems
         else:
@@ -650,8 +792,12 @@ class AtEngine:
         with self.model.lock:
             behaviour = self.model.behaviour
             send_delay = behaviour.send_delay_s
+            refusal = self.model.send_refusal(sms.address)
             if not behaviour.registered:
                 reply = self._cms(CMS_NO_NETWORK)
+            elif refusal is not None:
+                reply = self._cms(refusal)
+                jsonlog.event("send_refused", to=sms.address, cms_error=refusal)
             elif behaviour.fail_sends > 0:
                 behaviour.fail_sends -= 1
                 reply = self._cms(behaviour.cms_error)
@@ -660,6 +806,7 @@ class AtEngine:
                 )
             else:
                 mr, report = self.model.submit(sms)
+                self.model.count_sent()
                 reply = Reply(lines=[f"+CMGS: {mr}"])
         self._respond([reply], extra_delay_s=send_delay)
         if report is not None:

@@ -51,7 +51,7 @@ class ControlHandler(BaseHTTPRequestHandler):
         self._handle("GET")
 
     def do_POST(self) -> None:
-        """POST /sms, /sms/batch, /state, /unplug, /replug, /raw."""
+        """POST /sms, /sms/batch, /state, /unplug, /replug, /reboot, /raw."""
         self._handle("POST")
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -88,6 +88,7 @@ class ControlHandler(BaseHTTPRequestHandler):
             "/state": lambda s, b: s.set_state(**b),
             "/unplug": _post_unplug,
             "/replug": _post_replug,
+            "/reboot": _post_reboot,
             "/raw": _post_raw,
         }
         if method == "GET" and path in getters:
@@ -145,8 +146,16 @@ def _epoch_ms(value: Any) -> int | None:
 
 def _post_sms(sim: Simulator, msg: dict[str, Any]) -> dict[str, Any]:
     """POST /sms."""
-    indices = sim.inject_sms(_text(msg, "from"), _text(msg, "text", allow_empty=True), _epoch_ms(msg.get("timestamp")))
-    return {"indices": indices}
+    memory = msg.get("memory")
+    if memory is not None and not isinstance(memory, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, '"memory" must be "SM" or "ME"')
+    indices = sim.inject_sms(
+        _text(msg, "from"),
+        _text(msg, "text", allow_empty=True),
+        _epoch_ms(msg.get("timestamp")),
+        memory.upper() if memory else None,
+    )
+    return {"indices": indices, "pending": sim.state()["network_pending"]}
 
 
 def _post_batch(sim: Simulator, body: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +168,7 @@ def _post_batch(sim: Simulator, body: dict[str, Any]) -> dict[str, Any]:
             "from": _text(m, "from"),
             "text": _text(m, "text", allow_empty=True),
             "timestamp": _epoch_ms(m.get("timestamp")),
+            "memory": m.get("memory"),
         }
         for m in (_object(x) for x in messages)
     ]
@@ -175,6 +185,12 @@ def _post_replug(sim: Simulator, _body: dict[str, Any]) -> dict[str, Any]:
     """POST /replug."""
     sim.replug()
     return {"plugged": True, "link": str(sim.link)}
+
+
+def _post_reboot(sim: Simulator, _body: dict[str, Any]) -> dict[str, Any]:
+    """POST /reboot."""
+    sim.reboot()
+    return {"rebooted": True, "boots": sim.state()["boots"]}
 
 
 def _post_raw(sim: Simulator, body: dict[str, Any]) -> dict[str, Any]:

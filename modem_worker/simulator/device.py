@@ -5,6 +5,7 @@ Tests embed it directly (`with Simulator(path) as sim: ...`); `python -m modem_w
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,12 +15,16 @@ from typing import Any
 from . import jsonlog
 from .at_engine import AtEngine
 from .control_api import ControlServer
-from .model import ModemModel, ReportRequest
-from .pty_link import PtyLink
+from .identity import derive_identity
+from .model import SIM_PIN, ModemModel, ReportRequest
+from .pty_link import PortEvent, PtyLink
 
 DEFAULT_OWN_NUMBER = "+255700000001"
 DEFAULT_SMSC = "+255754000000"
 DEFAULT_CAPACITY = 255  # the largest real SIMs; --capacity 20 for a small one
+
+# What a modem prints while it boots (POST /reboot): Huawei-style ^BOOT, the SIM state once it is read.
+BOOT_LINES = ("RDY", "^BOOT:20952483,0,0,0,72", "+CFUN: 1")
 
 
 class Simulator:
@@ -37,13 +42,28 @@ class Simulator:
         capacity: int = DEFAULT_CAPACITY,
         smsc: str = DEFAULT_SMSC,
         control_host: str = "127.0.0.1",
+        me_capacity: int | None = None,
+        pin: str | None = None,
+        imei: str | None = None,
+        iccid: str | None = None,
+        imsi: str | None = None,
     ) -> None:
-        """Configure (not start) a simulator; `control_port=0` picks a free port at start().
+        """Configure (not start) a simulator; `control_port=0` picks a free port at start(). IMEI, ICCID and
+        IMSI default to values derived from the link path (stable per link); `pin` locks the SIM.
 
-        Raises ValueError for a capacity outside 1..255.
+        Raises ValueError for a capacity outside 1..255 or a malformed PIN / identity.
         """
         self.link = Path(link)
-        self.model = ModemModel(own_number=own_number, capacity=capacity, smsc=smsc)
+        self.model = ModemModel(own_number=own_number, capacity=capacity, smsc=smsc, me_capacity=me_capacity)
+        derived = derive_identity(str(self.link.absolute()))
+        self.model.apply_behaviour(
+            {
+                "imei": imei or derived.imei,
+                "iccid": iccid or derived.iccid,
+                "imsi": imsi or derived.imsi,
+                **({"pin": pin} if pin is not None else {}),
+            }
+        )
         self._control_host = control_host
         self._control_port = control_port
         self._server: ControlServer | None = None
@@ -78,6 +98,8 @@ class Simulator:
             control_url=self.control_url,
             own_number=self.model.own_number,
             capacity=self.model.capacity,
+            imei=self.model.behaviour.imei,
+            pin_required=self.model.sim_status == SIM_PIN,
         )
 
     def stop(self) -> None:
@@ -140,23 +162,62 @@ class Simulator:
                 self._pty.close()
                 self._pty = None
             self.model.reset_session()
+            with self.model.lock:
+                self.model.behaviour.hang = False  # a re-enumerated modem is a fresh one
             pty: PtyLink
             engine_holder: list[AtEngine] = []
 
             def on_data(chunk: bytes) -> None:
-                engine_holder[0].feed(chunk)
+                engine = engine_holder[0]
+                with self.model.lock:
+                    hung = self.model.behaviour.hang
+                    if hung:
+                        self.model.hang_discarded_bytes += len(chunk)
+                if hung:
+                    engine.reset_input()  # a hung modem ignores input, and forgets what it had half-read
+                else:
+                    engine.feed(chunk)
 
-            pty = PtyLink(self.link, on_data)
-            engine_holder.append(AtEngine(self.model, pty.write, pty.closing, self._schedule_report))
+            def on_port_event(event: PortEvent) -> None:
+                with self.model.lock:
+                    ends_hang = event == "open" and self.model.behaviour.hang
+                    if ends_hang:
+                        self.model.behaviour.hang = False
+                jsonlog.event("port_" + ("opened" if event == "open" else "closed"), level=logging.DEBUG)
+                if ends_hang:
+                    engine_holder[0].reset_input()
+                    jsonlog.event("hang_ended", reason="port reopened")
+
+            def gated_write(data: bytes) -> bool:
+                with self.model.lock:
+                    hung = self.model.behaviour.hang
+                return False if hung else pty.write(data)  # a hung modem says nothing, not even URCs
+
+            pty = PtyLink(self.link, on_data, on_port_event)
+            engine = AtEngine(self.model, gated_write, pty.closing, self._schedule_report)
+            engine_holder.append(engine)
             pty.open()
             self._pty = pty
 
     # --- I/O towards the client ---------------------------------------------------------------------------------
 
+    def reboot(self) -> None:
+        """The modem restarts on its own (POST /reboot): AT settings back to power-on defaults (echo on, text
+        mode, no +CNMI, +CMEE 0), a pending command or `> ` prompt is lost, the hang ends, a PIN is asked again;
+        the boot lines (RDY, ^BOOT, +CFUN: 1, +CPIN: ...) are written. Stored SMS and counters stay."""
+        with self.model.lock:
+            self.model.reboot()
+            boot = [*BOOT_LINES, f"+CPIN: {self.model.sim_status}"]
+        jsonlog.event("rebooted", boots=self.model.boots, sim_status=self.model.sim_status)
+        self.write_raw("".join(f"\r\n{line}\r\n" for line in boot).encode())
+
     def write_raw(self, data: bytes) -> bool:
-        """Write bytes to the client as if the modem sent them (URC bursts, garbage). False when unplugged."""
+        """Write bytes to the client as if the modem sent them (URC bursts, garbage). False when unplugged or
+        while the modem hangs."""
         pty = self._pty
-        return pty.write(data) if pty is not None else False
+        with self.model.lock:
+            hung = self.model.behaviour.hang
+        return pty.write(data) if pty is not None and not hung else False
 
     def _schedule_report(self, req: ReportRequest) -> None:
         """Produce the status report for `req` after its delay, on a timer thread."""
@@ -177,13 +238,17 @@ class Simulator:
 
     # --- API mirrored by the control server ---------------------------------------------------------------------
 
-    def inject_sms(self, sender: str, text: str, timestamp_ms: int | None = None) -> list[int]:
-        """Deliver an SMS from the network: store its part(s) on the SIM and raise one +CMTI per part (each in
-        its own write). Returns the SM indices.
+    def inject_sms(
+        self, sender: str, text: str, timestamp_ms: int | None = None, memory: str | None = None
+    ) -> list[int]:
+        """Deliver an SMS from the network: store its part(s) in `memory` (default SM) and raise one +CMTI per
+        part (each in its own write). Returns the indices ([] while it waits in the network: SIM locked or
+        `storage` full).
 
-        Raises SimFullError when the parts do not fit, PduError (ValueError) for an unusable sender.
+        Raises SimFullError when the parts do not fit, PduError (ValueError) for an unusable sender,
+        ValueError for an unknown memory.
         """
-        indices, urcs = self.model.inject([(sender, text, timestamp_ms)])
+        indices, urcs = self.model.inject([(sender, text, timestamp_ms, memory)])
         for urc in urcs:
             self.write_raw(urc)
         return indices[0]
@@ -193,7 +258,9 @@ class Simulator:
 
         Raises SimFullError (nothing stored) when they do not all fit, KeyError/ValueError on bad input.
         """
-        batch = [(str(m["from"]), str(m["text"]), _timestamp(m.get("timestamp"))) for m in messages]
+        batch = [
+            (str(m["from"]), str(m["text"]), _timestamp(m.get("timestamp")), _memory(m.get("memory"))) for m in messages
+        ]
         indices, urcs = self.model.inject(batch)
         self.write_raw(b"".join(urcs))
         return indices
@@ -215,14 +282,32 @@ class Simulator:
 
         Raises ValueError for an unknown key or invalid value (nothing is changed then).
         """
-        with self.model.lock:
-            self.model.behaviour.update(changes)
-        jsonlog.event("state_changed", **changes)
+        pty = self._pty
+        if changes.get("hang") is True and pty is not None:
+            # Only a reopen AFTER the hang began may end it, not the client's own open a moment ago.
+            with pty.past_port_events_dropped():
+                urcs = self.model.apply_behaviour(changes)
+        else:
+            urcs = self.model.apply_behaviour(changes)
+        # Never log a PIN, even the simulator's.
+        logged: dict[str, Any] = {k: ("***" if k == "pin" and v else v) for k, v in changes.items()}
+        jsonlog.event("state_changed", **logged)
+        if urcs:
+            self.write_raw(b"".join(urcs))
         return self.model.state()
 
     def at_log(self) -> list[str]:
         """AT command lines received so far, in order."""
         return self.model.log_copy()
+
+
+def _memory(value: Any) -> str | None:
+    """Validate an optional storage memory name. Raises ValueError when it is not a string."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError('memory must be "SM" or "ME"')
+    return value.upper()
 
 
 def _timestamp(value: Any) -> int | None:

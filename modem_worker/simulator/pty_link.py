@@ -7,26 +7,91 @@ because no client has the port open yet; closing the master (unplug) hangs the l
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import logging
 import os
 import select
+import struct
 import threading
 import tty
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 from . import jsonlog
 
 _WRITE_STALL_S = 2.0  # how long a write may wait for a client that does not read before data is dropped
 
+PortEvent = Literal["open", "close"]
+_IN_OPEN = 0x20
+_IN_CLOSE_WRITE = 0x08
+_IN_CLOSE_NOWRITE = 0x10
+_IN_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name: none for a watched file)
+
+
+class PortWatch:
+    """Reports every open and close of the pty slave device by clients, through Linux inotify on the device
+    node (/dev/pts/N). The simulator keeps its own slave fd open for the whole plug-in, so every event seen
+    is a client's: that is how a hung modem notices that the worker closed and reopened the port."""
+
+    def __init__(self, device: str) -> None:
+        """Watch `device`. Raises OSError when inotify is unavailable."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        mask = _IN_OPEN | _IN_CLOSE_WRITE | _IN_CLOSE_NOWRITE
+        if libc.inotify_add_watch(fd, os.fsencode(device), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {device} failed")
+        self.fd = fd
+
+    def read_events(self) -> list[PortEvent]:
+        """Drain the queued events, oldest first (empty when none)."""
+        events: list[PortEvent] = []
+        while True:
+            try:
+                data = os.read(self.fd, 4096)  # whole events only: the kernel never splits one
+            except (BlockingIOError, OSError):
+                return events
+            if not data:
+                return events
+            offset = 0
+            while offset + _IN_EVENT.size <= len(data):
+                _, mask, _, name_len = _IN_EVENT.unpack_from(data, offset)
+                offset += _IN_EVENT.size + name_len
+                if mask & _IN_OPEN:
+                    events.append("open")
+                if mask & (_IN_CLOSE_WRITE | _IN_CLOSE_NOWRITE):
+                    events.append("close")
+
+    def close(self) -> None:
+        """Stop watching."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
 
 class PtyLink:
     """One plug-in of the modem: a pty pair, the symlink to its slave, and a reader thread on the master."""
 
-    def __init__(self, link: Path, on_data: Callable[[bytes], None]) -> None:
-        """Prepare (not open) a link at `link`; `on_data` is called in the reader thread with each chunk read."""
+    def __init__(
+        self,
+        link: Path,
+        on_data: Callable[[bytes], None],
+        on_port_event: Callable[[PortEvent], None] | None = None,
+    ) -> None:
+        """Prepare (not open) a link at `link`; `on_data` is called in the reader thread with each chunk read,
+        `on_port_event` (same thread, always before data read after it) when a client opens or closes the port.
+        """
         self.link = link
         self._on_data = on_data
+        self._on_port_event = on_port_event
+        self._watch: PortWatch | None = None
+        # Held while port events are read and handled: lets a caller discard the events of opens that happened
+        # before a moment (the start of a hang) without the reader handling them after it.
+        self._events_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._master: int | None = None
         self._slave: int | None = None
@@ -60,6 +125,12 @@ class PtyLink:
         os.symlink(self.device, tmp)
         os.replace(tmp, self.link)  # atomic: a client never sees the path missing during a replug's creation
         self._master, self._slave = master, slave
+        try:
+            self._watch = PortWatch(self.device)
+        except OSError as exc:
+            # Without inotify a hang can still be ended by POST /state {"hang": false} or /reboot.
+            jsonlog.event("port_watch_unavailable", error=str(exc))
+            self._watch = None
         self._wake_r, self._wake_w = os.pipe()
         self._closing.clear()
         self._reader = threading.Thread(target=self._read_loop, name=f"sim-pty-{self.link.name}", daemon=True)
@@ -84,10 +155,25 @@ class PtyLink:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             self._master = self._slave = self._wake_r = self._wake_w = None
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
         with contextlib.suppress(OSError):
             if os.readlink(self.link) == self.device:
                 self.link.unlink()
         jsonlog.event("unplugged", link=str(self.link), device=self.device)
+
+    @contextlib.contextmanager
+    def past_port_events_dropped(self) -> Iterator[None]:
+        """Discard the port events already queued and hold further handling for the `with` block: what
+        happens inside it (a hang starting) is only affected by opens and closes that come after it."""
+        with self._events_lock:
+            watch = self._watch
+            if watch is not None:
+                dropped = watch.read_events()
+                if dropped:
+                    jsonlog.event("port_events_dropped", events=dropped, level=logging.DEBUG)
+            yield
 
     @property
     def closing(self) -> threading.Event:
@@ -121,15 +207,25 @@ class PtyLink:
     def _read_loop(self) -> None:
         """Read the master until close(), handing each chunk to on_data; errors in on_data are logged, not
         fatal, so one bad command cannot kill the modem."""
-        master, wake = self._master, self._wake_r
+        master, wake, watch = self._master, self._wake_r, self._watch
         assert master is not None and wake is not None
+        fds = [master, wake] + ([watch.fd] if watch is not None else [])
         while not self._closing.is_set():
             try:
-                readable, _, _ = select.select([master, wake], [], [], 1.0)
+                readable, _, _ = select.select(fds, [], [], 1.0)
             except (OSError, ValueError):
                 return
             if wake in readable or self._closing.is_set():
                 return
+            if watch is not None and watch.fd in readable:
+                # Port events first: bytes a client wrote after reopening must see the modem it reopened.
+                with self._events_lock:
+                    for event in watch.read_events():
+                        if self._on_port_event is not None:
+                            try:
+                                self._on_port_event(event)
+                            except Exception:  # the reader must survive any bug in event handling
+                                jsonlog.log.exception("port_event_error")
             if master not in readable:
                 continue
             try:

@@ -1,0 +1,87 @@
+"""``smsgw compose-modems``: the override it writes is a valid compose file that runs one modem worker per device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from services import cli
+from services.compose_modems import UsageError, parse_modems, render
+from tests.test_deploy_files import (
+    ROOT,
+    _compose,
+    _environment,
+    _merge,
+    _resolve_extends,
+    _schema_validator,
+)
+
+DEVICES = [
+    "/dev/serial/by-id/usb-Quectel_EC25_0123456-if02-port0",
+    "/dev/serial/by-id/usb-Quectel_EC25_0123457-if02-port0=helpline",
+    "/dev/smsgw-modem3",
+]
+
+
+def _generate(argv: list[str]) -> dict[str, Any]:
+    from services import compose_modems
+
+    lines: list[str] = []
+    assert compose_modems.main(argv, out=lines.append) == 0
+    data: dict[str, Any] = yaml.safe_load("\n".join(lines))
+    return data
+
+
+def test_the_written_override_validates_and_runs_one_worker_per_device() -> None:
+    override = _generate(DEVICES)
+    validator = _schema_validator()
+    assert not list(validator.iter_errors(override))
+    project = _merge(_compose(), override)
+    project["services"] = _resolve_extends(project["services"], ROOT)
+    assert not [e.message for e in validator.iter_errors(project)]
+    modems = {name: project["services"][name] for name in override["services"]}
+    assert [_environment(s)["SMSGW_MODEM_ID"] for s in modems.values()] == ["modem1", "helpline", "modem3"]
+    for name, service in modems.items():
+        assert service["command"] == ["python", "-m", "modem_worker"], name
+        assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+        assert service["devices"][0].endswith(":/dev/modem"), name
+        assert _environment(service)["SMSGW_MODEM_PORT"] == "/dev/modem", name
+        assert service["secrets"] == ["rabbitmq_password"], name
+    assert modems["modem_worker_helpline"]["devices"] == [f"{DEVICES[1].split('=')[0]}:/dev/modem"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "complaint"),
+    [
+        (["/dev/a=m1", "/dev/b=m1"], "given twice"),
+        (["/dev/a", "/dev/a"], "given twice"),
+        (["ttyUSB0"], "absolute path"),
+        (["/dev/serial/by-path/pci-0000:00:14.0-usb-0:1:1.0-port0"], "without ':'"),
+        (["/dev/a=bad id"], "SMSGW_MODEM_ID"),
+    ],
+)
+def test_bad_devices_and_ids_are_refused_with_one_line(
+    arguments: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(UsageError, match=complaint):
+        parse_modems(arguments)
+    assert cli.main(["compose-modems", *arguments]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and complaint in captured.err
+
+
+def test_unstable_device_names_are_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["compose-modems", "/dev/ttyUSB0"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: /dev/ttyUSB0" in captured.err
+    assert yaml.safe_load(captured.out)["services"]["modem_worker_modem1"]["devices"] == ["/dev/ttyUSB0:/dev/modem"]
+
+
+def test_render_quotes_values_yaml_reads_back() -> None:
+    text = render(parse_modems(["/dev/modem-#1=a.b_c-1"]))
+    service = yaml.safe_load(text)["services"]["modem_worker_a.b_c-1"]
+    assert service["devices"] == ["/dev/modem-#1:/dev/modem"]
+    assert service["environment"] == {"SMSGW_MODEM_ID": "a.b_c-1"}

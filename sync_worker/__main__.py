@@ -197,7 +197,14 @@ def serve(settings: Settings, endpoints: Sequence[EndpointConfig], topology: Top
     lanes = [InboundLane.open(settings, endpoint, topology) for endpoint in endpoints]
     # smsgw_sync_url_up: a dead server shows (alert SmsgwSyncUrlFailing) even when there is nothing to POST.
     probes = [SyncUrlProbe(endpoint, settings.probe_interval) for endpoint in endpoints]
-    install_stop_signals(lambda: stop_lanes(lanes))
+
+    def on_stop() -> None:
+        # The probes stop with the lanes, so a probe in flight finishes while they drain, not after.
+        for probe in probes:
+            probe.request_stop()
+        stop_lanes(lanes)
+
+    install_stop_signals(on_stop)
     log.info(
         "sync_worker started: %s",
         ", ".join(f"endpoint {lane.endpoint.name} (Sync URL {lane.endpoint.redacted_url})" for lane in lanes),

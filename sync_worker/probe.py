@@ -83,6 +83,10 @@ class SyncUrlProbe:
         self._thread = threading.Thread(target=self._run, name=f"smsgw-probe-{self._endpoint.name}", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the thread to stop after the probe in flight (returns at once: safe in a signal handler)."""
+        self._stop.set()
+
     def stop(self) -> None:
         """Stop probing (waits for a probe in flight, at most its time-out) and close the HTTP client."""
         self._stop.set()

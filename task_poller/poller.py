@@ -416,14 +416,19 @@ class TaskPoller:
                     metrics.TASK_MESSAGES.labels(self.name, "not_confirmed").inc()
                     metrics.TASK_RELEASED.labels(self.name).inc()
                 kept = len(messages) - len(fresh)
+                parts: list[str] = []
+                if fresh:
+                    parts.append(
+                        f"{len(fresh)} task message(s) released unsent (the server may offer them again, or never "
+                        "if it marks messages sent when it hands them out: smsgw_task_released_total)"
+                    )
+                if kept:
+                    parts.append(f"{kept} claim(s) kept (an earlier ?task=sent for them may have been processed)")
                 # One line (the poll loop's ERROR) that names both usual causes: some servers without the
                 # Results API mark a message sent when they hand it out, so a released one is never offered again.
                 raise PollError(
-                    f"{exc}; {len(fresh)} task message(s) released unsent (the server may offer them again, or "
-                    f"never if it marks messages sent when it hands them out: smsgw_task_released_total)"
-                    + (f", {kept} kept (an earlier ?task=sent for them may have been processed)" if kept else "")
-                    + f". Likely causes: the secret or the credentials, or a server without the Message Results "
-                    f"API: then set {self._results_setting}",
+                    f"{exc}; {', '.join(parts)}. Likely causes: the secret or the credentials, or a server without "
+                    f"the Message Results API: then set {self._results_setting}",
                     exc.outcome,
                     exc.status,
                 ) from None

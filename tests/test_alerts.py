@@ -28,8 +28,10 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import Histogram
 
 from scripts.stack import free_port, wait_until
+from services import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -167,6 +169,17 @@ def test_alerts_name_what_they_concern() -> None:
     assert not problems, problems
 
 
+def test_bucket_bounds_in_rules_are_buckets_of_the_histogram() -> None:
+    # le="30.0" of a bucket that no longer exists matches nothing: the alert would be silent for good.
+    bounds = {
+        obj._name: {float(b) for b in obj._upper_bounds} for obj in vars(metrics).values() if isinstance(obj, Histogram)
+    }
+    used = re.findall(r"\b(smsgw_[a-z0-9_]+)_bucket\{[^}]*\ble=\"([^\"]+)\"", ALERTS.read_text(encoding="utf-8"))
+    assert used
+    missing = [f"{name} le={le}" for name, le in used if float(le) not in bounds[name]]
+    assert not missing, f"bucket bounds used in alerts.yml that services/metrics.py does not have: {missing}"
+
+
 # --- Alertmanager: template, rendering, routing, inhibition ---------------------------------------------------
 
 
@@ -215,6 +228,20 @@ def test_rendered_configs_are_valid(tmp_path: Path) -> None:
             assert not mails
         watchdog = [c["url"] for c in receivers["watchdog"].get("webhook_configs", [])]
         assert watchdog == ([settings["ALERTMANAGER_WATCHDOG_URL"]] if "ALERTMANAGER_WATCHDOG_URL" in settings else [])
+
+
+def test_a_webhook_url_from_a_secret_file_reaches_the_config_only(tmp_path: Path) -> None:
+    secret = tmp_path / "alert_webhook_url"
+    secret.write_text("https://chat.example.org/hooks/T0/B1?token=x&y=$z\n", encoding="utf-8")
+    result, path = render({"ALERT_WEBHOOK_URL_FILE": str(secret)}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    amtool_check(path)
+    receivers = {r["name"]: r for r in yaml.safe_load(path.read_text(encoding="utf-8"))["receivers"]}
+    assert [c["url"] for c in receivers["critical"]["webhook_configs"]] == [
+        "https://chat.example.org/hooks/T0/B1?token=x&y=$z"
+    ]
+    both, _ = render({"ALERT_WEBHOOK_URL_FILE": str(secret), "ALERT_WEBHOOK_URL": "http://x/"}, tmp_path)
+    assert both.returncode == 2 and "not both" in both.stderr
 
 
 def test_email_without_an_smtp_server_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -273,6 +300,11 @@ def alertmanager(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+def concerns(labels: dict[str, str]) -> str:
+    """The endpoint, modem or job an alert is about."""
+    return labels.get("endpoint") or labels.get("modem") or labels.get("job", "")
+
+
 def test_one_outage_is_one_page(alertmanager: str) -> None:
     alerts = [
         {"alertname": "SmsgwSyncUrlFailing", "severity": "critical", "endpoint": "clinic"},
@@ -283,6 +315,9 @@ def test_one_outage_is_one_page(alertmanager: str) -> None:
         {"alertname": "SmsgwModemNotRegistered", "severity": "critical", "modem": "modem1"},
         {"alertname": "SmsgwSendFailuresHigh", "severity": "warning", "modem": "modem1"},
         {"alertname": "SmsgwModemSignalWeak", "severity": "warning", "modem": "modem2"},  # another modem
+        {"alertname": "SmsgwSyncWorkerDown", "severity": "critical", "job": "smsgw-sync-worker"},
+        {"alertname": "SmsgwTargetDown", "severity": "warning", "job": "smsgw-sync-worker"},
+        {"alertname": "SmsgwTargetDown", "severity": "warning", "job": "smsgw-task-poller"},  # another job
     ]
     body = json.dumps([{"labels": labels} for labels in alerts]).encode()
     request = urllib.request.Request(
@@ -294,12 +329,7 @@ def test_one_outage_is_one_page(alertmanager: str) -> None:
     def states() -> dict[tuple[str, str], str]:
         with urllib.request.urlopen(f"{alertmanager}/api/v2/alerts", timeout=10) as response:
             got = json.loads(response.read())
-        return {
-            (a["labels"]["alertname"], a["labels"].get("endpoint") or a["labels"].get("modem", "")): a["status"][
-                "state"
-            ]
-            for a in got
-        }
+        return {(a["labels"]["alertname"], concerns(a["labels"])): a["status"]["state"] for a in got}
 
     wait_until(lambda: len(states()) == len(alerts), 20, "Alertmanager to hold every alert")
     assert states() == {
@@ -311,4 +341,7 @@ def test_one_outage_is_one_page(alertmanager: str) -> None:
         ("SmsgwModemNotRegistered", "modem1"): "suppressed",
         ("SmsgwSendFailuresHigh", "modem1"): "suppressed",
         ("SmsgwModemSignalWeak", "modem2"): "active",
+        ("SmsgwSyncWorkerDown", "smsgw-sync-worker"): "active",
+        ("SmsgwTargetDown", "smsgw-sync-worker"): "suppressed",
+        ("SmsgwTargetDown", "smsgw-task-poller"): "active",
     }

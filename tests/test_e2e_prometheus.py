@@ -232,9 +232,34 @@ def _scenario(
     wait_for(
         lambda: sum(len(s.outbox()) for s in simulators.values()) >= 5, timeout=60, what="replies and the task sent"
     )
-
     up = 'up{job=~"smsgw-.+|rabbitmq"} == 1'
     wait_for(lambda: len(prometheus.query(up)) == len(WORKER_JOBS) + 1, timeout=30, what="every target scraped")
+
+    # A Sync URL outage (the server's process stopped) with an SMS to retry, and a modem unplug (its simulator
+    # stopped).
+    stack.kill("reference_server", signal.SIGTERM)
+    stack.kill("simulator_a", signal.SIGTERM)
+    simulators["b"].inject("+255700000009", "sent during the outage: retried until the server is back")
+    expected = {("SmsgwSyncUrlFailing", "default"), ("SmsgwModemDown", "modem-a"), ("Watchdog", "")}
+    wait_for(lambda: expected <= prometheus.firing(), timeout=60, interval=0.5, what=f"firing: {sorted(expected)}")
+    assert ("SmsgwModemDown", "modem-b") not in prometheus.firing()
+
+    # The server comes back on its port: the SMS of the outage arrives, the alert resolves.
+    stack.restart("reference_server")
+    ReferenceServerProcess(server.base_url).wait_ready()
+    wait_for(
+        lambda: ("SmsgwSyncUrlFailing", "default") not in prometheus.firing(),
+        timeout=30,
+        interval=0.5,
+        what="SmsgwSyncUrlFailing resolved",
+    )
+    # (The restarted server remembers nothing of before: in-memory state.)
+    wait_for(
+        lambda: any("during the outage" in m["message"] for m in server.received()),
+        timeout=60,
+        what="the SMS of the outage delivered",
+    )
+    assert ("SmsgwModemDown", "modem-a") in prometheus.firing()
 
     # Every panel's query returns data (rates need two samples in their window: keep asking for a while).
     queries = panel_queries()
@@ -249,20 +274,3 @@ def _scenario(
         wait_for(all_have_data, timeout=30, interval=1, what="data for every dashboard panel")
     except pytest.fail.Exception:
         pytest.fail(f"dashboard panels without data after 30 s: {empty}")
-
-    # A Sync URL outage (the server's process stopped) and a modem unplug (its simulator stopped).
-    stack.kill("reference_server", signal.SIGTERM)
-    stack.kill("simulator_a", signal.SIGTERM)
-    expected = {("SmsgwSyncUrlFailing", "default"), ("SmsgwModemDown", "modem-a"), ("Watchdog", "")}
-    wait_for(lambda: expected <= prometheus.firing(), timeout=60, interval=0.5, what=f"firing: {sorted(expected)}")
-    assert ("SmsgwModemDown", "modem-b") not in prometheus.firing()
-
-    # The server comes back on its port: the alert resolves.
-    stack.restart("reference_server")
-    ReferenceServerProcess(server.base_url).wait_ready()
-    wait_for(
-        lambda: ("SmsgwSyncUrlFailing", "default") not in prometheus.firing(),
-        timeout=30,
-        interval=0.5,
-        what="SmsgwSyncUrlFailing resolved",
-    )

@@ -240,8 +240,8 @@ WERKZEUG_PAGE = """<!doctype html>
          "502 Bad Gateway"),
         ("<!DOCTYPE html><html><head><style>h1{}</style></head><body>\n<h1>Server Error (500)</h1></body></html>",
          "Server Error (500)"),  # Django without DEBUG: no title
-        ("<br />\n<b>Fatal error</b>:  Uncaught PDOException in /var/www/sms.php:12", "Fatal error: Uncaught PDOException"
-         " in /var/www/sms.php:12"),
+        ("<br />\n<b>Fatal error</b>:  Uncaught PDOException in /var/www/sms.php:12",
+         "Fatal error: Uncaught PDOException in /var/www/sms.php:12"),
         ("<title>Tom &amp; Jerry</title>", "Tom & Jerry"),
         ("Internal Server Error", "Internal Server Error"),
         ('{"error": "db down"}', '{"error": "db down"}'),

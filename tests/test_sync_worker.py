@@ -836,12 +836,16 @@ def test_worker_serves_every_endpoint_of_the_file_and_drains_on_sigterm(clean_br
         to_first, to_both = make_sms(f"for {names[0]}"), make_sms(f"for {names[0]} and {names[1]}")
         for sms in (to_first, to_both):
             injector.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE, message_id=sms.message_id))
+        # POSTs only: the worker also probes each Sync URL with a bare GET (sync_worker/probe.py).
+        def posts(stub: HttpStub) -> list[Request]:
+            return [r for r in stub.requests if r.method == "POST"]
+
         wait_for(
-            lambda: len(stubs[0].requests) == 2 and len(stubs[1].requests) == 1,
+            lambda: len(posts(stubs[0])) == 2 and len(posts(stubs[1])) == 1,
             timeout=20,
             what="each SMS at its endpoints",
         )
-        assert stubs[1].requests[0].form["message_id"] == to_both.message_id
+        assert posts(stubs[1])[0].form["message_id"] == to_both.message_id
         os.kill(process.pid, signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert "sync_worker stopped" in log.read_text()

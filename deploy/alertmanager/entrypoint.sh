@@ -19,6 +19,23 @@ fail() {
     exit 2
 }
 
+# A URL with a token in it is a secret: ALERT_WEBHOOK_URL_FILE / ALERTMANAGER_WATCHDOG_URL_FILE name a file holding
+# it (a compose secret), read here and written only into the rendered configuration, never into the environment
+# of the container.
+from_file() {
+    name=$1
+    eval "file=\${${name}_FILE:-}"
+    [ -n "$file" ] || return 0
+    eval "value=\${${name}:-}"
+    [ -z "$value" ] || fail "set ${name} or ${name}_FILE, not both"
+    [ -r "$file" ] || fail "${name}_FILE: cannot read $file (is the compose secret mounted?)"
+    value=$(cat "$file")
+    eval "${name}=\$value"
+    export "${name?}"
+}
+from_file ALERT_WEBHOOK_URL
+from_file ALERTMANAGER_WATCHDOG_URL
+
 # Warning mail goes where critical mail goes unless told otherwise.
 ALERT_EMAIL_WARNING_TO=${ALERT_EMAIL_WARNING_TO:-${ALERT_EMAIL_TO:-}}
 export ALERT_EMAIL_WARNING_TO

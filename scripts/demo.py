@@ -103,7 +103,7 @@ smssync-gateway demo is running (from {ROOT})
       curl -s --data-urlencode to=+255700000301 --data-urlencode 'text=Hello from the demo' {self.server_url}/outbox
   text the gateway      : curl -s -XPOST {self.simulator_url}/sms -d '{{"from":"+255700000001","text":"Habari 😀"}}'
   modem simulator       : {self.simulator_url}/inbox, /outbox, /state (docs/simulator.md), e.g.
-      curl -s -XPOST {self.simulator_url}/state -d '{{"fail_sends":1}}'   (the next send fails)
+      curl -s -XPOST {self.simulator_url}/state -d '{{"fail_sends":1,"cms_error":21}}'  (next send refused)
   parked SMS            : {smsgw} parked list --queue inbound
       (also --queue outbound, --queue events; 'parked replay' puts them back; new ones show below)
   metrics (Prometheus)  :

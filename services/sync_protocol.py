@@ -14,7 +14,6 @@ import html
 import json
 import logging
 import re
-import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from typing import Any
 from xml.etree import ElementTree
 
 import requests
-import urllib3
 
 from services.schemas import InboundSms
 
@@ -81,41 +79,6 @@ class Endpoint:
 
 class AnswerTooSlow(requests.exceptions.ReadTimeout):
     """The server sent headers in time but did not complete its body within the request's deadline."""
-
-
-def request_with_deadline(session: requests.Session, method: str, url: str, *, json_body: object = None,
-                          timeout: float) -> tuple[int, str]:
-    """One task request to the Sync URL: ``(status, body text)`` of whatever it answered.
-
-    Connecting and the wait for the headers are each bounded by ``timeout``; the body must also be complete
-    within ``timeout`` of the start, so a server trickling its answer cannot hold a poll or a round (and the
-    claims or events behind it) indefinitely: one request takes at most about 3 x ``timeout``. A GET follows
-    redirects (it stays a GET); a POST does not (requests would turn it into a GET).
-
-    Raises:
-        requests.RequestException: no complete answer (network error, time-out, AnswerTooSlow).
-    """
-    deadline = time.monotonic() + timeout
-    response = session.request(method, url, json=json_body, timeout=timeout, allow_redirects=method == "GET",
-                               stream=True)
-    with response:
-        chunks: list[bytes] = []
-        while True:
-            # read1, not iter_content: read(65536) blocks until 64 KiB or the end of the body, so a server
-            # sending a byte now and then (each within the socket time-out) was never checked against the
-            # deadline. read1 returns whatever has arrived.
-            try:
-                chunk = response.raw.read1(65536, decode_content=True)
-            except urllib3.exceptions.HTTPError as exc:
-                raise requests.exceptions.ConnectionError(exc) from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if time.monotonic() > deadline:
-                raise AnswerTooSlow(f"body not complete within {timeout:g}s")
-        # Decoded exactly as response.text would (charset header, else detection).
-        response._content = b"".join(chunks)
-        return response.status_code, response.text
 
 
 def status_hint(status: int) -> str:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import requests
 from defusedxml import ElementTree as DefusedElementTree
 
 from services.schemas import InboundSms
 from services.sync_protocol import (
-    AnswerTooSlow,
     Endpoint,
     ReplyError,
     SyncEncodingError,
@@ -22,7 +18,6 @@ from services.sync_protocol import (
     first_json_document,
     parse_message_uuids,
     parse_payload,
-    request_with_deadline,
     results_body,
     secrets_match,
     sync_form,
@@ -183,40 +178,6 @@ def test_sync_scheme_refuses_a_lone_surrogate() -> None:
     with pytest.raises(SyncEncodingError, match="not valid Unicode"):
         SyncScheme("POST", "json").encode({**FIELDS, "message": "half \ud83d"})
 
-
-def test_a_trickling_answer_is_cut_at_the_deadline() -> None:
-    """A server that sends its headers at once and then one byte every 0.2 s (each read well inside the
-    socket time-out) must not hold a poll or a round: the whole answer has a deadline."""
-    stop = threading.Event()
-
-    class Trickle(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            while not stop.is_set():
-                try:
-                    self.wfile.write(b" ")
-                    self.wfile.flush()
-                except OSError:
-                    return
-                stop.wait(0.2)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with requests.Session() as session, pytest.raises(AnswerTooSlow, match="not complete within 1s"):
-            request_with_deadline(session, "GET", f"http://127.0.0.1:{server.server_address[1]}/", timeout=1)
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
-
-
-# --- error texts: what an answer body says, in one line (issue 8) -------------------------------------------------
 
 WERKZEUG_PAGE = """<!doctype html>
 <html lang=en>

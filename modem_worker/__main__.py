@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 
+from services import broker, metrics
 from services.broker import PublisherThread, Topology
 from services.runtime import (
     check,
+    heartbeat_path,
     install_stop_signals,
     load_fleet_config,
     load_settings,
     open_ledger,
+    start_liveness,
     start_metrics,
     worker_parser,
 )
@@ -64,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     topology = Topology.of(fleet, modems=[settings.modem_id])
     if args.check:
         ledger.close()
-        return check(settings, topology, modem=True)
+        return check(settings, topology, modem=True, heartbeat=heartbeat_path(settings, "modem_worker",
+                                                                            settings.modem_id))
     start_metrics(settings, "modem_worker")
+    modem_id = settings.modem_id
+    metrics.init_modem_worker(modem_id, [broker.outbound_queue_for(modem_id),
+                                         *map(broker.pool_queue_for, fleet.pools_of(modem_id)), broker.OUTBOUND_QUEUE])
+    start_liveness(settings, "modem_worker", modem_id)
     # Imported late: the library emits warnings at import time, and --check/--help do not need it.
     from modem_worker.worker import ModemWorker
 

@@ -37,7 +37,7 @@ from modem_worker.modem import (
     SimLocked,
     read_imei,
 )
-from services import metrics
+from services import liveness, metrics
 from services.settings import AUTO_PORT
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,15 @@ class ModemSupervisor:
         """Keep the modem connected until ``stopping`` is set; returns BLOCKED (after ``stopping``) when a locked
         SIM blocked the worker."""
         delay = self._policy.reconnect_first_s
+        try:
+            return self._supervise(delay)
+        finally:
+            liveness.done()
+
+    def _supervise(self, delay: float) -> Outcome:
+        """The loop of ``run``, stamping the liveness heartbeat every turn (services/liveness.py)."""
         while not self._stopping.is_set():
+            liveness.beat()
             try:
                 modem = self._connect()
             except SimLocked as exc:
@@ -196,6 +204,7 @@ class ModemSupervisor:
                 return Outcome.BLOCKED
             if modem is None:
                 self._recovery_failed()
+                liveness.beat(delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self._policy.reconnect_max_s)
                 continue
@@ -245,8 +254,10 @@ class ModemSupervisor:
         self._recovered()
         next_watch = self._clock() + self._policy.watchdog_s
         while True:
+            liveness.beat()
             settled = self._host.keep_serving()
             timeout = max(0.0, next_watch - self._clock()) if settled else 1.0
+            liveness.beat(timeout)
             self._wake.wait(timeout)
             # Cleared before looking again: a wake-up from now on is seen by the next keep_serving().
             self._wake.clear()
@@ -440,4 +451,6 @@ class ModemSupervisor:
             exc.detail,
             todo,
         )
+        # Waiting here is the point, not a hang: a liveness exit would restart the worker into the SIM's PIN tries.
+        liveness.done()
         self._stopping.wait()

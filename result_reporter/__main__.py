@@ -14,13 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from result_reporter.reporter import ResultReporter
+from services import metrics
 from services.broker import BatchConsumer, PublisherThread, events_queue_for
 from services.config import EndpointConfig, FleetConfig
 from services.runtime import (
     check,
+    heartbeat_path,
     install_stop_signals,
     load_fleet_config,
     load_settings,
+    start_liveness,
     start_metrics,
     start_supervised,
     worker_parser,
@@ -135,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     topology = Topology.of(fleet)
     if args.check:
-        return check(settings, topology)
+        return check(settings, topology, heartbeat=heartbeat_path(settings, "result_reporter"))
     endpoints = fleet.result_endpoints()
     stop = threading.Event()
     install_stop_signals(stop.set)
     start_metrics(settings, "result_reporter")
+    metrics.init_result_reporter([e.name for e in endpoints], [events_queue_for(e.name) for e in endpoints])
+    start_liveness(settings, "result_reporter")
     if not endpoints:
         return _idle(stop, fleet)
     publisher = PublisherThread(settings.amqp_url, "smsgw-result-publisher", topology)  # parks malformed events

@@ -43,7 +43,7 @@ from typing import Any, Literal, Protocol, get_args
 
 import requests
 
-from services import metrics
+from services import liveness, metrics
 from services.broker import BrokerError, HeldDelivery
 from services.config import EndpointConfig
 from services.logs import UnexpectedErrors
@@ -219,7 +219,16 @@ class ResultReporter:
         one line — with its traceback the first time that error (type and raising line) occurs — and the next
         round runs as usual. The events stay held (unacked), so nothing is lost.
         """
+        try:
+            self._rounds_until(stop)
+        finally:
+            liveness.done()
+
+    def _rounds_until(self, stop: threading.Event) -> None:
+        """The loop of ``run``, stamping the liveness heartbeat every turn (services/liveness.py)."""
+        liveness.beat(self.endpoint.result_interval)
         while not stop.wait(self.endpoint.result_interval):
+            liveness.beat()
             try:
                 self.round()
             except RoundError as exc:
@@ -233,6 +242,7 @@ class ResultReporter:
                     type(exc).__name__,
                     clip(str(exc), MAX_ERROR_CHARS),
                 )
+            liveness.beat(self.endpoint.result_interval)
 
     def round(self) -> RoundResult:
         """One round (see the module docstring).
@@ -566,6 +576,7 @@ class ResultReporter:
 
     def _request(self, call: Callable[[], Answer]) -> tuple[int, str]:
         """(status, body text) of ``call``'s answer. Raises RoundError when no answer came (network error)."""
+        liveness.beat()  # a round of many requests (rows one by one) is progress, not a stuck loop
         started = time.monotonic()
         try:
             answer = call()

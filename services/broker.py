@@ -36,7 +36,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from services import metrics
+from services import liveness, metrics
 from services.logs import OutageLog
 from services.settings import amqp_urls
 from services.topology import (
@@ -58,6 +58,7 @@ from services.topology import (
     outbound_queue_for,
     parked_queue_for,
     pool_queue_for,
+    retry_routing_key,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ __all__ = [
     "DELAY_TIERS_S", "DELIVERY_LIMIT", "EVENTS_QUEUE", "EXCHANGE", "INBOUND_EXCHANGE", "INBOUND_QUEUE",
     "OUTBOUND_QUEUE", "PARKED_EXCHANGE", "RETRY_EXCHANGE", "Topology", "declare_topology", "declare_work_queue",
     "delay_queue_for", "events_queue_for", "inbound_queue_for", "outbound_queue_for", "parked_queue_for",
-    "pool_queue_for",
+    "pool_queue_for", "retry_routing_key",
 ]
 
 HANDLER_CRASH_LIMIT = 5  # handler exceptions before the consumer parks the message itself
@@ -215,28 +216,34 @@ def _network_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def reconnecting(stopping: threading.Event, outage: OutageLog | None = None) -> Retrying:
+RECONNECT_MAX_WAIT_S = 30.0  # cap of the consumers' reconnect back-off
+
+
+def reconnecting(stopping: threading.Event, outage: OutageLog | None = None, *, beat: bool = False) -> Retrying:
     """The reconnect policy of every consumer: retry BrokerUnavailable (connection errors) with capped
     exponential back-off and jitter until ``stopping`` is set; anything else (BrokerChannelError) ends the loop.
 
     The back-off sleeps on ``stopping``, so SIGTERM during a broker outage ends the worker at once. Failures are
     reported to ``outage`` (one line per outage, then every few minutes; a refused login or vhost at ERROR).
+    With ``beat`` (a consumer's own loop) each back-off stamps the liveness heartbeat with its length.
     """
 
     def sleep(seconds: float) -> None:
         stopping.wait(seconds)
 
     def before_sleep(state: RetryCallState) -> None:
+        retry_in = state.next_action.sleep if state.next_action else None
+        if beat:
+            liveness.beat(retry_in or RECONNECT_MAX_WAIT_S)  # the back-off is a wait, not a hang
         if outage is None:
             return
         exc = state.outcome.exception() if state.outcome else None
         level = logging.ERROR if isinstance(exc, BrokerRefused) else logging.WARNING
-        retry_in = state.next_action.sleep if state.next_action else None
         outage.failed(str(exc) if exc else "?", level=level, retry_in_s=retry_in)
 
     return Retrying(
         retry=retry_if_exception_type(BrokerUnavailable),
-        wait=wait_exponential_jitter(multiplier=0.5, max=30),
+        wait=wait_exponential_jitter(multiplier=0.5, max=RECONNECT_MAX_WAIT_S),
         sleep=sleep,
         before_sleep=before_sleep,
         reraise=True,
@@ -251,10 +258,14 @@ def consume_until_stopped(stopping: threading.Event, session: Callable[[], None]
     Raises:
         BrokerChannelError: the broker closed the channel (configuration problem; not retried).
     """
-    for attempt in reconnecting(stopping, outage):
-        with attempt:
-            if not stopping.is_set():
-                session()
+    try:
+        for attempt in reconnecting(stopping, outage, beat=True):
+            liveness.beat(RECONNECT_MAX_WAIT_S)  # connecting (time-outs of its own) is not a hang
+            with attempt:
+                if not stopping.is_set():
+                    session()
+    finally:
+        liveness.done()
 
 
 def consumer_channel(connection: pika.BlockingConnection, topology: Topology,
@@ -560,6 +571,7 @@ def pump_until_stopped(connection: pika.BlockingConnection, channel: BlockingCha
             gets a new channel and the unacked messages back.
     """
     while not stopping.is_set():
+        liveness.beat()  # services/liveness.py: a consumer whose I/O loop stops turning is restarted
         connection.process_data_events(time_limit=0.5)
         if not channel.is_open:
             raise BrokerUnavailable("the broker closed the consumer channel; reconnecting")
@@ -752,7 +764,7 @@ class Consumer:
                     headers[decision.budget.header] = delivery.count(decision.budget.header) + 1
                 self._publisher.publish(
                     Publication(
-                        f"{delivery.queue}.{tier}",
+                        retry_routing_key(delivery.queue, tier),
                         delivery.body,
                         RETRY_EXCHANGE,
                         headers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import logging
 import os
@@ -11,10 +12,11 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from services import broker, metrics
+from services import broker, liveness, metrics
 from services.config import FleetConfig, describe_fleet, load_fleet
 from services.ledger import Ledger, LedgerError
 from services.ledger import open_ledger as open_ledger_store
@@ -31,6 +33,8 @@ COMMON_ENV = (
     "SMSGW_METRICS_PORT",
     "SMSGW_METRICS_ADDR",
     "SMSGW_LOG_LEVEL",
+    "SMSGW_LIVENESS_TIMEOUT",
+    "SMSGW_HEARTBEAT_DIR",
 )
 
 
@@ -45,8 +49,9 @@ def worker_parser(prog: str, description: str, env_names: Sequence[str]) -> argp
     parser.add_argument(
         "--check",
         action=_HealthCheckFlag,
-        help="validate the settings, connect to RabbitMQ, declare the topology (modem_worker: and find its modem "
-        "port), print one line and exit 0 if healthy, 1 if unhealthy, 2 on a configuration error (healthchecks)",
+        help="check that the running worker's main loops turn (its heartbeat file), validate the settings, connect "
+        "to RabbitMQ, declare the topology (modem_worker: and find its modem port), print one line and exit 0 if "
+        "healthy, 1 if unhealthy, 2 on a configuration error (healthchecks)",
     )
     return parser
 
@@ -122,10 +127,16 @@ def open_ledger(worker: str, settings: Settings) -> Ledger | None:
         return None
 
 
-def check(settings: Settings, topology: Topology | None = None, *, modem: bool = False) -> int:
-    """Health check: with ``modem`` the worker's modem port is there and usable (``modem_port_problem``); the
-    broker accepts us and the topology is declared. Prints one line ("ok", or "unhealthy: <why>" on stderr) and
-    returns the exit code: 0 healthy, 1 unhealthy."""
+def check(settings: Settings, topology: Topology | None = None, *, modem: bool = False,
+          heartbeat: Path | None = None) -> int:
+    """Health check: the running worker's main loops turn (its ``heartbeat`` file, ``liveness.liveness_problem``);
+    with ``modem`` the worker's modem port is there and usable (``modem_port_problem``); the broker accepts us and
+    the topology is declared. Prints one line ("ok", or "unhealthy: <why>" on stderr) and returns the exit code:
+    0 healthy, 1 unhealthy."""
+    stuck = liveness.liveness_problem(heartbeat) if heartbeat is not None else None
+    if stuck is not None:
+        print(f"unhealthy: {stuck}", file=sys.stderr)
+        return 1
     if modem:
         problem = modem_port_problem(settings)
         if problem is not None:
@@ -199,17 +210,34 @@ DEFAULT_METRICS_PORTS = {"modem_worker": 9101, "sync_worker": 9102, "task_poller
 
 
 def start_metrics(settings: Settings, worker: str) -> None:
-    """Serve /metrics on SMSGW_METRICS_PORT (else the worker's default port).
+    """Serve ``worker``'s own metrics (services.metrics.GROUPS) on /metrics on SMSGW_METRICS_PORT (else the
+    worker's default port). The worker creates its labelled series at 0 (``metrics.init_<worker>``) right after.
 
     A port already taken (two workers started with the same port) is logged as one ERROR line and the worker
     runs on without /metrics: losing the metrics is better than losing the SMS leg.
     """
     port = settings.metrics_port if settings.metrics_port is not None else DEFAULT_METRICS_PORTS[worker]
     try:
-        metrics.serve_metrics(port, settings.metrics_addr)
+        metrics.serve_metrics(worker, port, settings.metrics_addr)
     except OSError as exc:
         log.error("cannot serve /metrics on %s:%s (%s); running without metrics: set SMSGW_METRICS_PORT",
                   settings.metrics_addr, port, exc)
+
+
+def heartbeat_path(settings: Settings, worker: str, instance: str = "") -> Path:
+    """The heartbeat file of ``worker`` (``instance``: a modem worker's modem id) in SMSGW_HEARTBEAT_DIR."""
+    return liveness.heartbeat_file(settings.heartbeat_dir, worker, instance)
+
+
+def start_liveness(settings: Settings, worker: str, instance: str = "") -> liveness.Watchdog:
+    """Start the liveness watchdog (services/liveness.py): it keeps the heartbeat file fresh for ``--check`` while
+    the worker's loops turn and exits the process (code 70) once one is stuck for SMSGW_LIVENESS_TIMEOUT. The file
+    is removed when the worker exits normally."""
+    watchdog = liveness.Watchdog(liveness.HEARTBEAT, settings.liveness_timeout,
+                                 heartbeat_path(settings, worker, instance))
+    watchdog.start()
+    atexit.register(watchdog.remove_file)
+    return watchdog
 
 
 def install_stop_signals(drain: Callable[[], None]) -> threading.Event:

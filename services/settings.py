@@ -397,6 +397,11 @@ ENV_VARS: dict[str, EnvVar] = {
                "becomes smsgw_sim_balance; empty = off", _ussd_code),
         EnvVar("SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)",
                _number(10)),
+        EnvVar("SMSGW_LIVENESS_TIMEOUT", "300", "seconds a worker's main loop (consumer I/O loop, poll or report loop, "
+               "modem supervisor loop) may go without a turn before --check says unhealthy and the worker exits with "
+               "code 70 for its restart policy; longer than the longest legitimate wait", _number(10, 86400)),
+        EnvVar("SMSGW_HEARTBEAT_DIR", "", "directory of the heartbeat files --check reads; empty = "
+               "smsgw-heartbeat-<uid> in the system's tmp directory", _str),
     )
 }
 
@@ -453,6 +458,8 @@ class Settings:
     sim_pause: float
     balance_ussd: str
     balance_interval: float
+    liveness_timeout: float
+    heartbeat_dir: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -31,7 +31,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 from services.config import DEFAULT_ENDPOINT, FleetConfig
 
 EXCHANGE = "smsgw"  # direct: routing key = work queue name
-RETRY_EXCHANGE = "smsgw.retry"  # direct: routing key = "<queue>.<tier>s"
+RETRY_EXCHANGE = "smsgw.retry"  # direct: routing key = "<queue>.<tier>" -> the tier's shared delay queue
+REQUEUE_EXCHANGE = "smsgw.requeue"  # direct: an expired retry, routing key "<queue>.<tier>" -> its work queue
 PARKED_EXCHANGE = "smsgw.parked"  # direct: routing key = work queue name
 INBOUND_EXCHANGE = "smsgw.inbound"  # fanout: one copy per endpoint's inbound queue
 
@@ -79,9 +80,14 @@ def parked_queue_for(work_queue: str) -> str:
     return f"{work_queue}.parked"
 
 
-def delay_queue_for(work_queue: str, tier_s: int) -> str:
-    """Name of the delay queue of a work queue for one back-off tier."""
-    return f"{work_queue}.delay.{tier_s}s"
+def delay_queue_for(tier_s: int) -> str:
+    """Name of the shared delay queue of one back-off tier (retries of every work queue wait there)."""
+    return f"smsgw.delay.{tier_s}s"
+
+
+def retry_routing_key(work_queue: str, tier_s: int) -> str:
+    """Routing key of a retry of ``work_queue`` in tier ``tier_s``: into the tier's delay queue, and back."""
+    return f"{work_queue}.{tier_s}"
 
 
 # The default endpoint's queues (env-only deployments, and what most tests use).
@@ -157,8 +163,35 @@ def is_modem_queue(work_queue: str) -> bool:
     return work_queue.startswith(prefix) and not work_queue.startswith(f"{prefix}pool.")
 
 
+def declare_delay_tiers(channel: BlockingChannel) -> None:
+    """Declare the shared delay queues, one per back-off tier (idempotent).
+
+    Why shared and not one set per work queue: RabbitMQ 3.10 books about three file handles per quorum queue
+    against a limit near 1,000; seven delay queues per work queue exhausted it on a fleet of a few endpoints and
+    modems (new connections then stall in the handshake). A retry is published to RETRY_EXCHANGE with the routing key
+    ``<work queue>.<tier>``; the tier's queue holds it for its TTL and dead-letters it, routing key unchanged, to
+    REQUEUE_EXCHANGE, where its work queue is bound under that same key.
+    """
+    channel.exchange_declare(REQUEUE_EXCHANGE, exchange_type="direct", durable=True)
+    for tier in DELAY_TIERS_S:
+        channel.queue_declare(
+            delay_queue_for(tier),
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": UNLIMITED_DELIVERIES,
+                "x-message-ttl": tier * 1000,
+                # No x-dead-letter-routing-key: the message keeps "<work queue>.<tier>", which names its way back.
+                "x-dead-letter-exchange": REQUEUE_EXCHANGE,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+
+
 def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
-    """Declare a work queue with its parked queue and delay queues (idempotent)."""
+    """Declare a work queue with its parked queue, and its way through the shared delay queues (idempotent;
+    ``declare_delay_tiers`` must have run on the channel's vhost)."""
     channel.queue_declare(work_queue, durable=True, arguments=_work_queue_arguments(work_queue))
     channel.queue_bind(work_queue, EXCHANGE, routing_key=work_queue)
     parked = parked_queue_for(work_queue)
@@ -167,22 +200,9 @@ def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
                                                            "x-delivery-limit": UNLIMITED_DELIVERIES})
     channel.queue_bind(parked, PARKED_EXCHANGE, routing_key=work_queue)
     for tier in DELAY_TIERS_S:
-        delay = delay_queue_for(work_queue, tier)
-        channel.queue_declare(
-            delay,
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": UNLIMITED_DELIVERIES,
-                "x-message-ttl": tier * 1000,
-                # Expired messages go back to the work queue through the default exchange.
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": work_queue,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
-        )
-        channel.queue_bind(delay, RETRY_EXCHANGE, routing_key=f"{work_queue}.{tier}")
+        retry_key = retry_routing_key(work_queue, tier)
+        channel.queue_bind(delay_queue_for(tier), RETRY_EXCHANGE, routing_key=retry_key)
+        channel.queue_bind(work_queue, REQUEUE_EXCHANGE, routing_key=retry_key)
 
 
 def declare_topology(channel: BlockingChannel, topology: Topology | None = None) -> None:
@@ -195,6 +215,7 @@ def declare_topology(channel: BlockingChannel, topology: Topology | None = None)
     for exchange in (EXCHANGE, RETRY_EXCHANGE, PARKED_EXCHANGE):
         channel.exchange_declare(exchange, exchange_type="direct", durable=True)
     channel.exchange_declare(INBOUND_EXCHANGE, exchange_type="fanout", durable=True)
+    declare_delay_tiers(channel)
     for work_queue in topology.work_queues():
         declare_work_queue(channel, work_queue)
     for endpoint in topology.inbound_endpoints:

@@ -15,15 +15,17 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services import broker
+from services import broker, metrics
 from services.broker import Consumer, PublisherThread, Topology
 from services.cli import parked_main
 from services.config import EndpointConfig, FleetConfig, require_sync_urls
 from services.runtime import (
     check,
+    heartbeat_path,
     install_stop_signals,
     load_fleet_config,
     load_settings,
+    start_liveness,
     start_metrics,
     start_supervised,
     worker_parser,
@@ -102,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     fleet, endpoints = loaded
     topology = Topology.of(fleet)
     if args.check:
-        return check(settings, topology)
+        return check(settings, topology, heartbeat=heartbeat_path(settings, "sync_worker"))
     start_metrics(settings, "sync_worker")
+    metrics.init_sync_worker([e.name for e in endpoints], [broker.inbound_queue_for(e.name) for e in endpoints])
+    start_liveness(settings, "sync_worker")
     return serve(settings, endpoints, topology)
 
 

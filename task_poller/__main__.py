@@ -6,21 +6,24 @@ import logging
 import sys
 import threading
 
+from services import metrics
 from services.broker import PublisherThread
 from services.config import DEFAULT_ENDPOINT, EndpointConfig, FleetConfig, require_sync_urls
 from services.runtime import (
     check,
+    heartbeat_path,
     install_stop_signals,
     load_fleet_config,
     load_settings,
     open_ledger,
+    start_liveness,
     start_metrics,
     worker_parser,
 )
 from services.settings import ConfigError
 from services.sync_client import SyncClient
 from services.topology import Topology
-from task_poller.poller import TaskPoller, init_metrics
+from task_poller.poller import TaskPoller
 from task_poller.runner import PollerGroup
 
 log = logging.getLogger(__name__)
@@ -79,14 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     topology = Topology.of(fleet)
     if args.check:
         ledger.close()
-        return check(settings, topology)
+        return check(settings, topology, heartbeat=heartbeat_path(settings, "task_poller"))
     start_metrics(settings, "task_poller")
+    metrics.init_task_poller([e.name for e in endpoints])
+    start_liveness(settings, "task_poller")
     # The publisher thread also keeps the broker connection's heartbeat going between polls. It declares the
     # fleet's topology, so every route's queue exists before the first publish.
     publisher = PublisherThread(settings.amqp_url, "smsgw-task-poller", topology=topology)
     pollers: list[TaskPoller] = []
     for index, endpoint in enumerate(endpoints):
-        init_metrics(endpoint.name)
         # The first poller also republishes orphaned claims of endpoints this fleet no longer polls.
         pollers.append(TaskPoller(endpoint, fleet, publisher, ledger, SyncClient(endpoint), adopt_strays=index == 0))
         log.info(

@@ -36,7 +36,7 @@ from typing import Protocol
 
 import requests
 
-from services import broker, metrics
+from services import broker, liveness, metrics
 from services.broker import BrokerError, Publication
 from services.config import EndpointConfig, FleetConfig
 from services.ledger import Ledger, LedgerError
@@ -201,8 +201,16 @@ class TaskPoller:
         trouble: it logs one line and backs off exponentially (capped), so a wrong secret or a dead server
         never becomes a crash loop.
         """
+        try:
+            self._poll_until(stop)
+        finally:
+            liveness.done()
+
+    def _poll_until(self, stop: threading.Event) -> None:
+        """The loop of ``run``, stamping the liveness heartbeat every turn (services/liveness.py)."""
         failures = 0
         while not stop.is_set():
+            liveness.beat()
             delay = self._endpoint.task_interval
             try:
                 self.republish_orphans()
@@ -233,6 +241,7 @@ class TaskPoller:
                     # The server may hold more than one reply's worth: drain it before waiting.
                     continue
             # An Event, not sleep(): the first SIGTERM ends the wait at once.
+            liveness.beat(delay)
             stop.wait(delay)
 
     def _backoff(self, failures: int) -> float:
@@ -547,6 +556,7 @@ class TaskPoller:
         Raises:
             PollError: network error, time-out or a non-2xx status (the log line says which, never the secret).
         """
+        liveness.beat()  # each request is bounded by http_timeout: a poll of several is progress
         started = time.monotonic()
         try:
             answer = call()

@@ -129,8 +129,10 @@ def _purge_all(url: str) -> None:
         channel = connection.channel()
         declare_topology(channel)
         for work in (INBOUND_QUEUE, OUTBOUND_QUEUE, EVENTS_QUEUE):
-            for name in (work, parked_queue_for(work), *(delay_queue_for(work, t) for t in DELAY_TIERS_S)):
+            for name in (work, parked_queue_for(work)):
                 channel.queue_purge(name)
+        for tier in DELAY_TIERS_S:  # shared by every work queue
+            channel.queue_purge(delay_queue_for(tier))
     finally:
         connection.close()
 

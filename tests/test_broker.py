@@ -216,8 +216,7 @@ def fleet_broker(clean_broker: str) -> Iterator[str]:
         for work in FLEET.work_queues():
             if work in (broker.OUTBOUND_QUEUE, broker.INBOUND_QUEUE, broker.EVENTS_QUEUE):
                 continue
-            for name in (work, broker.parked_queue_for(work),
-                         *(broker.delay_queue_for(work, tier) for tier in broker.DELAY_TIERS_S)):
+            for name in (work, broker.parked_queue_for(work)):
                 channel.queue_delete(name)
     finally:
         connection.close()

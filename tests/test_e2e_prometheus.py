@@ -184,6 +184,8 @@ def stack(fresh_amqp_url: str, tmp_path: Path) -> Iterator[Stack]:
             "SMSGW_PROBE_INTERVAL": "1",
             "SMSGW_TASK_INTERVAL": "1",
             "SMSGW_MESSAGE_RESULTS": "true",
+            # smsgw_sim_balance exists (NaN until read) only when a balance code is set: the "SIM balance" panel.
+            "SMSGW_BALANCE_USSD": "*100#",
         },
     )
     yield st

@@ -513,13 +513,14 @@ class FleetHarness:
         return [r.form for r in self.stubs[short].requests if r.method == "POST"]
 
     def pending(self, short: str) -> int:
-        """Messages waiting in the endpoint's inbound, delay and parked queues."""
+        """Messages waiting in the endpoint's inbound and parked queues, and in the delay queues (shared, but
+        purged before each test, and only this test's endpoints retry)."""
         connection = pika.BlockingConnection(pika.URLParameters(self.url))
         try:
             channel = connection.channel()
             return sum(
                 channel.queue_declare(q, passive=True).method.message_count
-                for q in queues_of(broker.inbound_queue_for(self.names[short]))
+                for q in [*queues_of(broker.inbound_queue_for(self.names[short])), *delay_queues()]
             )
         finally:
             connection.close()
@@ -541,12 +542,13 @@ class FleetHarness:
 
 
 def queues_of(work_queue: str) -> list[str]:
-    """A work queue with its parked and delay queues."""
-    return [
-        work_queue,
-        broker.parked_queue_for(work_queue),
-        *(broker.delay_queue_for(work_queue, t) for t in broker.DELAY_TIERS_S),
-    ]
+    """A work queue with its parked queue (the delay queues are shared: see ``delay_queues``)."""
+    return [work_queue, broker.parked_queue_for(work_queue)]
+
+
+def delay_queues() -> list[str]:
+    """The shared delay queues (every work queue's retries wait there)."""
+    return [broker.delay_queue_for(t) for t in broker.DELAY_TIERS_S]
 
 
 def delete_endpoint_queues(url: str, names: Iterable[str]) -> None:

@@ -33,6 +33,8 @@ PEERS_DIR = REPO_ROOT / ".peers"
 SEEDPHP_DIR = PEERS_DIR / "seedphp"
 LYKMAPIPO_DIR = PEERS_DIR / "lykmapipo"
 INSTALL_HINT = "run tests/peers/install.sh"
+#: The seed PHP sample is cut out of the seed docs, which live in a shared/ folder next to the clone (not in it).
+SEED_DOCS = REPO_ROOT.parent / "shared" / "seed" / "smssync-docs.txt"
 
 #: Hard-coded in the seed PHP sample.
 SEEDPHP_SECRET = "123456"
@@ -55,6 +57,8 @@ def missing_reason(kind: PeerKind) -> str | None:
         if shutil.which("php") is None:
             return f"php is not installed ({INSTALL_HINT})"
         if not (SEEDPHP_DIR / "index.php").is_file():
+            if not SEED_DOCS.is_file():
+                return f"no seed PHP sample: the seed docs are not at {SEED_DOCS} (a shared/ folder next to the clone)"
             return f"{SEEDPHP_DIR / 'index.php'} is missing ({INSTALL_HINT})"
         return None
     if shutil.which("node") is None:

@@ -772,6 +772,8 @@ class Consumer:
                     )
                 )
                 metrics.RETRIES.labels(delivery.queue).inc()
+                if attempt == 1:
+                    metrics.MESSAGES_RETRIED.labels(delivery.queue).inc()
                 loud = decision.warn and is_warning_attempt(attempt)
                 log.log(
                     logging.WARNING if loud else logging.INFO,

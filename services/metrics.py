@@ -98,6 +98,13 @@ REPLIES_SKIPPED = Counter("smsgw_replies_skipped_total", "Server reply messages 
 
 # --- shared by every consumer -------------------------------------------------------------------------------
 RETRIES = Counter("smsgw_retries_total", "Messages scheduled for a delayed retry", ["queue"])
+# Per message, not per attempt: failure ratios (SmsgwSyncFailuresHigh) count SMS. The delay queues are shared by
+# every work queue, so RabbitMQ cannot say whose messages wait there.
+MESSAGES_RETRIED = Counter(
+    "smsgw_messages_retried_total",
+    "Messages whose first delayed retry was scheduled (each counted once, however often it is retried)",
+    ["queue"],
+)
 PARKED = Counter("smsgw_parked_total", "Messages moved to a parked queue", ["queue", "reason"])
 
 # --- task_poller / result_reporter ----------------------------------------------------------------------------
@@ -240,6 +247,7 @@ GROUPS: dict[str, tuple[MetricWrapperBase, ...]] = {
         MODEM_IDENTITY_MISMATCH,
         MODEM_INFO,
         RETRIES,
+        MESSAGES_RETRIED,
         PARKED,
     ),
     "sync_worker": (
@@ -251,6 +259,7 @@ GROUPS: dict[str, tuple[MetricWrapperBase, ...]] = {
         REPLIES_SKIPPED,
         SYNC_URL_UP,
         RETRIES,
+        MESSAGES_RETRIED,
         PARKED,
     ),
     "task_poller": (TASK_POLLS, TASK_MESSAGES, HTTP_SECONDS, TASK_REPUBLISHED, TASK_RELEASED),
@@ -285,11 +294,12 @@ def worker_registry(worker: str) -> CollectorRegistry:
 
 def init_consumer(queues: Iterable[str], park_labels: Iterable[str], *, retries: bool = True) -> None:
     """Create ``smsgw_parked_total{queue, reason}`` for every queue and park label (and, with ``retries``,
-    ``smsgw_retries_total{queue}``) at 0."""
+    ``smsgw_retries_total{queue}`` and ``smsgw_messages_retried_total{queue}``) at 0."""
     labels = tuple(park_labels)
     for queue in queues:
         if retries:
             RETRIES.labels(queue)
+            MESSAGES_RETRIED.labels(queue)
         for label in labels:
             PARKED.labels(queue, label)
 

@@ -1,12 +1,14 @@
 """Metrics that start at zero and belong to their worker; liveness (issue 9 §1 and §6).
 
 * every metric of services/metrics.py belongs to a worker's group; every park label the code uses is created at
-  0 at start-up; the end-to-end histogram reaches the retry horizon;
+  0 at start-up; the end-to-end histogram reaches the retry horizon; a message retried twice is two retries and
+  one retried message (``smsgw_messages_retried_total``, the per-SMS failure ratio);
 * each worker, started as a real process, serves at start-up (before any traffic) its labelled counters at 0
   (``smsgw_parked_total`` for each queue and reason it can park with), no metric of another worker, no
   ``_created`` series;
 * liveness: the Heartbeat/Watchdog with a fake clock; a task_poller whose loop hangs (a server that never answers,
-  a huge HTTP time-out) exits with code 70; a frozen worker (SIGSTOP) is reported by ``--check``.
+  a huge HTTP time-out) exits with code 70; a frozen worker (SIGSTOP) is reported by ``--check``;
+* Alertmanager does not hide SmsgwSimLocked / SmsgwModemIdentityMismatch behind SmsgwModemDown.
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.stack import ROOT, Stack, free_port
 from services import broker, liveness, metrics
+from services.broker import Ack, Decision, Delivery, Publication, PublisherThread, Retry
 from tests.conftest import wait_for
 from tests.test_alerts import alertmanager as live_alertmanager  # noqa: F401 (a fixture: a real Alertmanager)
 from tests.test_alerts import concerns
+from tests.test_broker import running_consumer
 
 SECRET = "metrics-test-secret"
 
@@ -73,6 +78,33 @@ def test_the_end_to_end_histogram_reaches_the_retry_horizon() -> None:
     bounds = [float(b) for b in metrics.SYNC_END_TO_END_SECONDS._upper_bounds]
     assert 7 * 86400.0 in bounds and 30.0 in bounds  # an alert reads le="30"
     assert max(float(b) for b in metrics.SYNC_SECONDS._upper_bounds[:-1]) <= 30.0  # one request stays short
+
+
+def test_a_message_retried_twice_is_one_retried_message_and_two_retries(clean_broker: str) -> None:
+    queue = broker.EVENTS_QUEUE
+
+    def counts() -> tuple[float, float]:
+        return (
+            REGISTRY.get_sample_value("smsgw_retries_total", {"queue": queue}) or 0.0,
+            REGISTRY.get_sample_value("smsgw_messages_retried_total", {"queue": queue}) or 0.0,
+        )
+
+    before = counts()
+    seen: list[Delivery] = []
+
+    def handler(delivery: Delivery) -> Decision:
+        seen.append(delivery)
+        return Retry("server down") if len(seen) <= 2 else Ack()
+
+    publisher = PublisherThread(clean_broker, "test-metrics-publisher")
+    try:
+        with running_consumer(clean_broker, handler, publisher):
+            publisher.publish(Publication(queue, b'{"n":1}', message_id="m-retried"))
+            wait_for(lambda: len(seen) >= 3, timeout=30, what="two retries through the delay queues")
+    finally:
+        publisher.close()
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
 
 
 # --- /metrics of each worker at start-up --------------------------------------------------------------------------

@@ -31,8 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     channel.basic_qos(prefetch_count=args.prefetch)
 
     def on_message(ch: Any, method: Any, _props: Any, body: bytes) -> None:
-        form = {"from": "+255700000000", "message": body.decode(), "message_id": str(method.delivery_tag),
-                "sent_to": "+255700000001", "sent_timestamp": "0", "device_id": "raw"}
+        form = {
+            "from": "+255700000000",
+            "message": body.decode(),
+            "message_id": str(method.delivery_tag),
+            "sent_to": "+255700000001",
+            "sent_timestamp": "0",
+            "device_id": "raw",
+        }
         session.post(args.sink, data=form, timeout=10).raise_for_status()
         ch.basic_ack(method.delivery_tag)
 

@@ -234,8 +234,9 @@ def post_batch(simulator: Simulator, messages: list[dict[str, Any]], deadline: f
             time.sleep(0.005)
 
 
-def throughput_phase(sims: list[Simulator], sink: Sink, count: int, batch: int, timeout: float,
-                     cpu: CpuWindow) -> dict[str, Any]:
+def throughput_phase(
+    sims: list[Simulator], sink: Sink, count: int, batch: int, timeout: float, cpu: CpuWindow
+) -> dict[str, Any]:
     """Inject ``count`` SMS as fast as the SIMs take them; wait until all arrive."""
     sink.reset()
     sent_at: dict[int, float] = {}
@@ -248,7 +249,7 @@ def throughput_phase(sims: list[Simulator], sink: Sink, count: int, batch: int, 
         start_gate.wait()
         try:
             for offset in range(0, len(seqs), batch):
-                chunk = seqs[offset:offset + batch]
+                chunk = seqs[offset : offset + batch]
                 now = time.time()
                 for seq in chunk:
                     sent_at[seq] = now
@@ -275,7 +276,9 @@ def throughput_phase(sims: list[Simulator], sink: Sink, count: int, batch: int, 
     times = sorted(first.values())
     latencies = [1000 * (first[s] - sent_at[s]) for s in first if s in sent_at]
     result: dict[str, Any] = {
-        "count": count, "lost": delivered.lost, "duplicated": delivered.duplicated,
+        "count": count,
+        "lost": delivered.lost,
+        "duplicated": delivered.duplicated,
         "injection_s": injected_at - started,
     }
     if len(times) >= 2:
@@ -310,9 +313,15 @@ def latency_phase(sims: list[Simulator], sink: Sink, rate: float, duration: floa
     first = delivered.first_arrival()
     latencies = [1000 * (first[s] - sent_at[s]) for s in first]
     return {
-        "count": total, "achieved_rate": achieved, "late_posts": late, "lost": delivered.lost,
-        "duplicated": delivered.duplicated, "p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
-        "p99": percentile(latencies, 99), "max": max(latencies, default=float("nan")),
+        "count": total,
+        "achieved_rate": achieved,
+        "late_posts": late,
+        "lost": delivered.lost,
+        "duplicated": delivered.duplicated,
+        "p50": percentile(latencies, 50),
+        "p90": percentile(latencies, 90),
+        "p99": percentile(latencies, 99),
+        "max": max(latencies, default=float("nan")),
     }
 
 
@@ -338,8 +347,11 @@ def reply_phase(sims: list[Simulator], count: int) -> dict[str, Any]:
     sent = Counter(item.get("text") for box in outboxes for item in box)
     doubled = sum(n - 1 for text, n in sent.items() if str(text).startswith("REPLY ") and n > 1)
     return {
-        "count": count, "missing": missing, "duplicated": doubled,
-        "p50": percentile(round_trips, 50), "p99": percentile(round_trips, 99),
+        "count": count,
+        "missing": missing,
+        "duplicated": doubled,
+        "p50": percentile(round_trips, 50),
+        "p99": percentile(round_trips, 99),
         "max": max(round_trips, default=float("nan")),
     }
 
@@ -358,16 +370,23 @@ def idle_phase(pids: dict[str, int], seconds: float) -> dict[str, tuple[float, f
 
 def raw_phase(stack: Stack, sink: Sink, count: int, publishers: int, timeout: float) -> dict[str, Any]:
     """pika confirm-publish -> quorum queue -> consumer process -> POST to the sink -> ack."""
-    stack.start("raw_consumer", "bench.raw_consumer", "--amqp-url", stack.amqp_url, "--queue", RAW_QUEUE,
-                "--sink", f"{sink.url}/smssync")
+    stack.start(
+        "raw_consumer",
+        "bench.raw_consumer",
+        "--amqp-url",
+        stack.amqp_url,
+        "--queue",
+        RAW_QUEUE,
+        "--sink",
+        f"{sink.url}/smssync",
+    )
     connections = [pika.BlockingConnection(pika.URLParameters(stack.amqp_url)) for _ in range(publishers)]
     try:
         channels = [c.channel() for c in connections]
         for channel in channels:
             channel.queue_declare(RAW_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
             channel.confirm_delivery()
-        properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
-                                          content_type="text/plain")
+        properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="text/plain")
         sink.reset()
         channels[0].basic_publish("", RAW_QUEUE, b"RAW W 0 0", properties, mandatory=True)
         if sink.wait_for(1, 60) < 1:
@@ -394,7 +413,9 @@ def raw_phase(stack: Stack, sink: Sink, count: int, publishers: int, timeout: fl
     delivered = Delivered(count, parse_records(sink.records(), "RAW"))
     times = sorted(delivered.first_arrival().values())
     result: dict[str, Any] = {
-        "count": count, "lost": delivered.lost, "duplicated": delivered.duplicated,
+        "count": count,
+        "lost": delivered.lost,
+        "duplicated": delivered.duplicated,
         "publish_rate": count / max(1e-9, published - started),
     }
     if len(times) >= 2:
@@ -407,8 +428,9 @@ def raw_phase(stack: Stack, sink: Sink, count: int, publishers: int, timeout: fl
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--modems", type=int, default=4, help="simulators and modem workers (default 4)")
     parser.add_argument("--sync-workers", type=int, default=1, help="sync_worker processes (default 1)")
     parser.add_argument("--count", type=int, default=2000, help="SMS of the throughput phase (default 2000)")
@@ -418,12 +440,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--replies", type=int, default=40, help="SMS of the reply round-trip phase (default 40)")
     parser.add_argument("--idle-seconds", type=float, default=10, help="idle window (default 10)")
     parser.add_argument("--raw-count", type=int, default=None, help="messages of the raw phase (default --count)")
-    parser.add_argument("--raw-publishers", type=int, default=1,
-                        help="publisher connections of the raw phase (default 1)")
+    parser.add_argument(
+        "--raw-publishers", type=int, default=1, help="publisher connections of the raw phase (default 1)"
+    )
     parser.add_argument("--timeout", type=float, default=300, help="bound of each phase in seconds (default 300)")
     parser.add_argument("--log-level", default="WARNING", help="SMSGW_LOG_LEVEL of the workers (default WARNING)")
-    parser.add_argument("--skip", action="append", default=[],
-                        choices=("throughput", "latency", "replies", "raw"), help="skip a phase (repeatable)")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("throughput", "latency", "replies", "raw"),
+        help="skip a phase (repeatable)",
+    )
     return parser
 
 
@@ -447,15 +475,24 @@ def main(argv: list[str] | None = None) -> int:
     vhost = f"smsgw-bench-{uuid.uuid4().hex[:8]}"
     workdir = ROOT / "var" / f"bench-{vhost}"  # var/ is git-ignored; logs are kept for inspection
     shutil.rmtree(workdir, ignore_errors=True)
-    print(f"bench: vhost {vhost}, logs in {workdir / 'logs'}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    print(
+        f"bench: vhost {vhost}, logs in {workdir / 'logs'}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at start",
+        flush=True,
+    )
     with _vhost(vhost) as amqp_url:
         sink_port = free_port()
-        stack = Stack(workdir, amqp_url, f"http://127.0.0.1:{sink_port}/smssync", "bench-secret", env={
-            "SMSGW_DEVICE_ID": "bench-gateway",
-            "SMSGW_LOG_LEVEL": args.log_level,
-            "SMSGW_AUTO_RESPONSE": "",
-        })
+        stack = Stack(
+            workdir,
+            amqp_url,
+            f"http://127.0.0.1:{sink_port}/smssync",
+            "bench-secret",
+            env={
+                "SMSGW_DEVICE_ID": "bench-gateway",
+                "SMSGW_LOG_LEVEL": args.log_level,
+                "SMSGW_AUTO_RESPONSE": "",
+            },
+        )
         try:
             return _run(args, stack, Sink(f"http://127.0.0.1:{sink_port}"), sink_port)
         finally:
@@ -523,52 +560,82 @@ def _run(args: argparse.Namespace, stack: Stack, sink: Sink, sink_port: int) -> 
     return 0
 
 
-def _report(args: argparse.Namespace, results: dict[str, dict[str, Any]], cpu: CpuWindow,
-            peak: dict[str, float], idle: dict[str, tuple[float, float]]) -> None:
-    print(f"\n===== results ({args.modems} modems, {args.sync_workers} sync worker(s), "
-          f"SMSGW_LOG_LEVEL={args.log_level}, load average now {os.getloadavg()[0]:.2f}) =====")
+def _report(
+    args: argparse.Namespace,
+    results: dict[str, dict[str, Any]],
+    cpu: CpuWindow,
+    peak: dict[str, float],
+    idle: dict[str, tuple[float, float]],
+) -> None:
+    print(
+        f"\n===== results ({args.modems} modems, {args.sync_workers} sync worker(s), "
+        f"SMSGW_LOG_LEVEL={args.log_level}, load average now {os.getloadavg()[0]:.2f}) ====="
+    )
     gateway_rate = float("nan")
     if "throughput" in results:
         r = results["throughput"]
         gateway_rate = r.get("start_to_last", float("nan"))
-        print(f"throughput   {r['count']} SMS: lost {r['lost']}, duplicated {r['duplicated']} "
-              f"[{verdict(r['lost'] == 0 and r['duplicated'] == 0)} 0/0]")
+        print(
+            f"throughput   {r['count']} SMS: lost {r['lost']}, duplicated {r['duplicated']} "
+            f"[{verdict(r['lost'] == 0 and r['duplicated'] == 0)} 0/0]"
+        )
         print(f"  sustained inbound, first->last arrival : {r.get('first_to_last', float('nan')):8.1f} SMS/s")
-        print(f"  sustained inbound, injection->last     : {gateway_rate:8.1f} SMS/s   target >= "
-              f"{TARGET_INBOUND_PER_S:.0f} [{verdict(gateway_rate >= TARGET_INBOUND_PER_S)}]")
-        print(f"  injection took {r['injection_s']:.2f} s; latency under saturation p50 "
-              f"{r.get('lat_p50', float('nan')):.0f} ms, p99 {r.get('lat_p99', float('nan')):.0f} ms; "
-              f"longest gap between arrivals {1000 * r.get('max_gap', float('nan')):.0f} ms")
+        print(
+            f"  sustained inbound, injection->last     : {gateway_rate:8.1f} SMS/s   target >= "
+            f"{TARGET_INBOUND_PER_S:.0f} [{verdict(gateway_rate >= TARGET_INBOUND_PER_S)}]"
+        )
+        print(
+            f"  injection took {r['injection_s']:.2f} s; latency under saturation p50 "
+            f"{r.get('lat_p50', float('nan')):.0f} ms, p99 {r.get('lat_p99', float('nan')):.0f} ms; "
+            f"longest gap between arrivals {1000 * r.get('max_gap', float('nan')):.0f} ms"
+        )
         if cpu.used:
-            print(f"  CPU during the phase ({cpu.wall:.1f} s wall, machine {cpu.machine_pct:.0f} % of "
-                  f"{os.cpu_count()} cores):")
+            print(
+                f"  CPU during the phase ({cpu.wall:.1f} s wall, machine {cpu.machine_pct:.0f} % of "
+                f"{os.cpu_count()} cores):"
+            )
             for name in cpu.pids:
                 print(f"    {name:<20} {cpu.used[name]:6.2f} s CPU = {cpu.pct(name):5.1f} % of one core")
     if "latency" in results:
         r = results["latency"]
-        print(f"latency      {r['count']} SMS at {r['achieved_rate']:.1f} SMS/s ({r['late_posts']} posts late): "
-              f"lost {r['lost']}, duplicated {r['duplicated']}")
-        print(f"  POST /sms -> Sync URL: p50 {r['p50']:.1f} ms, p90 {r['p90']:.1f} ms, p99 {r['p99']:.1f} ms, "
-              f"max {r['max']:.1f} ms   target p99 <= {TARGET_P99_MS:.0f} ms [{verdict(r['p99'] <= TARGET_P99_MS)}]")
+        print(
+            f"latency      {r['count']} SMS at {r['achieved_rate']:.1f} SMS/s ({r['late_posts']} posts late): "
+            f"lost {r['lost']}, duplicated {r['duplicated']}"
+        )
+        print(
+            f"  POST /sms -> Sync URL: p50 {r['p50']:.1f} ms, p90 {r['p90']:.1f} ms, p99 {r['p99']:.1f} ms, "
+            f"max {r['max']:.1f} ms   target p99 <= {TARGET_P99_MS:.0f} ms [{verdict(r['p99'] <= TARGET_P99_MS)}]"
+        )
     if "replies" in results:
         r = results["replies"]
-        print(f"reply        {r['count']} round trips (missing {r['missing']}, sent twice {r['duplicated']}): "
-              f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms (outbox polled every 5 ms)")
+        print(
+            f"reply        {r['count']} round trips (missing {r['missing']}, sent twice {r['duplicated']}): "
+            f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms (outbox polled every 5 ms)"
+        )
     print("footprint    peak RSS (VmHWM) | idle RSS | idle CPU")
     for name, high in peak.items():
         rss, pct = idle[name]
         ok = rss <= TARGET_IDLE_RSS_MB and pct <= TARGET_IDLE_CPU_PCT
-        print(f"  {name:<16} {high:6.1f} MB | {rss:6.1f} MB | {pct:5.2f} %   target <= {TARGET_IDLE_RSS_MB:.0f} MB, "
-              f"<= {TARGET_IDLE_CPU_PCT:g} % [{verdict(ok)}]")
+        print(
+            f"  {name:<16} {high:6.1f} MB | {rss:6.1f} MB | {pct:5.2f} %   target <= {TARGET_IDLE_RSS_MB:.0f} MB, "
+            f"<= {TARGET_IDLE_CPU_PCT:g} % [{verdict(ok)}]"
+        )
     if "raw" in results:
         r = results["raw"]
         raw_rate = r.get("start_to_last", float("nan"))
-        print(f"raw limit    {r['count']} msgs ({args.raw_publishers} publisher(s)): lost {r['lost']}, "
-              f"duplicated {r['duplicated']}; confirmed publishes {r['publish_rate']:.1f} msg/s")
-        print(f"  publish-with-confirm -> consume -> POST -> ack: first->last {r.get('first_to_last', 0):.1f} "
-              f"msg/s, start->last {raw_rate:.1f} msg/s")
-        print(f"  gateway / raw = {gateway_rate / raw_rate:.2f}" if raw_rate == raw_rate and raw_rate else
-              "  gateway / raw = n/a")
+        print(
+            f"raw limit    {r['count']} msgs ({args.raw_publishers} publisher(s)): lost {r['lost']}, "
+            f"duplicated {r['duplicated']}; confirmed publishes {r['publish_rate']:.1f} msg/s"
+        )
+        print(
+            f"  publish-with-confirm -> consume -> POST -> ack: first->last {r.get('first_to_last', 0):.1f} "
+            f"msg/s, start->last {raw_rate:.1f} msg/s"
+        )
+        print(
+            f"  gateway / raw = {gateway_rate / raw_rate:.2f}"
+            if raw_rate == raw_rate and raw_rate
+            else "  gateway / raw = n/a"
+        )
     sys.stdout.flush()
 
 

@@ -80,10 +80,18 @@ class SinkHandler(BaseHTTPRequestHandler):
             self.server.records.append((arrived, message))
         if message.startswith("BENCH R "):
             seq = message.split()[2]
-            body = json.dumps({"payload": {
-                "success": True, "error": None, "task": "send",
-                "messages": [{"to": form.get("from", [""])[0], "message": f"REPLY {seq}", "uuid": f"bench-r-{seq}"}],
-            }}).encode()
+            body = json.dumps(
+                {
+                    "payload": {
+                        "success": True,
+                        "error": None,
+                        "task": "send",
+                        "messages": [
+                            {"to": form.get("from", [""])[0], "message": f"REPLY {seq}", "uuid": f"bench-r-{seq}"}
+                        ],
+                    }
+                }
+            ).encode()
             self._send(body)
             return
         self._send(OK_BODY)

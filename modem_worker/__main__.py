@@ -22,11 +22,28 @@ from services.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
-ENV = ("SMSGW_MODEM_PORT", "SMSGW_MODEM_ID", "SMSGW_MODEM_BAUDRATE", "SMSGW_DEVICE_ID", "SMSGW_STATE_DIR",
-       "SMSGW_LEDGER_URL", "SMSGW_LEDGER_RETENTION_DAYS", "SMSGW_SEND_INTERVAL", "SMSGW_OUTBOUND_MAX_AGE",
-       "SMSGW_MODEM_FAILOVER", "SMSGW_MODEM_WATCHDOG", "SMSGW_MODEM_RESET_COMMAND", "SMSGW_SIM_PIN",
-       "SMSGW_SIM_PIN_FILE", "SMSGW_MODEM_IMEI", "SMSGW_MODEM_PORT_GLOB", "SMSGW_SIM_BLOCK_AFTER", "SMSGW_SIM_PAUSE",
-       "SMSGW_BALANCE_USSD", "SMSGW_BALANCE_INTERVAL")
+ENV = (
+    "SMSGW_MODEM_PORT",
+    "SMSGW_MODEM_ID",
+    "SMSGW_MODEM_BAUDRATE",
+    "SMSGW_DEVICE_ID",
+    "SMSGW_STATE_DIR",
+    "SMSGW_LEDGER_URL",
+    "SMSGW_LEDGER_RETENTION_DAYS",
+    "SMSGW_SEND_INTERVAL",
+    "SMSGW_OUTBOUND_MAX_AGE",
+    "SMSGW_MODEM_FAILOVER",
+    "SMSGW_MODEM_WATCHDOG",
+    "SMSGW_MODEM_RESET_COMMAND",
+    "SMSGW_SIM_PIN",
+    "SMSGW_SIM_PIN_FILE",
+    "SMSGW_MODEM_IMEI",
+    "SMSGW_MODEM_PORT_GLOB",
+    "SMSGW_SIM_BLOCK_AFTER",
+    "SMSGW_SIM_PAUSE",
+    "SMSGW_BALANCE_USSD",
+    "SMSGW_BALANCE_INTERVAL",
+)
 # Exit code after a stop while a locked SIM blocked the worker (docs/modem.md). The worker does not exit by itself
 # then: it stays up, serving /metrics (smsgw_modem_sim_locked 1), so `restart: unless-stopped` cannot loop it into
 # the SIM's PIN tries.
@@ -67,12 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     topology = Topology.of(fleet, modems=[settings.modem_id])
     if args.check:
         ledger.close()
-        return check(settings, topology, modem=True, heartbeat=heartbeat_path(settings, "modem_worker",
-                                                                            settings.modem_id))
+        return check(
+            settings, topology, modem=True, heartbeat=heartbeat_path(settings, "modem_worker", settings.modem_id)
+        )
     start_metrics(settings, "modem_worker")
     modem_id = settings.modem_id
-    metrics.init_modem_worker(modem_id, [broker.outbound_queue_for(modem_id),
-                                         *map(broker.pool_queue_for, fleet.pools_of(modem_id)), broker.OUTBOUND_QUEUE])
+    metrics.init_modem_worker(
+        modem_id,
+        [
+            broker.outbound_queue_for(modem_id),
+            *map(broker.pool_queue_for, fleet.pools_of(modem_id)),
+            broker.OUTBOUND_QUEUE,
+        ],
+    )
     start_liveness(settings, "modem_worker", modem_id)
     # Imported late: the library emits warnings at import time, and --check/--help do not need it.
     from modem_worker.worker import ModemWorker

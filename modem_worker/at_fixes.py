@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 # table maps form feed as {"ÿ": 10} (an int), so a received "§" became "`" and a form feed vanished. Its decoder
 # reads these module globals on every call, so replacing them with the 23.038 tables of sms_text fixes every
 # decode path at once. (0x1B keeps the library's ESC character, which its encoder looks up.)
-gsm_pdu.GSM7_BASIC = GSM7_BASIC[:GSM7_ESCAPE] + "\x1b" + GSM7_BASIC[GSM7_ESCAPE + 1:]
+gsm_pdu.GSM7_BASIC = GSM7_BASIC[:GSM7_ESCAPE] + "\x1b" + GSM7_BASIC[GSM7_ESCAPE + 1 :]
 gsm_pdu.GSM7_EXTENDED = {char: chr(code) for char, code in GSM7_EXTENSION.items()}
 
 __all__ = [
@@ -74,15 +74,26 @@ ESC: Final[str] = "\x1b"
 
 # Final result codes that end a command's response. Stricter than the library's regex, which matched any
 # line merely *starting* with OK.
-_FINAL_RE: Final[re.Pattern[str]] = re.compile(
-    r"^(OK|ERROR|NO CARRIER|COMMAND NOT SUPPORT|\+CM[ES] ERROR:.*)$"
-)
+_FINAL_RE: Final[re.Pattern[str]] = re.compile(r"^(OK|ERROR|NO CARRIER|COMMAND NOT SUPPORT|\+CM[ES] ERROR:.*)$")
 _CM_ERROR_RE: Final[re.Pattern[str]] = re.compile(r"^\+(CM[ES]) ERROR: ?(\d+)$")
 # Unsolicited result codes we care about. None of them is ever the answer to a command we send.
 # Huawei-style status lines are URCs too (never the answer to a command); other "^" lines may be (^ICCID:).
 _URC_PREFIXES: Final[tuple[str, ...]] = (
-    "+CMTI:", "+CDSI:", "+CMT:", "+CDS:", "RING", "+CRING:", "+CLIP:",
-    "^RSSI:", "^BOOT:", "^MODE:", "^HCSQ:", "^SRVST:", "^SIMST:", "^DSFLOWRPT:", "^SYSSTART",
+    "+CMTI:",
+    "+CDSI:",
+    "+CMT:",
+    "+CDS:",
+    "RING",
+    "+CRING:",
+    "+CLIP:",
+    "^RSSI:",
+    "^BOOT:",
+    "^MODE:",
+    "^HCSQ:",
+    "^SRVST:",
+    "^SIMST:",
+    "^DSFLOWRPT:",
+    "^SYSSTART",
 )
 # Unsolicited lines that can also answer a command (+CREG: answers AT+CREG?), so they stay in a pending response:
 # a PDU listing skips them instead of taking one for the PDU (the SMS would be parked as undecodable and deleted).
@@ -366,9 +377,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
                 raise CommandError(data)
             return lines
 
-    def _exchange(
-        self, payload: str, wait: bool, timeout: float, prompt: str | None, is_pdu: bool
-    ) -> list[str] | None:
+    def _exchange(self, payload: str, wait: bool, timeout: float, prompt: str | None, is_pdu: bool) -> list[str] | None:
         """Write ``payload`` and wait for the final result code (or ``prompt``); return the raw lines.
 
         Raises LinkDown, TimeoutException. No error parsing here (see :meth:`write`).
@@ -462,7 +471,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
 def _pdu_after(lines: list[str], header: int) -> str | None:
     """The PDU line following the ``+CMGR:``/``+CMGL:`` header at ``lines[header]``, skipping unsolicited noise
     lines in between; None when the response ends (or the next header comes) first."""
-    for line in lines[header + 1:]:
+    for line in lines[header + 1 :]:
         if line.startswith(("+CMGL:", "+CMGR:")) or _FINAL_RE.match(line):
             return None
         if not line.startswith(_NOISE_PREFIXES):

@@ -304,7 +304,7 @@ def first_amount(text: str) -> float | None:
 
 
 def _error_source(exc: CommandError) -> str:
-    """"CME" for a ``+CME ERROR`` (27.007 codes), else "CMS" (27.005 / 24.011 codes)."""
+    """ "CME" for a ``+CME ERROR`` (27.007 codes), else "CMS" (27.005 / 24.011 codes)."""
     return "CME" if isinstance(exc, CmeError) else "CMS"
 
 
@@ -779,9 +779,7 @@ class Modem:
             try:
                 references.append(self._send_part(gsm, pdu))
             except SendOutcomeUnknown as exc:
-                raise SendOutcomeUnknown(
-                    f"part {number}/{len(pdus)}: {exc.reason}", tuple(references)
-                ) from exc
+                raise SendOutcomeUnknown(f"part {number}/{len(pdus)}: {exc.reason}", tuple(references)) from exc
             except (SendFailed, ModemUnavailable) as exc:
                 if references:
                     # Earlier parts are out: a resend would duplicate them on the handset.
@@ -801,9 +799,10 @@ class Modem:
         """
         with gsm.command_lock:
             try:
-                prompt = gsm.write(
-                    f"AT+CMGS={pdu.tpdu_length}", timeout=_PROMPT_TIMEOUT_S, expectedResponseTermSeq="> "
-                ) or []
+                prompt = (
+                    gsm.write(f"AT+CMGS={pdu.tpdu_length}", timeout=_PROMPT_TIMEOUT_S, expectedResponseTermSeq="> ")
+                    or []
+                )
             except (CmsError, CmeError) as exc:
                 raise SendFailed(exc.code, f"AT+CMGS refused: {exc}", source=_error_source(exc)) from exc
             except CommandError as exc:
@@ -961,7 +960,10 @@ class Modem:
             # part is missing, and the message would come out complete=True with text lost.
             logger.warning(
                 "concatenated part with sequence %d of %d (ref %d) from %s cannot be placed: delivered on its own",
-                seq, total, reference, decoded.sender,
+                seq,
+                total,
+                reference,
+                decoded.sender,
             )
         elif decoded.concat is not None and decoded.concat[1] > 1:
             self._add_part(location, decoded)
@@ -994,8 +996,7 @@ class Modem:
                 return
         if location is None:
             # Not on the SIM, so it cannot wait there; logged in full so an operator still has the PDU.
-            logger.error("undecodable PDU in a +CMT could not be handed over (%s): %s; pdu=%s", failure, reason,
-                         pdu)
+            logger.error("undecodable PDU in a +CMT could not be handed over (%s): %s; pdu=%s", failure, reason, pdu)
             return
         if location in self._unreadable_logged:
             logger.debug("undecodable PDU at %s/%d still on the SIM (%s)", memory, index, failure)
@@ -1005,7 +1006,11 @@ class Modem:
             del self._unreadable_logged[next(iter(self._unreadable_logged))]
         logger.error(
             "undecodable PDU at %s/%d left on the SIM (%s; logged once): %s; pdu=%s",
-            memory, index, failure, reason, pdu,
+            memory,
+            index,
+            failure,
+            reason,
+            pdu,
         )
 
     def _add_part(self, location: _Location | None, sms: DeliverPdu) -> None:
@@ -1074,7 +1079,10 @@ class Modem:
         if not complete:
             logger.warning(
                 "multipart SMS (ref %d) incomplete after %.0f s: delivering %d of %d parts",
-                key[1], self._multipart_timeout_s, len(buffer.parts), total,
+                key[1],
+                self._multipart_timeout_s,
+                len(buffer.parts),
+                total,
             )
         try:
             self._deliver(message, locations)
@@ -1177,8 +1185,14 @@ def read_imei(port: str, *, baudrate: int = 115200, timeout_s: float = 3.0) -> s
     """The IMEI (``AT+CGSN``) of the modem on ``port``, read without the init dialogue, so no setting of the
     modem changes. None when the port cannot be opened (missing, or busy: another worker has it), the device does
     not answer or answers no IMEI. Never raises."""
-    gsm = FixedGsmModem(port, baudrate=baudrate, on_urc=lambda _lines: None, on_link_down=lambda _exc: None,
-                        request_delivery=False, command_timeout_s=timeout_s)
+    gsm = FixedGsmModem(
+        port,
+        baudrate=baudrate,
+        on_urc=lambda _lines: None,
+        on_link_down=lambda _exc: None,
+        request_delivery=False,
+        command_timeout_s=timeout_s,
+    )
     try:
         gsm.open_port()
         lines = gsm.write("AT+CGSN") or []

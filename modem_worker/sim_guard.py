@@ -50,9 +50,18 @@ class SimGuard:
     """Enforces the per-SIM limits of one modem; thread-safe (the outbound handler and the housekeeping loop
     both use it). Methods that count raise ``LedgerError`` when the ledger cannot be read."""
 
-    def __init__(self, modem_id: str, limits: ModemLimits, ledger: Ledger, send_interval_s: float,
-                 clock: Callable[[], float] = time.time, *, block_after: int = 5, pause_s: float = 1800.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        modem_id: str,
+        limits: ModemLimits,
+        ledger: Ledger,
+        send_interval_s: float,
+        clock: Callable[[], float] = time.time,
+        *,
+        block_after: int = 5,
+        pause_s: float = 1800.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``block_after`` failed sends in a row to different recipients pause the SIM (0: never for that
         reason); ``pause_s`` is the first pause; ``clock``/``monotonic`` are for tests."""
         self.modem_id = modem_id
@@ -117,8 +126,11 @@ class SimGuard:
         metrics.MODEM_SENT_TODAY.labels(self.modem_id).set(sent)
         metrics.MODEM_CAPPED.labels(self.modem_id).set(1 if capped else 0)
         if capped and not was_capped:
-            log.warning("modem %s: reached max_per_day (%d SMS since local midnight); it takes no outbound work "
-                        "until midnight", self.modem_id, sent)
+            log.warning(
+                "modem %s: reached max_per_day (%d SMS since local midnight); it takes no outbound work until midnight",
+                self.modem_id,
+                sent,
+            )
         elif was_capped and not capped:
             log.info("modem %s: new day; max_per_day cap lifted", self.modem_id)
         return capped
@@ -138,8 +150,10 @@ class SimGuard:
 
     def recipient_limit_detail(self) -> str:
         """The failure detail of an SMS refused by ``over_recipient_limit`` (reported to the server)."""
-        return (f"Not sent: more than {self.limits.max_per_recipient_per_hour} SMS to this number within an hour "
-                f"(max_per_recipient_per_hour of modem {self.modem_id})")
+        return (
+            f"Not sent: more than {self.limits.max_per_recipient_per_hour} SMS to this number within an hour "
+            f"(max_per_recipient_per_hour of modem {self.modem_id})"
+        )
 
     # ---- protection: pause after SIM-level refusals or failures in a row --------------------------------------
     @property
@@ -154,8 +168,10 @@ class SimGuard:
         metrics.MODEM_PAUSED.labels(self.modem_id).set(0)
         for reason in PAUSE_REASONS:
             metrics.MODEM_PAUSE_REASON.labels(self.modem_id, reason).set(0)
-        log.info("modem %s: pause over; sending again (the next pause, should sends keep failing, lasts longer)",
-                 self.modem_id)
+        log.info(
+            "modem %s: pause over; sending again (the next pause, should sends keep failing, lasts longer)",
+            self.modem_id,
+        )
         return False
 
     def pause_remaining_s(self) -> float:
@@ -179,8 +195,12 @@ class SimGuard:
             self._failed_recipients.add(recipient_key(recipient))
             in_a_row = len(self._failed_recipients)
         if self._block_after and in_a_row >= self._block_after:
-            return self._pause("failures", f"{in_a_row} sends in a row to different recipients failed (last: "
-                               f"{cause.describe()}; SMSGW_SIM_BLOCK_AFTER={self._block_after})", sim)
+            return self._pause(
+                "failures",
+                f"{in_a_row} sends in a row to different recipients failed (last: "
+                f"{cause.describe()}; SMSGW_SIM_BLOCK_AFTER={self._block_after})",
+                sim,
+            )
         return False
 
     def _pause(self, reason: str, why: str, sim: str) -> bool:
@@ -188,7 +208,7 @@ class SimGuard:
         with self._lock:
             if self._pause_until is not None and self._monotonic() < self._pause_until:
                 return False
-            duration = min(self._pause_s * 2 ** self._pauses_in_a_row, PAUSE_MAX_S)
+            duration = min(self._pause_s * 2**self._pauses_in_a_row, PAUSE_MAX_S)
             self._pause_until = self._monotonic() + duration
             self._pauses_in_a_row += 1
             self._failed_recipients.clear()
@@ -196,6 +216,11 @@ class SimGuard:
         for known in PAUSE_REASONS:
             metrics.MODEM_PAUSE_REASON.labels(self.modem_id, known).set(1 if known == reason else 0)
         metrics.MODEM_PAUSES.labels(self.modem_id, reason).inc()
-        log.warning("SIM %s paused for %.0f s: %s; it takes no outbound work meanwhile (its own SMS wait or move "
-                    "on to other modems), receiving continues", sim, duration, why)
+        log.warning(
+            "SIM %s paused for %.0f s: %s; it takes no outbound work meanwhile (its own SMS wait or move "
+            "on to other modems), receiving continues",
+            sim,
+            duration,
+            why,
+        )
         return True

@@ -274,9 +274,7 @@ def encode_user_data(text: str, encoding: Encoding, udh: bytes = b"") -> tuple[i
     return len(user_data), user_data
 
 
-def build_submit_pdus(
-    number: str, text: str, *, concat_reference: int, request_delivery: bool
-) -> list[SubmitPdu]:
+def build_submit_pdus(number: str, text: str, *, concat_reference: int, request_delivery: bool) -> list[SubmitPdu]:
     """Build the SMS-SUBMIT PDU(s) for ``text`` to ``number``.
 
     Unlike the library, the TP-SRR bit follows ``request_delivery``, UCS-2 payloads are UTF-16-BE (emoji

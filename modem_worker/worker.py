@@ -102,8 +102,9 @@ class _OutboundConsumer:
     sent, so a new consumer never sends through the modem while the old one still does.
     """
 
-    def __init__(self, start: Callable[[list[str]], tuple[Consumer, threading.Thread]], join_timeout_s: float,
-                 modem_id: str) -> None:
+    def __init__(
+        self, start: Callable[[list[str]], tuple[Consumer, threading.Thread]], join_timeout_s: float, modem_id: str
+    ) -> None:
         self._start = start
         self._join_timeout_s = join_timeout_s
         self._modem_id = modem_id
@@ -145,9 +146,16 @@ class ModemWorker:
     (connect, watchdog, reboots, SIM PIN, identity, reconnect) is ``modem_worker.supervisor.ModemSupervisor``, for
     which this class is the host (``open_modem``/``modem_up``/``keep_serving``/``housekeeping``/``modem_down``)."""
 
-    def __init__(self, settings: Settings, publisher: PublisherThread, ledger: Ledger, *,
-                 modem_factory: ModemFactory = Modem, send_timeout_s: float = 35.0,
-                 fleet: FleetConfig | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: PublisherThread,
+        ledger: Ledger,
+        *,
+        modem_factory: ModemFactory = Modem,
+        send_timeout_s: float = 35.0,
+        fleet: FleetConfig | None = None,
+    ) -> None:
         """``fleet`` (default: the env-only fleet of ``settings``) gives this modem's limits and route pools.
 
         Raises:
@@ -164,13 +172,18 @@ class ModemWorker:
         self._fleet = fleet or fleet_from_settings(settings)
         self._topology = Topology.of(self._fleet, modems=[self.modem_id])
         self._own_queue = broker.outbound_queue_for(self.modem_id)
-        self._shared_queues = [*map(broker.pool_queue_for, self._fleet.pools_of(self.modem_id)),
-                               broker.OUTBOUND_QUEUE]
+        self._shared_queues = [*map(broker.pool_queue_for, self._fleet.pools_of(self.modem_id)), broker.OUTBOUND_QUEUE]
         inbound = self._fleet.inbound_endpoints()
         # Undecodable PDUs are parked once, with the first inbound endpoint's queue (the operator looks there).
         self._unreadable_queue = broker.inbound_queue_for(inbound[0].name if inbound else "default")
-        self._guard = SimGuard(self.modem_id, self._fleet.limits_for(self.modem_id), ledger, settings.send_interval,
-                               block_after=settings.sim_block_after, pause_s=settings.sim_pause)
+        self._guard = SimGuard(
+            self.modem_id,
+            self._fleet.limits_for(self.modem_id),
+            ledger,
+            settings.send_interval,
+            block_after=settings.sim_block_after,
+            pause_s=settings.sim_pause,
+        )
         # Held around every send and the balance USSD: a USSD dialogue never runs while an SMS is being sent.
         self._send_lock = threading.Lock()
         self._pause_timer: threading.Timer | None = None
@@ -194,10 +207,17 @@ class ModemWorker:
         self.blocked = False  # set when a locked SIM blocked the worker (exit code 3)
         self._sim_pin = SimPin(configured_pin(settings), settings.state_dir, self.modem_id)
         self._supervisor = ModemSupervisor(
-            self.modem_id, settings.modem_port, self, SupervisorPolicy(
-                watchdog_s=settings.modem_watchdog, reset_command=settings.modem_reset_command),
-            stopping=self._stopping, down=self._modem_down, wake=self._wake, expected_imei=settings.modem_imei,
-            port_globs=settings.modem_port_glob, baudrate=settings.modem_baudrate)
+            self.modem_id,
+            settings.modem_port,
+            self,
+            SupervisorPolicy(watchdog_s=settings.modem_watchdog, reset_command=settings.modem_reset_command),
+            stopping=self._stopping,
+            down=self._modem_down,
+            wake=self._wake,
+            expected_imei=settings.modem_imei,
+            port_globs=settings.modem_port_glob,
+            baudrate=settings.modem_baudrate,
+        )
         for reason in FAILOVER_REASONS:
             metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason)
         for kind in Kind:
@@ -249,8 +269,13 @@ class ModemWorker:
         self._modem = modem
         self._outbound = _OutboundConsumer(self._start_consumer, self._send_timeout_s + 15, self.modem_id)
         self.up.set()
-        log.info("modem %s: connected (%s %s, own number %s)", self.modem_id, self._info.manufacturer,
-                 self._info.model, "known" if self._info.own_number else "unknown")
+        log.info(
+            "modem %s: connected (%s %s, own number %s)",
+            self.modem_id,
+            self._info.manufacturer,
+            self._info.model,
+            "known" if self._info.own_number else "unknown",
+        )
 
     def keep_serving(self) -> bool:
         """Consume the queues the modem's health allows; False while the old consumer still finishes a send."""
@@ -305,8 +330,9 @@ class ModemWorker:
                 log.warning("ledger: pruning failed (%s); will try again in an hour", exc)
             else:
                 if forgotten:
-                    log.info("ledger: forgot %d SMS older than %.0f days", forgotten,
-                             self._settings.ledger_retention_days)
+                    log.info(
+                        "ledger: forgot %d SMS older than %.0f days", forgotten, self._settings.ledger_retention_days
+                    )
         if self._refresh_daily():
             self._interrupt.set()  # a send waiting for its turn goes back: the SIM may send no more today
         try:
@@ -361,8 +387,10 @@ class ModemWorker:
             if registered:
                 log.info("modem %s: registered on a network", self.modem_id)
             else:
-                log.warning("modem %s: not registered on a network (or it does not say); SMS may not be sent "
-                            "or received", self.modem_id)
+                log.warning(
+                    "modem %s: not registered on a network (or it does not say); SMS may not be sent or received",
+                    self.modem_id,
+                )
             self._registered = registered
         registration_ok = reading is not False
         if registration_ok != self._registration_ok:
@@ -381,8 +409,14 @@ class ModemWorker:
             metrics.SIM_STORAGE_USED_RATIO.labels(self.modem_id, use.memory).set(use.ratio)
             full = use.used >= use.total
             if full and use.memory not in self._storage_full:
-                log.warning("modem %s: %s message storage full (%d of %d); new SMS wait in the network until the "
-                            "sweep frees it", self.modem_id, use.memory, use.used, use.total)
+                log.warning(
+                    "modem %s: %s message storage full (%d of %d); new SMS wait in the network until the "
+                    "sweep frees it",
+                    self.modem_id,
+                    use.memory,
+                    use.used,
+                    use.total,
+                )
                 self._storage_full.add(use.memory)
             elif not full:
                 self._storage_full.discard(use.memory)
@@ -401,8 +435,13 @@ class ModemWorker:
         except ModemUnavailable:
             raise
         except ModemError as exc:
-            log.warning("modem %s: balance request %s failed (%s); next try in %.0f s", self.modem_id, code, exc,
-                        self._settings.balance_interval)
+            log.warning(
+                "modem %s: balance request %s failed (%s); next try in %.0f s",
+                self.modem_id,
+                code,
+                exc,
+                self._settings.balance_interval,
+            )
             return
         amount = first_amount(text)
         log.info("modem %s: balance answer to %s: %s", self.modem_id, code, text)
@@ -429,8 +468,9 @@ class ModemWorker:
         identity = (info.imsi if info and info.imsi else None) or self.modem_id
         sent_ms = _ms(message.smsc_time)
         sms = InboundSms(
-            message_id=derive_message_id(identity, message.sender, sent_ms, message.text,
-                                          min(message.sim_indices, default=None)),
+            message_id=derive_message_id(
+                identity, message.sender, sent_ms, message.text, min(message.sim_indices, default=None)
+            ),
             sender=message.sender,
             text=message.text,
             sent_timestamp=sent_ms,
@@ -442,23 +482,39 @@ class ModemWorker:
             modem_signal=self._health[0],
             modem_battery=self._health[1],
         )
-        self._publisher.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE,
-                                            message_id=sms.message_id))
+        self._publisher.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE, message_id=sms.message_id))
         metrics.SMS_RECEIVED.labels(self.modem_id).inc()
-        log.info("modem %s: SMS %s queued (%d part(s)%s)", self.modem_id, sms.message_id, message.parts,
-                 "" if message.complete else ", incomplete")
+        log.info(
+            "modem %s: SMS %s queued (%d part(s)%s)",
+            self.modem_id,
+            sms.message_id,
+            message.parts,
+            "" if message.complete else ", incomplete",
+        )
         log.debug("SMS %s from %s: %r", sms.message_id, sms.sender, sms.text)
 
     def _on_unreadable(self, message: UnreadableMessage) -> None:
         """Park an SMS whose PDU cannot be decoded (raw PDU + reason, confirmed) in the parked queue of the first
         inbound endpoint, so the SIM slot is freed and an operator can look at it; raises BrokerError so the
         adapter keeps it on the SIM when that fails."""
-        body = json.dumps({
-            "schema": "unreadable_sms/1", "modem_id": self.modem_id, "memory": message.memory,
-            "index": message.index, "pdu": message.pdu_hex, "reason": message.reason, "received_at": broker.now_ms(),
-        }).encode()
-        broker.park_body(self._publisher, self._unreadable_queue, body,
-                         f"undecodable PDU from modem {self.modem_id}: {message.reason}", message_id=None)
+        body = json.dumps(
+            {
+                "schema": "unreadable_sms/1",
+                "modem_id": self.modem_id,
+                "memory": message.memory,
+                "index": message.index,
+                "pdu": message.pdu_hex,
+                "reason": message.reason,
+                "received_at": broker.now_ms(),
+            }
+        ).encode()
+        broker.park_body(
+            self._publisher,
+            self._unreadable_queue,
+            body,
+            f"undecodable PDU from modem {self.modem_id}: {message.reason}",
+            message_id=None,
+        )
 
     def _on_status_report(self, report: StatusReport) -> None:
         """Match a status report to its uuid and publish a DeliveryEvent (with the facts of the send, to the
@@ -466,8 +522,13 @@ class ModemWorker:
         if report.delivered is None:
             log.info("modem %s: pending status report for TP-MR %d", self.modem_id, report.reference)
             return
-        match = self._ledger.match_report(self.modem_id, report.reference, report.recipient, report.delivered,
-                                          report_at=_ms(report.finalized_at) if report.finalized_at else None)
+        match = self._ledger.match_report(
+            self.modem_id,
+            report.reference,
+            report.recipient,
+            report.delivered,
+            report_at=_ms(report.finalized_at) if report.finalized_at else None,
+        )
         outcome = "delivered" if report.delivered else "failed"
         metrics.DELIVERY_REPORTS.labels(self.modem_id, outcome).inc()
         if match is None:
@@ -476,14 +537,20 @@ class ModemWorker:
         if not match.final or match.uuid is None:  # more parts to come, or an SMS nobody reports on (a reply)
             return
         event = DeliveryEvent(
-            uuid=match.uuid, modem_id=self.modem_id, outcome="delivered" if match.delivered else "failed",
+            uuid=match.uuid,
+            modem_id=self.modem_id,
+            outcome="delivered" if match.delivered else "failed",
             detail="SMS delivered" if match.delivered else f"not delivered (TP-Status {report.status})",
-            timestamp=_ms(report.finalized_at), endpoint=match.endpoint,
-            sent_outcome=match.sent_state, sent_detail=match.sent_detail, sent_timestamp=match.sent_at,
+            timestamp=_ms(report.finalized_at),
+            endpoint=match.endpoint,
+            sent_outcome=match.sent_state,
+            sent_detail=match.sent_detail,
+            sent_timestamp=match.sent_at,
             sent_cms_error=match.sent_cms_error,
         )
-        self._publisher.publish(Publication(broker.events_queue_for(match.endpoint), event.to_json(),
-                                            message_id=match.uuid))
+        self._publisher.publish(
+            Publication(broker.events_queue_for(match.endpoint), event.to_json(), message_id=match.uuid)
+        )
 
     # ---- outbound: broker -> modem -------------------------------------------------------------------------
     def _handle_outbound(self, delivery: Delivery) -> Decision:
@@ -503,15 +570,18 @@ class ModemWorker:
             # It reached a queue it should not have (e.g. dead-lettered into the shared queue): hand it to its
             # route, never send it through a SIM the route excludes.
             metrics.OUTBOUND_FAILOVER.labels(self.modem_id, "not_allowed").inc()
-            return Move(outbound_queue_for_route(sms.modems),
-                        f"may leave only through {', '.join(sms.modems)}, not modem {self.modem_id}")
+            return Move(
+                outbound_queue_for_route(sms.modems),
+                f"may leave only through {', '.join(sms.modems)}, not modem {self.modem_id}",
+            )
         expired = self._expired(sms)
         if expired is not None:
             return self._refuse(sms, expired, metric_outcome="expired")
         if self._guard.over_recipient_limit(sms.to):
             # Reported failed at once, without waiting for a send turn: the SMS behind it are not held up.
-            return self._refuse(sms, self._guard.recipient_limit_detail(), metric_outcome="limited",
-                                limit="recipient_hour")
+            return self._refuse(
+                sms, self._guard.recipient_limit_detail(), metric_outcome="limited", limit="recipient_hour"
+            )
         return None
 
     def _send_in_turn(self, delivery: Delivery, sms: OutboundSms) -> Decision:
@@ -542,8 +612,7 @@ class ModemWorker:
             return self._already_handled(sms, existing)
         return self._send_claimed(delivery, sms, modem)
 
-    def _hand_back(self, delivery: Delivery, sms: OutboundSms, reason: str, *, refusals: int | None = None
-                   ) -> Decision:
+    def _hand_back(self, delivery: Delivery, sms: OutboundSms, reason: str, *, refusals: int | None = None) -> Decision:
         """An SMS this modem cannot send now (``reason``: modem_down, capped or paused), not claimed in the
         ledger. ``refusals``: it was just refused for the refusals-th time (counted on the message).
 
@@ -564,13 +633,18 @@ class ModemWorker:
         metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason).inc()
         failover_ms = int(self._settings.modem_failover * 1000)
         if not failover_ms:
-            return Move(self._own_queue, f"{why}; it waits for modem {self.modem_id} (SMSGW_MODEM_FAILOVER=0)",
-                        headers=headers)
+            return Move(
+                self._own_queue, f"{why}; it waits for modem {self.modem_id} (SMSGW_MODEM_FAILOVER=0)", headers=headers
+            )
         rest_ms = failover_ms - (broker.now_ms() - sms.created_at)
         if rest_ms <= 0:
             return Move(broker.OUTBOUND_QUEUE, f"{why}; failover time over, any modem may send it", headers=headers)
-        return Move(self._own_queue, f"{why}; any modem may send it in {rest_ms / 1000:.0f}s",
-                    expiration_ms=rest_ms, headers=headers)
+        return Move(
+            self._own_queue,
+            f"{why}; any modem may send it in {rest_ms / 1000:.0f}s",
+            expiration_ms=rest_ms,
+            headers=headers,
+        )
 
     def _refuse(self, sms: OutboundSms, detail: str, *, metric_outcome: str, limit: str | None = None) -> Decision:
         """Report ``sms`` failed without sending it; claimed in the ledger first so no other copy goes out.
@@ -632,19 +706,30 @@ class ModemWorker:
             self._finish(sms, "failed", f"network refused: {cause.describe()}", cms_error=cms_error)
             return Ack()
         if refusals >= SEND_TRIES:
-            self._finish(sms, "failed", f"network refused: {cause.describe()}; gave up after {refusals} tries",
-                         cms_error=cms_error)
+            self._finish(
+                sms,
+                "failed",
+                f"network refused: {cause.describe()}; gave up after {refusals} tries",
+                cms_error=cms_error,
+            )
             return Ack()
         self._ledger.release(sms.ledger_key)
-        log.info("modem %s: outbound %s refused with %s (try %d of %d); handed back", self.modem_id, sms.uuid,
-                 cause.describe(), refusals, SEND_TRIES)
+        log.info(
+            "modem %s: outbound %s refused with %s (try %d of %d); handed back",
+            self.modem_id,
+            sms.uuid,
+            cause.describe(),
+            refusals,
+            SEND_TRIES,
+        )
         if cause.kind is Kind.SIM:
             return self._hand_back(delivery, sms, "paused", refusals=refusals)
         why = f"{cause.describe()} on modem {self.modem_id} (try {refusals} of {SEND_TRIES})"
         if delivery.queue == self._own_queue and not sms.modems:
             # A reply any modem may send: to the shared queue, where every modem (this one too) can take it.
-            return Move(broker.OUTBOUND_QUEUE, f"{why}; any modem may send it",
-                        headers={HEADER_SEND_FAILURES: refusals})
+            return Move(
+                broker.OUTBOUND_QUEUE, f"{why}; any modem may send it", headers={HEADER_SEND_FAILURES: refusals}
+            )
         # Shared or pool queue: back there after a delay, any modem of the route takes it; routed to this modem
         # alone: it waits for this modem.
         return Retry(why, budget=SEND_FAILURES)
@@ -668,41 +753,82 @@ class ModemWorker:
         age_s = (broker.now_ms() - sms.created_at) / 1000
         if not max_age_s or age_s <= max_age_s:
             return None
-        return (f"Expired: waited {age_s / 3600:.1f} h for a modem, longer than SMSGW_OUTBOUND_MAX_AGE "
-                f"({max_age_s / 3600:.1f} h); not sent")
+        return (
+            f"Expired: waited {age_s / 3600:.1f} h for a modem, longer than SMSGW_OUTBOUND_MAX_AGE "
+            f"({max_age_s / 3600:.1f} h); not sent"
+        )
 
-    def _finish(self, sms: OutboundSms, outcome: str, detail: str, *, cms_error: int | None = None,
-                references: tuple[int, ...] = (), when: datetime | None = None,
-                metric_outcome: str | None = None) -> None:
+    def _finish(
+        self,
+        sms: OutboundSms,
+        outcome: str,
+        detail: str,
+        *,
+        cms_error: int | None = None,
+        references: tuple[int, ...] = (),
+        when: datetime | None = None,
+        metric_outcome: str | None = None,
+    ) -> None:
         """Record the outcome in the ledger (durable first), then publish the event (confirmed)."""
-        self._ledger.finish_send(sms.ledger_key, outcome, detail, cms_error=cms_error, references=references,
-                                 modem_id=self.modem_id, recipient=sms.to,
-                                 report_uuid=sms.uuid if sms.report else None, endpoint=sms.endpoint)
+        self._ledger.finish_send(
+            sms.ledger_key,
+            outcome,
+            detail,
+            cms_error=cms_error,
+            references=references,
+            modem_id=self.modem_id,
+            recipient=sms.to,
+            report_uuid=sms.uuid if sms.report else None,
+            endpoint=sms.endpoint,
+        )
         metrics.SMS_SENT.labels(self.modem_id, metric_outcome or outcome).inc()
         log.info("modem %s: outbound %s %s", self.modem_id, sms.uuid, metric_outcome or outcome)
         if sms.report:
-            self._publish_sent_event(sms, outcome, detail, cms_error=cms_error, references=references,
-                                     timestamp=_ms(when))
+            self._publish_sent_event(
+                sms, outcome, detail, cms_error=cms_error, references=references, timestamp=_ms(when)
+            )
 
-    def _publish_sent_event(self, sms: OutboundSms, outcome: str, detail: str, *, cms_error: int | None,
-                            references: tuple[int, ...], timestamp: int) -> None:
+    def _publish_sent_event(
+        self,
+        sms: OutboundSms,
+        outcome: str,
+        detail: str,
+        *,
+        cms_error: int | None,
+        references: tuple[int, ...],
+        timestamp: int,
+    ) -> None:
         assert outcome in ("sent", "failed", "unknown")
-        event = SentEvent(uuid=sms.uuid, modem_id=self.modem_id, outcome=outcome,  # type: ignore[arg-type]
-                          detail=detail, timestamp=timestamp, cms_error=cms_error,
-                          parts=max(1, len(references)), references=list(references), endpoint=sms.endpoint)
+        event = SentEvent(
+            uuid=sms.uuid,
+            modem_id=self.modem_id,
+            outcome=outcome,  # type: ignore[arg-type]
+            detail=detail,
+            timestamp=timestamp,
+            cms_error=cms_error,
+            parts=max(1, len(references)),
+            references=list(references),
+            endpoint=sms.endpoint,
+        )
         # If this raises, the Consumer requeues the outbound message; the redelivery finds the final state in
         # the ledger and publishes the event again instead of sending the SMS again.
-        self._publisher.publish(Publication(broker.events_queue_for(sms.endpoint), event.to_json(),
-                                            message_id=sms.uuid))
+        self._publisher.publish(
+            Publication(broker.events_queue_for(sms.endpoint), event.to_json(), message_id=sms.uuid)
+        )
 
     def _already_handled(self, sms: OutboundSms, record: SendRecord) -> Decision:
         if record.state in FINAL_STATES:
             log.info("modem %s: outbound %s already %s; not sent again", self.modem_id, sms.uuid, record.state)
             metrics.SMS_SENT.labels(self.modem_id, "duplicate").inc()
             if sms.report:  # again: the first publish may have failed after the ledger was written
-                self._publish_sent_event(sms, record.state, record.detail or record.state,
-                                         cms_error=record.cms_error, references=record.references,
-                                         timestamp=record.updated_at)
+                self._publish_sent_event(
+                    sms,
+                    record.state,
+                    record.detail or record.state,
+                    cms_error=record.cms_error,
+                    references=record.references,
+                    timestamp=record.updated_at,
+                )
             return Ack()
         age_s = (broker.now_ms() - record.updated_at) / 1000
         if record.modem_id == self.modem_id or age_s > STALE_SENDING_S:

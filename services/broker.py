@@ -65,10 +65,25 @@ log = logging.getLogger(__name__)
 
 # Names and declaration live in services.topology; re-exported here for the workers that publish and consume.
 __all__ = [
-    "DELAY_TIERS_S", "DELIVERY_LIMIT", "EVENTS_QUEUE", "EXCHANGE", "INBOUND_EXCHANGE", "INBOUND_QUEUE",
-    "OUTBOUND_QUEUE", "PARKED_EXCHANGE", "RETRY_EXCHANGE", "Topology", "declare_topology", "declare_work_queue",
-    "delay_queue_for", "events_queue_for", "inbound_queue_for", "outbound_queue_for", "parked_queue_for",
-    "pool_queue_for", "retry_routing_key",
+    "DELAY_TIERS_S",
+    "DELIVERY_LIMIT",
+    "EVENTS_QUEUE",
+    "EXCHANGE",
+    "INBOUND_EXCHANGE",
+    "INBOUND_QUEUE",
+    "OUTBOUND_QUEUE",
+    "PARKED_EXCHANGE",
+    "RETRY_EXCHANGE",
+    "Topology",
+    "declare_topology",
+    "declare_work_queue",
+    "delay_queue_for",
+    "events_queue_for",
+    "inbound_queue_for",
+    "outbound_queue_for",
+    "parked_queue_for",
+    "pool_queue_for",
+    "retry_routing_key",
 ]
 
 HANDLER_CRASH_LIMIT = 5  # handler exceptions before the consumer parks the message itself
@@ -268,8 +283,7 @@ def consume_until_stopped(stopping: threading.Event, session: Callable[[], None]
         liveness.done()
 
 
-def consumer_channel(connection: pika.BlockingConnection, topology: Topology,
-                     prefetch: int) -> BlockingChannel:
+def consumer_channel(connection: pika.BlockingConnection, topology: Topology, prefetch: int) -> BlockingChannel:
     """A channel on ``connection`` with the topology declared and ``prefetch`` set (raises pika errors)."""
     channel = connection.channel()
     declare_topology(channel, topology)
@@ -384,9 +398,7 @@ class PublisherThread:
         self._publisher = Publisher(url, name, topology)
         # Callers log what a failed publish means for their message; this says once per outage why it fails.
         self._outage = OutageLog(log, f"RabbitMQ publisher {name}")
-        self._requests: queue.Queue[tuple[Publication, concurrent.futures.Future[None]] | None] = (
-            queue.Queue()
-        )
+        self._requests: queue.Queue[tuple[Publication, concurrent.futures.Future[None]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"publisher-{name}", daemon=True)
         self._thread.start()
 
@@ -560,8 +572,9 @@ def close_quietly(connection: pika.BlockingConnection | None) -> None:
             connection.close()
 
 
-def pump_until_stopped(connection: pika.BlockingConnection, channel: BlockingChannel,
-                       stopping: threading.Event) -> None:
+def pump_until_stopped(
+    connection: pika.BlockingConnection, channel: BlockingChannel, stopping: threading.Event
+) -> None:
     """Run a consumer's I/O loop until ``stopping`` is set.
 
     Raises:
@@ -696,8 +709,12 @@ class Consumer:
             except BrokerError as exc:
                 # Not a passing outage (the retry or parked queue refused the copy): the broker's delivery
                 # limit is the last resort.
-                log.warning("could not apply %s for a message from %s (%s); requeueing",
-                            type(decision).__name__, delivery.queue, exc)
+                log.warning(
+                    "could not apply %s for a message from %s (%s); requeueing",
+                    type(decision).__name__,
+                    delivery.queue,
+                    exc,
+                )
                 self._settle(connection, channel, tag, requeue=True)
                 return
             if applied:
@@ -719,8 +736,7 @@ class Consumer:
             log.error("handler crashed again (%d) on a message from %s: %r", crashes, delivery.queue, exc)
         return Retry(f"handler crashed: {exc!r}", budget=CRASHES)
 
-    def _apply_until_done(self, connection: pika.BlockingConnection, delivery: Delivery,
-                          decision: Decision) -> bool:
+    def _apply_until_done(self, connection: pika.BlockingConnection, delivery: Delivery, decision: Decision) -> bool:
         """``_apply`` the decision, retrying while the broker is unavailable (a resource alarm blocks publishers,
         not consumers); False when stopping first, or when the delivery's own connection is gone (the message
         is back in the queue and being handled anew: applying this copy's decision would double it).
@@ -746,8 +762,9 @@ class Consumer:
         if isinstance(decision, Retry) and decision.budget is not None:
             spent = delivery.count(decision.budget.header) + 1
             if spent >= decision.budget.limit:
-                decision = Park(f"{decision.reason}; gave up after {spent} {decision.budget.noun}",
-                                label=decision.budget.label)
+                decision = Park(
+                    f"{decision.reason}; gave up after {spent} {decision.budget.noun}", label=decision.budget.label
+                )
         if isinstance(decision, Retry):
             first = delivery.first_attempt_ms or now_ms()
             age_s = (now_ms() - first) / 1000
@@ -787,9 +804,16 @@ class Consumer:
                 )
                 return
         if isinstance(decision, Move):
-            self._publisher.publish(Publication(decision.routing_key, delivery.body, EXCHANGE,
-                                                {**delivery.headers, **(decision.headers or {})},
-                                                delivery.message_id, decision.expiration_ms))
+            self._publisher.publish(
+                Publication(
+                    decision.routing_key,
+                    delivery.body,
+                    EXCHANGE,
+                    {**delivery.headers, **(decision.headers or {})},
+                    delivery.message_id,
+                    decision.expiration_ms,
+                )
+            )
             log.info("moved a message from %s to %s: %s", delivery.queue, decision.routing_key, decision.reason)
         if isinstance(decision, Park):
             park(self._publisher, delivery, decision.reason)
@@ -801,8 +825,9 @@ class Consumer:
         settle_threadsafe(connection, channel, [tag], requeue=requeue)
 
 
-def settle_threadsafe(connection: pika.BlockingConnection, channel: BlockingChannel, tags: Sequence[int], *,
-                      requeue: bool) -> bool:
+def settle_threadsafe(
+    connection: pika.BlockingConnection, channel: BlockingChannel, tags: Sequence[int], *, requeue: bool
+) -> bool:
     """Ack (or nack with requeue) ``tags`` from any thread: the work is handed to the connection's own thread.
 
     Returns False when the connection is already gone; the broker then redelivers, which is what we want.
@@ -878,8 +903,7 @@ class BatchConsumer:
     def is_live(self, held: HeldDelivery) -> bool:
         """True while ``held`` can still be settled (its connection is the current, open one)."""
         with self._lock:
-            return (held.generation == self._generation and self._channel is not None
-                    and self._channel.is_open)
+            return held.generation == self._generation and self._channel is not None and self._channel.is_open
 
     def stop(self) -> None:
         """Stop consuming; ``run()`` flushes settlements already requested, then closes (unacked ones return
@@ -961,12 +985,20 @@ def park(publisher: PublisherThread, delivery: Delivery, reason: str) -> None:
     Raises:
         BrokerError: not confirmed (the caller must not ack the original).
     """
-    park_body(publisher, delivery.queue, delivery.body, reason, message_id=delivery.message_id,
-              headers=delivery.headers)
+    park_body(
+        publisher, delivery.queue, delivery.body, reason, message_id=delivery.message_id, headers=delivery.headers
+    )
 
 
-def park_body(publisher: PublisherThread, work_queue: str, body: bytes, reason: str, *, message_id: str | None,
-              headers: dict[str, Any] | None = None) -> None:
+def park_body(
+    publisher: PublisherThread,
+    work_queue: str,
+    body: bytes,
+    reason: str,
+    *,
+    message_id: str | None,
+    headers: dict[str, Any] | None = None,
+) -> None:
     """Publish ``body`` straight to the parked queue of ``work_queue`` with the reason (confirmed).
 
     For what never made it onto a work queue, e.g. an SMS whose PDU cannot be decoded.

@@ -256,8 +256,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("parked", help="list, replay or purge parked messages (--queue, --endpoint)", add_help=False)
     sub.add_parser("config", help="config check [FILE]: validate a fleet file (default: $SMSGW_CONFIG)", add_help=False)
     sub.add_parser("check", help="check WORKER: a worker's health check (settings, broker, topology)", add_help=False)
-    sub.add_parser("compose-modems", help="compose-modems DEVICE[=ID]...: print a compose.override.yaml with one "
-                   "modem worker per device", add_help=False)
+    sub.add_parser(
+        "compose-modems",
+        help="compose-modems DEVICE[=ID]...: print a compose.override.yaml with one modem worker per device",
+        add_help=False,
+    )
     for command, help_text in _WORKER_HELP.items():
         sub.add_parser(command, help=help_text, add_help=False)
     return parser

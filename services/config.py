@@ -308,8 +308,14 @@ def _expected(default: str | None) -> str:
 
 
 def _toml_type(value: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "a table"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
 
 
 def _compile(reader: _Reader, patterns: Sequence[str], path: str) -> tuple[re.Pattern[str], ...]:
@@ -423,8 +429,9 @@ def parse_fleet(document: Mapping[str, Any], source: str, *, read_secrets: bool 
             raise reader.error(f"{path}.modems", "expected at least one modem")
         for position, modem_id in enumerate(modems):
             if modem_id not in known:
-                raise reader.error(f"{path}.modems[{position}]",
-                                   f"unknown modem {modem_id!r}: declare it as [modems.{modem_id}]")
+                raise reader.error(
+                    f"{path}.modems[{position}]", f"unknown modem {modem_id!r}: declare it as [modems.{modem_id}]"
+                )
         routes.append(Route(prefix, tuple(dict.fromkeys(modems))))
     return FleetConfig(source, endpoints, tuple(routes), tuple(limits))
 
@@ -501,13 +508,16 @@ def require_sync_urls(fleet: FleetConfig, endpoints: Sequence[EndpointConfig], w
 
 def describe_fleet(fleet: FleetConfig) -> str:
     """A one-line summary for start-up logs and ``config check`` (never secrets)."""
+
     def legs(e: EndpointConfig) -> str:
         switches = (("inbound", e.inbound), ("tasks", e.tasks), ("results", e.message_results))
         return "+".join(name for name, on in switches if on) or "off"
 
     names = ", ".join(f"{e.name} ({legs(e)})" for e in fleet.endpoints)
-    return (f"{len(fleet.endpoints)} endpoint(s): {names}; {len(fleet.routes)} route(s); "
-            f"{len(fleet.modem_limits)} modem(s) with limits")
+    return (
+        f"{len(fleet.endpoints)} endpoint(s): {names}; {len(fleet.routes)} route(s); "
+        f"{len(fleet.modem_limits)} modem(s) with limits"
+    )
 
 
 def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -> int:
@@ -529,8 +539,19 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
     return 0
 
 
-__all__ = ["DEFAULT_ENDPOINT", "FILTER_REASONS", "SYNC_FIELDS", "EndpointConfig", "FleetConfig", "ModemLimits",
-           "Route", "fleet_from_settings", "load_fleet", "load_fleet_file", "parse_fleet"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "FILTER_REASONS",
+    "SYNC_FIELDS",
+    "EndpointConfig",
+    "FleetConfig",
+    "ModemLimits",
+    "Route",
+    "fleet_from_settings",
+    "load_fleet",
+    "load_fleet_file",
+    "parse_fleet",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,7 +45,15 @@ _NO_SERVICE_CMS = frozenset(
         41,  # temporary failure
         42,  # congestion
         47,  # resources unavailable
-        310, 311, 312, 313, 314, 315, 316, 317, 318,  # SIM missing, locked, failed or busy
+        310,
+        311,
+        312,
+        313,
+        314,
+        315,
+        316,
+        317,
+        318,  # SIM missing, locked, failed or busy
         330,  # SMSC address unknown
         331,  # no network service
         332,  # network time-out
@@ -104,8 +112,9 @@ def sent_fields(event: SentEvent | None, convention: Convention) -> dict[str, An
         # Not confirmed sent, but maybe sent: a failure code (the server must not count it as delivered-to-be)
         # with a text that stops an operator from resending without checking first.
         code = RESULT_ERROR_GENERIC_FAILURE
-        message = clip(f"{UNKNOWN_PREFIX}: the SMS may have been sent; check before resending ({event.detail})",
-                       MAX_MESSAGE_CHARS)
+        message = clip(
+            f"{UNKNOWN_PREFIX}: the SMS may have been sent; check before resending ({event.detail})", MAX_MESSAGE_CHARS
+        )
     else:
         code = failure_code(event.cms_error)
         cms = f" (+CMS ERROR {event.cms_error})" if event.cms_error is not None else ""

@@ -120,15 +120,19 @@ def open_ledger(worker: str, settings: Settings) -> Ledger | None:
     try:
         return open_ledger_store(settings.ledger_url, settings.state_dir)
     except (OSError, LedgerError) as exc:
-        where = (f"SMSGW_LEDGER_URL={redact_url(settings.ledger_url)!r}" if settings.ledger_url
-                 else f"SMSGW_STATE_DIR={settings.state_dir!r}")
+        where = (
+            f"SMSGW_LEDGER_URL={redact_url(settings.ledger_url)!r}"
+            if settings.ledger_url
+            else f"SMSGW_STATE_DIR={settings.state_dir!r}"
+        )
         reason = " ".join(str(exc).split())  # libpq's messages span lines; the operator gets one
         print(f"unhealthy: {worker}: cannot open the ledger in {where}: {reason}", file=sys.stderr)
         return None
 
 
-def check(settings: Settings, topology: Topology | None = None, *, modem: bool = False,
-          heartbeat: Path | None = None) -> int:
+def check(
+    settings: Settings, topology: Topology | None = None, *, modem: bool = False, heartbeat: Path | None = None
+) -> int:
     """Health check: the running worker's main loops turn (its ``heartbeat`` file, ``liveness.liveness_problem``);
     with ``modem`` the worker's modem port is there and usable (``modem_port_problem``); the broker accepts us and
     the topology is declared. Prints one line ("ok", or "unhealthy: <why>" on stderr) and returns the exit code:
@@ -166,8 +170,10 @@ def modem_port_problem(settings: Settings) -> str | None:
         return check_modem_port(settings.modem_port)
     candidates = sorted({path for pattern in settings.modem_port_glob for path in glob.glob(pattern)})
     if not candidates:
-        return (f"SMSGW_MODEM_PORT=auto: no device matches SMSGW_MODEM_PORT_GLOB "
-                f"({', '.join(settings.modem_port_glob)}): modem unplugged, or not mapped into the container")
+        return (
+            f"SMSGW_MODEM_PORT=auto: no device matches SMSGW_MODEM_PORT_GLOB "
+            f"({', '.join(settings.modem_port_glob)}): modem unplugged, or not mapped into the container"
+        )
     problems = [check_modem_port(path) for path in candidates]
     return None if None in problems else problems[0]
 
@@ -190,8 +196,10 @@ def check_modem_port(path: str) -> str | None:
     if not stat.S_ISCHR(mode):
         return f"modem port {path} (SMSGW_MODEM_PORT) is not a serial device (not a character device)"
     if not os.access(path, os.R_OK | os.W_OK):
-        return (f"no read/write permission on modem port {path} (SMSGW_MODEM_PORT) for uid {os.getuid()}: add the "
-                "user to the device's group (often dialout) or map the device with its permissions")
+        return (
+            f"no read/write permission on modem port {path} (SMSGW_MODEM_PORT) for uid {os.getuid()}: add the "
+            "user to the device's group (often dialout) or map the device with its permissions"
+        )
     return None
 
 
@@ -200,10 +208,14 @@ def _missing_port(path: str, exc: OSError) -> str:
     if not isinstance(exc, FileNotFoundError):
         return f"modem port {path} (SMSGW_MODEM_PORT) cannot be examined: {exc.strerror or exc}"
     if os.path.islink(path):
-        return (f"modem port {path} (SMSGW_MODEM_PORT) links to {os.readlink(path)}, which does not exist: "
-                "modem unplugged, or its simulator stopped")
-    return (f"modem port {path} (SMSGW_MODEM_PORT) does not exist: modem unplugged, a wrong name, or the device "
-            "not mapped into the container")
+        return (
+            f"modem port {path} (SMSGW_MODEM_PORT) links to {os.readlink(path)}, which does not exist: "
+            "modem unplugged, or its simulator stopped"
+        )
+    return (
+        f"modem port {path} (SMSGW_MODEM_PORT) does not exist: modem unplugged, a wrong name, or the device "
+        "not mapped into the container"
+    )
 
 
 DEFAULT_METRICS_PORTS = {"modem_worker": 9101, "sync_worker": 9102, "task_poller": 9103, "result_reporter": 9104}
@@ -220,8 +232,12 @@ def start_metrics(settings: Settings, worker: str) -> None:
     try:
         metrics.serve_metrics(worker, port, settings.metrics_addr)
     except OSError as exc:
-        log.error("cannot serve /metrics on %s:%s (%s); running without metrics: set SMSGW_METRICS_PORT",
-                  settings.metrics_addr, port, exc)
+        log.error(
+            "cannot serve /metrics on %s:%s (%s); running without metrics: set SMSGW_METRICS_PORT",
+            settings.metrics_addr,
+            port,
+            exc,
+        )
 
 
 def heartbeat_path(settings: Settings, worker: str, instance: str = "") -> Path:
@@ -233,8 +249,9 @@ def start_liveness(settings: Settings, worker: str, instance: str = "") -> liven
     """Start the liveness watchdog (services/liveness.py): it keeps the heartbeat file fresh for ``--check`` while
     the worker's loops turn and exits the process (code 70) once one is stuck for SMSGW_LIVENESS_TIMEOUT. The file
     is removed when the worker exits normally."""
-    watchdog = liveness.Watchdog(liveness.HEARTBEAT, settings.liveness_timeout,
-                                 heartbeat_path(settings, worker, instance))
+    watchdog = liveness.Watchdog(
+        liveness.HEARTBEAT, settings.liveness_timeout, heartbeat_path(settings, worker, instance)
+    )
     watchdog.start()
     atexit.register(watchdog.remove_file)
     return watchdog
@@ -260,8 +277,9 @@ def install_stop_signals(drain: Callable[[], None]) -> threading.Event:
     return stopping
 
 
-def start_supervised(target: Callable[[], None], name: str, on_failure: Callable[[BaseException], None]) -> \
-        threading.Thread:
+def start_supervised(
+    target: Callable[[], None], name: str, on_failure: Callable[[BaseException], None]
+) -> threading.Thread:
     """Run ``target`` on a daemon thread; if it raises, log one line and call ``on_failure`` (the worker then
     stops and exits non-zero, so compose restarts it) instead of leaving a dead thread behind a live process."""
 

@@ -246,18 +246,32 @@ ENV_VARS: dict[str, EnvVar] = {
             "RabbitMQ URL; the vhost in the path is honoured",
             _amqp_url,
         ),
-        EnvVar("SMSGW_CONFIG", "", "fleet configuration file (TOML: endpoints, routes, per-modem limits); empty = "
-               "one endpoint named 'default' from the SMSGW_* variables below", _str),
+        EnvVar(
+            "SMSGW_CONFIG",
+            "",
+            "fleet configuration file (TOML: endpoints, routes, per-modem limits); empty = "
+            "one endpoint named 'default' from the SMSGW_* variables below",
+            _str,
+        ),
         EnvVar("SMSGW_SYNC_URL", "", "the SMSsync Sync URL (user:pass@ in it becomes Basic auth)", _sync_url),
         EnvVar("SMSGW_SECRET", "", "secret sent with every sync and task request; empty = none", _str),
-        EnvVar("SMSGW_SECRET_FILE", "", "file holding SMSGW_SECRET (wins over it; e.g. a compose secret); trailing "
-               "newline stripped", _str),
-        EnvVar("SMSGW_AMQP_PASSWORD_FILE", "", "file holding the RabbitMQ password, put into every URL of "
-               "SMSGW_AMQP_URL (which then names the user only: amqp://smsgw@rabbitmq/%2F); empty = the URL's own",
-               _str),
+        EnvVar(
+            "SMSGW_SECRET_FILE",
+            "",
+            "file holding SMSGW_SECRET (wins over it; e.g. a compose secret); trailing newline stripped",
+            _str,
+        ),
+        EnvVar(
+            "SMSGW_AMQP_PASSWORD_FILE",
+            "",
+            "file holding the RabbitMQ password, put into every URL of "
+            "SMSGW_AMQP_URL (which then names the user only: amqp://smsgw@rabbitmq/%2F); empty = the URL's own",
+            _str,
+        ),
         EnvVar("SMSGW_DEVICE_ID", "smssync-gateway", "device_id sent to the Sync URL", _str),
-        EnvVar("SMSGW_MODEM_PORT", "", "serial device of this worker's modem, or auto (found by SMSGW_MODEM_IMEI)",
-               _str),
+        EnvVar(
+            "SMSGW_MODEM_PORT", "", "serial device of this worker's modem, or auto (found by SMSGW_MODEM_IMEI)", _str
+        ),
         EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
         EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
         EnvVar(
@@ -267,9 +281,7 @@ ENV_VARS: dict[str, EnvVar] = {
             _keywords,
         ),
         EnvVar("SMSGW_REPLY_FROM_SERVER", "true", "send the messages in the Sync URL's reply as SMS", _bool),
-        EnvVar(
-            "SMSGW_AUTO_RESPONSE", "", "text sent to every sender whose SMS was accepted; empty = off", _str
-        ),
+        EnvVar("SMSGW_AUTO_RESPONSE", "", "text sent to every sender whose SMS was accepted; empty = off", _str),
         EnvVar(
             "SMSGW_QUERY_CODES",
             "false",
@@ -277,21 +289,29 @@ ENV_VARS: dict[str, EnvVar] = {
             "forwarding them",
             _bool,
         ),
-        EnvVar("SMSGW_METRICS_PORT", "", "port of /metrics; empty = the worker's own default (modem_worker 9101, "
-               "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off", _optional_port),
-        EnvVar("SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)",
-               _str),
         EnvVar(
-            "SMSGW_HTTP_TIMEOUT", "30", "seconds for each HTTP request to the Sync URL", _number(0.1, 600)
+            "SMSGW_METRICS_PORT",
+            "",
+            "port of /metrics; empty = the worker's own default (modem_worker 9101, "
+            "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off",
+            _optional_port,
         ),
+        EnvVar(
+            "SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)", _str
+        ),
+        EnvVar("SMSGW_HTTP_TIMEOUT", "30", "seconds for each HTTP request to the Sync URL", _number(0.1, 600)),
         EnvVar(
             "SMSGW_MAX_RETRY_AGE",
             "604800",
             "seconds an inbound SMS is retried before it is parked",
             _number(1),
         ),
-        EnvVar("SMSGW_SYNC_METHOD", "POST", "HTTP method of inbound sync requests: POST or PUT",
-               _choice(_SYNC_METHODS, lambda raw: raw.strip().upper())),
+        EnvVar(
+            "SMSGW_SYNC_METHOD",
+            "POST",
+            "HTTP method of inbound sync requests: POST or PUT",
+            _choice(_SYNC_METHODS, lambda raw: raw.strip().upper()),
+        ),
         EnvVar(
             "SMSGW_SYNC_FORMAT",
             "urlencoded",
@@ -336,13 +356,10 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar(
             "SMSGW_RESULTS_SHAPE",
             "message_results",
-            "POST ?task=result body: message_results (docs), "
-            "message_result_string (app), message_result_array",
+            "POST ?task=result body: message_results (docs), message_result_string (app), message_result_array",
             _choice(_RESULTS_SHAPES),
         ),
-        EnvVar(
-            "SMSGW_SENT_OK_CODE", "0", "sent_result_code for a successful send (docs 0, app -1)", _int(-1)
-        ),
+        EnvVar("SMSGW_SENT_OK_CODE", "0", "sent_result_code for a successful send (docs 0, app -1)", _int(-1)),
         EnvVar(
             "SMSGW_STATE_DIR",
             "var/state",
@@ -363,45 +380,119 @@ ENV_VARS: dict[str, EnvVar] = {
             "(stale reminders); 0 = never expire",
             _number(0),
         ),
-        EnvVar("SMSGW_LEDGER_URL", "", "never-twice ledger: sqlite:///path (one host) or "
-               "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR", _ledger_url),
-        EnvVar("SMSGW_MODEM_FAILOVER", "300", "seconds a reply queued for one modem waits for it before another "
-               "modem may send it; 0 = wait for that modem forever", _number(0)),
+        EnvVar(
+            "SMSGW_LEDGER_URL",
+            "",
+            "never-twice ledger: sqlite:///path (one host) or "
+            "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR",
+            _ledger_url,
+        ),
+        EnvVar(
+            "SMSGW_MODEM_FAILOVER",
+            "300",
+            "seconds a reply queued for one modem waits for it before another "
+            "modem may send it; 0 = wait for that modem forever",
+            _number(0),
+        ),
         # --- modem supervisor (issue 7): watchdog, reset command, SIM PIN, identity ---
-        EnvVar("SMSGW_MODEM_WATCHDOG", "30", "seconds between two watchdog probes (AT, and a check that the modem "
-               "kept its settings); also the SIM sweep and health reading interval", _number(1, 3600)),
-        EnvVar("SMSGW_MODEM_RESET_COMMAND", "", "shell command run (with a time-out, capped back-off) when reopening "
-               "the port does not bring the modem back, e.g. a USB power cycle with uhubctl; empty = none", _str),
-        EnvVar("SMSGW_SIM_PIN", "", "PIN entered once when the SIM asks for it (never logged); a rejected PIN is "
-               "never tried again automatically", _str),
-        EnvVar("SMSGW_SIM_PIN_FILE", "", "file holding the SIM PIN (wins over SMSGW_SIM_PIN; e.g. a Docker secret)",
-               _str),
-        EnvVar("SMSGW_MODEM_IMEI", "", "IMEI this worker's modem must have; another modem on the port is refused; "
-               "required with SMSGW_MODEM_PORT=auto", _imei),
-        EnvVar("SMSGW_MODEM_PORT_GLOB", "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*", "comma list of glob "
-               "patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI", _keywords),
+        EnvVar(
+            "SMSGW_MODEM_WATCHDOG",
+            "30",
+            "seconds between two watchdog probes (AT, and a check that the modem "
+            "kept its settings); also the SIM sweep and health reading interval",
+            _number(1, 3600),
+        ),
+        EnvVar(
+            "SMSGW_MODEM_RESET_COMMAND",
+            "",
+            "shell command run (with a time-out, capped back-off) when reopening "
+            "the port does not bring the modem back, e.g. a USB power cycle with uhubctl; empty = none",
+            _str,
+        ),
+        EnvVar(
+            "SMSGW_SIM_PIN",
+            "",
+            "PIN entered once when the SIM asks for it (never logged); a rejected PIN is "
+            "never tried again automatically",
+            _str,
+        ),
+        EnvVar(
+            "SMSGW_SIM_PIN_FILE", "", "file holding the SIM PIN (wins over SMSGW_SIM_PIN; e.g. a Docker secret)", _str
+        ),
+        EnvVar(
+            "SMSGW_MODEM_IMEI",
+            "",
+            "IMEI this worker's modem must have; another modem on the port is refused; "
+            "required with SMSGW_MODEM_PORT=auto",
+            _imei,
+        ),
+        EnvVar(
+            "SMSGW_MODEM_PORT_GLOB",
+            "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*",
+            "comma list of glob patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI",
+            _keywords,
+        ),
         EnvVar("SMSGW_INBOUND", "true", "POST inbound SMS to the Sync URL (false: an outbound-only server)", _bool),
         EnvVar("SMSGW_TASKS", "true", "poll ?task=send on the Sync URL (false: an inbound-only server)", _bool),
-        EnvVar("SMSGW_LEDGER_RETENTION_DAYS", "90", "days the outbound ledger remembers a sent uuid (never-twice "
-               "window)", _number(1)),
-        EnvVar("SMSGW_LOG_LEVEL", "INFO", "DEBUG shows message bodies; INFO never does",
-               _choice(_LOG_LEVELS, lambda raw: raw.strip().upper())),
+        EnvVar(
+            "SMSGW_LEDGER_RETENTION_DAYS",
+            "90",
+            "days the outbound ledger remembers a sent uuid (never-twice window)",
+            _number(1),
+        ),
+        EnvVar(
+            "SMSGW_LOG_LEVEL",
+            "INFO",
+            "DEBUG shows message bodies; INFO never does",
+            _choice(_LOG_LEVELS, lambda raw: raw.strip().upper()),
+        ),
         EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
-        EnvVar("SMSGW_PROBE_INTERVAL", "30", "seconds between two probes (a bare GET) of each inbound endpoint's Sync "
-               "URL by sync_worker: smsgw_sync_url_up, alert SmsgwSyncUrlFailing", _number(1, 3600)),
-        EnvVar("SMSGW_SIM_BLOCK_AFTER", "5", "failed sends in a row to different recipients that pause the SIM "
-               "(operator barring suspected); 0 = only SIM-level refusals pause it", _int(0)),
-        EnvVar("SMSGW_SIM_PAUSE", "1800", "seconds a paused SIM sends nothing; doubles while pauses repeat (at most "
-               "a day), back to this after a successful send", _number(1)),
-        EnvVar("SMSGW_BALANCE_USSD", "", "USSD code that asks the SIM's balance (e.g. *100#); its first number "
-               "becomes smsgw_sim_balance; empty = off", _ussd_code),
-        EnvVar("SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)",
-               _number(10)),
-        EnvVar("SMSGW_LIVENESS_TIMEOUT", "300", "seconds a worker's main loop (consumer I/O loop, poll or report loop, "
-               "modem supervisor loop) may go without a turn before --check says unhealthy and the worker exits with "
-               "code 70 for its restart policy; longer than the longest legitimate wait", _number(10, 86400)),
-        EnvVar("SMSGW_HEARTBEAT_DIR", "", "directory of the heartbeat files --check reads; empty = "
-               "smsgw-heartbeat-<uid> in the system's tmp directory", _str),
+        EnvVar(
+            "SMSGW_PROBE_INTERVAL",
+            "30",
+            "seconds between two probes (a bare GET) of each inbound endpoint's Sync "
+            "URL by sync_worker: smsgw_sync_url_up, alert SmsgwSyncUrlFailing",
+            _number(1, 3600),
+        ),
+        EnvVar(
+            "SMSGW_SIM_BLOCK_AFTER",
+            "5",
+            "failed sends in a row to different recipients that pause the SIM "
+            "(operator barring suspected); 0 = only SIM-level refusals pause it",
+            _int(0),
+        ),
+        EnvVar(
+            "SMSGW_SIM_PAUSE",
+            "1800",
+            "seconds a paused SIM sends nothing; doubles while pauses repeat (at most "
+            "a day), back to this after a successful send",
+            _number(1),
+        ),
+        EnvVar(
+            "SMSGW_BALANCE_USSD",
+            "",
+            "USSD code that asks the SIM's balance (e.g. *100#); its first number "
+            "becomes smsgw_sim_balance; empty = off",
+            _ussd_code,
+        ),
+        EnvVar(
+            "SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)", _number(10)
+        ),
+        EnvVar(
+            "SMSGW_LIVENESS_TIMEOUT",
+            "300",
+            "seconds a worker's main loop (consumer I/O loop, poll or report loop, "
+            "modem supervisor loop) may go without a turn before --check says unhealthy and the worker exits with "
+            "code 70 for its restart policy; longer than the longest legitimate wait",
+            _number(10, 86400),
+        ),
+        EnvVar(
+            "SMSGW_HEARTBEAT_DIR",
+            "",
+            "directory of the heartbeat files --check reads; empty = "
+            "smsgw-heartbeat-<uid> in the system's tmp directory",
+            _str,
+        ),
     )
 }
 

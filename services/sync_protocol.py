@@ -96,14 +96,16 @@ def sync_form(sms: InboundSms, secret: str, device_id: str) -> dict[str, str]:
     ``sent_timestamp`` is epoch milliseconds as the app sends it (the docs say "UNIX timestamp" without unit).
     """
     form = {"secret": secret} if secret else {}
-    form.update({
-        "from": sms.sender,
-        "message": sms.text,
-        "sent_timestamp": str(sms.sent_timestamp),
-        "sent_to": sms.sent_to,
-        "message_id": sms.message_id,
-        "device_id": device_id,
-    })
+    form.update(
+        {
+            "from": sms.sender,
+            "message": sms.text,
+            "sent_timestamp": str(sms.sent_timestamp),
+            "sent_to": sms.sent_to,
+            "message_id": sms.message_id,
+            "device_id": device_id,
+        }
+    )
     return form
 
 
@@ -141,9 +143,7 @@ class SyncScheme:
             for value in named.values():
                 bad = _XML_FORBIDDEN.search(value)
                 if bad:
-                    raise SyncEncodingError(
-                        f"text holds U+{ord(bad.group()):04X}, which XML 1.0 cannot carry"
-                    )
+                    raise SyncEncodingError(f"text holds U+{ord(bad.group()):04X}, which XML 1.0 cannot carry")
             root = ElementTree.Element("payload")
             for key, value in named.items():
                 ElementTree.SubElement(root, key).text = value

@@ -118,8 +118,9 @@ class Topology:
 
     def with_modems(self, modems: Sequence[str]) -> Topology:
         """This topology plus the own queues of ``modems``."""
-        return Topology(self.inbound_endpoints, self.event_endpoints,
-                        tuple(dict.fromkeys([*self.modems, *modems])), self.pools)
+        return Topology(
+            self.inbound_endpoints, self.event_endpoints, tuple(dict.fromkeys([*self.modems, *modems])), self.pools
+        )
 
     def work_queues(self) -> list[str]:
         """Every work queue of this topology."""
@@ -196,8 +197,9 @@ def declare_work_queue(channel: BlockingChannel, work_queue: str) -> None:
     channel.queue_bind(work_queue, EXCHANGE, routing_key=work_queue)
     parked = parked_queue_for(work_queue)
     # Parked queues have no dead-letter exchange: under RabbitMQ 4's default limit, 20 looks would DROP a message.
-    channel.queue_declare(parked, durable=True, arguments={"x-queue-type": "quorum",
-                                                           "x-delivery-limit": UNLIMITED_DELIVERIES})
+    channel.queue_declare(
+        parked, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": UNLIMITED_DELIVERIES}
+    )
     channel.queue_bind(parked, PARKED_EXCHANGE, routing_key=work_queue)
     for tier in DELAY_TIERS_S:
         retry_key = retry_routing_key(work_queue, tier)

@@ -185,7 +185,8 @@ class TaskPoller:
         self._unexpected = UnexpectedErrors(log)
         self._invalid_seen: OrderedDict[str, None] = OrderedDict()
         self._results_setting = (
-            "SMSGW_MESSAGE_RESULTS=false" if fleet.source == "environment"
+            "SMSGW_MESSAGE_RESULTS=false"
+            if fleet.source == "environment"
             else f"message_results = false for endpoint {self.name!r}"
         )
 
@@ -330,7 +331,7 @@ class TaskPoller:
                 self._invalid_seen.popitem(last=False)
             log.warning(
                 "endpoint %s: skipped an invalid task message, not sent: %s (logged once while the server keeps "
-                "offering it; counted in smsgw_task_messages_total{outcome=\"invalid\"})",
+                'offering it; counted in smsgw_task_messages_total{outcome="invalid"})',
                 self.name,
                 reason,
             )
@@ -448,7 +449,9 @@ class TaskPoller:
             status = exc.status if isinstance(exc, PollError) else None
             hint = (
                 f" (a server without the Message Results API may answer ?task=sent so: then set "
-                f"{self._results_setting})" if status in (500, 501) else ""
+                f"{self._results_setting})"
+                if status in (500, 501)
+                else ""
             )
             raise PollError(
                 f"{what}; {len(messages)} claim(s) kept, ?task=sent retried on the next poll{hint}", outcome, status

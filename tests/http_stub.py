@@ -47,8 +47,13 @@ class HttpStub:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 parts = urllib.parse.urlsplit(self.path)
-                request = Request(self.command, parts.path, dict(urllib.parse.parse_qsl(parts.query)),
-                                  {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length))
+                request = Request(
+                    self.command,
+                    parts.path,
+                    dict(urllib.parse.parse_qsl(parts.query)),
+                    {k.lower(): v for k, v in self.headers.items()},
+                    self.rfile.read(length),
+                )
                 stub.requests.append(request)
                 status, body = stub.respond(request)
                 data = body.encode("utf-8")

@@ -28,11 +28,24 @@ from tests.conftest import wait_for
 
 
 @contextmanager
-def running_consumer(url: str, handler: Callable[[Delivery], Decision], publisher: PublisherThread,
-                     queue: str = broker.EVENTS_QUEUE,
-                     topology: broker.Topology | None = None) -> Iterator[Consumer]:
-    consumer = Consumer(url, [queue], handler, publisher, name="test-consumer", prefetch=4, concurrency=2,
-                        max_retry_age_s=3600, topology=topology)
+def running_consumer(
+    url: str,
+    handler: Callable[[Delivery], Decision],
+    publisher: PublisherThread,
+    queue: str = broker.EVENTS_QUEUE,
+    topology: broker.Topology | None = None,
+) -> Iterator[Consumer]:
+    consumer = Consumer(
+        url,
+        [queue],
+        handler,
+        publisher,
+        name="test-consumer",
+        prefetch=4,
+        concurrency=2,
+        max_retry_age_s=3600,
+        topology=topology,
+    )
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
     try:
@@ -132,15 +145,20 @@ def test_channel_error_is_not_retried(fresh_amqp_url: str) -> None:
 
 def test_counters_in_foreign_headers_never_crash_a_delivery() -> None:
     # Headers may come from outside the gateway (a shovel, a hand-published message).
-    delivery = Delivery("q", b"{}", {"x-smsgw-attempts": "abc", "x-a": "3", "x-b": None, "x-c": 2,
-                                     "x-smsgw-first-attempt-ms": "soon"}, None)
+    delivery = Delivery(
+        "q",
+        b"{}",
+        {"x-smsgw-attempts": "abc", "x-a": "3", "x-b": None, "x-c": 2, "x-smsgw-first-attempt-ms": "soon"},
+        None,
+    )
     assert (delivery.attempts, delivery.count("x-a"), delivery.count("x-b"), delivery.count("x-c")) == (0, 3, 0, 2)
     assert delivery.count("absent") == 0
     assert delivery.first_attempt_ms is None
 
 
 def test_batch_consumer_reconnects_when_the_broker_closes_its_channel(
-        clean_broker: str, publisher: PublisherThread) -> None:
+    clean_broker: str, publisher: PublisherThread
+) -> None:
     """RabbitMQ closes a channel that holds deliveries too long (consumer_timeout); pika's I/O loop does not
     raise for that, and the consumer used to sit idle on the dead channel for ever."""
     consumer = BatchConsumer(clean_broker, broker.EVENTS_QUEUE, publisher, name="test-batch", prefetch=10)
@@ -180,7 +198,8 @@ class _FlakyPublisher:
 
 
 def test_a_retry_copy_that_cannot_be_published_yet_is_retried_not_requeued(
-        clean_broker: str, publisher: PublisherThread) -> None:
+    clean_broker: str, publisher: PublisherThread
+) -> None:
     """A requeue would hand the message straight back to the handler (the SMS POSTed again) and count towards
     x-delivery-limit; the consumer holds it and publishes the retry copy once the broker takes it."""
     seen: list[int] = []
@@ -199,8 +218,9 @@ def test_a_retry_copy_that_cannot_be_published_yet_is_retried_not_requeued(
 
 # --- fleet topology: inbound fan-out, modem-queue failover, Move, broker lists ---------------------------------
 
-FLEET = broker.Topology(inbound_endpoints=("alpha", "beta"), event_endpoints=("alpha", "beta"), modems=("m1",),
-                        pools=(("m1", "m2"),))
+FLEET = broker.Topology(
+    inbound_endpoints=("alpha", "beta"), event_endpoints=("alpha", "beta"), modems=("m1",), pools=(("m1", "m2"),)
+)
 
 
 @pytest.fixture
@@ -258,8 +278,9 @@ def test_a_reply_expiring_in_a_modem_queue_moves_on_to_the_shared_queue(fleet_br
         publisher.publish(Publication(broker.outbound_queue_for("m1"), b"routed-to-m1-alone"))
     finally:
         publisher.close()
-    assert wait_for(lambda: _get_all(fleet_broker, broker.OUTBOUND_QUEUE), timeout=15,
-                    what="expired reply in the shared queue") == [b"reply"]
+    assert wait_for(
+        lambda: _get_all(fleet_broker, broker.OUTBOUND_QUEUE), timeout=15, what="expired reply in the shared queue"
+    ) == [b"reply"]
     assert _get_all(fleet_broker, broker.outbound_queue_for("m1")) == [b"routed-to-m1-alone"]
 
 
@@ -305,8 +326,9 @@ def test_a_drain_acks_the_message_its_handler_was_finishing(clean_broker: str, p
         release.wait(10)
         return Ack()
 
-    consumer = Consumer(clean_broker, [broker.EVENTS_QUEUE], handler, publisher, name="test-drain", prefetch=1,
-                        concurrency=1)
+    consumer = Consumer(
+        clean_broker, [broker.EVENTS_QUEUE], handler, publisher, name="test-drain", prefetch=1, concurrency=1
+    )
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
     wait_for(consumer.connected.is_set, what="consumer connected")

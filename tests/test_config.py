@@ -358,8 +358,11 @@ def test_workers_without_a_sync_url_do_not_read_secret_files(tmp_path: Path) -> 
     from services.config import load_fleet_file
 
     path = tmp_path / "fleet.toml"
-    path.write_text('[[endpoints]]\nname = "clinic"\nsync_url = "https://clinic.example/sms"\n'
-                    'secret_file = "/run/secrets/not-mounted-here"\n', encoding="utf-8")
+    path.write_text(
+        '[[endpoints]]\nname = "clinic"\nsync_url = "https://clinic.example/sms"\n'
+        'secret_file = "/run/secrets/not-mounted-here"\n',
+        encoding="utf-8",
+    )
     with pytest.raises(ConfigError, match=r"endpoints\[0\]\.secret_file"):
         load_fleet_file(str(path))
     fleet = load_fleet_file(str(path), read_secrets=False)

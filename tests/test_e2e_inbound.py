@@ -95,8 +95,11 @@ def test_sync_url_outage_loses_nothing_and_never_changes_ids(stack: Stack, serve
     simulator = start_gateway(stack)
     for i in range(10):
         simulator.inject(f"+25571000{i:04d}", f"during outage {i}")
-    wait_for(lambda: server.state()["counters"].get("injected_failures", 0) >= 10,
-             timeout=30, what="the server refusing the first attempts")
+    wait_for(
+        lambda: server.state()["counters"].get("injected_failures", 0) >= 10,
+        timeout=30,
+        what="the server refusing the first attempts",
+    )
     assert server.received() == []
     server.configure(fail_status=None)
     wait_for(lambda: len(server.received()) >= 10, timeout=60, what="all SMS after the outage")
@@ -109,8 +112,15 @@ def test_sync_url_outage_loses_nothing_and_never_changes_ids(stack: Stack, serve
 
 def parked_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = stack.base_env()
-    return subprocess.run([sys.executable, "-m", "sync_worker", "parked", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=True)
+    return subprocess.run(
+        [sys.executable, "-m", "sync_worker", "parked", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
 
 
 def test_wrong_secret_parks_with_reason_and_replay_delivers(stack: Stack, server: ReferenceServer) -> None:
@@ -146,8 +156,11 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(stack: Stack, server: Refe
     for i in range(total // 2, total):
         simulator.inject(f"+25573000{i:04d}", f"stream {i}")
     stack.restart(victim)
-    wait_for(lambda: len({m["message"] for m in server.received()}) >= total, timeout=90,
-             what=f"every SMS after kill -9 of {victim}")
+    wait_for(
+        lambda: len({m["message"] for m in server.received()}) >= total,
+        timeout=90,
+        what=f"every SMS after kill -9 of {victim}",
+    )
     received = server.received()
     assert sorted({m["message"] for m in received}) == sorted(f"stream {i}" for i in range(total))
     # A re-read or re-posted SMS keeps its message_id: the server never sees one SMS under two ids.
@@ -182,11 +195,13 @@ def test_unplug_reports_down_keeps_work_and_recovers(stack: Stack, server: Refer
     simulator = stack.start_simulator("simulator", OWN_NUMBER)
     stack.start_modem_worker("modem_worker", simulator, "modem-a", env={"SMSGW_METRICS_PORT": str(metrics_port)})
     stack.start("sync_worker", "sync_worker")
-    wait_for(lambda: metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 1.0, timeout=30,
-             what="modem up")
+    wait_for(lambda: metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 1.0, timeout=30, what="modem up")
     http_json(f"{simulator.control_url}/unplug", {})
-    wait_for(lambda: metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 0.0, timeout=30,
-             what="modem reported down")
+    wait_for(
+        lambda: metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 0.0,
+        timeout=30,
+        what="modem reported down",
+    )
     # Work that arrives while the modem is away: an SMS on the SIM and an SMS to send.
     simulator.inject("+255740000001", "sent while unplugged")
     publisher = PublisherThread(stack.amqp_url, "test", ["modem-a"])
@@ -196,10 +211,16 @@ def test_unplug_reports_down_keeps_work_and_recovers(stack: Stack, server: Refer
     finally:
         publisher.close()
     http_json(f"{simulator.control_url}/replug", {})
-    wait_for(lambda: [m["message"] for m in server.received()] == ["sent while unplugged"], timeout=60,
-             what="SIM SMS delivered after replug")
-    wait_for(lambda: [o["text"] for o in simulator.outbox()] == ["queued while unplugged"], timeout=60,
-             what="queued SMS sent after replug")
+    wait_for(
+        lambda: [m["message"] for m in server.received()] == ["sent while unplugged"],
+        timeout=60,
+        what="SIM SMS delivered after replug",
+    )
+    wait_for(
+        lambda: [o["text"] for o in simulator.outbox()] == ["queued while unplugged"],
+        timeout=60,
+        what="queued SMS sent after replug",
+    )
     assert metric_value(metrics_port, 'smsgw_modem_up{modem="modem-a"}') == 1.0
 
 
@@ -241,8 +262,9 @@ def test_unplug_while_sending_parks_nothing_and_sends_nothing_twice(stack: Stack
     assert ParkedQueues(stack.amqp_url, broker.outbound_queue_for("modem-a")).list() == []
 
 
-def test_undecodable_pdu_is_parked_with_its_hex_and_leaves_the_sim(stack: Stack, server: ReferenceServer,
-                                                                   tmp_path: Path) -> None:
+def test_undecodable_pdu_is_parked_with_its_hex_and_leaves_the_sim(
+    stack: Stack, server: ReferenceServer, tmp_path: Path
+) -> None:
     """Runs the simulator in-process to plant a corrupted record; the modem worker is the real process."""
     from modem_worker.simulator import Simulator as InProcessSimulator
     from services import broker
@@ -254,13 +276,18 @@ def test_undecodable_pdu_is_parked_with_its_hex_and_leaves_the_sim(stack: Stack,
     try:
         store_pdu(sim, GARBAGE_PDU)
         sim.inject_sms("+255770000001", "readable neighbour")
-        stack.start("modem_worker", "modem_worker",
-                    env={"SMSGW_MODEM_PORT": str(sim.link), "SMSGW_MODEM_ID": "modem-a"})
+        stack.start(
+            "modem_worker", "modem_worker", env={"SMSGW_MODEM_PORT": str(sim.link), "SMSGW_MODEM_ID": "modem-a"}
+        )
         stack.start("sync_worker", "sync_worker")
-        wait_for(lambda: [m["message"] for m in server.received()] == ["readable neighbour"], timeout=30,
-                 what="the readable SMS delivered")
-        parked = wait_for(ParkedQueues(stack.amqp_url, broker.INBOUND_QUEUE).list, timeout=60,
-                          what="the undecodable PDU parked")
+        wait_for(
+            lambda: [m["message"] for m in server.received()] == ["readable neighbour"],
+            timeout=30,
+            what="the readable SMS delivered",
+        )
+        parked = wait_for(
+            ParkedQueues(stack.amqp_url, broker.INBOUND_QUEUE).list, timeout=60, what="the undecodable PDU parked"
+        )
         record = json.loads(parked[0].body)
         assert record["pdu"] == GARBAGE_PDU and record["schema"] == "unreadable_sms/1"
         assert "undecodable PDU" in parked[0].reason
@@ -298,12 +325,21 @@ def _close_vhost_connections(amqp_url: str) -> int:
     import urllib.parse
 
     vhost = urllib.parse.unquote(amqp_url.rsplit("/", 1)[1])
-    listing = subprocess.run(["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "vhost", "pid"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "vhost", "pid"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     pids = [line.split("\t")[1] for line in listing.splitlines() if line.split("\t")[0] == vhost]
     for pid in pids:
-        subprocess.run(["rabbitmqctl", "close_connection", pid, "test: connection cut"], capture_output=True,
-                       timeout=60, check=False)
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "test: connection cut"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
     return len(pids)
 
 
@@ -348,12 +384,16 @@ def test_query_code_is_answered_with_the_modems_health(stack: Stack, server: Ref
     # "unknown" (documented), so wait for the first reading.
     modem_log = stack.workdir / "logs" / "modem_worker.log"
     first_reading = "modem modem-a: registered on a network"
-    wait_for(lambda: modem_log.exists() and first_reading in modem_log.read_text(), timeout=60,
-             what="the modem worker's first health reading")
+    wait_for(
+        lambda: modem_log.exists() and first_reading in modem_log.read_text(),
+        timeout=60,
+        what="the modem worker's first health reading",
+    )
     simulator.inject("+255700000777", "@40")
     simulator.inject("+255700000778", "an ordinary SMS")
-    wait_for(lambda: [o for o in simulator.outbox() if o["to"] == "+255700000777"], timeout=60,
-             what="the answer to @40")
+    wait_for(
+        lambda: [o for o in simulator.outbox() if o["to"] == "+255700000777"], timeout=60, what="the answer to @40"
+    )
     [answer] = [o["text"] for o in simulator.outbox() if o["to"] == "+255700000777"]
     # The reference server answers a bare GET of the Sync URL (no task) with 400: reachable, and saying so.
     assert answer == "clinic-gw-1: signal 17/31 (-79 dBm), Sync URL HTTP 400, battery 42%"

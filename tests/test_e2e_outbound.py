@@ -20,16 +20,24 @@ from tests.conftest import wait_for
 from tests.http_stub import HttpStub, Request
 
 SECRET = "p&ss=w ord"  # must survive URL encoding
-TEXTS = ["Reminder: clinic opens at 8", "Kumbusho: kliniki saa mbili 🏥", "Recordatorio: mañana a las 8",
-         "提醒：明天八点开门", "تذكير: العيادة تفتح الساعة 8", "Long " + "notice " * 40]
+TEXTS = [
+    "Reminder: clinic opens at 8",
+    "Kumbusho: kliniki saa mbili 🏥",
+    "Recordatorio: mañana a las 8",
+    "提醒：明天八点开门",
+    "تذكير: العيادة تفتح الساعة 8",
+    "Long " + "notice " * 40,
+]
 
 
 class AwkwardServer:
     """A Sync server that queues 12 SMS and records everything the gateway asks."""
 
     def __init__(self) -> None:
-        self.messages = [{"to": f"+2557500{i:05d}", "message": TEXTS[i % len(TEXTS)] + f" #{i}",
-                          "uuid": str(uuid.uuid4())} for i in range(12)]
+        self.messages = [
+            {"to": f"+2557500{i:05d}", "message": TEXTS[i % len(TEXTS)] + f" #{i}", "uuid": str(uuid.uuid4())}
+            for i in range(12)
+        ]
         self.acknowledged: set[str] = set()
         self.results: dict[str, dict[str, Any]] = {}
         self.secrets_seen: list[str | None] = []
@@ -49,12 +57,12 @@ class AwkwardServer:
                 return 403, '{"payload":{"success":false,"error":"wrong secret"}}'
             if task == "send":
                 self.polls += 1
-                first = {"payload": {"success": "true", "task": "send", "secret": SECRET,
-                                     "messages": self.messages}}
+                first = {"payload": {"success": "true", "task": "send", "secret": SECRET, "messages": self.messages}}
                 return 200, json.dumps(first) + json.dumps({"message_uuids": [m["uuid"] for m in self.messages]})
             if task == "result" and request.method == "GET":
-                return 200, json.dumps({"message_uuids": [m["uuid"] for m in self.messages
-                                                          if m["uuid"] not in self.results]})
+                return 200, json.dumps(
+                    {"message_uuids": [m["uuid"] for m in self.messages if m["uuid"] not in self.results]}
+                )
             if task == "result":
                 for row in json.loads(request.body)["message_results"]:
                     self.results[row["uuid"]] = row
@@ -72,9 +80,17 @@ def server() -> Iterator[AwkwardServer]:
 
 @pytest.fixture
 def stack(fresh_amqp_url: str, server: AwkwardServer, tmp_path: Path) -> Iterator[Stack]:
-    st = Stack(tmp_path, fresh_amqp_url, server.stub.url, SECRET, env={
-        "SMSGW_MESSAGE_RESULTS": "true", "SMSGW_TASK_INTERVAL": "1", "SMSGW_RESULT_INTERVAL": "1",
-    })
+    st = Stack(
+        tmp_path,
+        fresh_amqp_url,
+        server.stub.url,
+        SECRET,
+        env={
+            "SMSGW_MESSAGE_RESULTS": "true",
+            "SMSGW_TASK_INTERVAL": "1",
+            "SMSGW_RESULT_INTERVAL": "1",
+        },
+    )
     yield st
     st.stop_all()
 

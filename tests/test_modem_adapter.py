@@ -236,7 +236,11 @@ def test_import_with_warnings_as_errors(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp_path / "pycache"))
     result = subprocess.run(
         [sys.executable, "-W", "error", "-c", "import modem_worker.modem"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
 

@@ -88,10 +88,10 @@ class _FakeModem:
         return SendReceipt((len(self.sent_at),), 1, datetime.now(UTC))
 
 
-def _worker(tmp_path: Path, publisher: object, fleet: FleetConfig | None = None,
-            **env: str) -> tuple[ModemWorker, Ledger]:
-    settings = Settings.from_env({"SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(tmp_path),
-                                  **env})
+def _worker(
+    tmp_path: Path, publisher: object, fleet: FleetConfig | None = None, **env: str
+) -> tuple[ModemWorker, Ledger]:
+    settings = Settings.from_env({"SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(tmp_path), **env})
     ledger = open_ledger("", str(tmp_path))
     return ModemWorker(settings, publisher, ledger, fleet=fleet), ledger  # type: ignore[arg-type]
 
@@ -105,8 +105,7 @@ def test_stale_outbound_sms_is_reported_failed_not_sent(tmp_path: Path) -> None:
     worker, ledger = _worker(tmp_path, publisher, SMSGW_OUTBOUND_MAX_AGE="3600")
     modem = _FakeModem()
     worker._modem = modem  # type: ignore[assignment]
-    stale = OutboundSms("u-old", "+255700000001", "clinic opens at 9 today", "task", now_ms() - 7_200_000,
-                        report=True)
+    stale = OutboundSms("u-old", "+255700000001", "clinic opens at 9 today", "task", now_ms() - 7_200_000, report=True)
     fresh = OutboundSms("u-new", "+255700000001", "clinic opens at 9 tomorrow", "task", now_ms(), report=True)
     assert isinstance(worker._handle_outbound(_delivery(stale)), Ack)
     assert isinstance(worker._handle_outbound(_delivery(fresh)), Ack)
@@ -206,8 +205,10 @@ def test_send_interval_wait_ends_when_the_modem_goes_down(tmp_path: Path) -> Non
 # ---- fleet: per-SIM limits, routing, failover (fake modem, no broker) ------------------------------------------
 def _fleet(modems: dict[str, dict[str, int]], *endpoints: str) -> FleetConfig:
     names = endpoints or ("default",)
-    return parse_fleet({"endpoints": [{"name": n, "sync_url": f"http://127.0.0.1:9/{n}"} for n in names],
-                        "modems": modems}, "test-fleet.toml")
+    return parse_fleet(
+        {"endpoints": [{"name": n, "sync_url": f"http://127.0.0.1:9/{n}"} for n in names], "modems": modems},
+        "test-fleet.toml",
+    )
 
 
 def _unique(prefix: str) -> str:
@@ -226,10 +227,14 @@ def test_recipient_hour_limit_reports_the_excess_failed_and_sends_the_rest(tmp_p
     modem = _FakeModem()
     worker._modem = modem  # type: ignore[assignment]
     busy, other = "+255700000001", "+255711000002"
-    batch = [OutboundSms(f"a-{i}", busy, "dose reminder", "task", now_ms(), report=True, endpoint="clinic")
-             for i in range(12)]
-    batch[6:6] = [OutboundSms(f"b-{i}", other, "dose reminder", "task", now_ms(), report=True, endpoint="clinic")
-                  for i in range(3)]
+    batch = [
+        OutboundSms(f"a-{i}", busy, "dose reminder", "task", now_ms(), report=True, endpoint="clinic")
+        for i in range(12)
+    ]
+    batch[6:6] = [
+        OutboundSms(f"b-{i}", other, "dose reminder", "task", now_ms(), report=True, endpoint="clinic")
+        for i in range(3)
+    ]
     for sms in batch:
         assert isinstance(worker._handle_outbound(_delivery(sms)), Ack)
     assert modem.sent_to.count(busy) == 5 and modem.sent_to.count(other) == 3
@@ -238,8 +243,7 @@ def test_recipient_hour_limit_reports_the_excess_failed_and_sends_the_rest(tmp_p
     assert all(isinstance(e, SentEvent) and e.endpoint == "clinic" for e in events)
     failed = {e.uuid: e.detail for e in events if e.outcome == "failed"}
     assert sorted(failed) == sorted(f"a-{i}" for i in range(5, 12))
-    reason = (f"Not sent: more than 5 SMS to this number within an hour (max_per_recipient_per_hour of modem "
-              f"{modem_id})")
+    reason = f"Not sent: more than 5 SMS to this number within an hour (max_per_recipient_per_hour of modem {modem_id})"
     assert set(failed.values()) == {reason}
     assert _value(metrics.SMS_LIMITED, modem_id, "recipient_hour") == 7
     assert _value(metrics.SMS_SENT, modem_id, "limited") == 7
@@ -247,16 +251,16 @@ def test_recipient_hour_limit_reports_the_excess_failed_and_sends_the_rest(tmp_p
     # A redelivered copy of a sent SMS is not refused (nor counted) again: its real outcome is reported again.
     publisher.published.clear()
     assert isinstance(worker._handle_outbound(_delivery(batch[0])), Ack)
-    assert [(e.uuid, e.outcome) for e in map(decode_event, (p.body for p in publisher.published))] == [
-        ("a-0", "sent")]
+    assert [(e.uuid, e.outcome) for e in map(decode_event, (p.body for p in publisher.published))] == [("a-0", "sent")]
     assert _value(metrics.SMS_LIMITED, modem_id, "recipient_hour") == 7 and len(modem.sent_to) == 8
 
 
 def test_an_sms_over_the_recipient_limit_does_not_wait_for_a_send_turn(tmp_path: Path) -> None:
     modem_id = _unique("lim")
     fleet = _fleet({modem_id: {"max_per_recipient_per_hour": 1}})
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=modem_id,
-                              SMSGW_SEND_INTERVAL="3600")
+    worker, _ledger = _worker(
+        tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=modem_id, SMSGW_SEND_INTERVAL="3600"
+    )
     modem = _FakeModem()
     worker._modem = modem  # type: ignore[assignment]
     first = OutboundSms("r-1", "+255700000001", "hi", "task", now_ms(), report=True)
@@ -299,8 +303,7 @@ def _moved_to(decision: object) -> tuple[str, int | None]:
 def test_a_down_modem_hands_replies_on_with_the_rest_of_their_failover_time(tmp_path: Path) -> None:
     modem_id = _unique("down")
     own = outbound_queue_for(modem_id)
-    worker, ledger = _worker(tmp_path, _NoPublisher(), None, SMSGW_MODEM_ID=modem_id,
-                             SMSGW_MODEM_FAILOVER="300")
+    worker, ledger = _worker(tmp_path, _NoPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_MODEM_FAILOVER="300")
     # No modem connected: every SMS goes back, unclaimed.
     reply = OutboundSms("f-1", "+255700000001", "hi", "reply", now_ms() - 100_000, dedup_key="k-1")
     queue, ttl = _moved_to(worker._handle_outbound(_delivery(reply, own)))
@@ -356,8 +359,9 @@ def test_pacing_is_the_slower_of_max_per_minute_and_send_interval(tmp_path: Path
     assert SimGuard("p", ModemLimits(max_per_minute=6), ledger, send_interval_s=30).spacing_s == 30
     assert SimGuard("p", ModemLimits(), ledger, send_interval_s=0).spacing_s == 0
     modem_id = _unique("pace")
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), _fleet({modem_id: {"max_per_minute": 300}}),
-                              SMSGW_MODEM_ID=modem_id)
+    worker, _ledger = _worker(
+        tmp_path, _RecordingPublisher(), _fleet({modem_id: {"max_per_minute": 300}}), SMSGW_MODEM_ID=modem_id
+    )
     modem = _FakeModem()
     worker._modem = modem  # type: ignore[assignment]
     for i in range(3):
@@ -376,9 +380,14 @@ def test_the_day_starts_at_local_midnight() -> None:
 
 def test_pools_and_shared_queue_only_while_registered(tmp_path: Path) -> None:
     me, other = _unique("m"), _unique("m")
-    fleet = parse_fleet({"endpoints": [{"name": "default", "sync_url": "http://127.0.0.1:9/"}],
-                         "modems": {me: {}, other: {}},
-                         "routes": [{"prefix": "+25573", "modems": [me, other]}]}, "test-fleet.toml")
+    fleet = parse_fleet(
+        {
+            "endpoints": [{"name": "default", "sync_url": "http://127.0.0.1:9/"}],
+            "modems": {me: {}, other: {}},
+            "routes": [{"prefix": "+25573", "modems": [me, other]}],
+        },
+        "test-fleet.toml",
+    )
     worker, _ledger = _worker(tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=me)
     everything = [outbound_queue_for(me), pool_queue_for([me, other]), OUTBOUND_QUEUE]
     assert worker.outbound_queues() == everything
@@ -485,8 +494,7 @@ def test_a_sim_level_refusal_pauses_the_sim_and_hands_the_sms_on(tmp_path: Path)
 
 def test_failures_in_a_row_to_different_recipients_pause_the_sim(tmp_path: Path) -> None:
     modem_id = _unique("row")
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id,
-                              SMSGW_SIM_BLOCK_AFTER="3")
+    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_SIM_BLOCK_AFTER="3")
     worker._modem = _RefusingModem({f"+25570000000{i}": 21 for i in range(5)})  # type: ignore[assignment]
     for i in range(3):
         sms = OutboundSms(f"w-{i}", f"+25570000000{i}", "hi", "task", now_ms(), report=True)
@@ -518,8 +526,9 @@ class _BalanceModem(_HealthModem):
 
 def test_the_balance_is_read_between_sends_never_during_one(tmp_path: Path) -> None:
     modem_id = _unique("bal")
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id,
-                              SMSGW_BALANCE_USSD="*100#")
+    worker, _ledger = _worker(
+        tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_BALANCE_USSD="*100#"
+    )
     assert _value(metrics.SIM_BALANCE, modem_id) != _value(metrics.SIM_BALANCE, modem_id), "NaN until read"
     modem = _BalanceModem()
     worker._modem = modem  # type: ignore[assignment]
@@ -555,8 +564,14 @@ class _Running:
     """A ModemWorker on its own thread, driving the simulator through the real adapter."""
 
     def __init__(self, tmp_path: Path, amqp_url: str, sim: Simulator, fleet: FleetConfig, modem_id: str) -> None:
-        settings = Settings.from_env({"SMSGW_AMQP_URL": amqp_url, "SMSGW_MODEM_PORT": str(sim.link),
-                                      "SMSGW_MODEM_ID": modem_id, "SMSGW_STATE_DIR": str(tmp_path / "state")})
+        settings = Settings.from_env(
+            {
+                "SMSGW_AMQP_URL": amqp_url,
+                "SMSGW_MODEM_PORT": str(sim.link),
+                "SMSGW_MODEM_ID": modem_id,
+                "SMSGW_STATE_DIR": str(tmp_path / "state"),
+            }
+        )
         self.topology = Topology.of(fleet, modems=[modem_id])
         self.publisher = PublisherThread(amqp_url, f"test-{modem_id}", self.topology)
         self.ledger = open_ledger("", settings.state_dir)
@@ -576,8 +591,9 @@ class _Running:
         assert not self.thread.is_alive(), "the worker must drain and stop"
 
 
-def _publish(amqp_url: str, topology: Topology, queue: str, messages: list[OutboundSms],
-             expiration_ms: int | None = None) -> None:
+def _publish(
+    amqp_url: str, topology: Topology, queue: str, messages: list[OutboundSms], expiration_ms: int | None = None
+) -> None:
     publisher = Publisher(amqp_url, "test-publisher", topology)
     try:
         for sms in messages:
@@ -610,13 +626,16 @@ class _Taker:
         self._connection.close()
 
 
-def test_a_capped_modem_leaves_shared_work_for_another_consumer(clean_broker: str, tmp_path: Path,
-                                                                 sim: Simulator) -> None:
+def test_a_capped_modem_leaves_shared_work_for_another_consumer(
+    clean_broker: str, tmp_path: Path, sim: Simulator
+) -> None:
     modem_id = _unique("capped")
     fleet = _fleet({modem_id: {"max_per_day": 2}})
     with _Running(tmp_path, clean_broker, sim, fleet, modem_id) as worker:
-        batch = [OutboundSms(_unique("cap"), f"+2557000000{i:02d}", f"notice {i}", "task", now_ms(), report=True)
-                 for i in range(5)]
+        batch = [
+            OutboundSms(_unique("cap"), f"+2557000000{i:02d}", f"notice {i}", "task", now_ms(), report=True)
+            for i in range(5)
+        ]
         _publish(clean_broker, worker._topology, OUTBOUND_QUEUE, batch)
         wait_for(lambda: len(sim.outbox()) >= 2, timeout=30, what="two SMS sent")
         wait_for(lambda: _value(metrics.MODEM_CAPPED, modem_id) == 1, what="the modem capped")
@@ -628,19 +647,30 @@ def test_a_capped_modem_leaves_shared_work_for_another_consumer(clean_broker: st
             other.close()
         assert len(sim.outbox()) == 2, "a capped modem sends nothing more today"
         assert {OutboundSms.from_json(b).uuid for b in other.taken} | {
-            next(s.uuid for s in batch if s.to == o["to"]) for o in sim.outbox()} == {s.uuid for s in batch}
+            next(s.uuid for s in batch if s.to == o["to"]) for o in sim.outbox()
+        } == {s.uuid for s in batch}
 
 
-def test_routing_inbound_fanout_and_events_through_the_broker(clean_broker: str, tmp_path: Path,
-                                                               sim: Simulator) -> None:
+def test_routing_inbound_fanout_and_events_through_the_broker(
+    clean_broker: str, tmp_path: Path, sim: Simulator
+) -> None:
     me, other = _unique("me"), _unique("other")
     first, second = _unique("ep"), _unique("ep")
     fleet = _fleet({me: {}, other: {}}, first, second)
     with _Running(tmp_path, clean_broker, sim, fleet, me) as worker:
-        allowed = OutboundSms(_unique("ok"), "+255700000001", "for anyone", "task", now_ms(), report=True,
-                              endpoint=second)
-        restricted = OutboundSms(_unique("no"), "+255700000002", "for the other modem", "task", now_ms(),
-                                 report=True, endpoint=second, modems=[other])
+        allowed = OutboundSms(
+            _unique("ok"), "+255700000001", "for anyone", "task", now_ms(), report=True, endpoint=second
+        )
+        restricted = OutboundSms(
+            _unique("no"),
+            "+255700000002",
+            "for the other modem",
+            "task",
+            now_ms(),
+            report=True,
+            endpoint=second,
+            modems=[other],
+        )
         _publish(clean_broker, worker._topology, OUTBOUND_QUEUE, [restricted, allowed])
         moved = _Taker(clean_broker, outbound_queue_for(other))
         events = _Taker(clean_broker, events_queue_for(second))
@@ -662,13 +692,11 @@ def test_routing_inbound_fanout_and_events_through_the_broker(clean_broker: str,
                 taker.close()
 
 
-def test_a_reply_in_a_down_modems_queue_moves_to_the_shared_queue_after_its_failover_ttl(
-        clean_broker: str) -> None:
+def test_a_reply_in_a_down_modems_queue_moves_to_the_shared_queue_after_its_failover_ttl(clean_broker: str) -> None:
     gone = _unique("gone")
     topology = Topology(modems=(gone,))
     reply = OutboundSms(_unique("reply"), "+255700000001", "your results are ready", "reply", now_ms())
-    routed = OutboundSms(_unique("routed"), "+255700000002", "only through this SIM", "task", now_ms(),
-                         modems=[gone])
+    routed = OutboundSms(_unique("routed"), "+255700000002", "only through this SIM", "task", now_ms(), modems=[gone])
     _publish(clean_broker, topology, outbound_queue_for(gone), [reply], expiration_ms=300)
     _publish(clean_broker, topology, outbound_queue_for(gone), [routed])
     shared = _Taker(clean_broker, OUTBOUND_QUEUE)

@@ -9,12 +9,15 @@ import pytest
 from services.schemas import InboundSms
 from sync_worker.query_codes import answer, describe_battery, describe_signal, query_code
 
-SMS = InboundSms("id-1", "+255700000001", "@40", 1700000000000, "+255700000009", "gw-1", "m0", 1,
-                 modem_signal=17, modem_battery=42)
+SMS = InboundSms(
+    "id-1", "+255700000001", "@40", 1700000000000, "+255700000009", "gw-1", "m0", 1, modem_signal=17, modem_battery=42
+)
 
 
-@pytest.mark.parametrize(("text", "code"), [("@10", "@10"), (" @40\n", "@40"), ("@50", None), ("@10 hi", None),
-                                            ("email me @10am", None), ("", None)])
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [("@10", "@10"), (" @40\n", "@40"), ("@50", None), ("@10 hi", None), ("email me @10am", None), ("", None)],
+)
 def test_only_a_bare_code_is_a_query(text: str, code: str | None) -> None:
     assert query_code(text) == code
 

@@ -151,8 +151,10 @@ def test_reply_mode_answers_with_instant_sms(reply_server: ReferenceServer) -> N
         (b"<payload><from><b>+1</b></from></payload>", "application/xml"),
         # An entity expansion ("billion laughs") is refused before it is expanded.
         (b'<?xml version="1.0" encoding="no-such-codec"?><payload><from>+1</from></payload>', "application/xml"),
-        (b'<!DOCTYPE p [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]><payload><from>&b;</from></payload>',
-         "application/xml"),
+        (
+            b'<!DOCTYPE p [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]><payload><from>&b;</from></payload>',
+            "application/xml",
+        ),
     ],
 )
 def test_bad_sync_bodies_are_400(server: ReferenceServer, body: bytes, content_type: str) -> None:
@@ -579,9 +581,19 @@ def test_outbox_form_from_curl_with_data_urlencode() -> None:
         pytest.skip("curl is not installed")
     with ReferenceServer(SECRET) as srv:
         done = subprocess.run(
-            [curl, "-s", "--data-urlencode", "to=+255700000302", "--data-urlencode", "text=Habari",
-             srv.base_url + "/outbox"],
-            capture_output=True, text=True, timeout=30, check=True,
+            [
+                curl,
+                "-s",
+                "--data-urlencode",
+                "to=+255700000302",
+                "--data-urlencode",
+                "text=Habari",
+                srv.base_url + "/outbox",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         )
         [record] = srv.outgoing()
         assert done.stdout.startswith(f"queued {record['uuid']} for +255700000302")

@@ -29,8 +29,13 @@ def delivered(outcome: str = "delivered") -> DeliveryEvent:
 def test_row_has_every_field() -> None:
     row = result_row("u-1", sent(), None, DOCS)
     assert set(row) == {
-        "uuid", "sent_result_code", "sent_result_message", "delivered_result_code",
-        "delivered_result_message", "sent_timestamp", "delivered_timestamp",
+        "uuid",
+        "sent_result_code",
+        "sent_result_message",
+        "delivered_result_code",
+        "delivered_result_message",
+        "sent_timestamp",
+        "delivered_timestamp",
     }
 
 
@@ -38,8 +43,9 @@ def test_row_has_every_field() -> None:
     ("convention", "sent_ok", "delivered_ok", "not_delivered", "pending"),
     [(DOCS, 0, 0, 1, -1), (APP, -1, -1, 0, None)],
 )
-def test_conventions(convention: Convention, sent_ok: int, delivered_ok: int, not_delivered: int,
-                     pending: int | None) -> None:
+def test_conventions(
+    convention: Convention, sent_ok: int, delivered_ok: int, not_delivered: int, pending: int | None
+) -> None:
     pending_row = result_row("u-1", sent(), None, convention)
     assert pending_row["sent_result_code"] == sent_ok
     assert pending_row["sent_result_message"] == SENT_OK_MESSAGE

@@ -36,11 +36,21 @@ def test_each_worker_has_its_own_default_port() -> None:
 def test_modem_worker_without_a_usable_state_dir_stops_with_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SMSGW_")},
-           "SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(blocker / "state"),
-           "SMSGW_METRICS_PORT": "0"}
-    done = subprocess.run([sys.executable, "-m", "modem_worker"], env=env, capture_output=True, text=True, check=False,
-                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SMSGW_")},
+        "SMSGW_MODEM_PORT": str(tmp_path / "tty"),
+        "SMSGW_STATE_DIR": str(blocker / "state"),
+        "SMSGW_METRICS_PORT": "0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "modem_worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 1
     assert "cannot open the ledger in SMSGW_STATE_DIR" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
@@ -59,15 +69,23 @@ def _closed_port() -> int:
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SMSGW_")}
-    return subprocess.run([sys.executable, *args], env={**clean, "SMSGW_METRICS_PORT": "0", **env},
-                          capture_output=True, text=True, check=False, timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, *args],
+        env={**clean, "SMSGW_METRICS_PORT": "0", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.parametrize("command", [["-m", "sync_worker", "--check"], ["-m", "services.cli", "check", "sync-worker"]])
 def test_check_with_the_broker_unreachable_prints_exactly_one_line(command: list[str]) -> None:
     port = _closed_port()
-    done = _run(command, SMSGW_AMQP_URL=f"amqp://gw:pw-secret-1@127.0.0.1:{port}/%2F",
-                SMSGW_SYNC_URL="http://127.0.0.1:9/sms")
+    done = _run(
+        command, SMSGW_AMQP_URL=f"amqp://gw:pw-secret-1@127.0.0.1:{port}/%2F", SMSGW_SYNC_URL="http://127.0.0.1:9/sms"
+    )
     output = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 1
     assert output == [f"unhealthy: cannot connect to RabbitMQ at 127.0.0.1:{port} (vhost '/'): connection refused"]
@@ -75,8 +93,11 @@ def test_check_with_the_broker_unreachable_prints_exactly_one_line(command: list
 
 def test_check_names_a_refused_login_without_the_password(amqp_url: str) -> None:
     host = amqp_url.split("@", 1)[1].split("/", 1)[0]
-    done = _run(["-m", "sync_worker", "--check"], SMSGW_AMQP_URL=f"amqp://guest:pw-secret-2@{host}/%2F",
-                SMSGW_SYNC_URL="http://127.0.0.1:9/sms")
+    done = _run(
+        ["-m", "sync_worker", "--check"],
+        SMSGW_AMQP_URL=f"amqp://guest:pw-secret-2@{host}/%2F",
+        SMSGW_SYNC_URL="http://127.0.0.1:9/sms",
+    )
     output = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 1 and len(output) == 1
     assert "refused the login for user 'guest'" in output[0] and "SMSGW_AMQP_URL" in output[0]
@@ -84,12 +105,17 @@ def test_check_names_a_refused_login_without_the_password(amqp_url: str) -> None
 
 
 def test_modem_worker_check_fails_for_a_port_that_does_not_exist(tmp_path: Path) -> None:
-    done = _run(["-m", "modem_worker", "--check"], SMSGW_MODEM_PORT=str(tmp_path / "ttyUSB9"),
-                SMSGW_STATE_DIR=str(tmp_path / "state"))
+    done = _run(
+        ["-m", "modem_worker", "--check"],
+        SMSGW_MODEM_PORT=str(tmp_path / "ttyUSB9"),
+        SMSGW_STATE_DIR=str(tmp_path / "state"),
+    )
     output = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 1
-    assert output == [f"unhealthy: modem port {tmp_path / 'ttyUSB9'} (SMSGW_MODEM_PORT) does not exist: modem "
-                      "unplugged, a wrong name, or the device not mapped into the container"]
+    assert output == [
+        f"unhealthy: modem port {tmp_path / 'ttyUSB9'} (SMSGW_MODEM_PORT) does not exist: modem "
+        "unplugged, a wrong name, or the device not mapped into the container"
+    ]
 
 
 def test_check_modem_port_accepts_a_usable_character_device() -> None:
@@ -111,8 +137,13 @@ def test_check_modem_port_refuses_what_is_no_usable_serial_device(
 
 
 def test_auto_port_needs_a_usable_device_among_the_globs(tmp_path: Path) -> None:
-    settings = Settings.from_env({"SMSGW_MODEM_PORT": "auto", "SMSGW_MODEM_IMEI": "356938035643809",
-                                  "SMSGW_MODEM_PORT_GLOB": str(tmp_path / "ttyUSB*")})
+    settings = Settings.from_env(
+        {
+            "SMSGW_MODEM_PORT": "auto",
+            "SMSGW_MODEM_IMEI": "356938035643809",
+            "SMSGW_MODEM_PORT_GLOB": str(tmp_path / "ttyUSB*"),
+        }
+    )
     assert "no device matches SMSGW_MODEM_PORT_GLOB" in (modem_port_problem(settings) or "")
     (tmp_path / "ttyUSB0").symlink_to("/dev/null")
     assert modem_port_problem(settings) is None

@@ -63,8 +63,9 @@ def test_redact_url_hides_password_and_secret() -> None:
 
 
 def test_sync_scheme_settings() -> None:
-    settings = Settings.from_env({"SMSGW_SYNC_METHOD": "put", "SMSGW_SYNC_FORMAT": "JSON",
-                                  "SMSGW_SYNC_KEYS": " message = text , from=sender,"})
+    settings = Settings.from_env(
+        {"SMSGW_SYNC_METHOD": "put", "SMSGW_SYNC_FORMAT": "JSON", "SMSGW_SYNC_KEYS": " message = text , from=sender,"}
+    )
     assert (settings.sync_method, settings.sync_format) == ("PUT", "json")
     assert settings.sync_keys == (("message", "text"), ("from", "sender"))
     defaults = Settings.from_env({})
@@ -79,10 +80,12 @@ def test_xml_format_needs_element_names_as_keys() -> None:
 
 
 def test_a_cluster_of_brokers_and_a_shared_ledger_are_accepted() -> None:
-    settings = Settings.from_env({
-        "SMSGW_AMQP_URL": "amqp://u:p@node1:5672/%2F, amqp://u:p@node2:5672/%2F",
-        "SMSGW_LEDGER_URL": "postgresql://smsgw@db/smsgw",
-        "SMSGW_MODEM_FAILOVER": "0",
-    })
+    settings = Settings.from_env(
+        {
+            "SMSGW_AMQP_URL": "amqp://u:p@node1:5672/%2F, amqp://u:p@node2:5672/%2F",
+            "SMSGW_LEDGER_URL": "postgresql://smsgw@db/smsgw",
+            "SMSGW_MODEM_FAILOVER": "0",
+        }
+    )
     assert settings.ledger_url == "postgresql://smsgw@db/smsgw"
     assert settings.modem_failover == 0

@@ -65,12 +65,20 @@ def test_success_variants_and_missing_key() -> None:
 
 
 def test_invalid_messages_are_skipped_not_fatal() -> None:
-    body = json.dumps({"payload": {"success": True, "task": "send", "messages": [
-        {"to": None, "message": "x", "uuid": "a"},
-        {"to": "+255700000001", "message": "ok", "uuid": "b"},
-        {"to": "+255700000002", "message": "no uuid"},
-        "junk",
-    ]}})
+    body = json.dumps(
+        {
+            "payload": {
+                "success": True,
+                "task": "send",
+                "messages": [
+                    {"to": None, "message": "x", "uuid": "a"},
+                    {"to": "+255700000001", "message": "ok", "uuid": "b"},
+                    {"to": "+255700000002", "message": "no uuid"},
+                    "junk",
+                ],
+            }
+        }
+    )
     payload = parse_payload(body)
     assert [m.uuid for m in payload.messages] == ["b"]
     assert len(payload.skipped) == 3
@@ -112,8 +120,10 @@ def test_results_body_shapes() -> None:
 def test_pathological_replies_are_reply_errors_not_crashes() -> None:
     with pytest.raises(ReplyError, match="nested too deeply"):
         parse_payload("[" * 100000 + "]" * 100000)
-    body = '{"payload":{"task":"send","messages":[{"to":"+2557","message":"bad \\ud83d","uuid":"a"},' \
-           '{"to":"+2557","message":"good","uuid":"b"}]}}'
+    body = (
+        '{"payload":{"task":"send","messages":[{"to":"+2557","message":"bad \\ud83d","uuid":"a"},'
+        '{"to":"+2557","message":"good","uuid":"b"}]}}'
+    )
     payload = parse_payload(body)
     assert [m.uuid for m in payload.messages] == ["b"]
     assert "lone surrogate" in payload.skipped[0]
@@ -138,8 +148,15 @@ def test_uuid_optional_only_for_instant_replies() -> None:
     assert [m.uuid for m in parse_payload(body, require_uuid=False).messages] == [""]
 
 
-FIELDS = {"secret": "s&cret=1", "from": "+255700000001", "message": 'Habari <b> & "x" \'y\' 😀\nline 2\r\nline 3\r',
-          "sent_timestamp": "1700000000123", "sent_to": "+255700000009", "message_id": "id-1", "device_id": "d"}
+FIELDS = {
+    "secret": "s&cret=1",
+    "from": "+255700000001",
+    "message": "Habari <b> & \"x\" 'y' 😀\nline 2\r\nline 3\r",
+    "sent_timestamp": "1700000000123",
+    "sent_to": "+255700000009",
+    "message_id": "id-1",
+    "device_id": "d",
+}
 
 
 def test_sync_scheme_urlencoded_is_the_apps_form() -> None:
@@ -194,15 +211,23 @@ WERKZEUG_PAGE = """<!doctype html>
 @pytest.mark.parametrize(
     ("body", "gist"),
     [
-        ("<html><head><title>DisallowedHost\n   at /sms</title><style>p{}</style></head></html>",
-         "DisallowedHost at /sms"),
+        (
+            "<html><head><title>DisallowedHost\n   at /sms</title><style>p{}</style></head></html>",
+            "DisallowedHost at /sms",
+        ),
         (WERKZEUG_PAGE, "UnicodeEncodeError: 'latin-1' codec can't encode character // Werkzeug Debugger"),
-        ("<html><head><title>502 Bad Gateway</title></head><body><center>nginx</center></body></html>",
-         "502 Bad Gateway"),
-        ("<!DOCTYPE html><html><head><style>h1{}</style></head><body>\n<h1>Server Error (500)</h1></body></html>",
-         "Server Error (500)"),  # Django without DEBUG: no title
-        ("<br />\n<b>Fatal error</b>:  Uncaught PDOException in /var/www/sms.php:12",
-         "Fatal error: Uncaught PDOException in /var/www/sms.php:12"),
+        (
+            "<html><head><title>502 Bad Gateway</title></head><body><center>nginx</center></body></html>",
+            "502 Bad Gateway",
+        ),
+        (
+            "<!DOCTYPE html><html><head><style>h1{}</style></head><body>\n<h1>Server Error (500)</h1></body></html>",
+            "Server Error (500)",
+        ),  # Django without DEBUG: no title
+        (
+            "<br />\n<b>Fatal error</b>:  Uncaught PDOException in /var/www/sms.php:12",
+            "Fatal error: Uncaught PDOException in /var/www/sms.php:12",
+        ),
         ("<title>Tom &amp; Jerry</title>", "Tom & Jerry"),
         ("Internal Server Error", "Internal Server Error"),
         ('{"error": "db down"}', '{"error": "db down"}'),

@@ -838,6 +838,7 @@ def test_worker_serves_every_endpoint_of_the_file_and_drains_on_sigterm(clean_br
         to_first, to_both = make_sms(f"for {names[0]}"), make_sms(f"for {names[0]} and {names[1]}")
         for sms in (to_first, to_both):
             injector.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE, message_id=sms.message_id))
+
         # POSTs only: the worker also probes each Sync URL with a bare GET (sync_worker/probe.py).
         def posts(stub: HttpStub) -> list[Request]:
             return [r for r in stub.requests if r.method == "POST"]
@@ -950,8 +951,9 @@ def test_an_html_error_page_is_named_by_its_title_and_the_first_failure_is_a_war
 
 def test_refusal_is_final_parks_at_the_first_refusal(harness: Callable[..., Harness]) -> None:
     # A server that stores the SMS and then answers success:false would get one copy per retry.
-    h = harness(lambda _r: (200, '{"payload":{"success":false,"error":"auto-reply failed"}}'),
-                SMSGW_REFUSAL_IS_FINAL="true")
+    h = harness(
+        lambda _r: (200, '{"payload":{"success":false,"error":"auto-reply failed"}}'), SMSGW_REFUSAL_IS_FINAL="true"
+    )
     h.inject(make_sms())
     listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=30, what="parked at once")
     assert len(h.stub.requests) == 1
@@ -960,8 +962,12 @@ def test_refusal_is_final_parks_at_the_first_refusal(harness: Callable[..., Harn
 
 def test_refusal_is_final_is_an_endpoint_option() -> None:
     fleet = parse_fleet(
-        {"endpoints": [{"name": "a", "sync_url": "http://127.0.0.1:9/a", "refusal_is_final": True},
-                       {"name": "b", "sync_url": "http://127.0.0.1:9/b"}]},
+        {
+            "endpoints": [
+                {"name": "a", "sync_url": "http://127.0.0.1:9/a", "refusal_is_final": True},
+                {"name": "b", "sync_url": "http://127.0.0.1:9/b"},
+            ]
+        },
         "test.toml",
     )
     assert [e.refusal_is_final for e in fleet.endpoints] == [True, False]

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return check(
             settings, topology, modem=True, heartbeat=heartbeat_path(settings, "modem_worker", settings.modem_id)
         )
-    start_metrics(settings, "modem_worker")
     modem_id = settings.modem_id
+    # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
     metrics.init_modem_worker(
         modem_id,
         [
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             broker.OUTBOUND_QUEUE,
         ],
     )
+    start_metrics(settings, "modem_worker")
     start_liveness(settings, "modem_worker", modem_id)
     # Imported late: the library emits warnings at import time, and --check/--help do not need it.
     from modem_worker.worker import ModemWorker

@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     endpoints = fleet.result_endpoints()
     stop = threading.Event()
     install_stop_signals(stop.set)
-    start_metrics(settings, "result_reporter")
+    # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
     metrics.init_result_reporter([e.name for e in endpoints], [events_queue_for(e.name) for e in endpoints])
+    start_metrics(settings, "result_reporter")
     start_liveness(settings, "result_reporter")
     if not endpoints:
         return _idle(stop, fleet)

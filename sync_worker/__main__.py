@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     topology = Topology.of(fleet)
     if args.check:
         return check(settings, topology, heartbeat=heartbeat_path(settings, "sync_worker"))
-    start_metrics(settings, "sync_worker")
+    # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
     metrics.init_sync_worker([e.name for e in endpoints], [broker.inbound_queue_for(e.name) for e in endpoints])
+    start_metrics(settings, "sync_worker")
     start_liveness(settings, "sync_worker")
     return serve(settings, endpoints, topology)
 

@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         ledger.close()
         return check(settings, topology, heartbeat=heartbeat_path(settings, "task_poller"))
-    start_metrics(settings, "task_poller")
+    # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
     metrics.init_task_poller([e.name for e in endpoints])
+    start_metrics(settings, "task_poller")
     start_liveness(settings, "task_poller")
     # The publisher thread also keeps the broker connection's heartbeat going between polls. It declares the
     # fleet's topology, so every route's queue exists before the first publish.

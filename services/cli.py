@@ -163,7 +163,9 @@ def _row(message: broker.ParkedMessage, show_body: bool) -> str:
     return json.dumps(row, ensure_ascii=False)
 
 
-def _run_parked(args: argparse.Namespace, amqp_url: str, target: _Target, out: Callable[[str], None]) -> int:
+def _run_parked(
+    args: argparse.Namespace, amqp_url: str, target: _Target, out: Callable[[str], None], note: Callable[[str], None]
+) -> int:
     """Run one parked action against the broker; returns the exit code.
 
     Raises:
@@ -177,8 +179,9 @@ def _run_parked(args: argparse.Namespace, amqp_url: str, target: _Target, out: C
         shown = messages if args.limit is None else messages[: max(args.limit, 0)]
         for message in shown:
             out(_row(message, args.show_body))
-        # Always a count line, also at zero: an empty answer must be told apart from a wrong queue or vhost.
-        out(f"{len(messages)} parked message(s) in {where}")
+        # Always a count line, also at zero: an empty answer must be told apart from a wrong queue or vhost. On
+        # ``note`` (stderr), so stdout stays one JSON object per line for scripts and jq.
+        note(f"{len(messages)} parked message(s) in {where}")
         return 0
     if args.action == "replay":
         out(f"replayed {queues.replay(args.limit)} message(s) from {where} into {target.work_queue}")
@@ -190,10 +193,14 @@ def _run_parked(args: argparse.Namespace, amqp_url: str, target: _Target, out: C
     return 0
 
 
-def parked_main(argv: list[str], *, out: Callable[[str], None] = print) -> int:
-    """``smsgw parked list|replay|purge``: list (one JSON line each, then a count line), replay or purge the parked
-    messages of one work queue. Returns the exit code: 0 done, 1 the broker failed, 2 a usage or configuration
-    error (one line on stderr)."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def parked_main(argv: list[str], *, out: Callable[[str], None] = print, note: Callable[[str], None] = _stderr) -> int:
+    """``smsgw parked list|replay|purge``: list (one JSON line each on ``out``, then a count line on ``note``),
+    replay or purge the parked messages of one work queue. Returns the exit code: 0 done, 1 the broker failed,
+    2 a usage or configuration error (one line on stderr)."""
     args = _parked_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -203,7 +210,7 @@ def parked_main(argv: list[str], *, out: Callable[[str], None] = print) -> int:
         print(f"{PROG} parked: {exc}", file=sys.stderr)
         return 2
     try:
-        return _run_parked(args, settings.amqp_url, target, out)
+        return _run_parked(args, settings.amqp_url, target, out, note)
     except broker.BrokerError as exc:
         if "NOT_FOUND" in str(exc):  # a full queue name that no worker ever declared (a typo, another vhost)
             print(

@@ -79,23 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parked(argv: list[str]) -> int:
-    """``python -m sync_worker parked ...``: the ``smsgw parked`` command, except that ``list`` keeps stdout to
-    the JSON lines (one per parked message, as before ``smsgw`` existed: scripts parse it line by line) and
-    says the rest (the count) on stderr. Returns the exit code."""
-    listing = "list" in argv
-
-    def out(line: str) -> None:
-        print(line, file=sys.stderr if listing and not line.startswith("{") else sys.stdout)
-
-    return parked_main(argv, out=out)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2: bad configuration, 1: stopped by a broker error)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["parked"]:  # only needs the broker and the fleet's queue names
-        return parked(argv[1:])
+        return parked_main(argv[1:])
     args = _parser().parse_args(argv)
     settings = load_settings("sync_worker")
     loaded = None if settings is None else load_inbound_fleet(settings)

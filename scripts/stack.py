@@ -208,20 +208,35 @@ class Stack:
     ) -> Simulator:
         """Start a modem simulator (``extra_args`` go to its command line) and wait for its control API."""
         link = self.workdir / f"{name}.tty"
-        port = control_port or free_port()
-        self.start(
-            name,
-            "modem_worker.simulator",
-            "--link",
-            str(link),
-            "--control-port",
-            str(port),
-            "--own-number",
-            own_number,
-            *extra_args,
-        )
-        simulator = Simulator(link, f"http://127.0.0.1:{port}", own_number)
-        wait_until(lambda: http_json(f"{simulator.control_url}/health") and link.exists(), 20, f"simulator {name}")
+        # A port free_port() found may be taken by another process before the simulator binds it (seen in CI:
+        # "Address already in use"); a simulator that exits at start is started again on a new port.
+        for attempt in range(3):
+            port = control_port or free_port()
+            process = self.start(
+                name,
+                "modem_worker.simulator",
+                "--link",
+                str(link),
+                "--control-port",
+                str(port),
+                "--own-number",
+                own_number,
+                *extra_args,
+            )
+            simulator = Simulator(link, f"http://127.0.0.1:{port}", own_number)
+            started = wait_until(
+                lambda process=process, simulator=simulator: (
+                    process.popen.poll() is not None
+                    or bool(http_json(f"{simulator.control_url}/health") and link.exists())
+                ),
+                20,
+                f"simulator {name}",
+            )
+            if started and process.popen.poll() is None:
+                break
+            process.log_file.close()
+            if control_port is not None or attempt == 2:
+                raise RuntimeError(f"simulator {name} exited at start (see {self.workdir / 'logs' / name}.log)")
         self.simulators[name] = simulator
         return simulator
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pika
 import pika.exceptions
@@ -313,6 +313,19 @@ class Publication:
     message_id: str | None = None
     # Per-message TTL: when it expires in a queue, the queue's dead-letter target takes it (failover).
     expiration_ms: int | None = None
+
+
+class MessagePublisher(Protocol):
+    """What a worker needs to publish: a confirmed publish from any thread (``PublisherThread``; in unit tests
+    ``services.broker.stub.StubPublisher``)."""
+
+    def publish(self, publication: Publication, timeout: float = 45.0) -> None:
+        """Publish ``publication`` and return once the broker confirmed it.
+
+        Raises:
+            BrokerUnavailable: not confirmed (the caller keeps its copy and tries again later).
+            PublishRefused: nacked or unroutable.
+        """
 
 
 class Publisher:

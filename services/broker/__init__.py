@@ -615,7 +615,7 @@ class Consumer:
         url: str,
         queues: Sequence[str],
         handler: Handler,
-        publisher: PublisherThread,
+        publisher: MessagePublisher,
         *,
         name: str,
         prefetch: int = 16,
@@ -992,7 +992,7 @@ class BatchConsumer:
             close_quietly(connection)  # after an error: a connection whose channel the broker closed stays open
 
 
-def park(publisher: PublisherThread, delivery: Delivery, reason: str) -> None:
+def park(publisher: MessagePublisher, delivery: Delivery, reason: str) -> None:
     """Publish a copy of ``delivery`` to its parked queue with the reason, and wait for the confirm.
 
     Raises:
@@ -1004,7 +1004,7 @@ def park(publisher: PublisherThread, delivery: Delivery, reason: str) -> None:
 
 
 def park_body(
-    publisher: PublisherThread,
+    publisher: MessagePublisher,
     work_queue: str,
     body: bytes,
     reason: str,

@@ -1,13 +1,15 @@
-"""modem_worker: outbound decisions (modem away, pacing, per-SIM limits, routing, failover) with a fake modem,
-and the fleet behaviour against the real RabbitMQ with the simulator on a pty."""
+"""modem_worker: outbound decisions (modem away, pacing, per-SIM limits, routing, failover), health and balance
+readings, through the worker's public methods with a fake modem on the stub broker; and the fleet behaviour
+against the real RabbitMQ with the simulator on a pty."""
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,20 @@ from typing import Any
 import pika
 import pytest
 
-from modem_worker.modem import ModemError, ModemUnavailable, SendFailed, SendReceipt, StorageUse
+from modem_worker.modem import (
+    ModemError,
+    ModemInfo,
+    ModemUnavailable,
+    ReceivedMessage,
+    SendFailed,
+    SendReceipt,
+    StorageUse,
+)
+from modem_worker.outbound import HEADER_SEND_FAILURES
 from modem_worker.send_errors import SEND_TRIES
 from modem_worker.sim_guard import SimGuard, local_midnight_ms
 from modem_worker.simulator.device import Simulator
-from modem_worker.worker import HEADER_SEND_FAILURES, ModemWorker
+from modem_worker.worker import ModemWorker
 from services import metrics
 from services.broker import (
     OUTBOUND_QUEUE,
@@ -37,27 +48,26 @@ from services.broker import (
     outbound_queue_for,
     pool_queue_for,
 )
+from services.broker.stub import StubPublisher
 from services.config import FleetConfig, ModemLimits, parse_fleet
 from services.ledger import Ledger, SendRecord, open_ledger
 from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
 from services.settings import Settings
 from tests.conftest import wait_for
 
-
-class _NoPublisher:
-    def publish(self, *_args: Any, **_kwargs: Any) -> None:
-        raise AssertionError("nothing may be published for an SMS that was not sent")
+INFO = ModemInfo(own_number=None, imsi=None, manufacturer="Fake", model="F1")
 
 
-def test_outbound_while_modem_down_waits_in_a_delay_queue_not_a_requeue_loop(tmp_path: Path) -> None:
-    """A requeue would count towards the quorum queue's delivery limit and park the SMS unsent."""
-    settings = Settings.from_env({"SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(tmp_path)})
+def _worker(
+    tmp_path: Path,
+    publisher: StubPublisher,
+    fleet: FleetConfig | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+    **env: str,
+) -> tuple[ModemWorker, Ledger]:
+    settings = Settings.from_env({"SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(tmp_path), **env})
     ledger = open_ledger("", str(tmp_path))
-    worker = ModemWorker(settings, _NoPublisher(), ledger)  # type: ignore[arg-type]
-    sms = OutboundSms("u-1", "+255700000001", "hello", "task", 0, report=True)
-    decision = worker._handle_outbound(Delivery("smsgw.outbound", sms.to_json(), {}, "u-1"))
-    assert isinstance(decision, Retry)
-    assert _record(ledger, "u-1") is None, "the ledger must not claim an SMS that was never handed to a modem"
+    return ModemWorker(settings, publisher, ledger, fleet=fleet, monotonic=monotonic), ledger
 
 
 def _record(ledger: Ledger, key: str) -> SendRecord | None:
@@ -65,12 +75,17 @@ def _record(ledger: Ledger, key: str) -> SendRecord | None:
     return ledger.begin_send(key, "probe", "", "default")
 
 
-class _RecordingPublisher:
-    def __init__(self) -> None:
-        self.published: list[Publication] = []
+def _delivery(sms: OutboundSms, queue: str = OUTBOUND_QUEUE) -> Delivery:
+    return Delivery(queue, sms.to_json(), {}, sms.uuid)
 
-    def publish(self, publication: Publication, *_args: Any, **_kwargs: Any) -> None:
-        self.published.append(publication)
+
+def _value(metric: Any, *labels: str) -> float:
+    """The value of one series of ``metric`` (a counter's total), read through the collector interface."""
+    return float(metric.labels(*labels).collect()[0].samples[0].value)
+
+
+def _events(publisher: StubPublisher) -> list[Any]:
+    return [decode_event(p.body) for p in publisher.published]
 
 
 class _FakeModem:
@@ -88,32 +103,30 @@ class _FakeModem:
         return SendReceipt((len(self.sent_at),), 1, datetime.now(UTC))
 
 
-def _worker(
-    tmp_path: Path, publisher: object, fleet: FleetConfig | None = None, **env: str
-) -> tuple[ModemWorker, Ledger]:
-    settings = Settings.from_env({"SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(tmp_path), **env})
-    ledger = open_ledger("", str(tmp_path))
-    return ModemWorker(settings, publisher, ledger, fleet=fleet), ledger  # type: ignore[arg-type]
-
-
-def _delivery(sms: OutboundSms, queue: str = OUTBOUND_QUEUE) -> Delivery:
-    return Delivery(queue, sms.to_json(), {}, sms.uuid)
+def test_outbound_while_modem_down_waits_in_a_delay_queue_not_a_requeue_loop(tmp_path: Path) -> None:
+    """A requeue would count towards the quorum queue's delivery limit and park the SMS unsent."""
+    publisher = StubPublisher()
+    worker, ledger = _worker(tmp_path, publisher)
+    sms = OutboundSms("u-1", "+255700000001", "hello", "task", 0, report=True)
+    decision = worker.outbound.handle(Delivery("smsgw.outbound", sms.to_json(), {}, "u-1"))
+    assert isinstance(decision, Retry)
+    assert publisher.published == [], "nothing may be published for an SMS that was not sent"
+    assert _record(ledger, "u-1") is None, "the ledger must not claim an SMS that was never handed to a modem"
 
 
 def test_stale_outbound_sms_is_reported_failed_not_sent(tmp_path: Path) -> None:
-    publisher = _RecordingPublisher()
+    publisher = StubPublisher()
     worker, ledger = _worker(tmp_path, publisher, SMSGW_OUTBOUND_MAX_AGE="3600")
     modem = _FakeModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     stale = OutboundSms("u-old", "+255700000001", "clinic opens at 9 today", "task", now_ms() - 7_200_000, report=True)
     fresh = OutboundSms("u-new", "+255700000001", "clinic opens at 9 tomorrow", "task", now_ms(), report=True)
-    assert isinstance(worker._handle_outbound(_delivery(stale)), Ack)
-    assert isinstance(worker._handle_outbound(_delivery(fresh)), Ack)
+    assert isinstance(worker.outbound.handle(_delivery(stale)), Ack)
+    assert isinstance(worker.outbound.handle(_delivery(fresh)), Ack)
     assert len(modem.sent_at) == 1, "only the fresh SMS may leave"
-    events = [decode_event(p.body) for p in publisher.published]
-    assert [(e.uuid, e.outcome) for e in events] == [("u-old", "failed"), ("u-new", "sent")]
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("u-old", "failed"), ("u-new", "sent")]
     # A redelivered copy of the expired SMS is not sent either.
-    assert isinstance(worker._handle_outbound(_delivery(stale)), Ack)
+    assert isinstance(worker.outbound.handle(_delivery(stale)), Ack)
     assert len(modem.sent_at) == 1
     entry = _record(ledger, "u-old")
     assert entry is not None and entry.state == "failed"
@@ -121,17 +134,17 @@ def test_stale_outbound_sms_is_reported_failed_not_sent(tmp_path: Path) -> None:
 
 
 def test_send_interval_spaces_sends_and_stop_ends_the_wait(tmp_path: Path) -> None:
-    worker, ledger = _worker(tmp_path, _RecordingPublisher(), SMSGW_SEND_INTERVAL="0.3")
+    worker, ledger = _worker(tmp_path, StubPublisher(), SMSGW_SEND_INTERVAL="0.3")
     modem = _FakeModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     for i in range(3):
         sms = OutboundSms(f"u-{i}", "+255700000001", "hi", "task", now_ms(), report=True)
-        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack)
+        assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
     gaps = [b - a for a, b in zip(modem.sent_at, modem.sent_at[1:], strict=False)]
     assert len(gaps) == 2 and min(gaps) >= 0.3
     worker.stop()  # a drain must not sit out the interval: the SMS goes back, unclaimed
     waiting = OutboundSms("u-3", "+255700000001", "hi", "task", now_ms(), report=True)
-    assert isinstance(worker._handle_outbound(_delivery(waiting)), Retry)
+    assert isinstance(worker.outbound.handle(_delivery(waiting)), Retry)
     assert len(modem.sent_at) == 3 and _record(ledger, "u-3") is None
 
 
@@ -139,22 +152,22 @@ class _HealthModem:
     """A modem whose health commands fail in chosen ways; records whether the SIM was swept."""
 
     def __init__(self, signal: BaseException | int | None, registered: BaseException | bool) -> None:
-        self._signal = signal
-        self._registered = registered
+        self.signal = signal
+        self.registered = registered
         self.swept = 0
 
     def signal_strength(self) -> int | None:
-        if isinstance(self._signal, BaseException):
-            raise self._signal
-        return self._signal
+        if isinstance(self.signal, BaseException):
+            raise self.signal
+        return self.signal
 
     def battery_level(self) -> int | None:
         return 55
 
     def is_registered(self) -> bool:
-        if isinstance(self._registered, BaseException):
-            raise self._registered
-        return self._registered
+        if isinstance(self.registered, BaseException):
+            raise self.registered
+        return self.registered
 
     def sweep_stored(self) -> int:
         self.swept += 1
@@ -168,36 +181,41 @@ class _HealthModem:
 
 
 def test_a_refused_health_reading_does_not_stop_the_sim_sweep(tmp_path: Path) -> None:
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), SMSGW_MODEM_ID="health-a")
+    publisher = StubPublisher()
+    worker, _ledger = _worker(tmp_path, publisher, SMSGW_MODEM_ID="health-a")
     modem = _HealthModem(signal=ModemError("unparsable +CSQ answer"), registered=ModemError("+CME ERROR: 30"))
-    worker._housekeeping(modem)  # type: ignore[arg-type]
+    worker.housekeeping(modem)
     assert modem.swept == 1, "stored SMS must still be picked up"
-    assert worker._health == (None, 55)
-    assert metrics.MODEM_REGISTERED.labels("health-a")._value.get() == 0
-    assert metrics.MODEM_SIGNAL.labels("health-a")._value.get() == -1
-    assert metrics.SIM_STORAGE_USED_RATIO.labels("health-a", "SM")._value.get() == 0.9
-    assert metrics.SIM_STORAGE_USED_RATIO.labels("health-a", "ME")._value.get() == 0
-    assert not worker._modem_down.is_set()
+    # The reading goes with every received SMS: signal unknown, battery read.
+    worker.inbound.on_message(ReceivedMessage("+255711000001", "REG 1", datetime.now(UTC), (1,), 1, True))
+    received = InboundSms.from_json(publisher.published[0].body)
+    assert (received.modem_signal, received.modem_battery) == (None, 55)
+    assert _value(metrics.MODEM_REGISTERED, "health-a") == 0
+    assert _value(metrics.MODEM_SIGNAL, "health-a") == -1
+    assert _value(metrics.SIM_STORAGE_USED_RATIO, "health-a", "SM") == 0.9
+    assert _value(metrics.SIM_STORAGE_USED_RATIO, "health-a", "ME") == 0
+    assert worker.outbound_queues() == [outbound_queue_for("health-a"), OUTBOUND_QUEUE], "not marked down"
 
 
 def test_a_lost_modem_during_health_reading_is_reported_down(tmp_path: Path) -> None:
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), SMSGW_MODEM_ID="health-b")
+    worker, _ledger = _worker(tmp_path, StubPublisher(), SMSGW_MODEM_ID="health-b")
+    assert worker.outbound_queues() == [outbound_queue_for("health-b"), OUTBOUND_QUEUE]
     modem = _HealthModem(signal=ModemUnavailable("no answer"), registered=True)
-    worker._housekeeping(modem)  # type: ignore[arg-type]
-    assert worker._modem_down.is_set()
+    worker.housekeeping(modem)
+    assert worker.outbound_queues() == [], "marked down: it takes no work until the supervisor reconnects"
     assert modem.swept == 0
 
 
 def test_send_interval_wait_ends_when_the_modem_goes_down(tmp_path: Path) -> None:
-    worker, ledger = _worker(tmp_path, _RecordingPublisher(), SMSGW_SEND_INTERVAL="3600")
+    worker, ledger = _worker(tmp_path, StubPublisher(), SMSGW_SEND_INTERVAL="3600")
     modem = _FakeModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     first = OutboundSms("u-a", "+255700000001", "hi", "task", now_ms(), report=True)
-    assert isinstance(worker._handle_outbound(_delivery(first)), Ack)
-    timer = threading.Timer(0.2, worker._mark_down)  # the modem is lost while the next SMS waits its turn
+    assert isinstance(worker.outbound.handle(_delivery(first)), Ack)
+    timer = threading.Timer(0.2, worker.modem_down)  # the modem is lost while the next SMS waits its turn
     timer.start()
     second = OutboundSms("u-b", "+255700000001", "hi", "task", now_ms(), report=True)
-    assert isinstance(worker._handle_outbound(_delivery(second)), Retry)
+    assert isinstance(worker.outbound.handle(_delivery(second)), Retry)
     timer.join()
     assert len(modem.sent_at) == 1 and _record(ledger, "u-b") is None
 
@@ -215,17 +233,13 @@ def _unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def _value(metric: Any, *labels: str) -> float:
-    return float(metric.labels(*labels)._value.get())
-
-
 def test_recipient_hour_limit_reports_the_excess_failed_and_sends_the_rest(tmp_path: Path) -> None:
     modem_id = _unique("lim")
-    publisher = _RecordingPublisher()
+    publisher = StubPublisher()
     fleet = _fleet({modem_id: {"max_per_recipient_per_hour": 5}}, "default", "clinic")
     worker, _ledger = _worker(tmp_path, publisher, fleet, SMSGW_MODEM_ID=modem_id)
     modem = _FakeModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     busy, other = "+255700000001", "+255711000002"
     batch = [
         OutboundSms(f"a-{i}", busy, "dose reminder", "task", now_ms(), report=True, endpoint="clinic")
@@ -236,7 +250,7 @@ def test_recipient_hour_limit_reports_the_excess_failed_and_sends_the_rest(tmp_p
         for i in range(3)
     ]
     for sms in batch:
-        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack)
+        assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
     assert modem.sent_to.count(busy) == 5 and modem.sent_to.count(other) == 3
     assert {p.routing_key for p in publisher.published} == {events_queue_for("clinic")}
     events = [decode_event(p.body) for p in publisher.published]
@@ -250,7 +264,7 @@ def test_recipient_hour_limit_reports_the_excess_failed_and_sends_the_rest(tmp_p
     assert _value(metrics.SMS_SENT, modem_id, "sent") == 8
     # A redelivered copy of a sent SMS is not refused (nor counted) again: its real outcome is reported again.
     publisher.published.clear()
-    assert isinstance(worker._handle_outbound(_delivery(batch[0])), Ack)
+    assert isinstance(worker.outbound.handle(_delivery(batch[0])), Ack)
     assert [(e.uuid, e.outcome) for e in map(decode_event, (p.body for p in publisher.published))] == [("a-0", "sent")]
     assert _value(metrics.SMS_LIMITED, modem_id, "recipient_hour") == 7 and len(modem.sent_to) == 8
 
@@ -258,16 +272,14 @@ def test_recipient_hour_limit_reports_the_excess_failed_and_sends_the_rest(tmp_p
 def test_an_sms_over_the_recipient_limit_does_not_wait_for_a_send_turn(tmp_path: Path) -> None:
     modem_id = _unique("lim")
     fleet = _fleet({modem_id: {"max_per_recipient_per_hour": 1}})
-    worker, _ledger = _worker(
-        tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=modem_id, SMSGW_SEND_INTERVAL="3600"
-    )
+    worker, _ledger = _worker(tmp_path, StubPublisher(), fleet, SMSGW_MODEM_ID=modem_id, SMSGW_SEND_INTERVAL="3600")
     modem = _FakeModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     first = OutboundSms("r-1", "+255700000001", "hi", "task", now_ms(), report=True)
-    assert isinstance(worker._handle_outbound(_delivery(first)), Ack)
+    assert isinstance(worker.outbound.handle(_delivery(first)), Ack)
     decisions: list[object] = []
     second = OutboundSms("r-2", "+255700000001", "hi", "task", now_ms(), report=True)
-    handler = threading.Thread(target=lambda: decisions.append(worker._handle_outbound(_delivery(second))))
+    handler = threading.Thread(target=lambda: decisions.append(worker.outbound.handle(_delivery(second))))
     handler.start()
     handler.join(timeout=10)
     worker.stop()  # ends the wait should the limit not have been applied, so the test cannot hang
@@ -279,16 +291,16 @@ def test_an_sms_over_the_recipient_limit_does_not_wait_for_a_send_turn(tmp_path:
 def test_an_sms_routed_to_other_modems_is_moved_to_their_queue_not_sent(tmp_path: Path) -> None:
     me, other, third = _unique("m"), _unique("m"), _unique("m")
     fleet = _fleet({me: {}, other: {}, third: {}})
-    publisher = _RecordingPublisher()
+    publisher = StubPublisher()
     worker, _ledger = _worker(tmp_path, publisher, fleet, SMSGW_MODEM_ID=me)
     modem = _FakeModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     alone = OutboundSms("n-1", "+255730000001", "hi", "task", now_ms(), report=True, modems=[other])
     pool = OutboundSms("n-2", "+255730000002", "hi", "task", now_ms(), report=True, modems=[other, third])
     mine = OutboundSms("n-3", "+255730000003", "hi", "task", now_ms(), report=True, modems=[other, me])
-    assert _moved_to(worker._handle_outbound(_delivery(alone))) == (outbound_queue_for(other), None)
-    assert _moved_to(worker._handle_outbound(_delivery(pool))) == (pool_queue_for([other, third]), None)
-    assert isinstance(worker._handle_outbound(_delivery(mine)), Ack)
+    assert _moved_to(worker.outbound.handle(_delivery(alone))) == (outbound_queue_for(other), None)
+    assert _moved_to(worker.outbound.handle(_delivery(pool))) == (pool_queue_for([other, third]), None)
+    assert isinstance(worker.outbound.handle(_delivery(mine)), Ack)
     assert modem.sent_to == ["+255730000003"], "only the SMS whose route includes this modem leaves through it"
     assert _value(metrics.OUTBOUND_FAILOVER, me, "not_allowed") == 2
     assert [decode_event(p.body).uuid for p in publisher.published] == ["n-3"]
@@ -303,49 +315,53 @@ def _moved_to(decision: object) -> tuple[str, int | None]:
 def test_a_down_modem_hands_replies_on_with_the_rest_of_their_failover_time(tmp_path: Path) -> None:
     modem_id = _unique("down")
     own = outbound_queue_for(modem_id)
-    worker, ledger = _worker(tmp_path, _NoPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_MODEM_FAILOVER="300")
+    publisher = StubPublisher()
+    worker, ledger = _worker(tmp_path, publisher, None, SMSGW_MODEM_ID=modem_id, SMSGW_MODEM_FAILOVER="300")
     # No modem connected: every SMS goes back, unclaimed.
     reply = OutboundSms("f-1", "+255700000001", "hi", "reply", now_ms() - 100_000, dedup_key="k-1")
-    queue, ttl = _moved_to(worker._handle_outbound(_delivery(reply, own)))
+    queue, ttl = _moved_to(worker.outbound.handle(_delivery(reply, own)))
     assert queue == own and ttl is not None and 190_000 <= ttl <= 200_000
     late = OutboundSms("f-2", "+255700000001", "hi", "reply", now_ms() - 400_000, dedup_key="k-2")
-    assert _moved_to(worker._handle_outbound(_delivery(late, own))) == (OUTBOUND_QUEUE, None)
+    assert _moved_to(worker.outbound.handle(_delivery(late, own))) == (OUTBOUND_QUEUE, None)
     routed = OutboundSms("f-3", "+255700000001", "hi", "task", now_ms(), modems=[modem_id])
-    assert isinstance(worker._handle_outbound(_delivery(routed, own)), Retry), "routed to it alone: it waits"
+    assert isinstance(worker.outbound.handle(_delivery(routed, own)), Retry), "routed to it alone: it waits"
     shared = OutboundSms("f-4", "+255700000001", "hi", "task", now_ms())
-    assert isinstance(worker._handle_outbound(_delivery(shared)), Retry), "another modem takes it meanwhile"
+    assert isinstance(worker.outbound.handle(_delivery(shared)), Retry), "another modem takes it meanwhile"
     assert _value(metrics.OUTBOUND_FAILOVER, modem_id, "modem_down") == 3
     for key in ("k-1", "k-2", "f-3", "f-4"):
         assert _record(ledger, key) is None, f"{key} must not be claimed: it was never handed to the modem"
+    assert publisher.published == [], "nothing may be published for an SMS that was not sent"
 
 
 def test_failover_zero_keeps_a_reply_waiting_for_its_modem(tmp_path: Path) -> None:
     modem_id = _unique("down")
     own = outbound_queue_for(modem_id)
-    worker, _ledger = _worker(tmp_path, _NoPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_MODEM_FAILOVER="0")
+    publisher = StubPublisher()
+    worker, _ledger = _worker(tmp_path, publisher, None, SMSGW_MODEM_ID=modem_id, SMSGW_MODEM_FAILOVER="0")
     reply = OutboundSms("z-1", "+255700000001", "hi", "reply", now_ms() - 10_000_000)
-    assert _moved_to(worker._handle_outbound(_delivery(reply, own))) == (own, None)
+    assert _moved_to(worker.outbound.handle(_delivery(reply, own))) == (own, None)
+    assert publisher.published == [], "nothing may be published for an SMS that was not sent"
 
 
 def test_the_daily_cap_stops_sending_and_taking_work(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     modem_id = _unique("cap")
     own = outbound_queue_for(modem_id)
     fleet = _fleet({modem_id: {"max_per_day": 2}})
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=modem_id)
+    worker, _ledger = _worker(tmp_path, StubPublisher(), fleet, SMSGW_MODEM_ID=modem_id)
     modem = _FakeModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     assert worker.outbound_queues() == [own, OUTBOUND_QUEUE]
     caplog.set_level(logging.WARNING, logger="modem_worker.sim_guard")
     for i in range(2):
         sms = OutboundSms(f"c-{i}", f"+25570000000{i}", "hi", "task", now_ms(), report=True)
-        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack)
+        assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
     assert _value(metrics.MODEM_CAPPED, modem_id) == 1 and _value(metrics.MODEM_SENT_TODAY, modem_id) == 2
     assert worker.outbound_queues() == [], "a capped SIM takes no work until midnight"
     # Taken before the consumer stopped: handed back, not sent.
     shared = OutboundSms("c-2", "+255700000009", "hi", "task", now_ms(), report=True)
-    assert isinstance(worker._handle_outbound(_delivery(shared)), Retry)
+    assert isinstance(worker.outbound.handle(_delivery(shared)), Retry)
     reply = OutboundSms("c-3", "+255700000009", "hi", "reply", now_ms())
-    queue, ttl = _moved_to(worker._handle_outbound(_delivery(reply, own)))
+    queue, ttl = _moved_to(worker.outbound.handle(_delivery(reply, own)))
     assert queue == own and ttl is not None and ttl > 0, "a reply keeps its failover clock"
     assert len(modem.sent_to) == 2
     assert _value(metrics.OUTBOUND_FAILOVER, modem_id, "capped") == 2
@@ -360,13 +376,13 @@ def test_pacing_is_the_slower_of_max_per_minute_and_send_interval(tmp_path: Path
     assert SimGuard("p", ModemLimits(), ledger, send_interval_s=0).spacing_s == 0
     modem_id = _unique("pace")
     worker, _ledger = _worker(
-        tmp_path, _RecordingPublisher(), _fleet({modem_id: {"max_per_minute": 300}}), SMSGW_MODEM_ID=modem_id
+        tmp_path, StubPublisher(), _fleet({modem_id: {"max_per_minute": 300}}), SMSGW_MODEM_ID=modem_id
     )
     modem = _FakeModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     for i in range(3):
         sms = OutboundSms(f"p-{i}", "+255700000001", "hi", "task", now_ms(), report=True)
-        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack)
+        assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
     gaps = [b - a for a, b in zip(modem.sent_at, modem.sent_at[1:], strict=False)]
     assert len(gaps) == 2 and min(gaps) >= 0.2, "300 a minute: one SMS every 0.2 s, waiting, nothing dropped"
 
@@ -388,16 +404,26 @@ def test_pools_and_shared_queue_only_while_registered(tmp_path: Path) -> None:
         },
         "test-fleet.toml",
     )
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), fleet, SMSGW_MODEM_ID=me)
+    worker, _ledger = _worker(tmp_path, StubPublisher(), fleet, SMSGW_MODEM_ID=me)
     everything = [outbound_queue_for(me), pool_queue_for([me, other]), OUTBOUND_QUEUE]
     assert worker.outbound_queues() == everything
-    worker._read_health(_HealthModem(signal=20, registered=False))  # type: ignore[arg-type]
+    worker.housekeeping(_HealthModem(signal=20, registered=False))
     assert worker.outbound_queues() == [outbound_queue_for(me)]
-    worker._read_health(_HealthModem(signal=20, registered=ModemError("+CME ERROR: 30")))  # type: ignore[arg-type]
+    worker.housekeeping(_HealthModem(signal=20, registered=ModemError("+CME ERROR: 30")))
     assert worker.outbound_queues() == everything, "an unknown registration counts as registered"
 
 
 # ---- refused sends: classified, retried within a budget, SIM paused (fake modem, no broker) ----------------------
+class _Clock:
+    """The monotonic clock of SIM pauses, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class _RefusingModem(_FakeModem):
     """Refuses sends to some numbers with a +CMS ERROR code (``refuse``: number -> code); sends the rest."""
 
@@ -421,12 +447,12 @@ def _retried(decision: object, refusals: int) -> None:
 
 def test_a_rejected_recipient_is_failed_at_once_and_the_rest_is_sent(tmp_path: Path) -> None:
     modem_id = _unique("rej")
-    publisher = _RecordingPublisher()
+    publisher = StubPublisher()
     worker, ledger = _worker(tmp_path, publisher, None, SMSGW_MODEM_ID=modem_id)
     modem = _RefusingModem({"+255700000003": 21})
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     batch = [OutboundSms(f"j-{i}", f"+25570000000{i}", "hi", "task", now_ms(), report=True) for i in range(6)]
-    assert all(isinstance(worker._handle_outbound(_delivery(sms)), Ack) for sms in batch)
+    assert all(isinstance(worker.outbound.handle(_delivery(sms)), Ack) for sms in batch)
     assert sorted(modem.sent_to) == sorted(s.to for s in batch if s.to != "+255700000003")
     events = {e.uuid: e for e in map(decode_event, (p.body for p in publisher.published))}
     assert isinstance(events["j-3"], SentEvent)
@@ -441,65 +467,71 @@ def test_a_rejected_recipient_is_failed_at_once_and_the_rest_is_sent(tmp_path: P
 def test_a_transient_refusal_is_retried_within_its_budget_then_failed(tmp_path: Path) -> None:
     modem_id = _unique("tr")
     own = outbound_queue_for(modem_id)
-    publisher = _RecordingPublisher()
+    publisher = StubPublisher()
     worker, ledger = _worker(tmp_path, publisher, None, SMSGW_MODEM_ID=modem_id)
-    worker._modem = _RefusingModem({"+255700000001": 42})  # type: ignore[assignment]
+    worker.modem_up(_RefusingModem({"+255700000001": 42}), INFO)
     shared = OutboundSms("t-1", "+255700000001", "hi", "task", now_ms(), report=True)
-    _retried(worker._handle_outbound(_delivery(shared)), 1)
+    _retried(worker.outbound.handle(_delivery(shared)), 1)
     assert _record(ledger, "t-1") is None, "released: the SMS may be sent again"
     ledger.release("t-1")  # the probe's claim
     # A reply from the own queue goes to the shared queue at once, where any modem can take it; counted.
     reply = OutboundSms("t-2", "+255700000001", "hi", "reply", now_ms(), dedup_key="k-t2")
-    decision = worker._handle_outbound(_delivery(reply, own))
+    decision = worker.outbound.handle(_delivery(reply, own))
     assert _moved_to(decision) == (OUTBOUND_QUEUE, None)
     assert isinstance(decision, Move) and decision.headers == {HEADER_SEND_FAILURES: 1}
     # Routed to this modem alone: it waits for this modem.
     routed = OutboundSms("t-3", "+255700000001", "hi", "task", now_ms(), modems=[modem_id])
-    _retried(worker._handle_outbound(_delivery(routed, own)), 1)
+    _retried(worker.outbound.handle(_delivery(routed, own)), 1)
     # The last try: reported failed, not retried again.
     last = Delivery(OUTBOUND_QUEUE, shared.to_json(), {HEADER_SEND_FAILURES: SEND_TRIES - 1}, shared.uuid)
-    assert isinstance(worker._handle_outbound(last), Ack)
+    assert isinstance(worker.outbound.handle(last), Ack)
     event = decode_event(publisher.published[-1].body)
     assert (event.uuid, event.outcome) == ("t-1", "failed")
     assert f"gave up after {SEND_TRIES} tries" in event.detail and "congestion" in event.detail
     assert not publisher.published[:-1], "nothing is reported for a refusal that will be retried"
-    assert not worker._guard.paused, "one recipient failing again and again does not pause the SIM"
+    assert _value(metrics.MODEM_PAUSED, modem_id) == 0, "one recipient failing again and again does not pause the SIM"
+    assert worker.outbound_queues() == [own, OUTBOUND_QUEUE]
 
 
 def test_a_sim_level_refusal_pauses_the_sim_and_hands_the_sms_on(tmp_path: Path) -> None:
     modem_id = _unique("bar")
     own = outbound_queue_for(modem_id)
-    worker, ledger = _worker(tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_SIM_PAUSE="600")
+    clock = _Clock()
+    worker, ledger = _worker(
+        tmp_path, StubPublisher(), None, monotonic=clock, SMSGW_MODEM_ID=modem_id, SMSGW_SIM_PAUSE="600"
+    )
     modem = _RefusingModem({"+255700000001": 8})
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     assert worker.outbound_queues() == [own, OUTBOUND_QUEUE]
     barred = OutboundSms("s-1", "+255700000001", "hi", "task", now_ms(), report=True)
-    _retried(worker._handle_outbound(_delivery(barred)), 1)
+    _retried(worker.outbound.handle(_delivery(barred)), 1)
     assert _record(ledger, "s-1") is None, "handed back, not failed"
-    assert worker._guard.paused and _value(metrics.MODEM_PAUSED, modem_id) == 1
+    assert _value(metrics.MODEM_PAUSED, modem_id) == 1
     assert _value(metrics.MODEM_PAUSE_REASON, modem_id, "sim_refused") == 1
     assert worker.outbound_queues() == [], "a paused SIM takes no outbound work"
     # Taken before the consumer stopped: handed back unsent; a reply keeps its failover clock.
     other = OutboundSms("s-2", "+255700000002", "hi", "task", now_ms(), report=True)
-    assert isinstance(worker._handle_outbound(_delivery(other)), Retry)
+    assert isinstance(worker.outbound.handle(_delivery(other)), Retry)
     reply = OutboundSms("s-3", "+255700000002", "hi", "reply", now_ms())
-    queue, ttl = _moved_to(worker._handle_outbound(_delivery(reply, own)))
+    queue, ttl = _moved_to(worker.outbound.handle(_delivery(reply, own)))
     assert queue == own and ttl is not None and ttl > 0
     assert modem.sent_to == [] and modem.refused == ["+255700000001"]
     assert _value(metrics.OUTBOUND_FAILOVER, modem_id, "paused") == 3
-    worker._guard._pause_until = 0.0  # the cool-off is over
+    clock.now += 600  # the cool-off is over
     assert worker.outbound_queues() == [own, OUTBOUND_QUEUE]
-    assert isinstance(worker._handle_outbound(_delivery(other)), Ack) and modem.sent_to == ["+255700000002"]
+    assert isinstance(worker.outbound.handle(_delivery(other)), Ack) and modem.sent_to == ["+255700000002"]
 
 
 def test_failures_in_a_row_to_different_recipients_pause_the_sim(tmp_path: Path) -> None:
     modem_id = _unique("row")
-    worker, _ledger = _worker(tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_SIM_BLOCK_AFTER="3")
-    worker._modem = _RefusingModem({f"+25570000000{i}": 21 for i in range(5)})  # type: ignore[assignment]
+    worker, _ledger = _worker(tmp_path, StubPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_SIM_BLOCK_AFTER="3")
+    worker.modem_up(_RefusingModem({f"+25570000000{i}": 21 for i in range(5)}), INFO)
     for i in range(3):
         sms = OutboundSms(f"w-{i}", f"+25570000000{i}", "hi", "task", now_ms(), report=True)
-        assert isinstance(worker._handle_outbound(_delivery(sms)), Ack), "each is reported failed"
-    assert worker._guard.paused and _value(metrics.MODEM_PAUSE_REASON, modem_id, "failures") == 1
+        assert isinstance(worker.outbound.handle(_delivery(sms)), Ack), "each is reported failed"
+    assert _value(metrics.MODEM_PAUSED, modem_id) == 1
+    assert _value(metrics.MODEM_PAUSE_REASON, modem_id, "failures") == 1
+    assert worker.outbound_queues() == [], "a paused SIM takes no outbound work"
 
 
 class _BalanceModem(_HealthModem):
@@ -526,17 +558,15 @@ class _BalanceModem(_HealthModem):
 
 def test_the_balance_is_read_between_sends_never_during_one(tmp_path: Path) -> None:
     modem_id = _unique("bal")
-    worker, _ledger = _worker(
-        tmp_path, _RecordingPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_BALANCE_USSD="*100#"
-    )
-    assert _value(metrics.SIM_BALANCE, modem_id) != _value(metrics.SIM_BALANCE, modem_id), "NaN until read"
+    worker, _ledger = _worker(tmp_path, StubPublisher(), None, SMSGW_MODEM_ID=modem_id, SMSGW_BALANCE_USSD="*100#")
+    assert math.isnan(_value(metrics.SIM_BALANCE, modem_id)), "NaN until read"
     modem = _BalanceModem()
-    worker._modem = modem  # type: ignore[assignment]
+    worker.modem_up(modem, INFO)
     sms = OutboundSms("b-1", "+255700000001", "hi", "task", now_ms(), report=True)
-    sender = threading.Thread(target=worker._handle_outbound, args=(_delivery(sms),))
+    sender = threading.Thread(target=worker.outbound.handle, args=(_delivery(sms),))
     sender.start()
     assert modem.sending.wait(10)
-    reader = threading.Thread(target=worker._read_health, args=(modem,))
+    reader = threading.Thread(target=worker.housekeeping, args=(modem,))
     reader.start()
     reader.join(timeout=0.3)
     assert reader.is_alive(), "the balance request waits for the send in progress"
@@ -545,7 +575,7 @@ def test_the_balance_is_read_between_sends_never_during_one(tmp_path: Path) -> N
     reader.join(timeout=10)
     assert modem.events == ["send done", "ussd *100#"]
     assert _value(metrics.SIM_BALANCE, modem_id) == 1234.5
-    worker._read_health(modem)  # type: ignore[arg-type]
+    worker.housekeeping(modem)
     assert modem.events == ["send done", "ussd *100#"], "asked again only after SMSGW_BALANCE_INTERVAL"
 
 
@@ -578,10 +608,10 @@ class _Running:
         self.worker = ModemWorker(settings, self.publisher, self.ledger, fleet=fleet, send_timeout_s=10)
         self.thread = threading.Thread(target=self.worker.run, name=f"worker-{modem_id}", daemon=True)
 
-    def __enter__(self) -> ModemWorker:
+    def __enter__(self) -> _Running:
         self.thread.start()
         wait_for(self.worker.up.is_set, timeout=30, what="the modem worker to connect")
-        return self.worker
+        return self
 
     def __exit__(self, *_exc: object) -> None:
         self.worker.stop()
@@ -606,24 +636,24 @@ class _Taker:
     """Another consumer of a queue: takes (acks) whatever is there whenever asked."""
 
     def __init__(self, amqp_url: str, queue: str) -> None:
-        self._connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-        self._channel = self._connection.channel()
-        self._queue = queue
+        self.connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        self.channel = self.connection.channel()
+        self.queue = queue
         self.taken: list[bytes] = []
 
     def take(self) -> list[bytes]:
         while True:
-            method, _props, body = self._channel.basic_get(self._queue, auto_ack=True)
+            method, _props, body = self.channel.basic_get(self.queue, auto_ack=True)
             if method is None:
                 return self.taken
             self.taken.append(body)
 
     def waiting(self) -> int:
         """Messages ready in the queue (not taking them)."""
-        return int(self._channel.queue_declare(self._queue, passive=True).method.message_count)
+        return int(self.channel.queue_declare(self.queue, passive=True).method.message_count)
 
     def close(self) -> None:
-        self._connection.close()
+        self.connection.close()
 
 
 def test_a_capped_modem_leaves_shared_work_for_another_consumer(
@@ -631,12 +661,12 @@ def test_a_capped_modem_leaves_shared_work_for_another_consumer(
 ) -> None:
     modem_id = _unique("capped")
     fleet = _fleet({modem_id: {"max_per_day": 2}})
-    with _Running(tmp_path, clean_broker, sim, fleet, modem_id) as worker:
+    with _Running(tmp_path, clean_broker, sim, fleet, modem_id) as running:
         batch = [
             OutboundSms(_unique("cap"), f"+2557000000{i:02d}", f"notice {i}", "task", now_ms(), report=True)
             for i in range(5)
         ]
-        _publish(clean_broker, worker._topology, OUTBOUND_QUEUE, batch)
+        _publish(clean_broker, running.topology, OUTBOUND_QUEUE, batch)
         wait_for(lambda: len(sim.outbox()) >= 2, timeout=30, what="two SMS sent")
         wait_for(lambda: _value(metrics.MODEM_CAPPED, modem_id) == 1, what="the modem capped")
         other = _Taker(clean_broker, OUTBOUND_QUEUE)
@@ -657,7 +687,7 @@ def test_routing_inbound_fanout_and_events_through_the_broker(
     me, other = _unique("me"), _unique("other")
     first, second = _unique("ep"), _unique("ep")
     fleet = _fleet({me: {}, other: {}}, first, second)
-    with _Running(tmp_path, clean_broker, sim, fleet, me) as worker:
+    with _Running(tmp_path, clean_broker, sim, fleet, me) as running:
         allowed = OutboundSms(
             _unique("ok"), "+255700000001", "for anyone", "task", now_ms(), report=True, endpoint=second
         )
@@ -671,7 +701,7 @@ def test_routing_inbound_fanout_and_events_through_the_broker(
             endpoint=second,
             modems=[other],
         )
-        _publish(clean_broker, worker._topology, OUTBOUND_QUEUE, [restricted, allowed])
+        _publish(clean_broker, running.topology, OUTBOUND_QUEUE, [restricted, allowed])
         moved = _Taker(clean_broker, outbound_queue_for(other))
         events = _Taker(clean_broker, events_queue_for(second))
         copies = [_Taker(clean_broker, inbound_queue_for(name)) for name in (first, second)]

@@ -219,6 +219,7 @@ class ModemWorker:
         return [self.outbound.own_queue, *self._shared_queues]
 
     def _start_consumer(self, queues: list[str]) -> tuple[Consumer, threading.Thread]:
+        """Start consuming ``queues`` with ``outbound.handle`` on a supervised thread (its death fails the worker)."""
         self._signals.interrupt.clear()
         consumer = Consumer(
             self._settings.amqp_url,

@@ -22,6 +22,9 @@ Never twice, across restarts, a server that keeps offering the same messages and
 A crash between 1 and 3 leaves an ``accepted`` claim: every cycle republishes this endpoint's claims older than
 ``stale_claim_s``, routed again; the modem worker's ``ledger.begin_send`` refuses a key already sending or
 sent, so a republish can duplicate a queue message but never an SMS.
+
+The parts: ``sync_http.py`` the two requests to the Sync URL (and ``PollError``); ``confirm.py`` step 2;
+``invalid.py`` the log of invalid task messages; this module the poll loop, the claims and the publishing.
 """
 
 from __future__ import annotations

@@ -34,107 +34,19 @@ import time
 import urllib.error
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import pika
 
+from bench.measure import CpuWindow, find_pid, percentile, status_mb
+from bench.report import report
 from scripts.stack import ROOT, Simulator, Stack, delete_vhost, ensure_vhost, free_port, http_json, wait_until
 
-TARGET_INBOUND_PER_S = 500.0
-TARGET_P99_MS = 50.0
-TARGET_IDLE_RSS_MB = 60.0
-TARGET_IDLE_CPU_PCT = 1.0  # "near 0 %"
 SIM_CAPACITY = 255
 RAW_QUEUE = "bench.raw"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# ---------------------------------------------------------------------------------------------- /proc helpers
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds (0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def status_mb(pid: int, key: str) -> float:
-    """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM) in MB (0 if unknown)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]
-    return float(sum(values) - idle), float(sum(values))
-
-
-def find_pid(comm: str) -> int | None:
-    """PID of a process by its command name (read-only; used to show RabbitMQ's CPU next to ours)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == comm:
-                    return int(entry.name)
-    return None
-
-
-@dataclass
-class CpuWindow:
-    """CPU seconds used by some processes (and the whole machine) between start() and stop()."""
-
-    pids: dict[str, int]
-    start_cpu: dict[str, float] = field(default_factory=dict)
-    used: dict[str, float] = field(default_factory=dict)
-    wall: float = 0.0
-    machine_pct: float = 0.0
-    _t0: float = 0.0
-    _m0: tuple[float, float] = (0.0, 0.0)
-
-    def start(self) -> None:
-        self.start_cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self._t0 = time.monotonic()
-        self._m0 = machine_busy()
-
-    def stop(self) -> None:
-        self.wall = time.monotonic() - self._t0
-        self.used = {name: cpu_seconds(pid) - self.start_cpu[name] for name, pid in self.pids.items()}
-        busy, total = machine_busy()
-        self.machine_pct = 100 * (busy - self._m0[0]) / max(1.0, total - self._m0[1])
-
-    def pct(self, name: str) -> float:
-        return 100 * self.used[name] / max(self.wall, 1e-9)
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile (nan for no values)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 # ---------------------------------------------------------------------------------------------- the sink
@@ -556,87 +468,8 @@ def _run(args: argparse.Namespace, stack: Stack, sink: Sink, sink_port: int) -> 
         done = _phase(f"raw limit: {raw_count} messages, {args.raw_publishers} publisher connection(s)")
         results["raw"] = raw_phase(stack, sink, raw_count, args.raw_publishers, args.timeout)
         done()
-    _report(args, results, cpu, peak, idle)
+    report(args, results, cpu, peak, idle)
     return 0
-
-
-def _report(
-    args: argparse.Namespace,
-    results: dict[str, dict[str, Any]],
-    cpu: CpuWindow,
-    peak: dict[str, float],
-    idle: dict[str, tuple[float, float]],
-) -> None:
-    print(
-        f"\n===== results ({args.modems} modems, {args.sync_workers} sync worker(s), "
-        f"SMSGW_LOG_LEVEL={args.log_level}, load average now {os.getloadavg()[0]:.2f}) ====="
-    )
-    gateway_rate = float("nan")
-    if "throughput" in results:
-        r = results["throughput"]
-        gateway_rate = r.get("start_to_last", float("nan"))
-        print(
-            f"throughput   {r['count']} SMS: lost {r['lost']}, duplicated {r['duplicated']} "
-            f"[{verdict(r['lost'] == 0 and r['duplicated'] == 0)} 0/0]"
-        )
-        print(f"  sustained inbound, first->last arrival : {r.get('first_to_last', float('nan')):8.1f} SMS/s")
-        print(
-            f"  sustained inbound, injection->last     : {gateway_rate:8.1f} SMS/s   target >= "
-            f"{TARGET_INBOUND_PER_S:.0f} [{verdict(gateway_rate >= TARGET_INBOUND_PER_S)}]"
-        )
-        print(
-            f"  injection took {r['injection_s']:.2f} s; latency under saturation p50 "
-            f"{r.get('lat_p50', float('nan')):.0f} ms, p99 {r.get('lat_p99', float('nan')):.0f} ms; "
-            f"longest gap between arrivals {1000 * r.get('max_gap', float('nan')):.0f} ms"
-        )
-        if cpu.used:
-            print(
-                f"  CPU during the phase ({cpu.wall:.1f} s wall, machine {cpu.machine_pct:.0f} % of "
-                f"{os.cpu_count()} cores):"
-            )
-            for name in cpu.pids:
-                print(f"    {name:<20} {cpu.used[name]:6.2f} s CPU = {cpu.pct(name):5.1f} % of one core")
-    if "latency" in results:
-        r = results["latency"]
-        print(
-            f"latency      {r['count']} SMS at {r['achieved_rate']:.1f} SMS/s ({r['late_posts']} posts late): "
-            f"lost {r['lost']}, duplicated {r['duplicated']}"
-        )
-        print(
-            f"  POST /sms -> Sync URL: p50 {r['p50']:.1f} ms, p90 {r['p90']:.1f} ms, p99 {r['p99']:.1f} ms, "
-            f"max {r['max']:.1f} ms   target p99 <= {TARGET_P99_MS:.0f} ms [{verdict(r['p99'] <= TARGET_P99_MS)}]"
-        )
-    if "replies" in results:
-        r = results["replies"]
-        print(
-            f"reply        {r['count']} round trips (missing {r['missing']}, sent twice {r['duplicated']}): "
-            f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms (outbox polled every 5 ms)"
-        )
-    print("footprint    peak RSS (VmHWM) | idle RSS | idle CPU")
-    for name, high in peak.items():
-        rss, pct = idle[name]
-        ok = rss <= TARGET_IDLE_RSS_MB and pct <= TARGET_IDLE_CPU_PCT
-        print(
-            f"  {name:<16} {high:6.1f} MB | {rss:6.1f} MB | {pct:5.2f} %   target <= {TARGET_IDLE_RSS_MB:.0f} MB, "
-            f"<= {TARGET_IDLE_CPU_PCT:g} % [{verdict(ok)}]"
-        )
-    if "raw" in results:
-        r = results["raw"]
-        raw_rate = r.get("start_to_last", float("nan"))
-        print(
-            f"raw limit    {r['count']} msgs ({args.raw_publishers} publisher(s)): lost {r['lost']}, "
-            f"duplicated {r['duplicated']}; confirmed publishes {r['publish_rate']:.1f} msg/s"
-        )
-        print(
-            f"  publish-with-confirm -> consume -> POST -> ack: first->last {r.get('first_to_last', 0):.1f} "
-            f"msg/s, start->last {raw_rate:.1f} msg/s"
-        )
-        print(
-            f"  gateway / raw = {gateway_rate / raw_rate:.2f}"
-            if raw_rate == raw_rate and raw_rate
-            else "  gateway / raw = n/a"
-        )
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

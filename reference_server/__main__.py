@@ -17,7 +17,8 @@ from reference_server.server import ReferenceServer
 from services.logs import configure_logging
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (and the two environment variables), checked; exits 2 without a secret."""
     parser = argparse.ArgumentParser(
         prog="python -m reference_server",
         description="Reference SMSsync Sync server (in-memory; operator page on GET /).",
@@ -52,7 +53,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; returns the process exit code."""
-    args = _parse_args(argv)
+    args = parse_args(argv)
     configure_logging(args.log_level.upper(), "reference_server")
     server = ReferenceServer(
         args.secret,

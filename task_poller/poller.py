@@ -22,43 +22,33 @@ Never twice, across restarts, a server that keeps offering the same messages and
 A crash between 1 and 3 leaves an ``accepted`` claim: every cycle republishes this endpoint's claims older than
 ``stale_claim_s``, routed again; the modem worker's ``ledger.begin_send`` refuses a key already sending or
 sent, so a republish can duplicate a queue message but never an SMS.
+
+The parts: ``sync_http.py`` the two requests to the Sync URL (and ``PollError``); ``confirm.py`` step 2;
+``invalid.py`` the log of invalid task messages; this module the poll loop, the claims and the publishing.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
-
-import requests
 
 from services import broker, liveness, metrics
-from services.broker import BrokerError, Publication
+from services.broker import BrokerError, MessagePublisher, Publication
 from services.config import EndpointConfig, FleetConfig
 from services.ledger import Ledger, LedgerError
 from services.logs import UnexpectedErrors
 from services.schemas import task_ledger_key
-from services.sync_protocol import (
-    Payload,
-    ReplyError,
-    TaskMessage,
-    clip,
-    describe_body,
-    parse_message_uuids,
-    parse_payload,
-    secrets_match,
-    status_hint,
-)
+from services.sync_protocol import Payload, ReplyError, TaskMessage, clip, parse_payload, secrets_match
+from task_poller.confirm import SentConfirmer
+from task_poller.invalid import InvalidMessages
 from task_poller.routing import RoutedSms, TaskRouter
+from task_poller.sync_http import PollError, SyncRequests, TaskRequests
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 900.0
-INVALID_REMEMBERED = 1000  # invalid task messages already reported (LRU): each is logged once, not every poll
 PUBLISH_TIMEOUT_S = 30.0
 
 # Metric outcomes, initialised at 0 for every endpoint at start-up (a dashboard sees a series before its first
@@ -79,38 +69,6 @@ MESSAGE_OUTCOMES = ("queued", "duplicate", "invalid", "not_confirmed")
 HTTP_TASKS = ("send", "sent")
 
 
-class Publishes(Protocol):
-    """What the poller needs of ``broker.PublisherThread`` (confirmed publish from any thread)."""
-
-    def publish(self, publication: Publication, timeout: float = 30.0) -> None:
-        """Publish and wait for the confirm; raises BrokerError."""
-
-
-class Answer(Protocol):
-    """What the poller reads of ``services.sync_client.SyncAnswer``."""
-
-    @property
-    def status(self) -> int:
-        """The HTTP status."""
-
-    @property
-    def text(self) -> str:
-        """The body, decoded."""
-
-
-class SyncRequests(Protocol):
-    """What the poller needs of ``services.sync_client.SyncClient`` (the one HTTP path to a Sync URL)."""
-
-    def get(self, **query: str) -> Answer:
-        """GET the Sync URL with ``query``; raises requests.RequestException."""
-
-    def post_json(self, body: object, **query: str) -> Answer:
-        """POST ``body`` as JSON to the Sync URL with ``query``; raises requests.RequestException."""
-
-    def close(self) -> None:
-        """Release the connections."""
-
-
 def init_metrics(endpoint: str) -> None:
     """Create every series of ``endpoint`` at 0."""
     for outcome in POLL_OUTCOMES:
@@ -121,15 +79,6 @@ def init_metrics(endpoint: str) -> None:
         metrics.HTTP_SECONDS.labels(endpoint, task)
     metrics.TASK_REPUBLISHED.labels(endpoint)
     metrics.TASK_RELEASED.labels(endpoint)
-
-
-class PollError(Exception):
-    """A poll failed in a way worth backing off for; the message is the one log line."""
-
-    def __init__(self, message: str, outcome: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.outcome = outcome  # metric label
-        self.status = status  # the HTTP status of a non-2xx answer
 
 
 @dataclass(frozen=True)
@@ -150,7 +99,7 @@ class TaskPoller:
         self,
         endpoint: EndpointConfig,
         fleet: FleetConfig,
-        publisher: Publishes,
+        publisher: MessagePublisher,
         ledger: Ledger,
         client: SyncRequests,
         *,
@@ -167,7 +116,7 @@ class TaskPoller:
         self._endpoint = endpoint
         self._publisher = publisher
         self._ledger = ledger
-        self._client = client
+        self._requests = TaskRequests(endpoint.name, endpoint.secret, client)
         self._router = TaskRouter(fleet)
         self._polled = {e.name for e in fleet.task_endpoints()}
         self._adopt_strays = adopt_strays
@@ -179,16 +128,14 @@ class TaskPoller:
         # not double-send (begin_send), and the live poller skips a claim no longer ``accepted`` when it
         # touches it.
         self.stale_claim_s = max(30.0, 3 * endpoint.http_timeout + PUBLISH_TIMEOUT_S + 5)
-        # Claims whose ?task=sent got no usable answer: retried first thing on each poll until the server
-        # answers, or until they are republished as orphans (by us or a replica) after stale_claim_s.
-        self._unconfirmed: dict[str, TaskMessage] = {}
         self._unexpected = UnexpectedErrors(log)
-        self._invalid_seen: OrderedDict[str, None] = OrderedDict()
-        self._results_setting = (
+        self._invalid = InvalidMessages(self.name)
+        results_setting = (
             "SMSGW_MESSAGE_RESULTS=false"
             if fleet.source == "environment"
             else f"message_results = false for endpoint {self.name!r}"
         )
+        self._confirmer = SentConfirmer(self.name, self._requests, ledger, self._key, results_setting)
 
     def _key(self, uuid: str) -> str:
         return task_ledger_key(self.name, uuid)
@@ -261,40 +208,16 @@ class TaskPoller:
                 broker did not confirm (claims stay and are republished later).
             LedgerError: the ledger could not be read or written (nothing is queued unclaimed).
         """
-        retried = self._retry_unconfirmed()
-        query = {"task": "send"}
-        if self._endpoint.secret:
-            query["secret"] = self._endpoint.secret
-        text = self._request("send", lambda: self._client.get(**query))
+        retried = self._publish_claimed(self._confirmer.retry_unconfirmed())
+        text = self._requests.poll_send()
         try:
             payload = parse_payload(text)
         except ReplyError as exc:
             raise PollError(f"unreadable ?task=send reply: {exc}", "bad_reply") from None
         if payload.success is False:
             raise PollError(f"server refused the task poll: {payload.error or 'no error text'}", "refused")
-        self._report_invalid(payload)
-        if not payload.messages:
-            metrics.TASK_POLLS.labels(self.name, "empty").inc()
-            log.debug("endpoint %s: task poll: nothing to send", self.name)
-            return PollResult(queued=retried, invalid=len(payload.skipped))
-        if payload.task != "send":
-            metrics.TASK_POLLS.labels(self.name, "ignored").inc()
-            log.warning(
-                "endpoint %s: task reply ignored: task is %r, not 'send'; %d message(s) not sent",
-                self.name,
-                payload.task,
-                len(payload.messages),
-            )
-            return PollResult(queued=retried, invalid=len(payload.skipped))
-        if not secrets_match(self._endpoint.secret, payload.secret):
-            metrics.TASK_POLLS.labels(self.name, "ignored").inc()
-            log.warning(
-                "endpoint %s: task reply ignored: its secret %s %s; %d message(s) not sent",
-                self.name,
-                "is missing, unlike" if payload.secret is None else "does not match",
-                self._secret_name,
-                len(payload.messages),
-            )
+        self._invalid.report(payload)
+        if not self._to_be_queued(payload):
             return PollResult(queued=retried, invalid=len(payload.skipped))
         result = self._queue(payload.messages)
         metrics.TASK_POLLS.labels(self.name, "ok").inc()
@@ -316,25 +239,33 @@ class TaskPoller:
             not_confirmed=result.not_confirmed,
         )
 
-    def _report_invalid(self, payload: Payload) -> None:
-        """Count every invalid task message of the reply; log each one once (WARNING) while the server keeps
-        offering it, not on every poll (the memory is bounded: ``INVALID_REMEMBERED``)."""
-        keys = payload.skipped_keys if len(payload.skipped_keys) == len(payload.skipped) else payload.skipped
-        for reason, key in zip(payload.skipped, keys, strict=True):
-            metrics.TASK_MESSAGES.labels(self.name, "invalid").inc()
-            if key in self._invalid_seen:
-                self._invalid_seen.move_to_end(key)
-                log.debug("endpoint %s: the invalid task message is offered again: %s", self.name, reason)
-                continue
-            self._invalid_seen[key] = None
-            while len(self._invalid_seen) > INVALID_REMEMBERED:
-                self._invalid_seen.popitem(last=False)
+    def _to_be_queued(self, payload: Payload) -> bool:
+        """Whether the messages of a successful reply are to be queued: there are some, the task is ``send``
+        and the reply's secret matches; otherwise the poll is counted (``empty``/``ignored``) and logged."""
+        if not payload.messages:
+            metrics.TASK_POLLS.labels(self.name, "empty").inc()
+            log.debug("endpoint %s: task poll: nothing to send", self.name)
+            return False
+        if payload.task != "send":
+            metrics.TASK_POLLS.labels(self.name, "ignored").inc()
             log.warning(
-                "endpoint %s: skipped an invalid task message, not sent: %s (logged once while the server keeps "
-                'offering it; counted in smsgw_task_messages_total{outcome="invalid"})',
+                "endpoint %s: task reply ignored: task is %r, not 'send'; %d message(s) not sent",
                 self.name,
-                reason,
+                payload.task,
+                len(payload.messages),
             )
+            return False
+        if not secrets_match(self._endpoint.secret, payload.secret):
+            metrics.TASK_POLLS.labels(self.name, "ignored").inc()
+            log.warning(
+                "endpoint %s: task reply ignored: its secret %s %s; %d message(s) not sent",
+                self.name,
+                "is missing, unlike" if payload.secret is None else "does not match",
+                self._secret_name,
+                len(payload.messages),
+            )
+            return False
+        return True
 
     def _queue(self, messages: Sequence[TaskMessage]) -> PollResult:
         # Known keys are skipped without a write transaction (the common case: a server that offers the same
@@ -355,118 +286,11 @@ class TaskPoller:
             claimed.append(message)
         not_confirmed = 0
         if claimed and self._endpoint.message_results:
-            confirmed = self._confirm_sent(claimed)
+            confirmed = self._confirmer.confirm(claimed)
             not_confirmed = len(claimed) - len(confirmed)
             claimed = confirmed
         queued = self._publish_claimed(claimed)
         return PollResult(queued=queued, duplicates=duplicates, not_confirmed=not_confirmed)
-
-    def _retry_unconfirmed(self) -> int:
-        """Retry ``?task=sent`` for claims an earlier poll got no usable answer for; queue the echoed ones.
-
-        Claims no longer ``accepted`` (republished as orphans meanwhile, by us or a replica) are dropped.
-
-        Raises:
-            PollError: still no usable answer (the claims stay for the next poll or the orphan republish).
-            LedgerError: the ledger could not be read.
-        """
-        if not self._unconfirmed:
-            return 0
-        pending: list[TaskMessage] = []
-        for message in list(self._unconfirmed.values()):
-            state = self._ledger.claim_state(self._key(message.uuid))
-            if state != "accepted":
-                del self._unconfirmed[message.uuid]
-                log.debug(
-                    "endpoint %s: unconfirmed task message %s is %s now; no retry",
-                    self.name,
-                    message.uuid,
-                    state or "released",
-                )
-            else:
-                pending.append(message)
-        if not pending:
-            return 0
-        log.info(
-            "endpoint %s: retrying ?task=sent for %d claim(s) left unconfirmed by an earlier poll",
-            self.name,
-            len(pending),
-        )
-        return self._publish_claimed(self._confirm_sent(pending))
-
-    def _confirm_sent(self, messages: list[TaskMessage]) -> list[TaskMessage]:
-        """POST ``?task=sent`` (JSON, no secret — as the app) and return the messages the server echoed.
-
-        The claims the server explicitly did not echo are released. Without a usable answer (network error,
-        time-out, 5xx, unreadable body) the server may still have processed the POST and dropped the uuids
-        from its outbox, so releasing them could lose the SMS: the claims stay ``accepted`` and are retried
-        on the next poll (``_retry_unconfirmed``), or republished as orphans after ``stale_claim_s``. A 3xx/4xx
-        (but 408/429, which say "later") is a refusal before any work (auth, wrong URL): first-time claims are
-        released; claims being retried are kept, since their earlier POST may have been processed and the
-        server may never offer them again.
-
-        Raises:
-            PollError: no usable answer.
-            LedgerError: a claim could not be released.
-        """
-        uuids = [m.uuid for m in messages]
-        try:
-            text = self._request("sent", lambda: self._client.post_json({"queued_messages": uuids}, task="sent"))
-            echoed = set(parse_message_uuids(text))
-        except (PollError, ReplyError) as exc:
-            if (
-                isinstance(exc, PollError)
-                and exc.status is not None
-                and 300 <= exc.status < 500
-                and exc.status not in (408, 429)
-            ):
-                fresh = [m for m in messages if m.uuid not in self._unconfirmed]
-                for message in fresh:
-                    self._ledger.release_claim(self._key(message.uuid))
-                    metrics.TASK_MESSAGES.labels(self.name, "not_confirmed").inc()
-                    metrics.TASK_RELEASED.labels(self.name).inc()
-                kept = len(messages) - len(fresh)
-                parts: list[str] = []
-                if fresh:
-                    parts.append(
-                        f"{len(fresh)} task message(s) released unsent (the server may offer them again, or never "
-                        "if it marks messages sent when it hands them out: smsgw_task_released_total)"
-                    )
-                if kept:
-                    parts.append(f"{kept} claim(s) kept (an earlier ?task=sent for them may have been processed)")
-                # One line (the poll loop's ERROR) that names both usual causes: some servers without the
-                # Results API mark a message sent when they hand it out, so a released one is never offered again.
-                raise PollError(
-                    f"{exc}; {', '.join(parts)}. Likely causes: the secret or the credentials, or a server without "
-                    f"the Message Results API: then set {self._results_setting}",
-                    exc.outcome,
-                    exc.status,
-                ) from None
-            for message in messages:
-                self._unconfirmed[message.uuid] = message
-            what = f"unreadable ?task=sent reply: {exc}" if isinstance(exc, ReplyError) else str(exc)
-            outcome = exc.outcome if isinstance(exc, PollError) else "bad_reply"
-            status = exc.status if isinstance(exc, PollError) else None
-            hint = (
-                f" (a server without the Message Results API may answer ?task=sent so: then set "
-                f"{self._results_setting})"
-                if status in (500, 501)
-                else ""
-            )
-            raise PollError(
-                f"{what}; {len(messages)} claim(s) kept, ?task=sent retried on the next poll{hint}", outcome, status
-            ) from None
-        confirmed: list[TaskMessage] = []
-        for message in messages:
-            self._unconfirmed.pop(message.uuid, None)
-            if message.uuid in echoed:
-                confirmed.append(message)
-                continue
-            # The app sends only echoed uuids; release the claim so a later offer can be taken again.
-            self._ledger.release_claim(self._key(message.uuid))
-            metrics.TASK_MESSAGES.labels(self.name, "not_confirmed").inc()
-            log.warning("endpoint %s: task message %s not confirmed by ?task=sent; not sent", self.name, message.uuid)
-        return confirmed
 
     def _publish_claimed(self, messages: Sequence[TaskMessage]) -> int:
         """Publish claimed messages in order; returns how many were queued.
@@ -548,36 +372,6 @@ class TaskPoller:
             count += 1
         return count
 
-    # --- HTTP ---------------------------------------------------------------------------------------------
-
-    def _request(self, task: str, call: Callable[[], Answer]) -> str:
-        """One request to the Sync URL through the endpoint's SyncClient; returns the body text of a 2xx answer.
-
-        The client bounds the whole answer by the endpoint's ``http_timeout``, so a server trickling its answer
-        cannot hold a poll (and its claims) indefinitely.
-
-        Raises:
-            PollError: network error, time-out or a non-2xx status (the log line says which, never the secret).
-        """
-        liveness.beat()  # each request is bounded by http_timeout: a poll of several is progress
-        started = time.monotonic()
-        try:
-            answer = call()
-        except requests.RequestException as exc:
-            raise PollError(
-                f"?task={task}: Sync URL unreachable: {type(exc).__name__}: {clip(str(exc))}", "network_error"
-            ) from None
-        finally:
-            metrics.HTTP_SECONDS.labels(self.name, task).observe(time.monotonic() - started)
-        if not 200 <= answer.status < 300:
-            raise PollError(
-                f"?task={task}: Sync URL answered HTTP {answer.status}{status_hint(answer.status)}: "
-                f"{describe_body(answer.text)}",
-                "http_error",
-                answer.status,
-            )
-        return answer.text
-
     def close(self) -> None:
         """Close the HTTP client."""
-        self._client.close()
+        self._requests.close()

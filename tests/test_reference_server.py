@@ -22,7 +22,8 @@ import pytest
 import requests
 
 import reference_server.__main__ as reference_cli
-from reference_server.server import BadRequestError, ReferenceServer
+from reference_server.errors import BadRequestError
+from reference_server.server import ReferenceServer
 from services.config import fleet_from_settings
 from services.settings import Settings
 from services.sync_client import SyncClient
@@ -535,10 +536,10 @@ def test_signing_key_refuses_unsigned_badly_signed_and_stale_requests_with_401()
 
 def test_cli_takes_the_signing_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMSSYNC_REFERENCE_SIGNING_KEY", "from-env")
-    assert reference_cli._parse_args(["--secret", "s"]).signing_key == "from-env"
-    assert reference_cli._parse_args(["--secret", "s", "--signing-key", "k"]).signing_key == "k"
+    assert reference_cli.parse_args(["--secret", "s"]).signing_key == "from-env"
+    assert reference_cli.parse_args(["--secret", "s", "--signing-key", "k"]).signing_key == "k"
     monkeypatch.delenv("SMSSYNC_REFERENCE_SIGNING_KEY")
-    assert reference_cli._parse_args(["--secret", "s"]).signing_key == ""
+    assert reference_cli.parse_args(["--secret", "s"]).signing_key == ""
 
 
 # --- the outbox form (GET/POST /outbox) ----------------------------------------------------------------------

@@ -32,8 +32,8 @@ from result_reporter.reporter import (
     SPLIT_AFTER_ROUNDS,
     SPLIT_GIVE_UP,
     ResultReporter,
-    RoundError,
 )
+from result_reporter.results_http import RoundError
 from services import broker
 from services.broker import BatchConsumer, HeldDelivery, Publication, PublisherThread, events_queue_for
 from services.config import EndpointConfig, fleet_from_settings

@@ -22,7 +22,8 @@ from prometheus_client import REGISTRY
 
 from reference_server.server import ReferenceServer
 from services import broker
-from services.broker import PublisherThread
+from services.broker import BrokerUnavailable, MessagePublisher, PublisherThread
+from services.broker.stub import StubPublisher
 from services.config import EndpointConfig, FleetConfig, fleet_from_settings, parse_fleet
 from services.ledger import Ledger, open_ledger
 from services.schemas import OutboundSms, task_ledger_key
@@ -30,8 +31,9 @@ from services.settings import Settings
 from services.sync_client import SyncClient
 from services.sync_protocol import USER_AGENT
 from services.topology import Topology, outbound_queue_for, pool_queue_for
-from task_poller.poller import PollError, TaskPoller, init_metrics
+from task_poller.poller import TaskPoller, init_metrics
 from task_poller.runner import PollerGroup
+from task_poller.sync_http import PollError
 from tests.conftest import wait_for
 from tests.http_stub import HttpStub, Request
 
@@ -105,7 +107,7 @@ def env_fleet(sync_url: str, **env: str) -> FleetConfig:
 
 
 def poller_for(
-    endpoint: EndpointConfig, fleet: FleetConfig, publisher: Any, ledger: Ledger, **kwargs: bool
+    endpoint: EndpointConfig, fleet: FleetConfig, publisher: MessagePublisher, ledger: Ledger, **kwargs: bool
 ) -> TaskPoller:
     poller = TaskPoller(endpoint, fleet, publisher, ledger, SyncClient(endpoint), **kwargs)
     _opened.append(poller)
@@ -114,7 +116,7 @@ def poller_for(
 
 def make_poller(
     sync_url: str,
-    publisher: Any,
+    publisher: MessagePublisher,
     state: Path,
     *,
     ledger: Ledger | None = None,
@@ -649,21 +651,25 @@ def test_unexpected_error_logs_traceback_once_backs_off_and_recovers(
     assert all(later > earlier for earlier, later in itertools.pairwise(gaps))
 
 
-class _ReplicaRacesEachPublish:
+class _ReplicaRacesEachPublish(StubPublisher):
     """Before each publish of the live poller, a replica on the same ledger runs its orphan republish."""
 
-    def __init__(self, inner: PublisherThread, replica: TaskPoller) -> None:
-        self.inner, self.replica = inner, replica
+    def __init__(self, replica: TaskPoller) -> None:
+        super().__init__()
+        self.replica = replica
         self.republished: list[int] = []
 
-    def publish(self, publication: broker.Publication, timeout: float = 30.0) -> None:
+    def publish(self, publication: broker.Publication, timeout: float = 45.0) -> None:
         self.republished.append(self.replica.republish_orphans())
-        self.inner.publish(publication, timeout)
+        super().publish(publication, timeout)
 
 
-def test_live_claims_are_touched_before_each_publish_so_no_replica_republishes_them(
-    clean_broker: str, tmp_path: Path
-) -> None:
+def _uuids(publisher: StubPublisher) -> list[str]:
+    """The uuids of the OutboundSms ``publisher`` was given, in publish order."""
+    return [OutboundSms.from_json(p.body).uuid for p in publisher.published]
+
+
+def test_live_claims_are_touched_before_each_publish_so_no_replica_republishes_them(tmp_path: Path) -> None:
     messages = [{"to": "+255700000011", "message": f"live {i}", "uuid": f"live-{i}"} for i in range(3)]
 
     def respond(request: Request) -> tuple[int, str]:
@@ -674,37 +680,55 @@ def test_live_claims_are_touched_before_each_publish_so_no_replica_republishes_t
         return 200, json.dumps({"message_uuids": json.loads(request.body)["queued_messages"]})
 
     stub = HttpStub(respond).start()
-    publishers = [PublisherThread(clean_broker, f"test-live-{i}") for i in range(2)]
+    replica_publisher = StubPublisher()
     try:
-        replica = make_poller(stub.url, publishers[1], tmp_path)
+        replica = make_poller(stub.url, replica_publisher, tmp_path)
         replica.stale_claim_s = 1.0
-        racing = _ReplicaRacesEachPublish(publishers[0], replica)
+        racing = _ReplicaRacesEachPublish(replica)
         live = make_poller(stub.url, racing, tmp_path, SMSGW_MESSAGE_RESULTS="true")
         assert live.poll_once().queued == 3
     finally:
-        for p in publishers:
-            p.close()
         stub.stop()
     assert racing.republished == [0, 0, 0]
-    assert sorted(m.uuid for m in take_outbound(clean_broker)) == ["live-0", "live-1", "live-2"]  # each once
+    assert _uuids(racing) == ["live-0", "live-1", "live-2"] and replica_publisher.published == []  # each once
 
 
-def test_claim_republished_meanwhile_is_not_queued_again(
-    clean_broker: str, publisher: PublisherThread, server: ReferenceServer, tmp_path: Path
-) -> None:
+def test_claim_republished_meanwhile_is_not_queued_again(server: ReferenceServer, tmp_path: Path) -> None:
     for i in range(2):
         server.queue_outgoing("+255700000012", f"taken {i}", f"taken-{i}")
     ledger = ledger_of(tmp_path)
 
-    class TakeOverSecond:
-        def publish(self, publication: broker.Publication, timeout: float = 30.0) -> None:
+    class TakeOverSecond(StubPublisher):
+        def publish(self, publication: broker.Publication, timeout: float = 45.0) -> None:
             # A replica republished the second claim while this poll published the first.
             ledger.mark_queued("taken-1")
-            publisher.publish(publication, timeout)
+            super().publish(publication, timeout)
 
-    poller = make_poller(server.url, TakeOverSecond(), tmp_path, ledger=ledger)
+    publisher = TakeOverSecond()
+    poller = make_poller(server.url, publisher, tmp_path, ledger=ledger)
     assert poller.poll_once().queued == 1
-    assert [m.uuid for m in take_outbound(clean_broker)] == ["taken-0"]
+    assert _uuids(publisher) == ["taken-0"]
+
+
+def test_a_broker_outage_keeps_the_claims_and_the_next_cycle_republishes_them(
+    server: ReferenceServer, tmp_path: Path
+) -> None:
+    server.queue_outgoing("+255700000013", "during an outage", "out-1")
+    publisher = StubPublisher()
+    publisher.fail_with = BrokerUnavailable("connection refused")
+    poller = make_poller(server.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+    with pytest.raises(PollError, match="broker did not confirm task message out-1") as failed:
+        poller.poll_once()
+    assert failed.value.outcome == "broker_error"
+    assert publisher.published == []
+    ledger = ledger_of(tmp_path)
+    assert ledger.claim_state("out-1") == "accepted"  # claimed and confirmed, never queued: an orphan
+    publisher.fail_with = None
+    poller.stale_claim_s = 0.0
+    assert poller.republish_orphans() == 1
+    assert _uuids(publisher) == ["out-1"]
+    assert ledger.claim_state("out-1") == "queued"
+    assert poller.poll_once().queued == 0  # the server no longer offers it: nothing twice
 
 
 # --- the fleet: several endpoints, routes, per-endpoint keys ------------------------------------------------

@@ -108,6 +108,22 @@ def _has_table(tx: Tx, d: Dialect, name: str) -> bool:
     return bool(tx.rows(d.has_table_sql, (name,))[0][0])
 
 
+def _move_v1_parts(tx: Tx) -> dict[str, str]:
+    """Copy the renamed v1 ``parts_v1`` into the new ``parts`` (endpoint ``default``) and drop it; returns each
+    uuid's report uuid, for its ``sends`` row."""
+    report_uuids: dict[str, str] = {
+        row[0]: row[1]
+        for row in tx.rows("SELECT uuid, MAX(report_uuid) FROM parts_v1 WHERE report_uuid IS NOT NULL GROUP BY uuid")
+    }
+    tx.run(
+        "INSERT INTO parts (modem_id, reference, recipient_key, uuid, report_uuid, endpoint, part_index, "
+        "sent_at, status, report_at) SELECT modem_id, reference, recipient_key, uuid, report_uuid, 'default', "
+        "part_index, sent_at, status, report_at FROM parts_v1 ORDER BY rowid"
+    )
+    tx.run("DROP TABLE parts_v1")
+    return report_uuids
+
+
 def _to_v2(tx: Tx, d: Dialect) -> None:
     """Create claims/sends/parts; from a v1 file, move ``outbound`` and the old ``parts`` into them."""
     legacy = _has_table(tx, d, "outbound")
@@ -121,20 +137,7 @@ def _to_v2(tx: Tx, d: Dialect) -> None:
         tx.run(statement)
     if not legacy:
         return
-    report_uuids: dict[str, str] = {}
-    if legacy_parts:
-        report_uuids = {
-            row[0]: row[1]
-            for row in tx.rows(
-                "SELECT uuid, MAX(report_uuid) FROM parts_v1 WHERE report_uuid IS NOT NULL GROUP BY uuid"
-            )
-        }
-        tx.run(
-            "INSERT INTO parts (modem_id, reference, recipient_key, uuid, report_uuid, endpoint, part_index, "
-            "sent_at, status, report_at) SELECT modem_id, reference, recipient_key, uuid, report_uuid, 'default', "
-            "part_index, sent_at, status, report_at FROM parts_v1 ORDER BY rowid"
-        )
-        tx.run("DROP TABLE parts_v1")
+    report_uuids = _move_v1_parts(tx) if legacy_parts else {}
     claims: list[tuple[object, ...]] = []
     sends: list[tuple[object, ...]] = []
     for key, state, recipient, body, modem_id, cms_error, detail, refs, updated_at in tx.rows(

@@ -1,0 +1,155 @@
+"""``?task=sent`` (Message Results API): the claims a server confirms are sent, the ones it explicitly does not
+echo are released, and the ones without a usable answer stay claimed and are confirmed again on later polls.
+
+No usable answer (time-out, dropped connection, 5xx, unreadable body) is not a "no": the server may have
+processed the POST and dropped the uuids from its outbox, so releasing them could lose the SMS. A 3xx/4xx (but
+408/429, which say "later") is a refusal before any work (auth, wrong URL): first-time claims are released;
+claims being retried are kept, since their earlier POST may have been processed and the server may never offer
+them again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from services import metrics
+from services.ledger import Ledger
+from services.sync_protocol import ReplyError, TaskMessage, parse_message_uuids
+from task_poller.sync_http import PollError, TaskRequests
+
+# The poller's logger: these lines are part of its log, under the name operators filter on.
+log = logging.getLogger("task_poller.poller")
+
+
+class SentConfirmer:
+    """Confirms one endpoint's claims through ``?task=sent`` and remembers the ones still unconfirmed."""
+
+    def __init__(
+        self,
+        endpoint_name: str,
+        requests: TaskRequests,
+        ledger: Ledger,
+        key: Callable[[str], str],
+        results_setting: str,
+    ) -> None:
+        """``key`` maps a uuid to its ledger key; ``results_setting`` is the setting that turns the Message
+        Results API off, named in the errors (``SMSGW_MESSAGE_RESULTS=false`` or the fleet file's key)."""
+        self._name = endpoint_name
+        self._requests = requests
+        self._ledger = ledger
+        self._key = key
+        self._results_setting = results_setting
+        # Claims whose ?task=sent got no usable answer: retried first thing on each poll until the server
+        # answers, or until they are republished as orphans (by us or a replica) after stale_claim_s.
+        self._unconfirmed: dict[str, TaskMessage] = {}
+
+    def retry_unconfirmed(self) -> list[TaskMessage]:
+        """Retry ``?task=sent`` for claims an earlier poll got no usable answer for; returns the echoed ones.
+
+        Claims no longer ``accepted`` (republished as orphans meanwhile, by us or a replica) are dropped.
+
+        Raises:
+            PollError: still no usable answer (the claims stay for the next poll or the orphan republish).
+            LedgerError: the ledger could not be read.
+        """
+        if not self._unconfirmed:
+            return []
+        pending: list[TaskMessage] = []
+        for message in list(self._unconfirmed.values()):
+            state = self._ledger.claim_state(self._key(message.uuid))
+            if state != "accepted":
+                del self._unconfirmed[message.uuid]
+                log.debug(
+                    "endpoint %s: unconfirmed task message %s is %s now; no retry",
+                    self._name,
+                    message.uuid,
+                    state or "released",
+                )
+            else:
+                pending.append(message)
+        if not pending:
+            return []
+        log.info(
+            "endpoint %s: retrying ?task=sent for %d claim(s) left unconfirmed by an earlier poll",
+            self._name,
+            len(pending),
+        )
+        return self.confirm(pending)
+
+    def confirm(self, messages: list[TaskMessage]) -> list[TaskMessage]:
+        """POST ``?task=sent`` and return the messages the server echoed; release the claims it did not echo.
+
+        Raises:
+            PollError: no usable answer (see the module docstring for which claims stay and which are released).
+            LedgerError: a claim could not be released.
+        """
+        try:
+            echoed = set(parse_message_uuids(self._requests.post_sent([m.uuid for m in messages])))
+        except (PollError, ReplyError) as exc:
+            if (
+                isinstance(exc, PollError)
+                and exc.status is not None
+                and 300 <= exc.status < 500
+                and exc.status not in (408, 429)
+            ):
+                raise self._refused_before_work(exc, messages) from None
+            raise self._kept_for_retry(exc, messages) from None
+        confirmed: list[TaskMessage] = []
+        for message in messages:
+            self._unconfirmed.pop(message.uuid, None)
+            if message.uuid in echoed:
+                confirmed.append(message)
+                continue
+            # The app sends only echoed uuids; release the claim so a later offer can be taken again.
+            self._release(message)
+            log.warning("endpoint %s: task message %s not confirmed by ?task=sent; not sent", self._name, message.uuid)
+        return confirmed
+
+    def _release(self, message: TaskMessage) -> None:
+        self._ledger.release_claim(self._key(message.uuid))
+        metrics.TASK_MESSAGES.labels(self._name, "not_confirmed").inc()
+
+    def _refused_before_work(self, exc: PollError, messages: list[TaskMessage]) -> PollError:
+        """Release the first-time claims of a refused ``?task=sent``; the error that says what happened.
+
+        Raises:
+            LedgerError: a claim could not be released.
+        """
+        fresh = [m for m in messages if m.uuid not in self._unconfirmed]
+        for message in fresh:
+            self._release(message)
+            metrics.TASK_RELEASED.labels(self._name).inc()
+        kept = len(messages) - len(fresh)
+        parts: list[str] = []
+        if fresh:
+            parts.append(
+                f"{len(fresh)} task message(s) released unsent (the server may offer them again, or never "
+                "if it marks messages sent when it hands them out: smsgw_task_released_total)"
+            )
+        if kept:
+            parts.append(f"{kept} claim(s) kept (an earlier ?task=sent for them may have been processed)")
+        # One line (the poll loop's ERROR) that names both usual causes: some servers without the
+        # Results API mark a message sent when they hand it out, so a released one is never offered again.
+        return PollError(
+            f"{exc}; {', '.join(parts)}. Likely causes: the secret or the credentials, or a server without "
+            f"the Message Results API: then set {self._results_setting}",
+            exc.outcome,
+            exc.status,
+        )
+
+    def _kept_for_retry(self, exc: PollError | ReplyError, messages: list[TaskMessage]) -> PollError:
+        """Keep the claims of a ``?task=sent`` without a usable answer for the next poll; the error to raise."""
+        for message in messages:
+            self._unconfirmed[message.uuid] = message
+        what = f"unreadable ?task=sent reply: {exc}" if isinstance(exc, ReplyError) else str(exc)
+        outcome = exc.outcome if isinstance(exc, PollError) else "bad_reply"
+        status = exc.status if isinstance(exc, PollError) else None
+        hint = (
+            f" (a server without the Message Results API may answer ?task=sent so: then set {self._results_setting})"
+            if status in (500, 501)
+            else ""
+        )
+        return PollError(
+            f"{what}; {len(messages)} claim(s) kept, ?task=sent retried on the next poll{hint}", outcome, status
+        )

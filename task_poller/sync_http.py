@@ -1,0 +1,99 @@
+"""The poller's two requests to one endpoint's Sync URL (``?task=send``, ``?task=sent``), timed and turned into
+``PollError`` when no usable answer came."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import requests
+
+from services import liveness, metrics
+from services.sync_protocol import clip, describe_body, status_hint
+
+
+class Answer(Protocol):
+    """What the poller reads of ``services.sync_client.SyncAnswer``."""
+
+    @property
+    def status(self) -> int:
+        """The HTTP status."""
+
+    @property
+    def text(self) -> str:
+        """The body, decoded."""
+
+
+class SyncRequests(Protocol):
+    """What the poller needs of ``services.sync_client.SyncClient`` (the one HTTP path to a Sync URL)."""
+
+    def get(self, **query: str) -> Answer:
+        """GET the Sync URL with ``query``; raises requests.RequestException."""
+
+    def post_json(self, body: object, **query: str) -> Answer:
+        """POST ``body`` as JSON to the Sync URL with ``query``; raises requests.RequestException."""
+
+    def close(self) -> None:
+        """Release the connections."""
+
+
+class PollError(Exception):
+    """A poll failed in a way worth backing off for; the message is the one log line."""
+
+    def __init__(self, message: str, outcome: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome  # metric label
+        self.status = status  # the HTTP status of a non-2xx answer
+
+
+class TaskRequests:
+    """``?task=send`` and ``?task=sent`` of one endpoint through its ``SyncClient``."""
+
+    def __init__(self, endpoint_name: str, secret: str, client: SyncRequests) -> None:
+        self._name = endpoint_name
+        self._secret = secret
+        self._client = client
+
+    def poll_send(self) -> str:
+        """GET ``?task=send`` (with the secret, if any); the body of a 2xx answer. Raises PollError."""
+        query = {"task": "send"}
+        if self._secret:
+            query["secret"] = self._secret
+        return self._request("send", lambda: self._client.get(**query))
+
+    def post_sent(self, uuids: list[str]) -> str:
+        """POST ``?task=sent`` (JSON, no secret — as the app); the body of a 2xx answer. Raises PollError."""
+        return self._request("sent", lambda: self._client.post_json({"queued_messages": uuids}, task="sent"))
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
+
+    def _request(self, task: str, call: Callable[[], Answer]) -> str:
+        """One request to the Sync URL; returns the body text of a 2xx answer.
+
+        The client bounds the whole answer by the endpoint's ``http_timeout``, so a server trickling its answer
+        cannot hold a poll (and its claims) indefinitely.
+
+        Raises:
+            PollError: network error, time-out or a non-2xx status (the log line says which, never the secret).
+        """
+        liveness.beat()  # each request is bounded by http_timeout: a poll of several is progress
+        started = time.monotonic()
+        try:
+            answer = call()
+        except requests.RequestException as exc:
+            raise PollError(
+                f"?task={task}: Sync URL unreachable: {type(exc).__name__}: {clip(str(exc))}", "network_error"
+            ) from None
+        finally:
+            metrics.HTTP_SECONDS.labels(self._name, task).observe(time.monotonic() - started)
+        if not 200 <= answer.status < 300:
+            raise PollError(
+                f"?task={task}: Sync URL answered HTTP {answer.status}{status_hint(answer.status)}: "
+                f"{describe_body(answer.text)}",
+                "http_error",
+                answer.status,
+            )
+        return answer.text

@@ -3,7 +3,7 @@
 python-gsmmodem-new 0.13.0 counts length in code points (an emoji is two UTF-16 units on the air),
 raises ``ValueError`` when encoding characters outside the BMP, and splits UCS-2 text in the middle of
 surrogate pairs. Everything here is pure (no I/O) so it can be unit-tested without a modem. The modem
-simulator (``modem_worker.simulator.pdu``) builds its DELIVER / STATUS-REPORT PDUs from the same primitives.
+simulator (``simulator.pdu``) builds its DELIVER / STATUS-REPORT PDUs from the same primitives.
 
 Rules implemented (3GPP TS 23.038 / 23.040):
 

@@ -2,7 +2,7 @@
 
 Every bug of python-gsmmodem-new 0.13.0 listed in ../shared/modem-notes.md has a test here, named in its
 docstring ("bug N"). Pure text/PDU functions are tested without a modem; everything else drives the real
-adapter over a pty against modem_worker.simulator. Waiting is done with deadlines (queue/Event timeouts or
+adapter over a pty against simulator. Waiting is done with deadlines (queue/Event timeouts or
 polling), never with fixed sleeps.
 """
 
@@ -36,9 +36,9 @@ from modem_worker.modem import (
     StatusReport,
     UnreadableMessage,
 )
-from modem_worker.simulator.device import Simulator
-from modem_worker.simulator.model import STAT_REC_UNREAD, SimFullError, StoredSms
-from modem_worker.simulator.pdu import build_deliver, build_status_report, local_datetime
+from simulator.device import Simulator
+from simulator.model import STAT_REC_UNREAD, SimFullError, StoredSms
+from simulator.pdu import build_deliver, build_status_report, local_datetime
 from modem_worker.sms_text import (
     build_submit_pdus,
     choose_encoding,

@@ -382,7 +382,7 @@ def test_auto_port_needs_an_imei_and_names_the_modem_after_it(tmp_path: Path) ->
 # ---- the adapter against the in-process simulator: PIN entry and identity -----------------------------------------
 @pytest.fixture
 def pinned_sim(tmp_path: Path) -> Iterator[Any]:
-    from modem_worker.simulator.device import Simulator
+    from simulator.device import Simulator
 
     simulator = Simulator(tmp_path / "modem.tty")
     simulator.start()

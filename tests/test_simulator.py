@@ -806,7 +806,7 @@ def test_ussd_balance(sim: Simulator, raw: RawPort) -> None:
     urc = _read_cusd(raw, 'AT+CUSD=1,"*100#",15')
     head, hex_text, dcs = urc.split(",", 1)[0], urc.split('"')[1], urc.rsplit(",", 1)[1]
     assert (head, dcs) == ("+CUSD: 0", "15")
-    from simulator.pdu import unpack_septets
+    from modem_worker.sms_text import unpack_septets
 
     packed = bytes.fromhex(hex_text)
     assert decode_gsm7(unpack_septets(packed, len(text))) == text

@@ -25,7 +25,6 @@ import pytest
 import serial
 from smspdudecoder.fields import SMSSubmit
 
-from modem_worker import at_fixes
 from modem_worker.modem import (
     MISSING_PART,
     Modem,
@@ -35,10 +34,8 @@ from modem_worker.modem import (
     SendOutcomeUnknown,
     StatusReport,
     UnreadableMessage,
+    at_fixes,
 )
-from simulator.device import Simulator
-from simulator.model import STAT_REC_UNREAD, SimFullError, StoredSms
-from simulator.pdu import build_deliver, build_status_report, local_datetime
 from modem_worker.sms_text import (
     build_submit_pdus,
     choose_encoding,
@@ -46,6 +43,9 @@ from modem_worker.sms_text import (
     segment,
     text_units,
 )
+from simulator.device import Simulator
+from simulator.model import STAT_REC_UNREAD, SimFullError, StoredSms
+from simulator.pdu import build_deliver, build_status_report, local_datetime
 from tests.conftest import wait_for
 
 SENDER = "+255711000001"
@@ -406,7 +406,7 @@ def test_failed_delete_does_not_deliver_twice(
 ) -> None:
     """A message whose AT+CMGD failed after delivery is deleted, not re-delivered, by the next sweep."""
     h = make_modem()
-    gsm = h.modem._gsm
+    gsm = h.modem.at_layer
     assert gsm is not None
     real_delete = gsm.delete_stored
     failures = {"left": 1}
@@ -717,7 +717,7 @@ def test_non_utf8_byte_does_not_kill_the_read_thread(sim: Simulator, make_modem:
 def test_read_thread_death_marks_dead_and_fires_on_fatal(make_modem: Callable[..., Harness]) -> None:
     """Bug 9: if the read thread dies anyway, alive turns False and on_fatal fires (once)."""
     h = make_modem()
-    gsm = h.modem._gsm
+    gsm = h.modem.at_layer
     assert gsm is not None
 
     def boom(size: int = 1) -> bytes:
@@ -801,9 +801,9 @@ def test_busy_515_does_not_slow_later_commands(
     """Bug 12: one +CME ERROR: 515 is retried for that command only; later commands are not slowed (the
     library kept a 0.1 s write wait for good)."""
     h = make_modem()
-    gsm = h.modem._gsm
+    gsm = h.modem.at_layer
     assert gsm is not None
-    real_exchange = gsm._exchange
+    real_exchange = gsm.exchange
     busy = {"left": 1}
 
     def exchange(payload: str, *args: Any) -> list[str] | None:
@@ -813,15 +813,15 @@ def test_busy_515_does_not_slow_later_commands(
         result: list[str] | None = real_exchange(payload, *args)
         return result
 
-    monkeypatch.setattr(gsm, "_exchange", exchange)
+    monkeypatch.setattr(gsm, "exchange", exchange)
     assert h.modem.signal_strength() == 20
     assert busy["left"] == 0
-    assert gsm._writeWait == 0
+    assert gsm.write_wait_s == 0
     for _ in range(20):
         h.modem.signal_strength()
     # The library's slow path is this wait before every write; checking it (not a wall-clock figure) keeps the
     # test honest on a loaded CI machine.
-    assert gsm._writeWait == 0
+    assert gsm.write_wait_s == 0
 
 
 def test_health_queries(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
@@ -923,7 +923,7 @@ def test_no_prompt_for_the_pdu_is_unavailable_not_failed(
 ) -> None:
     """Nothing was written: the SMS may be sent later (ModemUnavailable), not reported failed for good."""
     h = make_modem()
-    gsm = h.modem._gsm
+    gsm = h.modem.at_layer
     assert gsm is not None
     real_write = gsm.write
 

@@ -28,6 +28,7 @@ from smspdudecoder.fields import SMSSubmit
 from modem_worker.modem import (
     MISSING_PART,
     Modem,
+    ModemListener,
     ModemUnavailable,
     ReceivedMessage,
     SendFailed,
@@ -728,6 +729,35 @@ def test_read_thread_death_marks_dead_and_fires_on_fatal(make_modem: Callable[..
     assert not h.modem.alive
     with pytest.raises(ModemUnavailable):
         h.modem.signal_strength()
+    assert h.fatal.empty()
+
+
+class RecordingListener:
+    """A ModemListener that queues what the modem reported."""
+
+    def __init__(self) -> None:
+        self.boot_lines: queue.Queue[str] = queue.Queue()
+        self.lost: queue.Queue[ModemUnavailable] = queue.Queue()
+
+    def boot_line(self, line: str) -> None:
+        self.boot_lines.put(line)
+
+    def link_lost(self, exc: ModemUnavailable) -> None:
+        self.lost.put(exc)
+
+
+def test_listener_hears_boot_lines_and_the_lost_link(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """The modem reports its own events to the one listener passed in: boot lines after a reboot, then the lost
+    link after an unplug (once); the on_fatal callable is not used when a listener is given."""
+    recorder = RecordingListener()
+    listener: ModemListener = recorder  # mypy checks that it implements the Protocol
+    h = make_modem(listener=listener)
+    sim.reboot()
+    assert recorder.boot_lines.get(timeout=5) == "RDY"
+    sim.unplug()
+    assert "lost" in str(recorder.lost.get(timeout=5))
+    assert not h.modem.alive
+    assert recorder.lost.empty()
     assert h.fatal.empty()
 
 

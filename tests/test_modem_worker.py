@@ -18,7 +18,6 @@ import pytest
 from modem_worker.modem import ModemError, ModemUnavailable, SendFailed, SendReceipt, StorageUse
 from modem_worker.send_errors import SEND_TRIES
 from modem_worker.sim_guard import SimGuard, local_midnight_ms
-from simulator.device import Simulator
 from modem_worker.worker import HEADER_SEND_FAILURES, ModemWorker
 from services import metrics
 from services.broker import (
@@ -41,6 +40,7 @@ from services.config import FleetConfig, ModemLimits, parse_fleet
 from services.ledger import Ledger, SendRecord, open_ledger
 from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
 from services.settings import Settings
+from simulator.device import Simulator
 from tests.conftest import wait_for
 
 

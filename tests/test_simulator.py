@@ -23,9 +23,9 @@ from gsmmodem.modem import GsmModem, ReceivedSms, StatusReport
 from gsmmodem.pdu import Concatenation, decodeSmsPdu
 from smspdudecoder.easy import read_incoming_sms
 
+from modem_worker.sms_text import PART_LIMIT, decode_gsm7, encode_address, encode_gsm7, segment, text_units
 from simulator import SimFullError, Simulator, build_deliver, decode_pdu
 from simulator.pdu import local_datetime
-from modem_worker.sms_text import PART_LIMIT, decode_gsm7, encode_address, encode_gsm7, segment, text_units
 from tests.conftest import wait_for
 
 FINAL = ("OK", "ERROR", "+CMS ERROR:", "+CME ERROR:")
@@ -150,7 +150,8 @@ def test_connect_dialogue(sim: Simulator, client: ModemClient) -> None:
     ):
         assert cmd in log
     modem = client.modem
-    assert "+CSCS" in modem._commands and "^CVOICE" not in modem._commands
+    supported = modem.write("AT+CLAC")
+    assert "AT+CSCS" in supported and "AT^CVOICE" not in supported
     assert modem.smsc == "+255754000000"
     assert modem.ownNumber == "+255700000001"
     assert modem.signalStrength == 20

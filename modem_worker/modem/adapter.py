@@ -108,7 +108,8 @@ class Modem:
         Raises ModemUnavailable (port missing or busy, no answer, init refused), SimLocked (the SIM needs a PIN
         or PUK it may not be given); the port is closed and the read thread stopped before it is raised.
         """
-        if self._channel.alive:
+        current = self._channel.gsm
+        if current is not None and current.alive:
             raise ModemError(f"modem on {self.port} is already connected")
         self.close()  # the remains of a dead connection: its worker and port
         self._fatal_fired = False

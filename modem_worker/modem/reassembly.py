@@ -12,8 +12,8 @@ from typing import Final
 
 from modem_worker.sms_text import repair_utf16
 
-from .at_fixes import DeliverPdu
 from .messages import ReceivedMessage
+from .stored_pdu import DeliverPdu
 
 logger = logging.getLogger(__name__)
 

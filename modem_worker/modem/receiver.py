@@ -10,11 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from .at_fixes import CommandError, LinkDown, StatusReportPdu, TimeoutException, decode_stored_pdu
+from .at_fixes import CommandError, LinkDown, TimeoutException
 from .channel import AtChannel
 from .errors import ModemError, ModemUnavailable
 from .messages import ReceivedMessage, StatusReport, UnreadableMessage
 from .reassembly import CallbackFailed, Location, Reassembly
+from .stored_pdu import StatusReportPdu, decode_stored_pdu
 
 logger = logging.getLogger(__name__)
 

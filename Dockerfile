@@ -11,6 +11,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY services ./services
 COPY modem_worker ./modem_worker
+COPY simulator ./simulator
 COPY sync_worker ./sync_worker
 COPY task_poller ./task_poller
 COPY result_reporter ./result_reporter
@@ -39,4 +40,4 @@ USER smsgw
 WORKDIR /var/lib/smsgw
 EXPOSE 9100
 # Default: print how to run each process. Compose always sets a command.
-CMD ["sh", "-c", "echo 'smssync-gateway: run one of: python -m modem_worker | sync_worker | task_poller | result_reporter (each takes --check), smsgw parked|config|check|compose-modems (smsgw --help), python -m modem_worker.simulator, python -m reference_server'; echo; for m in modem_worker sync_worker task_poller result_reporter; do python -m $m --help; echo; done"]
+CMD ["sh", "-c", "echo 'smssync-gateway: run one of: python -m modem_worker | sync_worker | task_poller | result_reporter (each takes --check), smsgw parked|config|check|compose-modems (smsgw --help), python -m simulator, python -m reference_server'; echo; for m in modem_worker sync_worker task_poller result_reporter; do python -m $m --help; echo; done"]

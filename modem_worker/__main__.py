@@ -1,4 +1,4 @@
-"""``python -m modem_worker``: drive one GSM modem (``python -m modem_worker.simulator`` for a simulated one)."""
+"""``python -m modem_worker``: drive one GSM modem (``python -m simulator`` for a simulated one)."""
 
 from __future__ import annotations
 

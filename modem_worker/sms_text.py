@@ -3,7 +3,8 @@
 python-gsmmodem-new 0.13.0 counts length in code points (an emoji is two UTF-16 units on the air),
 raises ``ValueError`` when encoding characters outside the BMP, and splits UCS-2 text in the middle of
 surrogate pairs. Everything here is pure (no I/O) so it can be unit-tested without a modem. The modem
-simulator (``modem_worker.simulator.pdu``) builds its DELIVER / STATUS-REPORT PDUs from the same primitives.
+simulator (``simulator.pdu``) builds and decodes its PDUs with the same primitives: this module is the one GSM-7
+codec of the project (tables, septet packing and unpacking, segmentation, user data).
 
 Rules implemented (3GPP TS 23.038 / 23.040):
 
@@ -183,6 +184,25 @@ def pack_septets(septets: Sequence[int], fill_bits: int = 0) -> bytes:
     if nbits > 0:
         out.append(acc & 0xFF)
     return bytes(out)
+
+
+def unpack_septets(data: bytes, count: int | None = None, skip_bits: int = 0) -> list[int]:
+    """Unpack GSM-7 septets packed LSB-first into octets (the inverse of :func:`pack_septets`), after skipping
+    the first ``skip_bits`` bits (a UDH and its fill bits).
+
+    ``count`` None unpacks every whole septet in ``data``; then 7 spare zero bits at the end are padding
+    (23.038 6.1.2.3.1), not an "@", and are dropped.
+
+    Raises ValueError when ``data`` is too short for ``count`` septets.
+    """
+    whole = (len(data) * 8 - skip_bits) // 7 if count is None else count
+    if skip_bits + whole * 7 > len(data) * 8:
+        raise ValueError("user data shorter than its declared septet count")
+    value = int.from_bytes(data, "little") >> skip_bits
+    septets = [(value >> (7 * i)) & 0x7F for i in range(whole)]
+    if count is None and (len(data) * 8 - skip_bits) % 7 == 0 and septets and septets[-1] == 0:
+        septets.pop()
+    return septets
 
 
 def repair_utf16(text: str) -> str:

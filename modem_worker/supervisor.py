@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from tenacity import RetryCallState, Retrying, wait_exponential
+
 from modem_worker.modem import (
     Modem,
     ModemError,
@@ -117,6 +119,26 @@ def candidate_ports(patterns: Sequence[str]) -> list[str]:
     return sorted(seen.values())
 
 
+class Backoff:
+    """Delays that double from ``first`` up to ``cap`` (tenacity's ``wait_exponential``), from ``first`` again after
+    :meth:`reset`."""
+
+    def __init__(self, first_s: float, cap_s: float) -> None:
+        """The first :meth:`next_delay` is ``first_s`` (at most ``cap_s``)."""
+        self._wait = wait_exponential(multiplier=first_s, max=cap_s)
+        self._state = RetryCallState(Retrying(), None, (), {})
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; each call doubles the one after it, up to the cap."""
+        delay = self._wait(self._state)
+        self._state.attempt_number += 1
+        return delay
+
+    def reset(self) -> None:
+        """Start again from the first delay (the thing backed off from worked)."""
+        self._state.attempt_number = 1
+
+
 class ModemSupervisor:
     """Connect -> serve -> watchdog -> recover, for one modem, until stopped (or blocked by a locked SIM)."""
 
@@ -157,7 +179,8 @@ class ModemSupervisor:
         self._reopens = 0
         self._resets = 0
         self._failures = 0  # failed recoveries in a row
-        self._reset_backoff = policy.reset_first_s
+        self._reconnect_backoff = Backoff(policy.reconnect_first_s, policy.reconnect_max_s)
+        self._reset_backoff = Backoff(policy.reset_first_s, policy.reset_max_s)
         self._next_reset = 0.0
         self._mismatch_logged = False
         self._inconclusive = 0  # settings checks in a row that could not tell
@@ -187,14 +210,14 @@ class ModemSupervisor:
     def run(self) -> Outcome:
         """Keep the modem connected until ``stopping`` is set; returns BLOCKED (after ``stopping``) when a locked
         SIM blocked the worker."""
-        delay = self._policy.reconnect_first_s
         try:
-            return self._supervise(delay)
+            return self._supervise()
         finally:
             liveness.done()
 
-    def _supervise(self, delay: float) -> Outcome:
+    def _supervise(self) -> Outcome:
         """The loop of ``run``, stamping the liveness heartbeat every turn (services/liveness.py)."""
+        self._reconnect_backoff.reset()
         while not self._stopping.is_set():
             liveness.beat()
             try:
@@ -204,11 +227,11 @@ class ModemSupervisor:
                 return Outcome.BLOCKED
             if modem is None:
                 self._recovery_failed()
+                delay = self._reconnect_backoff.next_delay()
                 liveness.beat(delay)
                 self._stopping.wait(delay)
-                delay = min(delay * 2, self._policy.reconnect_max_s)
                 continue
-            delay = self._policy.reconnect_first_s
+            self._reconnect_backoff.reset()
             try:
                 trouble = self._serve(modem)
             finally:
@@ -327,7 +350,7 @@ class ModemSupervisor:
 
     def _recovered(self) -> None:
         self._failures = 0
-        self._reset_backoff = self._policy.reset_first_s
+        self._reset_backoff.reset()
         self._next_reset = 0.0
         if self._episode_since is None:
             return
@@ -347,8 +370,7 @@ class ModemSupervisor:
         now = self._clock()
         if not command or self._failures < self._policy.reset_after or now < self._next_reset:
             return
-        self._next_reset = now + self._reset_backoff
-        self._reset_backoff = min(self._reset_backoff * 2, self._policy.reset_max_s)
+        self._next_reset = now + self._reset_backoff.next_delay()
         metrics.MODEM_WATCHDOG_RESETS.labels(self._modem_id, "reset_command").inc()
         self._resets += 1
         env = {"SMSGW_MODEM_ID": self._modem_id, "SMSGW_MODEM_PORT": self.port_in_use or self._port}

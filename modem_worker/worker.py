@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from modem_worker.housekeeping import HealthModem, Housekeeping
 from modem_worker.inbound import InboundPublisher
-from modem_worker.modem import Modem, ModemInfo
+from modem_worker.modem import Modem, ModemInfo, ModemUnavailable
 from modem_worker.outbound import OutboundSender, SendingModem
 from modem_worker.outbound_consumer import OutboundConsumer
 from modem_worker.signals import ModemSignals
@@ -164,13 +164,12 @@ class ModemWorker:
             port,
             on_message=self.inbound.on_message,
             on_status_report=self.inbound.on_status_report,
-            on_fatal=self._on_fatal,
             on_unreadable=self.inbound.on_unreadable,
             baudrate=self._settings.modem_baudrate,
             request_delivery=True,
             send_timeout_s=self._send_timeout_s,
             sim_unlock=self._sim_pin,
-            on_boot=self._supervisor.boot_hint,
+            listener=self,
         )
 
     def modem_up(self, modem: SendingModem, info: ModemInfo) -> None:
@@ -241,7 +240,12 @@ class ModemWorker:
         self.failed = True
         self.stop()
 
-    def _on_fatal(self, exc: BaseException) -> None:
+    # ---- the modem's listener (modem_worker.modem.ModemListener): events flow from the modem outwards ---------
+    def boot_line(self, line: str) -> None:
+        """A boot-like line from the modem: the supervisor checks soon whether it restarted."""
+        self._supervisor.boot_hint(line)
+
+    def link_lost(self, exc: ModemUnavailable) -> None:
         """The link died (adapter thread): the supervisor reconnects (and logs the episode)."""
         log.debug("modem %s: link lost (%s)", self.modem_id, exc)
         self._signals.mark_down()

@@ -214,7 +214,7 @@ class Stack:
             port = control_port or free_port()
             process = self.start(
                 name,
-                "modem_worker.simulator",
+                "simulator",
                 "--link",
                 str(link),
                 "--control-port",
@@ -273,7 +273,7 @@ class Stack:
 
     def stop_all(self, timeout: float = 20.0) -> None:
         """SIGTERM the workers and wait (they drain), then the simulators; SIGKILL what outlives ``timeout``."""
-        is_simulator = [p for p in self.processes.values() if p.argv[2] == "modem_worker.simulator"]
+        is_simulator = [p for p in self.processes.values() if p.argv[2] == "simulator"]
         workers = [p for p in self.processes.values() if p not in is_simulator]
         for group in (workers, is_simulator):
             for process in group:

@@ -266,9 +266,9 @@ def test_undecodable_pdu_is_parked_with_its_hex_and_leaves_the_sim(
     stack: Stack, server: ReferenceServer, tmp_path: Path
 ) -> None:
     """Runs the simulator in-process to plant a corrupted record; the modem worker is the real process."""
-    from modem_worker.simulator import Simulator as InProcessSimulator
     from services import broker
     from services.broker import ParkedQueues
+    from simulator import Simulator as InProcessSimulator
     from tests.test_modem_adapter import GARBAGE_PDU, store_pdu
 
     sim = InProcessSimulator(tmp_path / "inproc.tty", own_number=OWN_NUMBER)

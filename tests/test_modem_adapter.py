@@ -2,7 +2,7 @@
 
 Every bug of python-gsmmodem-new 0.13.0 listed in ../shared/modem-notes.md has a test here, named in its
 docstring ("bug N"). Pure text/PDU functions are tested without a modem; everything else drives the real
-adapter over a pty against modem_worker.simulator. Waiting is done with deadlines (queue/Event timeouts or
+adapter over a pty against simulator. Waiting is done with deadlines (queue/Event timeouts or
 polling), never with fixed sleeps.
 """
 
@@ -25,20 +25,18 @@ import pytest
 import serial
 from smspdudecoder.fields import SMSSubmit
 
-from modem_worker import at_fixes
 from modem_worker.modem import (
     MISSING_PART,
     Modem,
+    ModemListener,
     ModemUnavailable,
     ReceivedMessage,
     SendFailed,
     SendOutcomeUnknown,
     StatusReport,
     UnreadableMessage,
+    at_fixes,
 )
-from modem_worker.simulator.device import Simulator
-from modem_worker.simulator.model import STAT_REC_UNREAD, SimFullError, StoredSms
-from modem_worker.simulator.pdu import build_deliver, build_status_report, local_datetime
 from modem_worker.sms_text import (
     build_submit_pdus,
     choose_encoding,
@@ -46,6 +44,9 @@ from modem_worker.sms_text import (
     segment,
     text_units,
 )
+from simulator.device import Simulator
+from simulator.model import STAT_REC_UNREAD, SimFullError, StoredSms
+from simulator.pdu import build_deliver, build_status_report, local_datetime
 from tests.conftest import wait_for
 
 SENDER = "+255711000001"
@@ -103,16 +104,19 @@ def make_modem(sim: Simulator) -> Iterator[Callable[..., Harness]]:
                 raise RuntimeError("broker down")
             holder[0].reports.put(report)
 
-        def on_fatal(exc: BaseException) -> None:
-            holder[0].fatal.put(exc)
+        class FatalListener:
+            def boot_line(self, line: str) -> None:
+                pass
+
+            def link_lost(self, exc: ModemUnavailable) -> None:
+                holder[0].fatal.put(exc)
 
         kwargs.setdefault("command_timeout_s", 5.0)
         modem = Modem(
             str(sim.link),
             on_message=on_message,
             on_status_report=on_report,
-            on_fatal=on_fatal,
-            **kwargs,
+            **{"listener": FatalListener(), **kwargs},
         )
         harness = Harness(modem)
         holder.append(harness)
@@ -406,7 +410,7 @@ def test_failed_delete_does_not_deliver_twice(
 ) -> None:
     """A message whose AT+CMGD failed after delivery is deleted, not re-delivered, by the next sweep."""
     h = make_modem()
-    gsm = h.modem._gsm
+    gsm = h.modem.at_layer
     assert gsm is not None
     real_delete = gsm.delete_stored
     failures = {"left": 1}
@@ -717,7 +721,7 @@ def test_non_utf8_byte_does_not_kill_the_read_thread(sim: Simulator, make_modem:
 def test_read_thread_death_marks_dead_and_fires_on_fatal(make_modem: Callable[..., Harness]) -> None:
     """Bug 9: if the read thread dies anyway, alive turns False and on_fatal fires (once)."""
     h = make_modem()
-    gsm = h.modem._gsm
+    gsm = h.modem.at_layer
     assert gsm is not None
 
     def boom(size: int = 1) -> bytes:
@@ -728,6 +732,35 @@ def test_read_thread_death_marks_dead_and_fires_on_fatal(make_modem: Callable[..
     assert not h.modem.alive
     with pytest.raises(ModemUnavailable):
         h.modem.signal_strength()
+    assert h.fatal.empty()
+
+
+class RecordingListener:
+    """A ModemListener that queues what the modem reported."""
+
+    def __init__(self) -> None:
+        self.boot_lines: queue.Queue[str] = queue.Queue()
+        self.lost: queue.Queue[ModemUnavailable] = queue.Queue()
+
+    def boot_line(self, line: str) -> None:
+        self.boot_lines.put(line)
+
+    def link_lost(self, exc: ModemUnavailable) -> None:
+        self.lost.put(exc)
+
+
+def test_listener_hears_boot_lines_and_the_lost_link(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
+    """The modem reports its own events to the one listener passed in: boot lines after a reboot, then the lost
+    link after an unplug (once); the harness's own listener is replaced by it."""
+    recorder = RecordingListener()
+    listener: ModemListener = recorder  # mypy checks that it implements the Protocol
+    h = make_modem(listener=listener)
+    sim.reboot()
+    assert recorder.boot_lines.get(timeout=5) == "RDY"
+    sim.unplug()
+    assert "lost" in str(recorder.lost.get(timeout=5))
+    assert not h.modem.alive
+    assert recorder.lost.empty()
     assert h.fatal.empty()
 
 
@@ -801,9 +834,9 @@ def test_busy_515_does_not_slow_later_commands(
     """Bug 12: one +CME ERROR: 515 is retried for that command only; later commands are not slowed (the
     library kept a 0.1 s write wait for good)."""
     h = make_modem()
-    gsm = h.modem._gsm
+    gsm = h.modem.at_layer
     assert gsm is not None
-    real_exchange = gsm._exchange
+    real_exchange = gsm.exchange
     busy = {"left": 1}
 
     def exchange(payload: str, *args: Any) -> list[str] | None:
@@ -813,15 +846,15 @@ def test_busy_515_does_not_slow_later_commands(
         result: list[str] | None = real_exchange(payload, *args)
         return result
 
-    monkeypatch.setattr(gsm, "_exchange", exchange)
+    monkeypatch.setattr(gsm, "exchange", exchange)
     assert h.modem.signal_strength() == 20
     assert busy["left"] == 0
-    assert gsm._writeWait == 0
+    assert gsm.write_wait_s == 0
     for _ in range(20):
         h.modem.signal_strength()
     # The library's slow path is this wait before every write; checking it (not a wall-clock figure) keeps the
     # test honest on a loaded CI machine.
-    assert gsm._writeWait == 0
+    assert gsm.write_wait_s == 0
 
 
 def test_health_queries(sim: Simulator, make_modem: Callable[..., Harness]) -> None:
@@ -923,7 +956,7 @@ def test_no_prompt_for_the_pdu_is_unavailable_not_failed(
 ) -> None:
     """Nothing was written: the SMS may be sent later (ModemUnavailable), not reported failed for good."""
     h = make_modem()
-    gsm = h.modem._gsm
+    gsm = h.modem.at_layer
     assert gsm is not None
     real_write = gsm.write
 

@@ -131,7 +131,12 @@ class Running:
 
 
 def _value(metric: Any, *labels: str) -> float:
-    return float(metric.labels(*labels)._value.get())
+    """The value of ``metric``'s series with ``labels`` (0 when it has none yet), read through ``collect()``."""
+    for family in metric.collect():
+        for sample in family.samples:
+            if tuple(sample.labels.values()) == labels and not sample.name.endswith("_created"):
+                return float(sample.value)
+    return 0.0
 
 
 def _lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
@@ -313,8 +318,7 @@ def test_auto_finds_the_port_whose_modem_has_the_imei(
     with Running(host, modem_id, port="auto", expected_imei=IDENTITY.imei, port_globs=[str(tmp_path / "*.tty")]):
         wait_for(lambda: host.up, timeout=5, what="connected")
     assert host.opened == [(str(tmp_path / "modem1.tty"), modem)]
-    info = metrics.MODEM_INFO.labels(modem_id, IDENTITY.imei, IDENTITY.iccid, IDENTITY.imsi)._value.get()
-    assert info == 1
+    assert _value(metrics.MODEM_INFO, modem_id, IDENTITY.imei, IDENTITY.iccid, IDENTITY.imsi) == 1
 
 
 def test_candidate_ports_count_a_device_and_its_link_once(tmp_path: Path) -> None:
@@ -382,7 +386,7 @@ def test_auto_port_needs_an_imei_and_names_the_modem_after_it(tmp_path: Path) ->
 # ---- the adapter against the in-process simulator: PIN entry and identity -----------------------------------------
 @pytest.fixture
 def pinned_sim(tmp_path: Path) -> Iterator[Any]:
-    from modem_worker.simulator.device import Simulator
+    from simulator.device import Simulator
 
     simulator = Simulator(tmp_path / "modem.tty")
     simulator.start()

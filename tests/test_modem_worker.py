@@ -29,7 +29,6 @@ from modem_worker.modem import (
 from modem_worker.outbound import HEADER_SEND_FAILURES
 from modem_worker.send_errors import SEND_TRIES
 from modem_worker.sim_guard import SimGuard, local_midnight_ms
-from modem_worker.simulator.device import Simulator
 from modem_worker.worker import ModemWorker
 from services import metrics
 from services.broker import (
@@ -53,6 +52,7 @@ from services.config import FleetConfig, ModemLimits, parse_fleet
 from services.ledger import Ledger, SendRecord, open_ledger
 from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
 from services.settings import Settings
+from simulator.device import Simulator
 from tests.conftest import wait_for
 
 INFO = ModemInfo(own_number=None, imsi=None, manufacturer="Fake", model="F1")

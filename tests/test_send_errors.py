@@ -1,5 +1,5 @@
 """The refused-send table (modem_worker/send_errors.py) and its copy in docs/modem.md; USSD answer decoding and the
-balance number (modem_worker/modem.py)."""
+balance number (modem_worker/modem/ussd.py)."""
 
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ from gsmmodem.modem import GsmModem, ReceivedSms, StatusReport
 from gsmmodem.pdu import Concatenation, decodeSmsPdu
 from smspdudecoder.easy import read_incoming_sms
 
-from modem_worker.simulator import SimFullError, Simulator, build_deliver, decode_pdu
-from modem_worker.simulator.pdu import local_datetime
 from modem_worker.sms_text import PART_LIMIT, decode_gsm7, encode_address, encode_gsm7, segment, text_units
+from simulator import SimFullError, Simulator, build_deliver, decode_pdu
+from simulator.pdu import local_datetime
 from tests.conftest import wait_for
 
 FINAL = ("OK", "ERROR", "+CMS ERROR:", "+CME ERROR:")
@@ -150,7 +150,8 @@ def test_connect_dialogue(sim: Simulator, client: ModemClient) -> None:
     ):
         assert cmd in log
     modem = client.modem
-    assert "+CSCS" in modem._commands and "^CVOICE" not in modem._commands
+    supported = modem.write("AT+CLAC")
+    assert "AT+CSCS" in supported and "AT^CVOICE" not in supported
     assert modem.smsc == "+255754000000"
     assert modem.ownNumber == "+255700000001"
     assert modem.signalStrength == 20
@@ -502,13 +503,13 @@ def test_control_api(sim: Simulator, raw: RawPort) -> None:
 
 def test_cli_help_and_sigterm(tmp_path: Path) -> None:
     help_text = subprocess.run(
-        [sys.executable, "-m", "modem_worker.simulator", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "simulator", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for word in ("--link", "--control-port", "--own-number", "--capacity", "--smsc", "/sms/batch", "/unplug"):
         assert word in help_text
     link = tmp_path / "cli-modem"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modem_worker.simulator", "--link", str(link), "--control-port", "0"],
+        [sys.executable, "-m", "simulator", "--link", str(link), "--control-port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -806,7 +807,7 @@ def test_ussd_balance(sim: Simulator, raw: RawPort) -> None:
     urc = _read_cusd(raw, 'AT+CUSD=1,"*100#",15')
     head, hex_text, dcs = urc.split(",", 1)[0], urc.split('"')[1], urc.rsplit(",", 1)[1]
     assert (head, dcs) == ("+CUSD: 0", "15")
-    from modem_worker.simulator.pdu import unpack_septets
+    from modem_worker.sms_text import unpack_septets
 
     packed = bytes.fromhex(hex_text)
     assert decode_gsm7(unpack_septets(packed, len(text))) == text
@@ -947,7 +948,7 @@ def test_state_shows_every_fault(sim: Simulator) -> None:
 def test_cli_fault_flags(tmp_path: Path) -> None:
     link = tmp_path / "cli-faults"
     identity = {"--imei": "490154203237518", "--iccid": "8925504123456789012", "--imsi": "640041234567890"}
-    argv = [sys.executable, "-m", "modem_worker.simulator", "--link", str(link), "--control-port", "0"]
+    argv = [sys.executable, "-m", "simulator", "--link", str(link), "--control-port", "0"]
     argv += ["--pin", "1234", "--me-capacity", "50", *(x for pair in identity.items() for x in pair)]
     proc = subprocess.Popen(
         argv,
@@ -973,7 +974,7 @@ def test_cli_fault_flags(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     bad = subprocess.run(
-        [sys.executable, "-m", "modem_worker.simulator", "--link", str(link), "--control-port", "0", "--pin", "x"],
+        [sys.executable, "-m", "simulator", "--link", str(link), "--control-port", "0", "--pin", "x"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -1,4 +1,4 @@
-"""Command line: `python -m modem_worker.simulator --link PATH --control-port PORT [...]`."""
+"""Command line: `python -m simulator --link PATH --control-port PORT [...]`."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ See docs/simulator.md for the semantics.
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (exits with status 2 on bad arguments, 0 after --help)."""
     parser = argparse.ArgumentParser(
-        prog="python -m modem_worker.simulator",
+        prog="python -m simulator",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -27,6 +27,7 @@ from modem_worker.sms_text import (
     encode_semi_octets,
     encode_user_data,
     segment,
+    unpack_septets,
 )
 
 TP_STATUS_DELIVERED = 0x00
@@ -43,15 +44,12 @@ class PduError(ValueError):
 # --- text ----------------------------------------------------------------------------------------------------
 
 
-def unpack_septets(data: bytes, count: int, skip_bits: int = 0) -> list[int]:
-    """Unpack `count` septets from packed `data`, ignoring the first `skip_bits` bits.
-
-    Raises PduError when `data` is too short for `count` septets.
-    """
-    if skip_bits + count * 7 > len(data) * 8:
-        raise PduError("user data shorter than its declared septet count")
-    value = int.from_bytes(data, "little")
-    return [(value >> (skip_bits + 7 * i)) & 0x7F for i in range(count)]
+def _septets(data: bytes, count: int) -> list[int]:
+    """``count`` septets unpacked from ``data`` by the shared codec. Raises PduError when ``data`` is too short."""
+    try:
+        return unpack_septets(data, count)
+    except ValueError as exc:
+        raise PduError(str(exc)) from exc
 
 
 # --- addresses and timestamps -----------------------------------------------------------------------------------
@@ -102,7 +100,7 @@ def _decode_address(data: bytes, pos: int) -> tuple[str, int]:
         raise PduError("truncated address field")
     ton = (toa >> 4) & 0x07
     if ton == 5:
-        text = decode_gsm7(unpack_septets(body, (ndigits * 4) // 7))
+        text = decode_gsm7(_septets(body, (ndigits * 4) // 7))
         return text, pos + 2 + nbytes
     number = _from_semi_octets(body, ndigits)
     return ("+" + number if ton == 1 else number), pos + 2 + nbytes
@@ -298,9 +296,9 @@ def _decode_user_data(data: bytes, pos: int, udl: int, udhi: bool, encoding: Enc
             udhl = ud[0]
             udh = ud[1 : 1 + udhl]
             header_septets = math.ceil((udhl + 1) * 8 / 7)
-            septets = unpack_septets(ud, udl, 0)[header_septets:]
+            septets = _septets(ud, udl)[header_septets:]
         else:
-            septets = unpack_septets(ud, udl)
+            septets = _septets(ud, udl)
         return udh, bytes(septets)
     if len(ud) < udl:
         raise PduError("user data shorter than TP-UDL")
@@ -326,72 +324,70 @@ def decode_pdu(pdu_hex: str) -> DecodedPdu:
         raise PduError(f"undecodable PDU: {exc}") from exc
 
 
+def _decode_smsc(data: bytes) -> tuple[str | None, int]:
+    """The SMSC field that starts a PDU-mode PDU: (address or None, position of the TPDU)."""
+    smsc_len = data[0]
+    if not smsc_len:
+        return None, 1
+    toa = data[1]
+    number = _from_semi_octets(data[2 : 1 + smsc_len], 2 * (smsc_len - 1))
+    return ("+" + number if (toa >> 4) & 0x07 == 1 else number), 1 + smsc_len
+
+
 def _decode(data: bytes) -> DecodedPdu:
     """Decode the bytes of a PDU-mode PDU; see decode_pdu."""
-    smsc_len = data[0]
-    smsc: str | None = None
-    if smsc_len:
-        toa = data[1]
-        number = _from_semi_octets(data[2 : 1 + smsc_len], 2 * (smsc_len - 1))
-        smsc = "+" + number if (toa >> 4) & 0x07 == 1 else number
-    pos = 1 + smsc_len
+    smsc, pos = _decode_smsc(data)
     tpdu_length = len(data) - pos
     first = data[pos]
     mti = first & 0x03
-    pos += 1
-    udhi = bool(first & 0x40)
     if mti == 0x00:
-        address, pos = _decode_address(data, pos)
-        encoding = _decode_dcs(data[pos + 1])
-        scts = decode_timestamp(data[pos + 2 : pos + 9])
-        udl = data[pos + 9]
-        udh, payload = _decode_user_data(data, pos + 10, udl, udhi, encoding)
-        return DecodedPdu(
-            type="deliver",
-            smsc=smsc,
-            tpdu_length=tpdu_length,
-            address=address,
-            status_report_requested=bool(first & 0x20),
-            encoding=encoding,
-            text=decode_text(encoding, payload),
-            payload=payload,
-            concat=_concat_from_udh(udh) if udhi else None,
-            timestamp=scts,
-            udh=udh,
-        )
+        return _decode_deliver(data, pos + 1, first, DecodedPdu("deliver", smsc, tpdu_length, ""))
     if mti == 0x01:
-        reference = data[pos]
-        address, pos = _decode_address(data, pos + 1)
-        encoding = _decode_dcs(data[pos + 1])
-        pos += 2
-        vpf = (first >> 3) & 0x03
-        pos += {0: 0, 2: 1, 1: 7, 3: 7}[vpf]
-        udl = data[pos]
-        udh, payload = _decode_user_data(data, pos + 1, udl, udhi, encoding)
-        return DecodedPdu(
-            type="submit",
-            smsc=smsc,
-            tpdu_length=tpdu_length,
-            address=address,
-            reference=reference,
-            status_report_requested=bool(first & 0x20),
-            encoding=encoding,
-            text=decode_text(encoding, payload),
-            payload=payload,
-            concat=_concat_from_udh(udh) if udhi else None,
-            udh=udh,
-        )
+        return _decode_submit(data, pos + 1, first, DecodedPdu("submit", smsc, tpdu_length, ""))
     if mti == 0x02:
-        reference = data[pos]
-        address, pos = _decode_address(data, pos + 1)
-        return DecodedPdu(
-            type="status-report",
-            smsc=smsc,
-            tpdu_length=tpdu_length,
-            address=address,
-            reference=reference,
-            timestamp=decode_timestamp(data[pos : pos + 7]),
-            discharge=decode_timestamp(data[pos + 7 : pos + 14]),
-            status=data[pos + 14],
-        )
+        return _decode_status_report(data, pos + 1, DecodedPdu("status-report", smsc, tpdu_length, ""))
     raise PduError(f"unsupported TP-MTI {mti}")
+
+
+def _decode_deliver(data: bytes, pos: int, first: int, pdu: DecodedPdu) -> DecodedPdu:
+    """Fill ``pdu`` from the SMS-DELIVER TPDU whose first octet ``first`` precedes ``pos``."""
+    udhi = bool(first & 0x40)
+    pdu.address, pos = _decode_address(data, pos)
+    pdu.encoding = _decode_dcs(data[pos + 1])
+    pdu.timestamp = decode_timestamp(data[pos + 2 : pos + 9])
+    pdu.status_report_requested = bool(first & 0x20)
+    _fill_user_data(pdu, data, pos + 10, data[pos + 9], udhi)
+    return pdu
+
+
+def _decode_submit(data: bytes, pos: int, first: int, pdu: DecodedPdu) -> DecodedPdu:
+    """Fill ``pdu`` from the SMS-SUBMIT TPDU whose first octet ``first`` precedes ``pos``."""
+    udhi = bool(first & 0x40)
+    pdu.reference = data[pos]
+    pdu.address, pos = _decode_address(data, pos + 1)
+    pdu.encoding = _decode_dcs(data[pos + 1])
+    pdu.status_report_requested = bool(first & 0x20)
+    pos += 2
+    vpf = (first >> 3) & 0x03
+    pos += {0: 0, 2: 1, 1: 7, 3: 7}[vpf]
+    _fill_user_data(pdu, data, pos + 1, data[pos], udhi)
+    return pdu
+
+
+def _decode_status_report(data: bytes, pos: int, pdu: DecodedPdu) -> DecodedPdu:
+    """Fill ``pdu`` from the SMS-STATUS-REPORT TPDU after its first octet (at ``pos``)."""
+    pdu.reference = data[pos]
+    pdu.address, pos = _decode_address(data, pos + 1)
+    pdu.timestamp = decode_timestamp(data[pos : pos + 7])
+    pdu.discharge = decode_timestamp(data[pos + 7 : pos + 14])
+    pdu.status = data[pos + 14]
+    return pdu
+
+
+def _fill_user_data(pdu: DecodedPdu, data: bytes, pos: int, udl: int, udhi: bool) -> None:
+    """Set the UDH, payload, text and concatenation of ``pdu`` from the user data at ``pos``."""
+    udh, payload = _decode_user_data(data, pos, udl, udhi, pdu.encoding)
+    pdu.udh = udh
+    pdu.payload = payload
+    pdu.text = decode_text(pdu.encoding, payload)
+    pdu.concat = _concat_from_udh(udh) if udhi else None

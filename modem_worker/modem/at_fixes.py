@@ -9,8 +9,8 @@ command/response matching and the error parsing, because that is where the libra
 * bytes from the modem are decoded with ``errors="replace"``: one non-UTF-8 byte no longer kills the read
   thread. If the thread dies anyway (unplug, EIO), ``alive`` turns False, the command in flight fails at
   once with :class:`LinkDown` instead of waiting out its timeout, and the link-down callback fires once.
-* ``+CME ERROR: 515``/``14`` is retried with a back-off local to that command; the library raised a global
-  write wait that slowed every later command for good.
+* ``+CME ERROR: 515``/``14`` is retried with a back-off (tenacity) local to that command; the library raised a
+  global write wait that slowed every later command for good.
 * a failed ``connect()`` closes the port and stops the read thread.
 * ``+CMGS:`` arriving after its send timed out is recognised as late (logged, not fed to the next command).
 * the serial port is opened with ``exclusive=True`` (flock), so two workers cannot share one modem.
@@ -28,12 +28,12 @@ import contextlib
 import logging
 import re
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, Final
+from typing import Final
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_incrementing
 
 with warnings.catch_warnings():
     # The library's sources contain invalid escape sequences and `is not "literal"`; compiling them emits
@@ -45,7 +45,7 @@ with warnings.catch_warnings():
     from gsmmodem.modem import GsmModem
     from gsmmodem.serial_comms import SerialComms
 
-from modem_worker.sms_text import GSM7_BASIC, GSM7_ESCAPE, GSM7_EXTENSION, repair_utf16
+from modem_worker.sms_text import GSM7_BASIC, GSM7_ESCAPE, GSM7_EXTENSION
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,10 @@ __all__ = [
     "CmeError",
     "CmsError",
     "CommandError",
-    "DeliverPdu",
     "FixedGsmModem",
     "LinkDown",
-    "StatusReportPdu",
     "TimeoutException",
-    "decode_stored_pdu",
+    "gsm_pdu",  # the library's PDU module, its GSM-7 tables corrected above
 ]
 
 CTRL_Z: Final[str] = "\x1a"
@@ -168,6 +166,12 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         """Re-entrant lock serialising commands; hold it across every multi-step sequence."""
         lock: threading.RLock = self._txLock
         return lock
+
+    @property
+    def write_wait_s(self) -> float:
+        """The library's global wait before every write: stays 0 here (a busy answer backs off per command)."""
+        wait: float = self._writeWait
+        return wait
 
     def connect(self, pin: str | None = None, waitingForModemToStartInSeconds: float = 0) -> None:  # noqa: N803
         """Open the port (exclusively), start the read thread and run the library's init dialogue.
@@ -349,35 +353,36 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
 
         Raises LinkDown (at once, also when the link dies while waiting), TimeoutException (no final
         result code within ``timeout``, default ``command_timeout_s``), CmeError/CmsError/CommandError
-        (if ``parseError``). ``+CME ERROR: 515``/``14`` is retried up to 3 times with a short back-off,
-        except for a PDU body (re-sending that without a new prompt would be garbage).
+        (if ``parseError``). ``+CME ERROR: 515``/``14`` is retried up to 3 times with a short back-off
+        (:data:`_BUSY_BACKOFF`), except for a PDU body (re-sending that without a new prompt would be garbage).
         """
         wait_s = self._command_timeout_s if timeout is None else float(timeout)
         is_pdu = writeTerm == CTRL_Z
-        attempt = 0
-        while True:
-            lines = self._exchange(data + writeTerm, waitForResponse, wait_s, expectedResponseTermSeq, is_pdu)
-            if lines is None:
-                return None
-            status = lines[-1] if lines else ""
-            if parseError and "ERROR" in status:
-                match = _CM_ERROR_RE.match(status)
-                if match is None:
-                    raise CommandError(data)
-                kind, code = match.group(1), int(match.group(2))
-                if kind == "CME" and code in _BUSY_CME_CODES and not is_pdu and attempt < _BUSY_RETRIES:
-                    # Back off for this command only; the library raised a write wait that never came
-                    # back down after the first 515 (every later command slept 0.1 s).
-                    attempt += 1
-                    logger.debug("modem busy (CME %d) on %s, retry %d", code, data[:12], attempt)
-                    time.sleep(0.2 * attempt)
-                    continue
-                raise CmeError(data, code) if kind == "CME" else CmsError(data, code)
-            if parseError and status == "COMMAND NOT SUPPORT":
-                raise CommandError(data)
-            return lines
 
-    def _exchange(self, payload: str, wait: bool, timeout: float, prompt: str | None, is_pdu: bool) -> list[str] | None:
+        def exchange() -> list[str] | None:
+            lines = self.exchange(data + writeTerm, waitForResponse, wait_s, expectedResponseTermSeq, is_pdu)
+            return _checked(data, lines, parseError)
+
+        try:
+            return exchange()  # the common case, without the retry machinery's cost on every command
+        except CmeError as exc:
+            if is_pdu or exc.code not in _BUSY_CME_CODES:
+                raise
+            busy: CmeError | None = exc
+
+        def attempt() -> list[str] | None:
+            # The first attempt is the answer already received: the back-off starts from it.
+            nonlocal busy
+            answer, busy = busy, None
+            if answer is not None:
+                raise answer
+            return exchange()
+
+        # Back off for this command only; the library raised a write wait that never came back down after the
+        # first 515 (every later command slept 0.1 s).
+        return _BUSY_BACKOFF(attempt)
+
+    def exchange(self, payload: str, wait: bool, timeout: float, prompt: str | None, is_pdu: bool) -> list[str] | None:
         """Write ``payload`` and wait for the final result code (or ``prompt``); return the raw lines.
 
         Raises LinkDown, TimeoutException. No error parsing here (see :meth:`write`).
@@ -413,7 +418,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
     def abort_prompt(self) -> None:
         """Write ESC so a modem still waiting for a PDU body drops the half-started AT+CMGS."""
         with contextlib.suppress(LinkDown):
-            self._exchange(ESC, False, 0, None, False)
+            self.exchange(ESC, False, 0, None, False)
 
     # ------------------------------------------------------------------ SMS storage (call under command_lock)
 
@@ -468,6 +473,45 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
             self.write(f"AT+CMGD={index}")
 
 
+def _checked(command: str, lines: list[str] | None, parse_error: bool) -> list[str] | None:
+    """The response ``lines`` of ``command``, or the error its final result code reports (when ``parse_error``).
+
+    Raises CmeError, CmsError, CommandError."""
+    if lines is None or not parse_error:
+        return lines
+    status = lines[-1] if lines else ""
+    if "ERROR" in status:
+        match = _CM_ERROR_RE.match(status)
+        if match is None:
+            raise CommandError(command)
+        kind, code = match.group(1), int(match.group(2))
+        raise CmeError(command, code) if kind == "CME" else CmsError(command, code)
+    if status == "COMMAND NOT SUPPORT":
+        raise CommandError(command)
+    return lines
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """True for ``+CME ERROR: 515``/``14``: the SIM or the modem is still initialising."""
+    return isinstance(exc, CmeError) and exc.code in _BUSY_CME_CODES
+
+
+def _log_busy(state: RetryCallState) -> None:
+    """Log one busy answer before its back-off."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    logger.debug("modem busy (%r), retry %d", exc, state.attempt_number)
+
+
+# A busy answer: 3 more tries, 0.2, 0.4 and 0.6 s apart; then the CmeError goes to the caller.
+_BUSY_BACKOFF: Final[Retrying] = Retrying(
+    retry=retry_if_exception(_is_busy),
+    stop=stop_after_attempt(_BUSY_RETRIES + 1),
+    wait=wait_incrementing(start=0.2, increment=0.2),
+    before_sleep=_log_busy,
+    reraise=True,
+)
+
+
 def _pdu_after(lines: list[str], header: int) -> str | None:
     """The PDU line following the ``+CMGR:``/``+CMGL:`` header at ``lines[header]``, skipping unsolicited noise
     lines in between; None when the response ends (or the next header comes) first."""
@@ -477,73 +521,3 @@ def _pdu_after(lines: list[str], header: int) -> str | None:
         if not line.startswith(_NOISE_PREFIXES):
             return line.strip()
     return None
-
-
-# ---------------------------------------------------------------------------- PDU decoding
-
-
-@dataclass(frozen=True)
-class DeliverPdu:
-    """A decoded SMS-DELIVER. ``raw_text`` is one UTF-16 unit per character (as the library decodes
-    UCS-2): join the raw texts of all parts, then :func:`repair_utf16`, so a surrogate pair split across
-    two parts is restored too. ``concat`` is ``(reference, total, seq)`` for a concatenated part."""
-
-    sender: str
-    raw_text: str
-    smsc_time: datetime
-    concat: tuple[int, int, int] | None
-
-    @property
-    def text(self) -> str:
-        """The text of this PDU alone, with surrogate pairs decoded."""
-        return repair_utf16(self.raw_text)
-
-
-@dataclass(frozen=True)
-class StatusReportPdu:
-    """A decoded SMS-STATUS-REPORT (TP-MR, recipient, TP-Status, discharge time)."""
-
-    reference: int
-    recipient: str
-    status: int
-    finalized_at: datetime | None
-
-
-def _fixed_tz(value: Any) -> datetime | None:
-    """Turn the library's datetime (custom tzinfo) into one with a plain ``timezone`` offset."""
-    if not isinstance(value, datetime):
-        return None
-    offset = value.utcoffset() or timedelta(0)
-    return value.replace(tzinfo=timezone(offset))
-
-
-def decode_stored_pdu(pdu_hex: str) -> DeliverPdu | StatusReportPdu:
-    """Decode a PDU read with CMGR/CMGL/+CMT/+CDS using the library's decoder.
-
-    Raises ValueError if the PDU cannot be decoded or is neither SMS-DELIVER nor SMS-STATUS-REPORT.
-    """
-    try:
-        decoded: dict[str, Any] = gsm_pdu.decodeSmsPdu(pdu_hex)
-    except Exception as exc:  # the library raises anything from StopIteration to KeyError on bad input
-        raise ValueError(f"undecodable PDU: {exc!r}") from exc
-    kind = decoded.get("type")
-    if kind == "SMS-DELIVER":
-        concat: tuple[int, int, int] | None = None
-        for ie in decoded.get("udh") or []:
-            if isinstance(ie, gsm_pdu.Concatenation) and ie.parts:
-                concat = (int(ie.reference), int(ie.parts), int(ie.number))
-        smsc_time = _fixed_tz(decoded.get("time")) or datetime.now(UTC)
-        return DeliverPdu(
-            sender=str(decoded.get("number") or ""),
-            raw_text=str(decoded.get("text") or ""),
-            smsc_time=smsc_time,
-            concat=concat,
-        )
-    if kind == "SMS-STATUS-REPORT":
-        return StatusReportPdu(
-            reference=int(decoded["reference"]),
-            recipient=str(decoded.get("number") or ""),
-            status=int(decoded["status"]),
-            finalized_at=_fixed_tz(decoded.get("discharge")),
-        )
-    raise ValueError(f"unexpected PDU type {kind!r}")

@@ -11,9 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from modem_worker.sms_text import decode_gsm7, encode_gsm7, pack_septets
-
-from .pdu import PduError, unpack_septets
+from modem_worker.sms_text import decode_gsm7, encode_gsm7, pack_septets, unpack_septets
 
 IMEI_TAC = "35693803"  # a type allocation code (8 digits) + 6 serial digits + Luhn check digit
 ICCID_PREFIX = "8925504"  # 89 (telecom) + 255 (Tanzania) + issuer 04; 11 account digits + Luhn = 19 digits
@@ -73,11 +71,8 @@ def decode_ussd_request(value: str) -> list[str]:
     out = [value]
     if value and len(value) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in value):
         raw = bytes.fromhex(value)
-        try:
-            septets = unpack_septets(raw, len(raw) * 8 // 7)
-            out.append(decode_gsm7(septets).rstrip("\r@"))  # padding: CR or a zero septet (@)
-        except PduError:
-            pass
+        septets = unpack_septets(raw, len(raw) * 8 // 7)  # never too short: the count comes from the length
+        out.append(decode_gsm7(septets).rstrip("\r@"))  # padding: CR or a zero septet (@)
         if len(raw) % 2 == 0:
             with contextlib.suppress(UnicodeDecodeError):
                 out.append(raw.decode("utf-16-be"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-LOGGER_NAME = "modem_worker.simulator"
+LOGGER_NAME = "simulator"
 log = logging.getLogger(LOGGER_NAME)
 
 

@@ -1,6 +1,6 @@
 """The simulated modem as one object: pty link + AT engine + state + control API + status-report timers.
 
-Tests embed it directly (`with Simulator(path) as sim: ...`); `python -m modem_worker.simulator` wraps it.
+Tests embed it directly (`with Simulator(path) as sim: ...`); `python -m simulator` wraps it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A GSM modem simulator on a pseudo-terminal, for tests, the demo and dry runs (see docs/simulator.md).
 
-from modem_worker.simulator import Simulator
+from simulator import Simulator
 with Simulator("/tmp/smsgw-modem0") as sim:
     sim.inject_sms("+255712345678", "Habari")
 """

@@ -45,11 +45,10 @@ import requests
 
 from services import liveness, metrics
 from services.broker import BrokerError, HeldDelivery
-from services.config import EndpointConfig
+from services.config import EndpointConfig, ResultsShape
 from services.logs import UnexpectedErrors
 from services.result_codes import Convention, result_row
 from services.schemas import DeliveryEvent, SchemaError, SentEvent, decode_event
-from services.settings import ResultsShape
 from services.sync_protocol import (
     ReplyError,
     clip,

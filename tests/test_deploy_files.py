@@ -28,7 +28,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from services import metrics
-from services.settings import ENV_VARS
+from services.config import ENV_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

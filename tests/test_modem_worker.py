@@ -37,10 +37,9 @@ from services.broker import (
     outbound_queue_for,
     pool_queue_for,
 )
-from services.config import FleetConfig, ModemLimits, parse_fleet
+from services.config import FleetConfig, ModemLimits, Settings, parse_fleet
 from services.ledger import Ledger, SendRecord, open_ledger
 from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
-from services.settings import Settings
 from tests.conftest import wait_for
 
 

@@ -1,17 +1,20 @@
-"""Gateway settings: one frozen dataclass read from ``SMSGW_*`` environment variables and validated at start-up.
+"""The ``SMSGW_*`` variable table: every variable's name, default, help line and parser, in one place.
 
-A bad value stops the worker at once with one line naming the variable (``ConfigError``), instead of failing
-later on the first SMS. Each worker lists the variables it reads in its ``--help`` (``describe()``).
+Three kinds of variable: *process* variables configure one worker process (``services.config.process``);
+*endpoint* variables describe the env-only endpoint ``default`` (``services.config.fleet.env_endpoint``); *modem*
+variables are the SIM limits every ``[modems.<id>]`` starts from. A worker declares which it reads
+(``WorkerEnv``): its loader reads exactly those, through ``read_var`` (the one place a value is read), and its
+``--help`` lists exactly those (``WorkerEnv.describe``). A bad value stops the worker with one line naming the
+variable (``ConfigError``), instead of failing later on the first SMS.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 
@@ -85,8 +88,16 @@ def _port(name: str, raw: str) -> int:
     return value
 
 
-def _optional_port(name: str, raw: str) -> int | None:
-    return None if raw.strip() == "" else _port(name, raw)
+_T = TypeVar("_T")
+
+
+def _optional(parse: Callable[[str, str], _T]) -> Callable[[str, str], _T | None]:
+    """``parse``, except that an empty value is None (the setting then falls back to another)."""
+
+    def parse_optional(name: str, raw: str) -> _T | None:
+        return None if raw.strip() == "" else parse(name, raw)
+
+    return parse_optional
 
 
 def _ussd_code(name: str, raw: str) -> str:
@@ -138,28 +149,6 @@ def read_secret_file(name: str, path: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"{name}: cannot read {path}: {reason}") from None
-
-
-def with_amqp_password(raw: str, password: str) -> str:
-    """``raw`` (``SMSGW_AMQP_URL``: one URL or a comma list of one cluster's nodes) with ``password``, URL-quoted,
-    as the password of every URL (replacing one already there), so any character may be used in it.
-
-    Raises:
-        ConfigError: a URL names no user to go with the password.
-    """
-    quoted = urllib.parse.quote(password, safe="")
-    urls = []
-    for url in amqp_urls(raw):
-        parts = urllib.parse.urlsplit(url)
-        userinfo, _, hostport = parts.netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        if not user:
-            raise ConfigError(
-                "SMSGW_AMQP_PASSWORD_FILE: SMSGW_AMQP_URL names no user for the password "
-                f"(expected amqp://USER@host:port/vhost, got {redact_url(url)!r})"
-            )
-        urls.append(urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{quoted}@{hostport}")))
-    return ",".join(urls)
 
 
 def _ledger_url(name: str, raw: str) -> str:
@@ -237,7 +226,8 @@ def _imei(name: str, raw: str) -> str:
     return value
 
 
-ENV_VARS: dict[str, EnvVar] = {
+# Per-process variables (services.config.process.Settings).
+PROCESS_VARS: dict[str, EnvVar] = {
     v.name: v
     for v in (
         EnvVar(
@@ -247,12 +237,157 @@ ENV_VARS: dict[str, EnvVar] = {
             _amqp_url,
         ),
         EnvVar(
+            "SMSGW_AMQP_PASSWORD_FILE",
+            "",
+            "file holding the RabbitMQ password, put into every URL of "
+            "SMSGW_AMQP_URL (which then names the user only: amqp://smsgw@rabbitmq/%2F); empty = the URL's own",
+            _str,
+        ),
+        EnvVar(
             "SMSGW_CONFIG",
             "",
             "fleet configuration file (TOML: endpoints, routes, per-modem limits); empty = "
             "one endpoint named 'default' from the SMSGW_* variables below",
             _str,
         ),
+        EnvVar(
+            "SMSGW_METRICS_PORT",
+            "",
+            "port of /metrics; empty = the worker's own default (modem_worker 9101, "
+            "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off",
+            _optional(_port),
+        ),
+        EnvVar(
+            "SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)", _str
+        ),
+        EnvVar(
+            "SMSGW_LOG_LEVEL",
+            "INFO",
+            "DEBUG shows message bodies; INFO never does",
+            _choice(_LOG_LEVELS, lambda raw: raw.strip().upper()),
+        ),
+        EnvVar(
+            "SMSGW_LIVENESS_TIMEOUT",
+            "300",
+            "seconds a worker's main loop (consumer I/O loop, poll or report loop, "
+            "modem supervisor loop) may go without a turn before --check says unhealthy and the worker exits with "
+            "code 70 for its restart policy; longer than the longest legitimate wait",
+            _number(10, 86400),
+        ),
+        EnvVar(
+            "SMSGW_HEARTBEAT_DIR",
+            "",
+            "directory of the heartbeat files --check reads; empty = "
+            "smsgw-heartbeat-<uid> in the system's tmp directory",
+            _str,
+        ),
+        EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
+        EnvVar(
+            "SMSGW_STATE_DIR",
+            "var/state",
+            "directory of the outbound ledger (shared by the modem workers and task pollers of one host)",
+            _str,
+        ),
+        EnvVar(
+            "SMSGW_LEDGER_URL",
+            "",
+            "never-twice ledger: sqlite:///path (one host) or "
+            "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR",
+            _ledger_url,
+        ),
+        EnvVar(
+            "SMSGW_LEDGER_RETENTION_DAYS",
+            "90",
+            "days the outbound ledger remembers a sent uuid (never-twice window)",
+            _number(1),
+        ),
+        EnvVar(
+            "SMSGW_PROBE_INTERVAL",
+            "30",
+            "seconds between two probes (a bare GET) of each inbound endpoint's Sync "
+            "URL by sync_worker: smsgw_sync_url_up, alert SmsgwSyncUrlFailing",
+            _number(1, 3600),
+        ),
+        EnvVar(
+            "SMSGW_MODEM_FAILOVER",
+            "300",
+            "seconds a reply queued for one modem waits for it before another "
+            "modem may send it; 0 = wait for that modem forever",
+            _number(0),
+        ),
+        EnvVar(
+            "SMSGW_MODEM_PORT", "", "serial device of this worker's modem, or auto (found by SMSGW_MODEM_IMEI)", _str
+        ),
+        EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
+        EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
+        EnvVar(
+            "SMSGW_MODEM_IMEI",
+            "",
+            "IMEI this worker's modem must have; another modem on the port is refused; "
+            "required with SMSGW_MODEM_PORT=auto",
+            _imei,
+        ),
+        EnvVar(
+            "SMSGW_MODEM_PORT_GLOB",
+            "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*",
+            "comma list of glob patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI",
+            _keywords,
+        ),
+        EnvVar(
+            "SMSGW_MODEM_WATCHDOG",
+            "30",
+            "seconds between two watchdog probes (AT, and a check that the modem "
+            "kept its settings); also the SIM sweep and health reading interval",
+            _number(1, 3600),
+        ),
+        EnvVar(
+            "SMSGW_MODEM_RESET_COMMAND",
+            "",
+            "shell command run (with a time-out, capped back-off) when reopening "
+            "the port does not bring the modem back, e.g. a USB power cycle with uhubctl; empty = none",
+            _str,
+        ),
+        EnvVar(
+            "SMSGW_SIM_PIN",
+            "",
+            "PIN entered once when the SIM asks for it (never logged); a rejected PIN is "
+            "never tried again automatically",
+            _str,
+        ),
+        EnvVar(
+            "SMSGW_SIM_PIN_FILE", "", "file holding the SIM PIN (wins over SMSGW_SIM_PIN; e.g. a Docker secret)", _str
+        ),
+        EnvVar(
+            "SMSGW_SEND_INTERVAL",
+            "0",
+            "minimum seconds between two SMS sent by one modem (operators block SIMs that send in bursts); "
+            "0 = as fast as the modem",
+            _number(0, 3600),
+        ),
+        EnvVar(
+            "SMSGW_OUTBOUND_MAX_AGE",
+            "0",
+            "seconds an outbound SMS may wait for a modem; older ones are not sent but reported failed "
+            "(stale reminders); 0 = never expire",
+            _number(0),
+        ),
+        EnvVar(
+            "SMSGW_BALANCE_USSD",
+            "",
+            "USSD code that asks the SIM's balance (e.g. *100#); its first number "
+            "becomes smsgw_sim_balance; empty = off",
+            _ussd_code,
+        ),
+        EnvVar(
+            "SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)", _number(10)
+        ),
+    )
+}
+
+# The env-only endpoint 'default' (services.config.fleet.env_endpoint); a fleet file has the same keys.
+ENDPOINT_VARS: dict[str, EnvVar] = {
+    v.name: v
+    for v in (
         EnvVar("SMSGW_SYNC_URL", "", "the SMSsync Sync URL (user:pass@ in it becomes Basic auth)", _sync_url),
         EnvVar("SMSGW_SECRET", "", "secret sent with every sync and task request; empty = none", _str),
         EnvVar(
@@ -261,19 +396,7 @@ ENV_VARS: dict[str, EnvVar] = {
             "file holding SMSGW_SECRET (wins over it; e.g. a compose secret); trailing newline stripped",
             _str,
         ),
-        EnvVar(
-            "SMSGW_AMQP_PASSWORD_FILE",
-            "",
-            "file holding the RabbitMQ password, put into every URL of "
-            "SMSGW_AMQP_URL (which then names the user only: amqp://smsgw@rabbitmq/%2F); empty = the URL's own",
-            _str,
-        ),
         EnvVar("SMSGW_DEVICE_ID", "smssync-gateway", "device_id sent to the Sync URL", _str),
-        EnvVar(
-            "SMSGW_MODEM_PORT", "", "serial device of this worker's modem, or auto (found by SMSGW_MODEM_IMEI)", _str
-        ),
-        EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
-        EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
         EnvVar(
             "SMSGW_KEYWORDS",
             "",
@@ -288,16 +411,6 @@ ENV_VARS: dict[str, EnvVar] = {
             "answer SMS '@10' (signal), '@20' (Sync URL status), '@30' (battery), '@40' (all) by SMS instead of "
             "forwarding them",
             _bool,
-        ),
-        EnvVar(
-            "SMSGW_METRICS_PORT",
-            "",
-            "port of /metrics; empty = the worker's own default (modem_worker 9101, "
-            "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off",
-            _optional_port,
-        ),
-        EnvVar(
-            "SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)", _str
         ),
         EnvVar("SMSGW_HTTP_TIMEOUT", "30", "seconds for each HTTP request to the Sync URL", _number(0.1, 600)),
         EnvVar(
@@ -345,7 +458,7 @@ ENV_VARS: dict[str, EnvVar] = {
             "SMSGW_RESULT_INTERVAL",
             "",
             "seconds between ?task=result rounds (default: SMSGW_TASK_INTERVAL)",
-            _str,
+            _optional(_number(1)),
         ),
         EnvVar(
             "SMSGW_MESSAGE_RESULTS",
@@ -360,100 +473,15 @@ ENV_VARS: dict[str, EnvVar] = {
             _choice(_RESULTS_SHAPES),
         ),
         EnvVar("SMSGW_SENT_OK_CODE", "0", "sent_result_code for a successful send (docs 0, app -1)", _int(-1)),
-        EnvVar(
-            "SMSGW_STATE_DIR",
-            "var/state",
-            "directory of the outbound ledger (shared by the modem workers and task pollers of one host)",
-            _str,
-        ),
-        EnvVar(
-            "SMSGW_SEND_INTERVAL",
-            "0",
-            "minimum seconds between two SMS sent by one modem (operators block SIMs that send in bursts); "
-            "0 = as fast as the modem",
-            _number(0, 3600),
-        ),
-        EnvVar(
-            "SMSGW_OUTBOUND_MAX_AGE",
-            "0",
-            "seconds an outbound SMS may wait for a modem; older ones are not sent but reported failed "
-            "(stale reminders); 0 = never expire",
-            _number(0),
-        ),
-        EnvVar(
-            "SMSGW_LEDGER_URL",
-            "",
-            "never-twice ledger: sqlite:///path (one host) or "
-            "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR",
-            _ledger_url,
-        ),
-        EnvVar(
-            "SMSGW_MODEM_FAILOVER",
-            "300",
-            "seconds a reply queued for one modem waits for it before another "
-            "modem may send it; 0 = wait for that modem forever",
-            _number(0),
-        ),
-        # --- modem supervisor (issue 7): watchdog, reset command, SIM PIN, identity ---
-        EnvVar(
-            "SMSGW_MODEM_WATCHDOG",
-            "30",
-            "seconds between two watchdog probes (AT, and a check that the modem "
-            "kept its settings); also the SIM sweep and health reading interval",
-            _number(1, 3600),
-        ),
-        EnvVar(
-            "SMSGW_MODEM_RESET_COMMAND",
-            "",
-            "shell command run (with a time-out, capped back-off) when reopening "
-            "the port does not bring the modem back, e.g. a USB power cycle with uhubctl; empty = none",
-            _str,
-        ),
-        EnvVar(
-            "SMSGW_SIM_PIN",
-            "",
-            "PIN entered once when the SIM asks for it (never logged); a rejected PIN is "
-            "never tried again automatically",
-            _str,
-        ),
-        EnvVar(
-            "SMSGW_SIM_PIN_FILE", "", "file holding the SIM PIN (wins over SMSGW_SIM_PIN; e.g. a Docker secret)", _str
-        ),
-        EnvVar(
-            "SMSGW_MODEM_IMEI",
-            "",
-            "IMEI this worker's modem must have; another modem on the port is refused; "
-            "required with SMSGW_MODEM_PORT=auto",
-            _imei,
-        ),
-        EnvVar(
-            "SMSGW_MODEM_PORT_GLOB",
-            "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*",
-            "comma list of glob patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI",
-            _keywords,
-        ),
         EnvVar("SMSGW_INBOUND", "true", "POST inbound SMS to the Sync URL (false: an outbound-only server)", _bool),
         EnvVar("SMSGW_TASKS", "true", "poll ?task=send on the Sync URL (false: an inbound-only server)", _bool),
-        EnvVar(
-            "SMSGW_LEDGER_RETENTION_DAYS",
-            "90",
-            "days the outbound ledger remembers a sent uuid (never-twice window)",
-            _number(1),
-        ),
-        EnvVar(
-            "SMSGW_LOG_LEVEL",
-            "INFO",
-            "DEBUG shows message bodies; INFO never does",
-            _choice(_LOG_LEVELS, lambda raw: raw.strip().upper()),
-        ),
-        EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
-        EnvVar(
-            "SMSGW_PROBE_INTERVAL",
-            "30",
-            "seconds between two probes (a bare GET) of each inbound endpoint's Sync "
-            "URL by sync_worker: smsgw_sync_url_up, alert SmsgwSyncUrlFailing",
-            _number(1, 3600),
-        ),
+    )
+}
+
+# SIM limits: the defaults of every [modems.<id>] table (services.config.fleet.ModemLimits).
+MODEM_VARS: dict[str, EnvVar] = {
+    v.name: v
+    for v in (
         EnvVar(
             "SMSGW_SIM_BLOCK_AFTER",
             "5",
@@ -468,134 +496,8 @@ ENV_VARS: dict[str, EnvVar] = {
             "a day), back to this after a successful send",
             _number(1),
         ),
-        EnvVar(
-            "SMSGW_BALANCE_USSD",
-            "",
-            "USSD code that asks the SIM's balance (e.g. *100#); its first number "
-            "becomes smsgw_sim_balance; empty = off",
-            _ussd_code,
-        ),
-        EnvVar(
-            "SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)", _number(10)
-        ),
-        EnvVar(
-            "SMSGW_LIVENESS_TIMEOUT",
-            "300",
-            "seconds a worker's main loop (consumer I/O loop, poll or report loop, "
-            "modem supervisor loop) may go without a turn before --check says unhealthy and the worker exits with "
-            "code 70 for its restart policy; longer than the longest legitimate wait",
-            _number(10, 86400),
-        ),
-        EnvVar(
-            "SMSGW_HEARTBEAT_DIR",
-            "",
-            "directory of the heartbeat files --check reads; empty = "
-            "smsgw-heartbeat-<uid> in the system's tmp directory",
-            _str,
-        ),
     )
 }
-
-
-@dataclass(frozen=True)
-class Settings:
-    """All gateway settings, validated. Build with ``Settings.from_env()``."""
-
-    amqp_url: str
-    config: str
-    sync_url: str
-    secret: str
-    device_id: str
-    modem_port: str
-    modem_id: str
-    modem_baudrate: int
-    keywords: tuple[str, ...]
-    reply_from_server: bool
-    auto_response: str
-    query_codes: bool
-    metrics_port: int | None  # None: the worker's default port
-    metrics_addr: str
-    http_timeout: float
-    max_retry_age: float
-    max_refusals: int
-    refusal_is_final: bool
-    max_server_errors: int
-    sync_method: SyncMethod
-    sync_format: SyncFormat
-    sync_keys: tuple[tuple[str, str], ...]  # (field, key sent) pairs; unnamed fields keep their own name
-    task_interval: float
-    result_interval: float
-    message_results: bool
-    results_shape: ResultsShape
-    sent_ok_code: int
-    state_dir: str
-    send_interval: float
-    outbound_max_age: float
-    ledger_url: str
-    modem_failover: float
-    modem_watchdog: float
-    modem_reset_command: str
-    sim_pin: str = field(repr=False)  # a secret: never in a repr or a log line
-    sim_pin_file: str
-    modem_imei: str
-    modem_port_glob: tuple[str, ...]
-    inbound: bool
-    tasks: bool
-    ledger_retention_days: float
-    log_level: str
-    prefetch: int
-    probe_interval: float
-    sim_block_after: int
-    sim_pause: float
-    balance_ussd: str
-    balance_interval: float
-    liveness_timeout: float
-    heartbeat_dir: str
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read and validate every ``SMSGW_*`` variable.
-
-        Raises:
-            ConfigError: a value is malformed; the message names the variable.
-        """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for var in ENV_VARS.values():
-            raw = env.get(var.name, var.default)
-            if raw is None:
-                raise ConfigError(f"{var.name}: required")
-            values[var.name.removeprefix("SMSGW_").lower()] = var.parse(var.name, raw)
-        # Secrets from files (compose secrets) win over the variables: the value never sits in the environment.
-        if values["secret_file"]:
-            values["secret"] = read_secret_file("SMSGW_SECRET_FILE", values["secret_file"])
-        if values["amqp_password_file"]:
-            password = read_secret_file("SMSGW_AMQP_PASSWORD_FILE", values["amqp_password_file"])
-            values["amqp_url"] = with_amqp_password(values["amqp_url"], password)
-        raw_interval = values["result_interval"]
-        values["result_interval"] = (
-            _number(1)("SMSGW_RESULT_INTERVAL", raw_interval) if raw_interval else values["task_interval"]
-        )
-        if values["sync_format"] == "xml":
-            check_xml_keys(values["sync_keys"], "SMSGW_SYNC_KEYS")
-        if not values["modem_id"] and values["modem_port"] == AUTO_PORT and values["modem_imei"]:
-            values["modem_id"] = f"imei-{values['modem_imei']}"  # the port may change; the IMEI does not
-        elif not values["modem_id"] and values["modem_port"]:
-            values["modem_id"] = modem_id_from_port(values["modem_port"])
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def require_sync_url(self) -> None:
-        """Raises ConfigError when SMSGW_SYNC_URL is empty (workers that talk to the server call this)."""
-        if not self.sync_url:
-            raise ConfigError("SMSGW_SYNC_URL: required by this worker")
-
-    def require_modem_port(self) -> None:
-        """Raises ConfigError when SMSGW_MODEM_PORT is empty."""
-        if not self.modem_port:
-            raise ConfigError("SMSGW_MODEM_PORT: required by this worker")
-        if self.modem_port == AUTO_PORT and not self.modem_imei:
-            raise ConfigError("SMSGW_MODEM_PORT=auto: set SMSGW_MODEM_IMEI to the IMEI of the modem to find")
 
 
 def check_xml_keys(sync_keys: Sequence[tuple[str, str]], name: str) -> None:
@@ -604,13 +506,6 @@ def check_xml_keys(sync_keys: Sequence[tuple[str, str]], name: str) -> None:
     for key in (renamed.get(f, f) for f in SYNC_FIELDS):
         if not _XML_NAME.fullmatch(key):
             raise ConfigError(f"{name}: {key!r} is not a valid XML element name (sync format xml)")
-
-
-def modem_id_from_port(port: str) -> str:
-    """Derive a label-safe modem id from a serial device path (``/dev/ttyUSB0`` -> ``ttyUSB0``)."""
-    tail = port.rstrip("/").rsplit("/", 1)[-1]
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", tail)[:64]
-    return cleaned or "modem"
 
 
 def redact_url(url: str) -> str:
@@ -624,9 +519,80 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, redacted, parts.fragment))
 
 
-def describe(names: Sequence[str]) -> str:
+ENV_VARS: dict[str, EnvVar] = {**PROCESS_VARS, **ENDPOINT_VARS, **MODEM_VARS}
+# Every worker reads these (broker, fleet file, metrics, logging, liveness).
+COMMON_VARS = (
+    "SMSGW_AMQP_URL",
+    "SMSGW_AMQP_PASSWORD_FILE",
+    "SMSGW_CONFIG",
+    "SMSGW_METRICS_PORT",
+    "SMSGW_METRICS_ADDR",
+    "SMSGW_LOG_LEVEL",
+    "SMSGW_LIVENESS_TIMEOUT",
+    "SMSGW_HEARTBEAT_DIR",
+)
+
+
+def default_of(name: str) -> Any:
+    """The parsed default of variable ``name`` (what a worker that does not read it uses)."""
+    var = ENV_VARS[name]
+    return var.parse(name, var.default or "")
+
+
+def read_var(environ: Mapping[str, str], name: str) -> Any:
+    """Read and parse variable ``name`` from ``environ`` (its default when unset): the one place a value is read.
+
+    Raises:
+        ConfigError: the value is malformed (or missing when required); the message names the variable.
+    """
+    var = ENV_VARS[name]
+    raw = environ.get(name, var.default)
+    if raw is None:
+        raise ConfigError(f"{name}: required")
+    return var.parse(name, raw)
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """The variables one worker reads: ``COMMON_VARS``, its own ``process`` variables, the endpoint variables
+    when it loads the fleet's endpoints (``endpoints``) and the SIM limit defaults when it applies them
+    (``modems``). Its loaders read exactly ``names`` and its ``--help`` lists exactly ``names``."""
+
+    process: tuple[str, ...] = ()
+    endpoints: bool = False
+    modems: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.process if name not in PROCESS_VARS]
+        if unknown:
+            raise ValueError(f"not process variables: {unknown}")
+
+    @property
+    def process_names(self) -> tuple[str, ...]:
+        """The process variables read: the common ones, then the worker's own."""
+        return tuple(dict.fromkeys((*COMMON_VARS, *self.process)))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every variable read, in ``--help`` order."""
+        endpoint = tuple(ENDPOINT_VARS) if self.endpoints else ()
+        modem = tuple(MODEM_VARS) if self.modems else ()
+        return (*self.process_names, *endpoint, *modem)
+
+    def describe(self) -> str:
+        """The ``--help`` epilog: every variable read, grouped by kind."""
+        sections = [describe(self.process_names)]
+        if self.endpoints:
+            title = "endpoint variables (without SMSGW_CONFIG: the one endpoint 'default'; with it: ignored)"
+            sections.append(describe(tuple(ENDPOINT_VARS), title))
+        if self.modems:
+            sections.append(describe(tuple(MODEM_VARS), "SIM limits (defaults of every [modems.<id>] table)"))
+        return "\n\n".join(sections)
+
+
+def describe(names: Sequence[str], title: str = "environment variables") -> str:
     """Format the help text of the given variables, for a worker's ``--help`` epilog."""
-    lines = ["environment variables:"]
+    lines = [f"{title}:"]
     for name in names:
         var = ENV_VARS[name]
         default = "(required)" if var.default is None else f"[default: {var.default!r}]"

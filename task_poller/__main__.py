@@ -57,14 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings("task_poller", ENV)
     if settings is None:
         return 2
-    fleet = load_fleet_config("task_poller", ENV, settings)
+    fleet = load_fleet_config("task_poller", ENV, settings, require=task_endpoints)
     if fleet is None:
         return 2
-    try:
-        endpoints = task_endpoints(fleet)
-    except ConfigError as exc:
-        print(f"task_poller: configuration error: {exc}", file=sys.stderr)
-        return 2
+    endpoints = task_endpoints(fleet)
     ledger = open_ledger("task_poller", settings)
     if ledger is None:
         return 1

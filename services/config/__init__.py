@@ -1,7 +1,8 @@
 """One config model: per-process settings apart from the fleet, both read from one variable table.
 
-* ``variables``: the ``SMSGW_*`` table (name, default, help, parser), ``read_var`` (the one place a value is
-  read) and ``WorkerEnv`` (which variables a worker reads, and so lists in its ``--help``);
+* ``variables``: the ``SMSGW_*`` table (name, default, help, parser) and ``read_var`` (the one place a value is
+  read);
+* ``worker_env``: ``WorkerEnv``, which variables a worker reads, and so lists in its ``--help``;
 * ``process``: ``Settings``, one worker process's settings (broker, metrics, ledger, the modem's port and id);
 * ``fleet``: endpoints, routes and every SIM limit (``FleetConfig``); ``env_endpoint`` maps the env-only
   variables onto the endpoint ``default``;
@@ -35,12 +36,12 @@ from services.config.variables import (
     ResultsShape,
     SyncFormat,
     SyncMethod,
-    WorkerEnv,
     amqp_urls,
     read_secret_file,
     read_var,
     redact_url,
 )
+from services.config.worker_env import WorkerEnv
 
 __all__ = [
     "AUTO_PORT",

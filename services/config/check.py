@@ -21,13 +21,9 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
     args = parser.parse_args(argv)
     try:
         file = args.file if args.file is not None else read_var(os.environ, "SMSGW_CONFIG")
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    if not file:
-        print("config check: name a file (or set SMSGW_CONFIG)", file=sys.stderr)
-        return 2
-    try:
+        if not file:
+            print("config check: name a file (or set SMSGW_CONFIG)", file=sys.stderr)
+            return 2
         fleet = load_fleet_file(file)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

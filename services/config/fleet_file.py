@@ -28,7 +28,8 @@ from services.config.fleet import (
     fleet_from_env,
 )
 from services.config.process import Settings
-from services.config.variables import ENV_VARS, ConfigError, WorkerEnv, check_xml_keys, default_of
+from services.config.variables import ENV_VARS, ConfigError, check_xml_keys, default_of
+from services.config.worker_env import WorkerEnv
 
 _ENDPOINT_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 _MODEM_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -3,8 +3,8 @@
 Three kinds of variable: *process* variables configure one worker process (``services.config.process``);
 *endpoint* variables describe the env-only endpoint ``default`` (``services.config.fleet.env_endpoint``); *modem*
 variables are the SIM limits every ``[modems.<id>]`` starts from. A worker declares which it reads
-(``WorkerEnv``): its loader reads exactly those, through ``read_var`` (the one place a value is read), and its
-``--help`` lists exactly those (``WorkerEnv.describe``). A bad value stops the worker with one line naming the
+(``services.config.worker_env.WorkerEnv``): its loader reads exactly those, through ``read_var`` (the one place a
+value is read), and its ``--help`` lists exactly those. A bad value stops the worker with one line naming the
 variable (``ConfigError``), instead of failing later on the first SMS.
 """
 
@@ -100,12 +100,21 @@ def _optional(parse: Callable[[str, str], _T]) -> Callable[[str, str], _T | None
     return parse_optional
 
 
-def _ussd_code(name: str, raw: str) -> str:
-    """A USSD code (``*100#``): digits, ``*``, ``#``, ``+`` only, since it goes into an AT command; empty = off."""
-    value = raw.strip()
-    if value and not re.fullmatch(r"[0-9*#+]{1,40}", value):
-        raise ConfigError(f"{name}: expected a USSD code such as *100# (digits, * # + only), got {raw!r}")
-    return value
+def _matching(pattern: str, expected: str) -> Callable[[str, str], str]:
+    """A parser of an optional text (empty = off) that, stripped, must match ``pattern`` in full."""
+
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        if value and not re.fullmatch(pattern, value):
+            raise ConfigError(f"{name}: expected {expected}, got {raw!r}")
+        return value
+
+    return parse
+
+
+# A USSD code (``*100#``): digits, ``*``, ``#``, ``+`` only, since it goes into an AT command.
+_ussd_code = _matching(r"[0-9*#+]{1,40}", "a USSD code such as *100# (digits, * # + only)")
+_imei = _matching(r"\d{14,17}", "the modem's IMEI (14-17 digits, AT+CGSN)")
 
 
 def _int(minimum: int) -> Callable[[str, str], int]:
@@ -219,285 +228,262 @@ def _modem_id(name: str, raw: str) -> str:
     return raw
 
 
-def _imei(name: str, raw: str) -> str:
-    value = raw.strip()
-    if value and not re.fullmatch(r"\d{14,17}", value):
-        raise ConfigError(f"{name}: expected the modem's IMEI (14-17 digits, AT+CGSN), got {raw!r}")
-    return value
+def _table(*variables: EnvVar) -> dict[str, EnvVar]:
+    """The variables by name."""
+    return {var.name: var for var in variables}
 
 
 # Per-process variables (services.config.process.Settings).
-PROCESS_VARS: dict[str, EnvVar] = {
-    v.name: v
-    for v in (
-        EnvVar(
-            "SMSGW_AMQP_URL",
-            "amqp://guest:guest@127.0.0.1:5672/%2F",
-            "RabbitMQ URL; the vhost in the path is honoured",
-            _amqp_url,
-        ),
-        EnvVar(
-            "SMSGW_AMQP_PASSWORD_FILE",
-            "",
-            "file holding the RabbitMQ password, put into every URL of "
-            "SMSGW_AMQP_URL (which then names the user only: amqp://smsgw@rabbitmq/%2F); empty = the URL's own",
-            _str,
-        ),
-        EnvVar(
-            "SMSGW_CONFIG",
-            "",
-            "fleet configuration file (TOML: endpoints, routes, per-modem limits); empty = "
-            "one endpoint named 'default' from the SMSGW_* variables below",
-            _str,
-        ),
-        EnvVar(
-            "SMSGW_METRICS_PORT",
-            "",
-            "port of /metrics; empty = the worker's own default (modem_worker 9101, "
-            "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off",
-            _optional(_port),
-        ),
-        EnvVar(
-            "SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)", _str
-        ),
-        EnvVar(
-            "SMSGW_LOG_LEVEL",
-            "INFO",
-            "DEBUG shows message bodies; INFO never does",
-            _choice(_LOG_LEVELS, lambda raw: raw.strip().upper()),
-        ),
-        EnvVar(
-            "SMSGW_LIVENESS_TIMEOUT",
-            "300",
-            "seconds a worker's main loop (consumer I/O loop, poll or report loop, "
-            "modem supervisor loop) may go without a turn before --check says unhealthy and the worker exits with "
-            "code 70 for its restart policy; longer than the longest legitimate wait",
-            _number(10, 86400),
-        ),
-        EnvVar(
-            "SMSGW_HEARTBEAT_DIR",
-            "",
-            "directory of the heartbeat files --check reads; empty = "
-            "smsgw-heartbeat-<uid> in the system's tmp directory",
-            _str,
-        ),
-        EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
-        EnvVar(
-            "SMSGW_STATE_DIR",
-            "var/state",
-            "directory of the outbound ledger (shared by the modem workers and task pollers of one host)",
-            _str,
-        ),
-        EnvVar(
-            "SMSGW_LEDGER_URL",
-            "",
-            "never-twice ledger: sqlite:///path (one host) or "
-            "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR",
-            _ledger_url,
-        ),
-        EnvVar(
-            "SMSGW_LEDGER_RETENTION_DAYS",
-            "90",
-            "days the outbound ledger remembers a sent uuid (never-twice window)",
-            _number(1),
-        ),
-        EnvVar(
-            "SMSGW_PROBE_INTERVAL",
-            "30",
-            "seconds between two probes (a bare GET) of each inbound endpoint's Sync "
-            "URL by sync_worker: smsgw_sync_url_up, alert SmsgwSyncUrlFailing",
-            _number(1, 3600),
-        ),
-        EnvVar(
-            "SMSGW_MODEM_FAILOVER",
-            "300",
-            "seconds a reply queued for one modem waits for it before another "
-            "modem may send it; 0 = wait for that modem forever",
-            _number(0),
-        ),
-        EnvVar(
-            "SMSGW_MODEM_PORT", "", "serial device of this worker's modem, or auto (found by SMSGW_MODEM_IMEI)", _str
-        ),
-        EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
-        EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
-        EnvVar(
-            "SMSGW_MODEM_IMEI",
-            "",
-            "IMEI this worker's modem must have; another modem on the port is refused; "
-            "required with SMSGW_MODEM_PORT=auto",
-            _imei,
-        ),
-        EnvVar(
-            "SMSGW_MODEM_PORT_GLOB",
-            "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*",
-            "comma list of glob patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI",
-            _keywords,
-        ),
-        EnvVar(
-            "SMSGW_MODEM_WATCHDOG",
-            "30",
-            "seconds between two watchdog probes (AT, and a check that the modem "
-            "kept its settings); also the SIM sweep and health reading interval",
-            _number(1, 3600),
-        ),
-        EnvVar(
-            "SMSGW_MODEM_RESET_COMMAND",
-            "",
-            "shell command run (with a time-out, capped back-off) when reopening "
-            "the port does not bring the modem back, e.g. a USB power cycle with uhubctl; empty = none",
-            _str,
-        ),
-        EnvVar(
-            "SMSGW_SIM_PIN",
-            "",
-            "PIN entered once when the SIM asks for it (never logged); a rejected PIN is "
-            "never tried again automatically",
-            _str,
-        ),
-        EnvVar(
-            "SMSGW_SIM_PIN_FILE", "", "file holding the SIM PIN (wins over SMSGW_SIM_PIN; e.g. a Docker secret)", _str
-        ),
-        EnvVar(
-            "SMSGW_SEND_INTERVAL",
-            "0",
-            "minimum seconds between two SMS sent by one modem (operators block SIMs that send in bursts); "
-            "0 = as fast as the modem",
-            _number(0, 3600),
-        ),
-        EnvVar(
-            "SMSGW_OUTBOUND_MAX_AGE",
-            "0",
-            "seconds an outbound SMS may wait for a modem; older ones are not sent but reported failed "
-            "(stale reminders); 0 = never expire",
-            _number(0),
-        ),
-        EnvVar(
-            "SMSGW_BALANCE_USSD",
-            "",
-            "USSD code that asks the SIM's balance (e.g. *100#); its first number "
-            "becomes smsgw_sim_balance; empty = off",
-            _ussd_code,
-        ),
-        EnvVar(
-            "SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)", _number(10)
-        ),
-    )
-}
+PROCESS_VARS = _table(
+    EnvVar(
+        "SMSGW_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2F",
+        "RabbitMQ URL; the vhost in the path is honoured",
+        _amqp_url,
+    ),
+    EnvVar(
+        "SMSGW_AMQP_PASSWORD_FILE",
+        "",
+        "file holding the RabbitMQ password, put into every URL of "
+        "SMSGW_AMQP_URL (which then names the user only: amqp://smsgw@rabbitmq/%2F); empty = the URL's own",
+        _str,
+    ),
+    EnvVar(
+        "SMSGW_CONFIG",
+        "",
+        "fleet configuration file (TOML: endpoints, routes, per-modem limits); empty = "
+        "one endpoint named 'default' from the SMSGW_* variables below",
+        _str,
+    ),
+    EnvVar(
+        "SMSGW_METRICS_PORT",
+        "",
+        "port of /metrics; empty = the worker's own default (modem_worker 9101, "
+        "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off",
+        _optional(_port),
+    ),
+    EnvVar("SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)", _str),
+    EnvVar(
+        "SMSGW_LOG_LEVEL",
+        "INFO",
+        "DEBUG shows message bodies; INFO never does",
+        _choice(_LOG_LEVELS, lambda raw: raw.strip().upper()),
+    ),
+    EnvVar(
+        "SMSGW_LIVENESS_TIMEOUT",
+        "300",
+        "seconds a worker's main loop (consumer I/O loop, poll or report loop, "
+        "modem supervisor loop) may go without a turn before --check says unhealthy and the worker exits with "
+        "code 70 for its restart policy; longer than the longest legitimate wait",
+        _number(10, 86400),
+    ),
+    EnvVar(
+        "SMSGW_HEARTBEAT_DIR",
+        "",
+        "directory of the heartbeat files --check reads; empty = smsgw-heartbeat-<uid> in the system's tmp directory",
+        _str,
+    ),
+    EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
+    EnvVar(
+        "SMSGW_STATE_DIR",
+        "var/state",
+        "directory of the outbound ledger (shared by the modem workers and task pollers of one host)",
+        _str,
+    ),
+    EnvVar(
+        "SMSGW_LEDGER_URL",
+        "",
+        "never-twice ledger: sqlite:///path (one host) or "
+        "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR",
+        _ledger_url,
+    ),
+    EnvVar(
+        "SMSGW_LEDGER_RETENTION_DAYS",
+        "90",
+        "days the outbound ledger remembers a sent uuid (never-twice window)",
+        _number(1),
+    ),
+    EnvVar(
+        "SMSGW_PROBE_INTERVAL",
+        "30",
+        "seconds between two probes (a bare GET) of each inbound endpoint's Sync "
+        "URL by sync_worker: smsgw_sync_url_up, alert SmsgwSyncUrlFailing",
+        _number(1, 3600),
+    ),
+    EnvVar(
+        "SMSGW_MODEM_FAILOVER",
+        "300",
+        "seconds a reply queued for one modem waits for it before another "
+        "modem may send it; 0 = wait for that modem forever",
+        _number(0),
+    ),
+    EnvVar("SMSGW_MODEM_PORT", "", "serial device of this worker's modem, or auto (found by SMSGW_MODEM_IMEI)", _str),
+    EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
+    EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
+    EnvVar(
+        "SMSGW_MODEM_IMEI",
+        "",
+        "IMEI this worker's modem must have; another modem on the port is refused; required with SMSGW_MODEM_PORT=auto",
+        _imei,
+    ),
+    EnvVar(
+        "SMSGW_MODEM_PORT_GLOB",
+        "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*",
+        "comma list of glob patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI",
+        _keywords,
+    ),
+    EnvVar(
+        "SMSGW_MODEM_WATCHDOG",
+        "30",
+        "seconds between two watchdog probes (AT, and a check that the modem "
+        "kept its settings); also the SIM sweep and health reading interval",
+        _number(1, 3600),
+    ),
+    EnvVar(
+        "SMSGW_MODEM_RESET_COMMAND",
+        "",
+        "shell command run (with a time-out, capped back-off) when reopening "
+        "the port does not bring the modem back, e.g. a USB power cycle with uhubctl; empty = none",
+        _str,
+    ),
+    EnvVar(
+        "SMSGW_SIM_PIN",
+        "",
+        "PIN entered once when the SIM asks for it (never logged); a rejected PIN is never tried again automatically",
+        _str,
+    ),
+    EnvVar("SMSGW_SIM_PIN_FILE", "", "file holding the SIM PIN (wins over SMSGW_SIM_PIN; e.g. a Docker secret)", _str),
+    EnvVar(
+        "SMSGW_SEND_INTERVAL",
+        "0",
+        "minimum seconds between two SMS sent by one modem (operators block SIMs that send in bursts); "
+        "0 = as fast as the modem",
+        _number(0, 3600),
+    ),
+    EnvVar(
+        "SMSGW_OUTBOUND_MAX_AGE",
+        "0",
+        "seconds an outbound SMS may wait for a modem; older ones are not sent but reported failed "
+        "(stale reminders); 0 = never expire",
+        _number(0),
+    ),
+    EnvVar(
+        "SMSGW_BALANCE_USSD",
+        "",
+        "USSD code that asks the SIM's balance (e.g. *100#); its first number becomes smsgw_sim_balance; empty = off",
+        _ussd_code,
+    ),
+    EnvVar("SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)", _number(10)),
+)
 
 # The env-only endpoint 'default' (services.config.fleet.env_endpoint); a fleet file has the same keys.
-ENDPOINT_VARS: dict[str, EnvVar] = {
-    v.name: v
-    for v in (
-        EnvVar("SMSGW_SYNC_URL", "", "the SMSsync Sync URL (user:pass@ in it becomes Basic auth)", _sync_url),
-        EnvVar("SMSGW_SECRET", "", "secret sent with every sync and task request; empty = none", _str),
-        EnvVar(
-            "SMSGW_SECRET_FILE",
-            "",
-            "file holding SMSGW_SECRET (wins over it; e.g. a compose secret); trailing newline stripped",
-            _str,
-        ),
-        EnvVar("SMSGW_DEVICE_ID", "smssync-gateway", "device_id sent to the Sync URL", _str),
-        EnvVar(
-            "SMSGW_KEYWORDS",
-            "",
-            "comma list; only SMS containing one (case-insensitive) are forwarded; empty = all",
-            _keywords,
-        ),
-        EnvVar("SMSGW_REPLY_FROM_SERVER", "true", "send the messages in the Sync URL's reply as SMS", _bool),
-        EnvVar("SMSGW_AUTO_RESPONSE", "", "text sent to every sender whose SMS was accepted; empty = off", _str),
-        EnvVar(
-            "SMSGW_QUERY_CODES",
-            "false",
-            "answer SMS '@10' (signal), '@20' (Sync URL status), '@30' (battery), '@40' (all) by SMS instead of "
-            "forwarding them",
-            _bool,
-        ),
-        EnvVar("SMSGW_HTTP_TIMEOUT", "30", "seconds for each HTTP request to the Sync URL", _number(0.1, 600)),
-        EnvVar(
-            "SMSGW_MAX_RETRY_AGE",
-            "604800",
-            "seconds an inbound SMS is retried before it is parked",
-            _number(1),
-        ),
-        EnvVar(
-            "SMSGW_SYNC_METHOD",
-            "POST",
-            "HTTP method of inbound sync requests: POST or PUT",
-            _choice(_SYNC_METHODS, lambda raw: raw.strip().upper()),
-        ),
-        EnvVar(
-            "SMSGW_SYNC_FORMAT",
-            "urlencoded",
-            "body of inbound sync requests: urlencoded (the app's default), json (flat object of strings) or "
-            "xml (root <payload>)",
-            _choice(_SYNC_FORMATS, lambda raw: raw.strip().lower()),
-        ),
-        EnvVar(
-            "SMSGW_SYNC_KEYS",
-            "",
-            "rename sync fields, comma list of field=key (e.g. 'message=text,from=sender'); fields: "
-            + ", ".join(SYNC_FIELDS),
-            _sync_keys,
-        ),
-        EnvVar("SMSGW_MAX_REFUSALS", "10", "times a success:false reply is retried before parking", _int(1)),
-        EnvVar(
-            "SMSGW_REFUSAL_IS_FINAL",
-            "false",
-            "park an inbound SMS at the first success:false instead of retrying it (for a server that stores the "
-            "SMS and then refuses: each retry would store another copy)",
-            _bool,
-        ),
-        EnvVar(
-            "SMSGW_MAX_SERVER_ERRORS",
-            "24",
-            "HTTP 500 answers to one SMS before it is parked (some servers answer 500 to a repeated message_id)",
-            _int(1),
-        ),
-        EnvVar("SMSGW_TASK_INTERVAL", "60", "seconds between ?task=send polls", _number(1)),
-        EnvVar(
-            "SMSGW_RESULT_INTERVAL",
-            "",
-            "seconds between ?task=result rounds (default: SMSGW_TASK_INTERVAL)",
-            _optional(_number(1)),
-        ),
-        EnvVar(
-            "SMSGW_MESSAGE_RESULTS",
-            "false",
-            "Message Results API: ?task=sent before sending, ?task=result reports",
-            _bool,
-        ),
-        EnvVar(
-            "SMSGW_RESULTS_SHAPE",
-            "message_results",
-            "POST ?task=result body: message_results (docs), message_result_string (app), message_result_array",
-            _choice(_RESULTS_SHAPES),
-        ),
-        EnvVar("SMSGW_SENT_OK_CODE", "0", "sent_result_code for a successful send (docs 0, app -1)", _int(-1)),
-        EnvVar("SMSGW_INBOUND", "true", "POST inbound SMS to the Sync URL (false: an outbound-only server)", _bool),
-        EnvVar("SMSGW_TASKS", "true", "poll ?task=send on the Sync URL (false: an inbound-only server)", _bool),
-    )
-}
+ENDPOINT_VARS = _table(
+    EnvVar("SMSGW_SYNC_URL", "", "the SMSsync Sync URL (user:pass@ in it becomes Basic auth)", _sync_url),
+    EnvVar("SMSGW_SECRET", "", "secret sent with every sync and task request; empty = none", _str),
+    EnvVar(
+        "SMSGW_SECRET_FILE",
+        "",
+        "file holding SMSGW_SECRET (wins over it; e.g. a compose secret); trailing newline stripped",
+        _str,
+    ),
+    EnvVar("SMSGW_DEVICE_ID", "smssync-gateway", "device_id sent to the Sync URL", _str),
+    EnvVar(
+        "SMSGW_KEYWORDS",
+        "",
+        "comma list; only SMS containing one (case-insensitive) are forwarded; empty = all",
+        _keywords,
+    ),
+    EnvVar("SMSGW_REPLY_FROM_SERVER", "true", "send the messages in the Sync URL's reply as SMS", _bool),
+    EnvVar("SMSGW_AUTO_RESPONSE", "", "text sent to every sender whose SMS was accepted; empty = off", _str),
+    EnvVar(
+        "SMSGW_QUERY_CODES",
+        "false",
+        "answer SMS '@10' (signal), '@20' (Sync URL status), '@30' (battery), '@40' (all) by SMS instead of "
+        "forwarding them",
+        _bool,
+    ),
+    EnvVar("SMSGW_HTTP_TIMEOUT", "30", "seconds for each HTTP request to the Sync URL", _number(0.1, 600)),
+    EnvVar(
+        "SMSGW_MAX_RETRY_AGE",
+        "604800",
+        "seconds an inbound SMS is retried before it is parked",
+        _number(1),
+    ),
+    EnvVar(
+        "SMSGW_SYNC_METHOD",
+        "POST",
+        "HTTP method of inbound sync requests: POST or PUT",
+        _choice(_SYNC_METHODS, lambda raw: raw.strip().upper()),
+    ),
+    EnvVar(
+        "SMSGW_SYNC_FORMAT",
+        "urlencoded",
+        "body of inbound sync requests: urlencoded (the app's default), json (flat object of strings) or "
+        "xml (root <payload>)",
+        _choice(_SYNC_FORMATS, lambda raw: raw.strip().lower()),
+    ),
+    EnvVar(
+        "SMSGW_SYNC_KEYS",
+        "",
+        "rename sync fields, comma list of field=key (e.g. 'message=text,from=sender'); fields: "
+        + ", ".join(SYNC_FIELDS),
+        _sync_keys,
+    ),
+    EnvVar("SMSGW_MAX_REFUSALS", "10", "times a success:false reply is retried before parking", _int(1)),
+    EnvVar(
+        "SMSGW_REFUSAL_IS_FINAL",
+        "false",
+        "park an inbound SMS at the first success:false instead of retrying it (for a server that stores the "
+        "SMS and then refuses: each retry would store another copy)",
+        _bool,
+    ),
+    EnvVar(
+        "SMSGW_MAX_SERVER_ERRORS",
+        "24",
+        "HTTP 500 answers to one SMS before it is parked (some servers answer 500 to a repeated message_id)",
+        _int(1),
+    ),
+    EnvVar("SMSGW_TASK_INTERVAL", "60", "seconds between ?task=send polls", _number(1)),
+    EnvVar(
+        "SMSGW_RESULT_INTERVAL",
+        "",
+        "seconds between ?task=result rounds (default: SMSGW_TASK_INTERVAL)",
+        _optional(_number(1)),
+    ),
+    EnvVar(
+        "SMSGW_MESSAGE_RESULTS",
+        "false",
+        "Message Results API: ?task=sent before sending, ?task=result reports",
+        _bool,
+    ),
+    EnvVar(
+        "SMSGW_RESULTS_SHAPE",
+        "message_results",
+        "POST ?task=result body: message_results (docs), message_result_string (app), message_result_array",
+        _choice(_RESULTS_SHAPES),
+    ),
+    EnvVar("SMSGW_SENT_OK_CODE", "0", "sent_result_code for a successful send (docs 0, app -1)", _int(-1)),
+    EnvVar("SMSGW_INBOUND", "true", "POST inbound SMS to the Sync URL (false: an outbound-only server)", _bool),
+    EnvVar("SMSGW_TASKS", "true", "poll ?task=send on the Sync URL (false: an inbound-only server)", _bool),
+)
 
 # SIM limits: the defaults of every [modems.<id>] table (services.config.fleet.ModemLimits).
-MODEM_VARS: dict[str, EnvVar] = {
-    v.name: v
-    for v in (
-        EnvVar(
-            "SMSGW_SIM_BLOCK_AFTER",
-            "5",
-            "failed sends in a row to different recipients that pause the SIM "
-            "(operator barring suspected); 0 = only SIM-level refusals pause it",
-            _int(0),
-        ),
-        EnvVar(
-            "SMSGW_SIM_PAUSE",
-            "1800",
-            "seconds a paused SIM sends nothing; doubles while pauses repeat (at most "
-            "a day), back to this after a successful send",
-            _number(1),
-        ),
-    )
-}
+MODEM_VARS = _table(
+    EnvVar(
+        "SMSGW_SIM_BLOCK_AFTER",
+        "5",
+        "failed sends in a row to different recipients that pause the SIM "
+        "(operator barring suspected); 0 = only SIM-level refusals pause it",
+        _int(0),
+    ),
+    EnvVar(
+        "SMSGW_SIM_PAUSE",
+        "1800",
+        "seconds a paused SIM sends nothing; doubles while pauses repeat (at most "
+        "a day), back to this after a successful send",
+        _number(1),
+    ),
+)
 
 
 def check_xml_keys(sync_keys: Sequence[tuple[str, str]], name: str) -> None:
@@ -520,17 +506,6 @@ def redact_url(url: str) -> str:
 
 
 ENV_VARS: dict[str, EnvVar] = {**PROCESS_VARS, **ENDPOINT_VARS, **MODEM_VARS}
-# Every worker reads these (broker, fleet file, metrics, logging, liveness).
-COMMON_VARS = (
-    "SMSGW_AMQP_URL",
-    "SMSGW_AMQP_PASSWORD_FILE",
-    "SMSGW_CONFIG",
-    "SMSGW_METRICS_PORT",
-    "SMSGW_METRICS_ADDR",
-    "SMSGW_LOG_LEVEL",
-    "SMSGW_LIVENESS_TIMEOUT",
-    "SMSGW_HEARTBEAT_DIR",
-)
 
 
 def default_of(name: str) -> Any:
@@ -550,51 +525,3 @@ def read_var(environ: Mapping[str, str], name: str) -> Any:
     if raw is None:
         raise ConfigError(f"{name}: required")
     return var.parse(name, raw)
-
-
-@dataclass(frozen=True)
-class WorkerEnv:
-    """The variables one worker reads: ``COMMON_VARS``, its own ``process`` variables, the endpoint variables
-    when it loads the fleet's endpoints (``endpoints``) and the SIM limit defaults when it applies them
-    (``modems``). Its loaders read exactly ``names`` and its ``--help`` lists exactly ``names``."""
-
-    process: tuple[str, ...] = ()
-    endpoints: bool = False
-    modems: bool = False
-
-    def __post_init__(self) -> None:
-        unknown = [name for name in self.process if name not in PROCESS_VARS]
-        if unknown:
-            raise ValueError(f"not process variables: {unknown}")
-
-    @property
-    def process_names(self) -> tuple[str, ...]:
-        """The process variables read: the common ones, then the worker's own."""
-        return tuple(dict.fromkeys((*COMMON_VARS, *self.process)))
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Every variable read, in ``--help`` order."""
-        endpoint = tuple(ENDPOINT_VARS) if self.endpoints else ()
-        modem = tuple(MODEM_VARS) if self.modems else ()
-        return (*self.process_names, *endpoint, *modem)
-
-    def describe(self) -> str:
-        """The ``--help`` epilog: every variable read, grouped by kind."""
-        sections = [describe(self.process_names)]
-        if self.endpoints:
-            title = "endpoint variables (without SMSGW_CONFIG: the one endpoint 'default'; with it: ignored)"
-            sections.append(describe(tuple(ENDPOINT_VARS), title))
-        if self.modems:
-            sections.append(describe(tuple(MODEM_VARS), "SIM limits (defaults of every [modems.<id>] table)"))
-        return "\n\n".join(sections)
-
-
-def describe(names: Sequence[str], title: str = "environment variables") -> str:
-    """Format the help text of the given variables, for a worker's ``--help`` epilog."""
-    lines = [f"{title}:"]
-    for name in names:
-        var = ENV_VARS[name]
-        default = "(required)" if var.default is None else f"[default: {var.default!r}]"
-        lines.append(f"  {name:<24} {var.help} {default}")
-    return "\n".join(lines)

@@ -7,6 +7,7 @@ import sys
 
 from services import broker, metrics
 from services.broker import PublisherThread, Topology
+from services.config import ConfigError, Settings, WorkerEnv
 from services.runtime import (
     check,
     heartbeat_path,
@@ -18,31 +19,33 @@ from services.runtime import (
     start_metrics,
     worker_parser,
 )
-from services.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
-ENV = (
-    "SMSGW_MODEM_PORT",
-    "SMSGW_MODEM_ID",
-    "SMSGW_MODEM_BAUDRATE",
-    "SMSGW_DEVICE_ID",
-    "SMSGW_STATE_DIR",
-    "SMSGW_LEDGER_URL",
-    "SMSGW_LEDGER_RETENTION_DAYS",
-    "SMSGW_SEND_INTERVAL",
-    "SMSGW_OUTBOUND_MAX_AGE",
-    "SMSGW_MODEM_FAILOVER",
-    "SMSGW_MODEM_WATCHDOG",
-    "SMSGW_MODEM_RESET_COMMAND",
-    "SMSGW_SIM_PIN",
-    "SMSGW_SIM_PIN_FILE",
-    "SMSGW_MODEM_IMEI",
-    "SMSGW_MODEM_PORT_GLOB",
-    "SMSGW_SIM_BLOCK_AFTER",
-    "SMSGW_SIM_PAUSE",
-    "SMSGW_BALANCE_USSD",
-    "SMSGW_BALANCE_INTERVAL",
+# What this worker reads (and lists in --help): its modem and ledger; the fleet's endpoints (which queues get
+# the SMS it receives, the device id it stamps on them) and SIM limits.
+ENV = WorkerEnv(
+    process=(
+        "SMSGW_MODEM_PORT",
+        "SMSGW_MODEM_ID",
+        "SMSGW_MODEM_BAUDRATE",
+        "SMSGW_STATE_DIR",
+        "SMSGW_LEDGER_URL",
+        "SMSGW_LEDGER_RETENTION_DAYS",
+        "SMSGW_SEND_INTERVAL",
+        "SMSGW_OUTBOUND_MAX_AGE",
+        "SMSGW_MODEM_FAILOVER",
+        "SMSGW_MODEM_WATCHDOG",
+        "SMSGW_MODEM_RESET_COMMAND",
+        "SMSGW_SIM_PIN",
+        "SMSGW_SIM_PIN_FILE",
+        "SMSGW_MODEM_IMEI",
+        "SMSGW_MODEM_PORT_GLOB",
+        "SMSGW_BALANCE_USSD",
+        "SMSGW_BALANCE_INTERVAL",
+    ),
+    endpoints=True,
+    modems=True,
 )
 # Exit code after a stop while a locked SIM blocked the worker (docs/modem.md). The worker does not exit by itself
 # then: it stays up, serving /metrics (smsgw_modem_sim_locked 1), so `restart: unless-stopped` cannot loop it into
@@ -72,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         ENV,
     )
     args = parser.parse_args(argv)
-    settings = load_settings("modem_worker", modem_port=True)
+    settings = load_settings("modem_worker", ENV, modem_port=True)
     if settings is None:
         return 2
-    fleet = load_fleet_config("modem_worker", settings, read_secrets=False)  # no Sync URL here
+    fleet = load_fleet_config("modem_worker", ENV, settings, read_secrets=False)  # no Sync URL here
     if fleet is None or not _sim_pin_readable(settings):
         return 2
     ledger = open_ledger("modem_worker", settings)

@@ -41,16 +41,13 @@ class InboundPublisher:
         ledger: Ledger,
         health: HealthReading,
         *,
-        device_id: str,
         unreadable_queue: str,
     ) -> None:
-        """``device_id``: SMSGW_DEVICE_ID (the SMS's ``sent_to`` when the SIM's own number is unknown);
-        ``unreadable_queue``: the work queue whose parked queue takes undecodable PDUs."""
+        """``unreadable_queue``: the work queue whose parked queue takes undecodable PDUs."""
         self._modem_id = modem_id
         self._publisher = publisher
         self._ledger = ledger
         self._health = health
-        self._device_id = device_id
         self._unreadable_queue = unreadable_queue
         self._info: ModemInfo | None = None
 
@@ -72,8 +69,10 @@ class InboundPublisher:
             sender=message.sender,
             text=message.text,
             sent_timestamp=sent_ms,
-            sent_to=(info.own_number if info and info.own_number else None) or self._device_id,
-            device_id=self._device_id,
+            # The SIM's own number when known; otherwise each endpoint's sync worker sends that endpoint's
+            # device_id (a modem serves several endpoints, each with its own device_id).
+            sent_to=(info.own_number if info and info.own_number else None) or "",
+            device_id="",
             modem_id=self._modem_id,
             received_at=broker.now_ms(),
             complete=message.complete,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from modem_worker.modem import SimLocked
-from services.settings import ConfigError, Settings
+from services.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from modem_worker.modem import (
     read_imei,
 )
 from services import liveness, metrics
-from services.settings import AUTO_PORT
+from services.config import AUTO_PORT
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,9 @@ from modem_worker.sim_pin import SimPin, configured_pin
 from modem_worker.supervisor import ModemSupervisor, Outcome, SupervisorPolicy
 from services import broker
 from services.broker import Consumer, MessagePublisher, Topology
-from services.config import FleetConfig, fleet_from_settings
+from services.config import FleetConfig, Settings, fleet_from_env
 from services.ledger import Ledger
 from services.runtime import start_supervised
-from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +76,18 @@ class ModemWorker:
         self._modem_factory = modem_factory
         self._send_timeout_s = send_timeout_s
         self.modem_id = settings.modem_id
-        fleet = fleet or fleet_from_settings(settings)
+        fleet = fleet or fleet_from_env({})
         self._topology = Topology.of(fleet, modems=[self.modem_id])
         self._shared_queues = [*map(broker.pool_queue_for, fleet.pools_of(self.modem_id)), broker.OUTBOUND_QUEUE]
         self._signals = ModemSignals()
+        limits = fleet.limits_for(self.modem_id)
         self._guard = SimGuard(
             self.modem_id,
-            fleet.limits_for(self.modem_id),
+            limits,
             ledger,
             settings.send_interval,
-            block_after=settings.sim_block_after,
-            pause_s=settings.sim_pause,
+            block_after=limits.sim_block_after,
+            pause_s=limits.sim_pause,
             monotonic=monotonic,
         )
         self._build_parts(fleet, ledger)
@@ -140,7 +140,6 @@ class ModemWorker:
             self._publisher,
             ledger,
             self._housekeeping,
-            device_id=settings.device_id,
             # Undecodable PDUs are parked once, with the first inbound endpoint's queue (the operator looks there).
             unreadable_queue=broker.inbound_queue_for(inbound[0].name if inbound else "default"),
         )

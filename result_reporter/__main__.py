@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from result_reporter.reporter import ResultReporter
 from services import metrics
 from services.broker import BatchConsumer, PublisherThread, events_queue_for
-from services.config import EndpointConfig, FleetConfig
+from services.config import EndpointConfig, FleetConfig, Settings, WorkerEnv, require_env_sync_url
 from services.runtime import (
     check,
     heartbeat_path,
@@ -28,25 +28,15 @@ from services.runtime import (
     start_supervised,
     worker_parser,
 )
-from services.settings import ConfigError, Settings
 from services.sync_client import SyncClient
 from services.topology import Topology
 
 log = logging.getLogger(__name__)
 
-ENV = (
-    "SMSGW_SYNC_URL",
-    "SMSGW_SECRET",
-    "SMSGW_SECRET_FILE",
-    "SMSGW_MESSAGE_RESULTS",
-    "SMSGW_RESULT_INTERVAL",
-    "SMSGW_TASK_INTERVAL",
-    "SMSGW_HTTP_TIMEOUT",
-    "SMSGW_RESULTS_SHAPE",
-    "SMSGW_SENT_OK_CODE",
-)
+# What this worker reads (and lists in --help): the fleet's endpoints, nothing of its own.
+ENV = WorkerEnv(endpoints=True)
 # Events are held unacked for up to a round (and longer while the server is down), so the prefetch is what
-# bounds a round's batch; SMSGW_PREFETCH (default 16) is for one-at-a-time consumers and would be too small.
+# bounds a round's batch; the prefetch of one-at-a-time consumers (default 16) would be too small.
 HOLD_PREFETCH = 500
 JOIN_TIMEOUT_S = 10.0
 
@@ -95,19 +85,6 @@ def _lanes(
     return lanes
 
 
-def _require_env_sync_url(fleet: FleetConfig, settings: Settings) -> bool:
-    """Env-only deployments need SMSGW_SYNC_URL, as always (a file validates its own endpoints); False after
-    one line on stderr when it is missing."""
-    if fleet.source != "environment":
-        return True
-    try:
-        settings.require_sync_url()
-    except ConfigError as exc:
-        print(f"result_reporter: configuration error: {exc}", file=sys.stderr)
-        return False
-    return True
-
-
 def _idle(stop: threading.Event, fleet: FleetConfig) -> int:
     """No endpoint wants results: say so once, make no requests, wait for the stop signal."""
     what = (
@@ -130,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         "(?task=result), acking events only once the server accepted them.",
         ENV,
     ).parse_args(argv)
-    settings = load_settings("result_reporter")
+    settings = load_settings("result_reporter", ENV)
     if settings is None:
         return 2
-    fleet = load_fleet_config("result_reporter", settings)
-    if fleet is None or not _require_env_sync_url(fleet, settings):
+    # Env-only deployments need SMSGW_SYNC_URL, as always (a file validates its own endpoints).
+    fleet = load_fleet_config("result_reporter", ENV, settings, require=require_env_sync_url)
+    if fleet is None:
         return 2
     topology = Topology.of(fleet)
     if args.check:

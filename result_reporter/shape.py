@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Collection
 from typing import get_args
 
-from services.settings import ResultsShape
+from services.config import ResultsShape
 
 # The reporter's logger: these lines are part of its log, under the name operators filter on.
 log = logging.getLogger("result_reporter.reporter")

@@ -24,10 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services import broker
-from services.config import DEFAULT_ENDPOINT, FleetConfig, load_fleet
+from services.config import DEFAULT_ENDPOINT, ConfigError, FleetConfig, Settings, amqp_urls, load_fleet
 from services.config import main as config_main
 from services.logs import quiet_libraries
-from services.settings import ConfigError, Settings, amqp_urls
 from services.topology import (
     OUTBOUND_QUEUE,
     Topology,

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from services.settings import ENV_VARS, ConfigError
+from services.config import ENV_VARS, ConfigError
 
 PROG = "smsgw compose-modems"
 TEMPLATE = "deploy/compose/modem.yaml"

@@ -11,39 +11,37 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from services import broker, liveness, metrics
-from services.config import FleetConfig, describe_fleet, load_fleet
+from services.config import (
+    AUTO_PORT,
+    ConfigError,
+    FleetConfig,
+    Settings,
+    WorkerEnv,
+    describe_fleet,
+    load_fleet,
+    redact_url,
+)
 from services.ledger import Ledger, LedgerError
 from services.ledger import open_ledger as open_ledger_store
 from services.logs import configure_logging
-from services.settings import AUTO_PORT, ConfigError, Settings, describe, redact_url
 from services.topology import Topology
 
 log = logging.getLogger(__name__)
 
-COMMON_ENV = (
-    "SMSGW_AMQP_URL",
-    "SMSGW_AMQP_PASSWORD_FILE",
-    "SMSGW_CONFIG",
-    "SMSGW_METRICS_PORT",
-    "SMSGW_METRICS_ADDR",
-    "SMSGW_LOG_LEVEL",
-    "SMSGW_LIVENESS_TIMEOUT",
-    "SMSGW_HEARTBEAT_DIR",
-)
 
-
-def worker_parser(prog: str, description: str, env_names: Sequence[str]) -> argparse.ArgumentParser:
-    """An argument parser whose ``--help`` lists the environment variables the worker reads, with ``--check``."""
+def worker_parser(prog: str, description: str, reads: WorkerEnv) -> argparse.ArgumentParser:
+    """An argument parser with ``--check`` whose ``--help`` lists exactly the variables the worker reads
+    (``reads``: what ``load_settings`` and ``load_fleet_config`` read for it)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        epilog=describe([*COMMON_ENV, *env_names]),
+        epilog=reads.describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -78,13 +76,14 @@ class _HealthCheckFlag(argparse.Action):
         _health_check.set()
 
 
-def load_settings(worker: str, *, sync_url: bool = False, modem_port: bool = False) -> Settings | None:
-    """Read settings (and the ones this worker cannot do without), configure JSON logging; on a bad or
-    missing value print one line naming the variable to stderr and return None (exit code 2)."""
+def load_settings(
+    worker: str, reads: WorkerEnv, *, modem_port: bool = False, environ: Mapping[str, str] | None = None
+) -> Settings | None:
+    """Read the process variables ``reads`` declares (and check the ones this worker cannot do without),
+    configure JSON logging; on a bad or missing value print one line naming the variable to stderr and return
+    None (exit code 2)."""
     try:
-        settings = Settings.from_env()
-        if sync_url:
-            settings.require_sync_url()
+        settings = Settings.from_env(environ, reads.process_names)
         if modem_port:
             settings.require_modem_port()
     except ConfigError as exc:
@@ -98,11 +97,23 @@ def load_settings(worker: str, *, sync_url: bool = False, modem_port: bool = Fal
     return settings
 
 
-def load_fleet_config(worker: str, settings: Settings, *, read_secrets: bool = True) -> FleetConfig | None:
-    """The fleet (``SMSGW_CONFIG`` file, else the env-only ``default`` endpoint); on an invalid file print one
-    line naming the file and key to stderr and return None (exit code 2)."""
+def load_fleet_config(
+    worker: str,
+    reads: WorkerEnv,
+    settings: Settings,
+    *,
+    read_secrets: bool = True,
+    require: Callable[[FleetConfig], object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> FleetConfig | None:
+    """The fleet (``SMSGW_CONFIG`` file, else the env-only ``default`` endpoint), reading the endpoint and SIM
+    limit variables ``reads`` declares, then checked by ``require`` (raising ConfigError: what this worker
+    cannot do without); on an invalid file or value print one line naming the file and key (or the variable)
+    to stderr and return None (exit code 2)."""
     try:
-        fleet = load_fleet(settings, read_secrets=read_secrets)
+        fleet = load_fleet(settings, reads, environ, read_secrets=read_secrets)
+        if require is not None:
+            require(fleet)
     except ConfigError as exc:
         print(f"{worker}: configuration error: {exc}", file=sys.stderr)
         return None

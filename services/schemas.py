@@ -92,8 +92,8 @@ class InboundSms(_Message):
     sender: str
     text: str
     sent_timestamp: int  # epoch milliseconds, from the SMSC time stamp
-    sent_to: str  # the modem's own number, else the device id
-    device_id: str
+    sent_to: str  # the modem's own number; empty when unknown (the sync worker sends its endpoint's device_id)
+    device_id: str  # unused (each endpoint has its own device_id); kept so SMS queued by older workers decode
     modem_id: str
     received_at: int  # epoch ms when the gateway read it from the SIM
     complete: bool = True  # False: a multipart SMS whose missing parts never arrived

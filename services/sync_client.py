@@ -31,8 +31,7 @@ import requests
 import urllib3
 from requests.auth import AuthBase, HTTPBasicAuth
 
-from services.config import EndpointConfig
-from services.settings import redact_url
+from services.config import EndpointConfig, redact_url
 from services.sync_protocol import AnswerTooSlow, Endpoint, clip, mask_secrets
 
 log = logging.getLogger(__name__)

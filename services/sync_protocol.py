@@ -93,7 +93,8 @@ def status_hint(status: int) -> str:
 def sync_form(sms: InboundSms, secret: str, device_id: str) -> dict[str, str]:
     """The fields of one inbound sync request, under the app's default key names and in its order.
 
-    ``sent_timestamp`` is epoch milliseconds as the app sends it (the docs say "UNIX timestamp" without unit).
+    ``sent_timestamp`` is epoch milliseconds as the app sends it (the docs say "UNIX timestamp" without unit);
+    ``sent_to`` is the receiving SIM's number, or the endpoint's ``device_id`` when the modem does not know it.
     """
     form = {"secret": secret} if secret else {}
     form.update(
@@ -101,7 +102,7 @@ def sync_form(sms: InboundSms, secret: str, device_id: str) -> dict[str, str]:
             "from": sms.sender,
             "message": sms.text,
             "sent_timestamp": str(sms.sent_timestamp),
-            "sent_to": sms.sent_to,
+            "sent_to": sms.sent_to or device_id,
             "message_id": sms.message_id,
             "device_id": device_id,
         }

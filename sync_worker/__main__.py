@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from services import broker, metrics
 from services.broker import Consumer, PublisherThread, Topology
 from services.cli import parked_main
-from services.config import EndpointConfig, FleetConfig, require_sync_urls
+from services.config import (
+    DEFAULT_ENDPOINT,
+    ConfigError,
+    EndpointConfig,
+    FleetConfig,
+    Settings,
+    WorkerEnv,
+    require_sync_urls,
+)
 from services.runtime import (
     check,
     heartbeat_path,
@@ -30,34 +38,15 @@ from services.runtime import (
     start_supervised,
     worker_parser,
 )
-from services.settings import ConfigError, Settings
 from services.sync_client import SyncClient
 from sync_worker.forwarder import SyncForwarder
 from sync_worker.probe import SyncUrlProbe
 
 log = logging.getLogger(__name__)
 
-ENV = (
-    "SMSGW_SYNC_URL",
-    "SMSGW_SECRET",
-    "SMSGW_SECRET_FILE",
-    "SMSGW_DEVICE_ID",
-    "SMSGW_KEYWORDS",
-    "SMSGW_INBOUND",
-    "SMSGW_REPLY_FROM_SERVER",
-    "SMSGW_AUTO_RESPONSE",
-    "SMSGW_QUERY_CODES",
-    "SMSGW_MESSAGE_RESULTS",
-    "SMSGW_HTTP_TIMEOUT",
-    "SMSGW_MAX_RETRY_AGE",
-    "SMSGW_SYNC_METHOD",
-    "SMSGW_SYNC_FORMAT",
-    "SMSGW_SYNC_KEYS",
-    "SMSGW_MAX_REFUSALS",
-    "SMSGW_MAX_SERVER_ERRORS",
-    "SMSGW_MODEM_FAILOVER",
-    "SMSGW_PREFETCH",
-)
+# What this worker reads (and lists in --help): its consumers' prefetch, the failover wait of the replies it
+# queues, the Sync URL probe interval, and the fleet's endpoints.
+ENV = WorkerEnv(process=("SMSGW_MODEM_FAILOVER", "SMSGW_PREFETCH", "SMSGW_PROBE_INTERVAL"), endpoints=True)
 # Joining with a time-out keeps the main thread responsive to signals on every platform.
 _JOIN_POLL_S = 0.5
 
@@ -85,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["parked"]:  # only needs the broker and the fleet's queue names
         return parked_main(argv[1:])
     args = _parser().parse_args(argv)
-    settings = load_settings("sync_worker")
-    loaded = None if settings is None else load_inbound_fleet(settings)
-    if settings is None or loaded is None:
+    settings = load_settings("sync_worker", ENV)
+    if settings is None:
         return 2
-    fleet, endpoints = loaded
+    fleet = load_fleet_config("sync_worker", ENV, settings, require=inbound_endpoints)
+    if fleet is None:
+        return 2
+    endpoints = inbound_endpoints(fleet)
     topology = Topology.of(fleet)
     if args.check:
         return check(settings, topology, heartbeat=heartbeat_path(settings, "sync_worker"))
@@ -100,27 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     return serve(settings, endpoints, topology)
 
 
-def load_inbound_fleet(settings: Settings) -> tuple[FleetConfig, tuple[EndpointConfig, ...]] | None:
-    """The fleet and the endpoints this worker forwards to; None, after one line on stderr saying what is wrong
-    (no Sync URL, an invalid fleet file, no endpoint with ``inbound = true``)."""
-    problem = None
-    if not settings.config and not settings.sync_url:  # said before the fleet is described: one line
-        problem = "SMSGW_SYNC_URL: required by this worker"
-    elif not settings.config and not settings.inbound:
-        problem = "SMSGW_INBOUND is false: no endpoint receives inbound SMS, so this worker has nothing to do"
-    else:
-        fleet = load_fleet_config("sync_worker", settings)
-        if fleet is None:
-            return None  # it said why
-        endpoints = fleet.inbound_endpoints()
-        try:
-            require_sync_urls(fleet, endpoints, "inbound = true")
-        except ConfigError as exc:
-            problem = str(exc)
-        else:
-            return fleet, endpoints
-    print(f"sync_worker: configuration error: {problem}", file=sys.stderr)
-    return None
+def inbound_endpoints(fleet: FleetConfig) -> tuple[EndpointConfig, ...]:
+    """The endpoints this worker forwards to.
+
+    Raises:
+        ConfigError: there is none (the env-only endpoint without ``SMSGW_SYNC_URL`` or with ``SMSGW_INBOUND``
+            false, or a file with no ``inbound = true``): a worker with nothing to do is said at start-up.
+    """
+    if fleet.source == "environment":
+        default = fleet.endpoint(DEFAULT_ENDPOINT)
+        if not default.sync_url:
+            raise ConfigError("SMSGW_SYNC_URL: required by this worker")
+        if not default.inbound:
+            raise ConfigError(
+                "SMSGW_INBOUND is false: no endpoint receives inbound SMS, so this worker has nothing to do"
+            )
+    endpoints = fleet.inbound_endpoints()
+    require_sync_urls(fleet, endpoints, "inbound = true")
+    return endpoints
 
 
 @dataclass

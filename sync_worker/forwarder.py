@@ -203,7 +203,7 @@ class SyncForwarder:
 
     def _answer_query(self, sms: InboundSms, code: str) -> Decision:
         """Answer a query code by SMS to its sender; the SMS itself is not forwarded."""
-        text = query_codes.answer(code, sms, self._probe_sync_url)
+        text = query_codes.answer(code, sms, self._probe_sync_url, self._endpoint.device_id)
         key = query_answer_key(sms.message_id)
         answer = OutboundSms(key, sms.sender, text, "query_code", broker.now_ms(), endpoint=self._name)
         try:

@@ -35,8 +35,9 @@ def describe_battery(percent: int | None) -> str:
     return "battery unknown" if percent is None else f"battery {percent}%"
 
 
-def answer(code: str, sms: InboundSms, probe_sync_url: Callable[[], str]) -> str:
-    """The text of the answer to ``code``; ``probe_sync_url`` is called for @20/@40 only.
+def answer(code: str, sms: InboundSms, probe_sync_url: Callable[[], str], device_id: str) -> str:
+    """The text of the answer to ``code``, signed with the endpoint's ``device_id``; ``probe_sync_url`` is called
+    for @20/@40 only.
 
     Raises:
         ValueError: ``code`` is not one of CODES.
@@ -50,4 +51,4 @@ def answer(code: str, sms: InboundSms, probe_sync_url: Callable[[], str]) -> str
         parts.append(probe_sync_url())
     if code in ("@30", "@40"):
         parts.append(describe_battery(sms.modem_battery))
-    return f"{sms.device_id}: " + ", ".join(parts)
+    return f"{device_id}: " + ", ".join(parts)

@@ -8,7 +8,7 @@ import threading
 
 from services import metrics
 from services.broker import PublisherThread
-from services.config import DEFAULT_ENDPOINT, EndpointConfig, FleetConfig, require_sync_urls
+from services.config import DEFAULT_ENDPOINT, ConfigError, EndpointConfig, FleetConfig, WorkerEnv, require_sync_urls
 from services.runtime import (
     check,
     heartbeat_path,
@@ -20,7 +20,6 @@ from services.runtime import (
     start_metrics,
     worker_parser,
 )
-from services.settings import ConfigError
 from services.sync_client import SyncClient
 from services.topology import Topology
 from task_poller.poller import TaskPoller
@@ -28,18 +27,8 @@ from task_poller.runner import PollerGroup
 
 log = logging.getLogger(__name__)
 
-ENV = (
-    "SMSGW_SYNC_URL",
-    "SMSGW_SECRET",
-    "SMSGW_SECRET_FILE",
-    "SMSGW_TASKS",
-    "SMSGW_TASK_INTERVAL",
-    "SMSGW_HTTP_TIMEOUT",
-    "SMSGW_MESSAGE_RESULTS",
-    "SMSGW_STATE_DIR",
-    "SMSGW_LEDGER_URL",
-    "SMSGW_LEDGER_RETENTION_DAYS",
-)
+# What this worker reads (and lists in --help): the ledger, and the fleet's endpoints.
+ENV = WorkerEnv(process=("SMSGW_STATE_DIR", "SMSGW_LEDGER_URL", "SMSGW_LEDGER_RETENTION_DAYS"), endpoints=True)
 
 
 def task_endpoints(fleet: FleetConfig) -> tuple[EndpointConfig, ...]:
@@ -65,17 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         "?task=send and queue each message once for the modem workers, routed by [[routes]].",
         ENV,
     ).parse_args(argv)
-    settings = load_settings("task_poller")
+    settings = load_settings("task_poller", ENV)
     if settings is None:
         return 2
-    fleet = load_fleet_config("task_poller", settings)
+    fleet = load_fleet_config("task_poller", ENV, settings, require=task_endpoints)
     if fleet is None:
         return 2
-    try:
-        endpoints = task_endpoints(fleet)
-    except ConfigError as exc:
-        print(f"task_poller: configuration error: {exc}", file=sys.stderr)
-        return 2
+    endpoints = task_endpoints(fleet)
     ledger = open_ledger("task_poller", settings)
     if ledger is None:
         return 1

@@ -1,5 +1,5 @@
-"""The fleet file (services/config.py): the documented examples parse, env-only is today's single endpoint, every
-validation error is one line naming the file and the key path, and each endpoint's inbound filter."""
+"""The fleet (services/config/fleet.py, fleet_file.py): the documented examples parse, env-only is today's single
+endpoint, every validation error is one line naming the file and the key path, and each endpoint's inbound filter."""
 
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ import pytest
 
 from services.config import (
     DEFAULT_ENDPOINT,
+    ConfigError,
     EndpointConfig,
     FleetConfig,
     ModemLimits,
+    Settings,
+    WorkerEnv,
+    env_endpoint,
     load_fleet,
     load_fleet_file,
     parse_fleet,
+    read_var,
 )
-from services.settings import ConfigError, Settings
+from services.config.variables import ENDPOINT_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,44 +110,57 @@ def test_the_readme_example_validates(tmp_path: Path) -> None:
     assert [e.name for e in fleet.task_endpoints()] == ["clinic"]
 
 
-def test_env_only_is_one_default_endpoint_equal_to_the_settings() -> None:
-    settings = Settings.from_env(
-        {
-            "SMSGW_SYNC_URL": "https://user:pw@example.org/smssync",
-            "SMSGW_SECRET": "s3cret",
-            "SMSGW_KEYWORDS": "REG, ANC",
-            "SMSGW_TASK_INTERVAL": "30",
-            "SMSGW_MESSAGE_RESULTS": "true",
-            "SMSGW_SENT_OK_CODE": "-1",
-            "SMSGW_SYNC_FORMAT": "json",
-            "SMSGW_INBOUND": "false",
-        }
-    )
-    fleet = load_fleet(settings)
+def test_env_only_is_one_default_endpoint_equal_to_the_variables() -> None:
+    variables = {
+        "SMSGW_SYNC_URL": "https://user:pw@example.org/smssync",
+        "SMSGW_SECRET": "s3cret",
+        "SMSGW_KEYWORDS": "REG, ANC",
+        "SMSGW_TASK_INTERVAL": "30",
+        "SMSGW_MESSAGE_RESULTS": "true",
+        "SMSGW_SENT_OK_CODE": "-1",
+        "SMSGW_SYNC_FORMAT": "json",
+        "SMSGW_INBOUND": "false",
+        "SMSGW_SIM_PAUSE": "600",
+    }
+    fleet = load_fleet(Settings.from_env(variables), environ=variables)
     assert fleet.source == "environment"
     assert fleet.endpoint_names == (DEFAULT_ENDPOINT,)
     assert fleet.routes == () and fleet.modem_limits == ()
+    assert fleet.limits_for("any") == ModemLimits(sim_pause=600.0), "the SIM limit variables apply to every modem"
     only = fleet.endpoints[0]
-    shared = [f.name for f in dataclasses.fields(EndpointConfig) if hasattr(settings, f.name)]
+    shared = [name for name in ENDPOINT_VARS if name.removeprefix("SMSGW_").lower() in EndpointConfig.__annotations__]
     assert len(shared) > 20
-    assert {name: getattr(only, name) for name in shared} == {name: getattr(settings, name) for name in shared}
+    for name in shared:
+        if name != "SMSGW_RESULT_INTERVAL":
+            assert getattr(only, name.removeprefix("SMSGW_").lower()) == read_var(variables, name), name
     assert only.result_interval == 30.0, "result interval defaults to the task interval"
     assert only.patterns == () and only.allow_senders == () and only.block_senders == () and only.signing_key == ""
     assert fleet.inbound_endpoints() == () and fleet.task_endpoints() == (only,) and fleet.result_endpoints() == (only,)
     assert "s3cret" not in repr(only)
 
 
+def test_a_worker_reads_only_the_fleet_variables_it_declares() -> None:
+    variables = {"SMSGW_SYNC_URL": "https://example.org/smssync", "SMSGW_SIM_PAUSE": "600"}
+    settings = Settings.from_env(variables)
+    without_modems = load_fleet(settings, WorkerEnv(endpoints=True), variables)
+    assert without_modems.endpoints[0].sync_url == variables["SMSGW_SYNC_URL"]
+    assert without_modems.limits_for("any") == ModemLimits(), "SIM limits not declared: their defaults"
+    without_endpoints = load_fleet(settings, WorkerEnv(modems=True), variables)
+    assert without_endpoints.endpoints[0].sync_url == "" and without_endpoints.limits_for("any").sim_pause == 600
+
+
 def test_load_fleet_reads_the_file_named_by_smsgw_config(tmp_path: Path) -> None:
     path = tmp_path / "fleet.toml"
     path.write_text(ISSUE_EXAMPLE, encoding="utf-8")
-    fleet = load_fleet(Settings.from_env({"SMSGW_CONFIG": str(path), "SMSGW_SYNC_URL": "https://ignored.example/"}))
+    variables = {"SMSGW_CONFIG": str(path), "SMSGW_SYNC_URL": "https://ignored.example/"}
+    fleet = load_fleet(Settings.from_env(variables), environ=variables)
     assert fleet.source == str(path) and fleet.endpoint_names == ("clinic",)
     assert fleet.endpoints[0].sync_url == "https://clinic.example/smssync"
 
 
 def test_file_options_default_like_the_environment_and_parse_like_it() -> None:
     defaults = endpoint()
-    env = load_fleet(Settings.from_env({"SMSGW_SYNC_URL": ENDPOINT["sync_url"]})).endpoints[0]
+    env = env_endpoint({"SMSGW_SYNC_URL": ENDPOINT["sync_url"]})
     skip = {"name", "secret"}
     assert {f.name: getattr(defaults, f.name) for f in dataclasses.fields(EndpointConfig) if f.name not in skip} == {
         f.name: getattr(env, f.name) for f in dataclasses.fields(EndpointConfig) if f.name not in skip

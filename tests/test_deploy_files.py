@@ -28,7 +28,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from services import metrics
-from services.settings import ENV_VARS
+from services.config import ENV_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -507,4 +507,4 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
         f"missing: {sorted(set(ENV_VARS) - set(listed))}, unknown: {sorted(set(listed) - set(ENV_VARS))}"
     )
     wrong = {n: v for n, v in listed.items() if v is not None and v != (ENV_VARS[n].default or "")}
-    assert not wrong, f".env.example values differ from the defaults in services/settings.py: {wrong}"
+    assert not wrong, f".env.example values differ from the defaults in services/config/variables.py: {wrong}"

@@ -15,10 +15,10 @@ import psycopg
 import pytest
 
 from services import runtime
+from services.config import Settings
 from services.ledger import Claim, Ledger, LedgerError, open_ledger, recipient_key
 from services.ledger.migrations import SCHEMA_VERSION
 from services.ledger.sql import SqlLedger, now_ms
-from services.settings import Settings
 
 NUMBER = "+255700000001"
 

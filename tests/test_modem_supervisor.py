@@ -18,7 +18,7 @@ from modem_worker.modem import ModemError, ModemIdentity, ModemInfo, ModemUnavai
 from modem_worker.sim_pin import SimPin, configured_pin
 from modem_worker.supervisor import ModemSupervisor, Outcome, SupervisorPolicy, candidate_ports
 from services import metrics
-from services.settings import ConfigError, Settings
+from services.config import ConfigError, Settings
 from tests.conftest import wait_for
 
 INFO = ModemInfo(own_number=None, imsi="640021234567890", manufacturer="SIM", model="X")

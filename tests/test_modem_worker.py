@@ -48,10 +48,9 @@ from services.broker import (
     pool_queue_for,
 )
 from services.broker.stub import StubPublisher
-from services.config import FleetConfig, ModemLimits, parse_fleet
+from services.config import FleetConfig, ModemLimits, Settings, fleet_from_env, parse_fleet
 from services.ledger import Ledger, SendRecord, open_ledger
 from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
-from services.settings import Settings
 from simulator.device import Simulator
 from tests.conftest import wait_for
 
@@ -67,7 +66,7 @@ def _worker(
 ) -> tuple[ModemWorker, Ledger]:
     settings = Settings.from_env({"SMSGW_MODEM_PORT": str(tmp_path / "tty"), "SMSGW_STATE_DIR": str(tmp_path), **env})
     ledger = open_ledger("", str(tmp_path))
-    return ModemWorker(settings, publisher, ledger, fleet=fleet, monotonic=monotonic), ledger
+    return ModemWorker(settings, publisher, ledger, fleet=fleet or fleet_from_env(env), monotonic=monotonic), ledger
 
 
 def _record(ledger: Ledger, key: str) -> SendRecord | None:

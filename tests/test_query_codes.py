@@ -36,12 +36,12 @@ def test_each_code_answers_its_part_and_probes_only_when_asked() -> None:
         probes.append("probe")
         return "Sync URL HTTP 200"
 
-    assert answer("@10", SMS, probe) == "gw-1: signal 17/31 (-79 dBm)"
-    assert answer("@30", SMS, probe) == "gw-1: battery 42%"
+    assert answer("@10", SMS, probe, "gw-1") == "gw-1: signal 17/31 (-79 dBm)"
+    assert answer("@30", SMS, probe, "gw-1") == "gw-1: battery 42%"
     assert probes == []
-    assert answer("@20", SMS, probe) == "gw-1: Sync URL HTTP 200"
+    assert answer("@20", SMS, probe, "gw-1") == "gw-1: Sync URL HTTP 200"
     unknown = dataclasses.replace(SMS, modem_signal=None, modem_battery=None)
-    assert answer("@40", unknown, probe) == "gw-1: signal unknown, Sync URL HTTP 200, battery unknown"
+    assert answer("@40", unknown, probe, "gw-1") == "gw-1: signal unknown, Sync URL HTTP 200, battery unknown"
     assert probes == ["probe", "probe"]
     with pytest.raises(ValueError, match="not a query code"):
-        answer("@99", SMS, probe)
+        answer("@99", SMS, probe, "gw-1")

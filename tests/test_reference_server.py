@@ -24,8 +24,7 @@ import requests
 import reference_server.__main__ as reference_cli
 from reference_server.errors import BadRequestError
 from reference_server.server import ReferenceServer
-from services.config import fleet_from_settings
-from services.settings import Settings
+from services.config import fleet_from_env
 from services.sync_client import SyncClient
 from services.sync_protocol import SyncScheme
 from tests.conftest import free_port, wait_for
@@ -480,7 +479,7 @@ SIGNING_KEY = "ref-signing-key"
 
 
 def _signing_client(server: ReferenceServer) -> SyncClient:
-    base = fleet_from_settings(Settings.from_env({"SMSGW_SYNC_URL": server.url})).endpoints[0]
+    base = fleet_from_env({"SMSGW_SYNC_URL": server.url}).endpoints[0]
     return SyncClient(dataclasses.replace(base, signing_key=SIGNING_KEY, http_timeout=TIMEOUT))
 
 

@@ -36,9 +36,8 @@ from result_reporter.reporter import (
 from result_reporter.results_http import RoundError
 from services import broker
 from services.broker import BatchConsumer, HeldDelivery, Publication, PublisherThread, events_queue_for
-from services.config import EndpointConfig, fleet_from_settings
+from services.config import EndpointConfig, fleet_from_env
 from services.schemas import DeliveryEvent, SentEvent
-from services.settings import Settings
 from services.sync_client import SyncClient
 from services.topology import Topology
 from tests.conftest import wait_for
@@ -61,7 +60,7 @@ def endpoint_of(
 ) -> EndpointConfig:
     """An endpoint as the env-only fleet builds it from ``SMSGW_*`` (renamed; ``interval`` may be below the 1 s
     the setting allows: run() tests need quick rounds)."""
-    settings = Settings.from_env(
+    fleet = fleet_from_env(
         {
             "SMSGW_SYNC_URL": sync_url,
             "SMSGW_SECRET": secret,
@@ -70,7 +69,7 @@ def endpoint_of(
             **env,
         }
     )
-    endpoint = dataclasses.replace(fleet_from_settings(settings).endpoints[0], name=name)
+    endpoint = dataclasses.replace(fleet.endpoints[0], name=name)
     return endpoint if interval is None else dataclasses.replace(endpoint, result_interval=interval)
 
 
@@ -901,7 +900,7 @@ def _poll_task(amqp: str, sync_url: str, secret: str, state: Path) -> list[str]:
     from services.ledger import open_ledger  # the other legs' modules: only these peer tests need them
     from task_poller.poller import TaskPoller
 
-    settings = Settings.from_env(
+    fleet = fleet_from_env(
         {
             "SMSGW_AMQP_URL": amqp,
             "SMSGW_SYNC_URL": sync_url,
@@ -910,7 +909,6 @@ def _poll_task(amqp: str, sync_url: str, secret: str, state: Path) -> list[str]:
             "SMSGW_MESSAGE_RESULTS": "true",
         }
     )
-    fleet = fleet_from_settings(settings)
     endpoint = fleet.endpoints[0]
     publisher = PublisherThread(amqp, "test-peer-poller")
     client = SyncClient(endpoint)

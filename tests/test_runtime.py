@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from services.config import Settings
 from services.runtime import DEFAULT_METRICS_PORTS, check_modem_port, modem_port_problem, start_metrics
-from services.settings import Settings
 
 
 def test_taken_metrics_port_is_one_error_line_not_a_dead_worker(caplog: pytest.LogCaptureFixture) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from services.config import fleet_from_settings
-from services.settings import ConfigError, Settings, redact_url
+from services.config import ConfigError, Settings, env_endpoint, fleet_from_env, redact_url
 
 
 def _file(tmp_path: Path, content: str, name: str = "secret") -> str:
@@ -18,27 +17,27 @@ def _file(tmp_path: Path, content: str, name: str = "secret") -> str:
 
 
 def test_secret_file_wins_over_the_variable_and_reaches_the_endpoint(tmp_path: Path) -> None:
-    settings = Settings.from_env(
-        {"SMSGW_SECRET": "from-env", "SMSGW_SECRET_FILE": _file(tmp_path, "s3cr3t with spaces & =\n")}
-    )
-    assert settings.secret == "s3cr3t with spaces & ="
-    assert fleet_from_settings(settings).endpoints[0].secret == "s3cr3t with spaces & ="
+    env = {"SMSGW_SECRET": "from-env", "SMSGW_SECRET_FILE": _file(tmp_path, "s3cr3t with spaces & =\n")}
+    assert env_endpoint(env).secret == "s3cr3t with spaces & ="
+    assert fleet_from_env(env).endpoints[0].secret == "s3cr3t with spaces & ="
+    assert env_endpoint(env, read_secrets=False).secret == "from-env", "workers without a Sync URL leave it unread"
 
 
 def test_an_empty_secret_file_means_no_secret(tmp_path: Path) -> None:
-    assert Settings.from_env({"SMSGW_SECRET": "x", "SMSGW_SECRET_FILE": _file(tmp_path, "")}).secret == ""
+    assert env_endpoint({"SMSGW_SECRET": "x", "SMSGW_SECRET_FILE": _file(tmp_path, "")}).secret == ""
 
 
 def test_without_files_the_variables_apply() -> None:
-    settings = Settings.from_env({"SMSGW_SECRET": "plain", "SMSGW_AMQP_URL": "amqp://u:p@h/%2F"})
-    assert settings.secret == "plain"
+    env = {"SMSGW_SECRET": "plain", "SMSGW_AMQP_URL": "amqp://u:p@h/%2F"}
+    settings = Settings.from_env(env)
+    assert env_endpoint(env).secret == "plain"
     assert settings.amqp_url == "amqp://u:p@h/%2F"
 
 
 def test_unreadable_secret_file_is_one_line_naming_the_setting_not_the_content(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(ConfigError) as caught:
-        Settings.from_env({"SMSGW_SECRET_FILE": str(missing)})
+        env_endpoint({"SMSGW_SECRET_FILE": str(missing)})
     message = str(caught.value)
     assert message.startswith("SMSGW_SECRET_FILE: cannot read ") and str(missing) in message
     assert "\n" not in message

@@ -1,19 +1,43 @@
-"""Settings: defaults, validation errors naming the variable, redaction."""
+"""Settings: defaults, validation errors naming the variable, redaction (process settings and the env-only
+endpoint, both read from the one variable table)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
-from services.settings import ConfigError, Settings, modem_id_from_port, redact_url
+from services.config import (
+    ENV_VARS,
+    ConfigError,
+    EndpointConfig,
+    Settings,
+    env_endpoint,
+    env_modem_limits,
+    modem_id_from_port,
+    redact_url,
+)
+from services.config.variables import ENDPOINT_VARS, MODEM_VARS, PROCESS_VARS
+
+
+def read_all(env: Mapping[str, str]) -> tuple[Settings, EndpointConfig]:
+    """Everything a gateway reads from ``env``: the process settings and the env-only endpoint."""
+    env_modem_limits(env)
+    return Settings.from_env(env), env_endpoint(env)
 
 
 def test_defaults_are_valid() -> None:
-    settings = Settings.from_env({})
+    settings, endpoint = read_all({})
     assert settings.amqp_url.endswith("/%2F")
-    assert settings.reply_from_server is True
-    assert settings.task_interval == 60
-    assert settings.result_interval == settings.task_interval
-    assert settings.results_shape == "message_results"
+    assert endpoint.reply_from_server is True
+    assert endpoint.task_interval == 60
+    assert endpoint.result_interval == endpoint.task_interval
+    assert endpoint.results_shape == "message_results"
+
+
+def test_every_variable_is_of_one_kind() -> None:
+    kinds = [set(PROCESS_VARS), set(ENDPOINT_VARS), set(MODEM_VARS)]
+    assert sum(map(len, kinds)) == len(ENV_VARS) and set().union(*kinds) == set(ENV_VARS)
 
 
 @pytest.mark.parametrize(
@@ -42,17 +66,20 @@ def test_defaults_are_valid() -> None:
         ("SMSGW_LEDGER_URL", "mysql://db/ledger"),
         ("SMSGW_MODEM_FAILOVER", "-1"),
         ("SMSGW_INBOUND", "sometimes"),
+        ("SMSGW_RESULT_INTERVAL", "0"),
+        ("SMSGW_SIM_PAUSE", "0"),
+        ("SMSGW_SIM_BLOCK_AFTER", "-1"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
-        Settings.from_env({name: value})
+        read_all({name: value})
 
 
 def test_modem_id_derived_from_port_and_keywords_split() -> None:
-    settings = Settings.from_env({"SMSGW_MODEM_PORT": "/dev/ttyUSB3", "SMSGW_KEYWORDS": " help, STOP ,,"})
+    settings, endpoint = read_all({"SMSGW_MODEM_PORT": "/dev/ttyUSB3", "SMSGW_KEYWORDS": " help, STOP ,,"})
     assert settings.modem_id == "ttyUSB3"
-    assert settings.keywords == ("help", "STOP")
+    assert endpoint.keywords == ("help", "STOP")
     assert modem_id_from_port("/tmp/weird port/") == "weird_port"
 
 
@@ -63,20 +90,20 @@ def test_redact_url_hides_password_and_secret() -> None:
 
 
 def test_sync_scheme_settings() -> None:
-    settings = Settings.from_env(
+    settings = env_endpoint(
         {"SMSGW_SYNC_METHOD": "put", "SMSGW_SYNC_FORMAT": "JSON", "SMSGW_SYNC_KEYS": " message = text , from=sender,"}
     )
     assert (settings.sync_method, settings.sync_format) == ("PUT", "json")
     assert settings.sync_keys == (("message", "text"), ("from", "sender"))
-    defaults = Settings.from_env({})
+    defaults = env_endpoint({})
     assert (defaults.sync_method, defaults.sync_format, defaults.sync_keys) == ("POST", "urlencoded", ())
 
 
 def test_xml_format_needs_element_names_as_keys() -> None:
     keys = {"SMSGW_SYNC_KEYS": "message=data[text]"}
-    assert Settings.from_env(keys).sync_keys == (("message", "data[text]"),)  # fine for a form
+    assert env_endpoint(keys).sync_keys == (("message", "data[text]"),)  # fine for a form
     with pytest.raises(ConfigError, match="SMSGW_SYNC_KEYS: 'data\\[text\\]' is not a valid XML element"):
-        Settings.from_env({**keys, "SMSGW_SYNC_FORMAT": "xml"})
+        env_endpoint({**keys, "SMSGW_SYNC_FORMAT": "xml"})
 
 
 def test_a_cluster_of_brokers_and_a_shared_ledger_are_accepted() -> None:

@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 import requests
 
-from services.config import EndpointConfig, fleet_from_settings
-from services.settings import Settings
+from services.config import EndpointConfig, fleet_from_env
 from services.sync_client import (
     AnswerTooSlow,
     RedirectRefused,
@@ -116,7 +115,7 @@ def recorder() -> Iterator[Recorder]:
 
 def endpoint(sync_url: str, *, signing_key: str = "", http_timeout: float = 5) -> EndpointConfig:
     """An endpoint as the env-only fleet builds it, with ``sync_url``, ``signing_key`` and ``http_timeout``."""
-    base = fleet_from_settings(Settings.from_env({"SMSGW_SYNC_URL": sync_url})).endpoints[0]
+    base = fleet_from_env({"SMSGW_SYNC_URL": sync_url}).endpoints[0]
     return dataclasses.replace(base, signing_key=signing_key, http_timeout=http_timeout)
 
 

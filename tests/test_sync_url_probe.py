@@ -11,14 +11,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from scripts.stack import free_port, wait_until
-from services.config import EndpointConfig, fleet_from_settings
-from services.settings import Settings
+from services.config import EndpointConfig, fleet_from_env
 from sync_worker.probe import SyncUrlProbe
 from tests.http_stub import HttpStub
 
 
 def endpoint(sync_url: str, name: str) -> EndpointConfig:
-    base = fleet_from_settings(Settings.from_env({"SMSGW_SYNC_URL": sync_url})).endpoints[0]
+    base = fleet_from_env({"SMSGW_SYNC_URL": sync_url}).endpoints[0]
     return dataclasses.replace(base, name=name, http_timeout=2)
 
 

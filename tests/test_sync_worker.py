@@ -23,9 +23,8 @@ from reference_server.server import ReferenceServer
 from scripts.stack import ROOT
 from services import broker
 from services.broker import ParkedQueues, Publication, PublisherThread, Topology
-from services.config import EndpointConfig, fleet_from_settings, parse_fleet
+from services.config import EndpointConfig, Settings, fleet_from_env, parse_fleet
 from services.schemas import InboundSms, OutboundSms
-from services.settings import Settings
 from services.sync_client import SyncClient
 from sync_worker.__main__ import InboundLane, main, run_lanes, stop_lanes
 from sync_worker.forwarder import REPLY_NAMESPACE, SyncForwarder, query_answer_key, reply_key
@@ -52,7 +51,7 @@ def sync_requests(endpoint: str, outcome: str) -> float:
 
 def default_endpoint(**env: str) -> EndpointConfig:
     """The env-only ``default`` endpoint of ``env`` (today's variables)."""
-    return fleet_from_settings(Settings.from_env(env)).endpoints[0]
+    return fleet_from_env(env).endpoints[0]
 
 
 class Harness:
@@ -60,19 +59,18 @@ class Harness:
 
     def __init__(self, url: str, stub: HttpStub | None, sync_url: str | None = None, **env: str) -> None:
         sync_url = sync_url or (stub.url if stub else "")
-        self.settings = Settings.from_env(
-            {
-                "SMSGW_AMQP_URL": url,
-                "SMSGW_SYNC_URL": sync_url,
-                "SMSGW_SECRET": "s3cret",
-                "SMSGW_DEVICE_ID": "dev-1",
-                "SMSGW_PREFETCH": "4",
-                **env,
-            }
-        )
+        variables = {
+            "SMSGW_AMQP_URL": url,
+            "SMSGW_SYNC_URL": sync_url,
+            "SMSGW_SECRET": "s3cret",
+            "SMSGW_DEVICE_ID": "dev-1",
+            "SMSGW_PREFETCH": "4",
+            **env,
+        }
+        self.settings = Settings.from_env(variables)
         self.url = url
         self._stub = stub
-        fleet = fleet_from_settings(self.settings)
+        fleet = fleet_from_env(variables)
         self.lane = InboundLane.open(self.settings, fleet.endpoints[0], Topology.of(fleet, modems=[MODEM]))
         self.publisher = self.lane.publisher
         self.consumer = self.lane.consumer
@@ -777,7 +775,13 @@ def test_default_endpoint_keeps_its_reply_keys() -> None:
 
 
 def test_query_codes_are_per_endpoint_and_answered_once(fleet: Callable[..., FleetHarness]) -> None:
-    h = fleet({"asks": {"query_codes": True}, "also": {"query_codes": True}, "plain": {}})
+    h = fleet(
+        {
+            "asks": {"query_codes": True, "device_id": "asks-gw"},
+            "also": {"query_codes": True, "device_id": "also-gw"},
+            "plain": {},
+        }
+    )
     query = make_sms("@20")
     h.inject(query)
     wait_for(lambda: h.posted("plain"), what="the endpoint without query codes gets it as an SMS")
@@ -785,7 +789,9 @@ def test_query_codes_are_per_endpoint_and_answered_once(fleet: Callable[..., Fle
     wait_for(lambda: h.collect(out, 2), what="both answers queued")
     # Two endpoints answered, under one ledger key: the modem's ledger sends one of them.
     assert {o.ledger_key for o, _ in out} == {query_answer_key(query.message_id)}
-    assert all(o.origin == "query_code" and o.text == "dev-1: Sync URL HTTP 200" for o, _ in out)
+    # Each answer is signed with its endpoint's device_id (not one the modem worker stamped on the SMS).
+    assert all(o.origin == "query_code" for o, _ in out)
+    assert sorted(o.text for o, _ in out) == ["also-gw: Sync URL HTTP 200", "asks-gw: Sync URL HTTP 200"]
     assert h.posted("asks") == [] and h.posted("also") == []
     assert [r.method for r in h.stubs["asks"].requests] == ["GET"]
     assert h.posted("plain")[0]["message"] == "@20"

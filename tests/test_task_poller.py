@@ -24,10 +24,9 @@ from reference_server.server import ReferenceServer
 from services import broker
 from services.broker import BrokerUnavailable, MessagePublisher, PublisherThread
 from services.broker.stub import StubPublisher
-from services.config import EndpointConfig, FleetConfig, fleet_from_settings, parse_fleet
+from services.config import EndpointConfig, FleetConfig, fleet_from_env, parse_fleet
 from services.ledger import Ledger, open_ledger
 from services.schemas import OutboundSms, task_ledger_key
-from services.settings import Settings
 from services.sync_client import SyncClient
 from services.sync_protocol import USER_AGENT
 from services.topology import Topology, outbound_queue_for, pool_queue_for
@@ -94,15 +93,13 @@ def ledger_of(state: Path) -> Ledger:
 
 def env_fleet(sync_url: str, **env: str) -> FleetConfig:
     """The env-only fleet (one endpoint "default"), as with today's variables."""
-    return fleet_from_settings(
-        Settings.from_env(
-            {
-                "SMSGW_SYNC_URL": sync_url,
-                "SMSGW_SECRET": SECRET,
-                "SMSGW_HTTP_TIMEOUT": "5",
-                **env,
-            }
-        )
+    return fleet_from_env(
+        {
+            "SMSGW_SYNC_URL": sync_url,
+            "SMSGW_SECRET": SECRET,
+            "SMSGW_HTTP_TIMEOUT": "5",
+            **env,
+        }
     )
 
 

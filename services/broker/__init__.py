@@ -37,8 +37,8 @@ from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from services import liveness, metrics
+from services.config import amqp_urls
 from services.logs import OutageLog
-from services.settings import amqp_urls
 from services.topology import (
     DELAY_TIERS_S,
     DELIVERY_LIMIT,

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from services.config import redact_url
 from services.ledger import LedgerError
 from services.ledger.migrations import POSTGRES, migrate
 from services.ledger.sql import Row, SqlLedger, Tx
-from services.settings import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,323 @@
+"""The fleet file: read the TOML file named by ``SMSGW_CONFIG`` into a ``FleetConfig`` (``load_fleet`` picks
+the file or the env-only fleet).
+
+Every worker validates the fleet at start-up: an unknown key, a bad regular expression, a duplicate name or a
+route to an unknown modem stops it with one line naming the file and the key path (``ConfigError``). Per-endpoint
+options share the parser, default and help of the variable they mirror (``_ENDPOINT_OPTIONS``), and so do the
+SIM pause keys of ``[modems.<id>]``. ``python -m services.config check FILE`` runs the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from services.config.fleet import (
+    CAP_KEYS,
+    MODEM_OPTIONS,
+    EndpointConfig,
+    FleetConfig,
+    ModemLimits,
+    Route,
+    env_modem_limits,
+    fleet_from_env,
+)
+from services.config.process import Settings
+from services.config.variables import ENV_VARS, ConfigError, check_xml_keys, default_of
+from services.config.worker_env import WorkerEnv
+
+_ENDPOINT_NAME = re.compile(r"[a-z0-9_-]{1,32}")
+_MODEM_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_RESERVED_NAMES = frozenset({"parked"})
+_PREFIX = re.compile(r"\+?[0-9]{1,15}")
+
+# --- per-endpoint options: TOML key -> the environment variable whose parser, default and help it shares ----
+_ENDPOINT_OPTIONS: dict[str, str] = {
+    "sync_method": "SMSGW_SYNC_METHOD",
+    "sync_format": "SMSGW_SYNC_FORMAT",
+    "sync_keys": "SMSGW_SYNC_KEYS",
+    "results_shape": "SMSGW_RESULTS_SHAPE",
+    "sent_ok_code": "SMSGW_SENT_OK_CODE",
+    "task_interval": "SMSGW_TASK_INTERVAL",
+    "result_interval": "SMSGW_RESULT_INTERVAL",
+    "reply_from_server": "SMSGW_REPLY_FROM_SERVER",
+    "auto_response": "SMSGW_AUTO_RESPONSE",
+    "query_codes": "SMSGW_QUERY_CODES",
+    "max_refusals": "SMSGW_MAX_REFUSALS",
+    "refusal_is_final": "SMSGW_REFUSAL_IS_FINAL",
+    "max_server_errors": "SMSGW_MAX_SERVER_ERRORS",
+    "max_retry_age": "SMSGW_MAX_RETRY_AGE",
+    "device_id": "SMSGW_DEVICE_ID",
+    "http_timeout": "SMSGW_HTTP_TIMEOUT",
+    "message_results": "SMSGW_MESSAGE_RESULTS",
+    "inbound": "SMSGW_INBOUND",
+    "tasks": "SMSGW_TASKS",
+    "sync_url": "SMSGW_SYNC_URL",
+    "secret": "SMSGW_SECRET",
+}
+_LIST_KEYS = ("keywords", "patterns", "allow_senders", "block_senders")
+ENDPOINT_KEYS = frozenset({"name", "secret_file", "signing_key", "signing_key_file", *_LIST_KEYS, *_ENDPOINT_OPTIONS})
+MODEM_KEYS = frozenset({*CAP_KEYS, *MODEM_OPTIONS})
+
+
+class _Reader:
+    """Typed access to a parsed TOML document; every error names the file and the key path."""
+
+    def __init__(self, source: str, *, read_secrets: bool = True) -> None:
+        self.source = source
+        # Workers that never talk to a Sync URL (modem workers, the parked CLI) do not read secret files: they
+        # need not be mounted in their containers (each container gets only the secrets it uses).
+        self.read_secrets = read_secrets
+
+    def error(self, path: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: {problem}")
+
+    def table(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a table, got {_toml_type(value)}")
+        return value
+
+    def unknown_keys(self, table: Mapping[str, Any], allowed: frozenset[str] | set[str], path: str) -> None:
+        for key in table:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.error(f"{path}.{key}" if path else key, f"unknown key; known keys: {known}")
+
+    def strings(self, value: Any, path: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.error(path, f"expected a list of strings, got {_toml_type(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise self.error(f"{path}[{index}]", f"expected a non-empty string, got {_toml_type(item)}")
+        return tuple(value)
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise self.error(path, f"expected a string, got {_toml_type(value)}")
+        return value
+
+    def secret_file(self, value: Any, path: str) -> str:
+        name = self.string(value, path)
+        if not self.read_secrets:
+            return ""
+        try:
+            # Docker/compose secrets end with a newline; a secret never does.
+            return Path(name).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise self.error(path, f"cannot read the secret file: {exc.strerror or exc}") from None
+
+    def option(self, key: str, var_name: str, value: Any, path: str) -> Any:
+        """Parse the option ``key`` with the parser of the variable ``var_name`` it mirrors."""
+        var = ENV_VARS[var_name]
+        if key == "result_interval":
+            # SMSGW_RESULT_INTERVAL is read as text (empty = the task interval); in the file the key is simply
+            # omitted for that, and a value is seconds, parsed and bounded like task_interval.
+            var = ENV_VARS["SMSGW_TASK_INTERVAL"]
+        if key == "sync_keys" and isinstance(value, dict):
+            value = ",".join(f"{k}={self.string(v, f'{path}.{k}')}" for k, v in value.items())
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+            if var.default not in ("true", "false"):
+                raise self.error(path, f"expected {_expected(var.default)}, got a boolean")
+        elif isinstance(value, (int, float, str)):
+            if var.default in ("true", "false") and not isinstance(value, bool):
+                raise self.error(path, f"expected true or false, got {_toml_type(value)}")
+            text = str(value)
+        else:
+            raise self.error(path, f"expected {_expected(var.default)}, got {_toml_type(value)}")
+        try:
+            return var.parse(path, text)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
+
+
+def _expected(default: str | None) -> str:
+    if default in ("true", "false"):
+        return "true or false"
+    try:
+        float(default or "")
+    except ValueError:
+        return "a string"
+    return "a number"
+
+
+def _toml_type(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _compile(reader: _Reader, patterns: Sequence[str], path: str) -> tuple[re.Pattern[str], ...]:
+    compiled = []
+    for index, pattern in enumerate(patterns):
+        try:
+            compiled.append(re.compile(pattern, re.IGNORECASE))
+        except re.error as exc:
+            raise reader.error(f"{path}[{index}]", f"bad regular expression {pattern!r}: {exc}") from None
+    return tuple(compiled)
+
+
+def _endpoint(reader: _Reader, raw: Any, path: str) -> EndpointConfig:
+    table = reader.table(raw, path)
+    reader.unknown_keys(table, ENDPOINT_KEYS, path)
+    if "name" not in table:
+        raise reader.error(f"{path}.name", "required")
+    name = reader.string(table["name"], f"{path}.name")
+    if not _ENDPOINT_NAME.fullmatch(name):
+        raise reader.error(f"{path}.name", f"use 1-32 of a-z, 0-9, '_' or '-', got {name!r}")
+    if name in _RESERVED_NAMES:
+        # smsgw.inbound.parked is the parked queue of the single-endpoint version's inbound queue.
+        raise reader.error(f"{path}.name", f"{name!r} is reserved (it would clash with a parked queue's name)")
+    values: dict[str, Any] = {}
+    for key, var_name in _ENDPOINT_OPTIONS.items():
+        if key in table:
+            values[key] = reader.option(key, var_name, table[key], f"{path}.{key}")
+        else:
+            values[key] = default_of(var_name)
+    if values["result_interval"] is None:
+        values["result_interval"] = values["task_interval"]
+    if "secret_file" in table:  # the file wins: compose secrets keep the value out of the config file
+        values["secret"] = reader.secret_file(table["secret_file"], f"{path}.secret_file")
+    signing_key = reader.string(table.get("signing_key", ""), f"{path}.signing_key")
+    if "signing_key_file" in table:
+        signing_key = reader.secret_file(table["signing_key_file"], f"{path}.signing_key_file")
+    lists = {key: reader.strings(table.get(key, []), f"{path}.{key}") for key in _LIST_KEYS}
+    for switch in ("inbound", "tasks", "message_results"):
+        if values[switch] and not values["sync_url"]:
+            raise reader.error(f"{path}.sync_url", f"required with {switch} = true")
+    if values["sync_format"] == "xml":
+        try:
+            check_xml_keys(values["sync_keys"], f"{path}.sync_keys")
+        except ConfigError as exc:
+            raise ConfigError(f"{reader.source}: {exc}") from None
+    return EndpointConfig(
+        name=name,
+        signing_key=signing_key,
+        keywords=lists["keywords"],
+        patterns=_compile(reader, lists["patterns"], f"{path}.patterns"),
+        allow_senders=lists["allow_senders"],
+        block_senders=lists["block_senders"],
+        **values,
+    )
+
+
+def _limits(reader: _Reader, raw: Any, path: str, defaults: ModemLimits) -> ModemLimits:
+    """One ``[modems.<id>]`` table: caps (0 = unlimited) and SIM pause keys, the rest from ``defaults``."""
+    table = reader.table(raw, path)
+    reader.unknown_keys(table, MODEM_KEYS, path)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in MODEM_OPTIONS:
+            values[key] = reader.option(key, MODEM_OPTIONS[key], value, f"{path}.{key}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise reader.error(f"{path}.{key}", f"expected a whole number >= 0 (0 = unlimited), got {value!r}")
+        else:
+            values[key] = value
+    return dataclasses.replace(defaults, **values)
+
+
+def parse_fleet(
+    document: Mapping[str, Any],
+    source: str,
+    *,
+    read_secrets: bool = True,
+    modem_defaults: ModemLimits | None = None,
+) -> FleetConfig:
+    """Validate a parsed fleet file; ``read_secrets=False`` leaves ``secret_file``/``signing_key_file`` unread
+    (their endpoints' secrets are empty) for workers that never talk to a Sync URL. ``modem_defaults`` (default:
+    the variables' defaults) are the limits every ``[modems.<id>]`` table starts from.
+
+    Raises:
+        ConfigError: one line naming ``source``, the key path and the problem.
+    """
+    reader = _Reader(source, read_secrets=read_secrets)
+    defaults = ModemLimits() if modem_defaults is None else modem_defaults
+    reader.unknown_keys(document, {"endpoints", "routes", "modems"}, "")
+    raw_endpoints = document.get("endpoints", [])
+    if not isinstance(raw_endpoints, list) or not raw_endpoints:
+        raise reader.error("endpoints", "expected at least one [[endpoints]] table")
+    endpoints = tuple(_endpoint(reader, raw, f"endpoints[{i}]") for i, raw in enumerate(raw_endpoints))
+    seen: set[str] = set()
+    for index, endpoint in enumerate(endpoints):
+        if endpoint.name in seen:
+            raise reader.error(f"endpoints[{index}].name", f"duplicate endpoint name {endpoint.name!r}")
+        seen.add(endpoint.name)
+    modem_table = reader.table(document.get("modems", {}), "modems")
+    limits: list[tuple[str, ModemLimits]] = []
+    for modem_id, raw in modem_table.items():
+        if not _MODEM_ID.fullmatch(modem_id):
+            raise reader.error(f"modems.{modem_id}", "a modem id is 1-64 letters, digits, '.', '_' or '-'")
+        limits.append((modem_id, _limits(reader, raw, f"modems.{modem_id}", defaults)))
+    known = {modem_id for modem_id, _ in limits}
+    raw_routes = document.get("routes", [])
+    if not isinstance(raw_routes, list):
+        raise reader.error("routes", f"expected [[routes]] tables, got {_toml_type(raw_routes)}")
+    routes: list[Route] = []
+    for index, raw in enumerate(raw_routes):
+        path = f"routes[{index}]"
+        table = reader.table(raw, path)
+        reader.unknown_keys(table, {"prefix", "modems"}, path)
+        prefix = reader.string(table.get("prefix", ""), f"{path}.prefix")
+        if not _PREFIX.fullmatch(prefix):
+            raise reader.error(f"{path}.prefix", f"expected a number prefix such as '+25573', got {prefix!r}")
+        if "modems" not in table:
+            raise reader.error(f"{path}.modems", "required: the modems this prefix leaves through")
+        modems = reader.strings(table["modems"], f"{path}.modems")
+        if not modems:
+            raise reader.error(f"{path}.modems", "expected at least one modem")
+        for position, modem_id in enumerate(modems):
+            if modem_id not in known:
+                raise reader.error(
+                    f"{path}.modems[{position}]", f"unknown modem {modem_id!r}: declare it as [modems.{modem_id}]"
+                )
+        routes.append(Route(prefix, tuple(dict.fromkeys(modems))))
+    return FleetConfig(source, endpoints, tuple(routes), tuple(limits), defaults)
+
+
+def load_fleet_file(path: str, *, read_secrets: bool = True, modem_defaults: ModemLimits | None = None) -> FleetConfig:
+    """Read and validate the fleet file at ``path`` (``parse_fleet``).
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or does not validate (one line, file and key named).
+    """
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_fleet(document, path, read_secrets=read_secrets, modem_defaults=modem_defaults)
+
+
+def load_fleet(
+    settings: Settings,
+    reads: WorkerEnv | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    read_secrets: bool = True,
+) -> FleetConfig:
+    """The fleet of this gateway: the ``SMSGW_CONFIG`` file if set, else the env-only ``default`` endpoint.
+    Reads the endpoint and SIM limit variables only when ``reads`` declares them (default: both); undeclared
+    ones keep their defaults.
+
+    Raises:
+        ConfigError: a variable is malformed, or the file is invalid (one line naming the file and key).
+    """
+    env = os.environ if environ is None else environ
+    modem_env = env if reads is None or reads.modems else {}
+    if settings.config:
+        defaults = env_modem_limits(modem_env)
+        return load_fleet_file(settings.config, read_secrets=read_secrets, modem_defaults=defaults)
+    endpoint_env = env if reads is None or reads.endpoints else {}
+    return fleet_from_env(endpoint_env, modem_env, read_secrets=read_secrets)

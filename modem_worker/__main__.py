@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from services import broker, metrics
+from modem_worker import metrics
+from services import broker
 from services.broker import PublisherThread, Topology
 from services.runtime import (
     check,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from modem_worker import metrics
 from modem_worker.modem import (
     Modem,
     ModemError,
@@ -37,7 +38,7 @@ from modem_worker.modem import (
     SimLocked,
     read_imei,
 )
-from services import liveness, metrics
+from services import liveness
 from services.settings import AUTO_PORT
 
 log = logging.getLogger(__name__)

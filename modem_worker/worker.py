@@ -36,7 +36,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from modem_worker import send_errors
+from modem_worker import metrics, send_errors
 from modem_worker.modem import (
     Modem,
     ModemError,
@@ -54,7 +54,7 @@ from modem_worker.send_errors import SEND_TRIES, Kind
 from modem_worker.sim_guard import SimGuard
 from modem_worker.sim_pin import SimPin, configured_pin
 from modem_worker.supervisor import ModemSupervisor, Outcome, SupervisorPolicy
-from services import broker, metrics
+from services import broker
 from services.broker import (
     Ack,
     Budget,

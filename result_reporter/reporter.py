@@ -43,7 +43,8 @@ from typing import Any, Literal, Protocol, get_args
 
 import requests
 
-from services import liveness, metrics
+from result_reporter import metrics
+from services import liveness
 from services.broker import BrokerError, HeldDelivery
 from services.config import EndpointConfig
 from services.logs import UnexpectedErrors

@@ -222,8 +222,9 @@ DEFAULT_METRICS_PORTS = {"modem_worker": 9101, "sync_worker": 9102, "task_poller
 
 
 def start_metrics(settings: Settings, worker: str) -> None:
-    """Serve ``worker``'s own metrics (services.metrics.GROUPS) on /metrics on SMSGW_METRICS_PORT (else the
-    worker's default port). The worker creates its labelled series at 0 (``metrics.init_<worker>``) right after.
+    """Serve ``worker``'s own metrics (the group its metrics module registered in services.metrics.GROUPS) on
+    /metrics on SMSGW_METRICS_PORT (else the worker's default port). The worker has created its labelled series at
+    0 (its metrics module's ``init_*`` functions) just before.
 
     A port already taken (two workers started with the same port) is logged as one ERROR line and the worker
     runs on without /metrics: losing the metrics is better than losing the SMS leg.

@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import requests
 
-from services import broker, metrics
+from services import broker
 from services.broker import Ack, BrokerError, Budget, Decision, Delivery, Park, Publication, PublisherThread, Retry
-from services.config import DEFAULT_ENDPOINT, FILTER_REASONS, EndpointConfig
+from services.config import DEFAULT_ENDPOINT, EndpointConfig
 from services.schemas import InboundSms, OutboundSms, SchemaError
 from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
 from services.sync_protocol import (
@@ -39,7 +39,8 @@ from services.sync_protocol import (
     parse_payload,
     sync_form,
 )
-from sync_worker import query_codes
+from sync_worker import metrics, query_codes
+from sync_worker.metrics import init_metrics
 from sync_worker.query_codes import query_code
 
 log = logging.getLogger(__name__)
@@ -49,22 +50,6 @@ PARK_AT_ONCE = {400, 401, 403, 404, 405, 410, 413, 414, 415, 422}
 HEADER_REFUSALS = "x-smsgw-refusals"
 HEADER_SERVER_ERRORS = "x-smsgw-server-errors"
 REPLY_NAMESPACE = uuid.UUID("0f9d2a4e-8b51-4f0e-b3c7-2c1e5d6a7b80")
-SYNC_OUTCOMES = ("accepted", "refused", "rejected", "server_error", "network_error", "bad_reply")
-REPLY_ORIGINS = ("reply", "auto_response", "query_code")
-
-
-def init_metrics(endpoint: str) -> None:
-    """Create every inbound series of ``endpoint`` at 0, so dashboards and rate() see them before the first
-    event (a counter that appears only on its first increment hides that increment from rate())."""
-    for outcome in SYNC_OUTCOMES:
-        metrics.SYNC_REQUESTS.labels(endpoint, outcome)
-    for reason in FILTER_REASONS:
-        metrics.SMS_FILTERED.labels(endpoint, reason)
-    for origin in REPLY_ORIGINS:
-        metrics.REPLIES_QUEUED.labels(endpoint, origin)
-    metrics.REPLIES_SKIPPED.labels(endpoint)
-    metrics.SYNC_SECONDS.labels(endpoint)
-    metrics.SYNC_END_TO_END_SECONDS.labels(endpoint)
 
 
 def reply_key(endpoint: str, message_id: str, server_uuid: str) -> str:

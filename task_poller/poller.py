@@ -36,7 +36,7 @@ from typing import Protocol
 
 import requests
 
-from services import broker, liveness, metrics
+from services import broker, liveness
 from services.broker import BrokerError, Publication
 from services.config import EndpointConfig, FleetConfig
 from services.ledger import Ledger, LedgerError
@@ -53,6 +53,7 @@ from services.sync_protocol import (
     secrets_match,
     status_hint,
 )
+from task_poller import metrics
 from task_poller.routing import RoutedSms, TaskRouter
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,12 @@ from typing import Any
 import pika
 import pytest
 
+from modem_worker import metrics
 from modem_worker.modem import ModemError, ModemUnavailable, SendFailed, SendReceipt, StorageUse
 from modem_worker.send_errors import SEND_TRIES
 from modem_worker.sim_guard import SimGuard, local_midnight_ms
 from modem_worker.simulator.device import Simulator
 from modem_worker.worker import HEADER_SEND_FAILURES, ModemWorker
-from services import metrics
 from services.broker import (
     OUTBOUND_QUEUE,
     Ack,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime import DEFAULT_METRICS_PORTS, check_modem_port, modem_port_problem, start_metrics
+from modem_worker.port_check import check_modem_port, modem_port_problem
+from services.runtime import DEFAULT_METRICS_PORTS, start_metrics
 from services.settings import Settings
 
 

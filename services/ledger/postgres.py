@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from services.ledger import LedgerError
 from services.ledger.migrations import POSTGRES, migrate
+from services.ledger.records import LedgerError
 from services.ledger.sql import Row, SqlLedger, Tx
 from services.settings import redact_url
 

@@ -238,13 +238,13 @@ def _run(point: EntryPoint, argv: list[str]) -> int:
 
 
 def _summary(point: EntryPoint) -> str:
-    """The first line of the docstring of the module ``point`` lives in, for ``smsgw --help``."""
+    """The first paragraph of the docstring of the module ``point`` lives in, for ``smsgw --help``."""
     try:
         command = point.load()
     except Exception as exc:  # one broken package must not take the help of every other command with it
         return f"(cannot be loaded: {exc})"
     doc = sys.modules[command.__module__].__doc__ or ""
-    return doc.strip().splitlines()[0].replace("``", "") if doc.strip() else ""
+    return " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")
 
 
 def _check_main(argv: list[str]) -> int:

@@ -70,10 +70,10 @@ from services.broker import (
 )
 from services.config import FleetConfig, fleet_from_settings
 from services.ledger import FINAL_STATES, Ledger, LedgerError, SendRecord
+from services.routing import outbound_queue_for_route
 from services.runtime import start_supervised
 from services.schemas import DeliveryEvent, InboundSms, OutboundSms, SchemaError, SentEvent, derive_message_id
 from services.settings import Settings
-from services.topology import outbound_queue_for_route
 
 log = logging.getLogger(__name__)
 

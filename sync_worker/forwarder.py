@@ -26,6 +26,7 @@ import requests
 from services import broker
 from services.broker import Ack, BrokerError, Budget, Decision, Delivery, Park, Publication, PublisherThread, Retry
 from services.config import DEFAULT_ENDPOINT, EndpointConfig
+from services.routing import reply_route
 from services.schemas import InboundSms, OutboundSms, SchemaError
 from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
 from services.sync_protocol import (
@@ -71,17 +72,13 @@ def query_answer_key(message_id: str) -> str:
 
 
 class ReplyPublisher:
-    """Queues SMS that answer an inbound SMS on the receiving modem's queue (confirmed).
-
-    Replies leave through the SIM the sender texted, so the answer comes from the number they know. With a
-    failover time they carry it as a per-message TTL: if that modem is down or gone for longer, the broker moves
-    the reply to the shared queue and any modem sends it.
-    """
+    """Queues SMS that answer an inbound SMS where services.routing.reply_route says (confirmed): the receiving
+    modem's queue with the failover time as TTL, the shared queue when that modem's queue is gone."""
 
     def __init__(self, publisher: PublisherThread, endpoint: str, modem_failover_s: float) -> None:
         self._publisher = publisher
         self._endpoint = endpoint
-        self._expiration_ms = int(modem_failover_s * 1000) if modem_failover_s > 0 else None
+        self._failover_s = modem_failover_s
 
     def publish(self, sms: InboundSms, outbound: list[OutboundSms]) -> None:
         """Publish ``outbound`` (answers to ``sms``), each confirmed.
@@ -89,12 +86,12 @@ class ReplyPublisher:
         Raises:
             BrokerError: a message was not confirmed (the caller retries the SMS; keys keep it from doubling).
         """
-        routing_key = broker.outbound_queue_for(sms.modem_id)
+        route = reply_route(sms.modem_id, self._failover_s)
         for message in outbound:
             try:
                 self._publisher.publish(
                     Publication(
-                        routing_key, message.to_json(), message_id=message.uuid, expiration_ms=self._expiration_ms
+                        route.queue, message.to_json(), message_id=message.uuid, expiration_ms=route.expiration_ms
                     )
                 )
             except broker.PublishRefused:
@@ -102,7 +99,7 @@ class ReplyPublisher:
                 log.warning(
                     "no outbound queue for modem %s; reply %s goes to the shared queue", sms.modem_id, message.uuid
                 )
-                self._publisher.publish(Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid))
+                self._publisher.publish(Publication(route.fallback_queue, message.to_json(), message_id=message.uuid))
             metrics.REPLIES_QUEUED.labels(self._endpoint, message.origin).inc()
 
 

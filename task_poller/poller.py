@@ -16,7 +16,7 @@ Never twice, across restarts, a server that keeps offering the same messages and
    processed it and dropped the uuids from its outbox, so the claims stay and ``?task=sent`` is retried for
    them on the next polls; if that never works they become orphans (below) and are sent anyway.
 3. ``ledger.touch`` the claims about to be published (so no replica takes them for orphans), publish
-   ``OutboundSms`` (to its route's queue, ``task_poller.routing``) with a publisher confirm, then
+   ``OutboundSms`` (to its route's queue, ``services.routing``) with a publisher confirm, then
    ``ledger.mark_queued``.
 
 A crash between 1 and 3 leaves an ``accepted`` claim: every cycle republishes this endpoint's claims older than
@@ -41,6 +41,7 @@ from services.broker import BrokerError, Publication
 from services.config import EndpointConfig, FleetConfig
 from services.ledger import Ledger, LedgerError
 from services.logs import UnexpectedErrors
+from services.routing import RoutedSms, TaskRouter
 from services.schemas import task_ledger_key
 from services.sync_protocol import (
     Payload,
@@ -54,7 +55,6 @@ from services.sync_protocol import (
     status_hint,
 )
 from task_poller import metrics
-from task_poller.routing import RoutedSms, TaskRouter
 
 log = logging.getLogger(__name__)
 

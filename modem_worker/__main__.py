@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from services import broker, metrics
+from modem_worker import metrics
+from modem_worker.port_check import modem_port_problem
+from services import broker
 from services.broker import PublisherThread, Topology
 from services.config import ConfigError, Settings, WorkerEnv
 from services.runtime import (
@@ -88,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         ledger.close()
         return check(
-            settings, topology, modem=True, heartbeat=heartbeat_path(settings, "modem_worker", settings.modem_id)
+            settings,
+            topology,
+            heartbeat=heartbeat_path(settings, "modem_worker", settings.modem_id),
+            worker_problem=lambda: modem_port_problem(settings),
         )
     modem_id = settings.modem_id
     # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.

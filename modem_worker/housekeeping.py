@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+from modem_worker import metrics
 from modem_worker.modem import ModemError, ModemUnavailable, StorageUse, first_amount
 from modem_worker.signals import ModemSignals
 from modem_worker.sim_guard import SimGuard
-from services import metrics
 from services.ledger import Ledger, LedgerError
 
 log = logging.getLogger(__name__)

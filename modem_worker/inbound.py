@@ -12,9 +12,10 @@ import json
 import logging
 from typing import Protocol
 
+from modem_worker import metrics
 from modem_worker.modem import ModemInfo, ReceivedMessage, StatusReport, UnreadableMessage
 from modem_worker.signals import epoch_ms
-from services import broker, metrics
+from services import broker
 from services.broker import MessagePublisher, Publication
 from services.ledger import Ledger
 from services.schemas import DeliveryEvent, InboundSms, derive_message_id

@@ -20,17 +20,17 @@ import time
 from datetime import datetime
 from typing import Protocol
 
-from modem_worker import send_errors
+from modem_worker import metrics, send_errors
 from modem_worker.housekeeping import recount_today
 from modem_worker.modem import ModemIdentity, ModemUnavailable, SendFailed, SendOutcomeUnknown, SendReceipt
 from modem_worker.send_errors import SEND_TRIES, Kind
 from modem_worker.signals import ModemSignals, epoch_ms
 from modem_worker.sim_guard import SimGuard
-from services import broker, metrics
+from services import broker
 from services.broker import Ack, Budget, Decision, Delivery, MessagePublisher, Move, Park, Publication, Retry
 from services.ledger import FINAL_STATES, Ledger, SendRecord
+from services.routing import HandOn, hand_back, outbound_queue_for_route
 from services.schemas import OutboundSms, SchemaError, SentEvent
-from services.topology import outbound_queue_for_route
 
 log = logging.getLogger(__name__)
 
@@ -53,44 +53,6 @@ class SendingModem(Protocol):
 
     def send(self, to: str, text: str) -> SendReceipt:
         """Send one SMS. Raises ModemUnavailable, SendFailed or SendOutcomeUnknown."""
-
-
-def hand_back_target(
-    sms: OutboundSms,
-    *,
-    from_queue: str,
-    own_queue: str,
-    modem_id: str,
-    why: str,
-    failover_ms: int,
-    now_ms: int,
-    refusals: int | None = None,
-) -> tuple[Decision, bool]:
-    """Where an SMS this modem cannot send now goes, and whether that hands it to other modems (a failover).
-
-    * From the own queue, allowed through any modem (a reply): back to the own queue with the rest of its
-      failover time as TTL (then the broker moves it to the shared queue), or straight to the shared queue once
-      that time is up; ``failover_ms`` 0: back without a TTL, it waits for this modem.
-    * From the own queue, routed to this modem alone: it waits (a delayed retry).
-    * From a pool or the shared queue: a delayed retry, and another modem takes it meanwhile.
-
-    ``refusals``: the SMS was just refused for the refusals-th time (counted on the message).
-    """
-    budget = SEND_FAILURES if refusals is not None else None
-    headers = {HEADER_SEND_FAILURES: refusals} if refusals is not None else None
-    if from_queue != own_queue:
-        return Retry(f"{why} on modem {modem_id}", budget=budget), True
-    if sms.modems:
-        return Retry(f"{why}; it waits for modem {modem_id}", budget=budget), False
-    if not failover_ms:
-        return Move(own_queue, f"{why}; it waits for modem {modem_id} (SMSGW_MODEM_FAILOVER=0)", headers=headers), True
-    rest_ms = failover_ms - (now_ms - sms.created_at)
-    if rest_ms <= 0:
-        return Move(broker.OUTBOUND_QUEUE, f"{why}; failover time over, any modem may send it", headers=headers), True
-    move = Move(
-        own_queue, f"{why}; any modem may send it in {rest_ms / 1000:.0f}s", expiration_ms=rest_ms, headers=headers
-    )
-    return move, True
 
 
 class SendOutcomes:
@@ -307,20 +269,18 @@ class OutboundSender:
 
     def _hand_back(self, delivery: Delivery, sms: OutboundSms, reason: str, *, refusals: int | None = None) -> Decision:
         """An SMS this modem cannot send now (``reason``: modem_down, capped or paused), not claimed in the
-        ledger; where it goes: :func:`hand_back_target`."""
-        decision, failover = hand_back_target(
-            sms,
-            from_queue=delivery.queue,
-            own_queue=self.own_queue,
-            modem_id=self.modem_id,
-            why=_HAND_BACK_WHY[reason],
-            failover_ms=int(self._failover_s * 1000),
-            now_ms=broker.now_ms(),
-            refusals=refusals,
+        ledger; where it goes is :func:`services.routing.hand_back`. ``refusals``: it was just refused for the
+        refusals-th time (counted on the message)."""
+        why = _HAND_BACK_WHY[reason]
+        target = hand_back(
+            self.modem_id, delivery.queue, sms.modems, self._failover_s, broker.now_ms() - sms.created_at
         )
-        if failover:
+        if target.failover:
             metrics.OUTBOUND_FAILOVER.labels(self.modem_id, reason).inc()
-        return decision
+        if isinstance(target, HandOn):
+            headers = {HEADER_SEND_FAILURES: refusals} if refusals is not None else None
+            return Move(target.queue, why + target.note, expiration_ms=target.expiration_ms, headers=headers)
+        return Retry(why + target.note, budget=SEND_FAILURES if refusals is not None else None)
 
     def _refuse(self, sms: OutboundSms, detail: str, *, metric_outcome: str, limit: str | None = None) -> Decision:
         """Report ``sms`` failed without sending it; claimed in the ledger first so no other copy goes out.

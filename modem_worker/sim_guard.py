@@ -26,8 +26,8 @@ from collections.abc import Callable
 from datetime import date, datetime
 from datetime import time as day_time
 
+from modem_worker import metrics
 from modem_worker.send_errors import Cause, Kind
-from services import metrics
 from services.config import ModemLimits
 from services.ledger import Ledger, recipient_key
 

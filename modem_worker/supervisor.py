@@ -30,6 +30,7 @@ from typing import Protocol
 
 from tenacity import RetryCallState, Retrying, wait_exponential
 
+from modem_worker import metrics
 from modem_worker.modem import (
     Modem,
     ModemError,
@@ -39,7 +40,7 @@ from modem_worker.modem import (
     SimLocked,
     read_imei,
 )
-from services import liveness, metrics
+from services import liveness
 from services.config import AUTO_PORT
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from result_reporter.reporter import ResultReporter
-from services import metrics
+from result_reporter import metrics
+from result_reporter.reporter import ResultReporter, init_metrics
 from services.broker import BatchConsumer, PublisherThread, events_queue_for
 from services.config import EndpointConfig, FleetConfig, Settings, WorkerEnv, require_env_sync_url
 from services.runtime import (
@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     install_stop_signals(stop.set)
     # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
-    metrics.init_result_reporter([e.name for e in endpoints], [events_queue_for(e.name) for e in endpoints])
+    for endpoint in endpoints:
+        init_metrics(endpoint.name)
+    metrics.init_events_queues([events_queue_for(e.name) for e in endpoints])
     start_metrics(settings, "result_reporter")
     start_liveness(settings, "result_reporter")
     if not endpoints:

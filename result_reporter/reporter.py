@@ -40,10 +40,11 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from result_reporter import metrics
 from result_reporter.events import HeldEvents, HoldsDeliveries, PendingRow
 from result_reporter.results_http import MAX_ERROR_CHARS, ResultsClient, ResultsRequests, RoundError
 from result_reporter.shape import ShapeWatch
-from services import liveness, metrics
+from services import liveness
 from services.broker import BrokerError, HeldDelivery
 from services.config import EndpointConfig
 from services.logs import UnexpectedErrors

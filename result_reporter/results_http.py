@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 import requests
 
-from services import liveness, metrics
+from result_reporter import metrics
+from services import liveness
 from services.config import EndpointConfig
 from services.sync_protocol import ReplyError, clip, describe_body, parse_payload, results_body, status_hint
 

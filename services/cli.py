@@ -3,10 +3,13 @@
 * ``smsgw parked list|replay|purge``: parked messages of one work queue (``--queue``, ``--endpoint``);
 * ``smsgw config check [FILE]``: validate a fleet file (``services.config``);
 * ``smsgw check WORKER``: that worker's health check (``--check``: settings, broker, topology);
-* ``smsgw compose-modems DEVICE[=ID]...``: print a compose.override.yaml with one modem worker per device
-  (``services.compose_modems``);
 * ``smsgw modem-worker|sync-worker|task-poller|result-reporter [ARGS]``: run a worker, exactly as
-  ``python -m <worker> [ARGS]`` does.
+  ``python -m <worker> [ARGS]`` does;
+* ``smsgw compose-modems DEVICE[=ID]...`` and any other command a worker package provides.
+
+This module names no worker: the workers and their commands are entry points of the installed package
+(pyproject.toml: ``[project.entry-points."smsgw.workers"]`` — name -> the worker's ``__main__:main`` — and
+``"smsgw.commands"`` — name -> a ``main(argv) -> int``), loaded only when their command runs.
 
 Exit codes everywhere: 0 ok, 1 unhealthy / the broker failed, 2 a configuration or usage error.
 """
@@ -15,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import logging
 import sys
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 
 from services import broker
 from services.config import DEFAULT_ENDPOINT, ConfigError, FleetConfig, Settings, amqp_urls, load_fleet
@@ -38,19 +41,10 @@ from services.topology import (
 log = logging.getLogger(__name__)
 
 PROG = "smsgw"
-# Command name -> the worker package whose ``__main__.main(argv)`` runs it.
-WORKERS: dict[str, str] = {
-    "modem-worker": "modem_worker",
-    "sync-worker": "sync_worker",
-    "task-poller": "task_poller",
-    "result-reporter": "result_reporter",
-}
-_WORKER_HELP = {
-    "modem-worker": "run a modem worker (one per modem: SIM <-> queues)",
-    "sync-worker": "run a sync worker (inbound SMS -> each endpoint's Sync URL)",
-    "task-poller": "run a task poller (?task=send -> outbound queues)",
-    "result-reporter": "run a result reporter (sent/delivery events -> ?task=result)",
-}
+# Entry point groups the worker packages fill (pyproject.toml): workers run as ``python -m <worker>`` does (and
+# have a ``--check``); commands are further operator commands.
+WORKER_GROUP = "smsgw.workers"
+COMMAND_GROUP = "smsgw.commands"
 QUEUE_ALIASES = ("inbound", "outbound", "events")
 
 
@@ -225,12 +219,31 @@ def parked_main(argv: list[str], *, out: Callable[[str], None] = print, note: Ca
 # --- smsgw (dispatch) ---------------------------------------------------------------------------------------------
 
 
-def _run_worker(command: str, argv: list[str]) -> int:
-    """Run a worker's ``__main__.main(argv)`` (imported only now: a modem worker's imports are not needed for
-    ``smsgw parked``)."""
-    module = importlib.import_module(f"{WORKERS[command]}.__main__")
-    code: int = module.main(argv)
-    return code
+def workers() -> dict[str, EntryPoint]:
+    """The installed workers: command name (``modem-worker``) -> entry point of the worker's ``__main__.main``."""
+    return {point.name: point for point in entry_points(group=WORKER_GROUP)}
+
+
+def plugin_commands() -> dict[str, EntryPoint]:
+    """The operator commands worker packages provide: command name -> entry point of a ``main(argv) -> int``."""
+    return {point.name: point for point in entry_points(group=COMMAND_GROUP)}
+
+
+def _run(point: EntryPoint, argv: list[str]) -> int:
+    """Run the ``main(argv)`` of ``point`` (imported only now: a modem worker's imports are not needed for
+    ``smsgw parked``); returns its exit code."""
+    command: Callable[[list[str]], int] = point.load()
+    return command(argv)
+
+
+def _summary(point: EntryPoint) -> str:
+    """The first paragraph of the docstring of the module ``point`` lives in, for ``smsgw --help``."""
+    try:
+        command = point.load()
+    except Exception as exc:  # one broken package must not take the help of every other command with it
+        return f"(cannot be loaded: {exc})"
+    doc = sys.modules[command.__module__].__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")
 
 
 def _check_main(argv: list[str]) -> int:
@@ -239,15 +252,10 @@ def _check_main(argv: list[str]) -> int:
         description="A worker's health check, as `python -m <worker> --check`: settings, fleet file, broker, "
         "topology (and what that worker needs besides). Exit 0 healthy, 1 unhealthy, 2 configuration error.",
     )
-    parser.add_argument("worker", choices=tuple(WORKERS))
+    installed = workers()
+    parser.add_argument("worker", choices=tuple(installed))
     args = parser.parse_args(argv)
-    return _run_worker(args.worker, ["--check"])
-
-
-def _compose_modems_main(argv: list[str]) -> int:
-    from services import compose_modems  # imported only here: no other command needs it
-
-    return compose_modems.main(argv)
+    return _run(installed[args.worker], ["--check"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -262,13 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("parked", help="list, replay or purge parked messages (--queue, --endpoint)", add_help=False)
     sub.add_parser("config", help="config check [FILE]: validate a fleet file (default: $SMSGW_CONFIG)", add_help=False)
     sub.add_parser("check", help="check WORKER: a worker's health check (settings, broker, topology)", add_help=False)
-    sub.add_parser(
-        "compose-modems",
-        help="compose-modems DEVICE[=ID]...: print a compose.override.yaml with one modem worker per device",
-        add_help=False,
-    )
-    for command, help_text in _WORKER_HELP.items():
-        sub.add_parser(command, help=help_text, add_help=False)
+    for name, point in {**plugin_commands(), **workers()}.items():
+        sub.add_parser(name, help=_summary(point), add_help=False)
     return parser
 
 
@@ -279,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help(sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
-    if command in WORKERS:
-        return _run_worker(command, rest)
+    installed = workers()
+    if command in installed:
+        return _run(installed[command], rest)
     # The operator commands log only problems, as plain lines on stderr (stdout is their answer).
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
     quiet_libraries(logging.WARNING)  # a broker problem is the command's own one line, not pika's five
@@ -288,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         "parked": parked_main,
         "config": config_main,
         "check": _check_main,
-        "compose-modems": _compose_modems_main,
     }
     if command in operator_commands:
         return operator_commands[command](rest)
+    provided = plugin_commands()
+    if command in provided:
+        return _run(provided[command], rest)
     _parser().parse_args(argv)  # --help, or "invalid choice" with the list of commands (exit 2)
     return 2
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import glob
 import logging
 import os
 import signal
-import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +16,6 @@ from typing import Any
 
 from services import broker, liveness, metrics
 from services.config import (
-    AUTO_PORT,
     ConfigError,
     FleetConfig,
     Settings,
@@ -142,21 +139,24 @@ def open_ledger(worker: str, settings: Settings) -> Ledger | None:
 
 
 def check(
-    settings: Settings, topology: Topology | None = None, *, modem: bool = False, heartbeat: Path | None = None
+    settings: Settings,
+    topology: Topology | None = None,
+    *,
+    heartbeat: Path | None = None,
+    worker_problem: Callable[[], str | None] | None = None,
 ) -> int:
     """Health check: the running worker's main loops turn (its ``heartbeat`` file, ``liveness.liveness_problem``);
-    with ``modem`` the worker's modem port is there and usable (``modem_port_problem``); the broker accepts us and
-    the topology is declared. Prints one line ("ok", or "unhealthy: <why>" on stderr) and returns the exit code:
-    0 healthy, 1 unhealthy."""
+    what the worker needs besides is there (``worker_problem``: why not, or None; e.g. the modem worker's port);
+    the broker accepts us and the topology is declared. Prints one line ("ok", or "unhealthy: <why>" on stderr)
+    and returns the exit code: 0 healthy, 1 unhealthy."""
     stuck = liveness.liveness_problem(heartbeat) if heartbeat is not None else None
     if stuck is not None:
         print(f"unhealthy: {stuck}", file=sys.stderr)
         return 1
-    if modem:
-        problem = modem_port_problem(settings)
-        if problem is not None:
-            print(f"unhealthy: {problem}", file=sys.stderr)
-            return 1
+    problem = worker_problem() if worker_problem is not None else None
+    if problem is not None:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return 1
     try:
         connection = broker.connect(settings.amqp_url, "smsgw-check")
         try:
@@ -173,68 +173,13 @@ def check(
     return 0
 
 
-def modem_port_problem(settings: Settings) -> str | None:
-    """Why the modem worker's port cannot be used (``check_modem_port``), or None. With SMSGW_MODEM_PORT=auto, at
-    least one device matching SMSGW_MODEM_PORT_GLOB must be usable (which one is the modem, by its IMEI, only
-    the running worker can tell: asking would disturb it)."""
-    if settings.modem_port != AUTO_PORT:
-        return check_modem_port(settings.modem_port)
-    candidates = sorted({path for pattern in settings.modem_port_glob for path in glob.glob(pattern)})
-    if not candidates:
-        return (
-            f"SMSGW_MODEM_PORT=auto: no device matches SMSGW_MODEM_PORT_GLOB "
-            f"({', '.join(settings.modem_port_glob)}): modem unplugged, or not mapped into the container"
-        )
-    problems = [check_modem_port(path) for path in candidates]
-    return None if None in problems else problems[0]
-
-
-def check_modem_port(path: str) -> str | None:
-    """Why the modem port ``path`` cannot be used (one line naming SMSGW_MODEM_PORT), or None when it exists, is a
-    character device and this process may read and write it.
-
-    The port is deliberately not opened: the check also runs inside the container of a modem worker that holds the
-    port open exclusively, where opening it would fail although all is well (or, without exclusivity, disturb the
-    running worker's AT dialogue). Whether the modem answers is the running worker's business
-    (``smsgw_modem_up``).
-    """
-    if not path:
-        return "SMSGW_MODEM_PORT is empty"
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        return _missing_port(path, exc)
-    if not stat.S_ISCHR(mode):
-        return f"modem port {path} (SMSGW_MODEM_PORT) is not a serial device (not a character device)"
-    if not os.access(path, os.R_OK | os.W_OK):
-        return (
-            f"no read/write permission on modem port {path} (SMSGW_MODEM_PORT) for uid {os.getuid()}: add the "
-            "user to the device's group (often dialout) or map the device with its permissions"
-        )
-    return None
-
-
-def _missing_port(path: str, exc: OSError) -> str:
-    """Why ``os.stat(path)`` failed, for ``check_modem_port``."""
-    if not isinstance(exc, FileNotFoundError):
-        return f"modem port {path} (SMSGW_MODEM_PORT) cannot be examined: {exc.strerror or exc}"
-    if os.path.islink(path):
-        return (
-            f"modem port {path} (SMSGW_MODEM_PORT) links to {os.readlink(path)}, which does not exist: "
-            "modem unplugged, or its simulator stopped"
-        )
-    return (
-        f"modem port {path} (SMSGW_MODEM_PORT) does not exist: modem unplugged, a wrong name, or the device "
-        "not mapped into the container"
-    )
-
-
 DEFAULT_METRICS_PORTS = {"modem_worker": 9101, "sync_worker": 9102, "task_poller": 9103, "result_reporter": 9104}
 
 
 def start_metrics(settings: Settings, worker: str) -> None:
-    """Serve ``worker``'s own metrics (services.metrics.GROUPS) on /metrics on SMSGW_METRICS_PORT (else the
-    worker's default port). The worker creates its labelled series at 0 (``metrics.init_<worker>``) right after.
+    """Serve ``worker``'s own metrics (the group its metrics module registered in services.metrics.GROUPS) on
+    /metrics on SMSGW_METRICS_PORT (else the worker's default port). The worker has created its labelled series at
+    0 (its metrics module's ``init_*`` functions) just before.
 
     A port already taken (two workers started with the same port) is logged as one ERROR line and the worker
     runs on without /metrics: losing the metrics is better than losing the SMS leg.

@@ -65,16 +65,6 @@ def pool_queue_for(modem_ids: Iterable[str]) -> str:
     return f"{OUTBOUND_QUEUE}.pool.{'+'.join(sorted(set(modem_ids)))}"
 
 
-def outbound_queue_for_route(modem_ids: Sequence[str]) -> str:
-    """The queue of SMS routed to ``modem_ids``: the modem's own queue for one, a pool queue for several,
-    the shared queue for none."""
-    if not modem_ids:
-        return OUTBOUND_QUEUE
-    if len(set(modem_ids)) == 1:
-        return outbound_queue_for(modem_ids[0])
-    return pool_queue_for(modem_ids)
-
-
 def parked_queue_for(work_queue: str) -> str:
     """Name of the parked queue of a work queue."""
     return f"{work_queue}.parked"

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services import broker, metrics
+from services import broker
 from services.broker import Consumer, PublisherThread, Topology
 from services.cli import parked_main
 from services.config import (
@@ -39,7 +39,8 @@ from services.runtime import (
     worker_parser,
 )
 from services.sync_client import SyncClient
-from sync_worker.forwarder import SyncForwarder
+from sync_worker import metrics
+from sync_worker.forwarder import PARK_AT_ONCE, SyncForwarder
 from sync_worker.probe import SyncUrlProbe
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(settings, topology, heartbeat=heartbeat_path(settings, "sync_worker"))
     # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
-    metrics.init_sync_worker([e.name for e in endpoints], [broker.inbound_queue_for(e.name) for e in endpoints])
+    metrics.init_sync_worker(
+        [e.name for e in endpoints], [broker.inbound_queue_for(e.name) for e in endpoints], PARK_AT_ONCE
+    )
     start_metrics(settings, "sync_worker")
     start_liveness(settings, "sync_worker")
     return serve(settings, endpoints, topology)

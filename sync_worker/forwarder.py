@@ -23,9 +23,10 @@ from dataclasses import replace
 
 import requests
 
-from services import broker, metrics
+from services import broker
 from services.broker import Ack, BrokerError, Budget, Decision, Delivery, Park, Publication, PublisherThread, Retry
-from services.config import DEFAULT_ENDPOINT, FILTER_REASONS, EndpointConfig
+from services.config import DEFAULT_ENDPOINT, EndpointConfig
+from services.routing import reply_route
 from services.schemas import InboundSms, OutboundSms, SchemaError
 from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
 from services.sync_protocol import (
@@ -39,7 +40,8 @@ from services.sync_protocol import (
     parse_payload,
     sync_form,
 )
-from sync_worker import query_codes
+from sync_worker import metrics, query_codes
+from sync_worker.metrics import init_metrics
 from sync_worker.query_codes import query_code
 
 log = logging.getLogger(__name__)
@@ -49,22 +51,6 @@ PARK_AT_ONCE = {400, 401, 403, 404, 405, 410, 413, 414, 415, 422}
 HEADER_REFUSALS = "x-smsgw-refusals"
 HEADER_SERVER_ERRORS = "x-smsgw-server-errors"
 REPLY_NAMESPACE = uuid.UUID("0f9d2a4e-8b51-4f0e-b3c7-2c1e5d6a7b80")
-SYNC_OUTCOMES = ("accepted", "refused", "rejected", "server_error", "network_error", "bad_reply")
-REPLY_ORIGINS = ("reply", "auto_response", "query_code")
-
-
-def init_metrics(endpoint: str) -> None:
-    """Create every inbound series of ``endpoint`` at 0, so dashboards and rate() see them before the first
-    event (a counter that appears only on its first increment hides that increment from rate())."""
-    for outcome in SYNC_OUTCOMES:
-        metrics.SYNC_REQUESTS.labels(endpoint, outcome)
-    for reason in FILTER_REASONS:
-        metrics.SMS_FILTERED.labels(endpoint, reason)
-    for origin in REPLY_ORIGINS:
-        metrics.REPLIES_QUEUED.labels(endpoint, origin)
-    metrics.REPLIES_SKIPPED.labels(endpoint)
-    metrics.SYNC_SECONDS.labels(endpoint)
-    metrics.SYNC_END_TO_END_SECONDS.labels(endpoint)
 
 
 def reply_key(endpoint: str, message_id: str, server_uuid: str) -> str:
@@ -86,17 +72,13 @@ def query_answer_key(message_id: str) -> str:
 
 
 class ReplyPublisher:
-    """Queues SMS that answer an inbound SMS on the receiving modem's queue (confirmed).
-
-    Replies leave through the SIM the sender texted, so the answer comes from the number they know. With a
-    failover time they carry it as a per-message TTL: if that modem is down or gone for longer, the broker moves
-    the reply to the shared queue and any modem sends it.
-    """
+    """Queues SMS that answer an inbound SMS where services.routing.reply_route says (confirmed): the receiving
+    modem's queue with the failover time as TTL, the shared queue when that modem's queue is gone."""
 
     def __init__(self, publisher: PublisherThread, endpoint: str, modem_failover_s: float) -> None:
         self._publisher = publisher
         self._endpoint = endpoint
-        self._expiration_ms = int(modem_failover_s * 1000) if modem_failover_s > 0 else None
+        self._failover_s = modem_failover_s
 
     def publish(self, sms: InboundSms, outbound: list[OutboundSms]) -> None:
         """Publish ``outbound`` (answers to ``sms``), each confirmed.
@@ -104,12 +86,12 @@ class ReplyPublisher:
         Raises:
             BrokerError: a message was not confirmed (the caller retries the SMS; keys keep it from doubling).
         """
-        routing_key = broker.outbound_queue_for(sms.modem_id)
+        route = reply_route(sms.modem_id, self._failover_s)
         for message in outbound:
             try:
                 self._publisher.publish(
                     Publication(
-                        routing_key, message.to_json(), message_id=message.uuid, expiration_ms=self._expiration_ms
+                        route.queue, message.to_json(), message_id=message.uuid, expiration_ms=route.expiration_ms
                     )
                 )
             except broker.PublishRefused:
@@ -117,7 +99,7 @@ class ReplyPublisher:
                 log.warning(
                     "no outbound queue for modem %s; reply %s goes to the shared queue", sms.modem_id, message.uuid
                 )
-                self._publisher.publish(Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid))
+                self._publisher.publish(Publication(route.fallback_queue, message.to_json(), message_id=message.uuid))
             metrics.REPLIES_QUEUED.labels(self._endpoint, message.origin).inc()
 
 

@@ -21,9 +21,9 @@ import threading
 import requests
 
 from services.config import EndpointConfig
-from services.metrics import SYNC_URL_UP
 from services.sync_client import SyncClient
 from services.sync_protocol import clip
+from sync_worker.metrics import SYNC_URL_UP
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import logging
 import sys
 import threading
 
-from services import metrics
 from services.broker import PublisherThread
 from services.config import DEFAULT_ENDPOINT, ConfigError, EndpointConfig, FleetConfig, WorkerEnv, require_sync_urls
 from services.runtime import (
@@ -22,7 +21,7 @@ from services.runtime import (
 )
 from services.sync_client import SyncClient
 from services.topology import Topology
-from task_poller.poller import TaskPoller
+from task_poller.poller import TaskPoller, init_metrics
 from task_poller.runner import PollerGroup
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         ledger.close()
         return check(settings, topology, heartbeat=heartbeat_path(settings, "task_poller"))
     # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
-    metrics.init_task_poller([e.name for e in endpoints])
+    for endpoint in endpoints:
+        init_metrics(endpoint.name)
     start_metrics(settings, "task_poller")
     start_liveness(settings, "task_poller")
     # The publisher thread also keeps the broker connection's heartbeat going between polls. It declares the

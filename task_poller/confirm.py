@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from services import metrics
 from services.ledger import Ledger
 from services.sync_protocol import ReplyError, TaskMessage, parse_message_uuids
+from task_poller import metrics
 from task_poller.sync_http import PollError, TaskRequests
 
 # The poller's logger: these lines are part of its log, under the name operators filter on.

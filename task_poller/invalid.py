@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
-from services import metrics
 from services.sync_protocol import Payload
+from task_poller import metrics
 
 # The poller's logger: these lines are part of its log, under the name operators filter on.
 log = logging.getLogger("task_poller.poller")

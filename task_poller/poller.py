@@ -16,7 +16,7 @@ Never twice, across restarts, a server that keeps offering the same messages and
    processed it and dropped the uuids from its outbox, so the claims stay and ``?task=sent`` is retried for
    them on the next polls; if that never works they become orphans (below) and are sent anyway.
 3. ``ledger.touch`` the claims about to be published (so no replica takes them for orphans), publish
-   ``OutboundSms`` (to its route's queue, ``task_poller.routing``) with a publisher confirm, then
+   ``OutboundSms`` (to its route's queue, ``services.routing``) with a publisher confirm, then
    ``ledger.mark_queued``.
 
 A crash between 1 and 3 leaves an ``accepted`` claim: every cycle republishes this endpoint's claims older than
@@ -34,16 +34,17 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services import broker, liveness, metrics
+from services import broker, liveness
 from services.broker import BrokerError, MessagePublisher, Publication
 from services.config import EndpointConfig, FleetConfig
 from services.ledger import Ledger, LedgerError
 from services.logs import UnexpectedErrors
+from services.routing import RoutedSms, TaskRouter
 from services.schemas import task_ledger_key
 from services.sync_protocol import Payload, ReplyError, TaskMessage, clip, parse_payload, secrets_match
+from task_poller import metrics
 from task_poller.confirm import SentConfirmer
 from task_poller.invalid import InvalidMessages
-from task_poller.routing import RoutedSms, TaskRouter
 from task_poller.sync_http import PollError, SyncRequests, TaskRequests
 
 log = logging.getLogger(__name__)

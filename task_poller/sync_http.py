@@ -9,8 +9,9 @@ from typing import Protocol
 
 import requests
 
-from services import liveness, metrics
+from services import liveness
 from services.sync_protocol import clip, describe_body, status_hint
+from task_poller import metrics
 
 
 class Answer(Protocol):

@@ -31,7 +31,7 @@ import yaml
 from prometheus_client import Histogram
 
 from scripts.stack import free_port, wait_until
-from services import metrics
+from tests.metric_objects import metric_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -172,7 +172,7 @@ def test_alerts_name_what_they_concern() -> None:
 def test_bucket_bounds_in_rules_are_buckets_of_the_histogram() -> None:
     # le="30.0" of a bucket that no longer exists matches nothing: the alert would be silent for good.
     bounds = {
-        obj._name: {float(b) for b in obj._upper_bounds} for obj in vars(metrics).values() if isinstance(obj, Histogram)
+        obj._name: {float(b) for b in obj._upper_bounds} for obj in metric_objects() if isinstance(obj, Histogram)
     }
     used = re.findall(r"\b(smsgw_[a-z0-9_]+)_bucket\{[^}]*\ble=\"([^\"]+)\"", ALERTS.read_text(encoding="utf-8"))
     assert used

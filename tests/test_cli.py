@@ -24,7 +24,7 @@ from services.broker import (
     declare_topology,
     parked_queue_for,
 )
-from services.cli import parked_main, vhost_of
+from services.cli import parked_main, plugin_commands, vhost_of, workers
 from services.topology import EVENTS_QUEUE, INBOUND_QUEUE, Topology, events_queue_for, inbound_queue_for
 
 SMSGW = Path(sys.executable).parent / "smsgw"
@@ -199,7 +199,24 @@ def test_smsgw_help_lists_the_subcommands() -> None:
     assert done.returncode == 0, done.stderr
     for command in ("parked", "config", "check", "modem-worker", "sync-worker", "task-poller", "result-reporter"):
         assert command in done.stdout
+    assert "compose-modems" in done.stdout and "one modem worker per device" in " ".join(done.stdout.split())
     assert smsgw("no-such-command").returncode == 2
+
+
+def test_the_workers_and_their_commands_come_from_entry_points() -> None:
+    # services/cli.py names no worker: what it runs is what the installed packages declare (pyproject.toml).
+    installed = workers()
+    assert sorted(installed) == ["modem-worker", "result-reporter", "sync-worker", "task-poller"]
+    assert {name: point.value for name, point in installed.items()}["task-poller"] == "task_poller.__main__:main"
+    assert plugin_commands()["compose-modems"].value == "modem_worker.compose_modems:main"
+    for point in (*installed.values(), *plugin_commands().values()):
+        assert callable(point.load()), point
+
+
+def test_smsgw_check_knows_the_installed_workers_only() -> None:
+    done = smsgw("check", "no-such-worker")
+    assert done.returncode == 2
+    assert "invalid choice" in done.stderr and "task-poller" in done.stderr
 
 
 def test_smsgw_runs_a_worker_as_python_m_does() -> None:

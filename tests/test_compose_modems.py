@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
+from modem_worker.compose_modems import UsageError, parse_modems, render
 from services import cli
-from services.compose_modems import UsageError, parse_modems, render
 from tests.test_deploy_files import (
     ROOT,
     _compose,
@@ -26,7 +26,7 @@ DEVICES = [
 
 
 def _generate(argv: list[str]) -> dict[str, Any]:
-    from services import compose_modems
+    from modem_worker import compose_modems
 
     lines: list[str] = []
     assert compose_modems.main(argv, out=lines.append) == 0

@@ -25,10 +25,9 @@ import jsonschema.validators
 import pytest
 import yaml
 from prometheus_client import REGISTRY
-from prometheus_client.metrics import MetricWrapperBase
 
-from services import metrics
 from services.config import ENV_VARS
+from tests.metric_objects import metric_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -86,7 +85,7 @@ def _series() -> dict[str, str]:
 
 def _labels() -> dict[str, set[str]]:
     """Family name -> label names, from the metric objects of services.metrics."""
-    return {obj._name: set(obj._labelnames) for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)}
+    return {obj._name: set(obj._labelnames) for obj in metric_objects()}
 
 
 # --- the PromQL expressions of deploy/ -------------------------------------------------------------------------

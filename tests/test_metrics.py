@@ -1,8 +1,9 @@
 """Metrics that start at zero and belong to their worker; liveness (issue 9 §1 and §6).
 
-* every metric of services/metrics.py belongs to a worker's group; every park label the code uses is created at
-  0 at start-up; the end-to-end histogram reaches the retry horizon; a message retried twice is two retries and
-  one retried message (``smsgw_messages_retried_total``, the per-SMS failure ratio);
+* every metric of services/metrics.py and of the workers' metrics modules belongs to a worker's group; every park
+  label the code uses is created at 0 at start-up; the end-to-end histogram reaches the retry horizon; a message
+  retried twice is two retries and one retried message (``smsgw_messages_retried_total``, the per-SMS failure
+  ratio);
 * each worker, started as a real process, serves at start-up (before any traffic) its labelled counters at 0
   (``smsgw_parked_total`` for each queue and reason it can park with), no metric of another worker, no
   ``_created`` series;
@@ -26,13 +27,17 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from modem_worker import metrics as modem_metrics
+from result_reporter import metrics as result_metrics
 from scripts.stack import ROOT, Stack, free_port
 from services import broker, liveness, metrics
 from services.broker import Ack, Decision, Delivery, Publication, PublisherThread, Retry
+from sync_worker import metrics as sync_metrics
+from sync_worker.forwarder import PARK_AT_ONCE
 from tests.conftest import wait_for
+from tests.metric_objects import metric_objects
 from tests.test_alerts import alertmanager as live_alertmanager  # noqa: F401 (a fixture: a real Alertmanager)
 from tests.test_alerts import concerns
 from tests.test_broker import running_consumer
@@ -40,14 +45,22 @@ from tests.test_broker import running_consumer
 SECRET = "metrics-test-secret"
 
 
-# --- services/metrics.py -----------------------------------------------------------------------------------------
+# --- services/metrics.py and the workers' metrics modules ---------------------------------------------------------
 
 
 def test_every_metric_belongs_to_a_worker_group() -> None:
+    assert sorted(metrics.GROUPS) == ["modem_worker", "result_reporter", "sync_worker", "task_poller"]
     grouped = {id(m) for group in metrics.GROUPS.values() for m in group}
-    objects = [obj for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)]
-    orphans = [obj._name for obj in objects if id(obj) not in grouped]
+    orphans = [obj._name for obj in metric_objects() if id(obj) not in grouped]
     assert not orphans, f"metrics in no group of services.metrics.GROUPS (no worker would serve them): {orphans}"
+
+
+def test_a_worker_registry_serves_its_group_only() -> None:
+    names = {family.name for family in metrics.worker_registry("task_poller").collect()}
+    assert {"smsgw_task_polls", "smsgw_http_request_seconds", "process_cpu_seconds"} <= names
+    assert "smsgw_parked" not in names and "smsgw_sync_requests" not in names
+    with pytest.raises(KeyError):
+        metrics.worker_registry("no_such_worker")
 
 
 def _labels_in(paths: list[Path]) -> set[str]:
@@ -61,23 +74,23 @@ def _labels_in(paths: list[Path]) -> set[str]:
 
 
 def test_every_park_label_in_the_code_is_created_at_start_up() -> None:
-    broker_labels = _labels_in([ROOT / "services" / "broker.py"])
+    broker_labels = _labels_in(sorted((ROOT / "services" / "broker").glob("*.py")))
     assert {"crash", "max_age"} <= broker_labels  # the scan finds them
-    modem = _labels_in(sorted((ROOT / "modem_worker").glob("*.py")))
+    modem = _labels_in(sorted((ROOT / "modem_worker").rglob("*.py")))
     sync = _labels_in(sorted((ROOT / "sync_worker").glob("*.py")))
     results = _labels_in(sorted((ROOT / "result_reporter").glob("*.py")))
-    assert modem - set(metrics.MODEM_PARK_LABELS) == set()
+    assert modem - set(modem_metrics.MODEM_PARK_LABELS) == set()
     # The modem's outbound consumer has no max_retry_age: it never parks with max_age.
-    assert "crash" in metrics.MODEM_PARK_LABELS
-    assert (sync | broker_labels) - set(metrics.sync_park_labels()) == set()
-    assert "http_404" in metrics.sync_park_labels()
-    assert results - set(metrics.RESULT_PARK_LABELS) == set()
+    assert "crash" in modem_metrics.MODEM_PARK_LABELS
+    assert (sync | broker_labels) - set(sync_metrics.sync_park_labels(PARK_AT_ONCE)) == set()
+    assert "http_404" in sync_metrics.sync_park_labels(PARK_AT_ONCE)
+    assert results - set(result_metrics.RESULT_PARK_LABELS) == set()
 
 
 def test_the_end_to_end_histogram_reaches_the_retry_horizon() -> None:
-    bounds = [float(b) for b in metrics.SYNC_END_TO_END_SECONDS._upper_bounds]
+    bounds = [float(b) for b in sync_metrics.SYNC_END_TO_END_SECONDS._upper_bounds]
     assert 7 * 86400.0 in bounds and 30.0 in bounds  # an alert reads le="30"
-    assert max(float(b) for b in metrics.SYNC_SECONDS._upper_bounds[:-1]) <= 30.0  # one request stays short
+    assert max(float(b) for b in sync_metrics.SYNC_SECONDS._upper_bounds[:-1]) <= 30.0  # one request stays short
 
 
 def test_a_message_retried_twice_is_one_retried_message_and_two_retries(clean_broker: str) -> None:
@@ -154,10 +167,10 @@ def test_each_worker_serves_its_own_metrics_at_zero_before_any_traffic(stack: St
         "modem_worker": [
             (queue, reason)
             for queue in (broker.outbound_queue_for("modem-a"), broker.OUTBOUND_QUEUE)
-            for reason in metrics.MODEM_PARK_LABELS
+            for reason in modem_metrics.MODEM_PARK_LABELS
         ],
-        "sync_worker": [(broker.inbound_queue_for("default"), r) for r in metrics.sync_park_labels()],
-        "result_reporter": [(broker.events_queue_for("default"), r) for r in metrics.RESULT_PARK_LABELS],
+        "sync_worker": [(broker.inbound_queue_for("default"), r) for r in sync_metrics.sync_park_labels(PARK_AT_ONCE)],
+        "result_reporter": [(broker.events_queue_for("default"), r) for r in result_metrics.RESULT_PARK_LABELS],
         "task_poller": [],
     }
     zero_counters = {

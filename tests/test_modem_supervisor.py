@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from modem_worker import metrics
 from modem_worker import supervisor as supervisor_module
 from modem_worker.modem import ModemError, ModemIdentity, ModemInfo, ModemUnavailable, SimLocked
 from modem_worker.sim_pin import SimPin, configured_pin
 from modem_worker.supervisor import ModemSupervisor, Outcome, SupervisorPolicy, candidate_ports
-from services import metrics
 from services.config import ConfigError, Settings
 from tests.conftest import wait_for
 

@@ -17,6 +17,7 @@ from typing import Any
 import pika
 import pytest
 
+from modem_worker import metrics
 from modem_worker.modem import (
     ModemError,
     ModemInfo,
@@ -30,7 +31,6 @@ from modem_worker.outbound import HEADER_SEND_FAILURES
 from modem_worker.send_errors import SEND_TRIES
 from modem_worker.sim_guard import SimGuard, local_midnight_ms
 from modem_worker.worker import ModemWorker
-from services import metrics
 from services.broker import (
     OUTBOUND_QUEUE,
     Ack,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from modem_worker.port_check import check_modem_port, modem_port_problem
 from services.config import Settings
-from services.runtime import DEFAULT_METRICS_PORTS, check_modem_port, modem_port_problem, start_metrics
+from services.runtime import DEFAULT_METRICS_PORTS, start_metrics
 
 
 def test_taken_metrics_port_is_one_error_line_not_a_dead_worker(caplog: pytest.LogCaptureFixture) -> None:

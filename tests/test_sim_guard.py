@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from modem_worker import metrics
 from modem_worker.send_errors import classify
 from modem_worker.sim_guard import PAUSE_MAX_S, SimGuard
-from services import metrics
 from services.config import ModemLimits
 from services.ledger import open_ledger
 

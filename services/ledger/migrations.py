@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.ledger import LedgerError, recipient_key
+from services.ledger.records import LedgerError, recipient_key
 from services.ledger.sql import Tx, now_ms
 
 log = logging.getLogger(__name__)

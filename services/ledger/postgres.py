@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
+import tenacity
 
 from services.config import redact_url
-from services.ledger import LedgerError
 from services.ledger.migrations import POSTGRES, migrate
+from services.ledger.records import LedgerError
 from services.ledger.sql import Row, SqlLedger, Tx
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class PostgresLedger(SqlLedger):
                 self._connections.append(conn)
         return conn
 
-    def _discard(self, conn: psycopg.Connection[Row]) -> None:
+    def discard(self, conn: psycopg.Connection[Row]) -> None:
+        """Close ``conn`` and forget it: this thread's next transaction opens a new connection."""
         with self._lock:
             if conn in self._connections:
                 self._connections.remove(conn)
@@ -113,41 +115,49 @@ class PostgresLedger(SqlLedger):
 
     def transaction(self, work: Callable[[Tx], T], *, write: bool = True) -> T:
         """Run ``work`` in one transaction and commit it; reconnect once when the connection was dropped (a
-        server restart, a fail-over), run it again after a deadlock.
+        server restart, a fail-over), run it again after a deadlock (``_SecondChances``).
 
         Running again after a drop is safe for never-twice: if the lost COMMIT did land, the second run finds
         the key claimed / sending and answers "already handled" — a message is then held back, never doubled.
         Raises LedgerError when the store fails; exceptions of ``work`` propagate after the rollback.
         """
         del write  # every PostgreSQL call is a transaction; row locks, not the mode, decide races
-        reconnected = False
-        conflicts = 0
-        while True:
-            conn = self._connection()
-            try:
-                with conn.cursor() as cursor:
-                    result = work(_PgTx(cursor))
-                conn.commit()
-                return result
-            except psycopg.errors.TransactionRollback as exc:
-                self._rollback(conn)
-                conflicts += 1
-                if conflicts >= MAX_CONFLICT_RETRIES:
-                    raise LedgerError(f"ledger {self.redacted_url}: {exc}") from exc
-                log.info("ledger: transaction conflict (%s); running it again", exc.sqlstate)
-            except psycopg.Error as exc:
-                if (conn.broken or conn.closed) and not reconnected:
-                    log.warning(
-                        "ledger: connection to %s lost (%s); reconnecting once", self.redacted_url, str(exc).strip()
-                    )
-                    self._discard(conn)
-                    reconnected = True
-                    continue
-                self._rollback(conn)
-                raise LedgerError(f"ledger {self.redacted_url}: {exc}") from exc
-            except BaseException:
-                self._rollback(conn)
-                raise
+        chances = _SecondChances(self)
+        # No wait between runs: a conflict is over once the other transaction ended; a reconnect waits in connect.
+        retrying = tenacity.Retrying(retry=chances.allow, before_sleep=chances.prepare, reraise=True)
+        try:
+            result: T = retrying(self._run_once, work)
+        except _Interrupted as exc:  # out of second chances
+            if isinstance(exc, _Dropped):
+                self._rollback(exc.conn)
+            raise LedgerError(f"ledger {self.redacted_url}: {exc.cause}") from exc.cause
+        return result
+
+    def _run_once(self, work: Callable[[Tx], T]) -> T:
+        """One run of ``work`` in a transaction, committed.
+
+        Raises:
+            _Conflict: a deadlock or serialisation failure rolled it back (running it again is safe).
+            _Dropped: the connection broke or was closed.
+            LedgerError: the store failed otherwise (rolled back).
+        """
+        conn = self._connection()
+        try:
+            with conn.cursor() as cursor:
+                result = work(_PgTx(cursor))
+            conn.commit()
+            return result
+        except psycopg.errors.TransactionRollback as exc:
+            self._rollback(conn)
+            raise _Conflict(conn, exc) from exc
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise _Dropped(conn, exc) from exc
+            self._rollback(conn)
+            raise LedgerError(f"ledger {self.redacted_url}: {exc}") from exc
+        except BaseException:
+            self._rollback(conn)
+            raise
 
     def close(self) -> None:
         """Close every thread's connection (the ledger must not be used afterwards)."""
@@ -156,3 +166,52 @@ class PostgresLedger(SqlLedger):
         for conn in connections:
             conn.close()
         self._local = threading.local()
+
+
+class _Interrupted(Exception):
+    """A transaction that did not finish, for a reason worth running it again for."""
+
+    def __init__(self, conn: psycopg.Connection[Row], cause: psycopg.Error) -> None:
+        super().__init__(str(cause))
+        self.conn = conn
+        self.cause = cause
+
+
+class _Conflict(_Interrupted):
+    """A deadlock or serialisation failure rolled the transaction back."""
+
+
+class _Dropped(_Interrupted):
+    """The connection broke or was closed under the transaction."""
+
+
+class _SecondChances:
+    """When ``PostgresLedger.transaction`` runs a transaction again (tenacity's ``retry`` and ``before_sleep``):
+    after a conflict up to ``MAX_CONFLICT_RETRIES`` runs in all, after a dropped connection once, on a new one."""
+
+    def __init__(self, ledger: PostgresLedger) -> None:
+        self._ledger = ledger
+        self._conflicts = 0
+        self._reconnected = False
+
+    def allow(self, state: tenacity.RetryCallState) -> bool:
+        """Whether the run that just ended (``state``) is run again."""
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, _Conflict):
+            self._conflicts += 1
+            return self._conflicts < MAX_CONFLICT_RETRIES
+        return isinstance(failure, _Dropped) and not self._reconnected
+
+    def prepare(self, state: tenacity.RetryCallState) -> None:
+        """Before the next run: say why, and after a drop forget the broken connection."""
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, _Dropped):
+            log.warning(
+                "ledger: connection to %s lost (%s); reconnecting once",
+                self._ledger.redacted_url,
+                str(failure.cause).strip(),
+            )
+            self._ledger.discard(failure.conn)
+            self._reconnected = True
+        elif isinstance(failure, _Conflict):
+            log.info("ledger: transaction conflict (%s); running it again", failure.cause.sqlstate)

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from services.ledger import FINAL_STATES, Claim, LedgerError, ReportMatch, SendRecord, recipient_key
+from services.ledger.records import FINAL_STATES, Claim, LedgerError, ReportMatch, SendRecord, recipient_key
 
 log = logging.getLogger(__name__)
 

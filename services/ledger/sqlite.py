@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from services.ledger import LedgerError
 from services.ledger.migrations import SQLITE, migrate
+from services.ledger.records import LedgerError
 from services.ledger.sql import Row, SqlLedger, Tx
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,65 @@
+"""Whether the modem worker's serial port can be used, for its ``--check`` (without opening it)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import stat
+
+from services.config import AUTO_PORT, Settings
+
+
+def modem_port_problem(settings: Settings) -> str | None:
+    """Why the modem worker's port cannot be used (``check_modem_port``), or None. With SMSGW_MODEM_PORT=auto, at
+    least one device matching SMSGW_MODEM_PORT_GLOB must be usable (which one is the modem, by its IMEI, only
+    the running worker can tell: asking would disturb it)."""
+    if settings.modem_port != AUTO_PORT:
+        return check_modem_port(settings.modem_port)
+    candidates = sorted({path for pattern in settings.modem_port_glob for path in glob.glob(pattern)})
+    if not candidates:
+        return (
+            f"SMSGW_MODEM_PORT=auto: no device matches SMSGW_MODEM_PORT_GLOB "
+            f"({', '.join(settings.modem_port_glob)}): modem unplugged, or not mapped into the container"
+        )
+    problems = [check_modem_port(path) for path in candidates]
+    return None if None in problems else problems[0]
+
+
+def check_modem_port(path: str) -> str | None:
+    """Why the modem port ``path`` cannot be used (one line naming SMSGW_MODEM_PORT), or None when it exists, is a
+    character device and this process may read and write it.
+
+    The port is deliberately not opened: the check also runs inside the container of a modem worker that holds the
+    port open exclusively, where opening it would fail although all is well (or, without exclusivity, disturb the
+    running worker's AT dialogue). Whether the modem answers is the running worker's business
+    (``smsgw_modem_up``).
+    """
+    if not path:
+        return "SMSGW_MODEM_PORT is empty"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return _missing_port(path, exc)
+    if not stat.S_ISCHR(mode):
+        return f"modem port {path} (SMSGW_MODEM_PORT) is not a serial device (not a character device)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return (
+            f"no read/write permission on modem port {path} (SMSGW_MODEM_PORT) for uid {os.getuid()}: add the "
+            "user to the device's group (often dialout) or map the device with its permissions"
+        )
+    return None
+
+
+def _missing_port(path: str, exc: OSError) -> str:
+    """Why ``os.stat(path)`` failed, for ``check_modem_port``."""
+    if not isinstance(exc, FileNotFoundError):
+        return f"modem port {path} (SMSGW_MODEM_PORT) cannot be examined: {exc.strerror or exc}"
+    if os.path.islink(path):
+        return (
+            f"modem port {path} (SMSGW_MODEM_PORT) links to {os.readlink(path)}, which does not exist: "
+            "modem unplugged, or its simulator stopped"
+        )
+    return (
+        f"modem port {path} (SMSGW_MODEM_PORT) does not exist: modem unplugged, a wrong name, or the device "
+        "not mapped into the container"
+    )

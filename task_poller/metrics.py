@@ -1,0 +1,29 @@
+"""The task poller's metrics: ``?task=send`` polls, the messages they bring, claims republished or released.
+
+Registered as the ``task_poller`` group of services.metrics (with the Sync URL latency it shares with the result
+reporter). The poller creates its series at 0 (task_poller.poller.init_metrics).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+from services.metrics import HTTP_SECONDS as HTTP_SECONDS  # noqa: PLC0414 (re-exported: the poller times its requests here)
+from services.metrics import register_group
+
+TASK_POLLS = Counter("smsgw_task_polls_total", "?task=send polls, by outcome", ["endpoint", "outcome"])
+TASK_MESSAGES = Counter("smsgw_task_messages_total", "Messages from ?task=send, by outcome", ["endpoint", "outcome"])
+TASK_REPUBLISHED = Counter(
+    "smsgw_task_republished_total",
+    "Claimed task messages published again after a poller died before its confirm",
+    ["endpoint"],
+)
+# Servers that differ (issue 8).
+TASK_RELEASED = Counter(
+    "smsgw_task_released_total",
+    "Claimed task messages released unsent because the server refused ?task=sent (HTTP 3xx/4xx); a server that "
+    "marks messages sent when it hands them out never offers them again",
+    ["endpoint"],
+)
+
+register_group("task_poller", TASK_POLLS, TASK_MESSAGES, HTTP_SECONDS, TASK_REPUBLISHED, TASK_RELEASED)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from services import broker, metrics
-from services.broker import PublisherThread, Topology
+from services import metrics
+from services.broker import PublisherThread
 from services.runtime import (
     check,
     heartbeat_path,
@@ -19,6 +19,7 @@ from services.runtime import (
     worker_parser,
 )
 from services.settings import ConfigError, Settings
+from services.topology import OUTBOUND_QUEUE, Topology, outbound_queue_for, pool_queue_for
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics.init_modem_worker(
         modem_id,
         [
-            broker.outbound_queue_for(modem_id),
-            *map(broker.pool_queue_for, fleet.pools_of(modem_id)),
-            broker.OUTBOUND_QUEUE,
+            outbound_queue_for(modem_id),
+            *map(pool_queue_for, fleet.pools_of(modem_id)),
+            OUTBOUND_QUEUE,
         ],
     )
     start_metrics(settings, "modem_worker")

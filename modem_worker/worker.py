@@ -66,14 +66,22 @@ from services.broker import (
     Publication,
     PublisherThread,
     Retry,
-    Topology,
 )
 from services.config import FleetConfig, fleet_from_settings
 from services.ledger import FINAL_STATES, Ledger, LedgerError, SendRecord
 from services.runtime import start_supervised
 from services.schemas import DeliveryEvent, InboundSms, OutboundSms, SchemaError, SentEvent, derive_message_id
 from services.settings import Settings
-from services.topology import outbound_queue_for_route
+from services.topology import (
+    INBOUND_EXCHANGE,
+    OUTBOUND_QUEUE,
+    Topology,
+    events_queue_for,
+    inbound_queue_for,
+    outbound_queue_for,
+    outbound_queue_for_route,
+    pool_queue_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +179,11 @@ class ModemWorker:
         self.modem_id = settings.modem_id
         self._fleet = fleet or fleet_from_settings(settings)
         self._topology = Topology.of(self._fleet, modems=[self.modem_id])
-        self._own_queue = broker.outbound_queue_for(self.modem_id)
-        self._shared_queues = [*map(broker.pool_queue_for, self._fleet.pools_of(self.modem_id)), broker.OUTBOUND_QUEUE]
+        self._own_queue = outbound_queue_for(self.modem_id)
+        self._shared_queues = [*map(pool_queue_for, self._fleet.pools_of(self.modem_id)), OUTBOUND_QUEUE]
         inbound = self._fleet.inbound_endpoints()
         # Undecodable PDUs are parked once, with the first inbound endpoint's queue (the operator looks there).
-        self._unreadable_queue = broker.inbound_queue_for(inbound[0].name if inbound else "default")
+        self._unreadable_queue = inbound_queue_for(inbound[0].name if inbound else "default")
         self._guard = SimGuard(
             self.modem_id,
             self._fleet.limits_for(self.modem_id),
@@ -482,7 +490,7 @@ class ModemWorker:
             modem_signal=self._health[0],
             modem_battery=self._health[1],
         )
-        self._publisher.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE, message_id=sms.message_id))
+        self._publisher.publish(Publication("", sms.to_json(), INBOUND_EXCHANGE, message_id=sms.message_id))
         metrics.SMS_RECEIVED.labels(self.modem_id).inc()
         log.info(
             "modem %s: SMS %s queued (%d part(s)%s)",
@@ -548,9 +556,7 @@ class ModemWorker:
             sent_timestamp=match.sent_at,
             sent_cms_error=match.sent_cms_error,
         )
-        self._publisher.publish(
-            Publication(broker.events_queue_for(match.endpoint), event.to_json(), message_id=match.uuid)
-        )
+        self._publisher.publish(Publication(events_queue_for(match.endpoint), event.to_json(), message_id=match.uuid))
 
     # ---- outbound: broker -> modem -------------------------------------------------------------------------
     def _handle_outbound(self, delivery: Delivery) -> Decision:
@@ -638,7 +644,7 @@ class ModemWorker:
             )
         rest_ms = failover_ms - (broker.now_ms() - sms.created_at)
         if rest_ms <= 0:
-            return Move(broker.OUTBOUND_QUEUE, f"{why}; failover time over, any modem may send it", headers=headers)
+            return Move(OUTBOUND_QUEUE, f"{why}; failover time over, any modem may send it", headers=headers)
         return Move(
             self._own_queue,
             f"{why}; any modem may send it in {rest_ms / 1000:.0f}s",
@@ -727,9 +733,7 @@ class ModemWorker:
         why = f"{cause.describe()} on modem {self.modem_id} (try {refusals} of {SEND_TRIES})"
         if delivery.queue == self._own_queue and not sms.modems:
             # A reply any modem may send: to the shared queue, where every modem (this one too) can take it.
-            return Move(
-                broker.OUTBOUND_QUEUE, f"{why}; any modem may send it", headers={HEADER_SEND_FAILURES: refusals}
-            )
+            return Move(OUTBOUND_QUEUE, f"{why}; any modem may send it", headers={HEADER_SEND_FAILURES: refusals})
         # Shared or pool queue: back there after a delay, any modem of the route takes it; routed to this modem
         # alone: it waits for this modem.
         return Retry(why, budget=SEND_FAILURES)
@@ -812,9 +816,7 @@ class ModemWorker:
         )
         # If this raises, the Consumer requeues the outbound message; the redelivery finds the final state in
         # the ledger and publishes the event again instead of sending the SMS again.
-        self._publisher.publish(
-            Publication(broker.events_queue_for(sms.endpoint), event.to_json(), message_id=sms.uuid)
-        )
+        self._publisher.publish(Publication(events_queue_for(sms.endpoint), event.to_json(), message_id=sms.uuid))
 
     def _already_handled(self, sms: OutboundSms, record: SendRecord) -> Decision:
         if record.state in FINAL_STATES:

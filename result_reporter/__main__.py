@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from result_reporter.reporter import ResultReporter
 from services import metrics
-from services.broker import BatchConsumer, PublisherThread, events_queue_for
+from services.broker import BatchConsumer, PublisherThread
 from services.config import EndpointConfig, FleetConfig
 from services.runtime import (
     check,
@@ -30,7 +30,7 @@ from services.runtime import (
 )
 from services.settings import ConfigError, Settings
 from services.sync_client import SyncClient
-from services.topology import Topology
+from services.topology import Topology, events_queue_for
 
 log = logging.getLogger(__name__)
 

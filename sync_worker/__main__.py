@@ -15,8 +15,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services import broker, metrics
-from services.broker import Consumer, PublisherThread, Topology
+from services import metrics
+from services.broker import Consumer, PublisherThread
 from services.cli import parked_main
 from services.config import EndpointConfig, FleetConfig, require_sync_urls
 from services.runtime import (
@@ -32,6 +32,7 @@ from services.runtime import (
 )
 from services.settings import ConfigError, Settings
 from services.sync_client import SyncClient
+from services.topology import Topology, inbound_queue_for
 from sync_worker.forwarder import SyncForwarder
 from sync_worker.probe import SyncUrlProbe
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(settings, topology, heartbeat=heartbeat_path(settings, "sync_worker"))
     # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
-    metrics.init_sync_worker([e.name for e in endpoints], [broker.inbound_queue_for(e.name) for e in endpoints])
+    metrics.init_sync_worker([e.name for e in endpoints], [inbound_queue_for(e.name) for e in endpoints])
     start_metrics(settings, "sync_worker")
     start_liveness(settings, "sync_worker")
     return serve(settings, endpoints, topology)
@@ -142,7 +143,7 @@ class InboundLane:
         forwarder = SyncForwarder(endpoint, publisher, client, modem_failover_s=settings.modem_failover)
         consumer = Consumer(
             settings.amqp_url,
-            [broker.inbound_queue_for(endpoint.name)],
+            [inbound_queue_for(endpoint.name)],
             forwarder.handle,
             publisher,
             name=name,

@@ -24,7 +24,7 @@ from dataclasses import replace
 import requests
 
 from services import broker, metrics
-from services.broker import Ack, BrokerError, Budget, Decision, Delivery, Park, Publication, PublisherThread, Retry
+from services.broker import Ack, BrokerError, Budget, Decision, Delivery, MessagePublisher, Park, Publication, Retry
 from services.config import DEFAULT_ENDPOINT, FILTER_REASONS, EndpointConfig
 from services.schemas import InboundSms, OutboundSms, SchemaError
 from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
@@ -39,6 +39,7 @@ from services.sync_protocol import (
     parse_payload,
     sync_form,
 )
+from services.topology import OUTBOUND_QUEUE, outbound_queue_for
 from sync_worker import query_codes
 from sync_worker.query_codes import query_code
 
@@ -93,7 +94,7 @@ class ReplyPublisher:
     the reply to the shared queue and any modem sends it.
     """
 
-    def __init__(self, publisher: PublisherThread, endpoint: str, modem_failover_s: float) -> None:
+    def __init__(self, publisher: MessagePublisher, endpoint: str, modem_failover_s: float) -> None:
         self._publisher = publisher
         self._endpoint = endpoint
         self._expiration_ms = int(modem_failover_s * 1000) if modem_failover_s > 0 else None
@@ -104,7 +105,7 @@ class ReplyPublisher:
         Raises:
             BrokerError: a message was not confirmed (the caller retries the SMS; keys keep it from doubling).
         """
-        routing_key = broker.outbound_queue_for(sms.modem_id)
+        routing_key = outbound_queue_for(sms.modem_id)
         for message in outbound:
             try:
                 self._publisher.publish(
@@ -117,7 +118,7 @@ class ReplyPublisher:
                 log.warning(
                     "no outbound queue for modem %s; reply %s goes to the shared queue", sms.modem_id, message.uuid
                 )
-                self._publisher.publish(Publication(broker.OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid))
+                self._publisher.publish(Publication(OUTBOUND_QUEUE, message.to_json(), message_id=message.uuid))
             metrics.REPLIES_QUEUED.labels(self._endpoint, message.origin).inc()
 
 
@@ -125,7 +126,12 @@ class SyncForwarder:
     """Handler of one endpoint's inbound queue (thread-safe: the client keeps one HTTP session per thread)."""
 
     def __init__(
-        self, endpoint: EndpointConfig, publisher: PublisherThread, client: SyncClient, *, modem_failover_s: float = 0.0
+        self,
+        endpoint: EndpointConfig,
+        publisher: MessagePublisher,
+        client: SyncClient,
+        *,
+        modem_failover_s: float = 0.0,
     ) -> None:
         self._endpoint = endpoint
         self._name = endpoint.name

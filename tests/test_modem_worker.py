@@ -22,7 +22,6 @@ from modem_worker.simulator.device import Simulator
 from modem_worker.worker import HEADER_SEND_FAILURES, ModemWorker
 from services import metrics
 from services.broker import (
-    OUTBOUND_QUEUE,
     Ack,
     Delivery,
     Move,
@@ -30,17 +29,20 @@ from services.broker import (
     Publisher,
     PublisherThread,
     Retry,
-    Topology,
-    events_queue_for,
-    inbound_queue_for,
     now_ms,
-    outbound_queue_for,
-    pool_queue_for,
 )
 from services.config import FleetConfig, ModemLimits, parse_fleet
 from services.ledger import Ledger, SendRecord, open_ledger
 from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
 from services.settings import Settings
+from services.topology import (
+    OUTBOUND_QUEUE,
+    Topology,
+    events_queue_for,
+    inbound_queue_for,
+    outbound_queue_for,
+    pool_queue_for,
+)
 from tests.conftest import wait_for
 
 

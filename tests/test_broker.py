@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -17,6 +18,7 @@ from services.broker import (
     Consumer,
     Decision,
     Delivery,
+    MessagePublisher,
     Park,
     ParkedQueues,
     Publication,
@@ -43,7 +45,7 @@ from tests.conftest import wait_for
 def running_consumer(
     url: str,
     handler: Callable[[Delivery], Decision],
-    publisher: PublisherThread,
+    publisher: MessagePublisher,
     queue: str = EVENTS_QUEUE,
     topology: Topology | None = None,
 ) -> Iterator[Consumer]:
@@ -180,11 +182,9 @@ def test_batch_consumer_reconnects_when_the_broker_closes_its_channel(
         wait_for(consumer.connected.is_set, what="batch consumer connected")
         publisher.publish(Publication(EVENTS_QUEUE, b'{"held": 1}', message_id="held-1"))
         first = wait_for(lambda: consumer.take(timeout=0.1), what="the delivery held")
-        connection, channel = consumer._connection, consumer._channel
-        assert connection is not None and channel is not None
         # An ack of a tag the broker never gave is a channel error: the broker closes the channel, as it does
         # on consumer_timeout.
-        connection.add_callback_threadsafe(lambda: channel.basic_ack(999_999))
+        assert consumer.ack([dataclasses.replace(first[0], tag=999_999)]) == 1
         wait_for(lambda: not consumer.is_live(first[0]), what="the old channel seen as dead")
         again = wait_for(lambda: consumer.take(timeout=0.1), timeout=30, what="the delivery back on a new channel")
         assert again[0].delivery.message_id == "held-1"
@@ -196,13 +196,13 @@ def test_batch_consumer_reconnects_when_the_broker_closes_its_channel(
 
 
 class _FlakyPublisher:
-    """A PublisherThread whose first ``failures`` publishes to the retry exchange fail as in a broker alarm."""
+    """A MessagePublisher whose first ``failures`` publishes to the retry exchange fail as in a broker alarm."""
 
     def __init__(self, inner: PublisherThread, failures: int) -> None:
         self._inner = inner
         self.failures = failures
 
-    def publish(self, publication: Publication) -> None:
+    def publish(self, publication: Publication, timeout: float = 45.0) -> None:
         if publication.exchange == RETRY_EXCHANGE and self.failures > 0:
             self.failures -= 1
             raise broker.BrokerUnavailable("no publisher confirm within the time-out")
@@ -221,7 +221,7 @@ def test_a_retry_copy_that_cannot_be_published_yet_is_retried_not_requeued(
         return Retry("server down") if delivery.attempts == 0 else Ack()
 
     flaky = _FlakyPublisher(publisher, failures=2)
-    with running_consumer(clean_broker, handler, flaky):  # type: ignore[arg-type]
+    with running_consumer(clean_broker, handler, flaky):
         publisher.publish(Publication(EVENTS_QUEUE, b"{}", message_id="m-1"))
         wait_for(lambda: seen == [0, 1], timeout=30, what="handled, then once more as the retry copy")
     assert flaky.failures == 0

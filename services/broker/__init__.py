@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from services.broker.connection import HEARTBEAT_S, close_quietly, connect, reconnecting
+from services.broker.connection import close_quietly, connect
 from services.broker.consumer import BatchConsumer, Consumer, ConsumerLoop, HeldDelivery
 from services.broker.decisions import (
     CRASHES,
@@ -78,7 +78,6 @@ __all__ = [
     "HEADER_PARKED_AT_MS",
     "HEADER_PARK_REASON",
     "HEADER_SOURCE_QUEUE",
-    "HEARTBEAT_S",
     "Ack",
     "BatchConsumer",
     "BrokerChannelError",
@@ -109,5 +108,4 @@ __all__ = [
     "now_ms",
     "park",
     "park_body",
-    "reconnecting",
 ]

@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -254,20 +255,25 @@ def fleet_broker(clean_broker: str) -> Iterator[str]:
         connection.close()
 
 
-def _get_all(url: str, queue: str) -> list[bytes]:
+def take_messages(url: str, queue: str) -> list[tuple[Any, bytes]]:
+    """Take every message out of ``queue``: its properties and body, oldest first."""
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
-        bodies: list[bytes] = []
+        messages: list[tuple[Any, bytes]] = []
         while True:
-            method, _props, body = channel.basic_get(queue, auto_ack=True)
+            method, props, body = channel.basic_get(queue, auto_ack=True)
             if method is None:
-                return bodies
-            bodies.append(body)
+                return messages
+            messages.append((props, body))
     finally:
         connection.close()
+
+
+def _get_all(url: str, queue: str) -> list[bytes]:
+    return [body for _props, body in take_messages(url, queue)]
 
 
 def test_one_inbound_publish_reaches_every_inbound_endpoint_queue(fleet_broker: str) -> None:

@@ -12,26 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pika
 import pytest
 
-from services.broker import (
-    HEADER_CRASHES,
-    HEADER_FIRST_ATTEMPT_MS,
-    HEADER_PARKED_AT_MS,
-    Ack,
-    BrokerUnavailable,
-    Budget,
-    Consumer,
-    Decision,
-    Delivery,
-    Move,
-    Park,
-    Publication,
-    PublisherThread,
-    PublishRefused,
-    Retry,
-)
+from services.broker import Consumer, PublisherThread
+from services.broker.decisions import Ack, Budget, Decision, Move, Park, Retry
+from services.broker.errors import BrokerUnavailable, PublishRefused
+from services.broker.messages import HEADER_CRASHES, HEADER_FIRST_ATTEMPT_MS, Delivery, Publication
+from services.broker.parking import HEADER_PARKED_AT_MS
 from services.broker.stub import StubBroker, StubPublisher
 from services.topology import (
     EVENTS_QUEUE,
@@ -43,6 +30,7 @@ from services.topology import (
     parked_queue_for,
 )
 from tests.conftest import wait_for
+from tests.test_broker import take_messages
 
 REFUSALS = "x-test-refusals"
 TWO_LEFT = Budget(REFUSALS, 3, "refusals", "refused")
@@ -134,18 +122,10 @@ def _on_rabbitmq(url: str, case: Case) -> tuple[list[tuple[int, int, int]], dict
 
 
 def _take_all(url: str, queue: str) -> list[Message]:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        channel = connection.channel()
-        messages: list[Message] = []
-        while True:
-            method, props, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return messages
-            expiration = int(props.expiration) if props.expiration is not None else None
-            messages.append((body, props.message_id, _normal(props.headers), expiration))
-    finally:
-        connection.close()
+    return [
+        (body, props.message_id, _normal(props.headers), None if props.expiration is None else int(props.expiration))
+        for props, body in take_messages(url, queue)
+    ]
 
 
 def _on_stub(case: Case) -> tuple[list[tuple[int, int, int]], dict[str, list[Message]]]:

@@ -2,13 +2,13 @@
 kombu's ``ConsumerMixin``). This module is its public surface: import from ``services.broker``.
 
 * ``errors``      BrokerError and its kinds (pika's exceptions never leave the package).
-* ``messages``    Publication, Delivery, the header names, and the ``MessagePublisher`` Protocol.
+* ``messages``    Publication, Delivery, the retry header names, and the ``MessagePublisher`` Protocol.
 * ``decisions``   what a handler decides: Ack, Retry (with a Budget), Park, Move.
 * ``outcome``     what a decision means for the broker (pure: the copy published before the ack).
 * ``connection``  connect (cluster failover), channels, the reconnect policy (tenacity), error translation.
 * ``publisher``   Publisher and PublisherThread: confirmed, mandatory publishing.
 * ``consumer``    ONE consume/reconnect/drain loop; Consumer (handler pool) and BatchConsumer on top of it.
-* ``parking``     park, and ParkedQueues (list/replay/purge) for the parked CLI.
+* ``parking``     park (the parked copy and its headers), ParkedQueues (list/replay/purge) for the parked CLI.
 * ``stub``        StubPublisher and StubBroker: in-memory, for unit tests of the workers.
 
 Queue and exchange names live in ``services.topology`` alone.
@@ -42,15 +42,20 @@ from services.broker.messages import (
     HEADER_ATTEMPTS,
     HEADER_CRASHES,
     HEADER_FIRST_ATTEMPT_MS,
-    HEADER_PARK_REASON,
-    HEADER_PARKED_AT_MS,
-    HEADER_SOURCE_QUEUE,
     Delivery,
     MessagePublisher,
     Publication,
     now_ms,
 )
-from services.broker.parking import ParkedMessage, ParkedQueues, park, park_body
+from services.broker.parking import (
+    HEADER_PARK_REASON,
+    HEADER_PARKED_AT_MS,
+    HEADER_SOURCE_QUEUE,
+    ParkedMessage,
+    ParkedQueues,
+    park,
+    park_body,
+)
 from services.broker.publisher import Publisher, PublisherThread
 
 

@@ -12,9 +12,6 @@ from services.topology import EXCHANGE
 HEADER_ATTEMPTS = "x-smsgw-attempts"
 HEADER_FIRST_ATTEMPT_MS = "x-smsgw-first-attempt-ms"
 HEADER_CRASHES = "x-smsgw-crashes"
-HEADER_PARK_REASON = "x-smsgw-park-reason"
-HEADER_PARKED_AT_MS = "x-smsgw-parked-at-ms"
-HEADER_SOURCE_QUEUE = "x-smsgw-source-queue"
 
 
 def now_ms() -> int:

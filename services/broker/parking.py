@@ -19,20 +19,16 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
 from services.broker.connection import close_quietly, connect, session_error
-from services.broker.messages import (
-    HEADER_PARK_REASON,
-    HEADER_PARKED_AT_MS,
-    HEADER_SOURCE_QUEUE,
-    Delivery,
-    MessagePublisher,
-    Publication,
-    now_ms,
-)
+from services.broker.messages import Delivery, MessagePublisher, Publication, now_ms
 from services.topology import EXCHANGE, PARKED_EXCHANGE, Topology, declare_topology, parked_queue_for
 
 # The package's one logger: the broker's log lines keep the logger name they had before it became a package.
 log = logging.getLogger(__package__)
 
+# What a parked copy says: why, when, and which work queue it came from (the parked CLI shows them).
+HEADER_PARK_REASON = "x-smsgw-park-reason"
+HEADER_PARKED_AT_MS = "x-smsgw-parked-at-ms"
+HEADER_SOURCE_QUEUE = "x-smsgw-source-queue"
 # Headers a replay drops: the gateway's own (x-smsgw-*) and the broker's dead-lettering history.
 _RESET_HEADERS = ("x-smsgw-", "x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 

@@ -7,8 +7,7 @@ import sys
 
 from modem_worker import metrics
 from modem_worker.port_check import modem_port_problem
-from services import broker
-from services.broker import PublisherThread, Topology
+from services.broker import PublisherThread
 from services.config import ConfigError, Settings, WorkerEnv
 from services.runtime import (
     check,
@@ -21,6 +20,7 @@ from services.runtime import (
     start_metrics,
     worker_parser,
 )
+from services.topology import OUTBOUND_QUEUE, Topology, outbound_queue_for, pool_queue_for
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics.init_modem_worker(
         modem_id,
         [
-            broker.outbound_queue_for(modem_id),
-            *map(broker.pool_queue_for, fleet.pools_of(modem_id)),
-            broker.OUTBOUND_QUEUE,
+            outbound_queue_for(modem_id),
+            *map(pool_queue_for, fleet.pools_of(modem_id)),
+            OUTBOUND_QUEUE,
         ],
     )
     start_metrics(settings, "modem_worker")

@@ -19,6 +19,7 @@ from services import broker
 from services.broker import MessagePublisher, Publication
 from services.ledger import Ledger
 from services.schemas import DeliveryEvent, InboundSms, derive_message_id
+from services.topology import INBOUND_EXCHANGE, events_queue_for
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class InboundPublisher:
             modem_signal=signal,
             modem_battery=battery,
         )
-        self._publisher.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE, message_id=sms.message_id))
+        self._publisher.publish(Publication("", sms.to_json(), INBOUND_EXCHANGE, message_id=sms.message_id))
         metrics.SMS_RECEIVED.labels(self._modem_id).inc()
         log.info(
             "modem %s: SMS %s queued (%d part(s)%s)",
@@ -146,6 +147,4 @@ class InboundPublisher:
             sent_timestamp=match.sent_at,
             sent_cms_error=match.sent_cms_error,
         )
-        self._publisher.publish(
-            Publication(broker.events_queue_for(match.endpoint), event.to_json(), message_id=match.uuid)
-        )
+        self._publisher.publish(Publication(events_queue_for(match.endpoint), event.to_json(), message_id=match.uuid))

@@ -31,6 +31,7 @@ from services.broker import Ack, Budget, Decision, Delivery, MessagePublisher, M
 from services.ledger import FINAL_STATES, Ledger, SendRecord
 from services.routing import HandOn, hand_back, outbound_queue_for_route
 from services.schemas import OutboundSms, SchemaError, SentEvent
+from services.topology import OUTBOUND_QUEUE, events_queue_for, outbound_queue_for
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,7 @@ class SendOutcomes:
         )
         # If this raises, the Consumer requeues the outbound message; the redelivery finds the final state in
         # the ledger and publishes the event again instead of sending the SMS again.
-        self._publisher.publish(
-            Publication(broker.events_queue_for(sms.endpoint), event.to_json(), message_id=sms.uuid)
-        )
+        self._publisher.publish(Publication(events_queue_for(sms.endpoint), event.to_json(), message_id=sms.uuid))
 
 
 class OutboundSender:
@@ -177,7 +176,7 @@ class OutboundSender:
     ) -> None:
         """``failover_s``: SMSGW_MODEM_FAILOVER; ``max_age_s``: SMSGW_OUTBOUND_MAX_AGE (0: no limit)."""
         self.modem_id = modem_id
-        self.own_queue = broker.outbound_queue_for(modem_id)
+        self.own_queue = outbound_queue_for(modem_id)
         self._guard = guard
         self._ledger = ledger
         self._outcomes = SendOutcomes(modem_id, ledger, publisher)
@@ -363,9 +362,7 @@ class OutboundSender:
         why = f"{cause.describe()} on modem {self.modem_id} (try {refusals} of {SEND_TRIES})"
         if delivery.queue == self.own_queue and not sms.modems:
             # A reply any modem may send: to the shared queue, where every modem (this one too) can take it.
-            return Move(
-                broker.OUTBOUND_QUEUE, f"{why}; any modem may send it", headers={HEADER_SEND_FAILURES: refusals}
-            )
+            return Move(OUTBOUND_QUEUE, f"{why}; any modem may send it", headers={HEADER_SEND_FAILURES: refusals})
         # Shared or pool queue: back there after a delay, any modem of the route takes it; routed to this modem
         # alone: it waits for this modem.
         return Retry(why, budget=SEND_FAILURES)

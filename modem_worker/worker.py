@@ -34,11 +34,11 @@ from modem_worker.signals import ModemSignals
 from modem_worker.sim_guard import SimGuard
 from modem_worker.sim_pin import SimPin, configured_pin
 from modem_worker.supervisor import ModemSupervisor, Outcome, SupervisorPolicy
-from services import broker
-from services.broker import Consumer, MessagePublisher, Topology
+from services.broker import Consumer, MessagePublisher
 from services.config import FleetConfig, Settings, fleet_from_env
 from services.ledger import Ledger
 from services.runtime import start_supervised
+from services.topology import OUTBOUND_QUEUE, Topology, inbound_queue_for, pool_queue_for
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ModemWorker:
         self.modem_id = settings.modem_id
         fleet = fleet or fleet_from_env({})
         self._topology = Topology.of(fleet, modems=[self.modem_id])
-        self._shared_queues = [*map(broker.pool_queue_for, fleet.pools_of(self.modem_id)), broker.OUTBOUND_QUEUE]
+        self._shared_queues = [*map(pool_queue_for, fleet.pools_of(self.modem_id)), OUTBOUND_QUEUE]
         self._signals = ModemSignals()
         limits = fleet.limits_for(self.modem_id)
         self._guard = SimGuard(
@@ -141,7 +141,7 @@ class ModemWorker:
             ledger,
             self._housekeeping,
             # Undecodable PDUs are parked once, with the first inbound endpoint's queue (the operator looks there).
-            unreadable_queue=broker.inbound_queue_for(inbound[0].name if inbound else "default"),
+            unreadable_queue=inbound_queue_for(inbound[0].name if inbound else "default"),
         )
 
     # ---- lifecycle ---------------------------------------------------------------------------------------

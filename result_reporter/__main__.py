@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from result_reporter import metrics
 from result_reporter.reporter import ResultReporter, init_metrics
-from services.broker import BatchConsumer, PublisherThread, events_queue_for
+from services.broker import BatchConsumer, PublisherThread
 from services.config import EndpointConfig, FleetConfig, Settings, WorkerEnv, require_env_sync_url
 from services.runtime import (
     check,
@@ -29,7 +29,7 @@ from services.runtime import (
     worker_parser,
 )
 from services.sync_client import SyncClient
-from services.topology import Topology
+from services.topology import Topology, events_queue_for
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from services.config import (
 from services.ledger import Ledger, LedgerError
 from services.ledger import open_ledger as open_ledger_store
 from services.logs import configure_logging
-from services.topology import Topology
+from services.topology import Topology, declare_topology
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def check(
     try:
         connection = broker.connect(settings.amqp_url, "smsgw-check")
         try:
-            broker.declare_topology(connection.channel(), topology)
+            declare_topology(connection.channel(), topology)
         finally:
             broker.close_quietly(connection)
     except broker.BrokerUnavailable as exc:

@@ -15,8 +15,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services import broker
-from services.broker import Consumer, PublisherThread, Topology
+from services.broker import Consumer, PublisherThread
 from services.cli import parked_main
 from services.config import (
     DEFAULT_ENDPOINT,
@@ -39,6 +38,7 @@ from services.runtime import (
     worker_parser,
 )
 from services.sync_client import SyncClient
+from services.topology import Topology, inbound_queue_for
 from sync_worker import metrics
 from sync_worker.forwarder import PARK_AT_ONCE, SyncForwarder
 from sync_worker.probe import SyncUrlProbe
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(settings, topology, heartbeat=heartbeat_path(settings, "sync_worker"))
     # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
-    metrics.init_sync_worker(
-        [e.name for e in endpoints], [broker.inbound_queue_for(e.name) for e in endpoints], PARK_AT_ONCE
-    )
+    metrics.init_sync_worker([e.name for e in endpoints], [inbound_queue_for(e.name) for e in endpoints], PARK_AT_ONCE)
     start_metrics(settings, "sync_worker")
     start_liveness(settings, "sync_worker")
     return serve(settings, endpoints, topology)
@@ -133,7 +131,7 @@ class InboundLane:
         forwarder = SyncForwarder(endpoint, publisher, client, modem_failover_s=settings.modem_failover)
         consumer = Consumer(
             settings.amqp_url,
-            [broker.inbound_queue_for(endpoint.name)],
+            [inbound_queue_for(endpoint.name)],
             forwarder.handle,
             publisher,
             name=name,

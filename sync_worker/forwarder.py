@@ -24,7 +24,7 @@ from dataclasses import replace
 import requests
 
 from services import broker
-from services.broker import Ack, BrokerError, Budget, Decision, Delivery, Park, Publication, PublisherThread, Retry
+from services.broker import Ack, BrokerError, Budget, Decision, Delivery, MessagePublisher, Park, Publication, Retry
 from services.config import DEFAULT_ENDPOINT, EndpointConfig
 from services.routing import reply_route
 from services.schemas import InboundSms, OutboundSms, SchemaError
@@ -75,7 +75,7 @@ class ReplyPublisher:
     """Queues SMS that answer an inbound SMS where services.routing.reply_route says (confirmed): the receiving
     modem's queue with the failover time as TTL, the shared queue when that modem's queue is gone."""
 
-    def __init__(self, publisher: PublisherThread, endpoint: str, modem_failover_s: float) -> None:
+    def __init__(self, publisher: MessagePublisher, endpoint: str, modem_failover_s: float) -> None:
         self._publisher = publisher
         self._endpoint = endpoint
         self._failover_s = modem_failover_s
@@ -107,7 +107,12 @@ class SyncForwarder:
     """Handler of one endpoint's inbound queue (thread-safe: the client keeps one HTTP session per thread)."""
 
     def __init__(
-        self, endpoint: EndpointConfig, publisher: PublisherThread, client: SyncClient, *, modem_failover_s: float = 0.0
+        self,
+        endpoint: EndpointConfig,
+        publisher: MessagePublisher,
+        client: SyncClient,
+        *,
+        modem_failover_s: float = 0.0,
     ) -> None:
         self._endpoint = endpoint
         self._name = endpoint.name

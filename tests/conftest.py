@@ -114,7 +114,7 @@ def clean_broker(amqp_url: str) -> Iterator[str]:
 
 
 def _purge_all(url: str) -> None:
-    from services.broker import (
+    from services.topology import (
         DELAY_TIERS_S,
         EVENTS_QUEUE,
         INBOUND_QUEUE,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -17,12 +19,25 @@ from services.broker import (
     Consumer,
     Decision,
     Delivery,
+    MessagePublisher,
     Park,
     ParkedQueues,
     Publication,
     PublisherThread,
     PublishRefused,
     Retry,
+)
+from services.topology import (
+    EVENTS_QUEUE,
+    INBOUND_EXCHANGE,
+    INBOUND_QUEUE,
+    OUTBOUND_QUEUE,
+    RETRY_EXCHANGE,
+    Topology,
+    inbound_queue_for,
+    outbound_queue_for,
+    parked_queue_for,
+    pool_queue_for,
 )
 from tests.conftest import wait_for
 
@@ -31,9 +46,9 @@ from tests.conftest import wait_for
 def running_consumer(
     url: str,
     handler: Callable[[Delivery], Decision],
-    publisher: PublisherThread,
-    queue: str = broker.EVENTS_QUEUE,
-    topology: broker.Topology | None = None,
+    publisher: MessagePublisher,
+    queue: str = EVENTS_QUEUE,
+    topology: Topology | None = None,
 ) -> Iterator[Consumer]:
     consumer = Consumer(
         url,
@@ -77,7 +92,7 @@ def test_retry_goes_through_a_delay_queue_and_comes_back(clean_broker: str, publ
         return Retry("server down") if len(seen) == 1 else Ack()
 
     with running_consumer(clean_broker, handler, publisher):
-        publisher.publish(Publication(broker.EVENTS_QUEUE, b'{"n":1}', message_id="m-1"))
+        publisher.publish(Publication(EVENTS_QUEUE, b'{"n":1}', message_id="m-1"))
         wait_for(lambda: len(seen) >= 2, timeout=15, what="redelivery from the delay queue")
     assert [d.body for d in seen] == [b'{"n":1}', b'{"n":1}']
     assert seen[0].attempts == 0 and seen[1].attempts == 1
@@ -95,12 +110,12 @@ def test_park_keeps_the_reason_and_replay_restores(clean_broker: str, publisher:
         acked.append(delivery.body)
         return Ack()
 
-    parked = ParkedQueues(clean_broker, broker.EVENTS_QUEUE)
+    parked = ParkedQueues(clean_broker, EVENTS_QUEUE)
     with running_consumer(clean_broker, handler, publisher):
-        publisher.publish(Publication(broker.EVENTS_QUEUE, b'{"sms":1}', message_id="m-2"))
+        publisher.publish(Publication(EVENTS_QUEUE, b'{"sms":1}', message_id="m-2"))
         listing = wait_for(parked.list, what="parked message")
         assert listing[0].reason == "HTTP 403: wrong secret"
-        assert listing[0].source_queue == broker.EVENTS_QUEUE and listing[0].message_id == "m-2"
+        assert listing[0].source_queue == EVENTS_QUEUE and listing[0].message_id == "m-2"
         assert parked.list(), "listing must not consume parked messages"
         assert parked.replay() == 1
         wait_for(lambda: acked == [b'{"sms":1}'], what="replayed message handled")
@@ -116,9 +131,9 @@ def test_message_crashing_its_handler_is_retried_then_parked_with_the_error(
         calls.append(delivery.headers.get(broker.HEADER_CRASHES, 0))
         raise RuntimeError("bug")
 
-    parked = ParkedQueues(clean_broker, broker.EVENTS_QUEUE)
+    parked = ParkedQueues(clean_broker, EVENTS_QUEUE)
     with running_consumer(clean_broker, crashing, publisher):
-        publisher.publish(Publication(broker.EVENTS_QUEUE, b"poison"))
+        publisher.publish(Publication(EVENTS_QUEUE, b"poison"))
         listing = wait_for(parked.list, timeout=60, what="poison message parked")
     assert "gave up after 5 crashes" in listing[0].reason and "bug" in listing[0].reason
     assert calls == [0, 1, 2, 3, 4], "retried through delay queues, counted, then parked"
@@ -132,10 +147,10 @@ def test_channel_error_is_not_retried(fresh_amqp_url: str) -> None:
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(fresh_amqp_url))
-    connection.channel().queue_declare(broker.INBOUND_QUEUE, durable=True)  # classic, not quorum
+    connection.channel().queue_declare(INBOUND_QUEUE, durable=True)  # classic, not quorum
     connection.close()
     publisher = PublisherThread(fresh_amqp_url, "test-publisher")
-    consumer = Consumer(fresh_amqp_url, [broker.INBOUND_QUEUE], lambda _d: Ack(), publisher, name="test")
+    consumer = Consumer(fresh_amqp_url, [INBOUND_QUEUE], lambda _d: Ack(), publisher, name="test")
     try:
         with pytest.raises(broker.BrokerChannelError, match="PRECONDITION_FAILED"):
             consumer.run()
@@ -161,18 +176,16 @@ def test_batch_consumer_reconnects_when_the_broker_closes_its_channel(
 ) -> None:
     """RabbitMQ closes a channel that holds deliveries too long (consumer_timeout); pika's I/O loop does not
     raise for that, and the consumer used to sit idle on the dead channel for ever."""
-    consumer = BatchConsumer(clean_broker, broker.EVENTS_QUEUE, publisher, name="test-batch", prefetch=10)
+    consumer = BatchConsumer(clean_broker, EVENTS_QUEUE, publisher, name="test-batch", prefetch=10)
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
     try:
         wait_for(consumer.connected.is_set, what="batch consumer connected")
-        publisher.publish(Publication(broker.EVENTS_QUEUE, b'{"held": 1}', message_id="held-1"))
+        publisher.publish(Publication(EVENTS_QUEUE, b'{"held": 1}', message_id="held-1"))
         first = wait_for(lambda: consumer.take(timeout=0.1), what="the delivery held")
-        connection, channel = consumer._connection, consumer._channel
-        assert connection is not None and channel is not None
         # An ack of a tag the broker never gave is a channel error: the broker closes the channel, as it does
         # on consumer_timeout.
-        connection.add_callback_threadsafe(lambda: channel.basic_ack(999_999))
+        assert consumer.ack([dataclasses.replace(first[0], tag=999_999)]) == 1
         wait_for(lambda: not consumer.is_live(first[0]), what="the old channel seen as dead")
         again = wait_for(lambda: consumer.take(timeout=0.1), timeout=30, what="the delivery back on a new channel")
         assert again[0].delivery.message_id == "held-1"
@@ -184,14 +197,14 @@ def test_batch_consumer_reconnects_when_the_broker_closes_its_channel(
 
 
 class _FlakyPublisher:
-    """A PublisherThread whose first ``failures`` publishes to the retry exchange fail as in a broker alarm."""
+    """A MessagePublisher whose first ``failures`` publishes to the retry exchange fail as in a broker alarm."""
 
     def __init__(self, inner: PublisherThread, failures: int) -> None:
         self._inner = inner
         self.failures = failures
 
-    def publish(self, publication: Publication) -> None:
-        if publication.exchange == broker.RETRY_EXCHANGE and self.failures > 0:
+    def publish(self, publication: Publication, timeout: float = 45.0) -> None:
+        if publication.exchange == RETRY_EXCHANGE and self.failures > 0:
             self.failures -= 1
             raise broker.BrokerUnavailable("no publisher confirm within the time-out")
         self._inner.publish(publication)
@@ -209,8 +222,8 @@ def test_a_retry_copy_that_cannot_be_published_yet_is_retried_not_requeued(
         return Retry("server down") if delivery.attempts == 0 else Ack()
 
     flaky = _FlakyPublisher(publisher, failures=2)
-    with running_consumer(clean_broker, handler, flaky):  # type: ignore[arg-type]
-        publisher.publish(Publication(broker.EVENTS_QUEUE, b"{}", message_id="m-1"))
+    with running_consumer(clean_broker, handler, flaky):
+        publisher.publish(Publication(EVENTS_QUEUE, b"{}", message_id="m-1"))
         wait_for(lambda: seen == [0, 1], timeout=30, what="handled, then once more as the retry copy")
     assert flaky.failures == 0
     assert seen == [0, 1], "never handed back to the handler while its retry copy could not be published"
@@ -218,7 +231,7 @@ def test_a_retry_copy_that_cannot_be_published_yet_is_retried_not_requeued(
 
 # --- fleet topology: inbound fan-out, modem-queue failover, Move, broker lists ---------------------------------
 
-FLEET = broker.Topology(
+FLEET = Topology(
     inbound_endpoints=("alpha", "beta"), event_endpoints=("alpha", "beta"), modems=("m1",), pools=(("m1", "m2"),)
 )
 
@@ -234,59 +247,64 @@ def fleet_broker(clean_broker: str) -> Iterator[str]:
     try:
         channel = connection.channel()
         for work in FLEET.work_queues():
-            if work in (broker.OUTBOUND_QUEUE, broker.INBOUND_QUEUE, broker.EVENTS_QUEUE):
+            if work in (OUTBOUND_QUEUE, INBOUND_QUEUE, EVENTS_QUEUE):
                 continue
-            for name in (work, broker.parked_queue_for(work)):
+            for name in (work, parked_queue_for(work)):
                 channel.queue_delete(name)
     finally:
         connection.close()
 
 
-def _get_all(url: str, queue: str) -> list[bytes]:
+def take_messages(url: str, queue: str) -> list[tuple[Any, bytes]]:
+    """Take every message out of ``queue``: its properties and body, oldest first."""
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
-        bodies: list[bytes] = []
+        messages: list[tuple[Any, bytes]] = []
         while True:
-            method, _props, body = channel.basic_get(queue, auto_ack=True)
+            method, props, body = channel.basic_get(queue, auto_ack=True)
             if method is None:
-                return bodies
-            bodies.append(body)
+                return messages
+            messages.append((props, body))
     finally:
         connection.close()
+
+
+def _get_all(url: str, queue: str) -> list[bytes]:
+    return [body for _props, body in take_messages(url, queue)]
 
 
 def test_one_inbound_publish_reaches_every_inbound_endpoint_queue(fleet_broker: str) -> None:
     publisher = PublisherThread(fleet_broker, "test-fanout", FLEET)
     try:
-        publisher.publish(Publication("", b'{"sms": 1}', broker.INBOUND_EXCHANGE, message_id="sms-1"))
+        publisher.publish(Publication("", b'{"sms": 1}', INBOUND_EXCHANGE, message_id="sms-1"))
     finally:
         publisher.close()
-    assert _get_all(fleet_broker, broker.inbound_queue_for("alpha")) == [b'{"sms": 1}']
-    assert _get_all(fleet_broker, broker.inbound_queue_for("beta")) == [b'{"sms": 1}']
+    assert _get_all(fleet_broker, inbound_queue_for("alpha")) == [b'{"sms": 1}']
+    assert _get_all(fleet_broker, inbound_queue_for("beta")) == [b'{"sms": 1}']
 
 
 def test_a_reply_expiring_in_a_modem_queue_moves_on_to_the_shared_queue(fleet_broker: str) -> None:
     """Failover lives in the broker: the modem's queue dead-letters an expired message into the shared queue, so
     it moves on even when the modem's worker is gone (nobody consumes its queue)."""
-    _get_all(fleet_broker, broker.OUTBOUND_QUEUE)
+    _get_all(fleet_broker, OUTBOUND_QUEUE)
     publisher = PublisherThread(fleet_broker, "test-failover", FLEET)
     try:
-        publisher.publish(Publication(broker.outbound_queue_for("m1"), b"reply", expiration_ms=200))
-        publisher.publish(Publication(broker.outbound_queue_for("m1"), b"routed-to-m1-alone"))
+        publisher.publish(Publication(outbound_queue_for("m1"), b"reply", expiration_ms=200))
+        publisher.publish(Publication(outbound_queue_for("m1"), b"routed-to-m1-alone"))
     finally:
         publisher.close()
     assert wait_for(
-        lambda: _get_all(fleet_broker, broker.OUTBOUND_QUEUE), timeout=15, what="expired reply in the shared queue"
+        lambda: _get_all(fleet_broker, OUTBOUND_QUEUE), timeout=15, what="expired reply in the shared queue"
     ) == [b"reply"]
-    assert _get_all(fleet_broker, broker.outbound_queue_for("m1")) == [b"routed-to-m1-alone"]
+    assert _get_all(fleet_broker, outbound_queue_for("m1")) == [b"routed-to-m1-alone"]
 
 
 def test_move_hands_a_message_on_with_its_ttl(fleet_broker: str) -> None:
     publisher = PublisherThread(fleet_broker, "test-move", FLEET)
-    pool = broker.pool_queue_for(["m2", "m1"])
+    pool = pool_queue_for(["m2", "m1"])
     assert pool == "smsgw.outbound.pool.m1+m2"
     moved = threading.Event()
 
@@ -295,8 +313,8 @@ def test_move_hands_a_message_on_with_its_ttl(fleet_broker: str) -> None:
         return broker.Move(pool, "not allowed here")
 
     try:
-        with running_consumer(fleet_broker, handler, publisher, queue=broker.outbound_queue_for("m1"), topology=FLEET):
-            publisher.publish(Publication(broker.outbound_queue_for("m1"), b"routed", message_id="r-1"))
+        with running_consumer(fleet_broker, handler, publisher, queue=outbound_queue_for("m1"), topology=FLEET):
+            publisher.publish(Publication(outbound_queue_for("m1"), b"routed", message_id="r-1"))
             wait_for(moved.is_set, what="handler called")
             assert wait_for(lambda: _get_all(fleet_broker, pool), what="moved message") == [b"routed"]
     finally:
@@ -326,19 +344,17 @@ def test_a_drain_acks_the_message_its_handler_was_finishing(clean_broker: str, p
         release.wait(10)
         return Ack()
 
-    consumer = Consumer(
-        clean_broker, [broker.EVENTS_QUEUE], handler, publisher, name="test-drain", prefetch=1, concurrency=1
-    )
+    consumer = Consumer(clean_broker, [EVENTS_QUEUE], handler, publisher, name="test-drain", prefetch=1, concurrency=1)
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
     wait_for(consumer.connected.is_set, what="consumer connected")
-    publisher.publish(Publication(broker.EVENTS_QUEUE, b'{"n":1}', message_id="drain-1"))
+    publisher.publish(Publication(EVENTS_QUEUE, b'{"n":1}', message_id="drain-1"))
     wait_for(started.is_set, what="handler running")
     consumer.stop()
     release.set()
     thread.join(timeout=15)
     assert not thread.is_alive()
-    assert _get_all(clean_broker, broker.EVENTS_QUEUE) == []
+    assert _get_all(clean_broker, EVENTS_QUEUE) == []
 
 
 def test_a_stalled_handshake_is_a_broker_outage_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -398,7 +414,7 @@ def test_a_consumer_logs_an_outage_once_not_once_per_attempt(caplog: pytest.LogC
     threading.Thread(target=hang_up, daemon=True).start()
     url = f"amqp://guest:guest@127.0.0.1:{listener.getsockname()[1]}/%2F"
     publisher = PublisherThread(url, "test-outage-publisher")
-    consumer = Consumer(url, [broker.EVENTS_QUEUE], lambda _d: Ack(), publisher, name="test-outage")
+    consumer = Consumer(url, [EVENTS_QUEUE], lambda _d: Ack(), publisher, name="test-outage")
     thread = threading.Thread(target=consumer.run, daemon=True)
     try:
         with caplog.at_level(logging.INFO, logger="services.broker"):
@@ -431,7 +447,7 @@ def test_a_warn_retry_is_a_warning_on_its_first_attempt_only(
         return Retry("Sync URL answered HTTP 500: DisallowedHost at /sms", warn=True) if len(seen) < 3 else Ack()
 
     with caplog.at_level(logging.INFO, logger="services.broker"), running_consumer(clean_broker, handler, publisher):
-        publisher.publish(Publication(broker.EVENTS_QUEUE, b"{}", message_id="m-warn"))
+        publisher.publish(Publication(EVENTS_QUEUE, b"{}", message_id="m-warn"))
         wait_for(lambda: len(seen) >= 3, timeout=30, what="two retries")
     retries = [(r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("retry ")]
     assert [level for level, _ in retries] == [logging.WARNING, logging.INFO]

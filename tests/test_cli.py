@@ -20,12 +20,18 @@ from services.broker import (
     HEADER_PARK_REASON,
     HEADER_PARKED_AT_MS,
     HEADER_SOURCE_QUEUE,
-    PARKED_EXCHANGE,
-    declare_topology,
-    parked_queue_for,
 )
 from services.cli import parked_main, plugin_commands, vhost_of, workers
-from services.topology import EVENTS_QUEUE, INBOUND_QUEUE, Topology, events_queue_for, inbound_queue_for
+from services.topology import (
+    EVENTS_QUEUE,
+    INBOUND_QUEUE,
+    PARKED_EXCHANGE,
+    Topology,
+    declare_topology,
+    events_queue_for,
+    inbound_queue_for,
+    parked_queue_for,
+)
 
 SMSGW = Path(sys.executable).parent / "smsgw"
 

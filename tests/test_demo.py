@@ -23,6 +23,8 @@ from services.broker import (
     HEADER_PARK_REASON,
     HEADER_PARKED_AT_MS,
     HEADER_SOURCE_QUEUE,
+)
+from services.topology import (
     INBOUND_QUEUE,
     OUTBOUND_QUEUE,
     PARKED_EXCHANGE,

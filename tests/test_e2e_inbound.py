@@ -186,9 +186,9 @@ def metric_value(port: int, name: str) -> float | None:
 
 def test_unplug_reports_down_keeps_work_and_recovers(stack: Stack, server: ReferenceServer) -> None:
     from scripts.stack import free_port, http_json
-    from services import broker
     from services.broker import Publication, PublisherThread
     from services.schemas import OutboundSms
+    from services.topology import OUTBOUND_QUEUE
 
     server.configure(reply=False)
     metrics_port = free_port()
@@ -207,7 +207,7 @@ def test_unplug_reports_down_keeps_work_and_recovers(stack: Stack, server: Refer
     publisher = PublisherThread(stack.amqp_url, "test", ["modem-a"])
     try:
         sms = OutboundSms(str(uuid.uuid4()), "+255740000002", "queued while unplugged", "task", 0, report=True)
-        publisher.publish(Publication(broker.OUTBOUND_QUEUE, sms.to_json(), message_id=sms.uuid))
+        publisher.publish(Publication(OUTBOUND_QUEUE, sms.to_json(), message_id=sms.uuid))
     finally:
         publisher.close()
     http_json(f"{simulator.control_url}/replug", {})
@@ -235,9 +235,9 @@ def test_identical_sms_in_the_same_second_are_two_messages(stack: Stack, server:
 
 def test_unplug_while_sending_parks_nothing_and_sends_nothing_twice(stack: Stack, server: ReferenceServer) -> None:
     from scripts.stack import http_json
-    from services import broker
     from services.broker import ParkedQueues, Publication, PublisherThread
     from services.schemas import OutboundSms
+    from services.topology import OUTBOUND_QUEUE, outbound_queue_for
 
     simulator = stack.start_simulator("simulator", OWN_NUMBER)
     simulator.set_state(send_delay_s=0.1)
@@ -247,7 +247,7 @@ def test_unplug_while_sending_parks_nothing_and_sends_nothing_twice(stack: Stack
     try:
         for text in texts:
             sms = OutboundSms(str(uuid.uuid4()), "+255740000003", text, "task", 0, report=True)
-            publisher.publish(Publication(broker.OUTBOUND_QUEUE, sms.to_json(), message_id=sms.uuid))
+            publisher.publish(Publication(OUTBOUND_QUEUE, sms.to_json(), message_id=sms.uuid))
     finally:
         publisher.close()
     wait_for(lambda: len(simulator.outbox()) >= 3, timeout=30, what="sending to start")
@@ -258,16 +258,16 @@ def test_unplug_while_sending_parks_nothing_and_sends_nothing_twice(stack: Stack
     sent = [o["text"] for o in simulator.outbox()]
     assert len(sent) == len(set(sent)), "nothing may be sent twice"
     assert set(sent) <= set(texts)
-    assert ParkedQueues(stack.amqp_url, broker.OUTBOUND_QUEUE).list() == []
-    assert ParkedQueues(stack.amqp_url, broker.outbound_queue_for("modem-a")).list() == []
+    assert ParkedQueues(stack.amqp_url, OUTBOUND_QUEUE).list() == []
+    assert ParkedQueues(stack.amqp_url, outbound_queue_for("modem-a")).list() == []
 
 
 def test_undecodable_pdu_is_parked_with_its_hex_and_leaves_the_sim(
     stack: Stack, server: ReferenceServer, tmp_path: Path
 ) -> None:
     """Runs the simulator in-process to plant a corrupted record; the modem worker is the real process."""
-    from services import broker
     from services.broker import ParkedQueues
+    from services.topology import INBOUND_QUEUE
     from simulator import Simulator as InProcessSimulator
     from tests.test_modem_adapter import GARBAGE_PDU, store_pdu
 
@@ -286,7 +286,7 @@ def test_undecodable_pdu_is_parked_with_its_hex_and_leaves_the_sim(
             what="the readable SMS delivered",
         )
         parked = wait_for(
-            ParkedQueues(stack.amqp_url, broker.INBOUND_QUEUE).list, timeout=60, what="the undecodable PDU parked"
+            ParkedQueues(stack.amqp_url, INBOUND_QUEUE).list, timeout=60, what="the undecodable PDU parked"
         )
         record = json.loads(parked[0].body)
         assert record["pdu"] == GARBAGE_PDU and record["schema"] == "unreadable_sms/1"

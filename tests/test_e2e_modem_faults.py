@@ -17,6 +17,7 @@ from scripts.stack import Simulator, Stack, http_json
 from services import broker
 from services.broker import Publication, PublisherThread
 from services.schemas import OutboundSms
+from services.topology import OUTBOUND_QUEUE
 from tests.conftest import wait_for
 
 SECRET = "s3cret"
@@ -66,7 +67,7 @@ def _publish_outbound(stack: Stack, modem_id: str, to: str, text: str) -> str:
     publisher = PublisherThread(stack.amqp_url, "test", [modem_id])
     try:
         sms = OutboundSms(str(uuid.uuid4()), to, text, "task", broker.now_ms(), report=True)
-        publisher.publish(Publication(broker.OUTBOUND_QUEUE, sms.to_json(), message_id=sms.uuid))
+        publisher.publish(Publication(OUTBOUND_QUEUE, sms.to_json(), message_id=sms.uuid))
     finally:
         publisher.close()
     return sms.uuid

@@ -32,8 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from modem_worker import metrics as modem_metrics
 from result_reporter import metrics as result_metrics
 from scripts.stack import ROOT, Stack, free_port
-from services import broker, liveness, metrics
+from services import liveness, metrics
 from services.broker import Ack, Decision, Delivery, Publication, PublisherThread, Retry
+from services.topology import EVENTS_QUEUE, OUTBOUND_QUEUE, events_queue_for, inbound_queue_for, outbound_queue_for
 from sync_worker import metrics as sync_metrics
 from sync_worker.forwarder import PARK_AT_ONCE
 from tests.conftest import wait_for
@@ -94,7 +95,7 @@ def test_the_end_to_end_histogram_reaches_the_retry_horizon() -> None:
 
 
 def test_a_message_retried_twice_is_one_retried_message_and_two_retries(clean_broker: str) -> None:
-    queue = broker.EVENTS_QUEUE
+    queue = EVENTS_QUEUE
 
     def counts() -> tuple[float, float]:
         return (
@@ -166,11 +167,11 @@ def test_each_worker_serves_its_own_metrics_at_zero_before_any_traffic(stack: St
     parked = {
         "modem_worker": [
             (queue, reason)
-            for queue in (broker.outbound_queue_for("modem-a"), broker.OUTBOUND_QUEUE)
+            for queue in (outbound_queue_for("modem-a"), OUTBOUND_QUEUE)
             for reason in modem_metrics.MODEM_PARK_LABELS
         ],
-        "sync_worker": [(broker.inbound_queue_for("default"), r) for r in sync_metrics.sync_park_labels(PARK_AT_ONCE)],
-        "result_reporter": [(broker.events_queue_for("default"), r) for r in result_metrics.RESULT_PARK_LABELS],
+        "sync_worker": [(inbound_queue_for("default"), r) for r in sync_metrics.sync_park_labels(PARK_AT_ONCE)],
+        "result_reporter": [(events_queue_for("default"), r) for r in result_metrics.RESULT_PARK_LABELS],
         "task_poller": [],
     }
     zero_counters = {
@@ -178,11 +179,11 @@ def test_each_worker_serves_its_own_metrics_at_zero_before_any_traffic(stack: St
             ("smsgw_sms_received_total", {"modem": "modem-a"}),
             ("smsgw_sms_sent_total", {"modem": "modem-a", "outcome": "expired"}),
             ("smsgw_modem_reconnects_total", {"modem": "modem-a"}),
-            ("smsgw_retries_total", {"queue": broker.OUTBOUND_QUEUE}),
+            ("smsgw_retries_total", {"queue": OUTBOUND_QUEUE}),
         ],
         "sync_worker": [
             ("smsgw_sync_requests_total", {"endpoint": "default", "outcome": "server_error"}),
-            ("smsgw_retries_total", {"queue": broker.inbound_queue_for("default")}),
+            ("smsgw_retries_total", {"queue": inbound_queue_for("default")}),
         ],
         "task_poller": [("smsgw_task_polls_total", {"endpoint": "default", "outcome": "network_error"})],
         "result_reporter": [("smsgw_result_rounds_total", {"endpoint": "default", "outcome": "refused"})],

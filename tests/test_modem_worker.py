@@ -32,7 +32,6 @@ from modem_worker.send_errors import SEND_TRIES
 from modem_worker.sim_guard import SimGuard, local_midnight_ms
 from modem_worker.worker import ModemWorker
 from services.broker import (
-    OUTBOUND_QUEUE,
     Ack,
     Delivery,
     Move,
@@ -40,17 +39,20 @@ from services.broker import (
     Publisher,
     PublisherThread,
     Retry,
-    Topology,
-    events_queue_for,
-    inbound_queue_for,
     now_ms,
-    outbound_queue_for,
-    pool_queue_for,
 )
 from services.broker.stub import StubPublisher
 from services.config import FleetConfig, ModemLimits, Settings, fleet_from_env, parse_fleet
 from services.ledger import Ledger, SendRecord, open_ledger
 from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
+from services.topology import (
+    OUTBOUND_QUEUE,
+    Topology,
+    events_queue_for,
+    inbound_queue_for,
+    outbound_queue_for,
+    pool_queue_for,
+)
 from simulator.device import Simulator
 from tests.conftest import wait_for
 

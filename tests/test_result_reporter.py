@@ -35,11 +35,18 @@ from result_reporter.reporter import (
 )
 from result_reporter.results_http import RoundError
 from services import broker
-from services.broker import BatchConsumer, HeldDelivery, Publication, PublisherThread, events_queue_for
+from services.broker import BatchConsumer, HeldDelivery, Publication, PublisherThread
 from services.config import EndpointConfig, fleet_from_env
 from services.schemas import DeliveryEvent, SentEvent
 from services.sync_client import SyncClient
-from services.topology import Topology
+from services.topology import (
+    EVENTS_QUEUE,
+    OUTBOUND_QUEUE,
+    Topology,
+    declare_topology,
+    events_queue_for,
+    parked_queue_for,
+)
 from tests.conftest import wait_for
 from tests.http_stub import HttpStub, Request
 
@@ -79,10 +86,10 @@ def purge(url: str, *endpoints: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
-        broker.declare_topology(channel, Topology(event_endpoints=endpoints))
+        declare_topology(channel, Topology(event_endpoints=endpoints))
         for name in endpoints:
             channel.queue_purge(events_queue_for(name))
-            channel.queue_purge(broker.parked_queue_for(events_queue_for(name)))
+            channel.queue_purge(parked_queue_for(events_queue_for(name)))
     finally:
         connection.close()
 
@@ -368,7 +375,7 @@ def test_malformed_event_is_parked(clean_broker: str, harnesses: list[Harness], 
 
     def both_parked() -> bool:
         h.reporter.collect()  # decodes what arrived and parks what it cannot read
-        parked.extend(drain_queue(clean_broker, broker.parked_queue_for(h.queue)))
+        parked.extend(drain_queue(clean_broker, parked_queue_for(h.queue)))
         return len(parked) >= 2
 
     wait_for(both_parked, what="two parked events")
@@ -460,7 +467,7 @@ def test_refused_row_is_isolated_then_parked(
         assert (result.reported, result.refused) == (2 if n == 1 else 1, 1)
         assert result.parked == (1 if n == MAX_ROW_REFUSALS else 0)
     assert all(len(rows) == 1 for rows in scripted.posted_rows()[SPLIT_AFTER_ROUNDS:])
-    [(body, headers)] = drain_with_headers(clean_broker, broker.parked_queue_for(broker.EVENTS_QUEUE))
+    [(body, headers)] = drain_with_headers(clean_broker, parked_queue_for(EVENTS_QUEUE))
     assert json.loads(body)["uuid"] == "bad"
     assert BAD_ROW_ERROR in headers[broker.HEADER_PARK_REASON]
     assert f"{MAX_ROW_REFUSALS} times" in headers[broker.HEADER_PARK_REASON]
@@ -512,7 +519,7 @@ def test_server_refusing_every_row_parks_nothing(
         per_round.append(len(scripted.posts()) - before)
     # A whole-server failure is never blamed on rows: nothing parked, nothing acked, and split rounds give up
     # after a few single-row POSTs (one, for an answer no row can cause) instead of trying every row.
-    assert drain_with_headers(clean_broker, broker.parked_queue_for(broker.EVENTS_QUEUE)) == []
+    assert drain_with_headers(clean_broker, parked_queue_for(EVENTS_QUEUE)) == []
     if status is None:
         assert per_round == [1] * rounds
     else:
@@ -605,8 +612,8 @@ def test_process_reports_and_drains_on_sigterm(clean_broker: str, tmp_path: Path
         )
         try:
             publisher = PublisherThread(clean_broker, "test-results-proc")
-            publisher.publish(Publication(broker.EVENTS_QUEUE, sent("p-1").to_json()))
-            publisher.publish(Publication(broker.EVENTS_QUEUE, delivered("p-1").to_json()))
+            publisher.publish(Publication(EVENTS_QUEUE, sent("p-1").to_json()))
+            publisher.publish(Publication(EVENTS_QUEUE, delivered("p-1").to_json()))
             publisher.close()
             wait_for(lambda: server.outgoing()[0]["status"] == "delivered", timeout=20, what="delivered status")
             started = time.monotonic()
@@ -619,7 +626,7 @@ def test_process_reports_and_drains_on_sigterm(clean_broker: str, tmp_path: Path
         output = proc.stdout.read().decode() if proc.stdout else ""
     assert code == 0, output
     assert SECRET not in output
-    assert drain_queue(clean_broker, broker.EVENTS_QUEUE) == []
+    assert drain_queue(clean_broker, EVENTS_QUEUE) == []
 
 
 def test_cli_help_and_check(clean_broker: str) -> None:
@@ -872,14 +879,14 @@ def test_process_with_results_off_makes_no_requests(
     )
     try:
         publisher = PublisherThread(clean_broker, "test-results-off")
-        publisher.publish(Publication(broker.EVENTS_QUEUE, sent("p-1").to_json()))
+        publisher.publish(Publication(EVENTS_QUEUE, sent("p-1").to_json()))
         publisher.close()
         wait_for(
             lambda: "makes no ?task=result requests" in log_path.read_text(encoding="utf-8"),
             timeout=20,
             what="the results-off line",
         )
-        assert consumers_of(clean_broker, broker.EVENTS_QUEUE) == 0  # it does not even take the events
+        assert consumers_of(clean_broker, EVENTS_QUEUE) == 0  # it does not even take the events
         code = sigterm(proc)
     finally:
         if proc.poll() is None:
@@ -889,7 +896,7 @@ def test_process_with_results_off_makes_no_requests(
     assert code == 0, output
     assert output.count("makes no ?task=result requests") == 1  # said once
     assert scripted.stub.requests == []
-    assert [json.loads(b)["uuid"] for b in drain_queue(clean_broker, broker.EVENTS_QUEUE)] == ["p-1"]
+    assert [json.loads(b)["uuid"] for b in drain_queue(clean_broker, EVENTS_QUEUE)] == ["p-1"]
 
 
 # --- third-party servers: task -> sent -> result legs end to end --------------------------------------------
@@ -919,7 +926,7 @@ def _poll_task(amqp: str, sync_url: str, secret: str, state: Path) -> list[str]:
         ledger.close()
         client.close()
         publisher.close()
-    return [json.loads(b)["uuid"] for b in drain_queue(amqp, broker.OUTBOUND_QUEUE)]
+    return [json.loads(b)["uuid"] for b in drain_queue(amqp, OUTBOUND_QUEUE)]
 
 
 @pytest.mark.peers

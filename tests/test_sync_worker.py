@@ -22,10 +22,23 @@ from prometheus_client import REGISTRY
 from reference_server.server import ReferenceServer
 from scripts.stack import ROOT
 from services import broker
-from services.broker import ParkedQueues, Publication, PublisherThread, Topology
+from services.broker import ParkedQueues, Publication, PublisherThread
+from services.broker.stub import StubPublisher
 from services.config import EndpointConfig, Settings, fleet_from_env, parse_fleet
 from services.schemas import InboundSms, OutboundSms
 from services.sync_client import SyncClient
+from services.topology import (
+    DELAY_TIERS_S,
+    INBOUND_EXCHANGE,
+    INBOUND_QUEUE,
+    OUTBOUND_QUEUE,
+    Topology,
+    delay_queue_for,
+    events_queue_for,
+    inbound_queue_for,
+    outbound_queue_for,
+    parked_queue_for,
+)
 from sync_worker.__main__ import InboundLane, main, run_lanes, stop_lanes
 from sync_worker.forwarder import REPLY_NAMESPACE, SyncForwarder, query_answer_key, reply_key
 from tests.conftest import wait_for
@@ -87,14 +100,14 @@ class Harness:
         return self._stub
 
     def inject(self, sms: InboundSms) -> None:
-        self.publisher.publish(Publication(broker.INBOUND_QUEUE, sms.to_json(), message_id=sms.message_id))
+        self.publisher.publish(Publication(INBOUND_QUEUE, sms.to_json(), message_id=sms.message_id))
 
     def outbound(self) -> list[OutboundSms]:
         connection = pika.BlockingConnection(pika.URLParameters(self.url))
         found = []
         try:
             channel = connection.channel()
-            for queue in (broker.outbound_queue_for(MODEM), broker.OUTBOUND_QUEUE):
+            for queue in (outbound_queue_for(MODEM), OUTBOUND_QUEUE):
                 while True:
                     method, _props, body = channel.basic_get(queue, auto_ack=True)
                     if method is None:
@@ -196,7 +209,7 @@ def test_server_error_is_retried_with_the_same_message_id(harness: Callable[...,
     h.inject(sms)
     wait_for(lambda: len(h.stub.requests) >= 3, timeout=30, what="two retries")
     assert {r.form["message_id"] for r in h.stub.requests} == {sms.message_id}
-    assert ParkedQueues(h.url, broker.INBOUND_QUEUE).list() == []
+    assert ParkedQueues(h.url, INBOUND_QUEUE).list() == []
 
 
 def test_forbidden_parks_at_once_and_replay_delivers(harness: Callable[..., Harness]) -> None:
@@ -210,7 +223,7 @@ def test_forbidden_parks_at_once_and_replay_delivers(harness: Callable[..., Harn
     h = harness(respond)
     sms = make_sms()
     h.inject(sms)
-    parked = ParkedQueues(h.url, broker.INBOUND_QUEUE)
+    parked = ParkedQueues(h.url, INBOUND_QUEUE)
     listing = wait_for(parked.list, what="parked SMS")
     assert len(h.stub.requests) == 1, "a 403 must not burn retries"
     assert "HTTP 403" in listing[0].reason and "wrong secret" in listing[0].reason
@@ -223,7 +236,7 @@ def test_forbidden_parks_at_once_and_replay_delivers(harness: Callable[..., Harn
 def test_refusal_is_retried_a_bounded_number_of_times_then_parked(harness: Callable[..., Harness]) -> None:
     h = harness(lambda _r: (200, '{"payload":{"success":false,"error":"Secret Key Mismatch"}}'), SMSGW_MAX_REFUSALS="2")
     h.inject(make_sms())
-    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=30, what="parked after refusals")
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=30, what="parked after refusals")
     assert len(h.stub.requests) == 2
     assert "Secret Key Mismatch" in listing[0].reason
 
@@ -244,14 +257,16 @@ def test_outage_retries_do_not_eat_the_refusal_budget(harness: Callable[..., Har
         lambda _r: next(answers, (200, '{"payload":{"success":false,"error":"db busy"}}')), SMSGW_MAX_REFUSALS="2"
     )
     h.inject(make_sms())
-    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=60, what="parked after refusals")
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=60, what="parked after refusals")
     assert len(h.stub.requests) == 4, "2 outage retries + 2 refusals"
     assert "gave up after 2 refusals" in listing[0].reason and "db busy" in listing[0].reason
 
 
-class _DownPublisher:
-    def publish(self, *_args: object, **_kwargs: object) -> None:
-        raise broker.BrokerUnavailable("broker down")
+def _down_publisher() -> StubPublisher:
+    """A publisher whose broker is down: every publish raises BrokerUnavailable."""
+    publisher = StubPublisher()
+    publisher.fail_with = broker.BrokerUnavailable("broker down")
+    return publisher
 
 
 def test_reply_not_queued_means_retry_not_ack() -> None:
@@ -259,9 +274,9 @@ def test_reply_not_queued_means_retry_not_ack() -> None:
     endpoint = default_endpoint(SMSGW_SYNC_URL=stub.url, SMSGW_SECRET="s3cret")
     client = SyncClient(endpoint)
     try:
-        forwarder = SyncForwarder(endpoint, _DownPublisher(), client)  # type: ignore[arg-type]
+        forwarder = SyncForwarder(endpoint, _down_publisher(), client)
         sms = make_sms()
-        decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, None))
+        decision = forwarder.handle(broker.Delivery(INBOUND_QUEUE, sms.to_json(), {}, None))
         assert isinstance(decision, broker.Retry) and "could not be queued" in decision.reason
     finally:
         client.close()
@@ -271,9 +286,9 @@ def test_reply_not_queued_means_retry_not_ack() -> None:
 def test_secret_in_the_sync_url_query_never_reaches_logs_or_park_reasons() -> None:
     endpoint = default_endpoint(SMSGW_SYNC_URL="http://127.0.0.1:9/smssync?secret=TOPSECRET", SMSGW_HTTP_TIMEOUT="0.5")
     client = SyncClient(endpoint)
-    forwarder = SyncForwarder(endpoint, _DownPublisher(), client)  # type: ignore[arg-type]
+    forwarder = SyncForwarder(endpoint, _down_publisher(), client)
     sms = make_sms()
-    decision = forwarder.handle(broker.Delivery(broker.INBOUND_QUEUE, sms.to_json(), {}, None))
+    decision = forwarder.handle(broker.Delivery(INBOUND_QUEUE, sms.to_json(), {}, None))
     client.close()
     assert isinstance(decision, broker.Retry)
     assert "TOPSECRET" not in decision.reason and "TOPSECRET" not in forwarder.redacted_url
@@ -378,7 +393,7 @@ def test_text_xml_cannot_carry_is_parked_with_the_reason(
 ) -> None:
     h, server = reference_harness(SMSGW_SYNC_FORMAT="xml")
     h.inject(make_sms("form\x0cfeed"))
-    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, what="parked SMS")
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, what="parked SMS")
     assert "U+000C, which XML 1.0 cannot carry" in listing[0].reason
     assert server.received() == []
 
@@ -410,7 +425,7 @@ def test_http_500_is_retried_a_bounded_number_of_times_then_parked(harness: Call
     )
     sms = make_sms()
     h.inject(sms)
-    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=30, what="parked after 500s")
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=30, what="parked after 500s")
     assert len(h.stub.requests) == 2
     assert "gave up after 2 HTTP 500 answers" in listing[0].reason
     assert "duplicate key" in listing[0].reason
@@ -421,7 +436,7 @@ def test_gateway_errors_do_not_count_as_http_500(harness: Callable[..., Harness]
     h = harness(lambda _r: next(answers, (200, '{"payload":{"success":true}}')), SMSGW_MAX_SERVER_ERRORS="1")
     h.inject(make_sms())
     wait_for(lambda: len(h.stub.requests) == 4, timeout=60, what="three outage retries, then accepted")
-    assert ParkedQueues(h.url, broker.INBOUND_QUEUE).list() == []
+    assert ParkedQueues(h.url, INBOUND_QUEUE).list() == []
 
 
 def test_query_code_is_answered_by_sms_and_not_forwarded(harness: Callable[..., Harness]) -> None:
@@ -450,7 +465,7 @@ def test_redirect_to_another_host_parks_without_sending_the_sms_there(harness: C
     h = harness(lambda _r: (302, ""))
     h.stub.location = "http://localhost:9/elsewhere"  # another host name than the stub's 127.0.0.1
     h.inject(make_sms())
-    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, what="parked redirect")
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, what="parked redirect")
     assert "redirects to another host" in listing[0].reason
     assert len(h.stub.requests) == 1
 
@@ -459,7 +474,7 @@ def test_endless_redirects_park_instead_of_retrying_for_days(harness: Callable[.
     h = harness(lambda _r: (307, ""))
     h.stub.location = "/smssync"  # the same URL again
     h.inject(make_sms())
-    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, what="parked redirect loop")
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, what="parked redirect loop")
     assert "redirected more than 3 times" in listing[0].reason
     assert len(h.stub.requests) == 4
 
@@ -504,7 +519,7 @@ class FleetHarness:
         return self.names[short]
 
     def inject(self, sms: InboundSms) -> None:
-        self.injector.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE, message_id=sms.message_id))
+        self.injector.publish(Publication("", sms.to_json(), INBOUND_EXCHANGE, message_id=sms.message_id))
 
     def posted(self, short: str) -> list[dict[str, str]]:
         """The forms of the sync POSTs ``short``'s server received (probes excluded)."""
@@ -518,7 +533,7 @@ class FleetHarness:
             channel = connection.channel()
             return sum(
                 channel.queue_declare(q, passive=True).method.message_count
-                for q in [*queues_of(broker.inbound_queue_for(self.names[short])), *delay_queues()]
+                for q in [*queues_of(inbound_queue_for(self.names[short])), *delay_queues()]
             )
         finally:
             connection.close()
@@ -541,12 +556,12 @@ class FleetHarness:
 
 def queues_of(work_queue: str) -> list[str]:
     """A work queue with its parked queue (the delay queues are shared: see ``delay_queues``)."""
-    return [work_queue, broker.parked_queue_for(work_queue)]
+    return [work_queue, parked_queue_for(work_queue)]
 
 
 def delay_queues() -> list[str]:
     """The shared delay queues (every work queue's retries wait there)."""
-    return [broker.delay_queue_for(t) for t in broker.DELAY_TIERS_S]
+    return [delay_queue_for(t) for t in DELAY_TIERS_S]
 
 
 def delete_endpoint_queues(url: str, names: Iterable[str]) -> None:
@@ -556,7 +571,7 @@ def delete_endpoint_queues(url: str, names: Iterable[str]) -> None:
     try:
         channel = connection.channel()
         for name in names:
-            for work in (broker.inbound_queue_for(name), broker.events_queue_for(name)):
+            for work in (inbound_queue_for(name), events_queue_for(name)):
                 for queue in queues_of(work):
                     channel.queue_delete(queue)
     finally:
@@ -569,7 +584,7 @@ def take_outbound(url: str) -> list[tuple[OutboundSms, pika.BasicProperties]]:
     found = []
     try:
         channel = connection.channel()
-        for queue in (broker.outbound_queue_for(MODEM), broker.OUTBOUND_QUEUE):
+        for queue in (outbound_queue_for(MODEM), OUTBOUND_QUEUE):
             while True:
                 method, props, body = channel.basic_get(queue, auto_ack=True)
                 if method is None:
@@ -757,7 +772,7 @@ def test_a_reply_moves_to_the_shared_queue_when_its_modem_does_not_take_it(
         channel = connection.channel()
 
         def in_shared_queue() -> bytes:
-            method, _props, body = channel.basic_get(broker.OUTBOUND_QUEUE, auto_ack=True)
+            method, _props, body = channel.basic_get(OUTBOUND_QUEUE, auto_ack=True)
             return body if method is not None else b""
 
         moved = OutboundSms.from_json(wait_for(in_shared_queue, what="the reply after the failover time"))
@@ -843,7 +858,7 @@ def test_worker_serves_every_endpoint_of_the_file_and_drains_on_sigterm(clean_br
         wait_for(lambda: "sync_worker started" in log.read_text(), timeout=20, what="the worker started")
         to_first, to_both = make_sms(f"for {names[0]}"), make_sms(f"for {names[0]} and {names[1]}")
         for sms in (to_first, to_both):
-            injector.publish(Publication("", sms.to_json(), broker.INBOUND_EXCHANGE, message_id=sms.message_id))
+            injector.publish(Publication("", sms.to_json(), INBOUND_EXCHANGE, message_id=sms.message_id))
 
         # POSTs only: the worker also probes each Sync URL with a bare GET (sync_worker/probe.py).
         def posts(stub: HttpStub) -> list[Request]:
@@ -945,7 +960,7 @@ def test_an_html_error_page_is_named_by_its_title_and_the_first_failure_is_a_war
     h = harness(lambda _r: (500, DJANGO_DEBUG_PAGE), SMSGW_MAX_SERVER_ERRORS="3")
     sms = make_sms()
     h.inject(sms)
-    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=30, what="parked after 500s")
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=30, what="parked after 500s")
     assert "HTTP 500: DisallowedHost at /sms" in listing[0].reason and "<" not in listing[0].reason
     retries = [r for r in caplog.records if r.getMessage().startswith("retry ") and sms.message_id in r.getMessage()]
     assert [(r.levelno, r.getMessage().split(" of ")[0]) for r in retries] == [
@@ -961,7 +976,7 @@ def test_refusal_is_final_parks_at_the_first_refusal(harness: Callable[..., Harn
         lambda _r: (200, '{"payload":{"success":false,"error":"auto-reply failed"}}'), SMSGW_REFUSAL_IS_FINAL="true"
     )
     h.inject(make_sms())
-    listing = wait_for(ParkedQueues(h.url, broker.INBOUND_QUEUE).list, timeout=30, what="parked at once")
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=30, what="parked at once")
     assert len(h.stub.requests) == 1
     assert "auto-reply failed" in listing[0].reason and "refusal_is_final" in listing[0].reason
 

@@ -29,7 +29,7 @@ from services.ledger import Ledger, open_ledger
 from services.schemas import OutboundSms, task_ledger_key
 from services.sync_client import SyncClient
 from services.sync_protocol import USER_AGENT
-from services.topology import Topology, outbound_queue_for, pool_queue_for
+from services.topology import OUTBOUND_QUEUE, Topology, declare_topology, outbound_queue_for, pool_queue_for
 from task_poller.poller import TaskPoller, init_metrics
 from task_poller.runner import PollerGroup
 from task_poller.sync_http import PollError
@@ -39,14 +39,14 @@ from tests.http_stub import HttpStub, Request
 SECRET = "s3cret"
 
 
-def take(url: str, queue: str = broker.OUTBOUND_QUEUE, topology: Topology | None = None) -> list[OutboundSms]:
+def take(url: str, queue: str = OUTBOUND_QUEUE, topology: Topology | None = None) -> list[OutboundSms]:
     """Everything on ``queue`` right now (consumed); ``topology`` is declared first (so its queues exist)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     found: list[OutboundSms] = []
     try:
         channel = connection.channel()
         if topology is not None:
-            broker.declare_topology(channel, topology)
+            declare_topology(channel, topology)
         while True:
             method, _props, body = channel.basic_get(queue, auto_ack=True)
             if method is None:

@@ -42,13 +42,14 @@ from dataclasses import dataclass
 
 from result_reporter import metrics
 from result_reporter.events import HeldEvents, HoldsDeliveries, PendingRow
-from result_reporter.results_http import MAX_ERROR_CHARS, ResultsClient, ResultsRequests, RoundError
+from result_reporter.results_http import MAX_ERROR_CHARS, ResultsRequests, RoundError
 from result_reporter.shape import ShapeWatch
 from services import liveness
 from services.broker import BrokerError, HeldDelivery
 from services.config import EndpointConfig
 from services.logs import UnexpectedErrors
 from services.result_codes import Convention, result_row
+from services.sync_client import SyncEndpoint
 from services.sync_protocol import ReplyError, clip, describe_body, parse_message_uuids, status_hint
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class ResultReporter:
         self,
         endpoint: EndpointConfig,
         consumer: HoldsDeliveries,
-        client: ResultsClient,
+        client: SyncEndpoint,
         *,
         keep_rounds: int = KEEP_ROUNDS,
     ) -> None:

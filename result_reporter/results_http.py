@@ -6,41 +6,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import requests
 
 from result_reporter import metrics
 from services import liveness
 from services.config import EndpointConfig
+from services.sync_client import SyncAnswer, SyncEndpoint
 from services.sync_protocol import ReplyError, clip, describe_body, parse_payload, results_body, status_hint
 
 MAX_ERROR_CHARS = 300
 # HTTP statuses that say something about the server, never about one row: they end a split round at once and
 # never count against a row (auth, wrong URL or method, time-outs, rate limits, gateways, unavailability).
 SERVER_STATUSES = frozenset({401, 403, 404, 405, 407, 408, 429, 501, 502, 503, 504})
-
-
-class Answer(Protocol):
-    """An HTTP answer (``services.sync_client.SyncAnswer``)."""
-
-    @property
-    def status(self) -> int:
-        """The HTTP status."""
-
-    @property
-    def text(self) -> str:
-        """The body as text."""
-
-
-class ResultsClient(Protocol):
-    """What the reporter needs of ``services.sync_client.SyncClient`` (one endpoint's Sync URL)."""
-
-    def get(self, **query: Any) -> Answer:
-        """GET the Sync URL with ``query`` added. Raises requests.RequestException (no answer)."""
-
-    def post_json(self, body: Any, **query: Any) -> Answer:
-        """POST ``body`` as JSON with ``query`` added. Raises requests.RequestException (no answer)."""
 
 
 class RoundError(Exception):
@@ -59,7 +38,7 @@ class Refusal:
 class ResultsRequests:
     """``?task=result`` of one endpoint through its client (the caller owns and closes it)."""
 
-    def __init__(self, endpoint: EndpointConfig, client: ResultsClient) -> None:
+    def __init__(self, endpoint: EndpointConfig, client: SyncEndpoint) -> None:
         self._endpoint = endpoint
         self._client = client
 
@@ -95,7 +74,7 @@ class ResultsRequests:
             query["secret"] = self._endpoint.secret
         return query
 
-    def _request(self, call: Callable[[], Answer]) -> tuple[int, str]:
+    def _request(self, call: Callable[[], SyncAnswer]) -> tuple[int, str]:
         """(status, body text) of ``call``'s answer. Raises RoundError when no answer came (network error)."""
         liveness.beat()  # a round of many requests (rows one by one) is progress, not a stuck loop
         name = self._endpoint.name

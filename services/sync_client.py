@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import Protocol
 
 import requests
 import urllib3
@@ -50,6 +51,7 @@ __all__ = [
     "SyncAnswer",
     "SyncAuth",
     "SyncClient",
+    "SyncEndpoint",
     "redirect_target",
     "signature",
 ]
@@ -119,6 +121,19 @@ class SyncAuth(AuthBase):
             self._key, timestamp, request.method or "GET", request.path_url, raw
         )
         return request
+
+
+class SyncEndpoint(Protocol):
+    """One endpoint's Sync URL as the task and results legs use it: :class:`SyncClient`, or a stub in unit tests."""
+
+    def get(self, **query: str) -> SyncAnswer:
+        """GET the Sync URL with ``query`` added. Raises requests.RequestException (no answer)."""
+
+    def post_json(self, body: object, **query: str) -> SyncAnswer:
+        """POST ``body`` as JSON with ``query`` added. Raises requests.RequestException (no answer)."""
+
+    def close(self) -> None:
+        """Release the connections."""
 
 
 class SyncClient:

@@ -41,11 +41,12 @@ from services.ledger import Ledger, LedgerError
 from services.logs import UnexpectedErrors
 from services.routing import RoutedSms, TaskRouter
 from services.schemas import task_ledger_key
+from services.sync_client import SyncEndpoint
 from services.sync_protocol import Payload, ReplyError, TaskMessage, clip, parse_payload, secrets_match
 from task_poller import metrics
 from task_poller.confirm import SentConfirmer
 from task_poller.invalid import InvalidMessages
-from task_poller.sync_http import PollError, SyncRequests, TaskRequests
+from task_poller.sync_http import PollError, TaskRequests
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class TaskPoller:
         fleet: FleetConfig,
         publisher: MessagePublisher,
         ledger: Ledger,
-        client: SyncRequests,
+        client: SyncEndpoint,
         *,
         adopt_strays: bool = False,
     ) -> None:

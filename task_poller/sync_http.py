@@ -5,38 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import requests
 
 from services import liveness
+from services.sync_client import SyncAnswer, SyncEndpoint
 from services.sync_protocol import clip, describe_body, status_hint
 from task_poller import metrics
-
-
-class Answer(Protocol):
-    """What the poller reads of ``services.sync_client.SyncAnswer``."""
-
-    @property
-    def status(self) -> int:
-        """The HTTP status."""
-
-    @property
-    def text(self) -> str:
-        """The body, decoded."""
-
-
-class SyncRequests(Protocol):
-    """What the poller needs of ``services.sync_client.SyncClient`` (the one HTTP path to a Sync URL)."""
-
-    def get(self, **query: str) -> Answer:
-        """GET the Sync URL with ``query``; raises requests.RequestException."""
-
-    def post_json(self, body: object, **query: str) -> Answer:
-        """POST ``body`` as JSON to the Sync URL with ``query``; raises requests.RequestException."""
-
-    def close(self) -> None:
-        """Release the connections."""
 
 
 class PollError(Exception):
@@ -51,7 +26,7 @@ class PollError(Exception):
 class TaskRequests:
     """``?task=send`` and ``?task=sent`` of one endpoint through its ``SyncClient``."""
 
-    def __init__(self, endpoint_name: str, secret: str, client: SyncRequests) -> None:
+    def __init__(self, endpoint_name: str, secret: str, client: SyncEndpoint) -> None:
         self._name = endpoint_name
         self._secret = secret
         self._client = client
@@ -71,7 +46,7 @@ class TaskRequests:
         """Close the HTTP client."""
         self._client.close()
 
-    def _request(self, task: str, call: Callable[[], Answer]) -> str:
+    def _request(self, task: str, call: Callable[[], SyncAnswer]) -> str:
         """One request to the Sync URL; returns the body text of a 2xx answer.
 
         The client bounds the whole answer by the endpoint's ``http_timeout``, so a server trickling its answer

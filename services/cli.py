@@ -2,7 +2,8 @@
 
 * ``smsgw parked list|replay|purge``: parked messages of one work queue (``--queue``, ``--endpoint``);
 * ``smsgw config check [FILE]``: validate a fleet file (``services.config``);
-* ``smsgw check WORKER``: that worker's health check (``--check``: settings, broker, topology);
+* ``smsgw check WORKER``: that worker's health check (``--check``: it runs here and its loops turn, settings,
+  broker, topology; no such worker running is unhealthy, exit 1);
 * ``smsgw modem-worker|sync-worker|task-poller|result-reporter [ARGS]``: run a worker, exactly as
   ``python -m <worker> [ARGS]`` does;
 * ``smsgw compose-modems DEVICE[=ID]...`` and any other command a worker package provides.
@@ -249,8 +250,10 @@ def _summary(point: EntryPoint) -> str:
 def _check_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} check",
-        description="A worker's health check, as `python -m <worker> --check`: settings, fleet file, broker, "
-        "topology (and what that worker needs besides). Exit 0 healthy, 1 unhealthy, 2 configuration error.",
+        description="A worker's health check, as `python -m <worker> --check`: that worker runs on this machine "
+        "(with the same SMSGW_HEARTBEAT_DIR) and its main loops turn, settings, fleet file, broker, topology (and what "
+        "that worker needs besides). Exit 0 healthy, 1 unhealthy (also: no such worker running), 2 configuration "
+        "error.",
     )
     installed = workers()
     parser.add_argument("worker", choices=tuple(installed))
@@ -269,7 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("parked", help="list, replay or purge parked messages (--queue, --endpoint)", add_help=False)
     sub.add_parser("config", help="config check [FILE]: validate a fleet file (default: $SMSGW_CONFIG)", add_help=False)
-    sub.add_parser("check", help="check WORKER: a worker's health check (settings, broker, topology)", add_help=False)
+    sub.add_parser(
+        "check", help="check WORKER: a worker's health check (it runs, settings, broker, topology)", add_help=False
+    )
     for name, point in {**plugin_commands(), **workers()}.items():
         sub.add_parser(name, help=_summary(point), add_help=False)
     return parser

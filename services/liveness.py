@@ -8,8 +8,16 @@ looks alive to Docker: the process runs, /metrics answers. So:
 * the ``Watchdog`` thread looks every few seconds: while every loop beat within its limit it writes the heartbeat
   file (the oldest beat, for ``--check``); once one is stale it logs one CRITICAL line and ends the process with
   exit code 70, so compose's ``restart:`` starts a fresh one (Docker does not restart unhealthy containers);
-* ``--check`` reads the file (``liveness_problem``): "unhealthy: main loop stuck for N s" when the oldest beat is
-  older than its limit (a frozen process whose watchdog cannot act either).
+* ``--check`` reads the files of its worker instance (``instance_problem``): "unhealthy: main loop stuck for N s"
+  when the oldest beat of a running process is older than its limit (a frozen process whose watchdog cannot act
+  either), and "unhealthy: … is not running" when no running process writes one: a check that cannot fail would
+  be worse than none.
+
+Each process writes a file of its own, ``<worker>[-<modem id>]@<pid>`` in SMSGW_HEARTBEAT_DIR (default: a per-user
+directory under the system's tmp, shared by every worker on the machine): two workers of one kind on one machine
+never overwrite each other's file, a modem worker's check reads only the files of its own modem, and a file left by
+a killed process (its pid gone, or reused by another process: the file names the process's start time too) does
+not count as a running worker.
 
 Only loops that wait in bounded steps beat; a loop that legitimately waits longer (a poll interval) says so with
 ``period_s`` and gets that much more time.
@@ -38,8 +46,24 @@ def default_heartbeat_dir() -> str:
 
 
 def heartbeat_file(directory: str, worker: str, instance: str = "") -> Path:
-    """The heartbeat file of ``worker`` (``instance``: the modem id of a modem worker, several run per host)."""
+    """The heartbeat base path of ``worker`` (``instance``: the modem id of a modem worker, several run per host);
+    each process of it writes ``process_file(base, pid)``."""
     return Path(directory or default_heartbeat_dir()) / (f"{worker}-{instance}" if instance else worker)
+
+
+def process_file(base: Path, pid: int | None = None) -> Path:
+    """The heartbeat file process ``pid`` (default: this one) of the worker instance ``base`` writes."""
+    return base.with_name(f"{base.name}@{os.getpid() if pid is None else pid}")
+
+
+def process_files(base: Path) -> list[Path]:
+    """The heartbeat files of the worker instance ``base`` (of running and of killed processes), by name."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(base.parent))
+    except OSError:  # no directory yet: no worker ever wrote here
+        return []
+    prefix = f"{base.name}@"
+    return [base.parent / name for name in names if name.startswith(prefix) and name[len(prefix) :].isdigit()]
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,48 @@ class Heartbeat:
 
 
 HEARTBEAT = Heartbeat()
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One heartbeat file: epoch of the oldest beat, its limit in s, the writer's pid and start time ("" unknown)."""
+
+    stamp: float
+    limit_s: float
+    pid: int
+    started: str = ""
+
+    def writer_runs(self) -> bool:
+        """Whether the process that wrote this file still runs (not merely another one under its pid)."""
+        if not _running(self.pid):
+            return False
+        now_started = process_start_time(self.pid)
+        return not (self.started and now_started and now_started != self.started)
+
+
+def read_beat(path: Path) -> Beat:
+    """The heartbeat file ``path``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        OSError, ValueError: unreadable or malformed.
+    """
+    fields = path.read_text(encoding="ascii").split()
+    if len(fields) not in (3, 4):
+        raise ValueError(f"expected 3 or 4 fields, got {len(fields)}")
+    started = fields[3] if len(fields) == 4 and fields[3] != "-" else ""
+    return Beat(float(fields[0]), float(fields[1]), int(fields[2]), started)
+
+
+def process_start_time(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22); "" when unknown
+    (not Linux, or the process is gone). Told apart from it, a reused pid does not pass for a dead worker."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()  # the command name in (…) may hold spaces
+    return fields[19] if len(fields) > 19 else ""
 
 
 def beat(period_s: float = 0.0) -> None:
@@ -140,7 +206,7 @@ class Watchdog:
         return None
 
     def _write(self, oldest: Stale | None) -> None:
-        """Write "<epoch of the oldest beat> <its limit> <pid>" atomically (no loop yet: now)."""
+        """Write "<epoch of the oldest beat> <its limit> <pid> <pid's start time>" atomically (no loop yet: now)."""
         if self._path is None:
             return
         stamp = self._wall() - (oldest.age_s if oldest else 0.0)
@@ -148,7 +214,8 @@ class Watchdog:
         try:
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             partial = self._path.with_name(f".{self._path.name}.{os.getpid()}")
-            partial.write_text(f"{stamp:.3f} {limit:.0f} {os.getpid()}\n", encoding="ascii")
+            pid = os.getpid()
+            partial.write_text(f"{stamp:.3f} {limit:.0f} {pid} {process_start_time(pid) or '-'}\n", encoding="ascii")
             os.replace(partial, self._path)
             self._file_broken = False
         except OSError as exc:
@@ -180,22 +247,61 @@ class Watchdog:
 
 
 def liveness_problem(path: Path, now: float | None = None) -> str | None:
-    """Why the worker whose heartbeat file is ``path`` is not live ("main loop stuck for N s"), or None: fresh,
-    no file (the worker has not started its loops; the rest of ``--check`` speaks for it), or a file left by a
-    process that no longer runs (killed: its restart policy acts, and a check run beside it must not fail)."""
+    """Why the process whose heartbeat file is ``path`` is not live ("main loop stuck for N s"), or None: fresh,
+    no file, or a file left by a process that no longer runs (``instance_problem`` says whether any runs)."""
     try:
-        stamp_text, limit_text, pid_text = path.read_text(encoding="ascii").split()
-        stamp, limit, pid = float(stamp_text), float(limit_text), int(pid_text)
+        beat = read_beat(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         return f"heartbeat file {path} unreadable ({exc})"
-    if not _running(pid):
+    if not beat.writer_runs():
         return None
-    stuck_s = (time.time() if now is None else now) - stamp
-    if stuck_s > limit:
-        return f"main loop stuck for {stuck_s:.0f} s (SMSGW_LIVENESS_TIMEOUT {limit:.0f} s; heartbeat file {path})"
+    stuck_s = (time.time() if now is None else now) - beat.stamp
+    if stuck_s > beat.limit_s:
+        return (
+            f"main loop stuck for {stuck_s:.0f} s (SMSGW_LIVENESS_TIMEOUT {beat.limit_s:.0f} s; heartbeat file {path})"
+        )
     return None
+
+
+def instance_problem(base: Path, now: float | None = None) -> str | None:
+    """Why the worker instance ``base`` (``heartbeat_file``) is not live, or None when at least one of its processes
+    runs and none of them is stuck. No file of a running process: "… is not running"."""
+    running = 0
+    for path in process_files(base):
+        try:
+            beat = read_beat(path)
+        except FileNotFoundError:  # removed since the listing: that process just stopped
+            continue
+        except (OSError, ValueError) as exc:
+            return f"heartbeat file {path} unreadable ({exc})"
+        if not beat.writer_runs():
+            continue
+        running += 1
+        problem = liveness_problem(path, now)
+        if problem is not None:
+            return problem
+    if running == 0:
+        return (
+            f"{base.name} is not running here: no heartbeat file {base}@<pid> of a running process (run the check "
+            "where the worker runs, with its SMSGW_HEARTBEAT_DIR)"
+        )
+    return None
+
+
+def remove_dead_files(base: Path) -> int:
+    """Remove the heartbeat files of ``base`` whose process no longer runs (killed workers leave theirs behind);
+    returns how many."""
+    removed = 0
+    for path in process_files(base):
+        try:
+            if not read_beat(path).writer_runs():
+                path.unlink(missing_ok=True)
+                removed += 1
+        except (OSError, ValueError):  # unreadable: someone else's problem, left for --check to name
+            continue
+    return removed
 
 
 def _running(pid: int) -> bool:

@@ -44,9 +44,10 @@ def worker_parser(prog: str, description: str, reads: WorkerEnv) -> argparse.Arg
     parser.add_argument(
         "--check",
         action=_HealthCheckFlag,
-        help="check that the running worker's main loops turn (its heartbeat file), validate the settings, connect "
-        "to RabbitMQ, declare the topology (modem_worker: and find its modem port), print one line and exit 0 if "
-        "healthy, 1 if unhealthy, 2 on a configuration error (healthchecks)",
+        help="check that the worker runs on this machine and its main loops turn (its heartbeat files: no running "
+        "worker is unhealthy), validate the settings, connect to RabbitMQ, declare the topology (modem_worker: and "
+        "find its modem port), print one line and exit 0 if healthy, 1 if unhealthy, 2 on a configuration error "
+        "(healthchecks)",
     )
     return parser
 
@@ -145,14 +146,11 @@ def check(
     heartbeat: Path | None = None,
     worker_problem: Callable[[], str | None] | None = None,
 ) -> int:
-    """Health check: the running worker's main loops turn (its ``heartbeat`` file, ``liveness.liveness_problem``);
-    what the worker needs besides is there (``worker_problem``: why not, or None; e.g. the modem worker's port);
-    the broker accepts us and the topology is declared. Prints one line ("ok", or "unhealthy: <why>" on stderr)
-    and returns the exit code: 0 healthy, 1 unhealthy."""
-    stuck = liveness.liveness_problem(heartbeat) if heartbeat is not None else None
-    if stuck is not None:
-        print(f"unhealthy: {stuck}", file=sys.stderr)
-        return 1
+    """Health check: what the worker needs besides is there (``worker_problem``: why not, or None; e.g. the modem
+    worker's port); the broker accepts us and the topology is declared; the worker runs on this machine and its
+    main loops turn (the files of its ``heartbeat`` base path, ``heartbeat_path``; ``liveness.instance_problem``:
+    no running process is unhealthy). Prints one line ("ok", or "unhealthy: <why>" on stderr) and returns the exit
+    code: 0 healthy, 1 unhealthy."""
     problem = worker_problem() if worker_problem is not None else None
     if problem is not None:
         print(f"unhealthy: {problem}", file=sys.stderr)
@@ -168,6 +166,11 @@ def check(
         return 1
     except Exception as exc:
         print(f"unhealthy: cannot declare the topology: {' '.join(repr(exc).split())}", file=sys.stderr)
+        return 1
+    # Last: the more specific answers above (no modem port, no broker) name what to fix first.
+    stuck = liveness.instance_problem(heartbeat) if heartbeat is not None else None
+    if stuck is not None:
+        print(f"unhealthy: {stuck}", file=sys.stderr)
         return 1
     print("ok")
     return 0
@@ -197,17 +200,19 @@ def start_metrics(settings: Settings, worker: str) -> None:
 
 
 def heartbeat_path(settings: Settings, worker: str, instance: str = "") -> Path:
-    """The heartbeat file of ``worker`` (``instance``: a modem worker's modem id) in SMSGW_HEARTBEAT_DIR."""
+    """The heartbeat base path of ``worker`` (``instance``: a modem worker's modem id) in SMSGW_HEARTBEAT_DIR: each
+    process writes ``<base>@<pid>`` (``liveness.process_file``), ``check`` reads them all."""
     return liveness.heartbeat_file(settings.heartbeat_dir, worker, instance)
 
 
 def start_liveness(settings: Settings, worker: str, instance: str = "") -> liveness.Watchdog:
     """Start the liveness watchdog (services/liveness.py): it keeps the heartbeat file fresh for ``--check`` while
     the worker's loops turn and exits the process (code 70) once one is stuck for SMSGW_LIVENESS_TIMEOUT. The file
-    is removed when the worker exits normally."""
-    watchdog = liveness.Watchdog(
-        liveness.HEARTBEAT, settings.liveness_timeout, heartbeat_path(settings, worker, instance)
-    )
+    is this process's own (``<base>@<pid>``) and removed when the worker exits normally; files that killed
+    processes of the same worker left behind are removed first."""
+    base = heartbeat_path(settings, worker, instance)
+    liveness.remove_dead_files(base)
+    watchdog = liveness.Watchdog(liveness.HEARTBEAT, settings.liveness_timeout, liveness.process_file(base))
     watchdog.start()
     atexit.register(watchdog.remove_file)
     return watchdog

@@ -291,7 +291,7 @@ def test_check_reports_a_frozen_worker_unhealthy(stack: Stack, tmp_path: Path) -
     stack.sync_url = server.url
     env = {"SMSGW_LIVENESS_TIMEOUT": "10"}
     process = stack.start("sync_worker", "sync_worker", env=env)
-    wait_for((tmp_path / "heartbeat" / "sync_worker").exists, timeout=30, what="the heartbeat file")
+    wait_for(lambda: list((tmp_path / "heartbeat").glob("sync_worker@*")), timeout=30, what="the heartbeat file")
 
     def check() -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from modem_worker.port_check import check_modem_port, modem_port_problem
+from services import liveness
 from services.config import Settings
 from services.runtime import DEFAULT_METRICS_PORTS, start_metrics
+from tests.conftest import wait_for
 
 
 def test_taken_metrics_port_is_one_error_line_not_a_dead_worker(caplog: pytest.LogCaptureFixture) -> None:
+    importlib.import_module("sync_worker.metrics")  # registers the worker's metric group (also when run alone)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -148,3 +153,84 @@ def test_auto_port_needs_a_usable_device_among_the_globs(tmp_path: Path) -> None
     assert "no device matches SMSGW_MODEM_PORT_GLOB" in (modem_port_problem(settings) or "")
     (tmp_path / "ttyUSB0").symlink_to("/dev/null")
     assert modem_port_problem(settings) is None
+
+
+# --- issue 13: a health check that can fail: no worker running is unhealthy ---------------------------------------
+
+
+def _write_beat(path: Path, stamp: float, pid: int, started: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = liveness.process_start_time(pid) if started is None else started
+    path.write_text(f"{stamp:.3f} 300 {pid} {start or '-'}\n", encoding="ascii")
+
+
+def test_no_heartbeat_file_of_a_running_process_means_not_running(tmp_path: Path) -> None:
+    base = liveness.heartbeat_file(str(tmp_path / "hb"), "sync_worker")
+    not_running = (
+        f"sync_worker is not running here: no heartbeat file {base}@<pid> of a running process (run the check "
+        "where the worker runs, with its SMSGW_HEARTBEAT_DIR)"
+    )
+    assert liveness.instance_problem(base) == not_running  # no directory at all
+    base.parent.mkdir()
+    assert liveness.instance_problem(base) == not_running  # an empty directory
+    argv = [sys.executable, "-c", "import os; print(os.getpid())"]
+    gone = subprocess.run(argv, capture_output=True, text=True, check=True)
+    _write_beat(liveness.process_file(base, int(gone.stdout)), time.time(), int(gone.stdout), "1")
+    assert liveness.instance_problem(base) == not_running  # a killed worker's file
+    # Its pid taken by another process since: the start time in the file tells them apart.
+    _write_beat(liveness.process_file(base), time.time(), os.getpid(), "1")
+    assert liveness.instance_problem(base) == not_running
+    _write_beat(liveness.process_file(base), time.time(), os.getpid())
+    assert liveness.instance_problem(base) is None
+    assert liveness.remove_dead_files(base) == 1 and liveness.process_files(base) == [liveness.process_file(base)]
+
+
+def test_workers_of_one_kind_on_one_machine_do_not_read_each_others_heartbeats(tmp_path: Path) -> None:
+    modem1 = liveness.heartbeat_file(str(tmp_path), "modem_worker", "modem1")
+    modem10 = liveness.heartbeat_file(str(tmp_path), "modem_worker", "modem10")
+    _write_beat(liveness.process_file(modem1), time.time(), os.getpid())
+    assert liveness.instance_problem(modem1) is None
+    assert (liveness.instance_problem(modem10) or "").startswith("modem_worker-modem10 is not running here")
+    assert (liveness.instance_problem(liveness.heartbeat_file(str(tmp_path), "sync_worker")) or "").startswith(
+        "sync_worker is not running here"
+    )
+    # Two processes of one instance each write their own file: a stuck one is not hidden by a fresh one.
+    other = os.getppid()
+    _write_beat(liveness.process_file(modem1, other), time.time() - 1000, other)
+    assert (liveness.instance_problem(modem1) or "").startswith("main loop stuck for 1000 s")
+
+
+def test_smsgw_check_exits_1_without_the_worker_and_0_beside_it(amqp_url: str, tmp_path: Path) -> None:
+    env = {
+        "SMSGW_AMQP_URL": amqp_url,
+        "SMSGW_SYNC_URL": "http://127.0.0.1:9/sms",
+        "SMSGW_HEARTBEAT_DIR": str(tmp_path / "hb"),
+        "SMSGW_LOG_LEVEL": "WARNING",
+    }
+    check = ["-m", "services.cli", "check", "sync-worker"]
+    base = liveness.heartbeat_file(env["SMSGW_HEARTBEAT_DIR"], "sync_worker")
+    absent = _run(check, **env)
+    assert absent.returncode == 1, absent.stdout + absent.stderr
+    assert absent.stdout == "" and absent.stderr.startswith("unhealthy: sync_worker is not running here")
+    assert len(absent.stderr.splitlines()) == 1
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SMSGW_")}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sync_worker"],
+        env={**clean, "SMSGW_METRICS_PORT": "0", **env},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: liveness.process_files(base), timeout=30, what="the sync worker's heartbeat file")
+        beside = _run(check, **env)
+        assert beside.returncode == 0 and beside.stdout == "ok\n", beside.stderr
+        # Another kind's check does not take this worker's file for its own.
+        other = _run(["-m", "services.cli", "check", "result-reporter"], **env, SMSGW_MESSAGE_RESULTS="true")
+        assert other.returncode == 1 and "result_reporter is not running here" in other.stderr, other.stderr
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
+    assert liveness.process_files(base), "a killed worker leaves its file behind"
+    killed = _run(check, **env)
+    assert killed.returncode == 1 and killed.stderr.startswith("unhealthy: sync_worker is not running here")

@@ -395,6 +395,7 @@ def test_cli_help_and_check(clean_broker: str, tmp_path: Path) -> None:
     )
     assert missing.returncode == 2 and "SMSGW_SYNC_URL" in missing.stderr, "a health check must fail unconfigured"
     env["SMSGW_SYNC_URL"] = "http://127.0.0.1:9/smssync"
+    env["SMSGW_HEARTBEAT_DIR"] = str(tmp_path / "heartbeat")
     done = subprocess.run(
         [sys.executable, "-m", "task_poller", "--check"],
         check=False,
@@ -403,7 +404,7 @@ def test_cli_help_and_check(clean_broker: str, tmp_path: Path) -> None:
         text=True,
         timeout=30,
     )
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+    assert done.returncode == 1 and "task_poller is not running here" in done.stderr, done.stderr  # config fine
     bad = subprocess.run(
         [sys.executable, "-m", "task_poller"],
         check=False,

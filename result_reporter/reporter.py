@@ -47,7 +47,7 @@ from result_reporter.shape import ShapeWatch
 from services import liveness
 from services.broker import BrokerError, HeldDelivery
 from services.config import EndpointConfig
-from services.logs import UnexpectedErrors
+from services.logs import OutageLog, UnexpectedErrors
 from services.result_codes import Convention, result_row
 from services.sync_client import SyncEndpoint
 from services.sync_protocol import ReplyError, clip, describe_body, parse_message_uuids, status_hint
@@ -112,14 +112,19 @@ class ResultReporter:
         self._refused_rounds = 0  # consecutive rounds whose POST was refused; >= SPLIT_AFTER_ROUNDS: split
         self._round_no = 0
         self._unexpected = UnexpectedErrors(log)
+        # A server that keeps failing is one problem: one line when it starts, one every few minutes while it
+        # lasts, one when rounds work again (not one per round: 996 lines in 100 s against a failing server).
+        self._failing = OutageLog(log, f"{endpoint.name}: result rounds failing, reports kept for the next round")
         init_metrics(endpoint.name)
 
     def run(self, stop: threading.Event) -> None:
         """A round every ``endpoint.result_interval`` s until ``stop``; a round in progress finishes first.
 
-        Never ends over an exception of a round: an unexpected one (a bug, a pathological reply) is logged in
-        one line — with its traceback the first time that error (type and raising line) occurs — and the next
-        round runs as usual. The events stay held (unacked), so nothing is lost.
+        Never ends over an exception of a round: a failing server (``RoundError``) is logged as an outage, one
+        WARNING line when rounds start failing, again every few minutes while they go on failing and one INFO
+        line when a round works again (``OutageLog``); an unexpected error (a bug, a pathological reply) is
+        logged in one line — with its traceback the first time that error (type and raising line) occurs — and
+        the next round runs as usual. The events stay held (unacked), so nothing is lost.
         """
         try:
             self._rounds_until(stop)
@@ -134,7 +139,7 @@ class ResultReporter:
             try:
                 self.round()
             except RoundError as exc:
-                log.error("%s: result round failed, reports kept for the next round: %s", self._name, exc)
+                self._failing.failed(str(exc), retry_in_s=self.endpoint.result_interval)
             except Exception as exc:  # last resort: the loop must outlive any bug or pathological reply
                 self._count_round("internal_error")
                 self._unexpected.log(
@@ -175,6 +180,7 @@ class ResultReporter:
         dropped = self._drop_unasked(waited)
         metrics.RESULT_EVENTS_HELD.labels(self._name).set(self._events.held_count())
         self._count_round("split" if refused else "ok")
+        self._failing.recovered()  # the server answered and took what it asked for
         waiting = sum(1 for uuid in pending if uuid not in waited)
         log.info(
             "%s: result round: %d reported, %d not asked for (yet), %d dropped, %d duplicates, %d refused, %d parked",

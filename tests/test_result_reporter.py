@@ -567,7 +567,7 @@ def test_run_loop_survives_pathological_reply(
     scripted.get_body = "[" * 100_000 + "]" * 100_000  # nested deeper than any decoder's recursion limit
     if parser == "unguarded":  # a parser without a depth guard: RecursionError reaches the loop
         monkeypatch.setattr(reporter_module, "parse_message_uuids", lambda body: json.loads(body)["message_uuids"])
-    caplog.set_level(logging.ERROR, logger=reporter_module.__name__)
+    caplog.set_level(logging.WARNING, logger=reporter_module.__name__)
     h = Harness(clean_broker, scripted.stub.url, interval=0.01)
     harnesses.append(h)
     h.publish(sent("u-1"))
@@ -582,14 +582,51 @@ def test_run_loop_survives_pathological_reply(
         stop.set()
         loop.join(timeout=10)
     assert not loop.is_alive()
-    failures = [r for r in caplog.records if "result round failed" in r.getMessage()]
-    assert len(failures) >= 3
-    assert sum(1 for r in failures if r.exc_info) <= 1  # a traceback at most once, then one line each
-    if parser == "unguarded":
+    if parser == "unguarded":  # a bug: one line each, its traceback once
+        failures = [r for r in caplog.records if "result round failed" in r.getMessage()]
+        assert len(failures) >= 3
+        assert sum(1 for r in failures if r.exc_info) == 1
         assert failures[0].exc_info and "RecursionError" in failures[0].getMessage()
         assert all("RecursionError" in r.getMessage() for r in failures)
+    else:  # an unreadable reply of a server: one problem, one line for every round it lasts
+        failures = [r for r in caplog.records if "result rounds failing" in r.getMessage()]
+        assert [r.levelno for r in failures] == [logging.WARNING], [r.getMessage() for r in failures]
+        assert "unreadable ?task=result reply" in failures[0].getMessage()
     assert scripted.posts() == []
     assert [json.loads(b)["uuid"] for b in h.stop()] == ["u-1"]  # still unacked: nothing lost
+
+
+def test_a_failing_server_is_one_line_not_one_per_round(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted.waiting = ["f-1"]
+    scripted.refuse = lambda rows: (500, "<b>Fatal error</b>: Uncaught PDOException")
+    caplog.set_level(logging.INFO, logger=reporter_module.__name__)
+    h = Harness(clean_broker, scripted.stub.url, interval=0.01)
+    harnesses.append(h)
+    h.publish(sent("f-1"))
+    h.held(1)
+    stop = threading.Event()
+    loop = threading.Thread(target=h.reporter.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: len(scripted.posts()) >= 50, timeout=60, what="50 failed rounds")
+        lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert lines[0].levelno == logging.WARNING
+        assert "default: result rounds failing, reports kept for the next round: server refused the results" in (
+            lines[0].getMessage()
+        )
+        assert "HTTP 500" in lines[0].getMessage()
+        scripted.refuse = None  # the server recovers: one line says so
+        wait_for(lambda: any("works again" in r.getMessage() for r in caplog.records), what="the recovery line")
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    recovered = [r for r in caplog.records if "works again" in r.getMessage()]
+    assert len(recovered) == 1 and recovered[0].levelno == logging.INFO
+    assert "default: result rounds failing" in recovered[0].getMessage()
+    assert h.stop() == []  # reported once the server took it
 
 
 def test_process_reports_and_drains_on_sigterm(clean_broker: str, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from modem_worker.modem import SimLocked
-from services.config import ConfigError, Settings
+from services.config import ConfigError, Settings, read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,7 @@ def configured_pin(settings: Settings) -> str | None:
         ConfigError: the file cannot be read, or the PIN is not 4-8 digits (the message never shows it).
     """
     if settings.sim_pin_file:
-        try:
-            raw = Path(settings.sim_pin_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"SMSGW_SIM_PIN_FILE: cannot read {settings.sim_pin_file}: {exc.strerror}") from None
+        raw = read_secret_file("SMSGW_SIM_PIN_FILE", settings.sim_pin_file)  # one line also for a non-UTF-8 file
         name = "SMSGW_SIM_PIN_FILE"
     else:
         raw, name = settings.sim_pin, "SMSGW_SIM_PIN"

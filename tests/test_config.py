@@ -394,3 +394,99 @@ def test_the_endpoint_name_parked_is_reserved(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"endpoints\[0\]\.name: 'parked' is reserved"):
         load_fleet_file(str(path))
+
+
+# --- issue 13: what a fleet file gets wrong is one line and exit 2, never a traceback ---------------------------
+
+
+def _one_line_exit_2(path: Path, key_path: str, problem: str) -> None:
+    done = _check(str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [f"configuration error: {path}: {key_path}{problem}"], done.stderr
+
+
+def test_a_fleet_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    latin1 = tmp_path / "fleet.toml"
+    text = '[[endpoints]]\nname = "clinic"\nsync_url = "https://clinic.example/s"\n# Café\n'
+    latin1.write_bytes(text.encode("latin-1"))
+    problem = "not valid TOML: not UTF-8 text (an invalid byte on line 4, at offset 73); save it as UTF-8"
+    _one_line_exit_2(latin1, "", problem)
+
+
+def test_a_secret_file_that_is_not_utf8_is_one_line_without_its_content(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s\xe9cret-value")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        f'[[endpoints]]\nname = "clinic"\nsync_url = "https://clinic.example/s"\nsecret_file = "{secret}"\n',
+        encoding="utf-8",
+    )
+    _one_line_exit_2(
+        fleet,
+        "endpoints[0].secret_file: ",
+        f"cannot read the secret file {secret}: not UTF-8 text (an invalid byte on line 1, at offset 1); save it as "
+        "UTF-8",
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://[::1/s", "not a valid URL (Invalid IPv6 URL): 'http://[::1/s'"),
+        (
+            "http://clinic.example:99999/s",
+            "not a valid URL (Port out of range 0-65535): 'http://clinic.example:99999/s'",
+        ),
+        (
+            "http://clinic.example:port/s",
+            "not a valid URL (Port could not be cast to integer value as 'port'): 'http://clinic.example:port/s'",
+        ),
+        ("http://clinic.example:0/s", "port 0 is not a port to connect to: 'http://clinic.example:0/s'"),
+        ("http://u:pw-9@[::1/s?secret=x", "not a valid URL (Invalid IPv6 URL): 'http://u:***@[::1/s?secret=***'"),
+    ],
+)
+def test_a_sync_url_that_is_no_url_is_one_line(tmp_path: Path, url: str, problem: str) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[endpoints]]\nname = "clinic"\nsync_url = "{url}"\n', encoding="utf-8")
+    done = _check(str(fleet))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "pw-9" not in done.stderr
+    assert done.stderr.splitlines() == [f"configuration error: {fleet}: endpoints[0].sync_url: {problem}"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("auto_response", "3.5"), ("device_id", "42"), ("secret", "1234")])
+def test_a_number_where_a_text_belongs_is_one_line(tmp_path: Path, key: str, value: str) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        f'[[endpoints]]\nname = "clinic"\nsync_url = "https://clinic.example/s"\n{key} = {value}\n', encoding="utf-8"
+    )
+    _one_line_exit_2(fleet, f"endpoints[0].{key}: ", f"expected a string, got a number ({value}); quote it if meant")
+
+
+def test_a_world_readable_fleet_file_holding_secrets_gets_one_warning(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[endpoints]]\nname = "clinic"\nsync_url = "https://gw:pw-7@clinic.example/s"\nsecret = "s3cr3t-5"\n',
+        encoding="utf-8",
+    )
+    fleet.chmod(0o644)
+    done = _check(str(fleet))
+    assert done.returncode == 0 and done.stdout.startswith(f"ok: {fleet}")
+    assert done.stderr.splitlines() == [
+        f"{fleet} holds secrets (endpoints[0].secret, endpoints[0].sync_url (its password)) and every user of this "
+        f"machine may read it (mode -rw-r--r--): run `chmod 600 {fleet}`, or move them into secret_file / "
+        "signing_key_file"
+    ]
+    assert "s3cr3t-5" not in done.stderr and "pw-7" not in done.stderr
+    fleet.chmod(0o600)
+    done = _check(str(fleet))
+    assert done.returncode == 0 and done.stderr == "", "owner-only: no warning"
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t-5", encoding="utf-8")
+    fleet.write_text(
+        f'[[endpoints]]\nname = "clinic"\nsync_url = "https://clinic.example/s"\nsecret_file = "{secret}"\n',
+        encoding="utf-8",
+    )
+    fleet.chmod(0o644)
+    done = _check(str(fleet))
+    assert done.returncode == 0 and done.stderr == "", "secrets in files of their own: nothing to warn about"

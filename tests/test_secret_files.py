@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pika
@@ -81,3 +84,57 @@ def test_a_worker_connects_with_the_password_from_the_file(tmp_path: Path, amqp_
         assert connection.is_open
     finally:
         connection.close()
+
+
+# --- issue 13: a secret file that is not UTF-8, and the ledger URL from a file ---------------------------------
+
+
+def test_a_secret_file_that_is_not_utf8_is_one_line_without_its_content(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(b"pw-\xff\xfe-8")
+    for env in (
+        {"SMSGW_SECRET_FILE": str(path)},
+        {"SMSGW_AMQP_PASSWORD_FILE": str(path), "SMSGW_AMQP_URL": "amqp://gw@h/%2F"},
+        {"SMSGW_LEDGER_URL_FILE": str(path)},
+    ):
+        with pytest.raises(ConfigError) as caught:
+            Settings.from_env(env)
+            env_endpoint(env)
+        name = next(iter(env))
+        assert str(caught.value) == (
+            f"{name}: cannot read {path}: not UTF-8 text (an invalid byte on line 1, at offset 3); save it as UTF-8"
+        )
+
+
+def test_a_worker_with_a_secret_file_that_is_not_utf8_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(b"\xff\xfe")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMSGW_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "sync_worker", "--check"],
+        env={**env, "SMSGW_SYNC_URL": "http://127.0.0.1:9/s", "SMSGW_SECRET_FILE": str(path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        f"sync_worker: configuration error: SMSGW_SECRET_FILE: cannot read {path}: not UTF-8 text (an invalid byte "
+        "on line 1, at offset 0); save it as UTF-8"
+    ]
+
+
+def test_ledger_url_file_wins_over_the_variable_and_is_checked_like_it(tmp_path: Path) -> None:
+    url = "postgresql://smsgw:pw-ledger-3@db.example/smsgw"
+    env = {"SMSGW_LEDGER_URL": "sqlite:///var/ledger.db", "SMSGW_LEDGER_URL_FILE": _file(tmp_path, url + "\n")}
+    assert Settings.from_env(env).ledger_url == url
+    assert Settings.from_env({"SMSGW_LEDGER_URL_FILE": ""}).ledger_url == ""  # unset: SQLite in SMSGW_STATE_DIR
+    bad = {"SMSGW_LEDGER_URL_FILE": _file(tmp_path, "mysql://smsgw:pw-ledger-3@db/smsgw", "bad")}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(bad)
+    assert str(caught.value) == (
+        "SMSGW_LEDGER_URL_FILE: expected sqlite:///path or postgresql://user:pass@host/db, got scheme 'mysql'"
+    )
+    assert "pw-ledger-3" not in repr(Settings.from_env(env)).replace(url, "")  # only where it is used

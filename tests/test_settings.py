@@ -3,7 +3,11 @@ endpoint, both read from the one variable table)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +120,44 @@ def test_a_cluster_of_brokers_and_a_shared_ledger_are_accepted() -> None:
     )
     assert settings.ledger_url == "postgresql://smsgw@db/smsgw"
     assert settings.modem_failover == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("SMSGW_SYNC_URL", "http://[::1/s", "SMSGW_SYNC_URL: not a valid URL (Invalid IPv6 URL): 'http://[::1/s'"),
+        (
+            "SMSGW_SYNC_URL",
+            "http://gw:pw-1@h:99999/s",
+            "SMSGW_SYNC_URL: not a valid URL (Port out of range 0-65535): 'http://gw:***@h:99999/s'",
+        ),
+        (
+            "SMSGW_AMQP_URL",
+            "amqp://gw:pw-1@a:5672/%2F,amqp://gw:pw-1@b:99999/%2F",
+            "SMSGW_AMQP_URL: not a valid URL (Port out of range 0-65535): 'amqp://gw:***@b:99999/%2F'",
+        ),
+        ("SMSGW_LEDGER_URL", "postgresql://gw:pw-1@[::1/db", "SMSGW_LEDGER_URL: not a valid URL (Invalid IPv6 URL)"),
+        ("SMSGW_METRICS_PORT", "99999", "SMSGW_METRICS_PORT: port out of range: '99999'"),
+    ],
+)
+def test_a_url_or_port_that_cannot_be_is_one_line_without_the_password(name: str, value: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        read_all({name: value})
+    assert str(caught.value) == problem
+
+
+def test_a_worker_with_an_unparsable_url_exits_2_with_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMSGW_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "sync_worker", "--check"],
+        env={**env, "SMSGW_SYNC_URL": "http://[::1/s", "SMSGW_METRICS_PORT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        "sync_worker: configuration error: SMSGW_SYNC_URL: not a valid URL (Invalid IPv6 URL): 'http://[::1/s'"
+    ]

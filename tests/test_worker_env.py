@@ -99,3 +99,13 @@ def test_every_variable_named_in_a_worker_package_is_in_its_help(
         for name in SMSGW_LITERAL.findall(path.read_text(encoding="utf-8"))
     }
     assert {(name, path) for name, path in named if name not in listed} == set()
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_a_worker_reading_the_ledger_url_reads_its_file_twin_too(
+    worker: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listed = help_names(worker, capsys)
+    assert ("SMSGW_LEDGER_URL" in listed) == ("SMSGW_LEDGER_URL_FILE" in listed), sorted(listed)
+    if worker in ("modem_worker", "task_poller"):  # the two that open the never-twice ledger
+        assert "SMSGW_LEDGER_URL_FILE" in listed

@@ -10,9 +10,12 @@ SIM pause keys of ``[modems.<id>]``. ``python -m services.config check FILE`` ru
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
+import stat
 import tomllib
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,10 @@ from services.config.fleet import (
     fleet_from_env,
 )
 from services.config.process import Settings
-from services.config.variables import ENV_VARS, ConfigError, check_xml_keys, default_of
+from services.config.variables import ENV_VARS, ConfigError, check_xml_keys, default_of, not_utf8
 from services.config.worker_env import WorkerEnv
+
+log = logging.getLogger(__name__)
 
 _ENDPOINT_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 _MODEM_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -108,6 +113,8 @@ class _Reader:
         try:
             # Docker/compose secrets end with a newline; a secret never does.
             return Path(name).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise self.error(path, f"cannot read the secret file {name}: {not_utf8(exc)}") from None
         except OSError as exc:
             raise self.error(path, f"cannot read the secret file: {exc.strerror or exc}") from None
 
@@ -127,6 +134,9 @@ class _Reader:
         elif isinstance(value, (int, float, str)):
             if var.default in ("true", "false") and not isinstance(value, bool):
                 raise self.error(path, f"expected true or false, got {_toml_type(value)}")
+            if not isinstance(value, str) and _expected(var.default) == "a string":
+                # auto_response = 3.5 is a slip (quotes forgotten, or the wrong key), not a text to send
+                raise self.error(path, f"expected a string, got {_toml_type(value)} ({value!r}); quote it if meant")
             text = str(value)
         else:
             raise self.error(path, f"expected {_expected(var.default)}, got {_toml_type(value)}")
@@ -293,11 +303,47 @@ def load_fleet_file(path: str, *, read_secrets: bool = True, modem_defaults: Mod
     try:
         with open(path, "rb") as file:
             document = tomllib.load(file)
+            mode = os.fstat(file.fileno()).st_mode
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the whole file first: a TOML file is UTF-8
+        raise ConfigError(f"{path}: not valid TOML: {not_utf8(exc)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_fleet(document, path, read_secrets=read_secrets, modem_defaults=modem_defaults)
+    fleet = parse_fleet(document, path, read_secrets=read_secrets, modem_defaults=modem_defaults)
+    warn_if_readable_secrets(path, document, mode)
+    return fleet
+
+
+def _inline_secrets(document: Mapping[str, Any]) -> list[str]:
+    """The key paths of the secrets written into a (validated) fleet document itself."""
+    found = []
+    for index, endpoint in enumerate(document.get("endpoints", [])):
+        for key in ("secret", "signing_key"):
+            if endpoint.get(key):
+                found.append(f"endpoints[{index}].{key}")
+        if urllib.parse.urlsplit(endpoint.get("sync_url", "")).password:
+            found.append(f"endpoints[{index}].sync_url (its password)")
+    return found
+
+
+def warn_if_readable_secrets(path: str, document: Mapping[str, Any], mode: int) -> bool:
+    """Log one WARNING naming the file and the fix when the fleet file holds secrets and every user of the
+    machine may read it (``mode``: its ``st_mode``); returns whether it warned."""
+    if not mode & stat.S_IROTH:
+        return False
+    secrets = _inline_secrets(document)
+    if not secrets:
+        return False
+    log.warning(
+        "%s holds secrets (%s) and every user of this machine may read it (mode %s): run `chmod 600 %s`, or move "
+        "them into secret_file / signing_key_file",
+        path,
+        ", ".join(secrets),
+        stat.filemode(mode),
+        path,
+    )
+    return True
 
 
 def load_fleet(

@@ -76,6 +76,11 @@ class Settings:
         if password_file:
             password = read_secret_file("SMSGW_AMQP_PASSWORD_FILE", password_file)
             values["amqp_url"] = with_amqp_password(values["amqp_url"], password)
+        # The ledger URL from a file (a compose secret) wins too: it holds the database password.
+        ledger_url_file = values.pop("ledger_url_file")
+        if ledger_url_file:
+            url = read_secret_file("SMSGW_LEDGER_URL_FILE", ledger_url_file).strip()
+            values["ledger_url"] = PROCESS_VARS["SMSGW_LEDGER_URL"].parse("SMSGW_LEDGER_URL_FILE", url)
         values["modem_id"] = _modem_id(values)
         names_of_fields = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names_of_fields})

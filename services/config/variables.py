@@ -130,10 +130,27 @@ def _int(minimum: int) -> Callable[[str, str], int]:
     return parse
 
 
+def split_url(name: str, raw: str) -> urllib.parse.SplitResult:
+    """``raw`` split into its parts, its port checked (1-65535).
+
+    Raises:
+        ConfigError: not a URL (an unclosed ``[`` of an IPv6 address, a port that is no number or out of range);
+            the message names ``name`` and shows the URL without its password and secret.
+    """
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        port = parts.port  # parsed (and range-checked) only when asked for
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not a valid URL ({exc}): {redact_url(raw)!r}") from None
+    if port == 0:
+        raise ConfigError(f"{name}: port 0 is not a port to connect to: {redact_url(raw)!r}")
+    return parts
+
+
 def _amqp_url(name: str, raw: str) -> str:
     # Several brokers of one RabbitMQ cluster, comma separated: a worker connects to the first that answers.
     for url in amqp_urls(raw):
-        parts = urllib.parse.urlsplit(url)
+        parts = split_url(name, url)
         if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
             raise ConfigError(f"{name}: expected amqp://user:pass@host:port/vhost, got scheme {parts.scheme!r}")
     if not amqp_urls(raw):
@@ -155,15 +172,27 @@ def read_secret_file(name: str, path: str) -> str:
     try:
         with open(path, encoding="utf-8") as file:
             return file.read().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"{name}: cannot read {path}: {reason}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {not_utf8(exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """Why a file could not be decoded, in words, without its content (it may be a secret): where, not what."""
+    line = bytes(exc.object[: exc.start]).count(b"\n") + 1
+    return f"not UTF-8 text (an invalid byte on line {line}, at offset {exc.start}); save it as UTF-8"
 
 
 def _ledger_url(name: str, raw: str) -> str:
     if raw == "":
         return raw  # the SQLite file in SMSGW_STATE_DIR
-    scheme = urllib.parse.urlsplit(raw).scheme
+    try:  # the URL holds the database password: the message shows none of it
+        parts = urllib.parse.urlsplit(raw)
+        parts.port  # noqa: B018 - parsed (and range-checked) only when asked for
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not a valid URL ({exc})") from None
+    scheme = parts.scheme
     if scheme not in {"sqlite", "postgresql", "postgres"}:
         raise ConfigError(f"{name}: expected sqlite:///path or postgresql://user:pass@host/db, got scheme {scheme!r}")
     return raw
@@ -172,7 +201,7 @@ def _ledger_url(name: str, raw: str) -> str:
 def _sync_url(name: str, raw: str) -> str:
     if raw == "":
         return raw  # checked by the workers that need it (require_sync_url)
-    parts = urllib.parse.urlsplit(raw)
+    parts = split_url(name, raw)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ConfigError(f"{name}: expected an http(s) URL, got {redact_url(raw)!r}")
     return raw
@@ -296,6 +325,13 @@ PROCESS_VARS = _table(
         "never-twice ledger: sqlite:///path (one host) or "
         "postgresql://user:pass@host/db (shared by hosts); empty = SQLite in SMSGW_STATE_DIR",
         _ledger_url,
+    ),
+    EnvVar(
+        "SMSGW_LEDGER_URL_FILE",
+        "",
+        "file holding SMSGW_LEDGER_URL (wins over it; e.g. a compose secret, so the database password is never in "
+        "the environment); trailing newline stripped",
+        _str,
     ),
     EnvVar(
         "SMSGW_LEDGER_RETENTION_DAYS",
@@ -495,8 +531,14 @@ def check_xml_keys(sync_keys: Sequence[tuple[str, str]], name: str) -> None:
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password and the ``secret`` query parameter replaced by ``***`` (for logs)."""
-    parts = urllib.parse.urlsplit(url)
+    """Return ``url`` with any password and the ``secret`` query parameter replaced by ``***`` (for logs); a text
+    that is no valid URL gets the same treatment by pattern."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError:
+        hidden = re.sub(r"^([^:/?#]*://[^/?#@]*?:)[^/?#@]*@", r"\1***@", url)
+        return re.sub(r"([?&]secret=)[^&#]*", r"\1***", hidden)
     netloc = parts.netloc
     if parts.password is not None:
         netloc = netloc.replace(f":{parts.password}@", ":***@")

@@ -20,6 +20,10 @@ COMMON_VARS = (
 )
 
 
+# A variable a worker reads brings its file twin along (a secret from a file: a compose secret).
+FILE_TWINS = {"SMSGW_LEDGER_URL": "SMSGW_LEDGER_URL_FILE"}
+
+
 @dataclass(frozen=True)
 class WorkerEnv:
     """The variables one worker reads: ``COMMON_VARS``, its own ``process`` variables, the endpoint variables
@@ -37,8 +41,10 @@ class WorkerEnv:
 
     @property
     def process_names(self) -> tuple[str, ...]:
-        """The process variables read: the common ones, then the worker's own."""
-        return tuple(dict.fromkeys((*COMMON_VARS, *self.process)))
+        """The process variables read: the common ones, then the worker's own (each followed by its file twin,
+        ``FILE_TWINS``)."""
+        own = (twin for name in self.process for twin in (name, FILE_TWINS.get(name)) if twin is not None)
+        return tuple(dict.fromkeys((*COMMON_VARS, *own)))
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -37,7 +37,14 @@ from services.broker.decisions import (
     Retry,
     is_warning_attempt,
 )
-from services.broker.errors import BrokerChannelError, BrokerError, BrokerRefused, BrokerUnavailable, PublishRefused
+from services.broker.errors import (
+    BrokerChannelError,
+    BrokerError,
+    BrokerRefused,
+    BrokerUnavailable,
+    PublishNacked,
+    PublishRefused,
+)
 from services.broker.messages import (
     HEADER_ATTEMPTS,
     HEADER_CRASHES,
@@ -103,6 +110,7 @@ __all__ = [
     "ParkedMessage",
     "ParkedQueues",
     "Publication",
+    "PublishNacked",
     "PublishRefused",
     "Publisher",
     "PublisherThread",

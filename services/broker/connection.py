@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
 import threading
+import zlib
 from collections.abc import Sequence
 
 import pika
@@ -27,6 +29,7 @@ from services.broker.errors import (
     BrokerError,
     BrokerRefused,
     BrokerUnavailable,
+    PublishNacked,
     PublishRefused,
     unroutable,
 )
@@ -53,12 +56,25 @@ CONNECTION_LOST = (
 )
 
 
+def preferred_order(urls: Sequence[str], name: str) -> list[str]:
+    """``urls`` (the nodes of one cluster) starting at the node this connection prefers, then the others in their
+    order. The preference is a stable hash of the host, the process and the connection ``name``: the workers'
+    connections spread over the nodes instead of all landing on the first (which would then hold every
+    connection and, as quorum queues are declared where their first client is, lead every queue), and each
+    connection returns to its node when it reconnects after that node came back."""
+    if len(urls) < 2:
+        return list(urls)
+    start = zlib.crc32(f"{socket.gethostname()}/{os.getpid()}/{name}".encode()) % len(urls)
+    return [*urls[start:], *urls[:start]]
+
+
 def connection_parameters(url: str, name: str) -> list[pika.URLParameters]:
     """pika parameters for each broker in ``url`` (one URL, or several of one cluster separated by commas; vhost
-    honoured) with heartbeats and a visible connection name. pika tries them in order: the first that answers
-    wins, so a worker fails over to another node of the cluster when one is down."""
+    honoured) with heartbeats and a visible connection name, in this connection's ``preferred_order``. pika tries
+    them in order: the first that answers wins, so a worker fails over to another node of the cluster when one
+    is down."""
     parameters = []
-    for one in amqp_urls(url):
+    for one in preferred_order(amqp_urls(url), name):
         params = pika.URLParameters(one)
         params.heartbeat = HEARTBEAT_S
         # A broker under a resource alarm blocks publishers; give up (and reconnect) before callers time out.
@@ -173,13 +189,14 @@ def consumer_error(exc: Exception) -> Exception:
 
 
 def publish_error(exc: Exception, routing_key: str) -> BrokerError:
-    """Translate a failed confirmed publish of ``routing_key`` (``exc`` one of CONNECTION_ERRORS): unroutable
-    or nacked -> PublishRefused (the connection is fine); anything else -> BrokerUnavailable (the connection is
-    gone; reconnect)."""
+    """Translate a failed confirmed publish of ``routing_key`` (``exc`` one of CONNECTION_ERRORS): unroutable ->
+    PublishRefused (the connection is fine); nacked -> PublishNacked, an outage (a cluster node that led the queue
+    is gone: publishing again later, through another node if need be, succeeds); anything else ->
+    BrokerUnavailable (the connection is gone; reconnect)."""
     if isinstance(exc, pika.exceptions.UnroutableError):
         return unroutable(routing_key)
     if isinstance(exc, pika.exceptions.NackError):
-        return PublishRefused(f"broker nacked the message for {routing_key!r}")
+        return PublishNacked(f"broker nacked the message for {routing_key!r} (it cannot store it now)")
     return BrokerUnavailable(f"publish failed: {exc!r}")
 
 

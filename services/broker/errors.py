@@ -22,7 +22,13 @@ class BrokerChannelError(BrokerError):
 
 
 class PublishRefused(BrokerError):
-    """The broker refused a message (nack, or unroutable with mandatory): retrying as is will not help."""
+    """The broker refused a message (unroutable with mandatory): retrying as is will not help."""
+
+
+class PublishNacked(BrokerUnavailable):
+    """The broker could not store a message now and nacked it: a quorum queue whose leader is gone and that has
+    not elected another yet (a cluster node lost), or a queue at its limit. An outage to wait out, like a lost
+    connection, never a reason to park: the caller keeps its copy and publishes again later."""
 
 
 def unroutable(routing_key: str) -> PublishRefused:

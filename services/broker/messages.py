@@ -41,7 +41,7 @@ class MessagePublisher(Protocol):
 
         Raises:
             BrokerUnavailable: not confirmed (the caller keeps its copy and tries again later).
-            PublishRefused: nacked or unroutable.
+            PublishRefused: unroutable (a nack is a PublishNacked: an outage, published again later).
         """
 
 

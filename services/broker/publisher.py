@@ -74,7 +74,7 @@ class Publisher:
         Raises:
             BrokerUnavailable: connection lost or not possible (the message may or may not be stored; callers
                 keep their own copy until this returns).
-            PublishRefused: nack or unroutable.
+            PublishRefused: unroutable (a nack is a PublishNacked, an outage).
         """
         channel = self._ensure_channel()
         properties = pika.BasicProperties(
@@ -130,7 +130,7 @@ class PublisherThread:
 
         Raises:
             BrokerUnavailable: not confirmed (connection down, or no answer within ``timeout``).
-            PublishRefused: nack or unroutable.
+            PublishRefused: unroutable (a nack is a PublishNacked, an outage).
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._requests.put((publication, future))

@@ -21,8 +21,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from reference_server.server import ReferenceServer
+from result_reporter.reporter import ResultReporter
 from services import broker
-from services.broker import BrokerUnavailable, MessagePublisher, PublisherThread
+from services.broker import BatchConsumer, BrokerUnavailable, MessagePublisher, PublisherThread
 from services.broker.stub import StubPublisher
 from services.config import EndpointConfig, FleetConfig, fleet_from_env, parse_fleet
 from services.ledger import Ledger, open_ledger
@@ -1203,3 +1204,41 @@ def test_a_task_send_that_never_connects_is_no_possible_loss(tmp_path: Path) -> 
     with pytest.raises(PollError, match="unreachable"):
         poller.poll_once()
     assert released_by_time_out() == before
+
+
+def test_the_server_that_asks_learns_the_empty_task_message_failed(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path
+) -> None:
+    """End to end: the poller skips the empty message, and the result reporter answers ?task=result for it."""
+    results: list[dict[str, Any]] = []
+
+    def respond(request: Request) -> tuple[int, str]:
+        task = request.query.get("task")
+        if task == "send":
+            return 200, _task_reply(EMPTY_OFFER[:1])
+        if task == "result" and request.method == "GET":  # a server that waits for every uuid it handed out
+            return 200, json.dumps({"message_uuids": ["empty-1"]})
+        results.extend(json.loads(request.body)["message_results"])
+        return 200, '{"payload":{"success":true}}'
+
+    take_events(clean_broker)  # declares the events queue
+    stub = HttpStub(respond).start()
+    fleet = env_fleet(stub.url, SMSGW_MESSAGE_RESULTS="true")
+    consumer = BatchConsumer(clean_broker, EVENTS_QUEUE, publisher, name="test-empty-results", topology=Topology())
+    consuming = threading.Thread(target=consumer.run, daemon=True)
+    consuming.start()
+    client = SyncClient(fleet.endpoints[0])
+    try:
+        assert make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true").poll_once().invalid == 1
+        reporter = ResultReporter(fleet.endpoints[0], consumer, client)
+        wait_for(lambda: reporter.collect() >= 1, what="the failed event held")
+        assert reporter.round().reported == 1
+    finally:
+        consumer.stop()
+        consuming.join(timeout=10)
+        client.close()
+        stub.stop()
+    [row] = results
+    assert row["uuid"] == "empty-1" and row["sent_result_code"] != 0
+    assert row["sent_result_message"] == "Failed to send SMS: the task message has an empty text; not sent"
+    assert take_outbound(clean_broker) == []

@@ -106,15 +106,15 @@ class ReplyPublisher:
                 self._publisher.publish(Publication(route.fallback_queue, message.to_json(), message_id=message.uuid))
             metrics.REPLIES_QUEUED.labels(self._endpoint, message.origin).inc()
 
-    def report_failed(self, uuids: list[str], modem_id: str, detail: str) -> None:
-        """Publish a failed sent event for each of ``uuids`` (server replies that are not sent) to this endpoint's
-        events queue, each confirmed, so the result reporter answers ``?task=result`` for them.
+    def report_failed(self, uuids: list[str], detail: str) -> None:
+        """Publish a failed sent event for each of ``uuids`` (server replies that are not sent; no modem handled
+        them) to this endpoint's events queue, each confirmed, so the result reporter answers ``?task=result``.
 
         Raises:
             BrokerError: an event was not confirmed (the caller retries the SMS; a repeated event is harmless).
         """
         for server_uuid in uuids:
-            event = SentEvent(server_uuid, modem_id, "failed", detail, broker.now_ms(), endpoint=self._endpoint)
+            event = SentEvent(server_uuid, "", "failed", detail, broker.now_ms(), endpoint=self._endpoint)
             self._publisher.publish(
                 Publication(events_queue_for(self._endpoint), event.to_json(), message_id=server_uuid)
             )
@@ -271,7 +271,7 @@ class SyncForwarder:
         metrics.SYNC_REQUESTS.labels(self._name, "accepted").inc()
         metrics.SYNC_END_TO_END_SECONDS.labels(self._name).observe(max(0.0, time.time() - sms.received_at / 1000))
         log.info("SMS %s accepted by endpoint %s", sms.message_id, self._name)
-        self._replies.report_failed(self._skip_invalid(sms, payload), sms.modem_id, EMPTY_TEXT_DETAIL)
+        self._replies.report_failed(self._skip_invalid(sms, payload), EMPTY_TEXT_DETAIL)
         outbound = self._replies_to(sms, payload.task, payload.messages)
         self._replies.publish(sms, outbound)
         if outbound:
@@ -282,18 +282,19 @@ class SyncForwarder:
         """Count and log (one line each) the reply messages of an accepted ``sms`` that are not sent; returns the
         server uuids to report failed (an empty text, when the endpoint sends replies and reports results)."""
         replies_sent = self._endpoint.reply_from_server and payload.task in ("send", None)
+        reported = replies_sent and self._endpoint.message_results
         failed: list[str] = []
         for invalid in payload.invalid:
             metrics.REPLIES_SKIPPED.labels(self._name).inc()
-            report = replies_sent and self._endpoint.message_results and invalid.failed_uuid is not None
-            if report and invalid.failed_uuid is not None:
-                failed.append(invalid.failed_uuid)
+            server_uuid = invalid.failed_uuid if reported else None
+            if server_uuid is not None:
+                failed.append(server_uuid)
             log.warning(
                 "SMS %s: reply message from endpoint %s not sent: %s%s",
                 sms.message_id,
                 self._name,
                 invalid.reason,
-                "; reported failed through ?task=result" if report else "",
+                "" if server_uuid is None else "; reported failed through ?task=result",
             )
         return failed
 

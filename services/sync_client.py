@@ -73,6 +73,17 @@ class RedirectRefused(Exception):
         self.answer = answer  # the 3xx answer that was not followed (None: none was read)
 
 
+class _OwnRedirects(requests.Session):
+    """A session that leaves redirects to us: requests reads ``Location`` of every 3xx even with
+    ``allow_redirects=False`` (it prepares the next hop for ``Response.next``), and an unreadable one
+    (``http://[::1``) raised a bare ValueError out of ``request()``. We read ``Location`` ourselves
+    (``redirect_target``), where an unreadable one is a ``RedirectRefused`` like any other refused redirect."""
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        """None: requests prepares no next hop (``SyncClient._follow`` decides about redirects)."""
+        return None
+
+
 def signature(key: str, timestamp: str, method: str, path_query: str, body: bytes) -> str:
     """The ``X-SMSGW-Signature`` value: ``sha256=`` and the hex HMAC-SHA256 (keyed with ``key``, UTF-8) of
     ``<timestamp>.<METHOD>.<path?query>.<body>``, the body as the exact bytes sent (empty for a GET)."""
@@ -211,7 +222,7 @@ class SyncClient:
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = self._url.session()
+            session = self._url.session(_OwnRedirects)
             session.auth = self._auth
             with self._lock:
                 self._sessions.append(session)

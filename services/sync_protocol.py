@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from xml.etree import ElementTree
@@ -51,14 +51,15 @@ class Endpoint:
             netloc = netloc.rsplit("@", 1)[1]
         return cls(urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), auth)
 
-    def session(self) -> requests.Session:
-        """A keep-alive session for this Sync URL: the app's User-Agent, Basic auth from ``user:pass@``.
+    def session(self, factory: Callable[[], requests.Session] = requests.Session) -> requests.Session:
+        """A keep-alive session for this Sync URL (made by ``factory``): the app's User-Agent, Basic auth from
+        ``user:pass@``.
 
         Proxy and CA-bundle environment settings are resolved once here: with ``trust_env`` on, requests
         re-reads them (and ~/.netrc) on every request, the largest CPU cost per SMS in the benchmark.
         ``HTTP(S)_PROXY`` and ``REQUESTS_CA_BUNDLE`` still apply.
         """
-        session = requests.Session()
+        session = factory()
         session.headers["User-Agent"] = USER_AGENT
         environment = session.merge_environment_settings(self.url, {}, None, None, None)
         session.proxies.update(environment.get("proxies") or {})
@@ -253,6 +254,19 @@ class TaskMessage:
 
 
 @dataclass(frozen=True)
+class InvalidMessage:
+    """One message of a reply that cannot be sent as it is."""
+
+    reason: str  # one line: its position, its uuid when it has one, and what is wrong
+    # A stable identity (a hash of the message and its defect, not of its position): a server offering the same
+    # invalid message on every poll is reported once.
+    key: str
+    # The server's uuid when the message is complete but for an empty text: the server waits for a result of
+    # that uuid, so it is reported failed where the endpoint uses the Message Results API. None otherwise.
+    failed_uuid: str | None = None
+
+
+@dataclass(frozen=True)
 class Payload:
     """The ``payload`` object of a sync or task reply, read tolerantly."""
 
@@ -261,17 +275,25 @@ class Payload:
     task: str | None
     secret: str | None
     messages: tuple[TaskMessage, ...]
-    skipped: tuple[str, ...] = field(default=())  # one reason per invalid message
-    # One stable identity per entry of ``skipped`` (a hash of the invalid message and its defect, not of its
-    # position): a server offering the same invalid message on every poll is reported once.
-    skipped_keys: tuple[str, ...] = field(default=())
+    invalid: tuple[InvalidMessage, ...] = field(default=())
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """One reason per invalid message."""
+        return tuple(message.reason for message in self.invalid)
+
+    @property
+    def skipped_keys(self) -> tuple[str, ...]:
+        """One stable identity per invalid message (``InvalidMessage.key``)."""
+        return tuple(message.key for message in self.invalid)
 
 
 def parse_payload(body: str, *, require_uuid: bool = True) -> Payload:
     """Read a sync reply or a ``?task=send`` reply.
 
     ``require_uuid=False`` (instant replies to a sync POST) accepts messages without ``uuid`` (``uuid`` is then
-    ""): the caller derives one. Task messages need the server's uuid for ``?task=sent`` and results.
+    ""): the caller derives one. Task messages need the server's uuid for ``?task=sent`` and results. A message
+    whose text is empty or only white space is invalid (an empty SMS helps nobody): its reason names its uuid.
 
     Raises:
         ReplyError: not JSON, not an object, or no ``payload`` object.
@@ -283,18 +305,18 @@ def parse_payload(body: str, *, require_uuid: bool = True) -> Payload:
     if not isinstance(payload, dict):
         raise ReplyError("reply has no 'payload' object")
     messages: list[TaskMessage] = []
-    skipped: list[str] = []
-    skipped_keys: list[str] = []
+    invalid: list[InvalidMessage] = []
     raw_messages = payload.get("messages")
     if raw_messages is not None and not isinstance(raw_messages, list):
-        skipped.append(f"'messages' is {type(raw_messages).__name__}, not a list")
-        skipped_keys.append(_invalid_key(raw_messages, skipped[-1]))
+        reason = f"'messages' is {type(raw_messages).__name__}, not a list"
+        invalid.append(InvalidMessage(reason, _invalid_key(raw_messages, reason)))
         raw_messages = []
     for index, raw in enumerate(raw_messages or []):
         message, reason = _task_message(raw, require_uuid)
         if message is None:
-            skipped.append(f"message {index}: {reason}")
-            skipped_keys.append(_invalid_key(raw, reason))
+            invalid.append(_invalid_message(index, raw, reason))
+        elif not message.text.strip():
+            invalid.append(_invalid_message(index, raw, "'message' is empty", message.uuid or None))
         else:
             messages.append(message)
     error = payload.get("error")
@@ -306,13 +328,21 @@ def parse_payload(body: str, *, require_uuid: bool = True) -> Payload:
         task=task if isinstance(task, str) else None,
         secret=secret if isinstance(secret, str) else None,
         messages=tuple(messages),
-        skipped=tuple(skipped),
-        skipped_keys=tuple(skipped_keys),
+        invalid=tuple(invalid),
     )
 
 
+def _invalid_message(index: int, raw: Any, reason: str, failed_uuid: str | None = None) -> InvalidMessage:
+    """An invalid message at ``index``: its reason names the uuid when it has a readable one."""
+    uuid = raw.get("uuid") if isinstance(raw, dict) else None
+    named = ""
+    if isinstance(uuid, str | int) and not isinstance(uuid, bool) and str(uuid).strip() and _encodable(str(uuid)):
+        named = f" (uuid {clip(str(uuid), 80)})"
+    return InvalidMessage(f"message {index}{named}: {reason}", _invalid_key(raw, reason), failed_uuid)
+
+
 def _invalid_key(raw: Any, reason: str) -> str:
-    """A short stable hash of an invalid message and what is wrong with it (see ``Payload.skipped_keys``)."""
+    """A short stable hash of an invalid message and what is wrong with it (see ``InvalidMessage.key``)."""
     canonical = json.dumps(raw, sort_keys=True, default=str) + "\n" + reason
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 

@@ -27,9 +27,10 @@ from services import broker
 from services.broker import Ack, BrokerError, Budget, Decision, Delivery, MessagePublisher, Park, Publication, Retry
 from services.config import DEFAULT_ENDPOINT, EndpointConfig
 from services.routing import reply_route
-from services.schemas import InboundSms, OutboundSms, SchemaError
+from services.schemas import InboundSms, OutboundSms, SchemaError, SentEvent
 from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
 from services.sync_protocol import (
+    Payload,
     ReplyError,
     SyncEncodingError,
     SyncScheme,
@@ -40,6 +41,7 @@ from services.sync_protocol import (
     parse_payload,
     sync_form,
 )
+from services.topology import events_queue_for
 from sync_worker import metrics, query_codes
 from sync_worker.metrics import init_metrics
 from sync_worker.query_codes import query_code
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 PARK_AT_ONCE = {400, 401, 403, 404, 405, 410, 413, 414, 415, 422}
 HEADER_REFUSALS = "x-smsgw-refusals"
 HEADER_SERVER_ERRORS = "x-smsgw-server-errors"
+HEADER_UNREADABLE = "x-smsgw-unreadable-replies"
+EMPTY_TEXT_DETAIL = "the server's reply message has an empty text; not sent"
 REPLY_NAMESPACE = uuid.UUID("0f9d2a4e-8b51-4f0e-b3c7-2c1e5d6a7b80")
 
 
@@ -102,6 +106,19 @@ class ReplyPublisher:
                 self._publisher.publish(Publication(route.fallback_queue, message.to_json(), message_id=message.uuid))
             metrics.REPLIES_QUEUED.labels(self._endpoint, message.origin).inc()
 
+    def report_failed(self, uuids: list[str], detail: str) -> None:
+        """Publish a failed sent event for each of ``uuids`` (server replies that are not sent; no modem handled
+        them) to this endpoint's events queue, each confirmed, so the result reporter answers ``?task=result``.
+
+        Raises:
+            BrokerError: an event was not confirmed (the caller retries the SMS; a repeated event is harmless).
+        """
+        for server_uuid in uuids:
+            event = SentEvent(server_uuid, "", "failed", detail, broker.now_ms(), endpoint=self._endpoint)
+            self._publisher.publish(
+                Publication(events_queue_for(self._endpoint), event.to_json(), message_id=server_uuid)
+            )
+
 
 class SyncForwarder:
     """Handler of one endpoint's inbound queue (thread-safe: the client keeps one HTTP session per thread)."""
@@ -119,6 +136,9 @@ class SyncForwarder:
         self._client = client
         self._refusals = Budget(HEADER_REFUSALS, endpoint.max_refusals, "refusals", "refused")
         self._server_errors = Budget(HEADER_SERVER_ERRORS, endpoint.max_server_errors, "HTTP 500 answers", "http_500")
+        # A 200 whose body says nothing readable (200 "{}", an HTML page) may have stored the SMS, like a refusal:
+        # the same bound (max_refusals), counted apart, so an outage spends neither.
+        self._unreadable = Budget(HEADER_UNREADABLE, endpoint.max_refusals, "unreadable replies", "bad_reply")
         self._scheme = SyncScheme(endpoint.sync_method, endpoint.sync_format, dict(endpoint.sync_keys))
         self._replies = ReplyPublisher(publisher, endpoint.name, modem_failover_s)
         self.redacted_url = endpoint.redacted_url
@@ -237,7 +257,7 @@ class SyncForwarder:
             payload = parse_payload(answer.text, require_uuid=False)
         except ReplyError as exc:
             metrics.SYNC_REQUESTS.labels(self._name, "bad_reply").inc()
-            return Retry(f"unreadable reply: {exc}")
+            return Retry(f"HTTP {answer.status} with an unreadable reply: {exc}", budget=self._unreadable)
         if payload.success is not True:
             metrics.SYNC_REQUESTS.labels(self._name, "refused").inc()
             reason = f"server refused the SMS (success={payload.success}): {payload.error or 'no error text'}"
@@ -251,14 +271,32 @@ class SyncForwarder:
         metrics.SYNC_REQUESTS.labels(self._name, "accepted").inc()
         metrics.SYNC_END_TO_END_SECONDS.labels(self._name).observe(max(0.0, time.time() - sms.received_at / 1000))
         log.info("SMS %s accepted by endpoint %s", sms.message_id, self._name)
-        for reason in payload.skipped:
-            metrics.REPLIES_SKIPPED.labels(self._name).inc()
-            log.warning("skipped a reply message of SMS %s from endpoint %s: %s", sms.message_id, self._name, reason)
+        self._replies.report_failed(self._skip_invalid(sms, payload), EMPTY_TEXT_DETAIL)
         outbound = self._replies_to(sms, payload.task, payload.messages)
         self._replies.publish(sms, outbound)
         if outbound:
             log.info("SMS %s: queued %d outbound SMS from endpoint %s", sms.message_id, len(outbound), self._name)
         return Ack()
+
+    def _skip_invalid(self, sms: InboundSms, payload: Payload) -> list[str]:
+        """Count and log (one line each) the reply messages of an accepted ``sms`` that are not sent; returns the
+        server uuids to report failed (an empty text, when the endpoint sends replies and reports results)."""
+        replies_sent = self._endpoint.reply_from_server and payload.task in ("send", None)
+        reported = replies_sent and self._endpoint.message_results
+        failed: list[str] = []
+        for invalid in payload.invalid:
+            metrics.REPLIES_SKIPPED.labels(self._name).inc()
+            server_uuid = invalid.failed_uuid if reported else None
+            if server_uuid is not None:
+                failed.append(server_uuid)
+            log.warning(
+                "SMS %s: reply message from endpoint %s not sent: %s%s",
+                sms.message_id,
+                self._name,
+                invalid.reason,
+                "" if server_uuid is None else "; reported failed through ?task=result",
+            )
+        return failed
 
     def _replies_to(self, sms: InboundSms, task: str | None, messages: tuple[TaskMessage, ...]) -> list[OutboundSms]:
         """The SMS to send in answer to an accepted ``sms``: the server's replies (if enabled) and the

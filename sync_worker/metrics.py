@@ -66,7 +66,7 @@ register_group(
 SYNC_OUTCOMES = ("accepted", "refused", "rejected", "server_error", "network_error", "bad_reply")
 REPLY_ORIGINS = ("reply", "auto_response", "query_code")
 # The sync worker also parks http_<status> for every status it parks at once (sync_worker.forwarder.PARK_AT_ONCE).
-SYNC_PARK_LABELS = ("malformed", "redirect", "refused", "http_500", "crash", "max_age")
+SYNC_PARK_LABELS = ("malformed", "redirect", "refused", "http_500", "bad_reply", "crash", "max_age")
 
 
 def init_metrics(endpoint: str) -> None:

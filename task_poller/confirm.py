@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 
 from services.ledger import Ledger
-from services.sync_protocol import ReplyError, TaskMessage, parse_message_uuids
+from services.sync_protocol import ReplyError, TaskMessage, clip, parse_message_uuids
 from task_poller import metrics
 from task_poller.sync_http import PollError, TaskRequests
 
@@ -119,7 +119,16 @@ class SentConfirmer:
         fresh = [m for m in messages if m.uuid not in self._unconfirmed]
         for message in fresh:
             self._release(message)
-            metrics.TASK_RELEASED.labels(self._name).inc()
+            metrics.TASK_RELEASED.labels(self._name, "sent_refused").inc()
+        if fresh:
+            # The operator's list of what to queue again at the server if it never offers them again.
+            log.warning(
+                "endpoint %s: ?task=sent refused (HTTP %s): task message(s) %s released unsent; the server may offer "
+                "them again, or never if it marks messages sent when it hands them out: then queue them again there",
+                self._name,
+                exc.status,
+                ", ".join(clip(m.uuid, 80) for m in fresh),
+            )
         kept = len(messages) - len(fresh)
         parts: list[str] = []
         if fresh:

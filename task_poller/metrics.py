@@ -21,9 +21,11 @@ TASK_REPUBLISHED = Counter(
 # Servers that differ (issue 8).
 TASK_RELEASED = Counter(
     "smsgw_task_released_total",
-    "Claimed task messages released unsent because the server refused ?task=sent (HTTP 3xx/4xx); a server that "
-    "marks messages sent when it hands them out never offers them again",
-    ["endpoint"],
+    "Task messages that may be lost unsent at a server that marks messages sent when it hands them out, by reason: "
+    "sent_refused (claims released after the server refused ?task=sent, HTTP 3xx/4xx; one per message), "
+    "send_timeout (a ?task=send whose answer did not come in time; one per poll, its messages unknown)",
+    ["endpoint", "reason"],
 )
+RELEASE_REASONS = ("sent_refused", "send_timeout")
 
 register_group("task_poller", TASK_POLLS, TASK_MESSAGES, HTTP_SECONDS, TASK_REPUBLISHED, TASK_RELEASED)

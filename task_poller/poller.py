@@ -80,7 +80,8 @@ def init_metrics(endpoint: str) -> None:
     for task in HTTP_TASKS:
         metrics.HTTP_SECONDS.labels(endpoint, task)
     metrics.TASK_REPUBLISHED.labels(endpoint)
-    metrics.TASK_RELEASED.labels(endpoint)
+    for reason in metrics.RELEASE_REASONS:
+        metrics.TASK_RELEASED.labels(endpoint, reason)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class TaskPoller:
         # touches it.
         self.stale_claim_s = max(30.0, 3 * endpoint.http_timeout + PUBLISH_TIMEOUT_S + 5)
         self._unexpected = UnexpectedErrors(log)
-        self._invalid = InvalidMessages(self.name)
+        self._invalid = InvalidMessages(self.name, publisher, endpoint.message_results)
         results_setting = (
             "SMSGW_MESSAGE_RESULTS=false"
             if fleet.source == "environment"
@@ -207,7 +208,8 @@ class TaskPoller:
 
         Raises:
             PollError: the server could not be reached, refused, or answered something unreadable; or the
-                broker did not confirm (claims stay and are republished later).
+                broker did not confirm (claims stay and are republished later; a failed result of an invalid
+                message is published again on the next poll).
             LedgerError: the ledger could not be read or written (nothing is queued unclaimed).
         """
         retried = self._publish_claimed(self._confirmer.retry_unconfirmed())
@@ -218,7 +220,7 @@ class TaskPoller:
             raise PollError(f"unreadable ?task=send reply: {exc}", "bad_reply") from None
         if payload.success is False:
             raise PollError(f"server refused the task poll: {payload.error or 'no error text'}", "refused")
-        self._invalid.report(payload)
+        self._invalid.report(payload, authentic=self._authentic(payload))
         if not self._to_be_queued(payload):
             return PollResult(queued=retried, invalid=len(payload.skipped))
         result = self._queue(payload.messages)
@@ -240,6 +242,10 @@ class TaskPoller:
             invalid=len(payload.skipped),
             not_confirmed=result.not_confirmed,
         )
+
+    def _authentic(self, payload: Payload) -> bool:
+        """Whether the reply is one the poller acts on: task ``send`` and the configured secret."""
+        return payload.task == "send" and secrets_match(self._endpoint.secret, payload.secret)
 
     def _to_be_queued(self, payload: Payload) -> bool:
         """Whether the messages of a successful reply are to be queued: there are some, the task is ``send``

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -12,6 +13,9 @@ from services import liveness
 from services.sync_client import SyncAnswer, SyncEndpoint
 from services.sync_protocol import clip, describe_body, status_hint
 from task_poller import metrics
+
+# The poller's logger: these lines are part of its log, under the name operators filter on.
+log = logging.getLogger("task_poller.poller")
 
 
 class PollError(Exception):
@@ -60,6 +64,8 @@ class TaskRequests:
         try:
             answer = call()
         except requests.RequestException as exc:
+            if task == "send" and isinstance(exc, requests.exceptions.ReadTimeout):
+                self._lost_on_hand_out(exc)
             raise PollError(
                 f"?task={task}: Sync URL unreachable: {type(exc).__name__}: {clip(str(exc))}", "network_error"
             ) from None
@@ -73,3 +79,17 @@ class TaskRequests:
                 answer.status,
             )
         return answer.text
+
+    def _lost_on_hand_out(self, exc: requests.exceptions.ReadTimeout) -> None:
+        """Count and say (one WARNING) that a ``?task=send`` the server received got no answer in time: a server
+        that marks messages sent when it hands them out has dropped them from its outbox, and they are not sent.
+        The same loss as a release (``smsgw_task_released_total``), but how many messages is unknown."""
+        metrics.TASK_RELEASED.labels(self._name, "send_timeout").inc()
+        log.warning(
+            "endpoint %s: ?task=send got no answer in time (%s: %s): any messages it handed out are not sent, and a "
+            "server that marks messages sent when it hands them out never offers them again: check its outbox "
+            '(counted in smsgw_task_released_total{reason="send_timeout"})',
+            self._name,
+            type(exc).__name__,
+            clip(str(exc)),
+        )

@@ -271,6 +271,20 @@ def test_redirects_are_followed_only_on_the_same_host(url: str, location: str, f
         assert redirect_target(url, location) == followed
 
 
+def test_an_unreadable_location_is_a_refused_redirect_on_every_leg(
+    recorder: Recorder, client_for: Callable[..., SyncClient]
+) -> None:
+    # requests itself parsed every Location (even with allow_redirects=False) and raised a bare ValueError.
+    recorder.respond = lambda _s: (302, {"Location": "http://[::1"}, "")
+    client = client_for(recorder.url)
+    with pytest.raises(RedirectRefused, match=r"unreadable Location 'http://\[::1'") as refused:
+        client.send("POST", b"x", "text/plain")
+    assert refused.value.answer is not None and refused.value.answer.status == 302
+    # The task legs and the probe report it as the status it is.
+    assert [LEGS[leg](client).status for leg in ("get", "post_json", "probe")] == [302, 302, 302]
+    assert len(recorder.seen) == 4, "nothing followed"
+
+
 def test_probe_does_not_follow_redirects(recorder: Recorder, client_for: Callable[..., SyncClient]) -> None:
     recorder.respond = lambda _s: (302, {"Location": "/elsewhere"}, "")
     assert client_for(recorder.url).probe().status == 302

@@ -254,7 +254,32 @@ def test_an_invalid_message_keeps_its_key_wherever_it_stands() -> None:
     good = {"to": "+1", "message": "ok", "uuid": "g-1"}
     first = parse_payload(json.dumps({"payload": {"task": "send", "messages": [bad]}}))
     moved = parse_payload(json.dumps({"payload": {"task": "send", "messages": [good, bad, {"to": "+2"}]}}))
-    assert first.skipped == ("message 0: 'to' is missing or empty",)
-    assert moved.skipped[0] == "message 1: 'to' is missing or empty"
+    assert first.skipped == ("message 0 (uuid b-1): 'to' is missing or empty",)
+    assert moved.skipped[0] == "message 1 (uuid b-1): 'to' is missing or empty"
     assert len(moved.skipped_keys) == 2 and moved.skipped_keys[0] == first.skipped_keys[0]
     assert moved.skipped_keys[1] != moved.skipped_keys[0]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t "])
+def test_an_empty_text_is_an_invalid_message_named_by_its_uuid(text: str) -> None:
+    body = json.dumps(
+        {"payload": {"task": "send", "messages": [{"to": "+1", "message": text, "uuid": "e-1"}, ONE_GOOD]}}
+    )
+    payload = parse_payload(body)
+    assert [m.uuid for m in payload.messages] == ["g-1"]
+    [invalid] = payload.invalid
+    assert invalid.reason == "message 0 (uuid e-1): 'message' is empty"
+    assert invalid.failed_uuid == "e-1"  # complete but for its text: the server waits for a result of it
+
+
+def test_only_an_empty_text_is_reported_failed_and_an_instant_reply_needs_a_uuid_for_it() -> None:
+    messages = [
+        {"to": "", "message": "x", "uuid": "a"},  # no recipient: not a message the server could mean
+        {"to": "+1", "message": ""},  # an instant reply without uuid: nothing to report under
+    ]
+    payload = parse_payload(json.dumps({"payload": {"messages": messages}}), require_uuid=False)
+    assert [i.failed_uuid for i in payload.invalid] == [None, None]
+    assert payload.skipped == ("message 0 (uuid a): 'to' is missing or empty", "message 1: 'message' is empty")
+
+
+ONE_GOOD = {"to": "+2", "message": "ok", "uuid": "g-1"}

@@ -23,9 +23,9 @@ from reference_server.server import ReferenceServer
 from scripts.stack import ROOT
 from services import broker
 from services.broker import ParkedQueues, Publication, PublisherThread
-from services.broker.stub import StubPublisher
+from services.broker.stub import StubBroker, StubPublisher
 from services.config import EndpointConfig, Settings, fleet_from_env, parse_fleet
-from services.schemas import InboundSms, OutboundSms
+from services.schemas import InboundSms, OutboundSms, SentEvent
 from services.sync_client import SyncClient
 from services.topology import (
     DELAY_TIERS_S,
@@ -993,3 +993,120 @@ def test_refusal_is_final_is_an_endpoint_option() -> None:
     )
     assert [e.refusal_is_final for e in fleet.endpoints] == [True, False]
     assert default_endpoint(SMSGW_SYNC_URL="http://127.0.0.1:9/x", SMSGW_REFUSAL_IS_FINAL="true").refusal_is_final
+
+
+# --- issue 13: protocol edges that lost or wasted -----------------------------------------------------------
+
+
+def take_events(url: str, endpoint: str = "default") -> list[SentEvent]:
+    """Take every message of ``endpoint``'s events queue (decoded as sent events)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    events: list[SentEvent] = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, _props, body = channel.basic_get(events_queue_for(endpoint), auto_ack=True)
+            if method is None:
+                return events
+            events.append(SentEvent.from_json(body))
+    finally:
+        connection.close()
+
+
+def empty_and_good_reply(request: Request) -> tuple[int, str]:
+    sender = request.form["from"]
+    messages = [
+        {"to": sender, "message": "", "uuid": "r-empty"},
+        {"to": sender, "message": "  \n", "uuid": "r-blank"},
+        {"to": sender, "message": "got it", "uuid": "r-ok"},
+    ]
+    return 200, json.dumps({"payload": {"success": True, "task": "send", "messages": messages}})
+
+
+def test_an_empty_instant_reply_is_not_sent_and_reported_failed(
+    harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sync_worker.forwarder")
+    h = harness(empty_and_good_reply, SMSGW_MESSAGE_RESULTS="true")
+    sms = make_sms()
+    h.inject(sms)
+    events: list[SentEvent] = []
+
+    def reported() -> bool:
+        events.extend(take_events(h.url))
+        return len(events) >= 2
+
+    wait_for(reported, what="the empty replies reported failed")
+    assert sorted((e.uuid, e.outcome) for e in events) == [("r-blank", "failed"), ("r-empty", "failed")]
+    assert all("empty text" in e.detail and e.endpoint == "default" for e in events)
+    out = wait_for(h.outbound, what="the good reply queued")
+    assert [(o.uuid, o.text) for o in out] == [("r-ok", "got it")], "no empty SMS queued"
+    lines = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(lines) == 2 and all(sms.message_id in line for line in lines)
+    assert "(uuid r-empty): 'message' is empty; reported failed through ?task=result" in lines[0]
+    assert "(uuid r-blank)" in lines[1]
+
+
+def test_an_empty_instant_reply_without_the_results_api_is_only_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="sync_worker.forwarder")
+    stub = HttpStub(empty_and_good_reply).start()
+    endpoint = default_endpoint(SMSGW_SYNC_URL=stub.url)  # message_results off: nobody asks for results
+    client = SyncClient(endpoint)
+    publisher = StubPublisher()
+    try:
+        decision = SyncForwarder(endpoint, publisher, client).handle(
+            broker.Delivery(INBOUND_QUEUE, make_sms().to_json(), {}, None)
+        )
+    finally:
+        client.close()
+        stub.stop()
+    assert isinstance(decision, broker.Ack)
+    published = publisher.by_routing_key()
+    assert events_queue_for("default") not in published
+    assert [OutboundSms.from_json(p.body).text for p in published[outbound_queue_for(MODEM)]] == ["got it"]
+    lines = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(lines) == 2 and not any("reported failed" in line for line in lines)
+
+
+def test_unreadable_200_replies_are_bounded_on_the_stub_broker() -> None:
+    stub = HttpStub(lambda _r: (200, "{}")).start()
+    endpoint = default_endpoint(SMSGW_SYNC_URL=stub.url, SMSGW_MAX_REFUSALS="3")
+    client = SyncClient(endpoint)
+    queues = StubBroker(Topology.of(fleet_from_env({"SMSGW_SYNC_URL": stub.url}), modems=[MODEM]))
+    forwarder = SyncForwarder(endpoint, queues, client)
+    queues.publish(Publication(INBOUND_QUEUE, make_sms().to_json()))
+    try:
+        for _ in range(20):  # each turn: a POST, or the delay tiers expiring
+            if not (queues.consume(INBOUND_QUEUE, forwarder.handle) or queues.release_delayed()):
+                break
+    finally:
+        client.close()
+        stub.stop()
+    assert len(stub.requests) == 3
+    [parked] = queues.messages(parked_queue_for(INBOUND_QUEUE))
+    reason = parked.headers["x-smsgw-park-reason"]
+    assert "HTTP 200 with an unreadable reply: reply has no 'payload' object" in reason
+    assert "gave up after 3 unreadable replies" in reason
+
+
+def test_a_server_answering_200_empty_object_gets_a_bounded_number_of_posts(harness: Callable[..., Harness]) -> None:
+    # Acceptance (issue 13): a server answering every POST with 200 {} got 7 POSTs a minute for 7 days.
+    before = sync_requests("default", "bad_reply")
+    h = harness(lambda _r: (200, "{}"), SMSGW_MAX_REFUSALS="2")
+    h.inject(make_sms())
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=30, what="parked after unreadable replies")
+    assert len(h.stub.requests) == 2
+    assert "gave up after 2 unreadable replies" in listing[0].reason and "no 'payload'" in listing[0].reason
+    assert sync_requests("default", "bad_reply") == before + 2
+
+
+def test_a_redirect_to_an_unreadable_location_parks_at_once_without_a_crash(
+    harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    h = harness(lambda _r: (302, ""))
+    h.stub.location = "http://[::1"
+    h.inject(make_sms())
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, what="parked redirect")
+    assert "unreadable Location 'http://[::1'" in listing[0].reason
+    assert len(h.stub.requests) == 1
+    assert not [r for r in caplog.records if "crash" in r.getMessage()]

@@ -21,15 +21,23 @@ import pytest
 from prometheus_client import REGISTRY
 
 from reference_server.server import ReferenceServer
+from result_reporter.reporter import ResultReporter
 from services import broker
-from services.broker import BrokerUnavailable, MessagePublisher, PublisherThread
+from services.broker import BatchConsumer, BrokerUnavailable, MessagePublisher, PublisherThread
 from services.broker.stub import StubPublisher
 from services.config import EndpointConfig, FleetConfig, fleet_from_env, parse_fleet
 from services.ledger import Ledger, open_ledger
-from services.schemas import OutboundSms, task_ledger_key
+from services.schemas import OutboundSms, SentEvent, task_ledger_key
 from services.sync_client import SyncClient
 from services.sync_protocol import USER_AGENT
-from services.topology import OUTBOUND_QUEUE, Topology, declare_topology, outbound_queue_for, pool_queue_for
+from services.topology import (
+    EVENTS_QUEUE,
+    OUTBOUND_QUEUE,
+    Topology,
+    declare_topology,
+    outbound_queue_for,
+    pool_queue_for,
+)
 from task_poller.poller import TaskPoller, init_metrics
 from task_poller.runner import PollerGroup
 from task_poller.sync_http import PollError
@@ -956,6 +964,8 @@ def test_metrics_of_every_endpoint_and_outcome_start_at_zero() -> None:
             REGISTRY.get_sample_value("smsgw_task_messages_total", {"endpoint": "metrics-ep", "outcome": outcome}) == 0
         )
     assert REGISTRY.get_sample_value("smsgw_task_republished_total", {"endpoint": "metrics-ep"}) == 0
+    for reason in ("sent_refused", "send_timeout"):
+        assert REGISTRY.get_sample_value("smsgw_task_released_total", {"endpoint": "metrics-ep", "reason": reason}) == 0
     assert (
         REGISTRY.get_sample_value("smsgw_http_request_seconds_count", {"endpoint": "metrics-ep", "task": "sent"}) == 0
     )
@@ -1014,7 +1024,7 @@ def test_the_same_invalid_task_message_is_logged_once_not_on_every_poll(
 
 @pytest.mark.parametrize("status", [403, 404, 405])
 def test_a_refused_task_sent_counts_the_released_messages_and_names_both_causes(
-    clean_broker: str, publisher: PublisherThread, tmp_path: Path, status: int
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path, status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     def respond(request: Request) -> tuple[int, str]:
         if request.query.get("task") == "send":
@@ -1022,20 +1032,25 @@ def test_a_refused_task_sent_counts_the_released_messages_and_names_both_causes(
         return status, "<html><head><title>Method Not Allowed</title><style>p{}</style></head></html>"
 
     init_metrics("default")
-    released = REGISTRY.get_sample_value("smsgw_task_released_total", {"endpoint": "default"})
+    labels = {"endpoint": "default", "reason": "sent_refused"}
+    released = REGISTRY.get_sample_value("smsgw_task_released_total", labels)
     assert released is not None  # the series exists from start-up
     stub = HttpStub(respond).start()
     try:
         poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
-        with pytest.raises(PollError) as raised:
+        with pytest.raises(PollError) as raised, caplog.at_level(logging.WARNING, logger="task_poller.poller"):
             poller.poll_once()
     finally:
         stub.stop()
+    # The operator's list of what to queue again at the server: one line naming the uuids.
+    [line] = [r.getMessage() for r in caplog.records if "released unsent" in r.getMessage()]
+    assert f"HTTP {status}" in line and f"task message(s) rel-{status} released unsent" in line
+    assert "queue them again" in line
     message = str(raised.value)
     assert f"HTTP {status}" in message and "Method Not Allowed" in message and "<style" not in message
     assert "1 task message(s) released unsent" in message
     assert "secret" in message and "SMSGW_MESSAGE_RESULTS=false" in message
-    assert REGISTRY.get_sample_value("smsgw_task_released_total", {"endpoint": "default"}) == released + 1
+    assert REGISTRY.get_sample_value("smsgw_task_released_total", labels) == released + 1
     assert ledger_of(tmp_path).claim_state(f"rel-{status}") is None
 
 
@@ -1059,3 +1074,172 @@ def test_a_file_endpoint_is_told_its_own_message_results_key(
     assert "UnicodeEncodeError" in message and "claim(s) kept" in message
     assert "message_results = false for endpoint 'php'" in message
     assert ledger_of(tmp_path).claim_state(task_ledger_key("php", "kept-500")) == "accepted"
+
+
+# --- issue 13: protocol edges that lost or wasted -------------------------------------------------------------
+
+
+def take_events(url: str) -> list[SentEvent]:
+    """Every message of the default endpoint's events queue right now (consumed; declared first)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    events: list[SentEvent] = []
+    try:
+        channel = connection.channel()
+        declare_topology(channel, Topology())
+        while True:
+            method, _props, body = channel.basic_get(EVENTS_QUEUE, auto_ack=True)
+            if method is None:
+                return events
+            events.append(SentEvent.from_json(body))
+    finally:
+        connection.close()
+
+
+EMPTY_OFFER = [
+    {"to": "+255700000020", "message": "", "uuid": "empty-1"},
+    {"to": "+255700000021", "message": " \n\t", "uuid": "blank-1"},
+    {"to": "+255700000022", "message": "real text", "uuid": "good-20"},
+]
+
+
+def test_an_empty_task_message_is_not_sent_named_once_and_reported_failed(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sent_posts: list[list[str]] = []
+
+    def respond(request: Request) -> tuple[int, str]:
+        if request.query.get("task") == "send":
+            return 200, _task_reply(EMPTY_OFFER)  # offered on every poll
+        sent_posts.append(json.loads(request.body)["queued_messages"])
+        return 200, json.dumps({"message_uuids": sent_posts[-1]})
+
+    assert take_events(clean_broker) == []  # declares the events queue
+    stub = HttpStub(respond).start()
+    try:
+        poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        with caplog.at_level(logging.WARNING, logger="task_poller.poller"):
+            first, second = poller.poll_once(), poller.poll_once()
+    finally:
+        stub.stop()
+    assert (first.queued, first.invalid, second.queued, second.invalid) == (1, 2, 0, 2)
+    assert [m.uuid for m in take_outbound(clean_broker)] == ["good-20"], "no empty SMS queued"
+    assert sent_posts == [["good-20"]]
+    events = take_events(clean_broker)
+    assert sorted((e.uuid, e.outcome) for e in events) == [("blank-1", "failed"), ("empty-1", "failed")]
+    assert all("empty text" in e.detail for e in events), "reported once, not on every poll"
+    lines = [r.getMessage() for r in caplog.records if "invalid task message" in r.getMessage()]
+    assert len(lines) == 2
+    assert "(uuid empty-1): 'message' is empty; reported failed through ?task=result" in lines[0]
+    assert "(uuid blank-1)" in lines[1]
+
+
+@pytest.mark.parametrize("case", ["results_off", "wrong_secret"])
+def test_an_empty_task_message_is_reported_only_where_results_are_asked_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    secret = "not-ours" if case == "wrong_secret" else SECRET
+    stub = HttpStub(lambda _r: (200, _task_reply(EMPTY_OFFER[:1], secret=secret))).start()
+    publisher = StubPublisher()
+    try:
+        results = "false" if case == "results_off" else "true"
+        poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS=results)
+        with caplog.at_level(logging.WARNING, logger="task_poller.poller"):
+            assert poller.poll_once().invalid == 1
+    finally:
+        stub.stop()
+    assert publisher.published == []
+    [line] = [r.getMessage() for r in caplog.records if "invalid task message" in r.getMessage()]
+    assert "(uuid empty-1): 'message' is empty" in line and "reported failed" not in line
+
+
+def test_a_failed_result_the_broker_did_not_confirm_is_reported_on_the_next_poll(tmp_path: Path) -> None:
+    stub = HttpStub(lambda _r: (200, _task_reply(EMPTY_OFFER[:1]))).start()
+    publisher = StubPublisher()
+    try:
+        poller = make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true")
+        publisher.fail_with = BrokerUnavailable("broker down")
+        with pytest.raises(PollError, match="failed result of task message empty-1") as raised:
+            poller.poll_once()
+        assert raised.value.outcome == "broker_error"
+        publisher.fail_with = None
+        poller.poll_once()
+    finally:
+        stub.stop()
+    [event] = [SentEvent.from_json(p.body) for p in publisher.published]
+    assert (event.uuid, event.outcome) == ("empty-1", "failed")
+
+
+def released_by_time_out() -> float:
+    labels = {"endpoint": "default", "reason": "send_timeout"}
+    return REGISTRY.get_sample_value("smsgw_task_released_total", labels) or 0.0
+
+
+def test_a_task_send_that_times_out_is_counted_as_a_possible_loss_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    init_metrics("default")
+    before = released_by_time_out()
+    hold = threading.Event()
+
+    def respond(_request: Request) -> tuple[int, str]:
+        hold.wait(timeout=30)  # the server hands its messages out, but its answer comes too late
+        return 200, _task_reply(EMPTY_OFFER[2:])
+
+    stub = HttpStub(respond).start()
+    try:
+        poller = make_poller(stub.url, StubPublisher(), tmp_path, SMSGW_HTTP_TIMEOUT="0.5")
+        with pytest.raises(PollError) as raised, caplog.at_level(logging.WARNING, logger="task_poller.poller"):
+            poller.poll_once()
+    finally:
+        hold.set()
+        stub.stop()
+    assert raised.value.outcome == "network_error"
+    assert released_by_time_out() == before + 1
+    [line] = [r.getMessage() for r in caplog.records if "?task=send got no answer in time" in r.getMessage()]
+    assert "never offers them again" in line and 'reason="send_timeout"' in line
+
+
+def test_a_task_send_that_never_connects_is_no_possible_loss(tmp_path: Path) -> None:
+    before = released_by_time_out()
+    poller = make_poller("http://127.0.0.1:9/smssync", StubPublisher(), tmp_path, SMSGW_HTTP_TIMEOUT="0.5")
+    with pytest.raises(PollError, match="unreachable"):
+        poller.poll_once()
+    assert released_by_time_out() == before
+
+
+def test_the_server_that_asks_learns_the_empty_task_message_failed(
+    clean_broker: str, publisher: PublisherThread, tmp_path: Path
+) -> None:
+    """End to end: the poller skips the empty message, and the result reporter answers ?task=result for it."""
+    results: list[dict[str, Any]] = []
+
+    def respond(request: Request) -> tuple[int, str]:
+        task = request.query.get("task")
+        if task == "send":
+            return 200, _task_reply(EMPTY_OFFER[:1])
+        if task == "result" and request.method == "GET":  # a server that waits for every uuid it handed out
+            return 200, json.dumps({"message_uuids": ["empty-1"]})
+        results.extend(json.loads(request.body)["message_results"])
+        return 200, '{"payload":{"success":true}}'
+
+    take_events(clean_broker)  # declares the events queue
+    stub = HttpStub(respond).start()
+    fleet = env_fleet(stub.url, SMSGW_MESSAGE_RESULTS="true")
+    consumer = BatchConsumer(clean_broker, EVENTS_QUEUE, publisher, name="test-empty-results", topology=Topology())
+    consuming = threading.Thread(target=consumer.run, daemon=True)
+    consuming.start()
+    client = SyncClient(fleet.endpoints[0])
+    try:
+        assert make_poller(stub.url, publisher, tmp_path, SMSGW_MESSAGE_RESULTS="true").poll_once().invalid == 1
+        reporter = ResultReporter(fleet.endpoints[0], consumer, client)
+        wait_for(lambda: reporter.collect() >= 1, what="the failed event held")
+        assert reporter.round().reported == 1
+    finally:
+        consumer.stop()
+        consuming.join(timeout=10)
+        client.close()
+        stub.stop()
+    [row] = results
+    assert row["uuid"] == "empty-1" and row["sent_result_code"] != 0
+    assert row["sent_result_message"] == "Failed to send SMS: the task message has an empty text; not sent"
+    assert take_outbound(clean_broker) == []

@@ -40,6 +40,7 @@ from services.runtime import (
 from services.sync_client import SyncClient
 from services.topology import Topology, inbound_queue_for
 from sync_worker import metrics
+from sync_worker.backlog import RetryBacklog
 from sync_worker.forwarder import PARK_AT_ONCE, SyncForwarder
 from sync_worker.probe import SyncUrlHealth, SyncUrlProbe
 
@@ -134,11 +135,13 @@ class InboundLane:
         # smsgw_sync_url_up: the outcome of the lane's own POSTs, and of a probe while they are quiet.
         health = SyncUrlHealth(endpoint.name, endpoint.redacted_url)
         forwarder = SyncForwarder(endpoint, publisher, client, modem_failover_s=settings.modem_failover, health=health)
+        # smsgw_retry_backlog_messages / _next_attempt_timestamp_seconds: the SMS an outage holds, and when.
+        backlog = RetryBacklog(inbound_queue_for(endpoint.name))
         consumer = Consumer(
             settings.amqp_url,
             [inbound_queue_for(endpoint.name)],
-            forwarder.handle,
-            publisher,
+            backlog.watch_handler(forwarder.handle),
+            backlog.watch_publisher(publisher),
             name=name,
             prefetch=settings.prefetch,
             # One handler thread per prefetched message: on SIGTERM every message we hold is already being

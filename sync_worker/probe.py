@@ -112,8 +112,9 @@ class SyncUrlHealth:
             elif up is None:
                 return  # a GET answered 500/501 and no real request succeeded: says nothing
             changed, self._up = up != self._up, up
-        # The series is created here, not earlier: a 0 exported before the first verdict would be a false outage.
-        SYNC_URL_UP.labels(endpoint=self._endpoint).set(1 if up else 0)
+            # Under the lock: two threads' verdicts must reach the gauge in the order they were recorded. The
+            # series is created here, not earlier: a 0 exported before the first verdict would be a false outage.
+            SYNC_URL_UP.labels(endpoint=self._endpoint).set(1 if up else 0)
         if not changed:
             return
         source = "request" if real else "probe"

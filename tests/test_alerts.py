@@ -275,6 +275,21 @@ def test_alerts_are_routed_by_severity(labels: dict[str, str], receiver: str, tm
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+)(ms|s|m|h|d)", duration))
+
+
+def test_the_watchdog_is_sent_every_group_interval() -> None:
+    # Alertmanager re-sends at a group_interval tick only when repeat_interval has passed since the last send;
+    # equal to group_interval, it misses every other tick by milliseconds (heartbeats 60-120 s apart).
+    config = yaml.safe_load((ALERTMANAGER_DIR / "alertmanager.yml").read_text(encoding="utf-8"))
+    [route] = [r for r in config["route"]["routes"] if r["matchers"] == ['alertname="Watchdog"']]
+    group, repeat = _seconds(route["group_interval"]), _seconds(route["repeat_interval"])
+    assert group == 60, "docs/operations.md says the Watchdog arrives every minute"
+    assert group / 2 < repeat <= group - 5, route
+
+
 @pytest.fixture
 def alertmanager(tmp_path: Path) -> Iterator[str]:
     """A real Alertmanager (Debian's prometheus-alertmanager) with the rendered config; yields its base URL."""

@@ -40,8 +40,9 @@ from services.runtime import (
 from services.sync_client import SyncClient
 from services.topology import Topology, inbound_queue_for
 from sync_worker import metrics
+from sync_worker.backlog import RetryBacklog
 from sync_worker.forwarder import PARK_AT_ONCE, SyncForwarder
-from sync_worker.probe import SyncUrlProbe
+from sync_worker.probe import SyncUrlHealth, SyncUrlProbe
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,15 @@ def inbound_endpoints(fleet: FleetConfig) -> tuple[EndpointConfig, ...]:
 @dataclass
 class InboundLane:
     """Everything one endpoint's inbound SMS pass through: its queue's consumer (own connection, handler pool
-    and retry policy), its publisher (retry copies, parks, replies) and its HTTP client."""
+    and retry policy), its publisher (retry copies, parks, replies), its HTTP client, and the probe of its Sync
+    URL for quiet times."""
 
     endpoint: EndpointConfig
     publisher: PublisherThread
     client: SyncClient
     consumer: Consumer
+
+    probe: SyncUrlProbe
 
     @classmethod
     def open(cls, settings: Settings, endpoint: EndpointConfig, topology: Topology) -> InboundLane:
@@ -128,12 +132,16 @@ class InboundLane:
         name = f"smsgw-sync-{endpoint.name}"
         publisher = PublisherThread(settings.amqp_url, f"{name}-publisher", topology)
         client = SyncClient(endpoint)
-        forwarder = SyncForwarder(endpoint, publisher, client, modem_failover_s=settings.modem_failover)
+        # smsgw_sync_url_up: the outcome of the lane's own POSTs, and of a probe while they are quiet.
+        health = SyncUrlHealth(endpoint.name, endpoint.redacted_url)
+        forwarder = SyncForwarder(endpoint, publisher, client, modem_failover_s=settings.modem_failover, health=health)
+        # smsgw_retry_backlog_messages / _next_attempt_timestamp_seconds: the SMS an outage holds, and when.
+        backlog = RetryBacklog(inbound_queue_for(endpoint.name))
         consumer = Consumer(
             settings.amqp_url,
             [inbound_queue_for(endpoint.name)],
-            forwarder.handle,
-            publisher,
+            backlog.watch_handler(forwarder.handle),
+            backlog.watch_publisher(publisher),
             name=name,
             prefetch=settings.prefetch,
             # One handler thread per prefetched message: on SIGTERM every message we hold is already being
@@ -142,7 +150,7 @@ class InboundLane:
             topology=topology,
             max_retry_age_s=endpoint.max_retry_age,
         )
-        return cls(endpoint, publisher, client, consumer)
+        return cls(endpoint, publisher, client, consumer, SyncUrlProbe(endpoint, settings.probe_interval, health))
 
     def close(self) -> None:
         """Release the publisher and the HTTP client (after the consumer stopped)."""
@@ -177,8 +185,8 @@ def serve(settings: Settings, endpoints: Sequence[EndpointConfig], topology: Top
     """Forward inbound SMS to ``endpoints`` until SIGTERM (the first drains every lane, the second exits at
     once); returns the exit code."""
     lanes = [InboundLane.open(settings, endpoint, topology) for endpoint in endpoints]
-    # smsgw_sync_url_up: a dead server shows (alert SmsgwSyncUrlFailing) even when there is nothing to POST.
-    probes = [SyncUrlProbe(endpoint, settings.probe_interval) for endpoint in endpoints]
+    # A dead server shows (alert SmsgwSyncUrlFailing) even when there is nothing to POST.
+    probes = [lane.probe for lane in lanes]
 
     def on_stop() -> None:
         # The probes stop with the lanes, so a probe in flight finishes while they drain, not after.

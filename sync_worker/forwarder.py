@@ -44,6 +44,7 @@ from services.sync_protocol import (
 from services.topology import events_queue_for
 from sync_worker import metrics, query_codes
 from sync_worker.metrics import init_metrics
+from sync_worker.probe import SyncUrlHealth
 from sync_worker.query_codes import query_code
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,11 @@ class SyncForwarder:
         client: SyncClient,
         *,
         modem_failover_s: float = 0.0,
+        health: SyncUrlHealth | None = None,
     ) -> None:
         self._endpoint = endpoint
+        # Every request's outcome is the truth about the Sync URL (smsgw_sync_url_up, sync_worker/probe.py).
+        self._health = health or SyncUrlHealth(endpoint.name, endpoint.redacted_url)
         self._name = endpoint.name
         self._client = client
         self._refusals = Budget(HEADER_REFUSALS, endpoint.max_refusals, "refusals", "refused")
@@ -204,9 +208,14 @@ class SyncForwarder:
         body, content_type = self._scheme.encode(sync_form(sms, self._endpoint.secret, self._endpoint.device_id))
         started = time.monotonic()
         try:
-            return self._client.send(self._scheme.method, body, content_type)
+            answer = self._client.send(self._scheme.method, body, content_type)
+        except (requests.RequestException, RedirectRefused) as exc:
+            self._health.request_failed(f"{type(exc).__name__}: {clip(mask_secrets(str(exc)), 200)}")
+            raise
         finally:
             metrics.SYNC_SECONDS.labels(self._name).observe(time.monotonic() - started)
+        self._health.request_answered(answer.status)
+        return answer
 
     def _answer_query(self, sms: InboundSms, code: str) -> Decision:
         """Answer a query code by SMS to its sender; the SMS itself is not forwarded."""

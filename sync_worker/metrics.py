@@ -1,4 +1,5 @@
-"""The sync worker's metrics: POSTs of inbound SMS to each endpoint's Sync URL, filters, replies, the URL probe.
+"""The sync worker's metrics: POSTs of inbound SMS to each endpoint's Sync URL, filters, replies, the Sync URL's
+state, the retry backlog.
 
 Registered as the ``sync_worker`` group of services.metrics (with the consumer series of its inbound queues).
 """
@@ -41,11 +42,24 @@ REPLIES_QUEUED = Counter(
 )
 REPLIES_SKIPPED = Counter("smsgw_replies_skipped_total", "Server reply messages skipped as invalid", ["endpoint"])
 
-# --- Sync URL probe (sync_worker/probe.py, issue 9) -------------------------------------------------------------
+# --- Sync URL state (sync_worker/probe.py: the POSTs' outcomes, a probe while they are quiet) ---------------------
 SYNC_URL_UP = Gauge(
     "smsgw_sync_url_up",
-    "1 while a bare GET of the endpoint's Sync URL gets an HTTP answer below 500; 0 after a network error or 5xx",
+    "1 while the endpoint's Sync URL works: its last POST (or, with none for a probe interval, a bare GET) got an "
+    "answer other than 5xx or a 4xx besides 401/403; 0 when it did not or got no answer",
     ["endpoint"],
+)
+
+# --- retry backlog of the inbound queues (sync_worker/backlog.py) ------------------------------------------------
+RETRY_BACKLOG = Gauge(
+    "smsgw_retry_backlog_messages",
+    "Retries of the queue's messages this sync_worker scheduled that have not come back from the delay queues",
+    ["queue"],
+)
+RETRY_NEXT_ATTEMPT = Gauge(
+    "smsgw_retry_next_attempt_timestamp_seconds",
+    "When the earliest retry of the queue's backlog is due back (Unix time; 0: no retry waiting)",
+    ["queue"],
 )
 
 register_group(
@@ -57,6 +71,8 @@ register_group(
     REPLIES_QUEUED,
     REPLIES_SKIPPED,
     SYNC_URL_UP,
+    RETRY_BACKLOG,
+    RETRY_NEXT_ATTEMPT,
     RETRIES,
     MESSAGES_RETRIED,
     PARKED,
@@ -91,8 +107,12 @@ def sync_park_labels(park_at_once: Iterable[int]) -> tuple[str, ...]:
 
 def init_sync_worker(endpoints: Iterable[str], queues: Iterable[str], park_at_once: Iterable[int]) -> None:
     """Create the sync worker's series at 0 for ``endpoints`` (every outcome, filter reason and reply origin) and
-    their inbound ``queues`` (``sync_park_labels(park_at_once)``); ``smsgw_sync_url_up`` waits for the first
-    probe."""
+    their inbound ``queues`` (``sync_park_labels(park_at_once)``, the retry backlog); ``smsgw_sync_url_up`` waits
+    for the first verdict on the Sync URL (sync_worker/probe.py)."""
     for endpoint in endpoints:
         init_metrics(endpoint)
+    queues = tuple(queues)
     init_consumer(queues, sync_park_labels(park_at_once))
+    for queue in queues:
+        RETRY_BACKLOG.labels(queue).set(0)
+        RETRY_NEXT_ATTEMPT.labels(queue).set(0)

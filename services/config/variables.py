@@ -342,9 +342,9 @@ PROCESS_VARS = _table(
     EnvVar(
         "SMSGW_PROBE_INTERVAL",
         "30",
-        "seconds between two probes (a bare GET) of each inbound endpoint's Sync "
-        "URL by sync_worker: smsgw_sync_url_up, alert SmsgwSyncUrlFailing",
-        _number(1, 3600),
+        "seconds without a POST after which sync_worker probes an inbound endpoint's Sync URL "
+        "(a bare GET; 0: never): smsgw_sync_url_up, alert SmsgwSyncUrlFailing",
+        _number(0, 3600),
     ),
     EnvVar(
         "SMSGW_MODEM_FAILOVER",

@@ -30,8 +30,10 @@ from tests.http_stub import HttpStub
 # The keys the readers look for, so that the fuzzer reaches past "no 'payload' object".
 _REPLY_KEYS = (
     st.sampled_from(
-        ["payload", "success", "error", "task", "secret", "messages", "to", "message", "uuid"]
-        + ["message_uuids", "queued_messages", "message_result", "message_results"]
+        [
+            *("payload", "success", "error", "task", "secret", "messages", "to", "message", "uuid"),
+            *("message_uuids", "queued_messages", "message_result", "message_results"),
+        ]
     )
     | texts
 )

@@ -108,8 +108,9 @@ class _Reader:
         try:
             # Docker/compose secrets end with a newline; a secret never does.
             return Path(name).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise self.error(path, f"cannot read the secret file: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the path (open() refuses it)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise self.error(path, f"cannot read the secret file: {reason}") from None
 
     def option(self, key: str, var_name: str, value: Any, path: str) -> Any:
         """Parse the option ``key`` with the parser of the variable ``var_name`` it mirrors."""

@@ -145,3 +145,17 @@ def test_the_adapter_decoder_raises_only_value_error(pdu: str) -> None:
         decoded.text.encode("utf-8")  # repaired: no lone surrogate reaches a queue
     else:
         assert 0 <= decoded.status <= 255
+
+
+@FUZZ
+@given(number=numbers | st.text(max_size=25), text=st.text(st.characters(codec=None), max_size=300))
+@example(number="+255700000001", text="\ud83d")  # a lone surrogate (JSON allows it; a task message may carry it)
+@example(number="", text="x")
+def test_encoding_any_task_raises_only_value_error(number: str, text: str) -> None:
+    """What a server may hand over (any number, any text): SUBMIT PDUs, or a ValueError (``TextTooLong`` is one)."""
+    try:
+        pdus = build_submit_pdus(number, text, concat_reference=1, request_delivery=True)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert pdus and all(decode_pdu(pdu.hex).type == "submit" for pdu in pdus)

@@ -259,7 +259,7 @@ class SyncClient:
                 answer.status,
             )
         raise RedirectRefused(
-            f"Sync URL redirected more than {MAX_REDIRECTS} times (last to {redact_url(url)})", answer
+            f"Sync URL redirected more than {MAX_REDIRECTS} times (last to {clip(redact_url(url), 200)})", answer
         )
 
     def _exchange(self, method: str, url: str, body: bytes | None, content_type: str | None) -> SyncAnswer:
@@ -307,8 +307,9 @@ def redirect_target(url: str, location: str, answer: SyncAnswer | None = None) -
         raise RedirectRefused(f"Sync URL redirects to an unreadable Location {clip(location, 80)!r}", answer) from None
     if not (same_origin or upgrade):
         raise RedirectRefused(
-            f"Sync URL redirects to another host or to plain http ({redact_url(target)}); not followed with the "
-            "request and its secret: set the endpoint's sync_url (SMSGW_SYNC_URL) to the new address if it is right",
+            f"Sync URL redirects to another host or to plain http ({clip(redact_url(target), 200)}); not followed "
+            "with the request and its secret: set the endpoint's sync_url (SMSGW_SYNC_URL) to the new address if it "
+            "is right",
             answer,
         )
     return target

@@ -134,7 +134,8 @@ def decode_timestamp(data: bytes) -> datetime:
     quarters = int(_from_semi_octets(bytes((tzb & 0xF7,)), 2))
     tz = timezone(timedelta(minutes=15 * quarters) * (-1 if negative else 1))
     try:
-        return datetime.strptime(digits, "%y%m%d%H%M%S").replace(tzinfo=tz)
+        # TP-SCTS years have two digits; strptime's %y puts 69-99 in the 1900s, an SMSC stamps this century.
+        return datetime.strptime("20" + digits, "%Y%m%d%H%M%S").replace(tzinfo=tz)
     except ValueError as exc:
         raise PduError(f"bad timestamp {data.hex()}") from exc
 

@@ -361,7 +361,7 @@ def test_two_poller_processes_share_the_ledger_and_drain_on_sigterm(
             # Both replicas keep polling a server that re-offers everything (no ?task=sent without the API).
             return set(seen) == uuids and server.state()["counters"]["task_send_polls"] >= 8
 
-        wait_for(all_seen_and_repolled, timeout=30, interval=0.2, what="20 uuids queued and several re-polls")
+        wait_for(all_seen_and_repolled, timeout=90, interval=0.2, what="20 uuids queued and several re-polls")
         started = time.monotonic()
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -40,11 +40,13 @@ class StatusReportPdu:
 
 
 def _fixed_tz(value: Any) -> datetime | None:
-    """Turn the library's datetime (custom tzinfo) into one with a plain ``timezone`` offset."""
+    """Turn the library's datetime (custom tzinfo) into one with a plain ``timezone`` offset, in this century."""
     if not isinstance(value, datetime):
         return None
     offset = value.utcoffset() or timedelta(0)
-    return value.replace(tzinfo=timezone(offset))
+    # The library reads two-digit years with %y (69-99: the 1900s); an SMSC stamps 20yy.
+    century = 100 if value.year < 2000 else 0
+    return value.replace(year=value.year + century, tzinfo=timezone(offset))
 
 
 def decode_stored_pdu(pdu_hex: str) -> DeliverPdu | StatusReportPdu:

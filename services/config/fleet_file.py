@@ -115,8 +115,9 @@ class _Reader:
             return Path(name).read_text(encoding="utf-8").strip()
         except UnicodeDecodeError as exc:
             raise self.error(path, f"cannot read the secret file {name}: {not_utf8(exc)}") from None
-        except OSError as exc:
-            raise self.error(path, f"cannot read the secret file: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path (open() refuses it)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise self.error(path, f"cannot read the secret file: {reason}") from None
 
     def option(self, key: str, var_name: str, value: Any, path: str) -> Any:
         """Parse the option ``key`` with the parser of the variable ``var_name`` it mirrors."""

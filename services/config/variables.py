@@ -17,9 +17,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+# Characters str.splitlines() breaks at: a value quoted in a message (a path, a TOML key) must not split its line.
+_LINE_BREAKS = str.maketrans({ch: repr(ch)[1:-1] for ch in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
 
 class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the environment variable."""
+    """A setting is missing or malformed; the message names the environment variable, on one line (line breaks
+    in the values it quotes are escaped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.translate(_LINE_BREAKS))
 
 
 ResultsShape = Literal["message_results", "message_result_string", "message_result_array"]
@@ -174,8 +181,9 @@ def read_secret_file(name: str, path: str) -> str:
             return file.read().rstrip("\r\n")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {not_utf8(exc)}") from None
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path (open() refuses it)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{name}: cannot read {path}: {reason}") from None
 
 
 def not_utf8(exc: UnicodeDecodeError) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from modem_worker import metrics
@@ -45,11 +46,15 @@ class InboundPublisher:
         health: HealthReading,
         *,
         unreadable_queue: str,
+        settle: Callable[[], None] = lambda: None,
     ) -> None:
-        """``unreadable_queue``: the work queue whose parked queue takes undecodable PDUs."""
+        """``unreadable_queue``: the work queue whose parked queue takes undecodable PDUs; ``settle``: records what
+        the outbound side could not record during a ledger outage (``OutboundSender.settle``), run before a status
+        report is matched so the parts of an SMS sent just before the outage are there."""
         self._modem_id = modem_id
         self._publisher = publisher
         self._ledger = ledger
+        self._settle = settle
         self._health = health
         self._unreadable_queue = unreadable_queue
         self._info: ModemInfo | None = None
@@ -128,6 +133,8 @@ class InboundPublisher:
         if report.delivered is None:
             log.info("modem %s: pending status report for TP-MR %d", self._modem_id, report.reference)
             return
+        # A report of an SMS whose outcome waits for the ledger would otherwise find no part and be dropped.
+        self._settle()
         match = self._ledger.match_report(
             self._modem_id,
             report.reference,

@@ -84,6 +84,9 @@ class SendOutcomes:
         # Ledger writes of outcomes that happened while the ledger was down, by key, oldest first.
         self._unrecorded: dict[str, Callable[[], None]] = {}
         self._lock = threading.Lock()
+        # One settle at a time (the outbound consumer and the status reports both settle): a write done twice
+        # would record an SMS's parts twice.
+        self._settle_lock = threading.Lock()
 
     @property
     def unrecorded(self) -> int:
@@ -98,13 +101,15 @@ class SendOutcomes:
         Raises:
             LedgerError: the ledger is still unavailable (what is left stays remembered).
         """
-        with self._lock:
-            waiting = list(self._unrecorded.items())
-        for key, write in waiting:
-            write()
+        with self._settle_lock:
             with self._lock:
-                self._unrecorded.pop(key, None)
-            log.info("modem %s: outbound %s: recorded now that the ledger is back", self._modem_id, key)
+                waiting = list(self._unrecorded.items())
+            for key, write in waiting:
+                write()
+                with self._lock:
+                    if self._unrecorded.get(key) is write:
+                        del self._unrecorded[key]
+                log.info("modem %s: outbound %s: recorded now that the ledger is back", self._modem_id, key)
 
     def release(self, sms: OutboundSms) -> None:
         """Forget this modem's claim of ``sms``: the PDU never left, so it may be sent again.
@@ -276,6 +281,11 @@ class OutboundSender:
             metrics.OUTBOUND_FAILOVER.labels(modem_id, reason)
         for kind in Kind:
             metrics.SEND_REFUSALS.labels(modem_id, kind)
+
+    def settle(self) -> None:
+        """Record in the ledger what a ledger outage kept from being recorded (outcomes of sends, releases of
+        claims): before a status report is matched, its SMS's parts must be there. Raises LedgerError."""
+        self._outcomes.settle()
 
     def attach(self, modem: SendingModem, identity: ModemIdentity | None) -> None:
         """Send through ``modem`` from now on; ``identity`` names its SIM in the pause WARNING."""

@@ -143,6 +143,7 @@ class ModemWorker:
             self._housekeeping,
             # Undecodable PDUs are parked once, with the first inbound endpoint's queue (the operator looks there).
             unreadable_queue=inbound_queue_for(inbound[0].name if inbound else "default"),
+            settle=self.outbound.settle,  # what a ledger outage kept unrecorded, before a report is matched
         )
 
     # ---- lifecycle ---------------------------------------------------------------------------------------

@@ -766,6 +766,32 @@ def test_a_status_report_the_ledger_cannot_match_stays_on_the_sim_and_is_matched
     assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("sr-1", "delivered")]
 
 
+def test_a_status_report_of_an_sms_sent_as_the_ledger_went_finds_its_outcome_recorded_first(tmp_path: Path) -> None:
+    """The report arrives (the SIM sweep) after the ledger is back but before the SMS is redelivered: the outcome
+    kept in memory is recorded first, so the report matches instead of being dropped as unknown."""
+    publisher = StubPublisher()
+    worker, ledger, _modem_id = _outage_worker(tmp_path, publisher)
+
+    class _CuttingModem(_FakeModem):
+        def send(self, to: str, text: str) -> SendReceipt:
+            receipt = super().send(to, text)
+            ledger.down = True
+            return receipt
+
+    worker.modem_up(_CuttingModem(), INFO)
+    sms = OutboundSms("early-1", "+255700000006", "hello", "task", now_ms(), report=True)
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Retry)
+    report = StatusReport(reference=1, recipient=sms.to, delivered=True, status=0, finalized_at=datetime.now(UTC))
+    with pytest.raises(LedgerError):
+        worker.inbound.on_status_report(report)
+    ledger.down = False
+    worker.inbound.on_status_report(report)
+    [delivered] = _events(publisher)
+    assert (delivered.uuid, delivered.outcome, delivered.sent_outcome) == ("early-1", "delivered", "sent")
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack), "the redelivery finds it sent"
+    assert [e.outcome for e in _events(publisher)] == ["delivered", "sent"]
+
+
 def test_housekeeping_rides_out_a_ledger_outage(tmp_path: Path) -> None:
     """Pruning and the daily recount fail quietly (the ledger watch logs the outage); the sweep still runs."""
     worker, ledger, _modem_id = _outage_worker(tmp_path, StubPublisher())

@@ -36,7 +36,7 @@ class LedgerHealth:
 
     def __init__(self, gauge: Gauge = LEDGER_UP, logger: logging.Logger = log) -> None:
         self._gauge = gauge
-        self._outage = OutageLog(logger, "ledger unavailable; outbound SMS and status reports wait for it")
+        self._outage = OutageLog(logger, "ledger")
 
     @property
     def up(self) -> bool:
@@ -51,7 +51,7 @@ class LedgerHealth:
     def failed(self, exc: LedgerError) -> None:
         """A ledger operation failed with ``exc``: the gauge is 0; an outage starts with one WARNING."""
         self._gauge.set(0)
-        self._outage.failed(str(exc))
+        self._outage.failed(f"unavailable ({exc}); outbound SMS and status reports wait for it")
 
 
 HEALTH = LedgerHealth()

@@ -88,12 +88,6 @@ class SendOutcomes:
         # would record an SMS's parts twice.
         self._settle_lock = threading.Lock()
 
-    @property
-    def unrecorded(self) -> int:
-        """How many outcomes wait for the ledger to come back."""
-        with self._lock:
-            return len(self._unrecorded)
-
     def settle(self) -> None:
         """Record the outcomes the ledger could not take when they happened (oldest first); each redelivered SMS
         then finds its final state and is reported, never sent again.

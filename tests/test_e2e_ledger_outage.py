@@ -32,7 +32,8 @@ MODEM = "modem-a"
 ENDPOINT = "clinic"
 SMS_COUNT = 100
 OUTAGE_S = 60.0
-# After the outage an SMS comes back from the delay tier it was last put in (up to 300 s after ~7 retries).
+# After the outage an SMS comes back from the delay tier it was last put in: up to 300 s (its 8th retry, the last
+# one a 60 s outage can schedule).
 SETTLE_TIMEOUT_S = 600.0
 
 
@@ -87,6 +88,7 @@ def _reported(server: ReferenceServer) -> list[dict[str, Any]]:
     return rows if len(rows) == SMS_COUNT and all(r["status"] == "delivered" for r in rows) else []
 
 
+@pytest.mark.timeout(900)  # 60 s held, then up to 300 s until the last SMS leaves its delay tier
 def test_a_60s_ledger_outage_delays_100_sms_and_parks_none(
     stack: Stack, server: ReferenceServer, proxy: TcpProxy, ledger_url: str
 ) -> None:
@@ -141,6 +143,8 @@ result_interval = 1
     assert {r["uuid"] for r in rows} == set(batch)
     assert _parked(stack.amqp_url) == dict.fromkeys(_parked(stack.amqp_url), 0), "0 parked after it"
     wait_for(lambda: metric(modem_port, "smsgw_ledger_up") == 1.0, timeout=60, what="smsgw_ledger_up back to 1")
+    # The poller's back-off after a minute of failed polls is a few minutes at most.
+    wait_for(lambda: metric(poller_port, "smsgw_ledger_up") == 1.0, timeout=300, interval=1.0, what="poller's 1")
     assert metric(modem_port, "smsgw_sms_sent_total", modem=MODEM, outcome="unknown") == 0.0
     modem_log = stack.log_text("modem")
     assert modem_log.count("ledger: unavailable (") == 1, "one line when the outage starts"

@@ -23,6 +23,7 @@ from services.ledger import Ledger, LedgerError
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_S = 3600.0  # ledger retention
+PRUNE_RETRY_S = 300.0  # after a failed prune (an outage that ended soon should not delay it by an hour)
 
 _T = TypeVar("_T")
 
@@ -51,11 +52,12 @@ class HealthModem(Protocol):
 
 def recount_today(guard: SimGuard) -> bool:
     """Recount today's SMS (``max_per_day``); returns whether the SIM is capped. A ledger error keeps the last
-    known state."""
+    known state (the outage itself is logged once by the ledger watch, services/ledger/watch.py: not here, where
+    every SMS of a batch would add a line)."""
     try:
         return guard.refresh_daily()
     except LedgerError as exc:
-        log.warning("modem %s: cannot count today's SMS (%s); keeping the last count", guard.modem_id, exc)
+        log.debug("modem %s: cannot count today's SMS (%s); keeping the last count", guard.modem_id, exc)
         return guard.capped
 
 
@@ -128,14 +130,16 @@ class Housekeeping:
             log.warning("modem %s: housekeeping incomplete (%s); stored SMS stay on the SIM", self._modem_id, exc)
 
     def _prune(self) -> None:
-        """Once an hour: forget the ledger's SMS older than the retention."""
+        """Once an hour: forget the ledger's SMS older than the retention; after a failure again in 5 minutes.
+        Never raises: an outage (logged once by the ledger watch) or a full disk must not stop the modem."""
         if time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
         try:
             forgotten = self._ledger.prune(self._retention_days * 86400)
-        except LedgerError as exc:  # a busy or full disk must not stop the modem; next hour again
-            log.warning("ledger: pruning failed (%s); will try again in an hour", exc)
+        except LedgerError as exc:
+            self._next_prune = time.monotonic() + PRUNE_RETRY_S
+            log.info("ledger: pruning failed (%s); will try again in %.0f min", exc, PRUNE_RETRY_S / 60)
         else:
             if forgotten:
                 log.info("ledger: forgot %d SMS older than %.0f days", forgotten, self._retention_days)

@@ -3,13 +3,15 @@
 The adapter calls these handlers on its own thread. A received SMS is published with a broker confirm to the
 ``smsgw.inbound`` fanout exchange (one copy per inbound endpoint); if that fails the handler raises and the
 adapter keeps the SMS on the SIM, deleting it only when the handler returned. So an SMS leaves the SIM only after
-the broker has it. Undecodable PDUs are parked; status reports become ``DeliveryEvent``s once all parts are final.
+the broker has it. Undecodable PDUs are parked; status reports become ``DeliveryEvent``s once all parts are final
+(a report the ledger cannot match now, during its outage, stays on the SIM the same way).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from modem_worker import metrics
@@ -44,11 +46,15 @@ class InboundPublisher:
         health: HealthReading,
         *,
         unreadable_queue: str,
+        settle: Callable[[], None] = lambda: None,
     ) -> None:
-        """``unreadable_queue``: the work queue whose parked queue takes undecodable PDUs."""
+        """``unreadable_queue``: the work queue whose parked queue takes undecodable PDUs; ``settle``: records what
+        the outbound side could not record during a ledger outage (``OutboundSender.settle``), run before a status
+        report is matched so the parts of an SMS sent just before the outage are there."""
         self._modem_id = modem_id
         self._publisher = publisher
         self._ledger = ledger
+        self._settle = settle
         self._health = health
         self._unreadable_queue = unreadable_queue
         self._info: ModemInfo | None = None
@@ -117,10 +123,18 @@ class InboundPublisher:
 
     def on_status_report(self, report: StatusReport) -> None:
         """Match a status report to its uuid and publish a DeliveryEvent (with the facts of the send, to the
-        endpoint that queued the SMS) once all parts are final. Raises LedgerError, BrokerError."""
+        endpoint that queued the SMS) once all parts are final.
+
+        Raises:
+            LedgerError: the ledger is unavailable (an outage, logged once by the ledger watch): the adapter keeps
+                the report on the SIM and it is matched by a later sweep, once the ledger is back.
+            BrokerError: the event was not confirmed (the report stays on the SIM likewise).
+        """
         if report.delivered is None:
             log.info("modem %s: pending status report for TP-MR %d", self._modem_id, report.reference)
             return
+        # A report of an SMS whose outcome waits for the ledger would otherwise find no part and be dropped.
+        self._settle()
         match = self._ledger.match_report(
             self._modem_id,
             report.reference,

@@ -1,6 +1,8 @@
 """The modem worker's metrics: SMS in and out of one modem, its health, its SIM's limits and its supervisor.
 
-Registered as the ``modem_worker`` group of services.metrics (with the consumer series of its outbound queues).
+Registered as the ``modem_worker`` group of services.metrics (with the consumer series of its outbound queues
+and ``smsgw_ledger_up``, the ledger watch's gauge: services/ledger/watch.py, 1 from start-up, 0 while ledger
+operations fail).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.ledger import LEDGER_UP as LEDGER_UP  # noqa: PLC0414 (re-exported: one gauge per process, in each group)
 from services.metrics import LATENCY_BUCKETS, MESSAGES_RETRIED, PARKED, RETRIES, init_consumer, register_group
 
 # --- modem -> inbound queue, outbound queue -> modem ---------------------------------------------------------
@@ -132,6 +135,7 @@ register_group(
     MODEM_SIM_LOCKED,
     MODEM_IDENTITY_MISMATCH,
     MODEM_INFO,
+    LEDGER_UP,
     RETRIES,
     MESSAGES_RETRIED,
     PARKED,

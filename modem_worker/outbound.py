@@ -10,13 +10,22 @@ Refused sends (``+CMS ERROR``) are classified by ``modem_worker.send_errors``: p
 reported failed at once; transient -> the ledger claim is released and the SMS tried again later, at most
 ``SEND_TRIES`` times (counted in a header of the message); SIM-level -> the SIM is paused (``sim_guard``) and
 the SMS handed back like one of a capped SIM.
+
+A ledger outage (``LedgerError``: PostgreSQL restarting, a fail-over, a network blip) is an outage to wait out,
+not a crash: the SMS goes back through the delay queues (a ``Retry`` without a budget, so nothing is parked and
+the SIM is not paused) and is sent once the ledger answers again; its own SMSGW_OUTBOUND_MAX_AGE still bounds the
+wait. What the outage interrupted is kept in memory so that the SMS is neither sent twice nor reported "unknown"
+by mistake: a claim whose answer was lost is recognised as this process's own, unsent claim, and an outcome the
+ledger could not take is recorded before anything else once it is back (``SendOutcomes.settle``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
 
@@ -28,7 +37,7 @@ from modem_worker.signals import ModemSignals, epoch_ms
 from modem_worker.sim_guard import SimGuard
 from services import broker
 from services.broker import Ack, Budget, Decision, Delivery, MessagePublisher, Move, Park, Publication, Retry
-from services.ledger import FINAL_STATES, Ledger, SendRecord
+from services.ledger import FINAL_STATES, Ledger, LedgerError, SendRecord
 from services.routing import HandOn, hand_back, outbound_queue_for_route
 from services.schemas import OutboundSms, SchemaError, SentEvent
 from services.topology import OUTBOUND_QUEUE, events_queue_for, outbound_queue_for
@@ -43,6 +52,15 @@ _HAND_BACK_WHY = {"modem_down": "modem down", "capped": "daily cap (max_per_day)
 # Sends of one SMS the network refused (transient or SIM-level), counted on the message across modems.
 HEADER_SEND_FAILURES = "x-smsgw-send-failures"
 SEND_FAILURES = Budget(HEADER_SEND_FAILURES, SEND_TRIES, "refused sends", "send_refused")
+# Outcomes and claims an outage interrupted that this process remembers (more would be an outage of hours at the
+# pace of one modem; past it the oldest is forgotten and handled as after a crash: held back, never doubled).
+MAX_REMEMBERED = 10_000
+
+
+def ledger_wait(exc: LedgerError) -> Retry:
+    """The decision for an SMS the ledger's outage keeps from being sent or recorded now: a delayed retry that
+    spends no budget (an outage must not park it)."""
+    return Retry(f"ledger unavailable ({exc}); the SMS waits for it, then is sent or recorded once")
 
 
 class SendingModem(Protocol):
@@ -63,6 +81,43 @@ class SendOutcomes:
         self._modem_id = modem_id
         self._ledger = ledger
         self._publisher = publisher
+        # Ledger writes of outcomes that happened while the ledger was down, by key, oldest first.
+        self._unrecorded: dict[str, Callable[[], None]] = {}
+        self._lock = threading.Lock()
+        # One settle at a time (the outbound consumer and the status reports both settle): a write done twice
+        # would record an SMS's parts twice.
+        self._settle_lock = threading.Lock()
+
+    def settle(self) -> None:
+        """Record the outcomes the ledger could not take when they happened (oldest first); each redelivered SMS
+        then finds its final state and is reported, never sent again.
+
+        Raises:
+            LedgerError: the ledger is still unavailable (what is left stays remembered).
+        """
+        with self._settle_lock:
+            with self._lock:
+                waiting = list(self._unrecorded.items())
+            for key, write in waiting:
+                write()
+                with self._lock:
+                    if self._unrecorded.get(key) is write:
+                        del self._unrecorded[key]
+                log.info("modem %s: outbound %s: recorded now that the ledger is back", self._modem_id, key)
+
+    def release(self, sms: OutboundSms) -> None:
+        """Forget this modem's claim of ``sms``: the PDU never left, so it may be sent again.
+
+        Raises:
+            LedgerError: the ledger is unavailable; the release is remembered and done by :meth:`settle` (the
+                claim is this modem's own, so releasing it later cannot free another modem's claim).
+        """
+        write = functools.partial(self._ledger.release, sms.ledger_key)
+        try:
+            write()
+        except LedgerError:
+            self._remember(sms.ledger_key, write)
+            raise
 
     def finish(
         self,
@@ -78,10 +133,12 @@ class SendOutcomes:
         """Record the outcome in the ledger (durable first), then publish the event (confirmed).
 
         Raises:
-            LedgerError: the outcome could not be recorded.
+            LedgerError: the outcome could not be recorded; it is remembered and recorded by :meth:`settle` (the
+                caller retries the message; its redelivery then finds the final state).
             BrokerError: the event was not confirmed (the Consumer requeues the message).
         """
-        self._ledger.finish_send(
+        write = functools.partial(
+            self._ledger.finish_send,
             sms.ledger_key,
             outcome,
             detail,
@@ -92,12 +149,36 @@ class SendOutcomes:
             report_uuid=sms.uuid if sms.report else None,
             endpoint=sms.endpoint,
         )
-        metrics.SMS_SENT.labels(self._modem_id, metric_outcome or outcome).inc()
-        log.info("modem %s: outbound %s %s", self._modem_id, sms.uuid, metric_outcome or outcome)
+        try:
+            write()
+        except LedgerError:
+            # It happened (the SMS left, or was refused): counted now, recorded once the ledger is back.
+            self._remember(sms.ledger_key, write)
+            self._count(sms, metric_outcome or outcome, "; recorded once the ledger is back")
+            raise
+        self._count(sms, metric_outcome or outcome)
         if sms.report:
             self._publish_sent_event(
                 sms, outcome, detail, cms_error=cms_error, references=references, timestamp=epoch_ms(when)
             )
+
+    def _remember(self, key: str, write: Callable[[], None]) -> None:
+        with self._lock:
+            self._unrecorded.pop(key, None)
+            self._unrecorded[key] = write
+            while len(self._unrecorded) > MAX_REMEMBERED:
+                forgotten = next(iter(self._unrecorded))
+                del self._unrecorded[forgotten]
+                log.warning(
+                    "modem %s: outbound %s: too many outcomes wait for the ledger; forgot this one's "
+                    "(it will be reported unknown, never sent twice)",
+                    self._modem_id,
+                    forgotten,
+                )
+
+    def _count(self, sms: OutboundSms, outcome: str, note: str = "") -> None:
+        metrics.SMS_SENT.labels(self._modem_id, outcome).inc()
+        log.info("modem %s: outbound %s %s%s", self._modem_id, sms.uuid, outcome, note)
 
     def already_handled(self, sms: OutboundSms, record: SendRecord) -> Decision:
         """What to do with ``sms`` whose key the ledger already holds in ``record`` (a redelivery or duplicate).
@@ -187,10 +268,18 @@ class OutboundSender:
         self._modem: SendingModem | None = None
         self._identity: ModemIdentity | None = None  # IMEI, ICCID, IMSI (read by the supervisor at connect)
         self._pause_timer: threading.Timer | None = None
+        # Keys whose begin_send failed: its commit may have landed (the answer lost), so a "sending" record of
+        # this modem for one of them is this process's own claim with nothing sent (oldest first, bounded).
+        self._unsure_claims: dict[str, None] = {}
         for reason in FAILOVER_REASONS:
             metrics.OUTBOUND_FAILOVER.labels(modem_id, reason)
         for kind in Kind:
             metrics.SEND_REFUSALS.labels(modem_id, kind)
+
+    def settle(self) -> None:
+        """Record in the ledger what a ledger outage kept from being recorded (outcomes of sends, releases of
+        claims): before a status report is matched, its SMS's parts must be there. Raises LedgerError."""
+        self._outcomes.settle()
 
     def attach(self, modem: SendingModem, identity: ModemIdentity | None) -> None:
         """Send through ``modem`` from now on; ``identity`` names its SIM in the pause WARNING."""
@@ -204,18 +293,45 @@ class OutboundSender:
     def handle(self, delivery: Delivery) -> Decision:
         """Refuse, hand back or send the outbound SMS in ``delivery`` (the outbound consumer's handler).
 
+        A ledger outage is waited out (:func:`ledger_wait`): nothing is sent or reported until the ledger
+        answers, and an outcome it could not take is recorded first when it is back.
+
         Raises:
-            LedgerError, BrokerError: the outcome could not be recorded or published (the Consumer retries;
-                the ledger keeps the SMS from being sent twice).
+            BrokerError: the outcome could not be published (the Consumer retries; the ledger keeps the SMS from
+                being sent twice).
         """
         try:
             sms = OutboundSms.from_json(delivery.body)
         except SchemaError as exc:
             return Park(f"malformed outbound message: {exc}", label="malformed")
-        refused = self._refusal(sms)
-        if refused is not None:
-            return refused
-        return self._send_in_turn(delivery, sms)
+        try:
+            self._outcomes.settle()
+            refused = self._refusal(sms)
+            if refused is not None:
+                return refused
+            return self._send_in_turn(delivery, sms)
+        except LedgerError as exc:
+            return ledger_wait(exc)
+
+    def _claim(self, sms: OutboundSms) -> SendRecord | None:
+        """``Ledger.begin_send`` for ``sms`` on this modem: None = claimed, send it now; else the existing record.
+        A "sending" record of this modem left by a ``begin_send`` of this process whose answer the ledger's
+        outage swallowed is this claim: nothing was sent through it. Raises LedgerError."""
+        key = sms.ledger_key
+        try:
+            existing = self._ledger.begin_send(key, self.modem_id, sms.to, sms.endpoint)
+        except LedgerError:
+            self._unsure_claims.pop(key, None)
+            self._unsure_claims[key] = None
+            while len(self._unsure_claims) > MAX_REMEMBERED:
+                del self._unsure_claims[next(iter(self._unsure_claims))]
+            raise
+        unsure = key in self._unsure_claims
+        self._unsure_claims.pop(key, None)
+        if unsure and existing is not None and existing.state == "sending" and existing.modem_id == self.modem_id:
+            log.info("modem %s: outbound %s: its claim from before the ledger outage is ours", self.modem_id, sms.uuid)
+            return None
+        return existing
 
     def _refusal(self, sms: OutboundSms) -> Decision | None:
         """What to do with an SMS this modem must not send at all (another route, too old, over the recipient
@@ -261,7 +377,7 @@ class OutboundSender:
             # and another modem, or this one once back, takes it.
             self._signals.mark_down()
             return self._hand_back(delivery, sms, "modem_down")
-        existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to, sms.endpoint)
+        existing = self._claim(sms)
         if existing is not None:
             return self._outcomes.already_handled(sms, existing)
         return self._send_claimed(delivery, sms, modem)
@@ -284,7 +400,7 @@ class OutboundSender:
     def _refuse(self, sms: OutboundSms, detail: str, *, metric_outcome: str, limit: str | None = None) -> Decision:
         """Report ``sms`` failed without sending it; claimed in the ledger first so no other copy goes out.
         ``limit``: the per-SIM limit that refused it (counted once, not again for a redelivered copy)."""
-        existing = self._ledger.begin_send(sms.ledger_key, self.modem_id, sms.to, sms.endpoint)
+        existing = self._claim(sms)
         if existing is not None:
             return self._outcomes.already_handled(sms, existing)
         if limit is not None:
@@ -303,9 +419,9 @@ class OutboundSender:
                 receipt = modem.send(sms.to, sms.text)
         except ModemUnavailable as exc:
             # The PDU never reached the modem: safe to send later (here or on another modem).
-            self._ledger.release(sms.ledger_key)
             log.warning("modem %s: unavailable before sending %s (%s); handed back", self.modem_id, sms.uuid, exc)
             self._signals.mark_down()
+            self._outcomes.release(sms)
             return self._hand_back(delivery, sms, "modem_down")
         except SendFailed as exc:
             decision = self._refused(delivery, sms, exc)
@@ -315,8 +431,8 @@ class OutboundSender:
             self._outcomes.finish(sms, "unknown", detail, references=exc.references)
         else:
             metrics.SEND_SECONDS.labels(self.modem_id).observe(time.monotonic() - started)
-            self._outcomes.finish(sms, "sent", "SMS sent", references=receipt.references, when=receipt.sent_at)
             self._guard.send_succeeded()
+            self._outcomes.finish(sms, "sent", "SMS sent", references=receipt.references, when=receipt.sent_at)
         recount_today(self._guard)  # the count grew (MODEM_SENT_TODAY); the next SMS finds the SIM capped if it is
         return decision
 
@@ -328,8 +444,8 @@ class OutboundSender:
         counts towards the SIM's failures in a row (``SimGuard.send_refused``), except an SMS that could not be
         encoded at all.
 
-        Raises LedgerError (the Consumer then retries the message; its claim stays "sending" and the redelivery
-        reports the outcome unknown, never sending it twice)."""
+        Raises LedgerError (:meth:`handle` then waits for the ledger; the outcome or the release is remembered
+        and recorded first once it is back, so the redelivery is neither sent twice nor reported unknown)."""
         cause = send_errors.classify(exc.source, exc.cms_code, invalid=exc.invalid)
         metrics.SEND_REFUSALS.labels(self.modem_id, cause.kind).inc()
         # An SMS that could not even be encoded says nothing about the SIM.
@@ -348,7 +464,7 @@ class OutboundSender:
                 cms_error=cms_error,
             )
             return Ack()
-        self._ledger.release(sms.ledger_key)
+        self._outcomes.release(sms)
         log.info(
             "modem %s: outbound %s refused with %s (try %d of %d); handed back",
             self.modem_id,

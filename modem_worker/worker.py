@@ -36,7 +36,7 @@ from modem_worker.sim_pin import SimPin, configured_pin
 from modem_worker.supervisor import ModemSupervisor, Outcome, SupervisorPolicy
 from services.broker import Consumer, MessagePublisher
 from services.config import FleetConfig, Settings, fleet_from_env
-from services.ledger import Ledger
+from services.ledger import Ledger, watched
 from services.runtime import start_supervised
 from services.topology import OUTBOUND_QUEUE, Topology, inbound_queue_for, pool_queue_for
 
@@ -71,6 +71,7 @@ class ModemWorker:
                 be read or the PIN is malformed.
         """
         settings.require_modem_port()
+        ledger = watched(ledger)  # every part's ledger calls set smsgw_ledger_up and log an outage once
         self._settings = settings
         self._publisher = publisher
         self._modem_factory = modem_factory
@@ -142,6 +143,7 @@ class ModemWorker:
             self._housekeeping,
             # Undecodable PDUs are parked once, with the first inbound endpoint's queue (the operator looks there).
             unreadable_queue=inbound_queue_for(inbound[0].name if inbound else "default"),
+            settle=self.outbound.settle,  # what a ledger outage kept unrecorded, before a report is matched
         )
 
     # ---- lifecycle ---------------------------------------------------------------------------------------

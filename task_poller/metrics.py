@@ -1,13 +1,15 @@
 """The task poller's metrics: ``?task=send`` polls, the messages they bring, claims republished or released.
 
 Registered as the ``task_poller`` group of services.metrics (with the Sync URL latency it shares with the result
-reporter). The poller creates its series at 0 (task_poller.poller.init_metrics).
+reporter). The poller creates its series at 0 (task_poller.poller.init_metrics). ``smsgw_ledger_up`` is the
+ledger watch's gauge (services/ledger/watch.py): 1 from start-up, 0 while ledger operations fail.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter
 
+from services.ledger import LEDGER_UP as LEDGER_UP  # noqa: PLC0414 (re-exported: the ledger watch sets it)
 from services.metrics import HTTP_SECONDS as HTTP_SECONDS  # noqa: PLC0414 (re-exported: the poller times its requests here)
 from services.metrics import register_group
 
@@ -28,4 +30,4 @@ TASK_RELEASED = Counter(
 )
 RELEASE_REASONS = ("sent_refused", "send_timeout")
 
-register_group("task_poller", TASK_POLLS, TASK_MESSAGES, HTTP_SECONDS, TASK_REPUBLISHED, TASK_RELEASED)
+register_group("task_poller", TASK_POLLS, TASK_MESSAGES, HTTP_SECONDS, TASK_REPUBLISHED, TASK_RELEASED, LEDGER_UP)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from services import broker, liveness
 from services.broker import BrokerError, MessagePublisher, Publication
 from services.config import EndpointConfig, FleetConfig
-from services.ledger import Ledger, LedgerError
+from services.ledger import Ledger, LedgerError, watched
 from services.logs import UnexpectedErrors
 from services.routing import RoutedSms, TaskRouter
 from services.schemas import task_ledger_key
@@ -118,6 +118,8 @@ class TaskPoller:
         self.name = endpoint.name
         self._endpoint = endpoint
         self._publisher = publisher
+        # Its calls set smsgw_ledger_up (one gauge and one outage log for the process, whichever poller fails).
+        ledger = watched(ledger)
         self._ledger = ledger
         self._requests = TaskRequests(endpoint.name, endpoint.secret, client)
         self._router = TaskRouter(fleet)

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pika
 import pytest
@@ -25,6 +25,7 @@ from modem_worker.modem import (
     ReceivedMessage,
     SendFailed,
     SendReceipt,
+    StatusReport,
     StorageUse,
 )
 from modem_worker.outbound import HEADER_SEND_FAILURES
@@ -32,6 +33,7 @@ from modem_worker.send_errors import SEND_TRIES
 from modem_worker.sim_guard import SimGuard, local_midnight_ms
 from modem_worker.worker import ModemWorker
 from services.broker import (
+    CRASHES,
     Ack,
     Delivery,
     Move,
@@ -41,21 +43,25 @@ from services.broker import (
     Retry,
     now_ms,
 )
-from services.broker.stub import StubPublisher
+from services.broker.stub import StubBroker, StubPublisher
 from services.config import FleetConfig, ModemLimits, Settings, fleet_from_env, parse_fleet
-from services.ledger import Ledger, SendRecord, open_ledger
+from services.ledger import Ledger, LedgerError, SendRecord, open_ledger
+from services.ledger.sqlite import SqliteLedger
 from services.schemas import InboundSms, OutboundSms, SentEvent, decode_event
 from services.topology import (
+    EVENTS_QUEUE,
     OUTBOUND_QUEUE,
     Topology,
     events_queue_for,
     inbound_queue_for,
     outbound_queue_for,
+    parked_queue_for,
     pool_queue_for,
 )
 from simulator.device import Simulator
 from tests.conftest import wait_for
 
+T = TypeVar("T")
 INFO = ModemInfo(own_number=None, imsi=None, manufacturer="Fake", model="F1")
 
 
@@ -578,6 +584,246 @@ def test_the_balance_is_read_between_sends_never_during_one(tmp_path: Path) -> N
     assert _value(metrics.SIM_BALANCE, modem_id) == 1234.5
     worker.housekeeping(modem)
     assert modem.events == ["send done", "ussd *100#"], "asked again only after SMSGW_BALANCE_INTERVAL"
+
+
+# ---- a ledger outage is waited out, never parked (fake modem, stub broker) -----------------------------------------
+class _CutLedger(SqliteLedger):
+    """A real SQLite ledger whose connection a test can cut: ``down`` refuses every call; ``lose_answers`` runs
+    each call and then raises, as a connection cut between COMMIT and its answer does."""
+
+    def __init__(self, path: Path) -> None:
+        self.down = False
+        self.lose_answers = False
+        super().__init__(path)
+
+    def transaction(self, work: Callable[[Any], T], *, write: bool = True) -> T:
+        if self.down:
+            raise LedgerError("ledger (test): connection refused")
+        result = super().transaction(work, write=write)
+        if self.lose_answers:
+            raise LedgerError("ledger (test): server closed the connection unexpectedly")
+        return result
+
+
+def _outage_worker(tmp_path: Path, publisher: StubPublisher, **env: str) -> tuple[ModemWorker, _CutLedger, str]:
+    modem_id = _unique("outage")
+    settings = Settings.from_env(
+        {
+            "SMSGW_MODEM_PORT": str(tmp_path / "tty"),
+            "SMSGW_STATE_DIR": str(tmp_path),
+            "SMSGW_MODEM_ID": modem_id,
+            "SMSGW_SEND_INTERVAL": "0",
+            **env,
+        }
+    )
+    ledger = _CutLedger(tmp_path / "ledger.sqlite3")
+    return ModemWorker(settings, publisher, ledger, fleet=fleet_from_env(env)), ledger, modem_id
+
+
+def _ledger_up() -> float:
+    [family] = metrics.LEDGER_UP.collect()
+    return float(family.samples[0].value)
+
+
+def _drain(stub: StubBroker, worker: ModemWorker, rounds: int) -> None:
+    """Consume the shared queue ``rounds`` times, bringing the delayed retries back after each round."""
+    for _ in range(rounds):
+        stub.consume(OUTBOUND_QUEUE, worker.outbound.handle)
+        stub.release_delayed()
+
+
+def test_a_ledger_outage_holds_outbound_sms_without_parking_and_sends_each_once_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """80 queued, the ledger down for more rounds than any budget allows: 0 parked, 0 sent meanwhile, then each
+    sent once and reported; smsgw_ledger_up 0 while it lasts; one WARNING when it starts."""
+    stub = StubBroker()
+    worker, ledger, modem_id = _outage_worker(tmp_path, stub)
+    modem = _FakeModem()
+    worker.modem_up(modem, INFO)
+    batch = [
+        OutboundSms(f"lo-{i}", f"+2557000{i:05d}", f"notice {i}", "task", now_ms(), report=True) for i in range(80)
+    ]
+    for sms in batch:
+        stub.publish(Publication(OUTBOUND_QUEUE, sms.to_json(), message_id=sms.uuid))
+    assert _ledger_up() == 1.0, "1 from start-up: the worker opened its ledger"
+    caplog.set_level(logging.INFO, logger="services.ledger")
+    ledger.down = True
+    _drain(stub, worker, rounds=CRASHES.limit * 2)  # more tries than the crash budget allows
+    assert modem.sent_to == [], "nothing leaves the SIM while the ledger cannot claim it"
+    assert _ledger_up() == 0.0
+    assert stub.messages(parked_queue_for(OUTBOUND_QUEUE)) == [], "an outage parks nothing"
+    assert worker.outbound_queues() != [], "the SIM is neither paused nor capped by an outage"
+    assert len(stub.delayed(OUTBOUND_QUEUE)) == 0 and len(stub.messages(OUTBOUND_QUEUE)) == 80, "all 80 wait"
+    ledger.down = False
+    _drain(stub, worker, rounds=2)
+    assert sorted(modem.sent_to) == sorted(s.to for s in batch), "each SMS sent once"
+    assert stub.messages(OUTBOUND_QUEUE) == [] and stub.delayed(OUTBOUND_QUEUE) == []
+    assert stub.messages(parked_queue_for(OUTBOUND_QUEUE)) == []
+    sent_events = [decode_event(p.body) for p in stub.messages(EVENTS_QUEUE)]
+    assert sorted(e.uuid for e in sent_events) == sorted(s.uuid for s in batch)
+    assert {e.outcome for e in sent_events} == {"sent"}
+    assert _ledger_up() == 1.0
+    lines = [r for r in caplog.records if r.name == "services.ledger"]
+    assert [r.levelno for r in lines] == [logging.WARNING, logging.INFO], "one line when it starts, one when it ends"
+    assert "unavailable" in lines[0].getMessage() and "works again" in lines[1].getMessage()
+    assert _value(metrics.SMS_SENT, modem_id, "unknown") == 0
+
+
+def test_a_claim_whose_answer_the_outage_lost_is_sent_once_not_reported_unknown(tmp_path: Path) -> None:
+    publisher = StubPublisher()
+    worker, ledger, _modem_id = _outage_worker(tmp_path, publisher)
+    modem = _FakeModem()
+    worker.modem_up(modem, INFO)
+    sms = OutboundSms("lost-1", "+255700000001", "hello", "task", now_ms(), report=True)
+    ledger.lose_answers = True  # begin_send commits "sending", then the connection is cut
+    decision = worker.outbound.handle(_delivery(sms))
+    assert isinstance(decision, Retry) and decision.budget is None, "an outage spends no budget"
+    assert modem.sent_to == []
+    ledger.lose_answers = False
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
+    assert modem.sent_to == ["+255700000001"]
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("lost-1", "sent")]
+    record = _record(ledger, sms.ledger_key)
+    assert record is not None and record.state == "sent"
+
+
+def test_an_outcome_the_ledger_could_not_take_is_recorded_when_it_is_back(tmp_path: Path) -> None:
+    """The SMS left, then the ledger went away: the redelivery reports "sent" and does not send it again (before,
+    it was reported "unknown", or the crash budget parked it)."""
+    publisher = StubPublisher()
+    worker, ledger, modem_id = _outage_worker(tmp_path, publisher)
+
+    class _CuttingModem(_FakeModem):
+        def send(self, to: str, text: str) -> SendReceipt:
+            receipt = super().send(to, text)
+            ledger.down = True  # the outage starts while the SMS is on its way
+            return receipt
+
+    modem = _CuttingModem()
+    worker.modem_up(modem, INFO)
+    sms = OutboundSms("cut-1", "+255700000002", "hello", "task", now_ms(), report=True)
+    decision = worker.outbound.handle(_delivery(sms))
+    assert isinstance(decision, Retry) and decision.budget is None
+    assert publisher.published == [], "no result before the ledger has it"
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Retry), "still down: it keeps waiting"
+    ledger.down = False
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
+    assert modem.sent_to == ["+255700000002"], "sent once"
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("cut-1", "sent")]
+    assert _value(metrics.SMS_SENT, modem_id, "sent") == 1 and _value(metrics.SMS_SENT, modem_id, "unknown") == 0
+
+
+def test_a_modem_lost_during_an_outage_releases_its_claim_once_the_ledger_is_back(tmp_path: Path) -> None:
+    publisher = StubPublisher()
+    worker, ledger, _modem_id = _outage_worker(tmp_path, publisher)
+
+    class _VanishingModem(_FakeModem):
+        def send(self, to: str, text: str) -> SendReceipt:
+            ledger.down = True
+            raise ModemUnavailable("port vanished")
+
+    worker.modem_up(_VanishingModem(), INFO)
+    sms = OutboundSms("gone-1", "+255700000003", "hello", "task", now_ms(), report=True)
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Retry)
+    ledger.down = False
+    modem = _FakeModem()
+    worker.modem_up(modem, INFO)
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
+    assert modem.sent_to == ["+255700000003"], "the PDU never left before: sent now, once"
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("gone-1", "sent")]
+
+
+def test_an_sms_too_old_is_still_refused_during_an_outage_once_the_ledger_answers(tmp_path: Path) -> None:
+    """The outage bounds nothing by itself: SMSGW_OUTBOUND_MAX_AGE still ends the wait (reported failed)."""
+    publisher = StubPublisher()
+    worker, ledger, _modem_id = _outage_worker(tmp_path, publisher, SMSGW_OUTBOUND_MAX_AGE="3600")
+    worker.modem_up(_FakeModem(), INFO)
+    old = OutboundSms("old-1", "+255700000004", "hello", "task", now_ms() - 7_200_000, report=True)
+    ledger.down = True
+    assert isinstance(worker.outbound.handle(_delivery(old)), Retry)
+    ledger.down = False
+    assert isinstance(worker.outbound.handle(_delivery(old)), Ack)
+    [event] = _events(publisher)
+    assert event.outcome == "failed" and "Expired" in event.detail
+
+
+def test_a_status_report_the_ledger_cannot_match_stays_on_the_sim_and_is_matched_later(tmp_path: Path) -> None:
+    publisher = StubPublisher()
+    worker, ledger, modem_id = _outage_worker(tmp_path, publisher)
+    worker.modem_up(_FakeModem(), INFO)
+    sms = OutboundSms("sr-1", "+255700000005", "hello", "task", now_ms(), report=True)
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
+    publisher.published.clear()
+    report = StatusReport(reference=1, recipient=sms.to, delivered=True, status=0, finalized_at=datetime.now(UTC))
+    ledger.down = True
+    with pytest.raises(LedgerError):  # the adapter keeps the report on the SIM when the callback raises
+        worker.inbound.on_status_report(report)
+    assert publisher.published == []
+    assert _value(metrics.DELIVERY_REPORTS, modem_id, "delivered") == 0
+    ledger.down = False
+    worker.inbound.on_status_report(report)  # the next sweep reads it again
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("sr-1", "delivered")]
+
+
+def test_a_status_report_of_an_sms_sent_as_the_ledger_went_finds_its_outcome_recorded_first(tmp_path: Path) -> None:
+    """The report arrives (the SIM sweep) after the ledger is back but before the SMS is redelivered: the outcome
+    kept in memory is recorded first, so the report matches instead of being dropped as unknown."""
+    publisher = StubPublisher()
+    worker, ledger, _modem_id = _outage_worker(tmp_path, publisher)
+
+    class _CuttingModem(_FakeModem):
+        def send(self, to: str, text: str) -> SendReceipt:
+            receipt = super().send(to, text)
+            ledger.down = True
+            return receipt
+
+    worker.modem_up(_CuttingModem(), INFO)
+    sms = OutboundSms("early-1", "+255700000006", "hello", "task", now_ms(), report=True)
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Retry)
+    report = StatusReport(reference=1, recipient=sms.to, delivered=True, status=0, finalized_at=datetime.now(UTC))
+    with pytest.raises(LedgerError):
+        worker.inbound.on_status_report(report)
+    ledger.down = False
+    worker.inbound.on_status_report(report)
+    [delivered] = _events(publisher)
+    assert (delivered.uuid, delivered.outcome, delivered.sent_outcome) == ("early-1", "delivered", "sent")
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack), "the redelivery finds it sent"
+    assert [e.outcome for e in _events(publisher)] == ["delivered", "sent"]
+
+
+def test_housekeeping_rides_out_a_ledger_outage(tmp_path: Path) -> None:
+    """Pruning and the daily recount fail quietly (the ledger watch logs the outage); the sweep still runs."""
+    worker, ledger, _modem_id = _outage_worker(tmp_path, StubPublisher())
+    modem = _HealthModem(signal=20, registered=True)
+    ledger.down = True
+    worker.housekeeping(modem)
+    assert modem.swept == 1, "the SIM is swept although the ledger is down"
+    assert _ledger_up() == 0.0
+    ledger.down = False
+    worker.housekeeping(modem)
+    assert modem.swept == 2
+
+
+def test_every_capped_hand_back_counts_as_a_failover(tmp_path: Path) -> None:
+    """smsgw_outbound_failover_total{reason="capped"}: an SMS taken from the shared queue, a reply handed on
+    from the own queue, and an SMS whose wait for its send turn the cap ended all count; an SMS routed to this
+    modem alone waits for it and does not."""
+    modem_id = _unique("capfo")
+    own = outbound_queue_for(modem_id)
+    fleet = _fleet({modem_id: {"max_per_day": 1}})
+    worker, _ledger = _worker(tmp_path, StubPublisher(), fleet, SMSGW_MODEM_ID=modem_id, SMSGW_SEND_INTERVAL="0")
+    worker.modem_up(_FakeModem(), INFO)
+    first = OutboundSms("cf-0", "+255700000010", "hi", "task", now_ms(), report=True)
+    assert isinstance(worker.outbound.handle(_delivery(first)), Ack)
+    assert _value(metrics.OUTBOUND_FAILOVER, modem_id, "capped") == 0
+    shared = OutboundSms("cf-1", "+255700000011", "hi", "task", now_ms(), report=True)
+    assert isinstance(worker.outbound.handle(_delivery(shared)), Retry)
+    reply = OutboundSms("cf-2", "+255700000012", "hi", "reply", now_ms())
+    assert _moved_to(worker.outbound.handle(_delivery(reply, own)))[0] == own
+    alone = OutboundSms("cf-3", "+255700000013", "hi", "task", now_ms(), report=True, modems=[modem_id])
+    assert isinstance(worker.outbound.handle(_delivery(alone, own)), Retry)
+    assert _value(metrics.OUTBOUND_FAILOVER, modem_id, "capped") == 2
 
 
 # ---- the fleet against the real broker and the simulator on a pty ---------------------------------------------

@@ -13,6 +13,9 @@ Each process owns its writes (see docs/ledger.md):
   crash has an unknown outcome: it is reported as such and never resent blindly.
 
 Anything a later stage needs (the endpoint, the sent outcome for a late delivery report) travels in the messages.
+
+A ledger outage is waited out, never a reason to park: ``watched(ledger)`` (``watch.py``) reports every call to
+``smsgw_ledger_up`` and logs the outage once when it starts and once when it ends.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from services.ledger.records import (
     SendRecord,
     recipient_key,
 )
+from services.ledger.watch import HEALTH, LEDGER_UP, LedgerHealth, WatchedLedger, watched
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +75,16 @@ def sqlite_path(ledger_url: str, state_dir: str) -> Path:
 
 __all__ = [
     "FINAL_STATES",
+    "HEALTH",
+    "LEDGER_UP",
     "Claim",
     "Ledger",
     "LedgerError",
+    "LedgerHealth",
     "ReportMatch",
     "SendRecord",
+    "WatchedLedger",
     "open_ledger",
     "recipient_key",
+    "watched",
 ]

@@ -69,17 +69,9 @@ SMSGW_VAR_RE = re.compile(r"\bSMSGW_[A-Z0-9_]+")
 # --- what services.metrics registers ----------------------------------------------------------------------------
 
 
-# Metrics alerts.yml and the dashboard use that another branch of the same change registers (issue 13: the
-# ledger-outage work adds smsgw_ledger_up to modem_worker/metrics.py and task_poller/metrics.py): name -> (type,
-# labels). Once registered, the registry's own entry wins; drop the line then.
-REGISTERED_ELSEWHERE: dict[str, tuple[str, frozenset[str]]] = {"smsgw_ledger_up": ("gauge", frozenset())}
-
-
 def _families() -> dict[str, str]:
     """Family name -> type of every smsgw_* metric in the default registry (where services.metrics registers)."""
-    families = {name: kind for name, (kind, _) in REGISTERED_ELSEWHERE.items()}
-    families.update({f.name: f.type for f in REGISTRY.collect() if f.name.startswith("smsgw_")})
-    return families
+    return {f.name: f.type for f in REGISTRY.collect() if f.name.startswith("smsgw_")}
 
 
 def _series() -> dict[str, str]:
@@ -93,9 +85,7 @@ def _series() -> dict[str, str]:
 
 def _labels() -> dict[str, set[str]]:
     """Family name -> label names, from the metric objects of services.metrics."""
-    labels = {name: set(names) for name, (_, names) in REGISTERED_ELSEWHERE.items()}
-    labels.update({obj._name: set(obj._labelnames) for obj in metric_objects()})
-    return labels
+    return {obj._name: set(obj._labelnames) for obj in metric_objects()}
 
 
 # --- the PromQL expressions of deploy/ -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Used by the cluster scenario runner (``python -m tests.chaos_cluster``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TextIO
+from typing import IO
 
 from scripts.stack import free_port
 
@@ -148,7 +149,7 @@ class Node:
 
     spec: NodeSpec
     popen: subprocess.Popen[bytes] | None = None
-    log: TextIO | None = None
+    log: IO[bytes] | None = None
 
     @property
     def running(self) -> bool:
@@ -218,7 +219,7 @@ class RabbitCluster:
     def _spawn(self, node: Node) -> None:
         if node.log is not None:
             node.log.close()
-        node.log = (node.spec.dir / "console.log").open("ab")  # type: ignore[assignment]
+        node.log = (node.spec.dir / "console.log").open("ab")
         node.popen = subprocess.Popen(
             server_argv(),
             env=node_env(node.spec, self.home),
@@ -320,7 +321,8 @@ class RabbitCluster:
         except subprocess.TimeoutExpired:
             if not check:
                 return subprocess.CompletedProcess(ctl_argv(spec.name, *args), 124, "", "timed out")
-            raise ClusterError(f"rabbitmqctl -n {spec.name} {' '.join(args)} did not answer in {timeout:.0f}s") from None
+            what = f"rabbitmqctl -n {spec.name} {' '.join(args)}"
+            raise ClusterError(f"{what} did not answer in {timeout:.0f}s") from None
         if check and done.returncode != 0:
             raise ClusterError(
                 f"rabbitmqctl -n {spec.name} {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-300:]}"
@@ -399,10 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"SMSGW_AMQP_URL={cluster.amqp_url()}", flush=True)
         for node in cluster.nodes:
             print(f"{node.spec.name} pid {node.popen.pid if node.popen else '-'} dir {node.spec.dir}", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -382,14 +383,11 @@ def parse_rows(text: str) -> list[list[str]]:
 
 
 def connection_name(client_properties: str) -> str:
-    """The ``connection_name`` inside a listed connection's client properties ("?" when it has none)."""
-    marker = '{"connection_name",longstr,<<"'
-    start = client_properties.find(marker)
-    if start < 0:
-        return "?"
-    start += len(marker)
-    end = client_properties.find('">>', start)
-    return client_properties[start:end] if end >= 0 else "?"
+    """The ``connection_name`` inside a listed connection's client properties ("?" when it has none).
+    rabbitmqctl shows it as ``{"connection_name","smsgw-sync-default"}`` (3.10) or, in the raw AMQP table form,
+    ``{"connection_name",longstr,<<"smsgw-sync-default">>}``."""
+    found = re.search(r'\{"connection_name",(?:longstr,<<)?"([^"]*)"', client_properties)
+    return found.group(1) if found else "?"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,8 @@ from scripts.stack import ReferenceServerProcess, Stack
 
 SECRET = "cluster-chaos-secret"
 WORKERS = ("modem_worker_a", "modem_worker_b", "sync_worker", "task_poller", "result_reporter")
-# The connection names that say a worker is up (every worker opens several; these are enough to go on).
+# The connections that say the consumers are up (the task poller connects when it first has a message).
+CONSUMERS = {"smsgw-modem-modem-a", "smsgw-modem-modem-b", "smsgw-sync-default", "smsgw-result-reporter-default"}
 INBOUND_EVERY_S = 0.5
 OUTBOUND_EVERY_S = 1.0
 
@@ -206,14 +207,18 @@ def print_spread(cluster: RabbitCluster, when: str) -> dict[str, list[str]]:
     return spread
 
 
-def start_gateway(cluster: RabbitCluster, workdir: Path) -> tuple[Stack, ReferenceServerProcess]:
-    """The reference server and every worker on the cluster; returns when each worker holds a connection."""
-    env = {
-        "SMSGW_MESSAGE_RESULTS": "true",
-        "SMSGW_TASK_INTERVAL": "1",
-        "SMSGW_RESULT_INTERVAL": "1",
-    }
-    stack = Stack(workdir, cluster.amqp_url(), "", SECRET, env=env)
+def new_stack(cluster: RabbitCluster, workdir: Path) -> Stack:
+    env = {"SMSGW_MESSAGE_RESULTS": "true", "SMSGW_TASK_INTERVAL": "1", "SMSGW_RESULT_INTERVAL": "1"}
+    return Stack(workdir, cluster.amqp_url(), "", SECRET, env=env)
+
+
+def connected(cluster: RabbitCluster) -> set[str]:
+    return {name for names in cluster.connections_per_node().values() for name in names}
+
+
+def start_gateway(stack: Stack, cluster: RabbitCluster) -> ReferenceServerProcess:
+    """The reference server and every worker on the cluster; returns when the consumers hold their
+    connections and the queues exist."""
     server = stack.start_reference_server("reference_server", SECRET)
     stack.sync_url = server.url
     for suffix, number in (("a", "+255754000001"), ("b", "+255754000002")):
@@ -221,9 +226,9 @@ def start_gateway(cluster: RabbitCluster, workdir: Path) -> tuple[Stack, Referen
         stack.start_modem_worker(f"modem_worker_{suffix}", sim, f"modem-{suffix}")
     for name in ("sync_worker", "task_poller", "result_reporter"):
         stack.start(name, name)
-    wait(lambda: sum(map(len, cluster.connections_per_node().values())) >= len(WORKERS), 120, "worker connections")
+    wait(lambda: connected(cluster) >= CONSUMERS, 120, f"connections {sorted(CONSUMERS)}")
     wait(lambda: len(gateway_queues(cluster)) >= 5, 120, "the gateway's queues")
-    return stack, server
+    return server
 
 
 def wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -309,15 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work dir {workdir}", flush=True)
     with RabbitCluster(keep_dir=args.keep) as cluster:
         print(f"SMSGW_AMQP_URL={cluster.amqp_url()}", flush=True)
-        stack, server = start_gateway(cluster, workdir)
-        traffic = Traffic(stack, server)
+        stack = new_stack(cluster, workdir)
+        traffic: Traffic | None = None
         try:
+            traffic = Traffic(stack, start_gateway(stack, cluster))
             traffic.start()
             notes = run_scenarios(cluster, traffic, args.outage_s, args.after_s)
             drained = drain(traffic, cluster, args.drain_s)
             result = report(traffic, cluster, stack, notes, drained)
         finally:
-            traffic.stop()
+            if traffic is not None:
+                traffic.stop()
             stack.stop_all()
     return 0 if result.clean() else 1
 

@@ -134,3 +134,8 @@ def test_the_run_fails_on_any_loss_double_park_or_missing_result() -> None:
         values[index] = 1
         assert not Tally(*values).clean(), f"field {index} ignored"  # type: ignore[arg-type]
     assert busiest({"smsgw-c1@localhost": 4, "smsgw-c2@localhost": 9, "smsgw-c3@localhost": 2}) == "smsgw-c2@localhost"
+
+
+def test_connection_names_in_both_listing_forms() -> None:
+    listed = '[{"product","Pika Python Client Library"},{"connection_name","smsgw-sync-default"}]'
+    assert connection_name(listed) == "smsgw-sync-default"

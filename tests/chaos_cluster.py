@@ -38,6 +38,15 @@ SECRET = "cluster-chaos-secret"
 WORKERS = ("modem_worker_a", "modem_worker_b", "sync_worker", "task_poller", "result_reporter")
 # The connections that say the consumers are up (the task poller connects when it first has a message).
 CONSUMERS = {"smsgw-modem-modem-a", "smsgw-modem-modem-b", "smsgw-sync-default", "smsgw-result-reporter-default"}
+# What the log summary counts in WARNING and ERROR lines.
+MARKERS = (
+    "handler crashed",
+    "broker nacked",
+    "parked a message",
+    "publish failed",
+    "connection lost",
+    "kept on the SIM",
+)
 INBOUND_EVERY_S = 0.5
 OUTBOUND_EVERY_S = 1.0
 
@@ -162,6 +171,16 @@ def tally(traffic: Traffic, parked: int) -> Tally:
     )
 
 
+def longest_wait_per_phase(sent_at: dict[str, float], seen_at: dict[str, float]) -> dict[str, float]:
+    """Phase (the second word of each text) → the longest time from sending to first seen, of that phase's SMS."""
+    longest: dict[str, float] = {}
+    for text, at in sent_at.items():
+        if text in seen_at:
+            phase = text.split()[1]
+            longest[phase] = max(longest.get(phase, 0.0), seen_at[text] - at)
+    return longest
+
+
 def parked_messages(cluster: RabbitCluster) -> int:
     """Messages in the gateway's parked queues, summed over the cluster."""
     rows = cluster.table("list_queues", "name", "messages")
@@ -179,9 +198,11 @@ def log_summary(stack: Stack) -> dict[str, dict[str, int]]:
             except ValueError:
                 counts["non-json"] += 1
                 continue
-            message = str(record.get("message", ""))
-            counts[str(record.get("level", "?"))] += 1
-            for needle in ("handler crashed", "nacked", "parked", "connection lost", "cannot connect"):
+            message, level = str(record.get("message", "")), str(record.get("level", "?"))
+            counts[level] += 1
+            if level in ("INFO", "DEBUG"):
+                continue
+            for needle in MARKERS:
                 if needle in message:
                     counts[needle] += 1
         summary[name] = {k: v for k, v in counts.items() if k not in ("INFO", "DEBUG")}
@@ -294,6 +315,12 @@ def report(traffic: Traffic, cluster: RabbitCluster, stack: Stack, notes: list[s
     print(f"   drained in {drained_s:.1f}s after the traffic stopped")
     for line in result.lines():
         print("   " + line)
+    for what, sent_at, seen_at in (
+        ("inbound", traffic.injected, traffic.arrived),
+        ("outbound", traffic.queued, traffic.sent),
+    ):
+        per_phase = longest_wait_per_phase(sent_at, seen_at)
+        print(f"   longest {what} wait per phase: " + ", ".join(f"{p} {s:.1f}s" for p, s in per_phase.items()))
     print_spread(cluster, "at the end")
     print("-- worker logs (non-INFO lines and markers):")
     for name, counts in log_summary(stack).items():

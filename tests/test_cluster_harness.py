@@ -24,7 +24,7 @@ from scripts.rabbit_cluster import (
     write_cookie,
     write_node_files,
 )
-from tests.chaos_cluster import Tally, busiest
+from tests.chaos_cluster import Tally, busiest, longest_wait_per_phase
 
 
 def specs(base: Path) -> list[NodeSpec]:
@@ -139,3 +139,9 @@ def test_the_run_fails_on_any_loss_double_park_or_missing_result() -> None:
 def test_connection_names_in_both_listing_forms() -> None:
     listed = '[{"product","Pika Python Client Library"},{"connection_name","smsgw-sync-default"}]'
     assert connection_name(listed) == "smsgw-sync-default"
+
+
+def test_waits_are_told_per_phase() -> None:
+    sent = {"in steady #1 x": 10.0, "in steady #2 y": 11.0, "in leader-down #3 z": 20.0, "in node-gone #4 w": 30.0}
+    seen = {"in steady #1 x": 10.5, "in steady #2 y": 14.0, "in leader-down #3 z": 44.0}
+    assert longest_wait_per_phase(sent, seen) == {"steady": 3.0, "leader-down": 24.0}

@@ -10,9 +10,10 @@ the three nodes. SMS flow in (simulator inject) and out (reference server queue 
 (b) the node holding most of the workers' connections is SIGKILLed for good.
 
 Then the traffic stops and the run waits (up to ``--drain-s``) until every SMS arrived and every result was
-reported, and prints: lost / received under two ids / sent twice / parked / unreported, the longest wait, the
-connections per node before each kill and at the end, and what the workers' logs said (warnings, errors,
-handler crashes, nacks, parks). Exit 0 only when nothing was lost, doubled, parked or left unreported.
+reported, and prints: lost / received under two ids / sent twice / parked / unreported (no sent result, no
+delivery report), the longest wait per phase, the connections per node before each kill and at the end, and what
+the workers' logs said (warnings, errors, handler crashes, nacks, parks). Exit 0 only when nothing was lost,
+doubled, parked or left unreported.
 
 Not part of the CI test command (``tests/test_cluster_harness.py`` covers the harness's pieces cheaply).
 """
@@ -129,6 +130,7 @@ class Tally:
     sent_twice: int
     parked: int
     unreported: int
+    no_delivery_report: int
     longest_inbound_s: float
     longest_outbound_s: float
 
@@ -140,6 +142,7 @@ class Tally:
             or self.sent_twice
             or self.parked
             or self.unreported
+            or self.no_delivery_report
         )
 
     def lines(self) -> list[str]:
@@ -166,6 +169,7 @@ def tally(traffic: Traffic, parked: int) -> Tally:
         sent_twice=sum(1 for n in sent_per_text.values() if n > 1),
         parked=parked,
         unreported=sum(1 for o in outgoing if o["sent_result_code"] is None),
+        no_delivery_report=sum(1 for o in outgoing if o["delivered_result_code"] is None),
         longest_inbound_s=max(waits_in, default=0.0),
         longest_outbound_s=max(waits_out, default=0.0),
     )
@@ -297,7 +301,7 @@ def drain(traffic: Traffic, cluster: RabbitCluster, timeout: float) -> float:
 
     def done() -> bool:
         t = tally(traffic, 0)
-        return t.lost_inbound == 0 and t.lost_outbound == 0 and t.unreported == 0
+        return not (t.lost_inbound or t.lost_outbound or t.unreported or t.no_delivery_report)
 
     try:
         wait(done, timeout, "every SMS to arrive and be reported")
@@ -322,9 +326,11 @@ def report(traffic: Traffic, cluster: RabbitCluster, stack: Stack, notes: list[s
         per_phase = longest_wait_per_phase(sent_at, seen_at)
         print(f"   longest {what} wait per phase: " + ", ".join(f"{p} {s:.1f}s" for p, s in per_phase.items()))
     print_spread(cluster, "at the end")
+    print(f"-- queue leaders at the end: {sorted(Counter(gateway_queues(cluster).values()).items())}")
     print("-- worker logs (non-INFO lines and markers):")
     for name, counts in log_summary(stack).items():
         print(f"   {name:<16} {dict(sorted(counts.items()))}")
+    print(f"== {'clean' if result.clean() else 'NOT CLEAN'}", flush=True)
     if traffic.errors:
         print(f"-- driver errors ({len(traffic.errors)}): {traffic.errors[:5]}")
     return result

@@ -127,10 +127,10 @@ def test_a_failed_start_tears_down_what_it_started(tmp_path: Path) -> None:
 
 
 def test_the_run_fails_on_any_loss_double_park_or_missing_result() -> None:
-    clean = Tally(300, 100, 0, 0, 0, 0, 0, 0, 35.2, 40.0)
+    clean = Tally(300, 100, 0, 0, 0, 0, 0, 0, 0, 35.2, 40.0)
     assert clean.clean()
-    for index in range(2, 8):
-        values = [300, 100, 0, 0, 0, 0, 0, 0, 35.2, 40.0]
+    for index in range(2, 9):
+        values = [300, 100, 0, 0, 0, 0, 0, 0, 0, 35.2, 40.0]
         values[index] = 1
         assert not Tally(*values).clean(), f"field {index} ignored"  # type: ignore[arg-type]
     assert busiest({"smsgw-c1@localhost": 4, "smsgw-c2@localhost": 9, "smsgw-c3@localhost": 2}) == "smsgw-c2@localhost"

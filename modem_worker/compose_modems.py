@@ -1,9 +1,12 @@
 """``smsgw compose-modems DEVICE[=ID]...``: write the compose.override.yaml that runs one modem worker per device.
 
-Each service extends the tracked template ``deploy/compose/modem.yaml`` and adds only its host device (mapped to
-``/dev/modem``) and its ``SMSGW_MODEM_ID``, so adding a modem never edits a tracked file. The file goes to stdout::
+Each service (``modem_worker_1``, ``modem_worker_2``, ... in argument order) extends the tracked template
+``deploy/compose/modem.yaml`` and adds only its ``SMSGW_MODEM_ID`` and its ``SMSGW_MODEM_PORT``: the host device as
+the container sees it, under ``/dev/host`` (the template bind-mounts the host's ``/dev`` there instead of a
+``devices:`` entry, so an unplugged modem does not stop ``docker compose up``). The template also mounts the fleet
+file, so adding a modem never edits a tracked file. The file goes to stdout::
 
-    docker run --rm smssync-gateway smsgw compose-modems \\
+    docker run --rm smssync-gateway:local smsgw compose-modems \\
         /dev/serial/by-id/usb-Quectel_EC25_0123456-if02-port0=modem1 \\
         /dev/serial/by-id/usb-Quectel_EC25_0123457-if02-port0=modem2 > compose.override.yaml
 
@@ -24,7 +27,9 @@ from services.config import ENV_VARS, ConfigError
 PROG = "smsgw compose-modems"
 TEMPLATE = "deploy/compose/modem.yaml"
 TEMPLATE_SERVICE = "modem-worker"
-CONTAINER_PORT = "/dev/modem"
+HOST_DEV = "/dev/"
+# Where the template mounts the host's /dev in the container.
+CONTAINER_DEV = "/dev/host/"
 # /dev/ttyUSB0, /dev/ttyACM1: numbered in plug order, so a reboot may swap two modems (and their SIMs' queues).
 _UNSTABLE_DEVICE = re.compile(r"^/dev/tty(USB|ACM)\d+$")
 
@@ -35,15 +40,22 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class Modem:
-    """One modem worker to write: its host device and its modem id."""
+    """One modem worker to write: its host device, its modem id and its position (from 1)."""
 
     device: str
     modem_id: str
+    number: int
 
     @property
     def service(self) -> str:
-        """The compose service name (modem ids are valid service names: letters, digits, ``.``, ``_``, ``-``)."""
-        return f"modem_worker_{self.modem_id}"
+        """The compose service name, ``modem_worker_<number>`` as in the docs. (Older overrides named it
+        ``modem_worker_<id>``; any service name works, only SMSGW_MODEM_ID names the queue, rows and metrics.)"""
+        return f"modem_worker_{self.number}"
+
+    @property
+    def container_port(self) -> str:
+        """The device as the worker sees it: the host's ``/dev/X`` is ``/dev/host/X`` in the container."""
+        return CONTAINER_DEV + self.device.removeprefix(HOST_DEV)
 
 
 def parse_modems(arguments: Sequence[str], prefix: str = "modem") -> list[Modem]:
@@ -51,18 +63,18 @@ def parse_modems(arguments: Sequence[str], prefix: str = "modem") -> list[Modem]
     position, from 1).
 
     Raises:
-        UsageError: a device that is not an absolute path or holds ``:`` (compose's separator), an invalid id,
-            or a device or id given twice.
+        UsageError: a device that is not under ``/dev/`` or holds ``:`` or white space, an invalid id, or a
+            device or id given twice.
     """
     modems: list[Modem] = []
     for position, argument in enumerate(arguments, start=1):
         device, separator, modem_id = argument.partition("=")
         if not separator:
             modem_id = f"{prefix}{position}"
-        if not device.startswith("/") or ":" in device or any(ch.isspace() for ch in device):
+        if not device.startswith(HOST_DEV) or ":" in device or any(ch.isspace() for ch in device):
             raise UsageError(
-                f"{argument!r}: expected the host device as an absolute path without ':' or spaces, e.g. "
-                "/dev/serial/by-id/usb-...-if02-port0 (a udev symlink of your own works too)"
+                f"{argument!r}: expected the host device as an absolute path under /dev/ without ':' or spaces, "
+                "e.g. /dev/serial/by-id/usb-...-if02-port0 (a udev symlink of your own works too)"
             )
         try:
             ENV_VARS["SMSGW_MODEM_ID"].parse("SMSGW_MODEM_ID", modem_id)
@@ -75,7 +87,7 @@ def parse_modems(arguments: Sequence[str], prefix: str = "modem") -> list[Modem]
                 raise UsageError(f"{device}: given twice (one worker per modem)")
             if earlier.modem_id == modem_id:
                 raise UsageError(f"modem id {modem_id!r} given twice: each modem needs its own")
-        modems.append(Modem(device, modem_id))
+        modems.append(Modem(device, modem_id, position))
     if not modems:
         raise UsageError("name at least one device")
     return modems
@@ -85,7 +97,8 @@ def render(modems: Sequence[Modem]) -> str:
     """The compose.override.yaml text for ``modems`` (YAML; strings quoted as JSON, which YAML reads as is)."""
     lines = [
         f"# Written by `{PROG}` ({len(modems)} modem(s)). Untracked (.gitignore): edit it freely, or write it again.",
-        "# Each modem worker extends the tracked template and adds its host device and modem id. Guide:",
+        "# Each modem worker extends the tracked template and adds its modem id and device (the host's /dev is",
+        "# /dev/host in the container; the template also mounts config/, the fleet file). Guide:",
         '# docs/operations.md, "2. Modems"; `docker compose config` shows the merged result.',
         "",
         "x-modem: &modem",
@@ -102,9 +115,9 @@ def render(modems: Sequence[Modem]) -> str:
         lines += [
             f"  {modem.service}:",
             "    <<: *modem",
-            f"    devices: [{json.dumps(f'{modem.device}:{CONTAINER_PORT}')}]",
             "    environment:",
             f"      SMSGW_MODEM_ID: {json.dumps(modem.modem_id)}",
+            f"      SMSGW_MODEM_PORT: {json.dumps(modem.container_port)}",
         ]
     return "\n".join(lines) + "\n"
 

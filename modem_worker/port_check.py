@@ -5,8 +5,14 @@ from __future__ import annotations
 import glob
 import os
 import stat
+from pathlib import Path
 
 from services.config import AUTO_PORT, Settings
+
+PROC_TTY_DRIVERS = "/proc/tty/drivers"
+# Driver types of /proc/tty/drivers that are a serial port a modem can sit behind: real UARTs and USB serial
+# (ttyS, ttyUSB, ttyACM, ttyAMA...: "serial") and pty slaves (the simulator). Not: consoles, /dev/tty, pty masters.
+SERIAL_TTY_KINDS = frozenset({"serial", "pty:slave"})
 
 
 def modem_port_problem(settings: Settings) -> str | None:
@@ -27,7 +33,8 @@ def modem_port_problem(settings: Settings) -> str | None:
 
 def check_modem_port(path: str) -> str | None:
     """Why the modem port ``path`` cannot be used (one line naming SMSGW_MODEM_PORT), or None when it exists, is a
-    character device and this process may read and write it.
+    serial port (a tty of a serial or pty-slave driver, ``tty_kind``: ``/dev/null`` is refused) and this process
+    may read and write it.
 
     The port is deliberately not opened: the check also runs inside the container of a modem worker that holds the
     port open exclusively, where opening it would fail although all is well (or, without exclusivity, disturb the
@@ -37,17 +44,50 @@ def check_modem_port(path: str) -> str | None:
     if not path:
         return "SMSGW_MODEM_PORT is empty"
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except OSError as exc:
         return _missing_port(path, exc)
-    if not stat.S_ISCHR(mode):
+    if not stat.S_ISCHR(info.st_mode):
         return f"modem port {path} (SMSGW_MODEM_PORT) is not a serial device (not a character device)"
+    kind = tty_kind(info.st_rdev)
+    if kind is not None and kind not in SERIAL_TTY_KINDS:
+        return (
+            f"modem port {path} (SMSGW_MODEM_PORT) is not a serial port (device "
+            f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}, {kind}): point it at the modem's tty"
+        )
     if not os.access(path, os.R_OK | os.W_OK):
         return (
             f"no read/write permission on modem port {path} (SMSGW_MODEM_PORT) for uid {os.getuid()}: add the "
             "user to the device's group (often dialout) or map the device with its permissions"
         )
     return None
+
+
+def tty_kind(rdev: int, drivers: str | None = None) -> str | None:
+    """What the character device ``rdev`` is, by the kernel's tty driver table (``/proc/tty/drivers``, or the
+    text ``drivers``): the driver's type (``serial``, ``pty:slave``, ``console``, ``system:/dev/tty``...), ``"not
+    a tty"`` when no tty driver owns its major/minor (``/dev/null``), or None when the table cannot be read.
+
+    Why the driver table and not ``isatty()``/termios: those need the port open, and the running worker holds it
+    (exclusively; a second open would fail, or else disturb its AT dialogue). The table names every tty driver with
+    its device numbers, so ``os.stat`` alone tells a serial port from ``/dev/null`` or a console, without touching
+    the port. Docker does not mask ``/proc/tty``; where it is unreadable the check falls back to "a character
+    device" (None).
+    """
+    if drivers is None:
+        try:
+            drivers = Path(PROC_TTY_DRIVERS).read_text(encoding="ascii", errors="replace")
+        except OSError:
+            return None
+    major, minor = os.major(rdev), os.minor(rdev)
+    for line in drivers.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or not fields[2].isdigit() or int(fields[2]) != major:
+            continue
+        low, _, high = fields[3].partition("-")
+        if low.isdigit() and int(low) <= minor <= int(high if high.isdigit() else low):
+            return fields[4]
+    return "not a tty"
 
 
 def _missing_port(path: str, exc: OSError) -> str:

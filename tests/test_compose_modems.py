@@ -16,6 +16,7 @@ from tests.test_deploy_files import (
     _merge,
     _resolve_extends,
     _schema_validator,
+    config_mounts,
 )
 
 DEVICES = [
@@ -42,14 +43,22 @@ def test_the_written_override_validates_and_runs_one_worker_per_device() -> None
     project["services"] = _resolve_extends(project["services"], ROOT)
     assert not [e.message for e in validator.iter_errors(project)]
     modems = {name: project["services"][name] for name in override["services"]}
+    # Named as the docs name them, in argument order; the id is what names the queue.
+    assert list(modems) == ["modem_worker_1", "modem_worker_2", "modem_worker_3"]
     assert [_environment(s)["SMSGW_MODEM_ID"] for s in modems.values()] == ["modem1", "helpline", "modem3"]
+    assert [_environment(s)["SMSGW_MODEM_PORT"] for s in modems.values()] == [
+        "/dev/host/serial/by-id/usb-Quectel_EC25_0123456-if02-port0",
+        "/dev/host/serial/by-id/usb-Quectel_EC25_0123457-if02-port0",
+        "/dev/host/smsgw-modem3",
+    ]
     for name, service in modems.items():
         assert service["command"] == ["python", "-m", "modem_worker"], name
         assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
-        assert service["devices"][0].endswith(":/dev/modem"), name
-        assert _environment(service)["SMSGW_MODEM_PORT"] == "/dev/modem", name
+        # Issue 14: no devices: entry (an unplugged modem stopped `up`), and the fleet file with SMSGW_CONFIG.
+        assert "devices" not in service, name
+        assert "/dev:/dev/host:ro" in service["volumes"], name
+        assert "SMSGW_CONFIG" in _environment(service) and config_mounts(service) == [ROOT / "config"], name
         assert service["secrets"] == ["rabbitmq_password"], name
-    assert modems["modem_worker_helpline"]["devices"] == [f"{DEVICES[1].split('=')[0]}:/dev/modem"]
 
 
 @pytest.mark.parametrize(
@@ -58,6 +67,7 @@ def test_the_written_override_validates_and_runs_one_worker_per_device() -> None
         (["/dev/a=m1", "/dev/b=m1"], "given twice"),
         (["/dev/a", "/dev/a"], "given twice"),
         (["ttyUSB0"], "absolute path"),
+        (["/home/me/modem"], "under /dev/"),
         (["/dev/serial/by-path/pci-0000:00:14.0-usb-0:1:1.0-port0"], "without ':'"),
         (["/dev/a=bad id"], "SMSGW_MODEM_ID"),
     ],
@@ -77,11 +87,11 @@ def test_unstable_device_names_are_warned_about(capsys: pytest.CaptureFixture[st
     assert cli.main(["compose-modems", "/dev/ttyUSB0"]) == 0
     captured = capsys.readouterr()
     assert "warning: /dev/ttyUSB0" in captured.err
-    assert yaml.safe_load(captured.out)["services"]["modem_worker_modem1"]["devices"] == ["/dev/ttyUSB0:/dev/modem"]
+    service = yaml.safe_load(captured.out)["services"]["modem_worker_1"]
+    assert service["environment"]["SMSGW_MODEM_PORT"] == "/dev/host/ttyUSB0"
 
 
 def test_render_quotes_values_yaml_reads_back() -> None:
     text = render(parse_modems(["/dev/modem-#1=a.b_c-1"]))
-    service = yaml.safe_load(text)["services"]["modem_worker_a.b_c-1"]
-    assert service["devices"] == ["/dev/modem-#1:/dev/modem"]
-    assert service["environment"] == {"SMSGW_MODEM_ID": "a.b_c-1"}
+    service = yaml.safe_load(text)["services"]["modem_worker_1"]
+    assert service["environment"] == {"SMSGW_MODEM_ID": "a.b_c-1", "SMSGW_MODEM_PORT": "/dev/host/modem-#1"}

@@ -7,13 +7,17 @@
   resolved); they only run modules that exist, each worker's healthcheck is its own ``--check``, the ledger
   volume is shared by the processes that open it, every setting reaches the workers by name and no worker
   holds an admin password or a secret in its environment; they name only real ``SMSGW_*`` settings;
-* .env.example lists every ``SMSGW_*`` setting with its built-in default.
+* .env.example lists every ``SMSGW_*`` setting with its built-in default;
+* issue 14: one image built once (one ``build:``, no ``# syntax=`` line, the base a build argument), every service
+  that gets SMSGW_CONFIG also gets the config directory holding the fleet file, no modem as a ``devices:`` entry
+  (an unplugged one stopped ``docker compose up``), and ``secrets/smsgw_secret`` optional.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +52,7 @@ WIRED_SETTINGS = {
     "SMSGW_METRICS_PORT",
     "SMSGW_METRICS_ADDR",
 }
-PER_MODEM_SETTINGS = {"SMSGW_MODEM_ID", "SMSGW_MODEM_IMEI", "SMSGW_SIM_PIN_FILE"}
+PER_MODEM_SETTINGS = {"SMSGW_MODEM_ID", "SMSGW_MODEM_IMEI", "SMSGW_SIM_PIN_FILE", "SMSGW_MODEM_PORT"}
 SECRET_SETTINGS = {"SMSGW_SECRET", "SMSGW_SIM_PIN"}
 WORKER_SECRETS = {"rabbitmq_password", "smsgw_secret"}
 ADMIN_VAR_RE = re.compile(r"^(GF_|GRAFANA_|RABBITMQ_DEFAULT_)")
@@ -62,6 +66,9 @@ SERIES_RE = re.compile(r"\bsmsgw_[a-z0-9_]+")
 SELECTOR_RE = re.compile(r"\b(smsgw_[a-z0-9_]+)\s*\{([^}]*)\}")
 MATCHER_RE = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 GROUPING_RE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+DOCKERFILE = ROOT / "Dockerfile"
+IMAGE = "${GATEWAY_IMAGE:-smssync-gateway:local}"
+CONFIG_DIR = "/etc/smsgw"  # where the site's config/ (fleet file, its secret files) is mounted
 PYTHON_M_RE = re.compile(r"\bpython\s+-m\s+([A-Za-z_][\w.]*)")
 SMSGW_VAR_RE = re.compile(r"\bSMSGW_[A-Z0-9_]+")
 
@@ -276,9 +283,18 @@ def _merge(base: Any, override: Any, key: str = "") -> Any:
     return override
 
 
+def _rebase_volume(volume: str, base_dir: Path, project_dir: Path) -> str:
+    """A short-syntax volume of a file in ``base_dir`` with a relative bind source made relative to
+    ``project_dir`` (compose resolves an extended file's relative paths against that file's folder)."""
+    source, _, rest = volume.partition(":")
+    if not source.startswith("."):
+        return volume
+    return f"./{os.path.relpath(base_dir / source, project_dir)}:{rest}"
+
+
 def _resolve_extends(services: dict[str, Any], project_dir: Path) -> dict[str, Any]:
     """``services`` with every ``extends: {file, service}`` replaced by the base service merged with the local one
-    (``depends_on`` is never inherited, as in compose)."""
+    (``depends_on`` is never inherited, as in compose; relative bind sources of the base are rebased)."""
     resolved = {}
     for name, service in services.items():
         extends = service.get("extends")
@@ -289,6 +305,7 @@ def _resolve_extends(services: dict[str, Any], project_dir: Path) -> dict[str, A
         base = _load_yaml(base_file)["services"][extends["service"]]
         assert "extends" not in base, f"{name}: nested extends in {base_file} are not resolved here"
         base = {k: v for k, v in base.items() if k != "depends_on"}
+        base["volumes"] = [_rebase_volume(v, base_file.parent, project_dir) for v in base.get("volumes", [])]
         resolved[name] = _merge(base, {k: v for k, v in service.items() if k != "extends"})
     return resolved
 
@@ -321,6 +338,12 @@ def _environment(service: dict[str, Any]) -> dict[str, Any]:
     return dict(env)
 
 
+def config_mounts(service: dict[str, Any]) -> list[Path]:
+    """The host folders a (resolved) service mounts at /etc/smsgw, the config directory, as absolute paths."""
+    mounts = [v.split(":") for v in service.get("volumes", []) if isinstance(v, str)]
+    return [(ROOT / m[0]).resolve() for m in mounts if len(m) > 1 and m[1] == CONFIG_DIR]
+
+
 def _schema_validator() -> jsonschema.protocols.Validator:
     schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
     validator_class = jsonschema.validators.validator_for(schema)
@@ -349,7 +372,8 @@ def test_merged_project_matches_the_compose_spec_schema() -> None:
             source = secret if isinstance(secret, str) else secret["source"]
             assert source in defined, f"{name}: secret {source} is not defined"
     for name, secret in defined.items():
-        assert secret["file"].startswith("./secrets/"), name
+        # ${SYNC_SECRET_FILE:-./secrets/smsgw_secret}: the file of the default.
+        assert re.sub(r"^\$\{[A-Z_]+:-(.*)\}$", r"\1", secret["file"]).startswith("./secrets/"), name
     assert "/secrets/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
     assert "/compose.override.yaml" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
 
@@ -416,8 +440,8 @@ def test_gateway_settings_reach_the_workers_by_name() -> None:
     expected = set(ENV_VARS) - SECRET_SETTINGS - PER_MODEM_SETTINGS
     raw = _compose()
     shared = {k: v for k, v in raw["x-gateway-settings"].items() if k.startswith("SMSGW_")}
-    assert set(shared) | {"SMSGW_SECRET_FILE", "SMSGW_MODEM_PORT"} == expected, (
-        f"x-gateway-settings: missing {sorted(expected - set(shared) - {'SMSGW_SECRET_FILE', 'SMSGW_MODEM_PORT'})}"
+    assert set(shared) | {"SMSGW_SECRET_FILE"} == expected, (
+        f"x-gateway-settings: missing {sorted(expected - set(shared) - {'SMSGW_SECRET_FILE'})}"
         f", unknown {sorted(set(shared) - expected)}"
     )
     template = {
@@ -425,7 +449,7 @@ def test_gateway_settings_reach_the_workers_by_name() -> None:
         for k, v in _environment(_load_yaml(MODEM_TEMPLATE)["services"]["modem-worker"]).items()
         if k.startswith("SMSGW_")
     }
-    assert set(template) == set(shared) | {"SMSGW_MODEM_PORT"}, "deploy/compose/modem.yaml differs from compose.yaml"
+    assert set(template) == set(shared), "deploy/compose/modem.yaml differs from compose.yaml"
     for name in set(shared) - WIRED_SETTINGS:
         assert shared[name] is None and template[name] is None, f"{name}: pass it by name, without a value"
     for name in WIRED_SETTINGS & set(shared):
@@ -448,8 +472,9 @@ def test_hardware_modems_come_from_the_override_only() -> None:
         assert override[name]["extends"] == {"file": "deploy/compose/modem.yaml", "service": "modem-worker"}, name
         assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
         assert "profiles" not in service, name
-        assert [d.rsplit(":", 1)[1] for d in service["devices"]] == ["/dev/modem"], name
-        assert _environment(service)["SMSGW_MODEM_PORT"] == "/dev/modem", name
+        # Issue 14: a `devices:` entry of an unplugged modem stopped `docker compose up` for the whole stack.
+        assert "devices" not in service, name
+        assert _environment(service)["SMSGW_MODEM_PORT"].startswith("/dev/host/serial/by-id/"), name
         ids.append(_environment(service)["SMSGW_MODEM_ID"])
     assert len(ids) >= 2 and len(ids) == len(set(ids)), f"each modem needs its own SMSGW_MODEM_ID: {ids}"
 
@@ -507,3 +532,61 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
     )
     wrong = {n: v for n, v in listed.items() if v is not None and v != (ENV_VARS[n].default or "")}
     assert not wrong, f".env.example values differ from the defaults in services/config/variables.py: {wrong}"
+
+
+# --- issue 14: the image and what compose mounts ------------------------------------------------------------------
+
+
+def test_the_image_is_built_once_from_a_base_given_as_a_build_argument() -> None:
+    services = _project()["services"]
+    builders = {name: s for name, s in services.items() if "build" in s}
+    assert list(builders) == ["sync_worker"], f"one service builds the image, not {sorted(builders)}"
+    build = builders["sync_worker"]["build"]
+    assert build["context"] == "." and build["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.11-slim}"
+    assert build["args"]["EXTRA_CA_CERTS"] == "${EXTRA_CA_CERTS:-}"
+    gateway = {n: s for n, s in services.items() if s.get("image", "").startswith("${GATEWAY_IMAGE")}
+    assert set(_gateway_workers(services)) | {"reference_server"} <= set(gateway)
+    assert {s["image"] for s in gateway.values()} == {IMAGE}, "every gateway service runs the one built image"
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.search(r"^#\s*syntax\s*=", dockerfile, re.MULTILINE | re.IGNORECASE), "no frontend from Docker Hub"
+    assert dockerfile.splitlines()[0].startswith("#")  # (the syntax line could only be the first)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", dockerfile, re.MULTILINE)
+    froms = re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)
+    assert froms and set(froms) == {"${BASE_IMAGE}"}, froms
+    assert re.search(r"^ARG EXTRA_CA_CERTS=", dockerfile, re.MULTILINE)
+
+
+def test_every_service_that_gets_smsgw_config_gets_the_fleet_file() -> None:
+    """Issue 14: a modem service given SMSGW_CONFIG without the file crash-looped (`cannot read:
+    /etc/smsgw/fleet.toml`). One folder, config/, is mounted wherever the variable goes: the workers of
+    compose.yaml, the demo's simulated modem and every service extending the modem template."""
+    services = _project()["services"]
+    given = {n: s for n, s in services.items() if "SMSGW_CONFIG" in _environment(s)}
+    assert set(_gateway_workers(services)) <= set(given)
+    assert {"modem_worker_sim", "modem_worker_1", "modem_worker_2"} <= set(given)
+    for name, service in given.items():
+        assert config_mounts(service) == [ROOT / "config"], f"{name} gets SMSGW_CONFIG but not config/"
+        assert any(v.endswith(f"{CONFIG_DIR}:ro") for v in service["volumes"]), f"{name}: mount it read-only"
+    assert "/config/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines(), "config/ is a site file"
+
+
+def test_modem_workers_see_the_host_devices_without_a_devices_entry() -> None:
+    template = _load_yaml(MODEM_TEMPLATE)["services"]["modem-worker"]
+    assert "devices" not in template
+    assert "/dev:/dev/host:ro" in template["volumes"]
+    # The kinds of serial port a modem sits behind: ttyUSB and ttyACM.
+    assert {"c 188:* rmw", "c 166:* rmw"} <= set(template["device_cgroup_rules"])
+    docs = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    snippets = re.findall(r"```yaml\n(.*?)```", docs, re.DOTALL)
+    modem_snippets = [text for text in snippets if "modem_worker_" in text]
+    assert modem_snippets, "docs/operations.md shows modem services"
+    for text in modem_snippets:
+        assert ":/dev/modem" not in text, f"docs still map a modem with devices: {text[:80]}"
+
+
+def test_the_env_only_secret_is_optional() -> None:
+    secret = _compose()["secrets"]["smsgw_secret"]
+    # With a fleet file SYNC_SECRET_FILE=/dev/null in .env: secrets/smsgw_secret need not exist.
+    assert secret["file"] == "${SYNC_SECRET_FILE:-./secrets/smsgw_secret}"
+    env_example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    assert "# SYNC_SECRET_FILE=/dev/null" in env_example

@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from modem_worker.port_check import check_modem_port, modem_port_problem
+from modem_worker.port_check import check_modem_port, modem_port_problem, tty_kind
 from services import liveness
 from services.config import Settings
 from services.runtime import DEFAULT_METRICS_PORTS, start_metrics
@@ -124,12 +125,23 @@ def test_modem_worker_check_fails_for_a_port_that_does_not_exist(tmp_path: Path)
     ]
 
 
-def test_check_modem_port_accepts_a_usable_character_device() -> None:
-    assert check_modem_port("/dev/null") is None  # a character device this process may read and write
+@pytest.fixture
+def pty_slave() -> Iterator[str]:
+    """The path of a pty slave: a real serial-like tty, as the simulator's port is."""
+    master, slave = os.openpty()
+    try:
+        yield os.ttyname(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_check_modem_port_accepts_a_usable_serial_tty(pty_slave: str) -> None:
+    assert check_modem_port(pty_slave) is None
 
 
 def test_check_modem_port_refuses_what_is_no_usable_serial_device(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pty_slave: str
 ) -> None:
     plain = tmp_path / "plain-file"
     plain.write_text("")
@@ -137,12 +149,37 @@ def test_check_modem_port_refuses_what_is_no_usable_serial_device(
     dangling = tmp_path / "modem0"
     dangling.symlink_to(tmp_path / "pts-gone")
     assert f"links to {tmp_path / 'pts-gone'}, which does not exist" in (check_modem_port(str(dangling)) or "")
+    # Issue 14: /dev/null mapped as the modem made a healthy container. A character device, but no tty.
+    assert check_modem_port("/dev/null") == (
+        "modem port /dev/null (SMSGW_MODEM_PORT) is not a serial port (device 1:3, not a tty): point it at the "
+        "modem's tty"
+    )
+    # /dev/tty is a tty, but not a serial port (nor is a console or a pty master).
+    assert "is not a serial port (device 5:0, system:/dev/tty)" in (check_modem_port("/dev/tty") or "")
     # Root may open anything: the permission check is shown with os.access saying no.
     monkeypatch.setattr(os, "access", lambda _path, _mode: False)
-    assert "no read/write permission on modem port /dev/null" in (check_modem_port("/dev/null") or "")
+    assert f"no read/write permission on modem port {pty_slave}" in (check_modem_port(pty_slave) or "")
 
 
-def test_auto_port_needs_a_usable_device_among_the_globs(tmp_path: Path) -> None:
+def test_tty_kind_reads_the_kernel_driver_table_without_opening_the_port() -> None:
+    drivers = (
+        "/dev/tty             /dev/tty        5       0 system:/dev/tty\n"
+        "serial               /dev/ttyS       4 64-67 serial\n"
+        "usbserial            /dev/ttyUSB   188 0-511 serial\n"
+        "pty_slave            /dev/pts      136 0-1048575 pty:slave\n"
+        "unknown              /dev/tty        4 1-63 console\n"
+    )
+    assert tty_kind(os.makedev(188, 2), drivers) == "serial"  # /dev/ttyUSB2
+    assert tty_kind(os.makedev(4, 64), drivers) == "serial"  # /dev/ttyS0
+    assert tty_kind(os.makedev(4, 68), drivers) == "not a tty"  # beyond the driver's minors
+    assert tty_kind(os.makedev(4, 1), drivers) == "console"  # /dev/tty1
+    assert tty_kind(os.makedev(136, 7), drivers) == "pty:slave"
+    assert tty_kind(os.makedev(1, 3), drivers) == "not a tty"  # /dev/null
+    # This machine's own table, as the check reads it.
+    assert tty_kind(os.stat("/dev/null").st_rdev) == "not a tty"
+
+
+def test_auto_port_needs_a_usable_device_among_the_globs(tmp_path: Path, pty_slave: str) -> None:
     settings = Settings.from_env(
         {
             "SMSGW_MODEM_PORT": "auto",
@@ -152,6 +189,8 @@ def test_auto_port_needs_a_usable_device_among_the_globs(tmp_path: Path) -> None
     )
     assert "no device matches SMSGW_MODEM_PORT_GLOB" in (modem_port_problem(settings) or "")
     (tmp_path / "ttyUSB0").symlink_to("/dev/null")
+    assert "is not a serial port" in (modem_port_problem(settings) or "")
+    (tmp_path / "ttyUSB1").symlink_to(pty_slave)
     assert modem_port_problem(settings) is None
 
 

@@ -12,8 +12,8 @@ import os
 import socket
 import stat
 
-from services.config import AUTO_PORT, ConfigError, Settings
-from services.config.variables import modem_port_address
+from services.config import AUTO_PORT, Settings
+from services.config.modem_port import ModemPortError, modem_port_address
 
 CONNECT_TIMEOUT_S = 3.0  # a ser2net on the LAN answers a connect in milliseconds; a healthcheck must not hang
 
@@ -25,7 +25,7 @@ def modem_port_problem(settings: Settings) -> str | None:
     if settings.modem_port != AUTO_PORT:
         try:
             address = modem_port_address("SMSGW_MODEM_PORT", settings.modem_port)
-        except ConfigError as exc:
+        except ModemPortError as exc:
             return str(exc)
         if address is not None:
             return check_modem_endpoint(settings.modem_port, *address)

@@ -22,7 +22,8 @@ from scripts.stack import ROOT, Simulator, Stack
 from services import broker
 from services.broker import Publication, PublisherThread
 from services.config import ConfigError, modem_id_from_port
-from services.config.variables import PROCESS_VARS, modem_port_address
+from services.config.modem_port import modem_port_address
+from services.config.variables import PROCESS_VARS
 from services.schemas import OutboundSms
 from services.topology import OUTBOUND_QUEUE
 from tests.conftest import wait_for

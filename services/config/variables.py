@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from services.config.modem_port import ModemPortError, parse_modem_port, parse_port_globs
+
 # Characters str.splitlines() breaks at: a value quoted in a message (a path, a TOML key) must not split its line.
 _LINE_BREAKS = str.maketrans({ch: repr(ch)[1:-1] for ch in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
@@ -259,59 +261,16 @@ def _sync_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-# pyserial URLs of a modem on another host (ser2net's raw TCP, RFC 2217), with the URL options pyserial knows.
-_MODEM_URL_OPTIONS: dict[str, frozenset[str]] = {
-    "socket": frozenset({"logging"}),
-    "rfc2217": frozenset({"logging", "ign_set_control", "poll_modem", "timeout"}),
-}
-_MODEM_PORT_FORMS = "a serial device path, auto, socket://HOST:PORT or rfc2217://HOST:PORT"
+def _modem_port_setting(parse: Callable[[str, str], _T]) -> Callable[[str, str], _T]:
+    """A parser of services.config.modem_port, its ModemPortError raised as the ConfigError of every setting."""
 
+    def parse_setting(name: str, raw: str) -> _T:
+        try:
+            return parse(name, raw)
+        except ModemPortError as exc:
+            raise ConfigError(str(exc)) from None
 
-def modem_port_address(name: str, port: str) -> tuple[str, int] | None:
-    """The (host, TCP port) of a network modem port (``socket://host:port``, ``rfc2217://host:port``), None for
-    a local device path or ``auto``.
-
-    Raises:
-        ConfigError: ``port`` is a URL of another scheme, or without a host and a TCP port 1-65535, or with a path,
-            a user or an option pyserial does not know (one line naming ``name``).
-    """
-    if "://" not in port:
-        return None
-    parts = urllib.parse.urlsplit(port.strip())
-    options = _MODEM_URL_OPTIONS.get(parts.scheme)
-    if options is None:
-        raise ConfigError(f"{name}: expected {_MODEM_PORT_FORMS}, got {port!r}")
-    try:
-        tcp_port = parts.port
-    except ValueError:
-        tcp_port = None
-    if not parts.hostname or tcp_port is None or tcp_port == 0 or parts.path not in ("", "/") or parts.username:
-        raise ConfigError(f"{name}: expected {parts.scheme}://HOST:PORT (TCP port 1-65535), got {port!r}")
-    unknown = sorted(set(urllib.parse.parse_qs(parts.query, keep_blank_values=True)) - options)
-    if unknown:
-        raise ConfigError(
-            f"{name}: unknown {parts.scheme}:// option {unknown[0]!r} (known: {', '.join(sorted(options))})"
-        )
-    return parts.hostname, tcp_port
-
-
-def _modem_port(name: str, raw: str) -> str:
-    """SMSGW_MODEM_PORT: a device path or auto as given, a network modem URL checked and stripped."""
-    if modem_port_address(name, raw) is None:
-        return raw
-    return raw.strip()
-
-
-def _port_globs(name: str, raw: str) -> tuple[str, ...]:
-    """SMSGW_MODEM_PORT_GLOB: local device patterns; auto cannot search the network for a modem."""
-    patterns = _keywords(name, raw)
-    for pattern in patterns:
-        if "://" in pattern:
-            raise ConfigError(
-                f"{name}: SMSGW_MODEM_PORT=auto searches local serial devices only, got {pattern!r}; "
-                "name a network modem in SMSGW_MODEM_PORT itself (socket://HOST:PORT)"
-            )
-    return patterns
+    return parse_setting
 
 
 def _modem_id(name: str, raw: str) -> str:
@@ -421,7 +380,7 @@ PROCESS_VARS = _table(
         "",
         "serial device of this worker's modem, auto (found by SMSGW_MODEM_IMEI), or a modem on another host: "
         "socket://HOST:PORT (ser2net raw TCP) or rfc2217://HOST:PORT",
-        _modem_port,
+        _modem_port_setting(parse_modem_port),
     ),
     EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
     EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
@@ -435,7 +394,7 @@ PROCESS_VARS = _table(
         "SMSGW_MODEM_PORT_GLOB",
         "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*",
         "comma list of glob patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI",
-        _port_globs,
+        _modem_port_setting(parse_port_globs),
     ),
     EnvVar(
         "SMSGW_MODEM_WATCHDOG",

@@ -69,6 +69,11 @@ def _connected(simulator: Simulator) -> bool:
     return bool(simulator.health()["client"])
 
 
+def _link_downs(stack: Stack) -> int:
+    """How often the worker logged its modem link down (one ERROR line per lost link)."""
+    return sum("ERROR" in line and "is down" in line for line in stack.log_text("modem_worker").splitlines())
+
+
 def _check(stack: Stack, modem_id: str, port: str) -> subprocess.CompletedProcess[str]:
     """``python -m modem_worker --check`` with the worker's settings."""
     return subprocess.run(
@@ -103,13 +108,14 @@ def test_a_modem_behind_ser2net_sends_receives_and_recovers_when_the_link_is_cut
 
     # The link cut (the TCP connection dropped): the worker reconnects like after an unplug.
     assert simulator.drop()
+    wait_for(lambda: _link_downs(stack) == 1, timeout=30, what="the worker to see the drop")
     wait_for(lambda: _connected(simulator), timeout=30, what="the worker reconnected after the drop")
     simulator.inject("+255743000003", "after the drop")
     wait_for(lambda: len(server.received()) == 2, timeout=30, what="the SMS after the drop")
 
     # The far end gone (ser2net or the Pi down: connections refused) while an SMS arrives and one is queued.
     simulator.unplug()
-    wait_for(lambda: "is down" in stack.log_text("modem_worker"), timeout=30, what="the worker to see the link down")
+    wait_for(lambda: _link_downs(stack) == 2, timeout=30, what="the worker to see the link down")
     down = _check(stack, modem_id, simulator.port)
     assert down.returncode == 1 and "does not accept a connection" in down.stderr, down.stderr
     # The modem itself still receives: the SMS waits on its SIM (its +CMTI went nowhere), found by the sweep.

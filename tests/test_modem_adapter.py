@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 import serial
+import serial.rfc2217
 from smspdudecoder.fields import SMSSubmit
 
 from modem_worker.modem import (
@@ -1058,3 +1061,64 @@ def test_a_closed_tcp_port_is_modem_unavailable_and_the_imei_is_read_over_a_url(
         modem.connect()
     tcp_sim.replug()
     assert modem.connect().manufacturer
+
+
+class Rfc2217Bridge:
+    """A one-client RFC 2217 server (pyserial's PortManager) in front of the TCP simulator, as ser2net's
+    ``telnet(rfc2217)`` accepter is in front of a device."""
+
+    def __init__(self, device_url: str) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"rfc2217://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.device_url = device_url
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        conn, _ = self.listener.accept()
+        device = serial.serial_for_url(self.device_url, timeout=0)  # reads return what is there
+        send_lock = threading.Lock()
+
+        class Connection:  # PortManager writes its negotiation answers through write()
+            @staticmethod
+            def write(data: bytes) -> None:
+                with send_lock:
+                    conn.sendall(data)
+
+        manager = serial.rfc2217.PortManager(device, Connection())
+        try:
+            while not self.stop.is_set():
+                readable, _, _ = select.select([conn], [], [], 0.01)
+                if readable:
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    device.write(b"".join(manager.filter(data)))
+                from_modem = device.read(4096)
+                if from_modem:
+                    Connection.write(b"".join(manager.escape(from_modem)))
+        finally:
+            device.close()
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+
+def test_an_rfc2217_url_port_connects_sends_and_receives(tcp_sim: Simulator) -> None:
+    """SMSGW_MODEM_PORT=rfc2217://host:port: the Telnet COM-port negotiation, then the same AT dialogue."""
+    bridge = Rfc2217Bridge(tcp_sim.tcp_url)
+    messages: queue.Queue[ReceivedMessage] = queue.Queue()
+    modem = Modem(bridge.url, on_message=messages.put, on_status_report=lambda _r: None, command_timeout_s=5.0)
+    try:
+        assert modem.connect().manufacturer
+        modem.send(RECIPIENT, "over rfc2217")
+        assert [o["text"] for o in tcp_sim.outbox()] == ["over rfc2217"]
+        tcp_sim.inject_sms(SENDER, "back over rfc2217")
+        assert messages.get(timeout=5).text == "back over rfc2217"
+    finally:
+        modem.close()
+        bridge.close()

@@ -1108,3 +1108,20 @@ def test_cli_tcp_mode(tmp_path: Path) -> None:
             check=False,
         )
         assert bad.returncode == 2 and bad.stderr.strip()
+
+
+def test_tcp_reconnect_ends_a_hang_like_reopening_the_pty(tcp_sim: Simulator) -> None:
+    """A hung modem behind ser2net: the worker's watchdog reconnects, which ends the hang as a pty reopen does."""
+    first = RawPort(tcp_sim.tcp_url)
+    assert first.command("AT") == ["OK"]
+    tcp_sim.set_state(hang=True)
+    first.port.write(b"AT\r")
+    first.close()
+    wait_for(lambda: not tcp_sim.client_connected, what="the first client gone")
+    assert tcp_sim.state()["hang"] is True  # a disconnect alone does not end it
+    again = RawPort(tcp_sim.tcp_url)
+    try:
+        wait_for(lambda: tcp_sim.state()["hang"] is False, what="the hang ended by the reconnect")
+        assert again.command("AT") == ["OK"]
+    finally:
+        again.close()

@@ -1,13 +1,22 @@
-"""Whether the modem worker's serial port can be used, for its ``--check`` (without opening it)."""
+"""Whether the modem worker's serial port can be used, for its ``--check`` (without opening it).
+
+A network modem (``socket://host:port``, ``rfc2217://host:port``) is checked by a TCP connection to its endpoint,
+closed at once: ser2net serves one client at a time and refuses (closes) a second one, so the check never disturbs
+the running worker's connection.
+"""
 
 from __future__ import annotations
 
 import glob
 import os
+import socket
 import stat
 from pathlib import Path
 
 from services.config import AUTO_PORT, Settings
+from services.config.modem_port import ModemPortError, modem_port_address
+
+CONNECT_TIMEOUT_S = 3.0  # a ser2net on the LAN answers a connect in milliseconds; a healthcheck must not hang
 
 PROC_TTY_DRIVERS = "/proc/tty/drivers"
 # Driver types of /proc/tty/drivers that are a serial port a modem can sit behind: real UARTs and USB serial
@@ -20,6 +29,12 @@ def modem_port_problem(settings: Settings) -> str | None:
     least one device matching SMSGW_MODEM_PORT_GLOB must be usable (which one is the modem, by its IMEI, only
     the running worker can tell: asking would disturb it)."""
     if settings.modem_port != AUTO_PORT:
+        try:
+            address = modem_port_address("SMSGW_MODEM_PORT", settings.modem_port)
+        except ModemPortError as exc:
+            return str(exc)
+        if address is not None:
+            return check_modem_endpoint(settings.modem_port, *address)
         return check_modem_port(settings.modem_port)
     candidates = sorted({path for pattern in settings.modem_port_glob for path in glob.glob(pattern)})
     if not candidates:
@@ -29,6 +44,23 @@ def modem_port_problem(settings: Settings) -> str | None:
         )
     problems = [check_modem_port(path) for path in candidates]
     return None if None in problems else problems[0]
+
+
+def check_modem_endpoint(url: str, host: str, port: int, timeout_s: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why the network modem at ``url`` (``host``:``port``) cannot be used (one line naming SMSGW_MODEM_PORT), or
+    None when its TCP endpoint accepts a connection within ``timeout_s``. The connection is closed at once; whether
+    the modem behind it answers is the running worker's business (``smsgw_modem_up``)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except TimeoutError:
+        reason = f"no answer within {timeout_s:g} s"
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+    return (
+        f"modem port {url} (SMSGW_MODEM_PORT): {host}:{port} does not accept a connection ({reason}): "
+        "ser2net or the modem's host down, or a wrong host or port"
+    )
 
 
 def check_modem_port(path: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Start the whole gateway as real processes: simulators, modem workers, sync worker, task poller, reporter.
+"""Start the whole gateway as real processes: simulators (on a pty, or on a TCP port like a modem behind ser2net),
+modem workers, sync worker, task poller, reporter.
 
 Used by the demo (``scripts/demo``), the end-to-end tests and the benchmark, so all three run the very same
 commands an operator runs. Every process is started and stopped by its PID; logs go to ``<workdir>/logs``.
@@ -87,11 +88,34 @@ class Process:
 
 @dataclass
 class Simulator:
-    """A running simulator: where its device is and how to reach its control API."""
+    """A running simulator: where its device is (a pty link, or with ``tcp_url`` a TCP port) and how to reach its
+    control API."""
 
-    link: Path
+    link: Path | None
     control_url: str
     own_number: str
+    tcp_url: str | None = None  # socket://127.0.0.1:P of a simulator in TCP mode (then link is None)
+
+    @property
+    def port(self) -> str:
+        """What a modem worker's SMSGW_MODEM_PORT names: the link path, or the ``socket://`` URL."""
+        return self.tcp_url or str(self.link)
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``: plugged, and in TCP mode whether a client (the worker) is connected."""
+        return dict(http_json(f"{self.control_url}/health"))
+
+    def drop(self) -> bool:
+        """TCP mode: cut the worker's connection (``POST /drop``); True when one was connected."""
+        return bool(http_json(f"{self.control_url}/drop", {})["dropped"])
+
+    def unplug(self) -> None:
+        """``POST /unplug`` (TCP mode: stop listening; connections are refused)."""
+        http_json(f"{self.control_url}/unplug", {})
+
+    def replug(self) -> None:
+        """``POST /replug`` (TCP mode: listen again on the same port)."""
+        http_json(f"{self.control_url}/replug", {})
 
     def inject(self, sender: str, text: str, timestamp_ms: int | None = None) -> Any:
         payload: dict[str, Any] = {"from": sender, "text": text}
@@ -240,13 +264,46 @@ class Stack:
         self.simulators[name] = simulator
         return simulator
 
+    def start_tcp_simulator(self, name: str, own_number: str, *extra_args: str) -> Simulator:
+        """Start a modem simulator in TCP mode (``--tcp 127.0.0.1:P``, ser2net-like: a worker uses
+        ``SMSGW_MODEM_PORT=socket://127.0.0.1:P``) and wait for its control API; ``extra_args`` go to its command
+        line. Raises RuntimeError when it does not start (three tries, as a free port may be taken meanwhile)."""
+        for _attempt in range(3):
+            control_port, tcp_port = free_port(), free_port()
+            process = self.start(
+                name,
+                "simulator",
+                "--tcp",
+                f"127.0.0.1:{tcp_port}",
+                "--control-port",
+                str(control_port),
+                "--own-number",
+                own_number,
+                *extra_args,
+            )
+            simulator = Simulator(
+                None, f"http://127.0.0.1:{control_port}", own_number, f"socket://127.0.0.1:{tcp_port}"
+            )
+            wait_until(
+                lambda process=process, simulator=simulator: (
+                    process.popen.poll() is not None or bool(simulator.health()["plugged"])
+                ),
+                20,
+                f"simulator {name}",
+            )
+            if process.popen.poll() is None:
+                self.simulators[name] = simulator
+                return simulator
+            process.log_file.close()
+        raise RuntimeError(f"simulator {name} exited at start (see {self.workdir / 'logs' / name}.log)")
+
     def start_modem_worker(
         self, name: str, simulator: Simulator, modem_id: str, env: dict[str, str] | None = None
     ) -> Process:
         return self.start(
             name,
             "modem_worker",
-            env={"SMSGW_MODEM_PORT": str(simulator.link), "SMSGW_MODEM_ID": modem_id, **(env or {})},
+            env={"SMSGW_MODEM_PORT": simulator.port, "SMSGW_MODEM_ID": modem_id, **(env or {})},
         )
 
     def start_reference_server(

@@ -1,4 +1,4 @@
-"""Command line: `python -m simulator --link PATH --control-port PORT [...]`."""
+"""Command line: `python -m simulator (--link PATH | --tcp HOST:PORT) --control-port PORT [...]`."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from . import jsonlog
 from .device import DEFAULT_CAPACITY, DEFAULT_OWN_NUMBER, DEFAULT_SMSC, Simulator
 
 DESCRIPTION = """\
-A GSM modem in PDU mode on a pseudo-terminal. It speaks standard AT (27.005/27.007) as python-gsmmodem-new,
-Kannel and Gammu expect, and serves a JSON control API on 127.0.0.1. Logs one JSON object per line on stdout.
-SIGTERM/SIGINT stop it cleanly (exit 0).
+A GSM modem in PDU mode on a pseudo-terminal (--link), or on a raw TCP port as ser2net serves a modem on another
+host (--tcp: one client at a time, a second one is closed at once). It speaks standard AT (27.005/27.007) as
+python-gsmmodem-new, Kannel and Gammu expect, and serves a JSON control API on 127.0.0.1. Logs one JSON object per
+line on stdout. SIGTERM/SIGINT stop it cleanly (exit 0).
 """
 
 EPILOG = """\
@@ -33,7 +34,9 @@ control API (JSON on http://127.0.0.1:PORT):
                                            reject_numbers, reject_cms, block_after, block_cms, ussd,
                                            ussd_encoding, noise, noise_seed, noise_rate, storage, imei, iccid, imsi
   POST /reboot                             the modem restarts (settings lost, boot lines, PIN asked again)
-  POST /unplug, POST /replug               remove / recreate the pty at the same link
+  POST /unplug, POST /replug               remove / recreate the pty at the same link (TCP: stop / start
+                                           listening on the same port)
+  POST /drop                               TCP mode: cut the client's connection (it may connect again)
   POST /raw {"hex"}                        write raw bytes to the client
   GET  /log                                AT commands received, in order
   GET  /health                             {"ok": true}
@@ -49,8 +52,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--link", required=True, type=Path, help="path of the symlink to the pty slave (the port a modem worker opens)"
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--link", type=Path, help="path of the symlink to the pty slave (the port a modem worker opens)")
+    where.add_argument(
+        "--tcp",
+        type=_tcp_address,
+        metavar="HOST:PORT",
+        help="serve the modem on this raw TCP port instead (ser2net-like; a worker uses socket://HOST:PORT; "
+        "port 0 = any free port, logged at start)",
     )
     parser.add_argument(
         "--control-port",
@@ -80,9 +89,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="slots in the modem's own ME memory, 1-255 (default: --capacity)",
     )
     parser.add_argument("--pin", default=None, help="SIM PIN (4-8 digits): the SIM starts locked (AT+CPIN?)")
-    parser.add_argument("--imei", default=None, help="IMEI for AT+CGSN (default: derived from --link, stable)")
-    parser.add_argument("--iccid", default=None, help="ICCID for AT+CCID (default: derived from --link, stable)")
-    parser.add_argument("--imsi", default=None, help="IMSI for AT+CIMI (default: derived from --link, stable)")
+    parser.add_argument("--imei", default=None, help="IMEI for AT+CGSN (default: derived from --link or --tcp, stable)")
+    parser.add_argument(
+        "--iccid", default=None, help="ICCID for AT+CCID (default: derived from --link or --tcp, stable)"
+    )
+    parser.add_argument("--imsi", default=None, help="IMSI for AT+CIMI (default: derived from --link or --tcp, stable)")
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -90,6 +101,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="DEBUG also logs every AT command and HTTP request (default INFO)",
     )
     return parser.parse_args(argv)
+
+
+def _tcp_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT). Raises argparse.ArgumentTypeError (argparse prints it, exit 2)."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             imei=args.imei,
             iccid=args.iccid,
             imsi=args.imsi,
+            tcp=args.tcp,
         )
     except ValueError as exc:
         jsonlog.event("bad_arguments", error=str(exc))

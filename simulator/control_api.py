@@ -51,7 +51,7 @@ class ControlHandler(BaseHTTPRequestHandler):
         self._handle("GET")
 
     def do_POST(self) -> None:
-        """POST /sms, /sms/batch, /state, /unplug, /replug, /reboot, /raw."""
+        """POST /sms, /sms/batch, /state, /unplug, /replug, /drop, /reboot, /raw."""
         self._handle("POST")
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -76,7 +76,7 @@ class ControlHandler(BaseHTTPRequestHandler):
     def _route(self, sim: Simulator, method: str, path: str, body: Any) -> tuple[int, Any]:
         """Perform the call; return (status, JSON-able result). Raises ApiError/ValueError/SimFullError."""
         getters: dict[str, Callable[[], Any]] = {
-            "/health": lambda: {"ok": True, "plugged": sim.plugged},
+            "/health": lambda: _health(sim),
             "/inbox": sim.inbox,
             "/outbox": sim.outbox,
             "/state": sim.state,
@@ -88,6 +88,7 @@ class ControlHandler(BaseHTTPRequestHandler):
             "/state": lambda s, b: s.set_state(**b),
             "/unplug": _post_unplug,
             "/replug": _post_replug,
+            "/drop": _post_drop,
             "/reboot": _post_reboot,
             "/raw": _post_raw,
         }
@@ -184,7 +185,22 @@ def _post_unplug(sim: Simulator, _body: dict[str, Any]) -> dict[str, Any]:
 def _post_replug(sim: Simulator, _body: dict[str, Any]) -> dict[str, Any]:
     """POST /replug."""
     sim.replug()
-    return {"plugged": True, "link": str(sim.link)}
+    return {"plugged": True, "link": sim.address}
+
+
+def _post_drop(sim: Simulator, _body: dict[str, Any]) -> dict[str, Any]:
+    """POST /drop (TCP mode): cut the client's connection; 409 in pty mode."""
+    if not sim.tcp_mode:
+        raise ApiError(HTTPStatus.CONFLICT, "POST /drop needs the TCP mode (--tcp); cut a pty with POST /unplug")
+    return {"dropped": sim.drop_client()}
+
+
+def _health(sim: Simulator) -> dict[str, Any]:
+    """GET /health: plugged, and in TCP mode where to connect and whether a client is connected."""
+    health: dict[str, Any] = {"ok": True, "plugged": sim.plugged}
+    if sim.tcp_mode:
+        health.update(tcp=sim.tcp_url, client=sim.client_connected)
+    return health
 
 
 def _post_reboot(sim: Simulator, _body: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The simulated modem as one object: pty link + AT engine + state + control API + status-report timers.
+"""The simulated modem as one object: link (a pty, or a ser2net-like TCP port) + AT engine + state + control API +
+status-report timers.
 
 Tests embed it directly (`with Simulator(path) as sim: ...`); `python -m simulator` wraps it.
 """
@@ -18,6 +19,7 @@ from .control_api import ControlServer
 from .identity import derive_identity
 from .model import SIM_PIN, ModemModel, ReportRequest
 from .pty_link import PortEvent, PtyLink
+from .tcp_link import TcpLink
 
 DEFAULT_OWN_NUMBER = "+255700000001"
 DEFAULT_SMSC = "+255754000000"
@@ -28,14 +30,15 @@ BOOT_LINES = ("RDY", "^BOOT:20952483,0,0,0,72", "+CFUN: 1")
 
 
 class Simulator:
-    """A GSM modem in PDU mode on a pty published at `link`, with a JSON control API on 127.0.0.1.
+    """A GSM modem in PDU mode on a pty published at `link` (or, with `tcp`, on a raw TCP port as ser2net serves
+    one), with a JSON control API on 127.0.0.1.
 
     All public methods are thread-safe. Methods mirror the control API (docs/simulator.md).
     """
 
     def __init__(
         self,
-        link: Path | str,
+        link: Path | str | None,
         control_port: int = 0,
         *,
         own_number: str = DEFAULT_OWN_NUMBER,
@@ -47,15 +50,23 @@ class Simulator:
         imei: str | None = None,
         iccid: str | None = None,
         imsi: str | None = None,
+        tcp: tuple[str, int] | None = None,
     ) -> None:
         """Configure (not start) a simulator; `control_port=0` picks a free port at start(). IMEI, ICCID and
-        IMSI default to values derived from the link path (stable per link); `pin` locks the SIM.
+        IMSI default to values derived from the link path (stable per link); `pin` locks the SIM. With `tcp`
+        (host, port; `link` None) the modem is served on that TCP port instead of a pty (port 0: a free one).
 
-        Raises ValueError for a capacity outside 1..255 or a malformed PIN / identity.
+        Raises ValueError for a capacity outside 1..255, a malformed PIN / identity, or not exactly one of `link`
+        and `tcp`.
         """
-        self.link = Path(link)
+        if (link is None) == (tcp is None):
+            raise ValueError("give exactly one of a link path and a TCP address")
+        self._link = None if link is None else Path(link)
+        self._tcp = tcp
         self.model = ModemModel(own_number=own_number, capacity=capacity, smsc=smsc, me_capacity=me_capacity)
-        derived = derive_identity(str(self.link.absolute()))
+        derived = derive_identity(
+            str(self._link.absolute()) if self._link is not None else f"tcp://{tcp[0]}:{tcp[1]}" if tcp else ""
+        )
         self.model.apply_behaviour(
             {
                 "imei": imei or derived.imei,
@@ -69,7 +80,7 @@ class Simulator:
         self._server: ControlServer | None = None
         self._server_thread: threading.Thread | None = None
         self._plug_lock = threading.Lock()  # serialises plug/unplug; never held while writing
-        self._pty: PtyLink | None = None
+        self._pty: PtyLink | TcpLink | None = None
         self._timers: set[threading.Timer] = set()
         self._timers_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -94,7 +105,7 @@ class Simulator:
             raise
         jsonlog.event(
             "started",
-            link=str(self.link),
+            link=self.address,
             control_url=self.control_url,
             own_number=self.model.own_number,
             capacity=self.model.capacity,
@@ -117,7 +128,7 @@ class Simulator:
         if self._server_thread is not None:
             self._server_thread.join(timeout=5)
             self._server_thread = None
-        jsonlog.event("stopped", link=str(self.link))
+        jsonlog.event("stopped", link=self.address)
 
     def __enter__(self) -> Simulator:
         """Start and return the simulator."""
@@ -139,23 +150,65 @@ class Simulator:
         return f"http://{host!s}:{port}"
 
     @property
+    def link(self) -> Path:
+        """The symlink to the pty (the port a client opens). Raises RuntimeError in TCP mode."""
+        if self._link is None:
+            raise RuntimeError("a simulator in TCP mode has no link path (see tcp_url)")
+        return self._link
+
+    @property
+    def tcp_mode(self) -> bool:
+        """True when the modem is served on a TCP port (``--tcp``), not a pty."""
+        return self._tcp is not None
+
+    @property
+    def tcp_url(self) -> str:
+        """``socket://host:port`` a client connects to (TCP mode; the bound port once started). Raises
+        RuntimeError in pty mode."""
+        if self._tcp is None:
+            raise RuntimeError("a simulator in pty mode has no TCP address (see link)")
+        pty = self._pty
+        return pty.device if isinstance(pty, TcpLink) else f"socket://{self._tcp[0]}:{self._tcp[1]}"
+
+    @property
+    def address(self) -> str:
+        """Where a client reaches the modem: the link path, or ``socket://host:port`` in TCP mode."""
+        return self.tcp_url if self._tcp is not None else str(self.link)
+
+    @property
+    def client_connected(self) -> bool:
+        """TCP mode: True while a client is connected (always False in pty mode)."""
+        pty = self._pty
+        return isinstance(pty, TcpLink) and pty.connected
+
+    def drop_client(self) -> bool:
+        """TCP mode: cut the client's connection (the port keeps listening; the client may connect again).
+        False when no client was connected. Raises RuntimeError in pty mode (use unplug)."""
+        pty = self._pty
+        if self._tcp is None:
+            raise RuntimeError("drop is for a simulator in TCP mode; a pty is cut with unplug")
+        return isinstance(pty, TcpLink) and pty.drop_client()
+
+    @property
     def plugged(self) -> bool:
         """True while the pty exists."""
         pty = self._pty
         return pty is not None and pty.is_open
 
     def unplug(self) -> None:
-        """Close the pty (the client's reads fail with EIO) and remove the symlink. Idempotent."""
+        """Close the pty (the client's reads fail with EIO) and remove the symlink; in TCP mode close the client's
+        connection and stop listening (connections are refused). Idempotent."""
         with self._plug_lock:
             pty, self._pty = self._pty, None
             if pty is not None:
                 pty.close()
 
     def replug(self) -> None:
-        """Create a fresh pty at the same link path, as if the modem were re-enumerated: SIM contents, outbox
-        and counters survive, AT settings are reset. A plugged modem is unplugged first.
+        """Create a fresh pty at the same link path (TCP mode: listen again on the same port), as if the modem were
+        re-enumerated: SIM contents, outbox and counters survive, AT settings are reset. A plugged modem is
+        unplugged first.
 
-        Raises OSError when the pty or symlink cannot be created.
+        Raises OSError when the pty or symlink cannot be created, or the TCP port cannot be bound.
         """
         with self._plug_lock:
             if self._pty is not None:
@@ -164,7 +217,7 @@ class Simulator:
             self.model.reset_session()
             with self.model.lock:
                 self.model.behaviour.hang = False  # a re-enumerated modem is a fresh one
-            pty: PtyLink
+            pty: PtyLink | TcpLink
             engine_holder: list[AtEngine] = []
 
             def on_data(chunk: bytes) -> None:
@@ -184,6 +237,8 @@ class Simulator:
                     if ends_hang:
                         self.model.behaviour.hang = False
                 jsonlog.event("port_" + ("opened" if event == "open" else "closed"), level=logging.DEBUG)
+                if self._tcp is not None and event == "open":
+                    engine_holder[0].reset_input()  # a new connection starts a clean line, not the old client's
                 if ends_hang:
                     engine_holder[0].reset_input()
                     jsonlog.event("hang_ended", reason="port reopened")
@@ -193,10 +248,16 @@ class Simulator:
                     hung = self.model.behaviour.hang
                 return False if hung else pty.write(data)  # a hung modem says nothing, not even URCs
 
-            pty = PtyLink(self.link, on_data, on_port_event)
+            if self._tcp is not None:
+                host, port = self._tcp
+                pty = TcpLink(host, port, on_data, on_port_event)
+            else:
+                pty = PtyLink(self.link, on_data, on_port_event)
             engine = AtEngine(self.model, gated_write, pty.closing, self._schedule_report)
             engine_holder.append(engine)
             pty.open()
+            if isinstance(pty, TcpLink):
+                self._tcp = (pty.host, pty.port)  # port 0 was bound to a free port: a replug listens on it again
             self._pty = pty
 
     # --- I/O towards the client ---------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 import serial
+import serial.rfc2217
 from smspdudecoder.fields import SMSSubmit
 
 from modem_worker.modem import (
@@ -36,6 +39,7 @@ from modem_worker.modem import (
     StatusReport,
     UnreadableMessage,
     at_fixes,
+    read_imei,
 )
 from modem_worker.sms_text import (
     build_submit_pdus,
@@ -969,3 +973,152 @@ def test_no_prompt_for_the_pdu_is_unavailable_not_failed(
     with pytest.raises(ModemUnavailable, match="did not prompt"):
         h.modem.send(RECIPIENT, "later, please")
     assert sim.outbox() == []
+
+
+# ---------------------------------------------------------------------------- a modem over the network (issue 14)
+
+
+@pytest.fixture
+def tcp_sim() -> Iterator[Simulator]:
+    """The simulator on a raw TCP port on loopback, as ser2net serves a modem on another host."""
+    simulator = Simulator(None, tcp=("127.0.0.1", 0))
+    simulator.start()
+    try:
+        yield simulator
+    finally:
+        simulator.stop()
+
+
+@pytest.fixture
+def tcp_modem(tcp_sim: Simulator) -> Iterator[tuple[Modem, queue.Queue[ReceivedMessage], queue.Queue[BaseException]]]:
+    """A Modem on ``socket://127.0.0.1:P`` (not yet connected), its received SMS and its lost links."""
+    messages: queue.Queue[ReceivedMessage] = queue.Queue()
+    lost: queue.Queue[BaseException] = queue.Queue()
+
+    class Listener:
+        def boot_line(self, line: str) -> None:
+            pass
+
+        def link_lost(self, exc: ModemUnavailable) -> None:
+            lost.put(exc)
+
+    modem = Modem(
+        tcp_sim.tcp_url,
+        on_message=messages.put,
+        on_status_report=lambda _r: None,
+        listener=Listener(),
+        command_timeout_s=5.0,
+    )
+    yield modem, messages, lost
+    modem.close()
+
+
+def test_a_socket_url_port_sends_and_receives_like_a_local_one(
+    tcp_sim: Simulator, tcp_modem: tuple[Modem, queue.Queue[ReceivedMessage], queue.Queue[BaseException]]
+) -> None:
+    """SMSGW_MODEM_PORT=socket://host:port: the same init dialogue (PDU mode, stored delivery), send and receive
+    as over a pty; the simulator saw exactly one client."""
+    modem, messages, _ = tcp_modem
+    assert tcp_sim.tcp_url.startswith("socket://127.0.0.1:")
+    modem.connect()
+    assert {"AT+CMGF=0", "AT+CNMI=2,1,0,2,0"} <= set(tcp_sim.at_log())
+    receipt = modem.send(RECIPIENT, "over the network")
+    assert [o["text"] for o in tcp_sim.outbox()] == ["over the network"]
+    assert receipt.references
+    tcp_sim.inject_sms(SENDER, "from the network")
+    assert messages.get(timeout=5).text == "from the network"
+    wait_for(lambda: tcp_sim.inbox() == [], what="the SIM copy deleted")
+    assert tcp_sim.client_connected
+
+
+def test_a_cut_tcp_link_is_a_lost_link_and_a_reconnect_sweeps_what_came_meanwhile(
+    tcp_sim: Simulator, tcp_modem: tuple[Modem, queue.Queue[ReceivedMessage], queue.Queue[BaseException]]
+) -> None:
+    """The TCP connection cut (ser2net restarted, the Pi's link down) -> link_lost fires at once and the modem is
+    not alive, as after an unplug; connecting again works and the SMS stored meanwhile come in by the sweep."""
+    modem, messages, lost = tcp_modem
+    modem.connect()
+    assert tcp_sim.drop_client()
+    assert "lost" in str(lost.get(timeout=5))
+    assert not modem.alive and not modem.ping()
+    tcp_sim.inject_sms(SENDER, "while the link was down")  # its +CMTI went nowhere
+    modem.connect()
+    assert modem.ping()
+    assert modem.sweep_stored() == 1
+    assert messages.get(timeout=5).text == "while the link was down"
+
+
+def test_a_closed_tcp_port_is_modem_unavailable_and_the_imei_is_read_over_a_url(
+    tcp_sim: Simulator, tcp_modem: tuple[Modem, queue.Queue[ReceivedMessage], queue.Queue[BaseException]]
+) -> None:
+    """Nothing listening (ser2net down) -> ModemUnavailable naming the URL; the identity check reads the IMEI over
+    a URL as over a device, and leaves the port free for the worker's own connection."""
+    modem, _, _ = tcp_modem
+    assert read_imei(tcp_sim.tcp_url, timeout_s=3) == tcp_sim.state()["imei"]
+    wait_for(lambda: not tcp_sim.client_connected, what="the IMEI reader's connection closed")
+    tcp_sim.unplug()
+    with pytest.raises(ModemUnavailable, match=r"socket://127\.0\.0\.1"):
+        modem.connect()
+    tcp_sim.replug()
+    assert modem.connect().manufacturer
+
+
+class Rfc2217Bridge:
+    """A one-client RFC 2217 server (pyserial's PortManager) in front of the TCP simulator, as ser2net's
+    ``telnet(rfc2217)`` accepter is in front of a device."""
+
+    def __init__(self, device_url: str) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"rfc2217://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.device_url = device_url
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        conn, _ = self.listener.accept()
+        device = serial.serial_for_url(self.device_url, timeout=0)  # reads return what is there
+        send_lock = threading.Lock()
+
+        class Connection:  # PortManager writes its negotiation answers through write()
+            @staticmethod
+            def write(data: bytes) -> None:
+                with send_lock:
+                    conn.sendall(data)
+
+        manager = serial.rfc2217.PortManager(device, Connection())
+        try:
+            while not self.stop.is_set():
+                readable, _, _ = select.select([conn], [], [], 0.01)
+                if readable:
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    device.write(b"".join(manager.filter(data)))
+                from_modem = device.read(4096)
+                if from_modem:
+                    Connection.write(b"".join(manager.escape(from_modem)))
+        finally:
+            device.close()
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+
+def test_an_rfc2217_url_port_connects_sends_and_receives(tcp_sim: Simulator) -> None:
+    """SMSGW_MODEM_PORT=rfc2217://host:port: the Telnet COM-port negotiation, then the same AT dialogue."""
+    bridge = Rfc2217Bridge(tcp_sim.tcp_url)
+    messages: queue.Queue[ReceivedMessage] = queue.Queue()
+    modem = Modem(bridge.url, on_message=messages.put, on_status_report=lambda _r: None, command_timeout_s=5.0)
+    try:
+        assert modem.connect().manufacturer
+        modem.send(RECIPIENT, "over rfc2217")
+        assert [o["text"] for o in tcp_sim.outbox()] == ["over rfc2217"]
+        tcp_sim.inject_sms(SENDER, "back over rfc2217")
+        assert messages.get(timeout=5).text == "back over rfc2217"
+    finally:
+        modem.close()
+        bridge.close()

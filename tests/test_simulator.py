@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,8 +37,9 @@ RECIPIENT = "+255700000002"
 class RawPort:
     """A bare pyserial client speaking AT to the simulator."""
 
-    def __init__(self, path: Path) -> None:
-        self.port = serial.Serial(str(path), 115200, timeout=0.05)
+    def __init__(self, path: Path | str) -> None:
+        # serial_for_url opens a device path as serial.Serial does, and a socket:// URL (the TCP mode) too.
+        self.port = serial.serial_for_url(str(path), 115200, timeout=0.05)
         self.buffer = b""
 
     def close(self) -> None:
@@ -991,5 +993,135 @@ def test_library_reconnect_ends_a_hang(sim: Simulator, client: ModemClient) -> N
     try:
         assert sim.state()["hang"] is False
         assert [m.text for m in again.modem.listStoredSms(memory="ME")] == ["stored during the hang"]
+    finally:
+        again.close()
+
+
+# --- TCP mode (ser2net-like, issue 14) -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tcp_sim() -> Iterator[Simulator]:
+    simulator = Simulator(None, tcp=("127.0.0.1", 0))
+    simulator.start()
+    yield simulator
+    simulator.stop()
+
+
+def _tcp_endpoint(sim: Simulator) -> tuple[str, int]:
+    host, _, port = sim.tcp_url.removeprefix("socket://").rpartition(":")
+    return host, int(port)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True when the peer closed ``sock`` (recv ends), waiting up to its time-out."""
+    try:
+        return sock.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_tcp_mode_serves_one_client_and_refuses_a_second_like_ser2net(tcp_sim: Simulator) -> None:
+    """Raw AT over TCP; a second client while one is connected is accepted and closed at once (ser2net's default),
+    the first keeps the line; once the first left, the next client is served."""
+    first = RawPort(tcp_sim.tcp_url)
+    try:
+        assert first.command("AT") == ["OK"]
+        wait_for(lambda: tcp_sim.client_connected, what="the first client connected")
+        with socket.create_connection(_tcp_endpoint(tcp_sim), timeout=5) as second:
+            assert _closed_by_peer(second)
+        assert first.command("AT+CMGF=0") == ["OK"]
+        health = requests.get(f"{tcp_sim.control_url}/health", timeout=5).json()
+        assert health == {"ok": True, "plugged": True, "tcp": tcp_sim.tcp_url, "client": True}
+    finally:
+        first.close()
+    wait_for(lambda: not tcp_sim.client_connected, what="the first client gone")
+    again = RawPort(tcp_sim.tcp_url)
+    try:
+        assert again.command("AT+CMGF?") == ["+CMGF: 0", "OK"]  # the modem behind kept its settings
+    finally:
+        again.close()
+
+
+def test_tcp_drop_cuts_the_client_and_unplug_refuses_connections_until_replug(tcp_sim: Simulator) -> None:
+    """POST /drop ends the client's connection (it may connect again); /unplug stops listening (connections
+    refused), /replug listens on the same port again. In pty mode /drop is a 409."""
+    url = tcp_sim.control_url
+    client = RawPort(tcp_sim.tcp_url)
+    assert client.command("AT") == ["OK"]
+    wait_for(lambda: tcp_sim.client_connected, what="the client connected")
+    assert requests.post(f"{url}/drop", json={}, timeout=5).json() == {"dropped": True}
+    with pytest.raises(serial.SerialException, match="disconnected"):
+        client.read_until(lambda _b: False)
+    client.close()
+    wait_for(lambda: not tcp_sim.client_connected, what="the drop seen")
+    assert requests.post(f"{url}/drop", json={}, timeout=5).json() == {"dropped": False}
+    endpoint = _tcp_endpoint(tcp_sim)
+    assert requests.post(f"{url}/unplug", json={}, timeout=5).json() == {"plugged": False}
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(endpoint, timeout=5).close()
+    assert requests.post(f"{url}/replug", json={}, timeout=5).json()["link"] == tcp_sim.tcp_url
+    assert _tcp_endpoint(tcp_sim) == endpoint
+    back = RawPort(tcp_sim.tcp_url)
+    try:
+        assert back.command("AT") == ["OK"]
+    finally:
+        back.close()
+
+
+def test_drop_needs_the_tcp_mode(sim: Simulator) -> None:
+    answer = requests.post(f"{sim.control_url}/drop", json={}, timeout=5)
+    assert answer.status_code == 409 and "--tcp" in answer.json()["error"]
+
+
+def test_cli_tcp_mode(tmp_path: Path) -> None:
+    """``--tcp HOST:0`` listens on a free port, logged at start; a client connects by its URL; a bad
+    address or --tcp with --link is a usage error (exit 2)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--tcp", "127.0.0.1:0", "--control-port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        started: dict[str, Any] = {}
+        for line in proc.stdout:
+            record = json.loads(line)
+            if record["message"] == "started":
+                started = record
+                break
+        assert started["link"].startswith("socket://127.0.0.1:") and not started["link"].endswith(":0")
+        raw = RawPort(started["link"])
+        try:
+            assert raw.command("AT+CGMI")[-1] == "OK"
+        finally:
+            raw.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    for argv in (["--tcp", "nonsense"], ["--tcp", "127.0.0.1:1", "--link", str(tmp_path / "x")]):
+        bad = subprocess.run(
+            [sys.executable, "-m", "simulator", *argv, "--control-port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert bad.returncode == 2 and bad.stderr.strip()
+
+
+def test_tcp_reconnect_ends_a_hang_like_reopening_the_pty(tcp_sim: Simulator) -> None:
+    """A hung modem behind ser2net: the worker's watchdog reconnects, which ends the hang as a pty reopen does."""
+    first = RawPort(tcp_sim.tcp_url)
+    assert first.command("AT") == ["OK"]
+    tcp_sim.set_state(hang=True)
+    first.port.write(b"AT\r")
+    first.close()
+    wait_for(lambda: not tcp_sim.client_connected, what="the first client gone")
+    assert tcp_sim.state()["hang"] is True  # a disconnect alone does not end it
+    again = RawPort(tcp_sim.tcp_url)
+    try:
+        wait_for(lambda: tcp_sim.state()["hang"] is False, what="the hang ended by the reconnect")
+        assert again.command("AT") == ["OK"]
     finally:
         again.close()

@@ -14,6 +14,9 @@ command/response matching and the error parsing, because that is where the libra
 * a failed ``connect()`` closes the port and stops the read thread.
 * ``+CMGS:`` arriving after its send timed out is recognised as late (logged, not fed to the next command).
 * the serial port is opened with ``exclusive=True`` (flock), so two workers cannot share one modem.
+* a port given as a pyserial URL (``socket://host:port``, a ser2net raw TCP port, or ``rfc2217://host:port``) is
+  opened with ``serial.serial_for_url`` (:class:`_UrlSerialComms`), the one place where the library's serial
+  layer opens its port; everything above it (read loop, watchdog, identity) is the same as for a local device.
 
 Multi-step sequences (CPMS + CMGR, AT+CMGS + PDU) must hold :attr:`FixedGsmModem.command_lock`
 (a re-entrant lock that every single command also takes) so no other thread's command lands in between.
@@ -44,6 +47,8 @@ with warnings.catch_warnings():
     from gsmmodem.exceptions import CmeError, CmsError, CommandError, TimeoutException
     from gsmmodem.modem import GsmModem
     from gsmmodem.serial_comms import SerialComms
+
+import serial
 
 from modem_worker.sms_text import GSM7_BASIC, GSM7_ESCAPE, GSM7_EXTENSION
 
@@ -100,6 +105,13 @@ _NOISE_PREFIXES: Final[tuple[str, ...]] = (*_URC_PREFIXES, "^", "+CREG:", "+CGRE
 _TWO_LINE_URCS: Final[tuple[str, ...]] = ("+CMT:", "+CDS:")
 _BUSY_CME_CODES: Final[frozenset[int]] = frozenset({14, 515})  # SIM busy / "please wait, init in progress"
 _BUSY_RETRIES: Final[int] = 3
+# The pyserial URL schemes SMSGW_MODEM_PORT accepts (a network modem); anything else is a local device path.
+URL_SCHEMES: Final[tuple[str, ...]] = ("socket://", "rfc2217://")
+
+
+def is_port_url(port: str) -> bool:
+    """True when ``port`` names a network modem (``socket://`` or ``rfc2217://``), not a local device."""
+    return port.lower().startswith(URL_SCHEMES)
 
 
 class LinkDown(Exception):
@@ -117,7 +129,35 @@ class _Pending:
     error: BaseException | None = None
 
 
-class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
+class _UrlSerialComms(SerialComms):  # type: ignore[misc]  # the library is untyped
+    """The library's serial layer, opening a URL port through ``serial.serial_for_url``.
+
+    ``SerialComms.connect`` builds ``serial.Serial(port=...)``, which only knows device paths. Placed between
+    ``GsmModem`` and ``SerialComms`` in :class:`FixedGsmModem`'s MRO, this ``connect`` is the one the library's own
+    ``GsmModem.connect`` reaches through ``super()``, so URL and device ports share every line above it.
+    """
+
+    rxThread: threading.Thread | None = None  # noqa: N815 - the library's attribute
+
+    def connect(self) -> None:
+        """Open the port (a device path, or a ``socket://``/``rfc2217://`` URL) and start the read thread.
+
+        Raises serial.SerialException (device missing or busy; for a URL: connection refused, unreachable or
+        timed out), ValueError (a malformed URL).
+        """
+        port: str = self.port
+        if not is_port_url(port):
+            SerialComms.connect(self)
+            return
+        # dsrdtr/rtscts and exclusive are a local line's settings: a TCP port has no such lines or lock (ser2net
+        # itself holds the device and serves one client at a time).
+        self.serial = serial.serial_for_url(port, baudrate=self.baudrate, timeout=self.timeout)
+        self.alive = True
+        self.rxThread = threading.Thread(target=self._readLoop, daemon=True)
+        self.rxThread.start()
+
+
+class FixedGsmModem(GsmModem, _UrlSerialComms):  # type: ignore[misc]  # the library is untyped
     """``gsmmodem.modem.GsmModem`` with a correct read loop, URC routing and command locking.
 
     ``on_urc`` receives a list of lines per URC (one line, or header + PDU for +CMT/+CDS) on the read
@@ -181,7 +221,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
         LinkDown.
         """
         try:
-            super().connect(pin, waitingForModemToStartInSeconds)
+            GsmModem.connect(self, pin, waitingForModemToStartInSeconds)  # reaches _UrlSerialComms.connect
             self._memory = None  # the init dialogue ran AT+CPMS itself
         except BaseException:
             self.close()
@@ -203,7 +243,7 @@ class FixedGsmModem(GsmModem):  # type: ignore[misc]  # the library is untyped
     def open_port(self) -> None:
         """Open the port (exclusively) and start the read thread, without the init dialogue: for reading the
         modem's identity without changing any of its settings. Raises serial.SerialException."""
-        SerialComms.connect(self)
+        _UrlSerialComms.connect(self)
 
     def close(self) -> None:
         """Stop the read thread and close the port; idempotent, never fires the link-down callback."""

@@ -126,7 +126,11 @@ def with_amqp_password(raw: str, password: str) -> str:
 
 
 def modem_id_from_port(port: str) -> str:
-    """Derive a label-safe modem id from a serial device path (``/dev/ttyUSB0`` -> ``ttyUSB0``)."""
+    """Derive a label-safe modem id from a serial device path (``/dev/ttyUSB0`` -> ``ttyUSB0``) or a network
+    modem URL (``socket://pi-1.lan:3333`` -> ``pi-1.lan-3333``)."""
     tail = port.rstrip("/").rsplit("/", 1)[-1]
+    if "://" in port:
+        parts = urllib.parse.urlsplit(port)
+        tail = f"{parts.hostname or ''}-{parts.netloc.rpartition(':')[2]}"
     cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", tail)[:64]
     return cleaned or "modem"

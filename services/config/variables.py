@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from services.config.modem_port import ModemPortError, parse_modem_port, parse_port_globs
+
 # Characters str.splitlines() breaks at: a value quoted in a message (a path, a TOML key) must not split its line.
 _LINE_BREAKS = str.maketrans({ch: repr(ch)[1:-1] for ch in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
@@ -259,6 +261,18 @@ def _sync_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _modem_port_setting(parse: Callable[[str, str], _T]) -> Callable[[str, str], _T]:
+    """A parser of services.config.modem_port, its ModemPortError raised as the ConfigError of every setting."""
+
+    def parse_setting(name: str, raw: str) -> _T:
+        try:
+            return parse(name, raw)
+        except ModemPortError as exc:
+            raise ConfigError(str(exc)) from None
+
+    return parse_setting
+
+
 def _modem_id(name: str, raw: str) -> str:
     if raw and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", raw):
         raise ConfigError(f"{name}: use 1-64 letters, digits, '.', '_' or '-', got {raw!r}")
@@ -361,7 +375,13 @@ PROCESS_VARS = _table(
         "modem may send it; 0 = wait for that modem forever",
         _number(0),
     ),
-    EnvVar("SMSGW_MODEM_PORT", "", "serial device of this worker's modem, or auto (found by SMSGW_MODEM_IMEI)", _str),
+    EnvVar(
+        "SMSGW_MODEM_PORT",
+        "",
+        "serial device of this worker's modem, auto (found by SMSGW_MODEM_IMEI), or a modem on another host: "
+        "socket://HOST:PORT (ser2net raw TCP) or rfc2217://HOST:PORT",
+        _modem_port_setting(parse_modem_port),
+    ),
     EnvVar("SMSGW_MODEM_ID", "", "name of this modem (default: derived from the port)", _modem_id),
     EnvVar("SMSGW_MODEM_BAUDRATE", "115200", "serial speed", _int(1200)),
     EnvVar(
@@ -374,7 +394,7 @@ PROCESS_VARS = _table(
         "SMSGW_MODEM_PORT_GLOB",
         "/dev/ttyUSB*,/dev/ttyACM*,/dev/serial/by-id/*",
         "comma list of glob patterns SMSGW_MODEM_PORT=auto searches for the modem with SMSGW_MODEM_IMEI",
-        _keywords,
+        _modem_port_setting(parse_port_globs),
     ),
     EnvVar(
         "SMSGW_MODEM_WATCHDOG",

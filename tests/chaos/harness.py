@@ -46,6 +46,7 @@ class Plan:
     unplug_s: float = 5.0
     sticky_s: float = 10.0
     settle_s: float = 150.0
+    point_wait_s: float = 60.0  # at most this long for a fault's traffic point (a stalled system gets it anyway)
     flaky: tuple[float, float, float] = (0.08, 0.02, 0.05)  # 500s, time-outs, replies lost after the fact
 
 
@@ -232,7 +233,7 @@ http_timeout = {HTTP_TIMEOUT_S}
             size = 2 * (cuts_in[k] - cuts_in[k - 1]) + cuts_out[k] - cuts_out[k - 1]
             point = done_before + int(size * self.rng.uniform(0.1, 0.9))
             try:
-                wait_until(lambda point=point: self.progress() >= point, 60, "traffic before the next fault", 0.1)
+                wait_until(lambda point=point: self.progress() >= point, self.plan.point_wait_s, "traffic", 0.1)
             except TimeoutError:
                 log(f"  (traffic stalled before {fault}; playing it anyway)")
             lasts, end = self.begin_fault(fault)

@@ -17,7 +17,7 @@ def short_plan(seed: int = SHORT_SEED) -> Plan:
     flaky servers throughout. Well under 3 minutes on a loaded 2-core machine."""
     faults = [f"kill:{kind}" for kind in WORKER_KINDS] + ["broker", "ledger", "unplug"]
     random.Random(seed).shuffle(faults)
-    return Plan(seed=seed, inbound=50, outbound=30, faults=faults, settle_s=120.0)
+    return Plan(seed=seed, inbound=50, outbound=30, faults=faults, settle_s=120.0, point_wait_s=20.0)
 
 
 def long_plan(seed: int, minutes: float) -> Plan:

@@ -14,12 +14,22 @@ The decisions come from a seeded ``random.Random``, so a run is reproducible in 
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (a worker SIGKILLed mid-request) is part of the run, not an error to print."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class FlakyFront:
@@ -35,8 +45,7 @@ class FlakyFront:
         self._rng = rng
         self._lock = threading.Lock()
         self._sticky_until = 0.0
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietServer(("127.0.0.1", 0), _handler_for(self))
 
     @property
     def base_url(self) -> str:

@@ -37,6 +37,7 @@ def test_chaos_short_form_loses_nothing_and_sends_nothing_twice(
     print(report)  # the seed and the table, also when the test passes (pytest -s / the captured output)
     assert result.settled, f"the gateway did not settle after the last fault\n{report}"
     assert result.bad == 0, f"the chaos run found lost, doubled, parked or unreported SMS\n{report}"
+    assert result.exits == [], f"a worker exited on its own instead of waiting the outage out\n{report}"
     assert len(result.played) == len(plan.faults), "every fault was played"
     assert result.tallies["inbound"].total == 100 and result.tallies["outbound"].total == 30
 

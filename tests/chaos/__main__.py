@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
     print(f"{time.monotonic() - started:.0f} s; logs in {workdir / 'logs'}; repeat with --seed {seed}")
-    if not result.settled or result.bad:
+    if not result.settled or result.bad or result.exits:
         return 1
     return 0
 

@@ -58,6 +58,7 @@ class Result:
     tallies: dict[str, Tally]
     settled: bool
     played: list[str] = field(default_factory=list)
+    exits: list[str] = field(default_factory=list)  # workers that exited on their own (restarted, as compose would)
 
     @property
     def bad(self) -> int:
@@ -65,6 +66,8 @@ class Result:
 
     def table(self) -> str:
         head = render(self.tallies, self.plan.seed, self.played)
+        if self.exits:
+            head += "\n  workers that exited on their own (restarted): " + "; ".join(self.exits)
         return head if self.settled else head + "\n  (did not settle within the bound: counted as it stood)"
 
 
@@ -102,6 +105,7 @@ class ChaosRun:
         self.inbound: dict[str, str] = {}  # sender -> text
         self.outbound: dict[str, str] = {}  # recipient -> text
         self.played: list[str] = []
+        self.exits: list[str] = []
 
     # --- building -------------------------------------------------------------------------------------------
 
@@ -217,6 +221,16 @@ http_timeout = {HTTP_TIMEOUT_S}
     def _restart(self, name: str) -> None:
         self.stack.restart(name)
 
+    def supervise(self) -> bool:
+        """Restart every worker that exited on its own, as compose's restart policy does, and note it (a worker
+        must wait an outage out, not exit: the run reports each exit). Returns True (a polling helper)."""
+        for name, process in list(self.stack.processes.items()):
+            code = process.popen.poll()
+            if code is not None and process.argv[2] in WORKER_KINDS:
+                self.exits.append(f"{name} ({time.strftime('%H:%M:%S')}, exit {code})")
+                self.stack.restart(name)
+        return True
+
     # --- the run --------------------------------------------------------------------------------------------
 
     def play(self, log: Callable[[str], None]) -> None:
@@ -233,7 +247,12 @@ http_timeout = {HTTP_TIMEOUT_S}
             size = 2 * (cuts_in[k] - cuts_in[k - 1]) + cuts_out[k] - cuts_out[k - 1]
             point = done_before + int(size * self.rng.uniform(0.1, 0.9))
             try:
-                wait_until(lambda point=point: self.progress() >= point, self.plan.point_wait_s, "traffic", 0.1)
+                wait_until(
+                    lambda point=point: self.supervise() and self.progress() >= point,
+                    self.plan.point_wait_s,
+                    "traffic",
+                    0.1,
+                )
             except TimeoutError:
                 log(f"  (traffic stalled before {fault}; playing it anyway)")
             lasts, end = self.begin_fault(fault)
@@ -243,6 +262,7 @@ http_timeout = {HTTP_TIMEOUT_S}
             self.send_batch(range(cuts_in[k], cuts_in[k + 1]), range(cuts_out[k], cuts_out[k + 1]))
             time.sleep(max(0.0, ends_at - time.monotonic()))  # the fault's own length, not a synchronisation
             end()
+            self.supervise()
 
     def count(self, parked: dict[str, int] | None = None) -> dict[str, Tally]:
         """The tallies as things stand; ``parked`` None: ask the broker (slow: rabbitmqctl)."""
@@ -259,6 +279,7 @@ http_timeout = {HTTP_TIMEOUT_S}
         late second send would be seen. Returns whether it settled."""
 
         def done() -> bool:
+            self.supervise()
             tallies = self.count(parked={"inbound": 0, "outbound": 0})
             missing = sum((t.counts["lost"] or 0) + (t.counts["unreported"] or 0) for t in tallies.values())
             return missing == 0 and all(not sim.inbox() for sim in self.sims.values())
@@ -313,6 +334,6 @@ def run_plan(
     with chaos_run(plan, workdir, amqp_url, ledger_url, vhost) as run:
         run.play(log)
         settled = run.settle()
-        result = Result(plan, run.count(), settled, list(run.played))
+        result = Result(plan, run.count(), settled, list(run.played), list(run.exits))
     log(result.table())
     return result

@@ -96,8 +96,11 @@ def connect(url: str, name: str) -> pika.BlockingConnection:
     parameters = connection_parameters(url, name)
     try:
         return pika.BlockingConnection(parameters)
-    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError, ValueError) as exc:
         # AMQPConnectorException (a broker that accepts the socket but stalls the handshake) is no AMQPError.
+        # ValueError: pika's "Expected connected socket, but getpeername() failed" when the socket is reset right
+        # after it was accepted (a proxy in front of a broker that is down, e.g. docker's port proxy): an outage,
+        # not a reason for the consumer thread (and so the worker) to stop. Found by the chaos suite (seed 1313).
         raise connect_error(exc, parameters) from None
 
 
@@ -175,6 +178,8 @@ def _network_cause(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
+    if isinstance(exc, ValueError) and "getpeername" in str(exc):
+        return "connection closed as soon as it was accepted (a proxy in front of a broker that is down?)"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 

@@ -2,7 +2,7 @@
 
 The real workers (scripts/stack.py: simulator on a pty, modem worker, task poller, result reporter), RabbitMQ (a
 vhost of the test's own), PostgreSQL (a schema of the test's own) behind a TCP proxy the test cuts
-(tests/tcp_proxy.py: every connection closed, new ones refused), and the in-process reference server. Acceptance:
+(tests/chaos/proxy.py: every connection closed, new ones refused), and the in-process reference server. Acceptance:
 100 sent once (the simulator's outbox), 0 parked (the parked queues), every result reported (the reference
 server), ``smsgw_ledger_up`` 0 on the workers while it lasts and 1 again after. Stack logs are in
 ``<tmp_path>/logs``.
@@ -24,7 +24,7 @@ from reference_server.server import ReferenceServer
 from scripts.stack import Stack
 from services.topology import OUTBOUND_QUEUE, events_queue_for, outbound_queue_for, parked_queue_for
 from tests.conftest import PG_TEST_URL, free_port, private_schema, wait_for
-from tests.tcp_proxy import TcpProxy
+from tests.chaos.proxy import TcpProxy
 from tests.test_e2e_fleet import metric, toml_str, tracebacks
 
 SECRET = "ledger-outage-s3cret"
@@ -47,8 +47,11 @@ def server() -> Iterator[ReferenceServer]:
 @pytest.fixture
 def proxy() -> Iterator[TcpProxy]:
     target = urllib.parse.urlsplit(PG_TEST_URL)
-    with TcpProxy(target.hostname or "127.0.0.1", target.port or 5432) as tcp:
+    tcp = TcpProxy().start(0, (target.hostname or "127.0.0.1", target.port or 5432))
+    try:
         yield tcp
+    finally:
+        tcp.stop()
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ class PendingRow:
     delivery: DeliveryEvent | None = None
     deliveries: list[HeldDelivery] = field(default_factory=list)
     declined_rounds: int = 0
+    unasked_since: float | None = None  # clock reading of the first round unasked (None: asked, or new)
     refusals: int = 0  # times refused on its own in a round where the server accepted other rows
     last_refused_round: int = -1  # round number of the last refusal on its own (any round); -1: never
     last_error: str = ""
@@ -132,7 +133,8 @@ class HeldEvents:
             return
         entry = self.pending.setdefault(event.uuid, PendingRow())
         entry.deliveries.append(held)
-        entry.declined_rounds = 0  # a new event gets its own KEEP_ROUNDS rounds
+        entry.declined_rounds = 0  # a new event gets its own KEEP_ROUNDS rounds (and KEEP_AT_LEAST_S)
+        entry.unasked_since = None
         # Latest state wins, per kind: a redelivered or older event must not overwrite a newer one.
         if isinstance(event, SentEvent):
             if entry.sent is None or event.timestamp >= entry.sent.timestamp:

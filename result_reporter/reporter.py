@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from result_reporter import metrics
@@ -54,7 +56,11 @@ from services.sync_protocol import ReplyError, clip, describe_body, parse_messag
 
 log = logging.getLogger(__name__)
 
-KEEP_ROUNDS = 5  # rounds an event for a uuid the server does not wait for is kept before it is dropped
+KEEP_ROUNDS = 5  # rounds an event for a uuid the server does not wait for is kept before it is dropped ...
+# ... and for at least this long: a server asks for a uuid's result only once it knows the SMS was sent, i.e.
+# after the task poller's next ?task=sent, which may come minutes later (a slow poll interval, a server or
+# ledger outage); with a short result_interval, KEEP_ROUNDS alone would drop results before they are asked for.
+KEEP_AT_LEAST_S = 600.0
 SPLIT_AFTER_ROUNDS = 3  # consecutive refused rounds after which rows are posted one by one
 MAX_ROW_REFUSALS = 5  # a row refused this often (in rounds where other rows were accepted) is parked
 SPLIT_GIVE_UP = 3  # a split round stops after this many refusals in a row while no row was accepted yet
@@ -96,6 +102,8 @@ class ResultReporter:
         client: SyncEndpoint,
         *,
         keep_rounds: int = KEEP_ROUNDS,
+        keep_at_least_s: float = KEEP_AT_LEAST_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``consumer`` holds the deliveries of ``events_queue_for(endpoint.name)``; ``client`` talks to
         ``endpoint.sync_url`` (the caller owns and closes it). Initialises the endpoint's metrics at 0."""
@@ -104,6 +112,8 @@ class ResultReporter:
         self._consumer = consumer
         self._requests = ResultsRequests(endpoint, client)
         self._keep_rounds = keep_rounds
+        self._keep_at_least_s = keep_at_least_s
+        self._clock = clock
         convention = Convention.for_sent_ok_code(endpoint.sent_ok_code)
         self._events = HeldEvents(
             endpoint.name, consumer, lambda uuid, sent, delivery: result_row(uuid, sent, delivery, convention)
@@ -214,13 +224,16 @@ class ResultReporter:
 
     def _drop_unasked(self, waited: set[str]) -> int:
         """Count a round unasked for every held uuid the server did not wait for; ack (drop) those unasked
-        ``keep_rounds`` rounds. Returns how many were dropped."""
+        ``keep_rounds`` rounds and ``keep_at_least_s`` seconds. Returns how many were dropped."""
         pending = self._events.pending
         dropped = 0
+        now = self._clock()
         for uuid in [u for u in pending if u not in waited]:
             entry = pending[uuid]
             entry.declined_rounds += 1
-            if entry.declined_rounds >= self._keep_rounds:
+            if entry.unasked_since is None:
+                entry.unasked_since = now
+            if entry.declined_rounds >= self._keep_rounds and now - entry.unasked_since >= self._keep_at_least_s:
                 del pending[uuid]
                 self._consumer.ack(entry.deliveries)
                 dropped += 1

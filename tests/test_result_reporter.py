@@ -142,6 +142,7 @@ class Harness:
         sync_url: str,
         keep_rounds: int = 5,
         secret: str = SECRET,
+        clock: Callable[[], float] | None = None,
         interval: float | None = None,
         name: str = "default",
         **env: str,
@@ -155,7 +156,15 @@ class Harness:
             amqp, self.queue, self.publisher, name=f"test-results-{name}", prefetch=500, topology=topology
         )
         self.client = SyncClient(self.endpoint)
-        self.reporter = ResultReporter(self.endpoint, self.consumer, self.client, keep_rounds=keep_rounds)
+        # Without a clock: rounds alone decide when an unasked report is dropped (the time bound has its own test).
+        self.reporter = ResultReporter(
+            self.endpoint,
+            self.consumer,
+            self.client,
+            keep_rounds=keep_rounds,
+            keep_at_least_s=0.0 if clock is None else 600.0,
+            clock=clock or time.monotonic,
+        )
         self.thread = threading.Thread(target=self.consumer.run, daemon=True)
         self.thread.start()
         wait_for(self.consumer.connected.is_set, what="events consumer connected")
@@ -339,6 +348,31 @@ def test_not_requested_reports_are_kept_then_dropped(
     assert h.reporter.round().dropped == 1  # "never": third round unasked
     assert [r["uuid"] for p in scripted.posts() for r in p["message_results"]] == ["late"]
     assert h.stop() == []
+
+
+def test_an_unasked_report_is_kept_for_ten_minutes_however_short_the_rounds(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
+    """A server asks for a result only once ?task=sent told it the SMS left, which may be minutes later than a short
+    result_interval's KEEP_ROUNDS rounds: the report is kept KEEP_AT_LEAST_S too (found by the chaos suite)."""
+    now = [1000.0]
+    h = Harness(clean_broker, scripted.stub.url, keep_rounds=2, clock=lambda: now[0])
+    harnesses.append(h)
+    h.publish(sent("slow-confirm"))
+    h.held(1)
+    for _ in range(5):  # rounds within the ten minutes: kept
+        now[0] += 60
+        assert h.reporter.round().dropped == 0
+    scripted.waiting = ["slow-confirm"]  # the server learnt it was sent: asked and reported
+    assert h.reporter.round().reported == 1
+    h.publish(sent("never-asked"))
+    h.held(1)
+    scripted.waiting = []
+    assert h.reporter.round().dropped == 0
+    now[0] += 599
+    assert h.reporter.round().dropped == 0  # two rounds, but under ten minutes unasked
+    now[0] += 2
+    assert h.reporter.round().dropped == 1  # both bounds reached
 
 
 def test_late_delivery_report_gets_sent_fields_from_the_event(

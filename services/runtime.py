@@ -9,10 +9,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from services import broker, liveness, metrics
 from services.config import (
@@ -119,15 +122,29 @@ def load_fleet_config(
     return fleet
 
 
-def open_ledger(worker: str, settings: Settings) -> Ledger | None:
+# A PostgreSQL ledger that does not answer at start-up (a database restart, a managed failover) is waited for
+# this long, with capped exponential back-off, before the worker gives up (and its restart policy takes over).
+LEDGER_START_WAIT_S = 300.0
+
+
+def open_ledger(worker: str, settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> Ledger | None:
     """Open the never-twice ledger (SMSGW_LEDGER_URL, else SQLite in SMSGW_STATE_DIR), creating or migrating
     its schema; None, after one line on stderr, when it cannot be opened.
 
     Workers that send (modem_worker) or claim (task_poller) SMS must not start without it: it is what keeps
-    an SMS from going out twice.
+    an SMS from going out twice. A PostgreSQL ledger that does not answer is an outage to wait out: one WARNING
+    line, then tries for up to ``LEDGER_START_WAIT_S`` (``sleep`` waits between them) before giving up.
     """
+    waited = Retrying(
+        retry=retry_if_exception_type(LedgerError),
+        stop=stop_after_delay(LEDGER_START_WAIT_S if settings.ledger_url else 0),
+        wait=wait_exponential(multiplier=1, max=30),
+        sleep=sleep,
+        before_sleep=lambda state: _waiting_for_ledger(worker, settings, state),
+        reraise=True,
+    )
     try:
-        return open_ledger_store(settings.ledger_url, settings.state_dir)
+        return waited(open_ledger_store, settings.ledger_url, settings.state_dir)
     except (OSError, LedgerError) as exc:
         where = (
             f"SMSGW_LEDGER_URL={redact_url(settings.ledger_url)!r}"
@@ -137,6 +154,18 @@ def open_ledger(worker: str, settings: Settings) -> Ledger | None:
         reason = " ".join(str(exc).split())  # libpq's messages span lines; the operator gets one
         print(f"unhealthy: {worker}: cannot open the ledger in {where}: {reason}", file=sys.stderr)
         return None
+
+
+def _waiting_for_ledger(worker: str, settings: Settings, state: RetryCallState) -> None:
+    """One WARNING when the ledger first fails to open at start-up (not one per try)."""
+    if state.attempt_number == 1 and state.outcome is not None:
+        reason = " ".join(str(state.outcome.exception()).split())
+        log.warning(
+            "%s: the ledger does not answer (%s); waiting up to %.0f s for it before starting",
+            worker,
+            reason,
+            LEDGER_START_WAIT_S,
+        )
 
 
 def check(

@@ -273,3 +273,47 @@ def test_smsgw_check_exits_1_without_the_worker_and_0_beside_it(amqp_url: str, t
     assert liveness.process_files(base), "a killed worker leaves its file behind"
     killed = _run(check, **env)
     assert killed.returncode == 1 and killed.stderr.startswith("unhealthy: sync_worker is not running here")
+
+
+def test_a_postgresql_ledger_that_does_not_answer_at_start_up_is_waited_for(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A database restart while a worker starts: one WARNING, tries with back-off, then the ledger (found by the
+    chaos suite: a task poller started during a PostgreSQL outage exited instead)."""
+    import services.runtime as runtime
+    from services.ledger import LedgerError
+
+    tries: list[str] = []
+    opened = object()
+
+    def flaky_open(url: str, state_dir: str) -> object:
+        tries.append(url)
+        if len(tries) < 3:
+            raise LedgerError("ledger postgresql://***@db/x: cannot connect: connection refused")
+        return opened
+
+    monkeypatch.setattr(runtime, "open_ledger_store", flaky_open)
+    slept: list[float] = []
+    pg = Settings.from_env({"SMSGW_LEDGER_URL": "postgresql://smsgw@db/x", "SMSGW_STATE_DIR": str(tmp_path)})
+    with caplog.at_level(logging.WARNING, logger="services.runtime"):
+        assert runtime.open_ledger("task_poller", pg, sleep=slept.append) is opened
+    assert len(tries) == 3 and len(slept) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "waiting up to 300 s" in warnings[0]
+
+
+def test_a_sqlite_ledger_that_cannot_be_opened_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import services.runtime as runtime
+    from services.ledger import LedgerError
+
+    def broken_open(url: str, state_dir: str) -> object:
+        raise LedgerError("disk I/O error")
+
+    monkeypatch.setattr(runtime, "open_ledger_store", broken_open)
+    slept: list[float] = []
+    local = Settings.from_env({"SMSGW_STATE_DIR": str(tmp_path)})
+    assert runtime.open_ledger("modem_worker", local, sleep=slept.append) is None
+    assert slept == []
+    assert "unhealthy: modem_worker: cannot open the ledger" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from services.routing import reply_route
 from services.schemas import InboundSms, OutboundSms, SchemaError, SentEvent
 from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
 from services.sync_protocol import (
+    ERROR_PAGE_CHARS,
     Payload,
     ReplyError,
     SyncEncodingError,
@@ -362,5 +363,5 @@ def _server_error(body: str) -> str:
     try:
         payload = parse_payload(body)
     except ReplyError:
-        return describe_body(body)
-    return payload.error or describe_body(body)
+        return describe_body(body, ERROR_PAGE_CHARS)
+    return payload.error or describe_body(body, ERROR_PAGE_CHARS)

@@ -205,7 +205,10 @@ class ResultReporter:
         status, text = self._requests.waited_for()
         if not 200 <= status < 300:
             self._count_round("http_error")
-            raise RoundError(f"GET ?task=result answered HTTP {status}{status_hint(status)}: {describe_body(text)}")
+            raise RoundError(
+                f"GET ?task=result answered HTTP {status}{status_hint(status, self.endpoint.secret_origin)}: "
+                f"{describe_body(text)}"
+            )
         try:
             return set(parse_message_uuids(text))
         except ReplyError as exc:

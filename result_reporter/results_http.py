@@ -58,7 +58,11 @@ class ResultsRequests:
         if not 200 <= status < 300:
             detail = f": {describe_body(text, MAX_ERROR_CHARS)}" if text.strip() else ""
             row_level = status not in SERVER_STATUSES and status < 501 and not 300 <= status < 400
-            return Refusal(f"POST ?task=result answered HTTP {status}{status_hint(status)}{detail}", row_level, status)
+            return Refusal(
+                f"POST ?task=result answered HTTP {status}{status_hint(status, self._endpoint.secret_origin)}{detail}",
+                row_level,
+                status,
+            )
         if text.strip():
             try:
                 payload = parse_payload(text)

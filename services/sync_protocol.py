@@ -82,12 +82,13 @@ class AnswerTooSlow(requests.exceptions.ReadTimeout):
     """The server sent headers in time but did not complete its body within the request's deadline."""
 
 
-def status_hint(status: int) -> str:
-    """What an operator should check when the Sync URL answers ``status`` to a task request ("" if nothing)."""
+def status_hint(status: int, secret_origin: str = "SMSGW_SECRET") -> str:  # noqa: S107 - a setting's name
+    """What an operator should check when the Sync URL answers ``status`` to a task request ("" if nothing);
+    ``secret_origin`` says where the secret is set (``EndpointConfig.secret_origin``)."""
     if status in (401, 403):
-        return " (check the secret (SMSGW_SECRET), the user:pass in the Sync URL and any signing_key)"
+        return f" (check the secret ({secret_origin}), the user:pass in the Sync URL and any signing_key)"
     if 300 <= status < 400:
-        return " (redirect: set SMSGW_SYNC_URL to the final URL)"
+        return " (redirect: set the endpoint's sync_url (SMSGW_SYNC_URL) to the final URL)"
     return ""
 
 

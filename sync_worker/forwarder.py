@@ -270,7 +270,7 @@ class SyncForwarder:
             return Retry(f"HTTP {answer.status} with an unreadable reply: {exc}", budget=self._unreadable)
         if payload.success is not True:
             metrics.SYNC_REQUESTS.labels(self._name, "refused").inc()
-            reason = f"server refused the SMS (success={payload.success}): {payload.error or 'no error text'}"
+            reason = f"server refused the SMS (success={payload.success}): {payload.error or self._silent_refusal()}"
             if self._endpoint.refusal_is_final:
                 # Some servers store the SMS and then answer success:false: every retry would store a copy.
                 return Park(f"{reason}; not retried (refusal_is_final is on)", label="refused")
@@ -287,6 +287,14 @@ class SyncForwarder:
         if outbound:
             log.info("SMS %s: queued %d outbound SMS from endpoint %s", sms.message_id, len(outbound), self._name)
         return Ack()
+
+    def _silent_refusal(self) -> str:
+        """The hint for a refusal without an error text: the usual causes and the settings that fix them."""
+        hint = f"no error text; a wrong secret is the usual cause (check {self._endpoint.secret_origin})"
+        if self._endpoint.refusal_is_final:
+            return hint
+        # Without it, a server that stores the SMS before refusing it stores one copy per retry.
+        return f"{hint}; if the server stores each refused SMS, set refusal_is_final (SMSGW_REFUSAL_IS_FINAL)"
 
     def _skip_invalid(self, sms: InboundSms, payload: Payload) -> list[str]:
         """Count and log (one line each) the reply messages of an accepted ``sms`` that are not sent; returns the

@@ -164,11 +164,14 @@ class ResultReporter:
         if duplicates:
             self._count_rows("duplicate", duplicates)
         pending = self._events.pending
-        if not pending:
+        if not pending and not self._shape_watch.watching:
             self._count_round("idle")
             return RoundResult(duplicates=duplicates)
         waited = self._waited_for()
         self._shape_watch.note(waited, pending, self._events.is_final)
+        if not pending:  # asked only for the shape hint (a quiet gateway gets it too)
+            self._count_round("idle")
+            return RoundResult(duplicates=duplicates)
         asked = [uuid for uuid in pending if uuid in waited]
         reported = refused = parked = 0
         if asked:
@@ -273,6 +276,7 @@ class ResultReporter:
         self._refused_rounds = 0
         for uuid in asked:
             self._events.accepted(uuid, resolved[uuid])
+        self._shape_watch.accepted(uuid for uuid in asked if self._events.is_final(uuid))
         self._count_rows("accepted", len(asked))
 
     def _post_split(self, asked: list[str]) -> tuple[int, int, int]:
@@ -293,6 +297,7 @@ class ResultReporter:
             refusal = self._requests.post([self._events.row(uuid, resolved)])
             if refusal is None:
                 self._events.accepted(uuid, resolved)
+                self._shape_watch.accepted([uuid] if self._events.is_final(uuid) else [])
                 accepted.append(uuid)
                 self._count_rows("accepted")
                 continue

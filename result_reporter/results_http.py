@@ -11,6 +11,7 @@ from typing import Any
 import requests
 
 from result_reporter import metrics
+from result_reporter.shape import post_404_hint
 from services import liveness
 from services.config import EndpointConfig
 from services.sync_client import SyncAnswer, SyncEndpoint
@@ -58,11 +59,10 @@ class ResultsRequests:
         if not 200 <= status < 300:
             detail = f": {describe_body(text, MAX_ERROR_CHARS)}" if text.strip() else ""
             row_level = status not in SERVER_STATUSES and status < 501 and not 300 <= status < 400
-            return Refusal(
-                f"POST ?task=result answered HTTP {status}{status_hint(status, self._endpoint.secret_origin)}{detail}",
-                row_level,
-                status,
-            )
+            hint = status_hint(status, self._endpoint.secret_origin)
+            if status == 404:
+                hint += post_404_hint(self._endpoint.results_shape)
+            return Refusal(f"POST ?task=result answered HTTP {status}{hint}{detail}", row_level, status)
         if text.strip():
             try:
                 payload = parse_payload(text)

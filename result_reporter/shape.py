@@ -29,6 +29,16 @@ def post_404_hint(shape: ResultsShape) -> str:
     )
 
 
+def rows_not_understood_hint(shape: ResultsShape, sent_ok_code: int) -> str:
+    """The hint for a server that refuses our rows (success:false, HTTP 400/422): the two settings that decide
+    what it reads, with the value to try for ``sent_ok_code`` (the docs send 0, the Android app -1)."""
+    other = 0 if sent_ok_code == -1 else -1
+    return (
+        f" (if the server does not understand the rows: try sent_ok_code {other} instead of {sent_ok_code} "
+        f"(SMSGW_SENT_OK_CODE), or {try_other_shapes(shape)})"
+    )
+
+
 class ShapeWatch:
     """Warns once when one endpoint keeps asking (``ASKED_AGAIN_ROUNDS`` rounds in a row) for final results it
     accepted: it answered 2xx but did not find the rows in the body, which usually means it reads another

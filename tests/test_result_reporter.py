@@ -1086,6 +1086,22 @@ def test_a_404_to_the_results_post_hints_at_the_shape(
     assert "try message_results or message_result_array (results_shape, SMSGW_RESULTS_SHAPE)" in str(caught.value)
 
 
+def test_a_server_refusing_rows_it_does_not_understand_names_sent_ok_code_and_the_shape(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
+    scripted.waiting = ["u-code"]
+    scripted.post_body = '{"payload":{"success":false,"error":"unknown sent_result_code 0"}}'
+    h = Harness(clean_broker, scripted.stub.url)  # sent_ok_code 0 (the docs) against a server reading -1
+    harnesses.append(h)
+    h.publish(sent("u-code"))
+    h.held(1)
+    with pytest.raises(RoundError) as caught:
+        h.reporter.round()
+    assert "unknown sent_result_code 0" in str(caught.value)
+    assert "try sent_ok_code -1 instead of 0 (SMSGW_SENT_OK_CODE)" in str(caught.value)
+    assert "message_result_string or message_result_array" in str(caught.value)
+
+
 def test_a_delivery_report_the_server_no_longer_asks_for_is_dropped_at_info(
     clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, caplog: pytest.LogCaptureFixture
 ) -> None:

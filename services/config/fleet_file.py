@@ -4,7 +4,7 @@ the file or the env-only fleet).
 Every worker validates the fleet at start-up: an unknown key, a bad regular expression, a duplicate name or a
 route to an unknown modem stops it with one line naming the file and the key path (``ConfigError``). Per-endpoint
 options share the parser, default and help of the variable they mirror (``_ENDPOINT_OPTIONS``), and so do the
-SIM pause keys of ``[modems.<id>]``. ``python -m services.config check FILE`` runs the same checks.
+SIM pause keys of ``[modems.<id>]``. ``smsgw config check FILE`` runs the same checks.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from services.sync_protocol import (
     describe_body,
     mask_secrets,
     parse_payload,
+    status_hint,
     sync_form,
 )
 from services.topology import events_queue_for
@@ -243,7 +244,8 @@ class SyncForwarder:
     def _judge_http_status(self, answer: SyncAnswer) -> Decision:
         """Park or retry an SMS the Sync URL answered with a status other than 200/201."""
         status = answer.status
-        reason = f"Sync URL answered HTTP {status}: {_server_error(answer.text)}"
+        hint = status_hint(status, self._endpoint.secret_origin)
+        reason = f"Sync URL answered HTTP {status}{hint}: {_server_error(answer.text)}"
         if status in PARK_AT_ONCE:
             metrics.SYNC_REQUESTS.labels(self._name, "rejected").inc()
             return Park(reason, label=f"http_{status}")

@@ -227,6 +227,7 @@ def test_forbidden_parks_at_once_and_replay_delivers(harness: Callable[..., Harn
     listing = wait_for(parked.list, what="parked SMS")
     assert len(h.stub.requests) == 1, "a 403 must not burn retries"
     assert "HTTP 403" in listing[0].reason and "wrong secret" in listing[0].reason
+    assert "check the secret (SMSGW_SECRET)" in listing[0].reason  # where to fix it
     state["secret"] = "s3cret"
     assert parked.replay() == 1
     wait_for(lambda: len(h.stub.requests) == 2, what="replayed POST")

@@ -7,6 +7,7 @@ Run ``tests/peers/install.sh`` first. Without php/node or the install these test
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def test_seedphp_without_seed_docs_is_skipped_for_the_docs_not_for_php(
     # A clone without ../shared: install.sh installs neither the sample nor php, so the docs are the reason.
     monkeypatch.setattr(runners, "SEED_DOCS", tmp_path / "shared" / "seed" / "smssync-docs.txt")
     monkeypatch.setattr(runners, "SEEDPHP_DIR", tmp_path / ".peers" / "seedphp")
-    monkeypatch.setattr(runners.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     reason = runners.missing_reason("seedphp")
     assert reason is not None
     assert "seed docs are not at" in reason and "php is not installed" not in reason

@@ -6,6 +6,18 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
+RESULTS_OFF = "sent — results off"
+
+
+def display_status(record: Mapping[str, Any], counters: Mapping[str, int]) -> str:
+    """The status the page shows for an outgoing SMS: its own, except ``RESULTS_OFF`` for one handed out in
+    several ``task=send`` polls while the gateway never sent ``task=sent`` (an endpoint without the Message
+    Results API never acknowledges, so "pending" would stay for ever; its modem sent it at the first poll)."""
+    status = str(record["status"])
+    if status == "pending" and record.get("offered", 0) >= 2 and not counters.get("task_sent_posts"):
+        return RESULTS_OFF
+    return status
+
 
 def render_html(snapshot: Mapping[str, Any], sync_path: str) -> str:
     """The operator page: received SMS, outgoing SMS and their delivery state; refreshes every 2 s.
@@ -28,7 +40,8 @@ def render_html(snapshot: Mapping[str, Any], sync_path: str) -> str:
     outgoing_rows = (
         "".join(
             f'<tr class="{esc(o["status"])}"><td>{esc(o["created_at"])}</td><td>{esc(o["to"])}</td>'
-            f"<td>{esc(o['message'])}</td><td>{esc(o['source'])}</td><td><b>{esc(o['status'])}</b></td>"
+            f"<td>{esc(o['message'])}</td><td>{esc(o['source'])}</td>"
+            f"<td><b>{esc(display_status(o, snapshot['counters']))}</b></td>"
             f"<td>{esc(o['sent_result_code'])} {esc(o['sent_result_message'])}</td>"
             f"<td>{esc(o['delivered_result_code'])} {esc(o['delivered_result_message'])}</td>"
             f"<td>{esc(o['uuid'])}</td></tr>"

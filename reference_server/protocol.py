@@ -8,6 +8,8 @@
 * ``GET ?task=result&secret=S`` → ``{"message_uuids":[...waiting for results]}``.
 * ``POST ?task=result&secret=S`` with ``message_results`` (docs), ``message_result`` (array) or
   ``message_result`` (JSON string, as the app sends).
+* A bare ``GET`` (no query): the gateway's health probe → 405 (POSTs only), counted as ``probes``, not as a bad
+  request.
 
 ``SyncProtocol.handle`` takes a request already read off the socket and returns the ``Reply`` to send, so the
 protocol knows nothing of the HTTP plumbing (``reference_server/handler.py``).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
@@ -106,6 +108,12 @@ class SyncProtocol:
                 return self._task_send(request)
             if task == "result":
                 return self._task_result_poll(request)
+            if not task and not request.query:
+                # A bare GET is a health probe (the gateway's sync_worker sends one when it is quiet), not a
+                # bad request: 405, as a server taking POSTs only answers; counted on its own.
+                self._state.count("probes")
+                reply = Reply.failure(HTTPStatus.METHOD_NOT_ALLOWED, "POST an SMS, or GET ?task=send / ?task=result")
+                return replace(reply, headers={"Allow": "POST"})
             raise BadRequestError("unknown task; expected task=send or task=result")
         if task == "sent":
             return self._task_sent(request)

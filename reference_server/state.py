@@ -57,6 +57,7 @@ class ServerState:
             "auth_failures": 0,
             "signature_failures": 0,
             "bad_requests": 0,
+            "probes": 0,
             "task_send_polls": 0,
             "task_sent_posts": 0,
             "task_result_polls": 0,

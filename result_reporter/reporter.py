@@ -174,11 +174,14 @@ class ResultReporter:
         if duplicates:
             self._count_rows("duplicate", duplicates)
         pending = self._events.pending
-        if not pending:
+        if not pending and not self._shape_watch.watching:
             self._count_round("idle")
             return RoundResult(duplicates=duplicates)
         waited = self._waited_for()
         self._shape_watch.note(waited, pending, self._events.is_final)
+        if not pending:  # asked only for the shape hint (a quiet gateway gets it too)
+            self._count_round("idle")
+            return RoundResult(duplicates=duplicates)
         asked = [uuid for uuid in pending if uuid in waited]
         reported = refused = parked = 0
         if asked:
@@ -215,7 +218,10 @@ class ResultReporter:
         status, text = self._requests.waited_for()
         if not 200 <= status < 300:
             self._count_round("http_error")
-            raise RoundError(f"GET ?task=result answered HTTP {status}{status_hint(status)}: {describe_body(text)}")
+            raise RoundError(
+                f"GET ?task=result answered HTTP {status}{status_hint(status, self.endpoint.secret_origin)}: "
+                f"{describe_body(text)}"
+            )
         try:
             return set(parse_message_uuids(text))
         except ReplyError as exc:
@@ -283,6 +289,7 @@ class ResultReporter:
         self._refused_rounds = 0
         for uuid in asked:
             self._events.accepted(uuid, resolved[uuid])
+        self._shape_watch.accepted(uuid for uuid in asked if self._events.is_final(uuid))
         self._count_rows("accepted", len(asked))
 
     def _post_split(self, asked: list[str]) -> tuple[int, int, int]:
@@ -303,6 +310,7 @@ class ResultReporter:
             refusal = self._requests.post([self._events.row(uuid, resolved)])
             if refusal is None:
                 self._events.accepted(uuid, resolved)
+                self._shape_watch.accepted([uuid] if self._events.is_final(uuid) else [])
                 accepted.append(uuid)
                 self._count_rows("accepted")
                 continue

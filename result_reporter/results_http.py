@@ -11,6 +11,7 @@ from typing import Any
 import requests
 
 from result_reporter import metrics
+from result_reporter.shape import post_404_hint, rows_not_understood_hint
 from services import liveness
 from services.config import EndpointConfig
 from services.sync_client import SyncAnswer, SyncEndpoint
@@ -58,15 +59,24 @@ class ResultsRequests:
         if not 200 <= status < 300:
             detail = f": {describe_body(text, MAX_ERROR_CHARS)}" if text.strip() else ""
             row_level = status not in SERVER_STATUSES and status < 501 and not 300 <= status < 400
-            return Refusal(f"POST ?task=result answered HTTP {status}{status_hint(status)}{detail}", row_level, status)
+            hint = status_hint(status, self._endpoint.secret_origin)
+            if status == 404:
+                hint += post_404_hint(self._endpoint.results_shape)
+            elif status in (400, 422):
+                hint += self._not_understood()
+            return Refusal(f"POST ?task=result answered HTTP {status}{hint}{detail}", row_level, status)
         if text.strip():
             try:
                 payload = parse_payload(text)
             except ReplyError:
                 payload = None  # 2xx with a body that is not SMSsync JSON: accepted (the seed PHP sends none)
             if payload is not None and payload.success is False:
-                return Refusal(clip(payload.error or "success:false without an error text", MAX_ERROR_CHARS), True)
+                error = clip(payload.error or "success:false without an error text", MAX_ERROR_CHARS)
+                return Refusal(error + self._not_understood(), True)
         return None
+
+    def _not_understood(self) -> str:
+        return rows_not_understood_hint(self._endpoint.results_shape, self._endpoint.sent_ok_code)
 
     def _query(self) -> dict[str, str]:
         query = {"task": "result"}

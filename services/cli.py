@@ -4,7 +4,8 @@
 * ``smsgw config check [FILE]``: validate a fleet file (``services.config``);
 * ``smsgw check WORKER``: that worker's health check (``--check``: it runs here and its loops turn, settings,
   broker, topology; no such worker running is unhealthy, exit 1);
-* ``smsgw modem-worker|sync-worker|task-poller|result-reporter [ARGS]``: run a worker, exactly as
+* ``smsgw modem-worker|sync-worker|task-poller|result-reporter [ARGS]`` (``sync_worker``, the package name, works
+  too, here and in ``smsgw check``): run a worker, exactly as
   ``python -m <worker> [ARGS]`` does;
 * ``smsgw compose-modems DEVICE[=ID]...`` and any other command a worker package provides.
 
@@ -220,6 +221,12 @@ def parked_main(argv: list[str], *, out: Callable[[str], None] = print, note: Ca
 # --- smsgw (dispatch) ---------------------------------------------------------------------------------------------
 
 
+def command_name(name: str) -> str:
+    """``name`` as the commands spell it: ``sync_worker`` (the package, ``python -m sync_worker``) is
+    ``sync-worker``; both are accepted everywhere a worker is named."""
+    return name.replace("_", "-")
+
+
 def workers() -> dict[str, EntryPoint]:
     """The installed workers: command name (``modem-worker``) -> entry point of the worker's ``__main__.main``."""
     return {point.name: point for point in entry_points(group=WORKER_GROUP)}
@@ -256,7 +263,7 @@ def _check_main(argv: list[str]) -> int:
         "error.",
     )
     installed = workers()
-    parser.add_argument("worker", choices=tuple(installed))
+    parser.add_argument("worker", choices=tuple(installed), type=command_name)
     args = parser.parse_args(argv)
     return _run(installed[args.worker], ["--check"])
 
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         _parser().print_help(sys.stderr)
         return 2
-    command, rest = argv[0], argv[1:]
+    command, rest = command_name(argv[0]), argv[1:]
     installed = workers()
     if command in installed:
         return _run(installed[command], rest)
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     provided = plugin_commands()
     if command in provided:
         return _run(provided[command], rest)
-    _parser().parse_args(argv)  # --help, or "invalid choice" with the list of commands (exit 2)
+    _parser().parse_args([command, *rest])  # --help, or "invalid choice" with the list of commands (exit 2)
     return 2
 
 

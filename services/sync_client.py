@@ -158,6 +158,8 @@ class SyncClient:
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
+        # (first URL, final URL) of the redirects already logged: a poll every few seconds must not repeat them.
+        self._redirects_logged: set[tuple[str, str]] = set()
         self.redacted_url = endpoint.redacted_url
 
     def __repr__(self) -> str:
@@ -246,20 +248,34 @@ class SyncClient:
             requests.RequestException: network error or time-out.
             RedirectRefused: as ``send`` says.
         """
+        first_url, first_status = url, 0
         for _ in range(MAX_REDIRECTS + 1):
             answer, location = self._exchange_with_location(method, url, body, content_type)
             if answer.status not in REDIRECTS:
+                if first_status:
+                    self._log_redirect(first_url, url, first_status)
                 return answer
             if not location:
                 raise RedirectRefused(f"Sync URL answered HTTP {answer.status} without a Location", answer)
+            first_status = first_status or answer.status
             url = redirect_target(url, location, answer)
-            log.warning(
-                "endpoint %s: Sync URL redirects (HTTP %d); set its sync_url to the final URL to avoid the extra hop",
-                self._name,
-                answer.status,
-            )
         raise RedirectRefused(
             f"Sync URL redirected more than {MAX_REDIRECTS} times (last to {clip(redact_url(url), 200)})", answer
+        )
+
+    def _log_redirect(self, first_url: str, final_url: str, status: int) -> None:
+        """One WARNING per first and final URL (without query: it holds the secret) naming the URL to configure."""
+        pair = (_without_query(first_url), _without_query(final_url))
+        with self._lock:
+            if pair in self._redirects_logged:
+                return
+            self._redirects_logged.add(pair)
+        log.warning(
+            "endpoint %s: Sync URL redirects (HTTP %d) to %s; set its sync_url to that URL to avoid the extra hop "
+            "(logged once)",
+            self._name,
+            status,
+            clip(redact_url(pair[1]), 200),
         )
 
     def _exchange(self, method: str, url: str, body: bytes | None, content_type: str | None) -> SyncAnswer:
@@ -313,6 +329,11 @@ def redirect_target(url: str, location: str, answer: SyncAnswer | None = None) -
             answer,
         )
     return target
+
+
+def _without_query(url: str) -> str:
+    """``url`` without its query and fragment (the query may carry the secret)."""
+    return urllib.parse.urlsplit(url)._replace(query="", fragment="").geturl()
 
 
 def _read_body(response: requests.Response, deadline: float, timeout: float) -> bytes:

@@ -82,12 +82,13 @@ class AnswerTooSlow(requests.exceptions.ReadTimeout):
     """The server sent headers in time but did not complete its body within the request's deadline."""
 
 
-def status_hint(status: int) -> str:
-    """What an operator should check when the Sync URL answers ``status`` to a task request ("" if nothing)."""
+def status_hint(status: int, secret_origin: str = "SMSGW_SECRET") -> str:  # noqa: S107 - a setting's name
+    """What an operator should check when the Sync URL answers ``status`` to a task request ("" if nothing);
+    ``secret_origin`` says where the secret is set (``EndpointConfig.secret_origin``)."""
     if status in (401, 403):
-        return " (check the secret (SMSGW_SECRET), the user:pass in the Sync URL and any signing_key)"
+        return f" (check the secret ({secret_origin}), the user:pass in the Sync URL and any signing_key)"
     if 300 <= status < 400:
-        return " (redirect: set SMSGW_SYNC_URL to the final URL)"
+        return " (redirect: set the endpoint's sync_url (SMSGW_SYNC_URL) to the final URL)"
     return ""
 
 
@@ -174,13 +175,15 @@ def first_json_document(text: str) -> Any:
     if stripped[0] not in "{[":
         brace = stripped.find("{")
         if brace < 0:
-            raise ReplyError(f"body is not JSON: {describe_body(stripped)}")
+            raise ReplyError(f"body is not JSON: {describe_body(stripped, ERROR_PAGE_CHARS)}")
         log.debug("skipping %d characters before the JSON document", brace)
         start = brace
     try:
         value, end = decoder.raw_decode(stripped, start)
     except json.JSONDecodeError as exc:
-        raise ReplyError(f"body is not JSON ({exc.msg} at {exc.pos}): {describe_body(stripped)}") from None
+        raise ReplyError(
+            f"body is not JSON ({exc.msg} at {exc.pos}): {describe_body(stripped, ERROR_PAGE_CHARS)}"
+        ) from None
     except RecursionError:
         # A pathological (deeply nested) body must be one clear error, not a crash of the worker's loop.
         raise ReplyError("body is JSON nested too deeply to read") from None
@@ -210,13 +213,21 @@ def clip(text: str, limit: int = 80) -> str:
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
 _HTML_HIDDEN = re.compile(r"<!--.*?-->|<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _HTML_TAG = re.compile(r"<[^>]*>")
+# The element of a framework's debug page that holds the exception's own text, which often names the fix
+# (Django: <pre class="exception_value">, Werkzeug: <p class="errormsg">).
+_EXCEPTION_TEXT = re.compile(
+    r"<(pre|p|div)\b[^>]*\bclass=[\"'][^\"']*\b(?:exception_value|errormsg)\b[^\"']*[\"'][^>]*>(.*?)</\1\s*>",
+    re.IGNORECASE | re.DOTALL,
+)
+#: Enough for a framework's exception text ("… or set APPEND_SLASH=False in your Django settings.").
+ERROR_PAGE_CHARS = 400
 
 
 def describe_body(text: str, limit: int = 80) -> str:
     """The gist of an answer body for a log line, a retry or park reason: for an HTML (or XML) page its
-    ``<title>`` — "DisallowedHost at /sms", "502 Bad Gateway" — or else its first line of text, never the
-    markup; any other body on one line. Clipped to ``limit`` characters and secrets masked (``clip``); "empty
-    body" when there is none.
+    ``<title>`` — "DisallowedHost at /sms", "502 Bad Gateway" — with the exception text of a framework's debug
+    page (it often names the fix), or else its first line of text, never the markup; any other body on one line.
+    Clipped to ``limit`` characters and secrets masked (``clip``); "empty body" when there is none.
 
     Error pages of frameworks (Django, Flask/Werkzeug, PHP, nginx) start with a kilobyte of markup and styles,
     so the first characters of the body say nothing.
@@ -227,12 +238,28 @@ def describe_body(text: str, limit: int = 80) -> str:
     if stripped.startswith("<"):
         title = _HTML_TITLE.search(stripped)
         gist = " ".join(html.unescape(title.group(1)).split()) if title else ""
+        gist = _with_exception_text(gist, stripped)
         if not gist:
             visible = html.unescape(_HTML_TAG.sub("", _HTML_HIDDEN.sub("\n", stripped)))
             gist = next((line for line in visible.splitlines() if line.strip()), "")
         if gist.strip():
             return clip(gist, limit)
     return clip(stripped, limit)
+
+
+def _with_exception_text(title: str, page: str) -> str:
+    """``title`` completed with the exception text of a framework debug page ("RuntimeError at /sms: You called
+    this URL via POST…"); the exception text alone when the title is only its start (Werkzeug)."""
+    found = _EXCEPTION_TEXT.search(page)
+    if found is None:
+        return title
+    text = " ".join(html.unescape(_HTML_TAG.sub("", found.group(2))).split())
+    head = title.split(" // ", maxsplit=1)[0].strip()
+    if not text or text in title:
+        return title
+    if not head or text.startswith(head):
+        return text
+    return f"{title}: {text}"
 
 
 def is_success(value: Any) -> bool:

@@ -30,6 +30,7 @@ from services.routing import reply_route
 from services.schemas import InboundSms, OutboundSms, SchemaError, SentEvent
 from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
 from services.sync_protocol import (
+    ERROR_PAGE_CHARS,
     Payload,
     ReplyError,
     SyncEncodingError,
@@ -39,6 +40,7 @@ from services.sync_protocol import (
     describe_body,
     mask_secrets,
     parse_payload,
+    status_hint,
     sync_form,
 )
 from services.topology import events_queue_for
@@ -242,7 +244,8 @@ class SyncForwarder:
     def _judge_http_status(self, answer: SyncAnswer) -> Decision:
         """Park or retry an SMS the Sync URL answered with a status other than 200/201."""
         status = answer.status
-        reason = f"Sync URL answered HTTP {status}: {_server_error(answer.text)}"
+        hint = status_hint(status, self._endpoint.secret_origin)
+        reason = f"Sync URL answered HTTP {status}{hint}: {_server_error(answer.text)}"
         if status in PARK_AT_ONCE:
             metrics.SYNC_REQUESTS.labels(self._name, "rejected").inc()
             return Park(reason, label=f"http_{status}")
@@ -269,7 +272,7 @@ class SyncForwarder:
             return Retry(f"HTTP {answer.status} with an unreadable reply: {exc}", budget=self._unreadable)
         if payload.success is not True:
             metrics.SYNC_REQUESTS.labels(self._name, "refused").inc()
-            reason = f"server refused the SMS (success={payload.success}): {payload.error or 'no error text'}"
+            reason = f"server refused the SMS (success={payload.success}): {payload.error or self._silent_refusal()}"
             if self._endpoint.refusal_is_final:
                 # Some servers store the SMS and then answer success:false: every retry would store a copy.
                 return Park(f"{reason}; not retried (refusal_is_final is on)", label="refused")
@@ -286,6 +289,14 @@ class SyncForwarder:
         if outbound:
             log.info("SMS %s: queued %d outbound SMS from endpoint %s", sms.message_id, len(outbound), self._name)
         return Ack()
+
+    def _silent_refusal(self) -> str:
+        """The hint for a refusal without an error text: the usual causes and the settings that fix them."""
+        hint = f"no error text; a wrong secret is the usual cause (check {self._endpoint.secret_origin})"
+        if self._endpoint.refusal_is_final:
+            return hint
+        # Without it, a server that stores the SMS before refusing it stores one copy per retry.
+        return f"{hint}; if the server stores each refused SMS, set refusal_is_final (SMSGW_REFUSAL_IS_FINAL)"
 
     def _skip_invalid(self, sms: InboundSms, payload: Payload) -> list[str]:
         """Count and log (one line each) the reply messages of an accepted ``sms`` that are not sent; returns the
@@ -362,5 +373,5 @@ def _server_error(body: str) -> str:
     try:
         payload = parse_payload(body)
     except ReplyError:
-        return describe_body(body)
-    return payload.error or describe_body(body)
+        return describe_body(body, ERROR_PAGE_CHARS)
+    return payload.error or describe_body(body, ERROR_PAGE_CHARS)

@@ -6,8 +6,16 @@ import logging
 import sys
 import threading
 
-from services.broker import PublisherThread
-from services.config import DEFAULT_ENDPOINT, ConfigError, EndpointConfig, FleetConfig, WorkerEnv, require_sync_urls
+from services.broker import BrokerError, BrokerRefused, PublisherThread, close_quietly, connect
+from services.config import (
+    DEFAULT_ENDPOINT,
+    ConfigError,
+    EndpointConfig,
+    FleetConfig,
+    Settings,
+    WorkerEnv,
+    require_sync_urls,
+)
 from services.runtime import (
     check,
     heartbeat_path,
@@ -45,6 +53,22 @@ def task_endpoints(fleet: FleetConfig) -> tuple[EndpointConfig, ...]:
     return endpoints
 
 
+def say_broker_refusal(settings: Settings) -> bool:
+    """Connect to RabbitMQ once at start-up and log at ERROR when it refuses the login or the vhost; returns
+    whether it accepted (or could not be reached: the publisher reports an outage itself).
+
+    The publisher connects only when a message is offered: without this a wrong vhost stays silent until then.
+    """
+    try:
+        close_quietly(connect(settings.amqp_url, "smsgw-task-poller-check"))
+    except BrokerRefused as exc:
+        log.error("task_poller: %s; messages offered by the servers cannot be queued until it is fixed", exc)
+        return False
+    except BrokerError as exc:
+        log.warning("task_poller: RabbitMQ not reachable at start-up (%s); the publisher keeps trying", exc)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2: bad configuration, 1: cannot start)."""
     args = worker_parser(
@@ -72,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         init_metrics(endpoint.name)
     start_metrics(settings, "task_poller")
     start_liveness(settings, "task_poller")
+    say_broker_refusal(settings)
     # The publisher thread also keeps the broker connection's heartbeat going between polls. It declares the
     # fleet's topology, so every route's queue exists before the first publish.
     publisher = PublisherThread(settings.amqp_url, "smsgw-task-poller", topology=topology)

@@ -121,11 +121,11 @@ class TaskPoller:
         # Its calls set smsgw_ledger_up (one gauge and one outage log for the process, whichever poller fails).
         ledger = watched(ledger)
         self._ledger = ledger
-        self._requests = TaskRequests(endpoint.name, endpoint.secret, client)
+        self._requests = TaskRequests(endpoint.name, endpoint.secret, client, endpoint.secret_origin)
         self._router = TaskRouter(fleet)
         self._polled = {e.name for e in fleet.task_endpoints()}
         self._adopt_strays = adopt_strays
-        self._secret_name = "SMSGW_SECRET" if fleet.source == "environment" else f"endpoint {self.name!r}'s secret"
+        self._secret_name = endpoint.secret_origin
         self.redacted_url = endpoint.redacted_url
         # A live poller leaves a claim unrefreshed for at most one request to the Sync URL (?task=sent: bounded
         # by http_timeout; 3 x is the margin of the older per-phase time-outs) or one publish (it touches the

@@ -30,9 +30,16 @@ class PollError(Exception):
 class TaskRequests:
     """``?task=send`` and ``?task=sent`` of one endpoint through its ``SyncClient``."""
 
-    def __init__(self, endpoint_name: str, secret: str, client: SyncEndpoint) -> None:
+    def __init__(
+        self,
+        endpoint_name: str,
+        secret: str,
+        client: SyncEndpoint,
+        secret_origin: str = "SMSGW_SECRET",  # noqa: S107 - the name of a setting, not a secret
+    ) -> None:
         self._name = endpoint_name
         self._secret = secret
+        self._secret_origin = secret_origin
         self._client = client
 
     def poll_send(self) -> str:
@@ -73,8 +80,8 @@ class TaskRequests:
             metrics.HTTP_SECONDS.labels(self._name, task).observe(time.monotonic() - started)
         if not 200 <= answer.status < 300:
             raise PollError(
-                f"?task={task}: Sync URL answered HTTP {answer.status}{status_hint(answer.status)}: "
-                f"{describe_body(answer.text)}",
+                f"?task={task}: Sync URL answered HTTP {answer.status}"
+                f"{status_hint(answer.status, self._secret_origin)}: {describe_body(answer.text)}",
                 "http_error",
                 answer.status,
             )

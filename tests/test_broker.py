@@ -99,7 +99,10 @@ def test_retry_goes_through_a_delay_queue_and_comes_back(clean_broker: str, publ
     assert seen[1].first_attempt_ms is not None and seen[1].message_id == "m-1"
 
 
-def test_park_keeps_the_reason_and_replay_restores(clean_broker: str, publisher: PublisherThread) -> None:
+def test_park_keeps_the_reason_and_replay_restores(
+    clean_broker: str, publisher: PublisherThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="services.broker")
     parked_once = threading.Event()
     acked: list[bytes] = []
 
@@ -116,6 +119,7 @@ def test_park_keeps_the_reason_and_replay_restores(clean_broker: str, publisher:
         listing = wait_for(parked.list, what="parked message")
         assert listing[0].reason == "HTTP 403: wrong secret"
         assert listing[0].source_queue == EVENTS_QUEUE and listing[0].message_id == "m-2"
+        assert f"parked a message for {EVENTS_QUEUE} (message_id m-2): HTTP 403: wrong secret" in caplog.messages
         assert parked.list(), "listing must not consume parked messages"
         assert parked.replay() == 1
         wait_for(lambda: acked == [b'{"sms":1}'], what="replayed message handled")

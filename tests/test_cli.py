@@ -225,6 +225,34 @@ def test_smsgw_check_knows_the_installed_workers_only() -> None:
     assert "invalid choice" in done.stderr and "task-poller" in done.stderr
 
 
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``smsgw ARGS`` as ``python -m services.cli`` from this checkout (the venv's ``smsgw`` may be another's)."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def test_smsgw_accepts_the_package_spelling_of_a_worker() -> None:
+    done = cli("sync_worker", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "--check" in done.stdout
+    check = cli("check", "sync_worker")
+    assert "invalid choice" not in check.stderr
+    assert check.returncode == cli("check", "sync-worker").returncode
+
+
+def test_the_config_check_usage_line_names_the_smsgw_command() -> None:
+    done = cli("config", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: smsgw config ")
+    assert "python -m" not in done.stdout
+
+
 def test_smsgw_runs_a_worker_as_python_m_does() -> None:
     done = smsgw("task-poller", "--help")
     assert done.returncode == 0, done.stderr

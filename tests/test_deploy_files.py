@@ -190,7 +190,12 @@ def test_dashboard_shows_every_metric() -> None:
 def test_dashboard_filters_per_endpoint_metrics_by_the_endpoint_variable() -> None:
     dashboard = _dashboard()
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert variables["endpoint"]["definition"] == "label_values(smsgw_sync_requests_total, endpoint)"
+    # Every endpoint: the inbound ones (sync requests), and those with inbound off (task polls, result rounds).
+    assert variables["endpoint"]["definition"] == (
+        'label_values({__name__=~"smsgw_sync_requests_total|smsgw_task_polls_total|smsgw_result_rounds_total"}, '
+        "endpoint)"
+    )
+    assert variables["endpoint"]["query"]["query"] == variables["endpoint"]["definition"]
     assert variables["endpoint"]["includeAll"] and variables["endpoint"]["multi"]
     series, labels = _series(), _labels()
     unfiltered = []
@@ -239,6 +244,19 @@ def test_dashboard_structure() -> None:
         for name in SERIES_RE.findall(expr):
             if name.endswith("_total"):
                 assert re.search(rf"(rate|increase)\(\s*{name}\b", expr), expr
+
+
+def test_dashboard_opens_on_an_overview_and_collapses_the_rest() -> None:
+    top = _dashboard()["panels"]
+    rows = [panel for panel in top if panel["type"] == "row"]
+    assert rows[0]["title"] == "Overview" and not rows[0]["collapsed"]
+    assert all(row["collapsed"] and row["panels"] for row in rows[1:]), "every other row collapsed, with its panels"
+    overview = [panel for panel in top if panel["type"] != "row"]  # a collapsed row holds its panels itself
+    exprs = " ".join(target["expr"] for panel in overview for target in panel["targets"])
+    assert "max by (modem) (smsgw_modem_up" in exprs  # every modem up
+    assert "min by (endpoint) (smsgw_sync_url_up" in exprs and "smsgw_task_polls_total" in exprs  # delivering
+    assert ".parked" in exprs  # anything parked
+    assert len(overview) <= 10
 
 
 def test_alert_rules_are_complete() -> None:

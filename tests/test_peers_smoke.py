@@ -7,11 +7,14 @@ Run ``tests/peers/install.sh`` first. Without php/node or the install these test
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 
+from tests.peers import runners
 from tests.peers.runners import (
     SEEDPHP_SECRET,
     SEEDPHP_TASK_UUID,
@@ -154,6 +157,23 @@ def test_parse_seedphp_log_handles_multiline_messages() -> None:
     ]
     assert log.sent_bodies == ['{"queued_messages":["a"]}']
     assert log.result_bodies == ['{"message_result":"[]"}']
+
+
+def test_seedphp_without_seed_docs_is_skipped_for_the_docs_not_for_php(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A clone without ../shared: install.sh installs neither the sample nor php, so the docs are the reason.
+    monkeypatch.setattr(runners, "SEED_DOCS", tmp_path / "shared" / "seed" / "smssync-docs.txt")
+    monkeypatch.setattr(runners, "SEEDPHP_DIR", tmp_path / ".peers" / "seedphp")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    reason = runners.missing_reason("seedphp")
+    assert reason is not None
+    assert "seed docs are not at" in reason and "php is not installed" not in reason
+
+
+def test_scripts_test_summarises_failures_errors_and_skips() -> None:
+    script = (runners.REPO_ROOT / "scripts" / "test").read_text(encoding="utf-8")
+    assert 'pytest -rfEs "$@"' in script
 
 
 # --- npm smssync (lykmapipo) ------------------------------------------------------------------------------------

@@ -405,6 +405,35 @@ def test_state_and_page_never_show_the_secret(reply_server: ReferenceServer) -> 
     assert "pending" in page.text
 
 
+def test_the_gateways_probe_is_not_a_bad_request(server: ReferenceServer) -> None:
+    client = SyncClient(fleet_from_env({"SMSGW_SYNC_URL": server.url}).endpoints[0])
+    try:
+        answer = client.probe()  # what sync_worker sends when it is quiet
+    finally:
+        client.close()
+    assert answer.status == 405  # "takes POSTs only": the probe counts it as up
+    counters = server.state()["counters"]
+    assert (counters["probes"], counters["bad_requests"]) == (1, 0)
+
+
+def test_an_sms_handed_out_to_a_gateway_without_the_results_api_is_not_pending_for_ever(
+    server: ReferenceServer,
+) -> None:
+    server.queue_outgoing("+255700000004", "no results api")
+
+    def status_on_the_page() -> str:
+        page = requests.get(server.base_url + "/", timeout=TIMEOUT).text
+        return page.split("no results api</td><td>admin</td><td><b>", 1)[1].split("</b>", 1)[0]
+
+    poll = {"task": "send", "secret": SECRET}
+    requests.get(server.url, params=poll, timeout=TIMEOUT)
+    assert status_on_the_page() == "pending"  # handed out once: a gateway with the API acknowledges next
+    requests.get(server.url, params=poll, timeout=TIMEOUT)  # offered again: it never acknowledges
+    assert status_on_the_page() == "sent — results off"
+    requests.post(server.url, params={"task": "sent"}, json={"queued_messages": []}, timeout=TIMEOUT)
+    assert status_on_the_page() == "pending"  # a gateway that does acknowledge: really still pending
+
+
 def test_root_sync_path_coexists_with_the_page() -> None:
     with ReferenceServer(SECRET, path="/") as srv:
         assert srv.url.endswith(":" + str(srv.port) + "/")

@@ -1067,6 +1067,75 @@ def test_a_server_asking_again_for_final_results_it_accepted_gets_one_shape_warn
     assert "message_result_string or message_result_array" in warnings[0] and "SMSGW_RESULTS_SHAPE" in warnings[0]
 
 
+def test_a_quiet_gateway_gets_the_shape_warning_without_busy_rounds(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted.waiting = ["failed-send"]
+    h = Harness(clean_broker, scripted.stub.url, keep_rounds=20)
+    harnesses.append(h)
+    h.publish(sent("failed-send", "failed", 331, detail="no network"))
+    h.held(1)
+    assert h.reporter.round().reported == 1
+    with caplog.at_level(logging.WARNING, logger="result_reporter.reporter"):
+        for _ in range(4):  # nothing new to report: the rounds still ask whether the server let go of it
+            h.reporter.round()
+    warnings = [r.getMessage() for r in caplog.records if "results_shape" in r.getMessage()]
+    assert len(warnings) == 1 and "failed-send" in warnings[0], warnings
+    gets = sum(1 for r in scripted.stub.requests if r.method == "GET")
+    h.reporter.round()  # warned: quiet rounds are idle again
+    assert sum(1 for r in scripted.stub.requests if r.method == "GET") == gets
+
+
+def test_a_server_that_lets_go_of_an_accepted_result_ends_the_shape_watch(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted.waiting = ["failed-send"]
+    h = Harness(clean_broker, scripted.stub.url, keep_rounds=20)
+    harnesses.append(h)
+    h.publish(sent("failed-send", "failed", 331, detail="no network"))
+    h.held(1)
+    assert h.reporter.round().reported == 1
+    scripted.waiting = []  # it read our shape
+    with caplog.at_level(logging.WARNING, logger="result_reporter.reporter"):
+        for _ in range(4):
+            h.reporter.round()
+    assert [r for r in caplog.records if "results_shape" in r.getMessage()] == []
+    assert sum(1 for r in scripted.stub.requests if r.method == "GET") == 2  # one round to see it, then idle
+
+
+def test_a_404_to_the_results_post_hints_at_the_shape(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
+    scripted.waiting = ["u-404"]
+    scripted.post_status, scripted.post_body = 404, "Not Found"
+    h = Harness(clean_broker, scripted.stub.url, SMSGW_RESULTS_SHAPE="message_result_string")
+    harnesses.append(h)
+    h.publish(sent("u-404"))
+    h.held(1)
+    with pytest.raises(RoundError) as caught:
+        h.reporter.round()
+    assert "HTTP 404 (it answers GET ?task=result, so it probably reads another body than results_shape " in str(
+        caught.value
+    )
+    assert "try message_results or message_result_array (results_shape, SMSGW_RESULTS_SHAPE)" in str(caught.value)
+
+
+def test_a_server_refusing_rows_it_does_not_understand_names_sent_ok_code_and_the_shape(
+    clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer
+) -> None:
+    scripted.waiting = ["u-code"]
+    scripted.post_body = '{"payload":{"success":false,"error":"unknown sent_result_code 0"}}'
+    h = Harness(clean_broker, scripted.stub.url)  # sent_ok_code 0 (the docs) against a server reading -1
+    harnesses.append(h)
+    h.publish(sent("u-code"))
+    h.held(1)
+    with pytest.raises(RoundError) as caught:
+        h.reporter.round()
+    assert "unknown sent_result_code 0" in str(caught.value)
+    assert "try sent_ok_code -1 instead of 0 (SMSGW_SENT_OK_CODE)" in str(caught.value)
+    assert "message_result_string or message_result_array" in str(caught.value)
+
+
 def test_a_delivery_report_the_server_no_longer_asks_for_is_dropped_at_info(
     clean_broker: str, harnesses: list[Harness], scripted: ScriptedServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,7 +10,10 @@ from pathlib import Path
 import pika
 import pytest
 
-from services.config import ConfigError, Settings, env_endpoint, fleet_from_env, redact_url
+from services.config import ConfigError, Settings, env_endpoint, fleet_from_env, load_fleet_file, redact_url
+from services.sync_client import SyncAnswer
+from services.sync_protocol import status_hint
+from task_poller.sync_http import PollError, TaskRequests
 
 
 def _file(tmp_path: Path, content: str, name: str = "secret") -> str:
@@ -138,3 +141,64 @@ def test_ledger_url_file_wins_over_the_variable_and_is_checked_like_it(tmp_path:
         "SMSGW_LEDGER_URL_FILE: expected sqlite:///path or postgresql://user:pass@host/db, got scheme 'mysql'"
     )
     assert "pw-ledger-3" not in repr(Settings.from_env(env)).replace(url, "")  # only where it is used
+
+
+# --- issue 16: relative paths in a fleet file, and hints that say where the secret is set ---------------------
+
+FLEET_WITH_RELATIVE_SECRET = """
+[[endpoints]]
+name = "clinic"
+sync_url = "http://127.0.0.1:9/sms"
+tasks = true
+secret_file = "secrets/clinic"
+"""
+
+
+def test_a_fleet_files_relative_secret_file_is_read_from_the_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc"
+    (folder / "secrets").mkdir(parents=True)
+    (folder / "secrets" / "clinic").write_text("from-next-to-the-fleet-file\n", encoding="utf-8")
+    (folder / "fleet.toml").write_text(FLEET_WITH_RELATIVE_SECRET, encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a worker started from another folder reads the same file
+    clinic = load_fleet_file(str(folder / "fleet.toml")).endpoint("clinic")
+    assert clinic.secret == "from-next-to-the-fleet-file"
+    assert clinic.secret_origin == (
+        f"{folder / 'fleet.toml'} endpoints[0].secret_file ({folder / 'secrets' / 'clinic'})"
+    )
+
+
+def test_a_missing_relative_secret_file_names_the_path_it_tried(tmp_path: Path) -> None:
+    (tmp_path / "fleet.toml").write_text(FLEET_WITH_RELATIVE_SECRET, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_fleet_file(str(tmp_path / "fleet.toml"))
+    assert f"cannot read the secret file {tmp_path / 'secrets' / 'clinic'}: No such file" in str(caught.value)
+
+
+class _Refusing:
+    """A stub Sync URL answering every request HTTP 403."""
+
+    def get(self, **query: str) -> SyncAnswer:
+        return SyncAnswer(403, "<title>403 Forbidden</title>")
+
+    def post_json(self, body: object, **query: str) -> SyncAnswer:
+        return SyncAnswer(403, "")
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_403_hint_names_the_fleet_file_and_key_that_hold_the_secret(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "clinic").write_text("wrong\n", encoding="utf-8")
+    (tmp_path / "fleet.toml").write_text(FLEET_WITH_RELATIVE_SECRET, encoding="utf-8")
+    clinic = load_fleet_file(str(tmp_path / "fleet.toml")).endpoint("clinic")
+    requests_ = TaskRequests(clinic.name, clinic.secret, _Refusing(), clinic.secret_origin)
+    with pytest.raises(PollError) as caught:
+        requests_.poll_send()
+    assert f"check the secret ({tmp_path / 'fleet.toml'} endpoints[0].secret_file" in str(caught.value)
+    assert "SMSGW_SECRET" not in str(caught.value)
+    assert "check the secret (SMSGW_SECRET)" in status_hint(403, env_endpoint({}).secret_origin)

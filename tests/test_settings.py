@@ -20,6 +20,7 @@ from services.config import (
     env_modem_limits,
     modem_id_from_port,
     redact_url,
+    variables,
 )
 from services.config.variables import ENDPOINT_VARS, MODEM_VARS, PROCESS_VARS
 
@@ -161,3 +162,34 @@ def test_a_worker_with_an_unparsable_url_exits_2_with_one_line() -> None:
     assert done.stderr.splitlines() == [
         "sync_worker: configuration error: SMSGW_SYNC_URL: not a valid URL (Invalid IPv6 URL): 'http://[::1/s'"
     ]
+
+
+# --- issue 16: an absolute state directory by default ---------------------------------------------------------
+
+
+def test_the_state_dir_defaults_to_the_system_dir_when_writable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(variables, "SYSTEM_STATE_DIR", str(tmp_path / "lib" / "smsgw"))
+    (tmp_path / "lib").mkdir()  # its parent is writable: the worker can create it
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env({}).state_dir == str(tmp_path / "lib" / "smsgw")
+
+
+def test_the_state_dir_falls_back_to_the_users_state_home_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("", encoding="utf-8")
+    monkeypatch.setattr(variables, "SYSTEM_STATE_DIR", str(not_a_folder / "smsgw"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    dirs = set()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        dirs.add(Settings.from_env({"SMSGW_STATE_DIR": ""}).state_dir)
+    assert dirs == {str(tmp_path / "home" / ".local" / "state" / "smsgw")}
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert Settings.from_env({}).state_dir == str(tmp_path / "xdg" / "smsgw")
+    assert Settings.from_env({"SMSGW_STATE_DIR": "/srv/state"}).state_dir == "/srv/state"

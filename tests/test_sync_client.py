@@ -537,3 +537,24 @@ def test_query_values_are_url_encoded_once(recorder: Recorder, client_for: Calla
         "task": ["send"],
         "secret": ["a&b= c"],
     }
+
+
+def test_a_redirecting_sync_url_is_logged_once_with_the_final_url(
+    recorder: Recorder, client_for: Callable[..., SyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder.respond = lambda s: (
+        (301, {"Location": s.target.replace("/smssync", "/smssync/", 1)}, "")
+        if s.target.startswith("/smssync") and not s.target.startswith("/smssync/")
+        else (200, {}, OK_BODY)
+    )
+    client = client_for(recorder.url)
+    with caplog.at_level("WARNING", logger="services.sync_client"):
+        for _ in range(7):  # polls every few seconds: one line, not one per poll
+            assert client.get(task="send", secret="s3cret").status == 200
+            assert client.send("POST", b"message=hi", "application/x-www-form-urlencoded").status == 200
+    lines = [r.getMessage() for r in caplog.records if "redirects" in r.getMessage()]
+    assert lines == [
+        f"endpoint default: Sync URL redirects (HTTP 301) to http://127.0.0.1:{recorder.port}/smssync/; set its "
+        "sync_url to that URL to avoid the extra hop (logged once)"
+    ]
+    assert len(recorder.seen) == 28  # every request still followed the redirect

@@ -10,6 +10,7 @@ from defusedxml import ElementTree as DefusedElementTree
 
 from services.schemas import InboundSms
 from services.sync_protocol import (
+    ERROR_PAGE_CHARS,
     Endpoint,
     ReplyError,
     SyncEncodingError,
@@ -283,3 +284,35 @@ def test_only_an_empty_text_is_reported_failed_and_an_instant_reply_needs_a_uuid
 
 
 ONE_GOOD = {"to": "+2", "message": "ok", "uuid": "g-1"}
+
+
+DJANGO_APPEND_SLASH_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><title>RuntimeError
+          at /smssync</title><style>html * { padding:0; }</style></head>
+<body><div id="summary"><h1>RuntimeError at /smssync</h1>
+<pre class="exception_value">You called this URL via POST, but the URL doesn&#x27;t end in a slash and you have
+APPEND_SLASH set. Django can&#x27;t redirect to the slash URL while maintaining POST data. Change your form to
+point to 127.0.0.1:8000/smssync/ (note the trailing slash), or set APPEND_SLASH=False in your Django settings.</pre>
+</div></body></html>"""
+
+
+def test_describe_body_keeps_the_exception_text_of_a_django_debug_page() -> None:
+    gist = describe_body(DJANGO_APPEND_SLASH_PAGE, ERROR_PAGE_CHARS)
+    assert gist.startswith("RuntimeError at /smssync: You called this URL via POST")
+    assert gist.endswith("or set APPEND_SLASH=False in your Django settings.")
+
+
+def test_describe_body_prefers_werkzeugs_full_exception_text_to_its_cut_title() -> None:
+    page = WERKZEUG_PAGE.replace(
+        "<h1>UnicodeEncodeError</h1>",
+        "<h1>UnicodeEncodeError</h1><p class=\"errormsg\">UnicodeEncodeError: 'latin-1' codec can't encode "
+        "character '\\u2019' in position 3: ordinal not in range(256)</p>",
+    )
+    assert describe_body(page, ERROR_PAGE_CHARS) == (
+        "UnicodeEncodeError: 'latin-1' codec can't encode character '\\u2019' in position 3: ordinal not in range(256)"
+    )
+
+
+def test_a_json_parse_error_keeps_the_fix_a_django_page_names() -> None:
+    with pytest.raises(ReplyError, match=r"set APPEND_SLASH=False in your Django settings\.$"):
+        parse_payload(DJANGO_APPEND_SLASH_PAGE)

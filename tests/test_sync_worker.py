@@ -227,6 +227,7 @@ def test_forbidden_parks_at_once_and_replay_delivers(harness: Callable[..., Harn
     listing = wait_for(parked.list, what="parked SMS")
     assert len(h.stub.requests) == 1, "a 403 must not burn retries"
     assert "HTTP 403" in listing[0].reason and "wrong secret" in listing[0].reason
+    assert "check the secret (SMSGW_SECRET)" in listing[0].reason  # where to fix it
     state["secret"] = "s3cret"
     assert parked.replay() == 1
     wait_for(lambda: len(h.stub.requests) == 2, what="replayed POST")
@@ -979,6 +980,29 @@ def test_refusal_is_final_parks_at_the_first_refusal(harness: Callable[..., Harn
     listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=30, what="parked at once")
     assert len(h.stub.requests) == 1
     assert "auto-reply failed" in listing[0].reason and "refusal_is_final" in listing[0].reason
+
+
+def test_a_refusal_without_error_text_hints_at_the_secret_and_refusal_is_final(harness: Callable[..., Harness]) -> None:
+    h = harness(lambda _r: (200, '{"payload":{"success":false}}'), SMSGW_MAX_REFUSALS="2")
+    h.inject(make_sms())
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=30, what="parked after refusals")
+    assert "a wrong secret is the usual cause (check SMSGW_SECRET)" in listing[0].reason
+    assert "set refusal_is_final (SMSGW_REFUSAL_IS_FINAL)" in listing[0].reason
+
+
+def test_a_django_page_parks_with_the_exception_text_that_names_the_fix(harness: Callable[..., Harness]) -> None:
+    page = DJANGO_DEBUG_PAGE.replace(
+        "<pre>Invalid HTTP_HOST header</pre>",
+        '<pre class="exception_value">Invalid HTTP_HOST header: &#x27;gw:8000&#x27;. You may need to add '
+        "&#x27;gw&#x27; to ALLOWED_HOSTS.</pre>",
+    )
+    h = harness(lambda _r: (400, page))
+    h.inject(make_sms())
+    listing = wait_for(ParkedQueues(h.url, INBOUND_QUEUE).list, timeout=30, what="parked at the 400")
+    assert listing[0].reason.endswith(
+        "HTTP 400: DisallowedHost at /sms: Invalid HTTP_HOST header: 'gw:8000'. You may need to add 'gw' to "
+        "ALLOWED_HOSTS."
+    )
 
 
 def test_refusal_is_final_is_an_endpoint_option() -> None:

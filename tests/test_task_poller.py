@@ -1243,3 +1243,38 @@ def test_the_server_that_asks_learns_the_empty_task_message_failed(
     assert row["uuid"] == "empty-1" and row["sent_result_code"] != 0
     assert row["sent_result_message"] == "Failed to send SMS: the task message has an empty text; not sent"
     assert take_outbound(clean_broker) == []
+
+
+def test_a_wrong_vhost_is_an_error_at_start_up_not_silence_until_a_message_comes(
+    amqp_url: str, server: ReferenceServer, tmp_path: Path
+) -> None:
+    wrong = amqp_url.rsplit("/", 1)[0] + "/no-such-vhost-16"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "task_poller"],
+        env=_env(wrong, server.url, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    stdout = proc.stdout
+    assert stdout is not None
+    # A reader thread: readline() on the test's thread could block past wait_for's deadline.
+    reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        refusal = wait_for(
+            lambda: [line for line in list(lines) if "ERROR" in line and "refused" in line],
+            timeout=30,
+            what="the vhost refusal at start-up",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        reader.join(timeout=10)
+    assert "'no-such-vhost-16'" in refusal[0] and "SMSGW_AMQP_URL" in refusal[0]
+    assert "task_poller: RabbitMQ" in refusal[0]  # the start-up check's line, not a publisher outage line

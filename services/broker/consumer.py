@@ -321,7 +321,7 @@ def _report(delivery: Delivery, outcome: Outcome) -> None:
     elif isinstance(decision, Move):
         log.info("moved a message from %s to %s: %s", delivery.queue, decision.routing_key, decision.reason)
     elif isinstance(decision, Park):
-        log_parked(delivery.queue, decision.reason)
+        log_parked(delivery.queue, decision.reason, delivery.message_id)
         metrics.PARKED.labels(delivery.queue, decision.label).inc()
 
 

@@ -75,12 +75,12 @@ def park_body(
         BrokerError: not confirmed.
     """
     publisher.publish(parked_copy(work_queue, body, reason, message_id=message_id, headers=headers, at_ms=now_ms()))
-    log_parked(work_queue, reason)
+    log_parked(work_queue, reason, message_id)
 
 
-def log_parked(work_queue: str, reason: str) -> None:
-    """The line that says a message for ``work_queue`` was parked, and why."""
-    log.warning("parked a message for %s: %s", work_queue, reason)
+def log_parked(work_queue: str, reason: str, message_id: str | None) -> None:
+    """The line that says which message (its message_id) for ``work_queue`` was parked, and why."""
+    log.warning("parked a message for %s (message_id %s): %s", work_queue, message_id or "(none)", reason)
 
 
 @dataclass(frozen=True)

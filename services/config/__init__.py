@@ -7,7 +7,7 @@
 * ``fleet``: endpoints, routes and every SIM limit (``FleetConfig``); ``env_endpoint`` maps the env-only
   variables onto the endpoint ``default``;
 * ``fleet_file``: the ``SMSGW_CONFIG`` TOML file, and ``load_fleet`` (the file, else the env-only fleet);
-* ``check``: ``python -m services.config check FILE``.
+* ``check``: ``smsgw config check FILE`` (also ``python -m services.config check FILE``).
 """
 
 from services.config.check import main

@@ -1,4 +1,4 @@
-"""``python -m services.config check FILE``: validate a fleet file (services/config/check.py)."""
+"""``python -m services.config check FILE``, the same as ``smsgw config check FILE`` (services/config/check.py)."""
 
 import sys
 

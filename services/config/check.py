@@ -1,4 +1,4 @@
-"""``python -m services.config check FILE`` (``smsgw config check``): validate a fleet file."""
+"""``smsgw config check FILE`` (also ``python -m services.config check FILE``): validate a fleet file."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from services.config.variables import ConfigError, read_var
 
 
 def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -> int:
-    """``python -m services.config check FILE``: validate a fleet file; exit 0 (valid) or 2 (one line why)."""
-    parser = argparse.ArgumentParser(prog="python -m services.config", description="Validate a fleet file.")
+    """``smsgw config check FILE``: validate a fleet file; exit 0 (valid) or 2 (one line why)."""
+    parser = argparse.ArgumentParser(prog="smsgw config", description="Validate a fleet file.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate FILE (default: $SMSGW_CONFIG)")
     check.add_argument("file", nargs="?", default=None)

@@ -77,6 +77,8 @@ class EndpointConfig:
     device_id: str
     http_timeout: float
     refusal_is_final: bool = False  # park an inbound SMS at the first success:false (SMSGW_REFUSAL_IS_FINAL)
+    # Where an operator changes the secret, for hints ("SMSGW_SECRET", "/etc/smsgw/fleet.toml endpoints[1].secret").
+    secret_origin: str = "SMSGW_SECRET"  # noqa: S105 - the name of a setting, not a secret
 
     @property
     def redacted_url(self) -> str:
@@ -217,6 +219,7 @@ def env_endpoint(environ: Mapping[str, str], *, read_secrets: bool = True) -> En
     secret_file = values.pop("secret_file")
     if secret_file and read_secrets:
         values["secret"] = read_secret_file("SMSGW_SECRET_FILE", secret_file)
+    values["secret_origin"] = f"SMSGW_SECRET_FILE ({secret_file})" if secret_file else "SMSGW_SECRET"
     if values["result_interval"] is None:
         values["result_interval"] = values["task_interval"]
     if values["sync_format"] == "xml":

@@ -4,7 +4,7 @@ the file or the env-only fleet).
 Every worker validates the fleet at start-up: an unknown key, a bad regular expression, a duplicate name or a
 route to an unknown modem stops it with one line naming the file and the key path (``ConfigError``). Per-endpoint
 options share the parser, default and help of the variable they mirror (``_ENDPOINT_OPTIONS``), and so do the
-SIM pause keys of ``[modems.<id>]``. ``python -m services.config check FILE`` runs the same checks.
+SIM pause keys of ``[modems.<id>]``. ``smsgw config check FILE`` runs the same checks.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ MODEM_KEYS = frozenset({*CAP_KEYS, *MODEM_OPTIONS})
 class _Reader:
     """Typed access to a parsed TOML document; every error names the file and the key path."""
 
-    def __init__(self, source: str, *, read_secrets: bool = True) -> None:
+    def __init__(self, source: str, *, read_secrets: bool = True, base_dir: Path | None = None) -> None:
         self.source = source
+        # Relative paths in a fleet file name files next to it, whatever folder a worker is started from.
+        self.base_dir = base_dir
         # Workers that never talk to a Sync URL (modem workers, the parked CLI) do not read secret files: they
         # need not be mounted in their containers (each container gets only the secrets it uses).
         self.read_secrets = read_secrets
@@ -106,18 +108,24 @@ class _Reader:
             raise self.error(path, f"expected a string, got {_toml_type(value)}")
         return value
 
+    def resolve(self, name: str) -> Path:
+        """``name`` as a path: a relative one is taken from the fleet file's folder (``base_dir``)."""
+        path = Path(name).expanduser()
+        return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+
     def secret_file(self, value: Any, path: str) -> str:
         name = self.string(value, path)
         if not self.read_secrets:
             return ""
+        file = self.resolve(name)
         try:
             # Docker/compose secrets end with a newline; a secret never does.
-            return Path(name).read_text(encoding="utf-8").strip()
+            return file.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError as exc:
-            raise self.error(path, f"cannot read the secret file {name}: {not_utf8(exc)}") from None
+            raise self.error(path, f"cannot read the secret file {file}: {not_utf8(exc)}") from None
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the path (open() refuses it)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise self.error(path, f"cannot read the secret file: {reason}") from None
+            raise self.error(path, f"cannot read the secret file {file}: {reason}") from None
 
     def option(self, key: str, var_name: str, value: Any, path: str) -> Any:
         """Parse the option ``key`` with the parser of the variable ``var_name`` it mirrors."""
@@ -197,8 +205,10 @@ def _endpoint(reader: _Reader, raw: Any, path: str) -> EndpointConfig:
             values[key] = default_of(var_name)
     if values["result_interval"] is None:
         values["result_interval"] = values["task_interval"]
+    values["secret_origin"] = f"{reader.source} {path}.secret"
     if "secret_file" in table:  # the file wins: compose secrets keep the value out of the config file
         values["secret"] = reader.secret_file(table["secret_file"], f"{path}.secret_file")
+        values["secret_origin"] = f"{reader.source} {path}.secret_file ({reader.resolve(table['secret_file'])})"
     signing_key = reader.string(table.get("signing_key", ""), f"{path}.signing_key")
     if "signing_key_file" in table:
         signing_key = reader.secret_file(table["signing_key_file"], f"{path}.signing_key_file")
@@ -243,15 +253,17 @@ def parse_fleet(
     *,
     read_secrets: bool = True,
     modem_defaults: ModemLimits | None = None,
+    base_dir: Path | None = None,
 ) -> FleetConfig:
     """Validate a parsed fleet file; ``read_secrets=False`` leaves ``secret_file``/``signing_key_file`` unread
     (their endpoints' secrets are empty) for workers that never talk to a Sync URL. ``modem_defaults`` (default:
-    the variables' defaults) are the limits every ``[modems.<id>]`` table starts from.
+    the variables' defaults) are the limits every ``[modems.<id>]`` table starts from. Relative secret file
+    paths are read from ``base_dir`` (the fleet file's folder; None: the current folder).
 
     Raises:
         ConfigError: one line naming ``source``, the key path and the problem.
     """
-    reader = _Reader(source, read_secrets=read_secrets)
+    reader = _Reader(source, read_secrets=read_secrets, base_dir=base_dir)
     defaults = ModemLimits() if modem_defaults is None else modem_defaults
     reader.unknown_keys(document, {"endpoints", "routes", "modems"}, "")
     raw_endpoints = document.get("endpoints", [])
@@ -311,7 +323,8 @@ def load_fleet_file(path: str, *, read_secrets: bool = True, modem_defaults: Mod
         raise ConfigError(f"{path}: not valid TOML: {not_utf8(exc)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    fleet = parse_fleet(document, path, read_secrets=read_secrets, modem_defaults=modem_defaults)
+    folder = Path(path).expanduser().absolute().parent
+    fleet = parse_fleet(document, path, read_secrets=read_secrets, modem_defaults=modem_defaults, base_dir=folder)
     warn_if_readable_secrets(path, document, mode)
     return fleet
 

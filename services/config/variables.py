@@ -11,6 +11,7 @@ variable (``ConfigError``), instead of failing later on the first SMS.
 from __future__ import annotations
 
 import math
+import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +61,27 @@ class EnvVar:
 
 def _str(name: str, raw: str) -> str:
     return raw
+
+
+#: The state directory of a host install, when the worker may write there.
+SYSTEM_STATE_DIR = "/var/lib/smsgw"
+
+
+def default_state_dir() -> str:
+    """An absolute state directory, the same from any folder a worker starts in: ``SYSTEM_STATE_DIR`` when it
+    is (or its parent folder is) a writable directory, else ``$XDG_STATE_HOME/smsgw`` (``~/.local/state/smsgw``)."""
+    system = SYSTEM_STATE_DIR
+    probe = system if os.path.isdir(system) else os.path.dirname(system)
+    if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
+        return system
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "smsgw")
+
+
+def _state_dir(name: str, raw: str) -> str:
+    # Empty: an absolute default. A relative var/state made two workers started from two folders use two ledgers.
+    return raw.strip() or default_state_dir()
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -337,9 +359,10 @@ PROCESS_VARS = _table(
     EnvVar("SMSGW_PREFETCH", "16", "unacked deliveries per consumer", _int(1)),
     EnvVar(
         "SMSGW_STATE_DIR",
-        "var/state",
-        "directory of the outbound ledger (shared by the modem workers and task pollers of one host)",
-        _str,
+        "",
+        "directory of the outbound ledger (shared by the modem workers and task pollers of one host); empty = "
+        "/var/lib/smsgw when writable, else ~/.local/state/smsgw",
+        _state_dir,
     ),
     EnvVar(
         "SMSGW_LEDGER_URL",

@@ -54,11 +54,14 @@ class PeerUnavailableError(PeerError):
 def missing_reason(kind: PeerKind) -> str | None:
     """Why ``kind`` cannot run here (missing tool or install), or None when it can."""
     if kind == "seedphp":
+        installed = (SEEDPHP_DIR / "index.php").is_file()
+        # Checked before php: without the seed docs install.sh installs neither the sample nor php, so the
+        # missing docs are the real reason (a clone without ../shared).
+        if not installed and not SEED_DOCS.is_file():
+            return f"no seed PHP sample: the seed docs are not at {SEED_DOCS} (a shared/ folder next to the clone)"
         if shutil.which("php") is None:
             return f"php is not installed ({INSTALL_HINT})"
-        if not (SEEDPHP_DIR / "index.php").is_file():
-            if not SEED_DOCS.is_file():
-                return f"no seed PHP sample: the seed docs are not at {SEED_DOCS} (a shared/ folder next to the clone)"
+        if not installed:
             return f"{SEEDPHP_DIR / 'index.php'} is missing ({INSTALL_HINT})"
         return None
     if shutil.which("node") is None:

@@ -23,8 +23,8 @@ import pytest
 from reference_server.server import ReferenceServer
 from scripts.stack import Stack
 from services.topology import OUTBOUND_QUEUE, events_queue_for, outbound_queue_for, parked_queue_for
-from tests.conftest import PG_TEST_URL, free_port, private_schema, wait_for
 from tests.chaos.proxy import TcpProxy
+from tests.conftest import PG_TEST_URL, free_port, private_schema, wait_for
 from tests.test_e2e_fleet import metric, toml_str, tracebacks
 
 SECRET = "ledger-outage-s3cret"

@@ -27,19 +27,16 @@ from services.config.fleet import (
 )
 from services.config.fleet_file import ENDPOINT_KEYS, MODEM_KEYS, load_fleet, load_fleet_file, parse_fleet
 from services.config.process import Settings, modem_id_from_port, with_amqp_password
+from services.config.sources import ConfigError, amqp_urls, read_secret_file, redact_url
 from services.config.variables import (
     AUTO_PORT,
     ENV_VARS,
     SYNC_FIELDS,
-    ConfigError,
     EnvVar,
     ResultsShape,
     SyncFormat,
     SyncMethod,
-    amqp_urls,
-    read_secret_file,
     read_var,
-    redact_url,
 )
 from services.config.worker_env import WorkerEnv
 

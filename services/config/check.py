@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from services.config.fleet import describe_fleet
 from services.config.fleet_file import load_fleet_file
-from services.config.variables import ConfigError, read_var
+from services.config.sources import ConfigError
+from services.config.variables import read_var
 
 
 def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -> int:

@@ -29,18 +29,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from services.config.sources import ConfigError, read_secret_file, redact_url
 from services.config.variables import (
     ENDPOINT_VARS,
     MODEM_VARS,
-    ConfigError,
     ResultsShape,
     SyncFormat,
     SyncMethod,
     check_xml_keys,
     default_of,
-    read_secret_file,
     read_var,
-    redact_url,
 )
 
 DEFAULT_ENDPOINT = "default"

@@ -31,7 +31,8 @@ from services.config.fleet import (
     fleet_from_env,
 )
 from services.config.process import Settings
-from services.config.variables import ENV_VARS, ConfigError, check_xml_keys, default_of, not_utf8
+from services.config.sources import ConfigError, not_utf8
+from services.config.variables import ENV_VARS, check_xml_keys, default_of
 from services.config.worker_env import WorkerEnv
 
 log = logging.getLogger(__name__)

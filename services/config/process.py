@@ -14,16 +14,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from services.config.variables import (
-    AUTO_PORT,
-    PROCESS_VARS,
-    ConfigError,
-    amqp_urls,
-    default_of,
-    read_secret_file,
-    read_var,
-    redact_url,
-)
+from services.config.sources import ConfigError, amqp_urls, read_secret_file, redact_url
+from services.config.variables import AUTO_PORT, PROCESS_VARS, default_of, read_var
 
 
 @dataclass(frozen=True)

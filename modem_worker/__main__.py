@@ -10,6 +10,7 @@ from modem_worker.port_check import modem_port_problem
 from services.broker import PublisherThread
 from services.config import ConfigError, Settings, WorkerEnv
 from services.runtime import (
+    LEDGER_START_WAIT_S,
     check,
     heartbeat_path,
     install_stop_signals,
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     fleet = load_fleet_config("modem_worker", ENV, settings, read_secrets=False)  # no Sync URL here
     if fleet is None or not _sim_pin_readable(settings):
         return 2
-    ledger = open_ledger("modem_worker", settings)
+    ledger = open_ledger("modem_worker", settings, wait_s=0.0 if args.check else LEDGER_START_WAIT_S)
     if ledger is None:
         return 1
     topology = Topology.of(fleet, modems=[settings.modem_id])

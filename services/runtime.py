@@ -127,20 +127,23 @@ def load_fleet_config(
 LEDGER_START_WAIT_S = 300.0
 
 
-def open_ledger(worker: str, settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> Ledger | None:
+def open_ledger(
+    worker: str, settings: Settings, *, wait_s: float = 0.0, sleep: Callable[[float], None] = time.sleep
+) -> Ledger | None:
     """Open the never-twice ledger (SMSGW_LEDGER_URL, else SQLite in SMSGW_STATE_DIR), creating or migrating
     its schema; None, after one line on stderr, when it cannot be opened.
 
     Workers that send (modem_worker) or claim (task_poller) SMS must not start without it: it is what keeps
-    an SMS from going out twice. A PostgreSQL ledger that does not answer is an outage to wait out: one WARNING
-    line, then tries for up to ``LEDGER_START_WAIT_S`` (``sleep`` waits between them) before giving up.
+    an SMS from going out twice. A worker starting to serve (``wait_s``: ``LEDGER_START_WAIT_S``) waits out a
+    PostgreSQL ledger that does not answer: one WARNING line, then tries for up to ``wait_s`` (``sleep`` waits
+    between them) before giving up; ``--check`` (``wait_s`` 0) answers at once.
     """
     waited = Retrying(
         retry=retry_if_exception_type(LedgerError),
-        stop=stop_after_delay(LEDGER_START_WAIT_S if settings.ledger_url else 0),
+        stop=stop_after_delay(wait_s if settings.ledger_url else 0),
         wait=wait_exponential(multiplier=1, max=30),
         sleep=sleep,
-        before_sleep=lambda state: _waiting_for_ledger(worker, settings, state),
+        before_sleep=lambda state: _waiting_for_ledger(worker, wait_s, state),
         reraise=True,
     )
     try:
@@ -156,7 +159,7 @@ def open_ledger(worker: str, settings: Settings, *, sleep: Callable[[float], Non
         return None
 
 
-def _waiting_for_ledger(worker: str, settings: Settings, state: RetryCallState) -> None:
+def _waiting_for_ledger(worker: str, wait_s: float, state: RetryCallState) -> None:
     """One WARNING when the ledger first fails to open at start-up (not one per try)."""
     if state.attempt_number == 1 and state.outcome is not None:
         reason = " ".join(str(state.outcome.exception()).split())
@@ -164,7 +167,7 @@ def _waiting_for_ledger(worker: str, settings: Settings, state: RetryCallState) 
             "%s: the ledger does not answer (%s); waiting up to %.0f s for it before starting",
             worker,
             reason,
-            LEDGER_START_WAIT_S,
+            wait_s,
         )
 
 

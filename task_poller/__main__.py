@@ -17,6 +17,7 @@ from services.config import (
     require_sync_urls,
 )
 from services.runtime import (
+    LEDGER_START_WAIT_S,
     check,
     heartbeat_path,
     install_stop_signals,
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if fleet is None:
         return 2
     endpoints = task_endpoints(fleet)
-    ledger = open_ledger("task_poller", settings)
+    ledger = open_ledger("task_poller", settings, wait_s=0.0 if args.check else LEDGER_START_WAIT_S)
     if ledger is None:
         return 1
     topology = Topology.of(fleet)

@@ -395,8 +395,9 @@ def test_query_code_is_answered_with_the_modems_health(stack: Stack, server: Ref
         lambda: [o for o in simulator.outbox() if o["to"] == "+255700000777"], timeout=60, what="the answer to @40"
     )
     [answer] = [o["text"] for o in simulator.outbox() if o["to"] == "+255700000777"]
-    # The reference server answers a bare GET of the Sync URL (no task) with 400: reachable, and saying so.
-    assert answer == "clinic-gw-1: signal 17/31 (-79 dBm), Sync URL HTTP 400, battery 42%"
+    # The reference server answers a bare GET of the Sync URL (no task; the gateway's probe) with 405, counted as a
+    # probe rather than a bad request (issue 16): reachable, and saying so.
+    assert answer == "clinic-gw-1: signal 17/31 (-79 dBm), Sync URL HTTP 405, battery 42%"
     wait_for(server.received, timeout=30, what="the ordinary SMS forwarded")
     assert [m["message"] for m in server.received()] == ["an ordinary SMS"]
     exposition = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text

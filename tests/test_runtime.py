@@ -296,7 +296,7 @@ def test_a_postgresql_ledger_that_does_not_answer_at_start_up_is_waited_for(
     slept: list[float] = []
     pg = Settings.from_env({"SMSGW_LEDGER_URL": "postgresql://smsgw@db/x", "SMSGW_STATE_DIR": str(tmp_path)})
     with caplog.at_level(logging.WARNING, logger="services.runtime"):
-        assert runtime.open_ledger("task_poller", pg, sleep=slept.append) is opened
+        assert runtime.open_ledger("task_poller", pg, wait_s=runtime.LEDGER_START_WAIT_S, sleep=slept.append) is opened
     assert len(tries) == 3 and len(slept) == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "waiting up to 300 s" in warnings[0]
@@ -314,6 +314,6 @@ def test_a_sqlite_ledger_that_cannot_be_opened_fails_at_once(
     monkeypatch.setattr(runtime, "open_ledger_store", broken_open)
     slept: list[float] = []
     local = Settings.from_env({"SMSGW_STATE_DIR": str(tmp_path)})
-    assert runtime.open_ledger("modem_worker", local, sleep=slept.append) is None
+    assert runtime.open_ledger("modem_worker", local, wait_s=300.0, sleep=slept.append) is None
     assert slept == []
     assert "unhealthy: modem_worker: cannot open the ledger" in capsys.readouterr().err

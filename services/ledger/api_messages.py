@@ -1,0 +1,117 @@
+"""The state of messages that entered through the send API (issue 15): idempotency and state history.
+
+Written by two processes, each its own part: ``send_api`` adds a message when it accepts it (keyed by our
+``message_id``, which is also the outbound ledger key, and unique per ``(endpoint, client_id)`` so a retried
+request finds the message it already queued); ``result_reporter`` appends the states the modem worker's events
+report (sent, delivered, failed, unknown) before it tells the endpoint's platform. ``GET /api/v1/messages/<id>``
+reads it.
+
+The SQL stores (SQLite for one host, PostgreSQL for a fleet; same URL as the ledger) implement ``ApiMessages``;
+``MemoryApiMessages`` is the in-memory one for unit tests.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
+
+MessageState = Literal["queued", "sent", "delivered", "failed", "unknown"]
+MESSAGE_STATES: tuple[MessageState, ...] = ("queued", "sent", "delivered", "failed", "unknown")
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One entry of a message's history."""
+
+    state: MessageState
+    at_ms: int  # epoch milliseconds
+    detail: str = ""  # why it failed, the modem that sent it ... (no message body)
+
+
+@dataclass(frozen=True)
+class ApiMessage:
+    """One message (one recipient) accepted by the send API."""
+
+    message_id: str  # our id: OutboundSms.uuid and its ledger key
+    endpoint: str  # the fleet endpoint whose credentials accepted it; its events queue gets its events
+    client_id: str  # the caller's id (RapidPro message id, the REST API's idempotency id); "" = none given
+    recipient: str
+    created_ms: int
+    state: MessageState = "queued"
+    history: tuple[StateChange, ...] = ()
+    status_url: str = ""  # Kannel: the dlr-url of the send request ("" = none)
+    status_mask: int = 0  # Kannel: the dlr-mask of the send request (0 = no reports)
+
+
+class ApiMessages(Protocol):
+    """The store of send-API messages. Every method raises ``LedgerError`` when the store does not answer."""
+
+    def add(self, message: ApiMessage) -> tuple[ApiMessage, bool]:
+        """Store ``message`` unless a message with its ``message_id``, or (when ``client_id`` is not empty) its
+        ``(endpoint, client_id, recipient)``, exists; return the stored message and whether it was added now."""
+        ...
+
+    def get(self, message_id: str) -> ApiMessage | None:
+        """The message with this id, or None."""
+        ...
+
+    def record_state(self, message_id: str, change: StateChange) -> ApiMessage | None:
+        """Append ``change`` to the history and make it the current state (a repeat of the last recorded
+        state is not appended again); None when no such message exists."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+class MemoryApiMessages:
+    """``ApiMessages`` in memory, for unit tests."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, ApiMessage] = {}
+        self._lock = threading.Lock()
+
+    def add(self, message: ApiMessage) -> tuple[ApiMessage, bool]:
+        """See ``ApiMessages.add``."""
+        with self._lock:
+            for stored in self._by_id.values():
+                if stored.message_id == message.message_id or (
+                    message.client_id
+                    and (stored.endpoint, stored.client_id, stored.recipient)
+                    == (message.endpoint, message.client_id, message.recipient)
+                ):
+                    return stored, False
+            self._by_id[message.message_id] = message
+            return message, True
+
+    def get(self, message_id: str) -> ApiMessage | None:
+        """See ``ApiMessages.get``."""
+        with self._lock:
+            return self._by_id.get(message_id)
+
+    def record_state(self, message_id: str, change: StateChange) -> ApiMessage | None:
+        """See ``ApiMessages.record_state``."""
+        with self._lock:
+            stored = self._by_id.get(message_id)
+            if stored is None:
+                return None
+            if stored.history and stored.history[-1].state == change.state:
+                return stored
+            updated = replace(stored, state=change.state, history=(*stored.history, change))
+            self._by_id[message_id] = updated
+            return updated
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def open_api_messages(ledger_url: str, state_dir: str) -> ApiMessages:
+    """Open the send-API message store beside the ledger named by ``ledger_url`` (same rules as
+    ``open_ledger``), creating or migrating its table.
+
+    Raises LedgerError when the store cannot be opened.
+    """
+    # Placeholder until the SQL stores land (issue 15, send_api): fail loudly rather than keep state in memory.
+    raise NotImplementedError("the SQL send-API message store is not built yet")

@@ -45,12 +45,16 @@ def keyring_of(fleet: FleetConfig) -> Keyring:
     return Keyring(Credentials.of(e) for e in fleet.endpoints)
 
 
-def require_credentials(fleet: FleetConfig) -> None:
-    """Raises ConfigError when no endpoint has an api_key or a Kannel login (nothing could ever be accepted)."""
+def say_missing_credentials(fleet: FleetConfig) -> None:
+    """One WARNING when no endpoint has an api_key or a Kannel login: every request is refused until one has.
+
+    Not a configuration error: compose starts send_api by default, also where no platform uses it yet.
+    """
     if not keyring_of(fleet):
-        raise ConfigError(
-            f"{fleet.source}: endpoints: no endpoint has an api_key or a username and password, so the send API "
-            "would refuse every request"
+        log.warning(
+            "send_api: no endpoint in %s has an api_key or a username and password: every request is refused "
+            "(401/403) until one has",
+            fleet.source,
         )
 
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"send_api: configuration error: {exc}", file=sys.stderr)
         return 2
-    fleet = load_fleet_config("send_api", ENV, settings, require=None if args.check else require_credentials)
+    fleet = load_fleet_config("send_api", ENV, settings)
     if fleet is None:
         return 2
     topology = Topology.of(fleet)
@@ -122,6 +126,7 @@ def serve(settings: Settings, api: ApiSettings, fleet: FleetConfig, topology: To
         sock.close()
         print(f"unhealthy: send_api: {store}", file=sys.stderr)
         return 1
+    say_missing_credentials(fleet)
     init_metrics(fleet.endpoint_names)
     if settings.metrics_port is None:
         settings = dataclasses.replace(settings, metrics_port=DEFAULT_METRICS_PORT)

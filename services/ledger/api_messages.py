@@ -14,35 +14,20 @@ from __future__ import annotations
 
 import threading
 import urllib.parse
-from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from dataclasses import replace
+from typing import Protocol
 
-MessageState = Literal["queued", "sent", "delivered", "failed", "unknown"]
-MESSAGE_STATES: tuple[MessageState, ...] = ("queued", "sent", "delivered", "failed", "unknown")
+from services.ledger.api_records import MESSAGE_STATES, ApiMessage, MessageState, StateChange
 
-
-@dataclass(frozen=True)
-class StateChange:
-    """One entry of a message's history."""
-
-    state: MessageState
-    at_ms: int  # epoch milliseconds
-    detail: str = ""  # why it failed, the modem that sent it ... (no message body)
-
-
-@dataclass(frozen=True)
-class ApiMessage:
-    """One message (one recipient) accepted by the send API."""
-
-    message_id: str  # our id: OutboundSms.uuid and its ledger key
-    endpoint: str  # the fleet endpoint whose credentials accepted it; its events queue gets its events
-    client_id: str  # the caller's id (RapidPro message id, the REST API's idempotency id); "" = none given
-    recipient: str
-    created_ms: int
-    state: MessageState = "queued"
-    history: tuple[StateChange, ...] = ()
-    status_url: str = ""  # Kannel: the dlr-url of the send request ("" = none)
-    status_mask: int = 0  # Kannel: the dlr-mask of the send request (0 = no reports)
+__all__ = [
+    "MESSAGE_STATES",
+    "ApiMessage",
+    "ApiMessages",
+    "MemoryApiMessages",
+    "MessageState",
+    "StateChange",
+    "open_api_messages",
+]
 
 
 class ApiMessages(Protocol):
@@ -136,7 +121,7 @@ def open_api_messages(ledger_url: str, state_dir: str) -> ApiMessages:
     Raises LedgerError when the store cannot be opened or the URL has another scheme, OSError when the SQLite
     directory cannot be created.
     """
-    # Imported here: the SQL stores import this module (the dataclasses), and unit tests need only the above.
+    # Imported here: unit tests of the memory store need neither SQL backend (nor psycopg) loaded.
     from services.ledger import sqlite_path
     from services.ledger.api_sql import open_postgres, open_sqlite
     from services.ledger.records import LedgerError

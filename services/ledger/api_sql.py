@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from services.ledger.api_messages import MESSAGE_STATES, ApiMessage, MessageState, StateChange
+from services.ledger.api_records import MESSAGE_STATES, ApiMessage, MessageState, StateChange
 from services.ledger.migrations import POSTGRES, SQLITE, Dialect
 from services.ledger.postgres import PostgresLedger
 from services.ledger.records import LedgerError

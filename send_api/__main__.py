@@ -164,11 +164,10 @@ def _wait(stop: threading.Event, server: ApiServer, depths: QueueDepths, store: 
     while not stop.wait(5.0) and server.running:
         depths.keep_alive()
         waited += 5.0
-        prune = getattr(store, "prune", None)
-        if prune is not None and waited >= PRUNE_EVERY_S:
+        if waited >= PRUNE_EVERY_S:
             waited = 0.0
             try:
-                prune(keep_s)
+                store.prune(keep_s)
             except LedgerError as exc:
                 log.warning("send_api: cannot prune old messages (%s); trying again in an hour", exc)
 

@@ -48,13 +48,12 @@ class Credentials:
     def of(cls, endpoint: EndpointConfig) -> Credentials:
         """The credentials of a fleet endpoint (``kind``, ``api_key``, ``username``, ``password``: issue 15's
         fleet keys; an endpoint without them accepts nothing)."""
-        # getattr: the fleet keys of the endpoint kinds land in EndpointConfig beside this worker (issue 15).
         return cls(
             endpoint=endpoint.name,
-            kind=str(getattr(endpoint, "kind", "smssync")),
-            api_key=str(getattr(endpoint, "api_key", "") or ""),
-            username=str(getattr(endpoint, "username", "") or ""),
-            password=str(getattr(endpoint, "password", "") or ""),
+            kind=endpoint.kind,
+            api_key=endpoint.api_key,
+            username=endpoint.username,
+            password=endpoint.password,
         )
 
     def key_matches(self, presented: str) -> bool:

@@ -54,6 +54,10 @@ class ApiMessages(Protocol):
         when the caller retries (never-twice then rests on the outbound ledger)."""
         ...
 
+    def prune(self, older_than_s: float) -> int:
+        """Forget messages unchanged for ``older_than_s`` seconds; return how many."""
+        ...
+
     def close(self) -> None:
         """Release the connection."""
         ...
@@ -105,6 +109,10 @@ class MemoryApiMessages:
             updated = replace(stored, state="queued", history=(StateChange("queued", at_ms),))
             self._by_id[message_id] = updated
             return updated
+
+    def prune(self, older_than_s: float) -> int:
+        """See ``ApiMessages.prune``: in memory, messages are kept for the test's life."""
+        return 0
 
     def close(self) -> None:
         """Nothing to release."""

@@ -44,11 +44,14 @@ from dataclasses import dataclass
 
 from result_reporter import metrics
 from result_reporter.events import HeldEvents, HoldsDeliveries, PendingRow
+from result_reporter.pusher import StateRecorder
 from result_reporter.results_http import MAX_ERROR_CHARS, ResultsRequests, RoundError
 from result_reporter.shape import ShapeWatch
 from services import liveness
 from services.broker import BrokerError, HeldDelivery
 from services.config import EndpointConfig
+from services.ledger import LedgerError
+from services.ledger.api_messages import ApiMessages
 from services.logs import OutageLog, UnexpectedErrors
 from services.result_codes import Convention, result_row
 from services.sync_client import SyncEndpoint
@@ -104,9 +107,13 @@ class ResultReporter:
         keep_rounds: int = KEEP_ROUNDS,
         keep_at_least_s: float = KEEP_AT_LEAST_S,
         clock: Callable[[], float] = time.monotonic,
+        store: ApiMessages | None = None,
     ) -> None:
         """``consumer`` holds the deliveries of ``events_queue_for(endpoint.name)``; ``client`` talks to
-        ``endpoint.sync_url`` (the caller owns and closes it). Initialises the endpoint's metrics at 0."""
+        ``endpoint.sync_url`` (the caller owns and closes it); ``store``: the send-API message store, for an
+        endpoint the REST API may send for (its states are recorded before their events are acked).
+        Initialises the endpoint's metrics at 0."""
+        self._states = StateRecorder(store) if store is not None else None
         self.endpoint = endpoint
         self._name = endpoint.name
         self._consumer = consumer
@@ -170,6 +177,7 @@ class ResultReporter:
         """
         self._round_no += 1
         self.collect()
+        self._record_states()
         duplicates = self._events.ack_duplicates()
         if duplicates:
             self._count_rows("duplicate", duplicates)
@@ -208,6 +216,23 @@ class ResultReporter:
         return RoundResult(
             reported=reported, waiting=waiting, dropped=dropped, duplicates=duplicates, refused=refused, parked=parked
         )
+
+    def _record_states(self) -> None:
+        """Record the held events' states in the send-API message store (REST API messages of this endpoint),
+        before any of them is acked; a state already recorded is not written again.
+
+        Raises:
+            RoundError: the store did not answer (nothing is acked: the round is tried again).
+        """
+        if self._states is None:
+            return
+        try:
+            for entry in self._events.pending.values():
+                for event in (entry.sent, entry.delivery):
+                    if event is not None:
+                        self._states.record(event)
+        except LedgerError as exc:
+            raise RoundError(f"the send-API message store did not answer: {clip(str(exc), MAX_ERROR_CHARS)}") from None
 
     def _waited_for(self) -> set[str]:
         """The uuids the server waits for (``GET ?task=result``).

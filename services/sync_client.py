@@ -150,17 +150,19 @@ class SyncEndpoint(Protocol):
 class SyncClient:
     """HTTP client for one endpoint's Sync URL (thread-safe). ``close()`` it when done."""
 
-    def __init__(self, endpoint: EndpointConfig) -> None:
+    def __init__(self, endpoint: EndpointConfig, url: str | None = None) -> None:
+        """A client of ``url`` (default: the endpoint's ``url``, its Sync URL or the URL of its kind); Basic auth
+        from ``user:pass@`` in it and the endpoint's signing key apply to every request it sends."""
         self._name = endpoint.name
         self._timeout = endpoint.http_timeout
-        self._url = Endpoint.parse(endpoint.sync_url)
+        self._url = Endpoint.parse(endpoint.url if url is None else url)
         self._auth = SyncAuth(self._url.auth, endpoint.signing_key)
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         # (first URL, final URL) of the redirects already logged: a poll every few seconds must not repeat them.
         self._redirects_logged: set[tuple[str, str]] = set()
-        self.redacted_url = endpoint.redacted_url
+        self.redacted_url = redact_url(self._url.url) if url is not None else endpoint.redacted_url
 
     def __repr__(self) -> str:
         return f"SyncClient({self._name!r}, {self.redacted_url!r})"
@@ -201,6 +203,17 @@ class SyncClient:
                 unreadable Location, or more than ``MAX_REDIRECTS`` of them.
         """
         return self._follow(method, self._url.url, body, content_type)
+
+    def send_to(self, method: str, url: str, body: bytes | None, content_type: str | None) -> SyncAnswer:
+        """Send a request to ``url`` instead of the client's URL (a RapidPro status URL derived from the receive
+        URL, a filled Kannel template, a dlr-url), with every guarantee of ``send``; ``user:pass@`` in ``url``
+        is dropped (the client's own credentials apply).
+
+        Raises:
+            requests.RequestException: network error or time-out.
+            RedirectRefused: as ``send`` says.
+        """
+        return self._follow(method, Endpoint.parse(url).url, body, content_type)
 
     def probe(self) -> SyncAnswer:
         """A bare GET of the Sync URL (no query, no secret), redirects not followed: for the @20 query code and

@@ -26,6 +26,7 @@ from services.config import (
     WorkerEnv,
     require_sync_urls,
 )
+from services.platforms import init_endpoint_info
 from services.runtime import (
     check,
     heartbeat_path,
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return check(settings, topology, heartbeat=heartbeat_path(settings, "sync_worker"))
     # Series at 0 before /metrics answers: a scrape must never see a counter appear later at 1.
     metrics.init_sync_worker([e.name for e in endpoints], [inbound_queue_for(e.name) for e in endpoints], PARK_AT_ONCE)
+    init_endpoint_info(endpoints)
     start_metrics(settings, "sync_worker")
     start_liveness(settings, "sync_worker")
     return serve(settings, endpoints, topology)
@@ -150,7 +152,9 @@ class InboundLane:
             topology=topology,
             max_retry_age_s=endpoint.max_retry_age,
         )
-        return cls(endpoint, publisher, client, consumer, SyncUrlProbe(endpoint, settings.probe_interval, health))
+        # Only a Sync URL is probed: a GET of a courier receive URL or a Kannel get-url is a request of its own.
+        interval = settings.probe_interval if endpoint.kind == "smssync" else 0.0
+        return cls(endpoint, publisher, client, consumer, SyncUrlProbe(endpoint, interval, health))
 
     def close(self) -> None:
         """Release the publisher and the HTTP client (after the consumer stopped)."""
@@ -197,7 +201,9 @@ def serve(settings: Settings, endpoints: Sequence[EndpointConfig], topology: Top
     install_stop_signals(on_stop)
     log.info(
         "sync_worker started: %s",
-        ", ".join(f"endpoint {lane.endpoint.name} (Sync URL {lane.endpoint.redacted_url})" for lane in lanes),
+        ", ".join(
+            f"endpoint {lane.endpoint.name} ({lane.endpoint.kind} {lane.endpoint.redacted_url})" for lane in lanes
+        ),
     )
     for probe in probes:
         probe.start()

@@ -1,5 +1,9 @@
 """Inbound leg of one endpoint: one queued SMS -> one request to its Sync URL -> ack, retry later, or park.
 
+The request is the endpoint kind's (services/platforms/: an SMSsync sync request, courier's receive form, a
+Kannel get-url, a signed webhook event); filters, retries, budgets, parking and metrics are the same for every
+kind. Only an SMSsync server answers with replies to queue; only it gets query codes and the auto-response.
+
 Every endpoint with ``inbound = true`` has its own copy of each SMS (``smsgw.inbound.<endpoint>``, filled by the
 ``smsgw.inbound`` fanout exchange) and its own ``SyncForwarder``: its filter, secret, sync scheme, replies and
 budgets apply to its copy only, so one endpoint's verdict never touches another's.
@@ -26,6 +30,7 @@ import requests
 from services import broker
 from services.broker import Ack, BrokerError, Budget, Decision, Delivery, MessagePublisher, Park, Publication, Retry
 from services.config import DEFAULT_ENDPOINT, EndpointConfig
+from services.platforms import Platform, is_refusal, kannel, rapidpro, smssync, webhook
 from services.routing import reply_route
 from services.schemas import InboundSms, OutboundSms, SchemaError, SentEvent
 from services.sync_client import RedirectRefused, SyncAnswer, SyncClient
@@ -34,14 +39,12 @@ from services.sync_protocol import (
     Payload,
     ReplyError,
     SyncEncodingError,
-    SyncScheme,
     TaskMessage,
     clip,
     describe_body,
     mask_secrets,
     parse_payload,
     status_hint,
-    sync_form,
 )
 from services.topology import events_queue_for
 from sync_worker import metrics, query_codes
@@ -134,8 +137,11 @@ class SyncForwarder:
         *,
         modem_failover_s: float = 0.0,
         health: SyncUrlHealth | None = None,
+        platform: Platform | None = None,
     ) -> None:
+        """``platform`` (default: the endpoint kind's, over ``client``) sends each SMS."""
         self._endpoint = endpoint
+        self._platform = platform or platform_over(endpoint, client)
         # Every request's outcome is the truth about the Sync URL (smsgw_sync_url_up, sync_worker/probe.py).
         self._health = health or SyncUrlHealth(endpoint.name, endpoint.redacted_url)
         self._name = endpoint.name
@@ -145,7 +151,6 @@ class SyncForwarder:
         # A 200 whose body says nothing readable (200 "{}", an HTML page) may have stored the SMS, like a refusal:
         # the same bound (max_refusals), counted apart, so an outage spends neither.
         self._unreadable = Budget(HEADER_UNREADABLE, endpoint.max_refusals, "unreadable replies", "bad_reply")
-        self._scheme = SyncScheme(endpoint.sync_method, endpoint.sync_format, dict(endpoint.sync_keys))
         self._replies = ReplyPublisher(publisher, endpoint.name, modem_failover_s)
         self.redacted_url = endpoint.redacted_url
         init_metrics(endpoint.name)
@@ -192,6 +197,8 @@ class SyncForwarder:
             # A misconfiguration (or a hijacked server), not a passing fault: park at once, like a 4xx.
             metrics.SYNC_REQUESTS.labels(self._name, "rejected").inc()
             return Park(str(exc), label="redirect")
+        if self._endpoint.kind != "smssync":
+            return self._judge_platform(sms, answer)
         try:
             return self._judge(sms, answer)
         except BrokerError as exc:
@@ -200,17 +207,16 @@ class SyncForwarder:
             return Retry(f"accepted, but its replies could not be queued: {exc}")
 
     def _send(self, sms: InboundSms) -> SyncAnswer:
-        """Send ``sms`` in the endpoint's sync scheme.
+        """Send ``sms`` as the endpoint's kind does (``Platform.deliver``).
 
         Raises:
             requests.RequestException: the server could not be reached or did not answer in time.
             SyncEncodingError, UnicodeError: the SMS cannot be written in the configured format.
             RedirectRefused: the Sync URL redirects to another host, to plain http, or in a loop.
         """
-        body, content_type = self._scheme.encode(sync_form(sms, self._endpoint.secret, self._endpoint.device_id))
         started = time.monotonic()
         try:
-            answer = self._client.send(self._scheme.method, body, content_type)
+            answer = self._platform.deliver(sms)
         except (requests.RequestException, RedirectRefused) as exc:
             self._health.request_failed(f"{type(exc).__name__}: {clip(mask_secrets(str(exc)), 200)}")
             raise
@@ -257,6 +263,31 @@ class SyncForwarder:
             return Retry(reason, budget=self._server_errors)
         return Retry(reason)
 
+    def _judge_platform(self, sms: InboundSms, answer: SyncAnswer) -> Decision:
+        """Ack, retry or park an SMS from the HTTP status a rapidpro, kannel or webhook endpoint answered: 2xx
+        delivered; another 4xx than 408/429 a refusal (bounded by ``max_refusals``, or parked at once with
+        ``refusal_is_final``); anything else an outage to wait out."""
+        status = answer.status
+        if 200 <= status < 300:
+            self._accepted(sms)
+            return Ack()
+        reason = (
+            f"{self._endpoint.kind} endpoint answered HTTP {status}: {describe_body(answer.text, ERROR_PAGE_CHARS)}"
+        )
+        if is_refusal(status):
+            metrics.SYNC_REQUESTS.labels(self._name, "refused").inc()
+            if self._endpoint.refusal_is_final:
+                return Park(f"{reason}; not retried (refusal_is_final is on)", label="refused")
+            return Retry(reason, budget=self._refusals)
+        metrics.SYNC_REQUESTS.labels(self._name, "server_error").inc()
+        return Retry(reason)
+
+    def _accepted(self, sms: InboundSms) -> None:
+        """Count and log an SMS the endpoint accepted."""
+        metrics.SYNC_REQUESTS.labels(self._name, "accepted").inc()
+        metrics.SYNC_END_TO_END_SECONDS.labels(self._name).observe(max(0.0, time.time() - sms.received_at / 1000))
+        log.info("SMS %s accepted by endpoint %s", sms.message_id, self._name)
+
     def _judge(self, sms: InboundSms, answer: SyncAnswer) -> Decision:
         """Ack, retry or park an SMS from the Sync URL's answer; queues the replies of an accepted one.
 
@@ -280,9 +311,7 @@ class SyncForwarder:
             # the server's own words so an operator can fix it and replay.
             # Count refusals on their own: retries after an outage must not eat this budget.
             return Retry(reason, budget=self._refusals)
-        metrics.SYNC_REQUESTS.labels(self._name, "accepted").inc()
-        metrics.SYNC_END_TO_END_SECONDS.labels(self._name).observe(max(0.0, time.time() - sms.received_at / 1000))
-        log.info("SMS %s accepted by endpoint %s", sms.message_id, self._name)
+        self._accepted(sms)
         self._replies.report_failed(self._skip_invalid(sms, payload), EMPTY_TEXT_DETAIL)
         outbound = self._replies_to(sms, payload.task, payload.messages)
         self._replies.publish(sms, outbound)
@@ -365,6 +394,17 @@ class SyncForwarder:
                 )
             )
         return outbound
+
+
+def platform_over(endpoint: EndpointConfig, client: SyncClient) -> Platform:
+    """The ``Platform`` of ``endpoint``'s kind sending through ``client`` (the lane's one HTTP client)."""
+    if endpoint.kind == "rapidpro":
+        return rapidpro.RapidPro(endpoint, client)
+    if endpoint.kind == "kannel":
+        return kannel.Kannel(endpoint, client)
+    if endpoint.kind == "webhook":
+        return webhook.Webhook(endpoint, client)
+    return smssync.Smssync(endpoint, client)
 
 
 def _server_error(body: str) -> str:

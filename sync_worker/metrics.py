@@ -20,6 +20,7 @@ from services.metrics import (
     init_consumer,
     register_group,
 )
+from services.platforms import ENDPOINT_INFO
 
 # --- inbound queue -> Sync URL ------------------------------------------------------------------------------
 SYNC_REQUESTS = Counter(
@@ -71,6 +72,7 @@ register_group(
     REPLIES_QUEUED,
     REPLIES_SKIPPED,
     SYNC_URL_UP,
+    ENDPOINT_INFO,
     RETRY_BACKLOG,
     RETRY_NEXT_ATTEMPT,
     RETRIES,

@@ -203,7 +203,16 @@ def smsgw(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 def test_smsgw_help_lists_the_subcommands() -> None:
     done = smsgw("--help")
     assert done.returncode == 0, done.stderr
-    for command in ("parked", "config", "check", "modem-worker", "sync-worker", "task-poller", "result-reporter"):
+    for command in (
+        "parked",
+        "config",
+        "check",
+        "modem-worker",
+        "sync-worker",
+        "task-poller",
+        "result-reporter",
+        "send-api",
+    ):
         assert command in done.stdout
     assert "compose-modems" in done.stdout and "one modem worker per device" in " ".join(done.stdout.split())
     assert smsgw("no-such-command").returncode == 2
@@ -212,7 +221,7 @@ def test_smsgw_help_lists_the_subcommands() -> None:
 def test_the_workers_and_their_commands_come_from_entry_points() -> None:
     # services/cli.py names no worker: what it runs is what the installed packages declare (pyproject.toml).
     installed = workers()
-    assert sorted(installed) == ["modem-worker", "result-reporter", "sync-worker", "task-poller"]
+    assert sorted(installed) == ["modem-worker", "result-reporter", "send-api", "sync-worker", "task-poller"]
     assert {name: point.value for name, point in installed.items()}["task-poller"] == "task_poller.__main__:main"
     assert plugin_commands()["compose-modems"].value == "modem_worker.compose_modems:main"
     for point in (*installed.values(), *plugin_commands().values()):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKERS = ("modem_worker", "sync_worker", "task_poller", "result_reporter")
+WORKERS = ("modem_worker", "sync_worker", "task_poller", "result_reporter", "send_api")
 HELP_LINE = re.compile(r"^  (SMSGW_[A-Z_]+) ", re.MULTILINE)
 SMSGW_LITERAL = re.compile(r"SMSGW_[A-Z_]+")
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from services.config.sources import ConfigError, read_secret_file, redact_url
 from services.config.variables import (
@@ -43,10 +44,16 @@ from services.config.variables import (
 
 DEFAULT_ENDPOINT = "default"
 
+#: What an endpoint speaks (issue 15): SMSsync (today's legs), RapidPro's External channel, Kannel's HTTP
+#: interface, or signed JSON webhooks. services/platforms/ has one module per kind.
+EndpointKind = Literal["smssync", "rapidpro", "kannel", "webhook"]
+ENDPOINT_KINDS: tuple[EndpointKind, ...] = ("smssync", "rapidpro", "kannel", "webhook")
+
 
 @dataclass(frozen=True)
 class EndpointConfig:
-    """One SMSsync server the gateway serves: its URL, filters, switches and protocol options."""
+    """One platform the gateway serves (an SMSsync server by default; ``kind``): its URL, filters, switches and
+    protocol options."""
 
     name: str
     sync_url: str
@@ -77,11 +84,22 @@ class EndpointConfig:
     refusal_is_final: bool = False  # park an inbound SMS at the first success:false (SMSGW_REFUSAL_IS_FINAL)
     # Where an operator changes the secret, for hints ("SMSGW_SECRET", "/etc/smsgw/fleet.toml endpoints[1].secret").
     secret_origin: str = "SMSGW_SECRET"  # noqa: S105 - the name of a setting, not a secret
+    kind: EndpointKind = "smssync"
+    # The kind's URL: rapidpro receive_url, kannel get_url (a template), webhook url ("" for smssync).
+    kind_url: str = ""
+    api_key: str = field(default="", repr=False)  # what callers of the send API present for this endpoint
+    username: str = ""  # kannel: /cgi-bin/sendsms credentials
+    password: str = field(default="", repr=False)
+
+    @property
+    def url(self) -> str:
+        """The URL inbound SMS go to: the Sync URL, or the kind's URL (``kind_url``)."""
+        return self.sync_url if self.kind == "smssync" else self.kind_url
 
     @property
     def redacted_url(self) -> str:
-        """The Sync URL with its password and secret masked (for logs)."""
-        return redact_url(self.sync_url)
+        """The endpoint's URL (``url``) with its password and secret masked (for logs)."""
+        return redact_url(self.url)
 
     def filter_reason(self, sender: str, text: str) -> str | None:
         """Why an SMS from ``sender`` is not forwarded to this endpoint (a metric label), or None to forward it.
@@ -273,7 +291,10 @@ def describe_fleet(fleet: FleetConfig) -> str:
         switches = (("inbound", e.inbound), ("tasks", e.tasks), ("results", e.message_results))
         return "+".join(name for name, on in switches if on) or "off"
 
-    names = ", ".join(f"{e.name} ({legs(e)})" for e in fleet.endpoints)
+    def kind(e: EndpointConfig) -> str:
+        return "" if e.kind == "smssync" else f" [{e.kind}]"
+
+    names = ", ".join(f"{e.name}{kind(e)} ({legs(e)})" for e in fleet.endpoints)
     return (
         f"{len(fleet.endpoints)} endpoint(s): {names}; {len(fleet.routes)} route(s); "
         f"{len(fleet.modem_limits)} modem(s) with limits"

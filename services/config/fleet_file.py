@@ -22,6 +22,7 @@ from typing import Any
 
 from services.config.fleet import (
     CAP_KEYS,
+    ENDPOINT_KINDS,
     MODEM_OPTIONS,
     EndpointConfig,
     FleetConfig,
@@ -67,7 +68,35 @@ _ENDPOINT_OPTIONS: dict[str, str] = {
     "secret": "SMSGW_SECRET",
 }
 _LIST_KEYS = ("keywords", "patterns", "allow_senders", "block_senders")
-ENDPOINT_KEYS = frozenset({"name", "secret_file", "signing_key", "signing_key_file", *_LIST_KEYS, *_ENDPOINT_OPTIONS})
+# Keys of one endpoint kind only (issue 15): a key of another kind is an error, said with the kind it belongs to.
+_SMSSYNC_KEYS = frozenset(
+    {
+        "sync_url",
+        "secret",
+        "secret_file",
+        "sync_method",
+        "sync_format",
+        "sync_keys",
+        "results_shape",
+        "sent_ok_code",
+        "task_interval",
+        "result_interval",
+        "reply_from_server",
+        "auto_response",
+        "query_codes",
+        "tasks",
+    }
+)
+KIND_KEYS: dict[str, frozenset[str]] = {
+    "smssync": _SMSSYNC_KEYS | {"signing_key", "signing_key_file"},
+    "rapidpro": frozenset({"receive_url"}),
+    "kannel": frozenset({"get_url", "username", "password", "password_file"}),
+    "webhook": frozenset({"url", "signing_key", "signing_key_file"}),
+}
+# The URL key of each kind other than smssync (EndpointConfig.kind_url).
+KIND_URL_KEYS = {"rapidpro": "receive_url", "kannel": "get_url", "webhook": "url"}
+_COMMON_KEYS = frozenset({"name", "kind", "api_key", "api_key_file", *_LIST_KEYS, *_ENDPOINT_OPTIONS} - _SMSSYNC_KEYS)
+ENDPOINT_KEYS = _COMMON_KEYS.union(*KIND_KEYS.values())
 MODEM_KEYS = frozenset({*CAP_KEYS, *MODEM_OPTIONS})
 
 
@@ -190,14 +219,8 @@ def _compile(reader: _Reader, patterns: Sequence[str], path: str) -> tuple[re.Pa
 def _endpoint(reader: _Reader, raw: Any, path: str) -> EndpointConfig:
     table = reader.table(raw, path)
     reader.unknown_keys(table, ENDPOINT_KEYS, path)
-    if "name" not in table:
-        raise reader.error(f"{path}.name", "required")
-    name = reader.string(table["name"], f"{path}.name")
-    if not _ENDPOINT_NAME.fullmatch(name):
-        raise reader.error(f"{path}.name", f"use 1-32 of a-z, 0-9, '_' or '-', got {name!r}")
-    if name in _RESERVED_NAMES:
-        # smsgw.inbound.parked is the parked queue of the single-endpoint version's inbound queue.
-        raise reader.error(f"{path}.name", f"{name!r} is reserved (it would clash with a parked queue's name)")
+    name = _endpoint_name(reader, table, path)
+    kind = _kind_of(reader, table, path)
     values: dict[str, Any] = {}
     for key, var_name in _ENDPOINT_OPTIONS.items():
         if key in table:
@@ -210,13 +233,14 @@ def _endpoint(reader: _Reader, raw: Any, path: str) -> EndpointConfig:
     if "secret_file" in table:  # the file wins: compose secrets keep the value out of the config file
         values["secret"] = reader.secret_file(table["secret_file"], f"{path}.secret_file")
         values["secret_origin"] = f"{reader.source} {path}.secret_file ({reader.resolve(table['secret_file'])})"
-    signing_key = reader.string(table.get("signing_key", ""), f"{path}.signing_key")
-    if "signing_key_file" in table:
-        signing_key = reader.secret_file(table["signing_key_file"], f"{path}.signing_key_file")
+    signing_key = _secret(reader, table, path, "signing_key")
     lists = {key: reader.strings(table.get(key, []), f"{path}.{key}") for key in _LIST_KEYS}
-    for switch in ("inbound", "tasks", "message_results"):
-        if values[switch] and not values["sync_url"]:
-            raise reader.error(f"{path}.sync_url", f"required with {switch} = true")
+    if kind == "smssync":
+        for switch in ("inbound", "tasks", "message_results"):
+            if values[switch] and not values["sync_url"]:
+                raise reader.error(f"{path}.sync_url", f"required with {switch} = true")
+    else:
+        values.update(_kind_values(reader, table, path, kind))
     if values["sync_format"] == "xml":
         try:
             check_xml_keys(values["sync_keys"], f"{path}.sync_keys")
@@ -229,8 +253,68 @@ def _endpoint(reader: _Reader, raw: Any, path: str) -> EndpointConfig:
         patterns=_compile(reader, lists["patterns"], f"{path}.patterns"),
         allow_senders=lists["allow_senders"],
         block_senders=lists["block_senders"],
+        kind=kind,
+        api_key=_secret(reader, table, path, "api_key"),
         **values,
     )
+
+
+def _endpoint_name(reader: _Reader, table: Mapping[str, Any], path: str) -> str:
+    """The endpoint's ``name``, checked (required, a queue-name-safe word, not reserved)."""
+    if "name" not in table:
+        raise reader.error(f"{path}.name", "required")
+    name = reader.string(table["name"], f"{path}.name")
+    if not _ENDPOINT_NAME.fullmatch(name):
+        raise reader.error(f"{path}.name", f"use 1-32 of a-z, 0-9, '_' or '-', got {name!r}")
+    if name in _RESERVED_NAMES:
+        # smsgw.inbound.parked is the parked queue of the single-endpoint version's inbound queue.
+        raise reader.error(f"{path}.name", f"{name!r} is reserved (it would clash with a parked queue's name)")
+    return name
+
+
+def _kind_of(reader: _Reader, table: Mapping[str, Any], path: str) -> Any:
+    """The endpoint's ``kind`` (default smssync); a key that belongs to another kind is an error naming it."""
+    kind = reader.string(table.get("kind", "smssync"), f"{path}.kind")
+    if kind not in ENDPOINT_KINDS:
+        raise reader.error(f"{path}.kind", f"expected one of {', '.join(ENDPOINT_KINDS)}, got {kind!r}")
+    for key in table:
+        if key in KIND_KEYS[kind] or key in _COMMON_KEYS:
+            continue
+        owners = " or ".join(f'"{k}"' for k, keys in KIND_KEYS.items() if key in keys)
+        raise reader.error(f"{path}.{key}", f'not a key of kind = "{kind}" (it belongs to kind = {owners})')
+    return kind
+
+
+def _secret(reader: _Reader, table: Mapping[str, Any], path: str, key: str) -> str:
+    """The secret ``key`` of an endpoint: from ``<key>_file`` when given (it wins), else the inline value."""
+    value = reader.string(table.get(key, ""), f"{path}.{key}")
+    if f"{key}_file" in table:
+        value = reader.secret_file(table[f"{key}_file"], f"{path}.{key}_file")
+    return value
+
+
+def _kind_values(reader: _Reader, table: Mapping[str, Any], path: str, kind: str) -> dict[str, Any]:
+    """The settings of a rapidpro, kannel or webhook endpoint: its URL (required, http(s)), its credentials,
+    inbound and results on unless switched off, never task polling."""
+    url_key = KIND_URL_KEYS[kind]
+    if url_key not in table:
+        raise reader.error(f"{path}.{url_key}", f'required for kind = "{kind}"')
+    url = reader.option(url_key, "SMSGW_SYNC_URL", table[url_key], f"{path}.{url_key}")
+    if not url:
+        raise reader.error(f"{path}.{url_key}", f'required for kind = "{kind}"')
+    if kind == "rapidpro" and not urllib.parse.urlsplit(url).path.rstrip("/").endswith("/receive"):
+        raise reader.error(f"{path}.{url_key}", "expected the channel's receive URL (ending in /receive)")
+    values: dict[str, Any] = {"kind_url": url, "tasks": False, "reply_from_server": False}
+    if "message_results" not in table:  # states go back to the platform unless switched off
+        values["message_results"] = True
+    if kind == "kannel":
+        values["username"] = reader.string(table.get("username", ""), f"{path}.username")
+        values["password"] = _secret(reader, table, path, "password")
+        has_password = "password" in table or "password_file" in table
+        if bool(values["username"]) != has_password:
+            missing = "password" if values["username"] else "username"
+            raise reader.error(f"{path}.{missing}", "username and password go together (the send API checks both)")
+    return values
 
 
 def _limits(reader: _Reader, raw: Any, path: str, defaults: ModemLimits) -> ModemLimits:
@@ -334,11 +418,12 @@ def _inline_secrets(document: Mapping[str, Any]) -> list[str]:
     """The key paths of the secrets written into a (validated) fleet document itself."""
     found = []
     for index, endpoint in enumerate(document.get("endpoints", [])):
-        for key in ("secret", "signing_key"):
+        for key in ("secret", "signing_key", "api_key", "password"):
             if endpoint.get(key):
                 found.append(f"endpoints[{index}].{key}")
-        if urllib.parse.urlsplit(endpoint.get("sync_url", "")).password:
-            found.append(f"endpoints[{index}].sync_url (its password)")
+        for url_key in ("sync_url", *KIND_URL_KEYS.values()):
+            if urllib.parse.urlsplit(endpoint.get(url_key, "")).password:
+                found.append(f"endpoints[{index}].{url_key} (its password)")
     return found
 
 

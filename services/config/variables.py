@@ -277,7 +277,7 @@ PROCESS_VARS = _table(
         "SMSGW_METRICS_PORT",
         "",
         "port of /metrics; empty = the worker's own default (modem_worker 9101, "
-        "sync_worker 9102, task_poller 9103, result_reporter 9104); 0 = off",
+        "sync_worker 9102, task_poller 9103, result_reporter 9104, send_api 9105); 0 = off",
         _optional(_port),
     ),
     EnvVar("SMSGW_METRICS_ADDR", "127.0.0.1", "address /metrics binds to (compose sets 0.0.0.0 for Prometheus)", _str),
@@ -406,6 +406,22 @@ PROCESS_VARS = _table(
         _ussd_code,
     ),
     EnvVar("SMSGW_BALANCE_INTERVAL", "3600", "seconds between two balance requests (SMSGW_BALANCE_USSD)", _number(10)),
+    # send_api (issue 15)
+    EnvVar("SMSGW_API_ADDR", "127.0.0.1", "address the send API binds to (compose sets 0.0.0.0)", _str),
+    EnvVar("SMSGW_API_PORT", "8090", "port of the send API (RapidPro, Kannel, REST)", _port),
+    EnvVar(
+        "SMSGW_API_MAX_QUEUED",
+        "1000",
+        "messages an outbound queue may hold before the send API answers 503 + Retry-After (backpressure)",
+        _int(1),
+    ),
+    EnvVar(
+        "SMSGW_API_RATE",
+        "10",
+        "messages per second one API key (endpoint) may send, bursts of 10 times that; more: 429 + Retry-After",
+        _number(0.001),
+    ),
+    EnvVar("SMSGW_API_MAX_BODY", "65536", "bytes a send API request body may have; more: 413", _int(64)),
 )
 
 # The env-only endpoint 'default' (services.config.fleet.env_endpoint); a fleet file has the same keys.

@@ -13,35 +13,21 @@ The SQL stores (SQLite for one host, PostgreSQL for a fleet; same URL as the led
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+import urllib.parse
+from dataclasses import replace
+from typing import Protocol
 
-MessageState = Literal["queued", "sent", "delivered", "failed", "unknown"]
-MESSAGE_STATES: tuple[MessageState, ...] = ("queued", "sent", "delivered", "failed", "unknown")
+from services.ledger.api_records import MESSAGE_STATES, ApiMessage, MessageState, StateChange
 
-
-@dataclass(frozen=True)
-class StateChange:
-    """One entry of a message's history."""
-
-    state: MessageState
-    at_ms: int  # epoch milliseconds
-    detail: str = ""  # why it failed, the modem that sent it ... (no message body)
-
-
-@dataclass(frozen=True)
-class ApiMessage:
-    """One message (one recipient) accepted by the send API."""
-
-    message_id: str  # our id: OutboundSms.uuid and its ledger key
-    endpoint: str  # the fleet endpoint whose credentials accepted it; its events queue gets its events
-    client_id: str  # the caller's id (RapidPro message id, the REST API's idempotency id); "" = none given
-    recipient: str
-    created_ms: int
-    state: MessageState = "queued"
-    history: tuple[StateChange, ...] = ()
-    status_url: str = ""  # Kannel: the dlr-url of the send request ("" = none)
-    status_mask: int = 0  # Kannel: the dlr-mask of the send request (0 = no reports)
+__all__ = [
+    "MESSAGE_STATES",
+    "ApiMessage",
+    "ApiMessages",
+    "MemoryApiMessages",
+    "MessageState",
+    "StateChange",
+    "open_api_messages",
+]
 
 
 class ApiMessages(Protocol):
@@ -59,6 +45,13 @@ class ApiMessages(Protocol):
     def record_state(self, message_id: str, change: StateChange) -> ApiMessage | None:
         """Append ``change`` to the history and make it the current state (a repeat of the last recorded
         state is not appended again); None when no such message exists."""
+        ...
+
+    def confirm_queued(self, message_id: str, at_ms: int) -> ApiMessage | None:
+        """Record that the broker confirmed the message (``queued`` at ``at_ms``) unless its history has an
+        entry already (a state the result reporter recorded first, or an earlier confirm); None when no such
+        message exists. A message with an empty history was never confirmed: ``send_api`` publishes it again
+        when the caller retries (never-twice then rests on the outbound ledger)."""
         ...
 
     def close(self) -> None:
@@ -103,15 +96,40 @@ class MemoryApiMessages:
             self._by_id[message_id] = updated
             return updated
 
+    def confirm_queued(self, message_id: str, at_ms: int) -> ApiMessage | None:
+        """See ``ApiMessages.confirm_queued``."""
+        with self._lock:
+            stored = self._by_id.get(message_id)
+            if stored is None or stored.history:
+                return stored
+            updated = replace(stored, state="queued", history=(StateChange("queued", at_ms),))
+            self._by_id[message_id] = updated
+            return updated
+
     def close(self) -> None:
         """Nothing to release."""
 
 
+API_FILE_SUFFIX = ".api-messages.sqlite3"
+
+
 def open_api_messages(ledger_url: str, state_dir: str) -> ApiMessages:
     """Open the send-API message store beside the ledger named by ``ledger_url`` (same rules as
-    ``open_ledger``), creating or migrating its table.
+    ``open_ledger``), creating or migrating its table: SQLite in a file of its own next to the ledger's
+    (``outbound-ledger.api-messages.sqlite3`` by default), PostgreSQL in the ledger's database and schema.
 
-    Raises LedgerError when the store cannot be opened.
+    Raises LedgerError when the store cannot be opened or the URL has another scheme, OSError when the SQLite
+    directory cannot be created.
     """
-    # Placeholder until the SQL stores land (issue 15, send_api): fail loudly rather than keep state in memory.
-    raise NotImplementedError("the SQL send-API message store is not built yet")
+    # Imported here: unit tests of the memory store need neither SQL backend (nor psycopg) loaded.
+    from services.ledger import sqlite_path
+    from services.ledger.api_sql import open_postgres, open_sqlite
+    from services.ledger.records import LedgerError
+
+    scheme = urllib.parse.urlsplit(ledger_url).scheme if ledger_url else "sqlite"
+    if scheme == "sqlite":
+        ledger_file = sqlite_path(ledger_url, state_dir)
+        return open_sqlite(ledger_file.with_name(ledger_file.stem + API_FILE_SUFFIX))
+    if scheme in {"postgresql", "postgres"}:
+        return open_postgres(ledger_url)
+    raise LedgerError(f"unsupported ledger URL scheme {scheme!r}: expected sqlite:///path or postgresql://...")

@@ -71,13 +71,17 @@ class PostgresLedger(SqlLedger):
         self._connections: list[psycopg.Connection[Row]] = []
         self._lock = threading.Lock()
         try:
-            self.transaction(lambda tx: migrate(tx, POSTGRES))
+            self.transaction(self._migrate)
         except BaseException:
             self.close()
             raise
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.redacted_url!r})"
+
+    def _migrate(self, tx: Tx) -> None:
+        """Create or migrate the schema inside ``tx`` (the send-API store migrates its own tables)."""
+        migrate(tx, POSTGRES)
 
     def _connection(self) -> psycopg.Connection[Row]:
         conn: psycopg.Connection[Row] | None = getattr(self._local, "conn", None)

@@ -76,7 +76,11 @@ class SqliteLedger(SqlLedger):
                 self._db().execute("PRAGMA journal_mode=WAL")
             except sqlite3.Error as exc:
                 raise LedgerError(f"ledger {self.path}: {exc}") from exc
-            self.transaction(lambda tx: migrate(tx, SQLITE))
+            self.transaction(self._migrate)
+
+    def _migrate(self, tx: Tx) -> None:
+        """Create or migrate this file's schema inside ``tx`` (the send-API store migrates its own tables)."""
+        migrate(tx, SQLITE)
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

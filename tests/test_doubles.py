@@ -167,9 +167,9 @@ def test_kannel_callbacks_record_dlr_types_and_inbound_queries() -> None:
     callbacks = KannelCallbacks().start()
     try:
         template = callbacks.dlr_url("r1")
-        assert "%d" in template and "%P" in template
+        assert "%d" in template and "%p" in template
         for kind in ("8", "1"):
-            filled = template.replace("%d", kind).replace("%P", "%2B2557").replace("%T", "1").replace("%I", "m")
+            filled = template.replace("%d", kind).replace("%p", "%2B2557").replace("%T", "1").replace("%I", "m")
             with urllib.request.urlopen(filled, timeout=10) as response:
                 assert response.status == 200
         get_url = callbacks.get_url().replace("%p", "%2B255700000001").replace("%a", "Hello+there")

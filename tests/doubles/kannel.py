@@ -78,7 +78,8 @@ class KannelCallbacks:
 
     def dlr_url(self, reference: str) -> str:
         """A dlr-url for one send request: Kannel's placeholders left for the gateway to fill."""
-        return f"{self._server.base_url}/dlr?ref={reference}&type=%d&to=%P&at=%T&id=%I"
+        # In a DLR, as in Kannel, %p is the phone the report is about (the SMS's recipient), %P our number.
+        return f"{self._server.base_url}/dlr?ref={reference}&type=%d&to=%p&at=%T&id=%I&reply=%A"
 
     def get_url(self) -> str:
         """A get_url for an endpoint: every inbound placeholder the gateway documents."""

@@ -197,6 +197,7 @@ modems = ["modem-a"]
     stack.start("sync_worker", "sync_worker")
     stack.start("result_reporter", "result_reporter")
     api = Api(stack)
+    courier.response_check = "queued"  # the channel's "Response content", as docs/integrations.md says
     send_url = f"{api.url}/rapidpro/rapidpro"
     send = partial(courier.send, send_url, authorization=f"Token {RAPIDPRO_KEY}", to=f"{ROUTED}0000001")
 

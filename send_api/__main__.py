@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet = load_fleet_config("send_api", ENV, settings)
     if fleet is None:
         return 2
-    topology = Topology.of(fleet)
+    # Every modem a route names gets its own queue declared: a message restricted to it must find one.
+    topology = Topology.of(fleet, sorted({m for route in fleet.routes for m in route.modems}))
     if args.check:
         return check(
             settings,

@@ -3,8 +3,10 @@ API's answers, idempotency, backpressure, rate and size limits, outages, the Ope
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from send_api.openapi import DOCUMENT
 from send_api.server import ApiServer, bind
 from send_api.settings import Credentials, Keyring
 from send_api.web import ApiContext
-from services.broker import BrokerUnavailable
+from services.broker import BrokerUnavailable, Publication
 from services.broker.stub import StubPublisher
 from services.config import FleetConfig
 from services.config.fleet import Route, env_endpoint
@@ -374,3 +376,40 @@ def test_every_series_exists_at_zero_from_start_up() -> None:
         assert metrics.MESSAGES.labels("fresh-endpoint", outcome)._value.get() == 0
     names = {m.name for m in metrics.REQUESTS.collect()} | {m.name for m in metrics.MESSAGES.collect()}
     assert names == {"smsgw_api_requests", "smsgw_api_messages"}
+
+
+class HeldPublisher(StubPublisher):
+    """Confirms a publish only once ``release`` is set (a broker slow to confirm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def publish(self, publication: Publication, timeout: float = 45.0) -> None:
+        self.entered.set()
+        assert self.release.wait(30), "never released"
+        super().publish(publication, timeout)
+
+
+def test_drain_stops_accepting_and_finishes_the_request_in_flight() -> None:
+    publisher, store = HeldPublisher(), MemoryApiMessages()
+    acceptor = Acceptor(_fleet(), publisher, store, depths=lambda _q: 0, rate=RateLimiter(100), max_queued=50)
+    server = ApiServer(
+        build_app(ApiContext(acceptor, Keyring(KEYS), store, 65536), heartbeat=False), bind("127.0.0.1", 0)
+    )
+    assert server.start()
+    url = f"http://127.0.0.1:{server.port}/api/v1/messages"
+    body = {"to": "+255700000001", "text": "x", "id": "in-flight"}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(requests.post, url, json=body, headers={"Authorization": "Bearer rest-key"}, timeout=30)
+        assert publisher.entered.wait(10), "the request reached the publisher"
+        server.drain()
+        assert not server.join(0.5), "the server waits for the request in flight"
+        publisher.release.set()
+        assert pending.result().status_code == 202
+    assert server.join(30), "drained"
+    server.close()
+    assert len(publisher.published) == 1
+    with pytest.raises(requests.ConnectionError):
+        requests.post(url, json=body, headers={"Authorization": "Bearer rest-key"}, timeout=5)

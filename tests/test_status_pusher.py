@@ -12,13 +12,16 @@ from prometheus_client import REGISTRY
 
 from result_reporter.pusher import StateRecorder, StatusPusher
 from result_reporter.pushers import PushLane, needs_store, push_endpoints, push_lanes
-from services.broker import Publication, PublisherThread
+from result_reporter.reporter import ResultReporter
+from result_reporter.results_http import RoundError
+from services.broker import Delivery, HeldDelivery, Publication, PublisherThread
 from services.broker.stub import StubBroker
 from services.config import EndpointConfig, FleetConfig, Settings, parse_fleet
 from services.ledger import LedgerError
 from services.ledger.api_messages import ApiMessage, MemoryApiMessages, StateChange
 from services.platforms import platform_for
 from services.schemas import DeliveryEvent, SentEvent
+from services.sync_client import SyncClient
 from services.topology import Topology, events_queue_for, parked_queue_for
 from tests.conftest import wait_for
 from tests.http_stub import HttpStub
@@ -255,3 +258,64 @@ def _stop(lane: PushLane) -> None:
     lane.consumer.stop()
     lane.join(10)
     assert lane.thread is not None and not lane.thread.is_alive()
+
+
+# --- SMSsync rounds record the states of REST API messages ------------------------------------------------------
+
+
+class HeldList:
+    """A consumer holding a fixed list of deliveries (no broker); records what was acked."""
+
+    def __init__(self, events: list[SentEvent | DeliveryEvent]) -> None:
+        queue = events_queue_for("s")
+        self.items = [HeldDelivery(Delivery(queue, e.to_json(), {}, e.uuid), tag, 1) for tag, e in enumerate(events)]
+        self.acked: list[int] = []
+
+    def take(self, timeout: float = 0.0) -> list[HeldDelivery]:
+        items, self.items = self.items, []
+        return items
+
+    def ack(self, items: list[HeldDelivery]) -> int:
+        self.acked += [held.tag for held in items]
+        return len(items)
+
+    def park(self, held: HeldDelivery, reason: str, label: str = "error") -> None:
+        raise AssertionError("nothing to park")
+
+    def is_live(self, held: HeldDelivery) -> bool:
+        return True
+
+
+def test_smssync_rounds_record_rest_api_states_before_acking() -> None:
+    server = HttpStub(
+        lambda request: (200, '{"message_uuids": ["m1"]}') if request.method == "GET" else (200, '{"success": true}')
+    ).start()
+    endpoint = fleet_of(
+        {"name": "s", "sync_url": server.url, "api_key": "k", "message_results": True, "http_timeout": 5}
+    ).endpoints[0]
+    store = MemoryApiMessages()
+    store.add(ApiMessage("m1", "s", "c1", "+255700000300", T0))
+    consumer = HeldList(
+        [SentEvent("m1", "modem0", "sent", "sent", T0 + 1), DeliveryEvent("m1", "modem0", "delivered", "ok", T0 + 2)]
+    )
+    client = SyncClient(endpoint)
+    try:
+        result = ResultReporter(endpoint, consumer, client, store=store).round()
+    finally:
+        client.close()
+        server.stop()
+    assert result.reported == 1 and sorted(consumer.acked) == [0, 1]
+    message = store.get("m1")
+    assert message is not None and [c.state for c in message.history] == ["sent", "delivered"]
+
+
+def test_smssync_rounds_hold_the_events_while_the_store_is_down() -> None:
+    endpoint = fleet_of({"name": "s", "sync_url": "http://127.0.0.1:9/s", "api_key": "k"}).endpoints[0]
+    consumer = HeldList([SentEvent("m1", "modem0", "sent", "sent", T0 + 1)])
+    client = SyncClient(endpoint)
+    try:
+        with pytest.raises(RoundError, match="send-API message store did not answer"):
+            ResultReporter(endpoint, consumer, client, store=DownStore()).round()
+    finally:
+        client.close()
+    assert consumer.acked == []

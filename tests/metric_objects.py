@@ -11,11 +11,12 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from modem_worker import metrics as modem_metrics
 from result_reporter import metrics as result_metrics
+from send_api import metrics as send_api_metrics
 from services import metrics
 from sync_worker import metrics as sync_metrics
 from task_poller import metrics as task_metrics
 
-MODULES: tuple[ModuleType, ...] = (metrics, modem_metrics, sync_metrics, task_metrics, result_metrics)
+MODULES: tuple[ModuleType, ...] = (metrics, modem_metrics, sync_metrics, task_metrics, result_metrics, send_api_metrics)
 
 
 def metric_objects() -> list[MetricWrapperBase]:

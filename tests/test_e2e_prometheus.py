@@ -32,6 +32,7 @@ import yaml
 
 from scripts.stack import ROOT, ReferenceServerProcess, Simulator, Stack, free_port
 from tests.conftest import wait_for
+from tests.doubles.webhook import WebhookReceiver
 
 SECRET = "e2e-prometheus-secret"
 RABBITMQ_METRICS = "127.0.0.1:15692"
@@ -42,7 +43,25 @@ WORKER_JOBS = {
     "sync_worker": "smsgw-sync-worker",
     "task_poller": "smsgw-task-poller",
     "result_reporter": "smsgw-result-reporter",
+    "send_api": "smsgw-send-api",
 }
+# The fleet: the reference server's SMSsync endpoint (named "default" as an env-only one would be) and a webhook
+# endpoint (issue 15), so the Send API row has its series: status pushes, messages queued, endpoint kinds.
+FLEET = """
+[[endpoints]]
+name = "default"
+sync_url = "{sync_url}"
+secret = "{secret}"
+message_results = true
+task_interval = 1
+api_key = "e2e-prometheus-api-key"
+
+[[endpoints]]
+name = "hooks"
+kind = "webhook"
+url = "{hook_url}"
+signing_key = "e2e-prometheus-signing-key"
+"""
 
 
 def tool(name: str) -> str:
@@ -198,6 +217,8 @@ def test_dashboard_queries_return_data_and_alerts_fire_on_an_outage_and_an_unplu
     server_port = free_port()
     server = stack.start_reference_server("reference_server", SECRET, server_port, "--reply")
     stack.sync_url = server.url
+    hooks = WebhookReceiver("e2e-prometheus-signing-key").start()
+    stack.write_config(FLEET.format(sync_url=server.url, secret=SECRET, hook_url=hooks.url))
     ports = {name: free_port() for name in WORKER_JOBS}
     simulators: dict[str, Simulator] = {}
     for letter in ("a", "b"):
@@ -210,6 +231,9 @@ def test_dashboard_queries_return_data_and_alerts_fire_on_an_outage_and_an_unplu
         )
     for name in ("sync_worker", "task_poller", "result_reporter"):
         stack.start(name, name, env={"SMSGW_METRICS_PORT": str(ports[name])})
+    stack.start(
+        "send_api", "send_api", env={"SMSGW_METRICS_PORT": str(ports["send_api"]), "SMSGW_API_PORT": str(free_port())}
+    )
 
     targets: dict[str, list[str]] = {}
     for name, job in WORKER_JOBS.items():
@@ -220,6 +244,7 @@ def test_dashboard_queries_return_data_and_alerts_fire_on_an_outage_and_an_unplu
         _scenario(stack, server, simulators, prometheus)
     finally:
         prometheus.stop()
+        hooks.stop()
 
 
 def _scenario(

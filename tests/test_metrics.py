@@ -50,7 +50,7 @@ SECRET = "metrics-test-secret"
 
 
 def test_every_metric_belongs_to_a_worker_group() -> None:
-    assert sorted(metrics.GROUPS) == ["modem_worker", "result_reporter", "sync_worker", "task_poller"]
+    assert sorted(metrics.GROUPS) == ["modem_worker", "result_reporter", "send_api", "sync_worker", "task_poller"]
     grouped = {id(m) for group in metrics.GROUPS.values() for m in group}
     orphans = [obj._name for obj in metric_objects() if id(obj) not in grouped]
     assert not orphans, f"metrics in no group of services.metrics.GROUPS (no worker would serve them): {orphans}"

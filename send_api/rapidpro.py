@@ -3,8 +3,10 @@
 Courier POSTs each outgoing message (its default urlencoded body, or a JSON body template) with the fields ``id``,
 ``text``, ``to`` (or ``to_no_plus``), ``from``, ``channel`` …, authenticated by the header the channel sends
 (``Authorization: Token <api_key>``; ``Bearer`` too). Courier retries after a time-out or a 5xx with the same
-``id``: the message id derives from it, so the retry finds the message it queued. The answer is 200 with
-``{"id": <RapidPro id>, "message_id": <ours>, "status": "queued"}``: the channel's response check is ``queued``.
+``id``: the message id derives from it (and from the text: courier sends each part of a text longer than the
+channel's max length as a request of its own with the same ``id``), so the retry finds the message it queued.
+The answer is 200 with ``{"id": <RapidPro id>, "message_id": <ours>, "status": "queued"}``: the channel's
+response check is ``queued``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from starlette.responses import JSONResponse
 from send_api.accept import Order, Rejected, bad_request, recipient
 from send_api.settings import bearer_token
 from send_api.web import Answer, ApiContext, form_fields, is_json, json_object, read_body
+from services.platforms.rapidpro import part_client_id
 
 RESPONSE_CHECK = "queued"
 
@@ -46,7 +49,8 @@ async def send(request: Request, ctx: ApiContext) -> Answer:
     to = _text_field(fields, "to") or _text_field(fields, "to_no_plus")
     if not to:
         raise bad_request("missing to (the channel's {{to}})")
-    order = Order(credentials.endpoint, client_id, (recipient(to),), _text_field(fields, "text"))
+    text = _text_field(fields, "text")
+    order = Order(credentials.endpoint, part_client_id(client_id, text), (recipient(to),), text)
     [accepted] = await run_in_threadpool(ctx.acceptor.accept, order)
     answer = {"id": client_id, "message_id": accepted.message_id, "status": RESPONSE_CHECK}
     return Answer(JSONResponse(answer), "duplicate" if accepted.duplicate else "accepted", credentials.endpoint)

@@ -17,7 +17,7 @@ from services.config import EndpointConfig, parse_fleet
 from services.ledger.api_messages import ApiMessage
 from services.platforms import platform_for, push_state, rfc3339
 from services.platforms.kannel import fill
-from services.platforms.rapidpro import status_url
+from services.platforms.rapidpro import part_client_id, rapidpro_id, status_url
 from services.schemas import DeliveryEvent, InboundSms, SentEvent
 from services.sync_client import HEADER_SIGNATURE, HEADER_TIMESTAMP, SyncClient, signature
 from services.topology import Topology, inbound_queue_for, parked_queue_for
@@ -77,7 +77,8 @@ def test_rapidpro_receive_and_states(stub: HttpStub) -> None:
     try:
         sms = make_sms("Habari 😀 & =")
         assert platform.deliver(sms).status == 200
-        message = ApiMessage("our-id", endpoint.name, "rp-42", "+255700000300", 1)
+        # The send API keys each courier request by the RapidPro id and the part's text; states go back by the id.
+        message = ApiMessage("our-id", endpoint.name, part_client_id("rp-42", "part 2 of 2"), "+255700000300", 1)
         for state, event in (
             ("sent", SentEvent("our-id", "modem0", "sent", "sent", SMSC_MS)),
             ("delivered", DeliveryEvent("our-id", "modem0", "delivered", "ok", SMSC_MS)),
@@ -99,6 +100,13 @@ def test_rapidpro_receive_and_states(stub: HttpStub) -> None:
         ("POST", "/c/ex/8f2c/delivered", {"id": "rp-42"}),
         ("POST", "/c/ex/8f2c/failed", {"id": "rp-42"}),
     ]
+
+
+def test_rapidpro_parts_of_one_id_are_messages_of_their_own() -> None:
+    first, second = part_client_id("rp-42", "part one"), part_client_id("rp-42", "part two")
+    assert first != second and first == part_client_id("rp-42", "part one")
+    assert rapidpro_id(first) == rapidpro_id(second) == "rp-42"
+    assert rapidpro_id(part_client_id("a~b", "x")) == "a~b"
 
 
 # --- kannel ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from services.broker.stub import StubPublisher
 from services.config import FleetConfig
 from services.config.fleet import Route, env_endpoint
 from services.ledger.api_messages import MemoryApiMessages
+from services.platforms.rapidpro import part_client_id
 from services.schemas import OutboundSms
 from services.topology import OUTBOUND_QUEUE, outbound_queue_for
 
@@ -114,7 +115,7 @@ def test_rapidpro_send_is_queued_once_even_when_courier_retries(api: Api) -> Non
     assert again.status_code == 200 and again.json() == first.json()
     assert count("rapidpro", "duplicate") == duplicates + 1
     [(queue, sms)] = api.published()
-    expected_id = message_id("rp", "10042", "+255700000001")
+    expected_id = message_id("rp", part_client_id("10042", "Habari"), "+255700000001")
     assert queue == outbound_queue_for("modem0")
     assert (sms.uuid, sms.dedup_key, sms.ledger_key) == (expected_id, expected_id, expected_id)
     assert (sms.to, sms.text, sms.origin, sms.report, sms.endpoint, sms.modems) == (
@@ -127,7 +128,23 @@ def test_rapidpro_send_is_queued_once_even_when_courier_retries(api: Api) -> Non
     )
     assert first.json()["message_id"] == expected_id
     stored = api.store.get(expected_id)
-    assert stored is not None and stored.client_id == "10042" and [c.state for c in stored.history] == ["queued"]
+    assert (
+        stored is not None
+        and stored.client_id == part_client_id("10042", "Habari")
+        and [c.state for c in stored.history] == ["queued"]
+    )
+
+
+def test_rapidpro_parts_of_a_split_text_are_each_queued_once(api: Api) -> None:
+    # Courier sends a text longer than the channel's max length as several requests with the same id.
+    headers = {"Authorization": "Token rp-key"}
+    parts = [{"id": "77", "text": text, "to": "+255700000001"} for text in ("part one ", "part two")]
+    answers = [requests.post(f"{api.url}/rapidpro/rp", data=form, headers=headers, timeout=10) for form in parts]
+    retried = requests.post(f"{api.url}/rapidpro/rp", data=parts[1], headers=headers, timeout=10)
+    assert [a.status_code for a in (*answers, retried)] == [200, 200, 200]
+    assert {a.json()["id"] for a in answers} == {"77"}
+    assert retried.json()["message_id"] == answers[1].json()["message_id"] != answers[0].json()["message_id"]
+    assert [sms.text for _, sms in api.published()] == ["part one ", "part two"]
 
 
 def test_rapidpro_accepts_a_json_body_and_bearer_and_refuses_a_wrong_key(api: Api) -> None:

@@ -29,6 +29,7 @@ from services.broker import Publication, PublisherThread
 from services.config import FleetConfig
 from services.config.fleet import Route, env_endpoint
 from services.ledger.api_messages import ApiMessages, open_api_messages
+from services.platforms.rapidpro import part_client_id
 from services.schemas import OutboundSms
 from services.topology import OUTBOUND_QUEUE, Topology, declare_topology, outbound_queue_for
 from tests.conftest import wait_for
@@ -100,7 +101,7 @@ def test_courier_retrying_one_id_puts_one_message_on_the_queue_and_one_row_in_th
         answers = list(pool.map(lambda _: post(), range(4)))
     answers.append(post())
     assert [a.status_code for a in answers] == [200] * 5
-    expected = message_id("rp", "991", "+255700000001")
+    expected = message_id("rp", part_client_id("991", "Karibu"), "+255700000001")
     assert {a.json()["message_id"] for a in answers} == {expected}
     [sms] = wait_for(lambda: live_api.queued(outbound_queue_for("m0")), what="the message on m0's queue")
     assert (sms.uuid, sms.ledger_key, sms.origin, sms.report, sms.endpoint, sms.modems) == (
@@ -113,7 +114,11 @@ def test_courier_retrying_one_id_puts_one_message_on_the_queue_and_one_row_in_th
     )
     assert live_api.queued(outbound_queue_for("m0")) == [], "exactly one copy was published"
     stored = live_api.store.get(expected)
-    assert stored is not None and stored.client_id == "991" and [c.state for c in stored.history] == ["queued"]
+    assert (
+        stored is not None
+        and stored.client_id == part_client_id("991", "Karibu")
+        and [c.state for c in stored.history] == ["queued"]
+    )
 
 
 def test_kannel_over_real_services(live_api: LiveApi) -> None:

@@ -7,6 +7,7 @@ Inbound: POST form ``from``, ``text``, ``date`` (RFC 3339 UTC, from the SMSC tim
 
 from __future__ import annotations
 
+import hashlib
 import urllib.parse
 
 from services.config import EndpointConfig
@@ -18,6 +19,23 @@ from services.sync_client import SyncAnswer, SyncClient
 FORM = "application/x-www-form-urlencoded"
 #: The courier URL of each state we report ("unknown" has none: RapidPro keeps the message as it was).
 STATUS_SEGMENTS = {"sent": "sent", "delivered": "delivered", "failed": "failed"}
+
+
+# Courier splits a text longer than the channel's max length into several send requests that carry the SAME
+# message id. Each part is a message of its own for us (a retry of one part has the same text, so it still maps to
+# the part it queued): our client id is the RapidPro id plus a digest of the part's text.
+PART_SEPARATOR = "~"
+
+
+def part_client_id(rapidpro_id: str, text: str) -> str:
+    """Our client id for one send request of RapidPro message ``rapidpro_id`` (one part of it: ``text``)."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    return f"{rapidpro_id}{PART_SEPARATOR}{digest}"
+
+
+def rapidpro_id(client_id: str) -> str:
+    """The RapidPro message id inside our client id (``part_client_id``)."""
+    return client_id.rsplit(PART_SEPARATOR, 1)[0]
 
 
 def status_url(receive_url: str, state: str) -> str:
@@ -56,7 +74,7 @@ class RapidPro:
         """
         if message is None or not message.client_id or state not in STATUS_SEGMENTS:
             return None
-        body = urllib.parse.urlencode({"id": message.client_id}).encode("utf-8")
+        body = urllib.parse.urlencode({"id": rapidpro_id(message.client_id)}).encode("utf-8")
         return self.client.send_to("POST", status_url(self._endpoint.kind_url, state), body, FORM)
 
     def close(self) -> None:

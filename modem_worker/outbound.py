@@ -497,9 +497,14 @@ class OutboundSender:
         self._pause_timer.start()
 
     def _expired(self, sms: OutboundSms) -> str | None:
-        """Why ``sms`` must not be sent any more (SMSGW_OUTBOUND_MAX_AGE), or None when it may be sent."""
+        """Why ``sms`` must not be sent any more (its ``expires_at``, SMSGW_OUTBOUND_MAX_AGE), or None when it
+        may be sent."""
+        now_ms = broker.now_ms()
+        if sms.expires_at and now_ms > sms.expires_at:
+            late_s = (now_ms - sms.expires_at) / 1000
+            return f"Expired: its ttl ended {late_s:.0f} s before a modem could send it; not sent"
         max_age_s = self._max_age_s
-        age_s = (broker.now_ms() - sms.created_at) / 1000
+        age_s = (now_ms - sms.created_at) / 1000
         if not max_age_s or age_s <= max_age_s:
             return None
         return (

@@ -90,6 +90,7 @@ class Order:
     route: str = ""  # use the [[routes]] entry with this prefix
     status_url: str = ""
     status_mask: int = 0
+    ttl_s: int = 0  # seconds the message stays worth sending (0 = no deadline of its own)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class Acceptor:
             if stored.history:
                 metrics.MESSAGES.labels(order.endpoint, "duplicate").inc()
                 return Accepted(stored.message_id, to, duplicate=True)
-            self._publish(stored, order.text, modems)
+            self._publish(stored, order.text, modems, order.ttl_s)
             try:
                 self._store.confirm_queued(stored.message_id, now_ms())
             except LedgerError as exc:
@@ -204,7 +205,7 @@ class Acceptor:
             metrics.MESSAGES.labels(order.endpoint, "queued").inc()
             return Accepted(stored.message_id, to, duplicate=False)
 
-    def _publish(self, message: ApiMessage, text: str, modems: Sequence[str]) -> None:
+    def _publish(self, message: ApiMessage, text: str, modems: Sequence[str], ttl_s: int) -> None:
         sms = OutboundSms(
             uuid=message.message_id,
             to=message.recipient,
@@ -215,6 +216,7 @@ class Acceptor:
             dedup_key=message.message_id,
             endpoint=message.endpoint,
             modems=list(modems),
+            expires_at=message.created_ms + ttl_s * 1000 if ttl_s else 0,
         )
         queue = outbound_queue_for_route(modems)
         try:

@@ -35,7 +35,11 @@ SEND_REQUEST: dict[str, Any] = {
         },
         "route": {"type": "string", "description": "send through the modems of the [[routes]] entry of this prefix"},
         "modem": {"type": "string", "description": "send through this modem only"},
-        "ttl": {"type": "integer", "minimum": 1, "description": "seconds the message stays worth sending"},
+        "ttl": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "seconds the message stays worth sending: not sent after that, but failed",
+        },
     },
 }
 

@@ -63,6 +63,7 @@ def order_of(data: dict[str, Any], endpoint: str) -> Order:
         text,
         modem=modem,
         route=route,
+        ttl_s=ttl or 0,
     )
 
 

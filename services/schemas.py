@@ -126,6 +126,9 @@ class OutboundSms(_Message):
     # The modems it may leave through (a route); empty = any modem. A modem worker not in the list does not
     # send it (it reached a queue it should not have, e.g. dead-lettered after the delivery limit).
     modems: list[str] = field(default_factory=list)
+    # Epoch ms after which it is not worth sending any more (the send API's ``ttl``); 0 = no deadline of its own
+    # (SMSGW_OUTBOUND_MAX_AGE still applies). An expired SMS is not sent but reported failed.
+    expires_at: int = 0
 
     @property
     def ledger_key(self) -> str:
@@ -193,6 +196,7 @@ _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     ("OutboundSms", "dedup_key"): str,
     ("OutboundSms", "endpoint"): str,
     ("OutboundSms", "modems"): list,
+    ("OutboundSms", "expires_at"): int,
     ("SentEvent", "endpoint"): str,
     ("DeliveryEvent", "endpoint"): str,
     ("DeliveryEvent", "sent_outcome"): (str, type(None)),

@@ -140,6 +140,24 @@ def test_stale_outbound_sms_is_reported_failed_not_sent(tmp_path: Path) -> None:
     assert entry.detail is not None and entry.detail.startswith("Expired: waited 2.0 h")
 
 
+def test_an_sms_past_its_own_deadline_is_reported_failed_not_sent(tmp_path: Path) -> None:
+    # The send API's ttl: a deadline of the message itself, besides SMSGW_OUTBOUND_MAX_AGE (off here).
+    publisher = StubPublisher()
+    worker, ledger = _worker(tmp_path, publisher)
+    modem = _FakeModem()
+    worker.modem_up(modem, INFO)
+    late = OutboundSms(
+        "u-late", "+255700000001", "x", "task", now_ms() - 120_000, report=True, expires_at=now_ms() - 60_000
+    )
+    timely = OutboundSms("u-ok", "+255700000001", "y", "task", now_ms(), report=True, expires_at=now_ms() + 600_000)
+    assert isinstance(worker.outbound.handle(_delivery(late)), Ack)
+    assert isinstance(worker.outbound.handle(_delivery(timely)), Ack)
+    assert modem.sent_to == ["+255700000001"], "only the SMS within its ttl may leave"
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("u-late", "failed"), ("u-ok", "sent")]
+    entry = _record(ledger, "u-late")
+    assert entry is not None and entry.detail is not None and entry.detail.startswith("Expired: its ttl ended")
+
+
 def test_send_interval_spaces_sends_and_stop_ends_the_wait(tmp_path: Path) -> None:
     worker, ledger = _worker(tmp_path, StubPublisher(), SMSGW_SEND_INTERVAL="0.3")
     modem = _FakeModem()

@@ -268,6 +268,15 @@ def test_rest_send_twice_with_one_id_queues_once_and_the_state_can_be_read(api: 
     assert requests.get(f"{api.url}/api/v1/messages/{ids[0]}", timeout=10).status_code == 401
 
 
+def test_rest_ttl_becomes_the_messages_own_deadline(api: Api) -> None:
+    headers = {"Authorization": "Bearer rest-key"}
+    for body in ({"to": "+255800000001", "text": "x", "ttl": 90}, {"to": "+255800000002", "text": "y"}):
+        assert requests.post(f"{api.url}/api/v1/messages", json=body, headers=headers, timeout=10).status_code == 202
+    with_ttl, without = (sms for _, sms in api.published())
+    assert with_ttl.expires_at == with_ttl.created_at + 90_000, "the modem worker fails it after 90 s unsent"
+    assert without.expires_at == 0
+
+
 def test_rest_modem_and_route_restrict_the_modems(api: Api) -> None:
     headers = {"Authorization": "Bearer rest-key"}
     to_modem = {"to": "+255800000001", "text": "x", "modem": "modem0"}

@@ -268,9 +268,10 @@ class OutboundSender:
         self._modem: SendingModem | None = None
         self._identity: ModemIdentity | None = None  # IMEI, ICCID, IMSI (read by the supervisor at connect)
         self._pause_timer: threading.Timer | None = None
-        # Keys whose begin_send failed: its commit may have landed (the answer lost), so a "sending" record of
-        # this modem for one of them is this process's own claim with nothing sent (oldest first, bounded).
-        self._unsure_claims: dict[str, None] = {}
+        # Keys whose begin_send failed, with the time (epoch ms, the ledger's clock) its first failed attempt
+        # began: that commit may have landed (the answer lost), so a "sending" record of this modem written since
+        # then is this process's own claim with nothing sent (oldest first, bounded).
+        self._unsure_claims: dict[str, int] = {}
         for reason in FAILOVER_REASONS:
             metrics.OUTBOUND_FAILOVER.labels(modem_id, reason)
         for kind in Kind:
@@ -315,20 +316,30 @@ class OutboundSender:
 
     def _claim(self, sms: OutboundSms) -> SendRecord | None:
         """``Ledger.begin_send`` for ``sms`` on this modem: None = claimed, send it now; else the existing record.
-        A "sending" record of this modem left by a ``begin_send`` of this process whose answer the ledger's
-        outage swallowed is this claim: nothing was sent through it. Raises LedgerError."""
+
+        A "sending" record of this modem written by a ``begin_send`` of this process whose answer the ledger's
+        outage swallowed is this claim: nothing was sent through it. Only a record written *since* this process
+        first tried is: one written before is a previous process's claim (SIGKILLed after the PDU may have left,
+        then restarted into the outage) whose outcome is unknown and must never be resent (issue 13: the chaos
+        short form's "sent twice"). Raises LedgerError."""
         key = sms.ledger_key
+        tried_at = broker.now_ms()  # the clock begin_send stamps updated_at with (this host's wall clock)
         try:
             existing = self._ledger.begin_send(key, self.modem_id, sms.to, sms.endpoint)
         except LedgerError:
-            self._unsure_claims.pop(key, None)
-            self._unsure_claims[key] = None
+            # Keep the first attempt's time: any of the failed attempts may be the one whose commit landed.
+            self._unsure_claims[key] = self._unsure_claims.pop(key, tried_at)
             while len(self._unsure_claims) > MAX_REMEMBERED:
                 del self._unsure_claims[next(iter(self._unsure_claims))]
             raise
-        unsure = key in self._unsure_claims
-        self._unsure_claims.pop(key, None)
-        if unsure and existing is not None and existing.state == "sending" and existing.modem_id == self.modem_id:
+        first_try = self._unsure_claims.pop(key, None)
+        if (
+            first_try is not None
+            and existing is not None
+            and existing.state == "sending"
+            and existing.modem_id == self.modem_id
+            and existing.updated_at >= first_try
+        ):
             log.info("modem %s: outbound %s: its claim from before the ledger outage is ours", self.modem_id, sms.uuid)
             return None
         return existing

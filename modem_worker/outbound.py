@@ -153,7 +153,7 @@ class SendOutcomes:
             write()
         except LedgerError:
             # It happened (the SMS left, or was refused): counted now, recorded once the ledger is back.
-            self._remember(sms.ledger_key, write)
+            self._remember(sms.ledger_key, functools.partial(self._finish_late, sms, outcome, write))
             self._count(sms, metric_outcome or outcome, "; recorded once the ledger is back")
             raise
         self._count(sms, metric_outcome or outcome)
@@ -161,6 +161,20 @@ class SendOutcomes:
             self._publish_sent_event(
                 sms, outcome, detail, cms_error=cms_error, references=references, timestamp=epoch_ms(when)
             )
+
+    def _finish_late(self, sms: OutboundSms, outcome: str, write: Callable[[], None]) -> None:
+        """Record an outcome the ledger's outage kept from being recorded, unless the first try's commit landed
+        and only its answer was lost: written again, the SMS's parts would be recorded twice, and its status
+        report, marking one of them, would never make it delivered (the chaos short form's "unreported", seed
+        1313). Only this modem writes the outcome of its own claim, so reading it first is not a race.
+
+        Raises:
+            LedgerError: the ledger is still unavailable.
+        """
+        record = self._ledger.begin_send(sms.ledger_key, self._modem_id, sms.to, sms.endpoint)
+        if record is not None and record.state == outcome and record.modem_id == self._modem_id:
+            return
+        write()
 
     def _remember(self, key: str, write: Callable[[], None]) -> None:
         with self._lock:

@@ -738,6 +738,31 @@ def test_an_outcome_the_ledger_could_not_take_is_recorded_when_it_is_back(tmp_pa
     assert _value(metrics.SMS_SENT, modem_id, "sent") == 1 and _value(metrics.SMS_SENT, modem_id, "unknown") == 0
 
 
+def test_an_outcome_whose_commit_landed_is_not_written_twice_so_its_status_report_still_matches(
+    tmp_path: Path,
+) -> None:
+    """The chaos short form's "unreported" (seed 1313): the outcome's commit landed but the outage swallowed the
+    answer; writing it again once the ledger was back recorded the SMS's part twice, the status report marked
+    one of the two, the SMS never looked delivered and no DeliveryEvent was published."""
+    publisher = StubPublisher()
+    worker, ledger, _modem_id = _outage_worker(tmp_path, publisher)
+
+    class _AnswerLosingModem(_FakeModem):
+        def send(self, to: str, text: str) -> SendReceipt:
+            receipt = super().send(to, text)
+            ledger.lose_answers = True  # finish_send commits, then the connection is cut
+            return receipt
+
+    worker.modem_up(_AnswerLosingModem(), INFO)
+    sms = OutboundSms("twice-1", "+255700000008", "hello", "task", now_ms(), report=True)
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Retry)
+    ledger.lose_answers = False
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack), "the redelivery finds it sent"
+    report = StatusReport(reference=1, recipient=sms.to, delivered=True, status=0, finalized_at=datetime.now(UTC))
+    worker.inbound.on_status_report(report)
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("twice-1", "sent"), ("twice-1", "delivered")]
+
+
 def test_a_modem_lost_during_an_outage_releases_its_claim_once_the_ledger_is_back(tmp_path: Path) -> None:
     publisher = StubPublisher()
     worker, ledger, _modem_id = _outage_worker(tmp_path, publisher)

@@ -153,7 +153,7 @@ class SendOutcomes:
             write()
         except LedgerError:
             # It happened (the SMS left, or was refused): counted now, recorded once the ledger is back.
-            self._remember(sms.ledger_key, write)
+            self._remember(sms.ledger_key, functools.partial(self._finish_late, sms, outcome, write))
             self._count(sms, metric_outcome or outcome, "; recorded once the ledger is back")
             raise
         self._count(sms, metric_outcome or outcome)
@@ -161,6 +161,20 @@ class SendOutcomes:
             self._publish_sent_event(
                 sms, outcome, detail, cms_error=cms_error, references=references, timestamp=epoch_ms(when)
             )
+
+    def _finish_late(self, sms: OutboundSms, outcome: str, write: Callable[[], None]) -> None:
+        """Record an outcome the ledger's outage kept from being recorded, unless the first try's commit landed
+        and only its answer was lost: written again, the SMS's parts would be recorded twice, and its status
+        report, marking one of them, would never make it delivered (the chaos short form's "unreported", seed
+        1313). Only this modem writes the outcome of its own claim, so reading it first is not a race.
+
+        Raises:
+            LedgerError: the ledger is still unavailable.
+        """
+        record = self._ledger.begin_send(sms.ledger_key, self._modem_id, sms.to, sms.endpoint)
+        if record is not None and record.state == outcome and record.modem_id == self._modem_id:
+            return
+        write()
 
     def _remember(self, key: str, write: Callable[[], None]) -> None:
         with self._lock:
@@ -268,9 +282,10 @@ class OutboundSender:
         self._modem: SendingModem | None = None
         self._identity: ModemIdentity | None = None  # IMEI, ICCID, IMSI (read by the supervisor at connect)
         self._pause_timer: threading.Timer | None = None
-        # Keys whose begin_send failed: its commit may have landed (the answer lost), so a "sending" record of
-        # this modem for one of them is this process's own claim with nothing sent (oldest first, bounded).
-        self._unsure_claims: dict[str, None] = {}
+        # Keys whose begin_send failed, with the time (epoch ms, the ledger's clock) its first failed attempt
+        # began: that commit may have landed (the answer lost), so a "sending" record of this modem written since
+        # then is this process's own claim with nothing sent (oldest first, bounded).
+        self._unsure_claims: dict[str, int] = {}
         for reason in FAILOVER_REASONS:
             metrics.OUTBOUND_FAILOVER.labels(modem_id, reason)
         for kind in Kind:
@@ -315,20 +330,30 @@ class OutboundSender:
 
     def _claim(self, sms: OutboundSms) -> SendRecord | None:
         """``Ledger.begin_send`` for ``sms`` on this modem: None = claimed, send it now; else the existing record.
-        A "sending" record of this modem left by a ``begin_send`` of this process whose answer the ledger's
-        outage swallowed is this claim: nothing was sent through it. Raises LedgerError."""
+
+        A "sending" record of this modem written by a ``begin_send`` of this process whose answer the ledger's
+        outage swallowed is this claim: nothing was sent through it. Only a record written *since* this process
+        first tried is: one written before is a previous process's claim (SIGKILLed after the PDU may have left,
+        then restarted into the outage) whose outcome is unknown and must never be resent (issue 13: the chaos
+        short form's "sent twice"). Raises LedgerError."""
         key = sms.ledger_key
+        tried_at = broker.now_ms()  # the clock begin_send stamps updated_at with (this host's wall clock)
         try:
             existing = self._ledger.begin_send(key, self.modem_id, sms.to, sms.endpoint)
         except LedgerError:
-            self._unsure_claims.pop(key, None)
-            self._unsure_claims[key] = None
+            # Keep the first attempt's time: any of the failed attempts may be the one whose commit landed.
+            self._unsure_claims[key] = self._unsure_claims.pop(key, tried_at)
             while len(self._unsure_claims) > MAX_REMEMBERED:
                 del self._unsure_claims[next(iter(self._unsure_claims))]
             raise
-        unsure = key in self._unsure_claims
-        self._unsure_claims.pop(key, None)
-        if unsure and existing is not None and existing.state == "sending" and existing.modem_id == self.modem_id:
+        first_try = self._unsure_claims.pop(key, None)
+        if (
+            first_try is not None
+            and existing is not None
+            and existing.state == "sending"
+            and existing.modem_id == self.modem_id
+            and existing.updated_at >= first_try
+        ):
             log.info("modem %s: outbound %s: its claim from before the ledger outage is ours", self.modem_id, sms.uuid)
             return None
         return existing

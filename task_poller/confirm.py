@@ -21,6 +21,11 @@ from task_poller.sync_http import PollError, TaskRequests
 # The poller's logger: these lines are part of its log, under the name operators filter on.
 log = logging.getLogger("task_poller.poller")
 
+# ?task=sent tries for a uuid the server offers again although it is queued here (see ``reconfirm``), per process:
+# bounded, so a server that keeps offering a uuid whatever it is told costs a few POSTs, not one per poll forever.
+RECONFIRM_TRIES = 3
+MAX_RECONFIRMED = 10_000  # uuids whose re-confirmation is remembered (oldest forgotten first)
+
 
 class SentConfirmer:
     """Confirms one endpoint's claims through ``?task=sent`` and remembers the ones still unconfirmed."""
@@ -43,6 +48,9 @@ class SentConfirmer:
         # Claims whose ?task=sent got no usable answer: retried first thing on each poll until the server
         # answers, or until they are republished as orphans (by us or a replica) after stale_claim_s.
         self._unconfirmed: dict[str, TaskMessage] = {}
+        # Re-confirmations (``reconfirm``) tried per uuid; RECONFIRM_TRIES once the server answered one (ours or
+        # a re-confirmation): a server that offers a uuid again after that is not told again.
+        self._reconfirmed: dict[str, int] = {}
 
     def retry_unconfirmed(self) -> list[TaskMessage]:
         """Retry ``?task=sent`` for claims an earlier poll got no usable answer for; returns the echoed ones.
@@ -77,6 +85,58 @@ class SentConfirmer:
         )
         return self.confirm(pending)
 
+    def reconfirm(self, offered_again: list[TaskMessage]) -> None:
+        """Confirm again, with ``?task=sent``, the uuids the server offers although they are queued here.
+
+        A poller stopped (SIGKILL, a crash) between its claim and ``?task=sent`` leaves the server without the
+        confirmation: it keeps the message pending, offers it on every poll and never asks for its result,
+        although the orphan republish sends it (issue 13, found by the chaos short form, seed 23). Only claims
+        already ``queued`` are confirmed: they are on their way to a modem whatever the server answers; an
+        ``accepted`` one may still be released by the poller that holds it (its own ``?task=sent`` refused).
+        Tried at most RECONFIRM_TRIES times per uuid; a failure is one INFO line and the poll goes on.
+
+        Raises:
+            LedgerError: a claim's state could not be read.
+        """
+        due = [
+            m
+            for m in offered_again
+            if m.uuid not in self._unconfirmed and self._reconfirmed.get(m.uuid, 0) < RECONFIRM_TRIES
+        ]
+        due = [m for m in due if self._ledger.claim_state(self._key(m.uuid)) == "queued"]
+        if not due:
+            return
+        for message in due:
+            self._note(message.uuid, self._reconfirmed.get(message.uuid, 0) + 1)
+        uuids = [m.uuid for m in due]
+        try:
+            echoed = set(parse_message_uuids(self._requests.post_sent(uuids)))
+        except (PollError, ReplyError) as exc:
+            log.info(
+                "endpoint %s: ?task=sent for %d message(s) offered again though queued here failed (%s); tried "
+                "again on a later offer",
+                self._name,
+                len(uuids),
+                exc,
+            )
+            return
+        for uuid in uuids:
+            self._note(uuid, RECONFIRM_TRIES)
+        log.info(
+            "endpoint %s: task message(s) %s offered again though queued here (a poller stopped before ?task=sent): "
+            "confirmed to the server again; %d not echoed (already queued, not sent again)",
+            self._name,
+            ", ".join(clip(u, 80) for u in uuids),
+            len(set(uuids) - echoed),
+        )
+
+    def _note(self, uuid: str, tries: int) -> None:
+        """Remember ``tries`` re-confirmations of ``uuid`` (newest last; the oldest forgotten past the bound)."""
+        self._reconfirmed.pop(uuid, None)
+        self._reconfirmed[uuid] = tries
+        while len(self._reconfirmed) > MAX_RECONFIRMED:
+            del self._reconfirmed[next(iter(self._reconfirmed))]
+
     def confirm(self, messages: list[TaskMessage]) -> list[TaskMessage]:
         """POST ``?task=sent`` and return the messages the server echoed; release the claims it did not echo.
 
@@ -100,6 +160,7 @@ class SentConfirmer:
             self._unconfirmed.pop(message.uuid, None)
             if message.uuid in echoed:
                 confirmed.append(message)
+                self._note(message.uuid, RECONFIRM_TRIES)  # the server has it: offered again, not told again
                 continue
             # The app sends only echoed uuids; release the claim so a later offer can be taken again.
             self._release(message)

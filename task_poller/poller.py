@@ -284,6 +284,9 @@ class TaskPoller:
         claimed: list[TaskMessage] = []
         duplicates = 0
         seen: set[str] = set()
+        if self._endpoint.message_results:
+            # Offered again though taken: the server may never have had our ?task=sent (a poller killed).
+            self._confirmer.reconfirm([m for m in messages if self._key(m.uuid) in known])
         for message in messages:
             key = self._key(message.uuid)
             if key in known or key in seen or not self._ledger.claim(key, message.to, message.text, self.name):

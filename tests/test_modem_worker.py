@@ -706,6 +706,30 @@ def test_a_claim_whose_answer_the_outage_lost_is_sent_once_not_reported_unknown(
     assert record is not None and record.state == "sent"
 
 
+def test_a_claim_left_by_a_killed_process_is_not_taken_for_the_outage_s_lost_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chaos short form's "sent twice" (seed 1313, issue 13): a modem worker SIGKILLed after the PDU left and
+    before the outcome was recorded leaves "sending" on its modem; its restart gets the redelivery while the
+    ledger is down, so its own begin_send fails; once the ledger is back, the "sending" record is the dead
+    process's, not a claim of this process whose answer was lost. It is reported unknown, never sent again."""
+    publisher = StubPublisher()
+    worker, ledger, modem_id = _outage_worker(tmp_path, publisher)
+    sms = OutboundSms("killed-1", "+255700000007", "hello", "task", now_ms(), report=True)
+    with monkeypatch.context() as earlier:  # the killed process claimed it seconds before its restart
+        earlier.setattr("services.ledger.sql.now_ms", lambda: now_ms() - 5_000)
+        assert ledger.begin_send(sms.ledger_key, modem_id, sms.to, sms.endpoint) is None
+    modem = _FakeModem()
+    worker.modem_up(modem, INFO)  # the restarted process, same modem
+    ledger.down = True
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Retry)
+    ledger.down = False
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack)
+    assert modem.sent_to == [], "the first process may have sent it: never resent blindly"
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("killed-1", "unknown")]
+    assert _value(metrics.SMS_SENT, modem_id, "unknown") == 1
+
+
 def test_an_outcome_the_ledger_could_not_take_is_recorded_when_it_is_back(tmp_path: Path) -> None:
     """The SMS left, then the ledger went away: the redelivery reports "sent" and does not send it again (before,
     it was reported "unknown", or the crash budget parked it)."""
@@ -730,6 +754,31 @@ def test_an_outcome_the_ledger_could_not_take_is_recorded_when_it_is_back(tmp_pa
     assert modem.sent_to == ["+255700000002"], "sent once"
     assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("cut-1", "sent")]
     assert _value(metrics.SMS_SENT, modem_id, "sent") == 1 and _value(metrics.SMS_SENT, modem_id, "unknown") == 0
+
+
+def test_an_outcome_whose_commit_landed_is_not_written_twice_so_its_status_report_still_matches(
+    tmp_path: Path,
+) -> None:
+    """The chaos short form's "unreported" (seed 1313): the outcome's commit landed but the outage swallowed the
+    answer; writing it again once the ledger was back recorded the SMS's part twice, the status report marked
+    one of the two, the SMS never looked delivered and no DeliveryEvent was published."""
+    publisher = StubPublisher()
+    worker, ledger, _modem_id = _outage_worker(tmp_path, publisher)
+
+    class _AnswerLosingModem(_FakeModem):
+        def send(self, to: str, text: str) -> SendReceipt:
+            receipt = super().send(to, text)
+            ledger.lose_answers = True  # finish_send commits, then the connection is cut
+            return receipt
+
+    worker.modem_up(_AnswerLosingModem(), INFO)
+    sms = OutboundSms("twice-1", "+255700000008", "hello", "task", now_ms(), report=True)
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Retry)
+    ledger.lose_answers = False
+    assert isinstance(worker.outbound.handle(_delivery(sms)), Ack), "the redelivery finds it sent"
+    report = StatusReport(reference=1, recipient=sms.to, delivered=True, status=0, finalized_at=datetime.now(UTC))
+    worker.inbound.on_status_report(report)
+    assert [(e.uuid, e.outcome) for e in _events(publisher)] == [("twice-1", "sent"), ("twice-1", "delivered")]
 
 
 def test_a_modem_lost_during_an_outage_releases_its_claim_once_the_ledger_is_back(tmp_path: Path) -> None:

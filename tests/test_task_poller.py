@@ -38,6 +38,7 @@ from services.topology import (
     outbound_queue_for,
     pool_queue_for,
 )
+from task_poller.confirm import RECONFIRM_TRIES
 from task_poller.poller import TaskPoller, init_metrics
 from task_poller.runner import PollerGroup
 from task_poller.sync_http import PollError
@@ -530,12 +531,36 @@ def test_sent_without_usable_answer_keeps_claims_for_the_orphan_republish(
         assert poller.republish_orphans() == 1
         assert [m.uuid for m in take_outbound(clean_broker)] == ["keep-1"]
         posts_before = sum(r.method == "POST" for r in stub.requests)
-        third = poller.poll_once()  # no retry any more (it is queued); the re-offer is a duplicate
-        assert (third.queued, third.duplicates) == (0, 1)
-        assert sum(r.method == "POST" for r in stub.requests) == posts_before
+        for _ in range(RECONFIRM_TRIES + 2):  # the re-offer is a duplicate; ?task=sent is tried again, bounded
+            again = poller.poll_once()
+            assert (again.queued, again.duplicates) == (0, 1)
+        assert sum(r.method == "POST" for r in stub.requests) == posts_before + RECONFIRM_TRIES
         assert take_outbound(clean_broker) == []
     finally:
         stub.stop()
+
+
+def test_a_message_offered_again_after_its_poller_died_before_task_sent_is_confirmed_once_queued(
+    clean_broker: str, publisher: PublisherThread, server: ReferenceServer, tmp_path: Path
+) -> None:
+    """A poller SIGKILLed between its claim and ?task=sent (chaos short form, seed 23): the orphan republish sends
+    the SMS, but the server, never told, kept it pending, offered it forever and never asked for its result."""
+    uuid = server.queue_outgoing("+255700000013", "left pending", "pending-1")
+    ledger = ledger_of(tmp_path)
+    assert ledger.claim(uuid, "+255700000013", "left pending", "default")  # the killed poller's claim
+    poller = make_poller(server.url, publisher, tmp_path, ledger=ledger, SMSGW_MESSAGE_RESULTS="true")
+    first = poller.poll_once()
+    assert (first.queued, first.duplicates) == (0, 1)
+    assert server.outgoing()[0]["status"] == "pending", "an accepted claim may still be released: not confirmed"
+    poller.stale_claim_s = 0
+    assert poller.republish_orphans() == 1
+    assert [m.uuid for m in take_outbound(clean_broker)] == [uuid]
+    posts = server.state()["counters"]["task_sent_posts"]
+    assert poller.poll_once().duplicates == 1
+    assert server.outgoing()[0]["status"] == "queued", "told the server: it now asks for the result"
+    assert server.state()["counters"]["task_sent_posts"] == posts + 1
+    assert poller.poll_once().offered == 0, "no longer offered"
+    assert take_outbound(clean_broker) == [], "and not sent again"
 
 
 def test_a_refusal_of_a_retried_task_sent_keeps_the_claim(

@@ -6,12 +6,18 @@ and the simulators hold can be traced to the one SMS it came from, whatever happ
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import time
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-COLUMNS = ("lost", "altered", "under two ids", "sent twice", "parked", "unreported")
+COLUMNS = ("lost", "altered", "under two ids", "sent twice", "parked", "unreported", "unknown")
+# Not failures by themselves: an outbound SMS whose send a crash or an unplug interrupted is reported "Outcome
+# unknown" (it may or may not have left; never resent blindly, services/ledger). Each such fault can leave at
+# most one per modem, so only more of them than the run's faults explain are counted as bad.
+INFO_COLUMNS = frozenset({"unknown"})
+UNKNOWN_PREFIX = "Outcome unknown"  # services/result_codes.py: the sent_result_message of an unknown outcome
 
 
 @dataclass
@@ -21,15 +27,22 @@ class Tally:
     total: int
     counts: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(COLUMNS, 0))
     examples: list[str] = field(default_factory=list)
+    unknown_explained: int = 0  # "unknown" outcomes the run's faults can explain (modem worker kills, unplugs)
 
     def add(self, column: str, example: str, n: int = 1) -> None:
         self.counts[column] = (self.counts[column] or 0) + n
-        if len(self.examples) < 10:
+        if len(self.examples) < 20:
             self.examples.append(f"{column}: {example}")
 
     @property
+    def unexplained_unknown(self) -> int:
+        """The "unknown" outcomes beyond what the faults explain: sends interrupted by nothing the run did."""
+        return max(0, (self.counts.get("unknown") or 0) - self.unknown_explained)
+
+    @property
     def bad(self) -> int:
-        return sum(n or 0 for n in self.counts.values())
+        failures = sum(n or 0 for column, n in self.counts.items() if column not in INFO_COLUMNS)
+        return failures + self.unexplained_unknown
 
 
 def count_inbound(
@@ -43,6 +56,7 @@ def count_inbound(
     tally = Tally(total=len(expected) * len(received_by_endpoint))
     tally.counts["sent twice"] = None
     tally.counts["unreported"] = None
+    tally.counts["unknown"] = None
     for endpoint, received in received_by_endpoint.items():
         by_sender: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for record in received:
@@ -62,34 +76,67 @@ def count_inbound(
     return tally
 
 
+def _copy(item: Mapping[str, Any]) -> str:
+    """One copy that left a SIM, as the verdict names it: modem, simulator time, TP-MR(s)."""
+    at = item.get("at")
+    when = time.strftime("%H:%M:%S", time.localtime(at / 1000)) + f".{at % 1000:03d}" if isinstance(at, int) else "?"
+    return f"{item.get('modem', '?')} at {when} TP-MR {item.get('references', item.get('reference', '?'))}"
+
+
+def _reported_unknown(record: Mapping[str, Any]) -> bool:
+    """Whether the gateway reported this SMS's outcome as unknown (in any result row the server stored)."""
+    rows = [record, *record.get("results", [])]
+    return any(str(row.get("sent_result_message") or "").startswith(UNKNOWN_PREFIX) for row in rows)
+
+
 def count_outbound(
-    expected: Mapping[str, str], outgoing: Iterable[dict[str, Any]], outbox: Iterable[dict[str, Any]], parked: int
+    expected: Mapping[str, str],
+    outgoing: Iterable[dict[str, Any]],
+    outbox: Iterable[dict[str, Any]],
+    parked: int,
+    *,
+    unknown_explained: int = 0,
 ) -> Tally:
     """Outbound SMS: each recipient's one SMS left a SIM exactly once, with its text, and its sent result reached
-    the server that queued it. ``expected`` maps recipient → text; ``outgoing`` is the server's records,
-    ``outbox`` every simulator's outbox."""
-    tally = Tally(total=len(expected))
+    the server that queued it. ``expected`` maps recipient → text; ``outgoing`` is the server's records (they give
+    each SMS's uuid, named in the verdict), ``outbox`` every simulator's outbox (an item may say its ``modem``).
+
+    An SMS reported "Outcome unknown" (a send a SIGKILL or an unplug interrupted) that left once or never is
+    counted "unknown", not lost: the design reports it and never resends it blindly. ``unknown_explained`` is how
+    many such sends the run's faults can explain; more are bad. Left twice is always bad.
+    """
+    tally = Tally(total=len(expected), unknown_explained=unknown_explained)
     tally.counts["under two ids"] = None
-    sent: Counter[str] = Counter()
-    texts: dict[str, list[str]] = defaultdict(list)
+    copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in outbox:
-        sent[str(item.get("to"))] += 1
-        texts[str(item.get("to"))].append(str(item.get("text")))
+        copies[str(item.get("to"))].append(item)
     records = {str(r.get("to")): r for r in outgoing}
     for to, text in expected.items():
-        if sent[to] == 0:
-            tally.add("lost", f"to {to} (server status {records.get(to, {}).get('status')!r})")
+        record = records.get(to, {})
+        name = f"{record.get('uuid', '?')} to {to}"
+        sent = copies.get(to, [])
+        unknown = _reported_unknown(record)
+        if unknown:
+            tally.add("unknown", f"{name}: reported unknown, left a SIM {len(sent)} time(s)")
+        if not sent:
+            if not unknown:
+                tally.add("lost", f"{name} (server status {record.get('status')!r})")
             continue
-        if sent[to] > 1:
-            tally.add("sent twice", f"to {to}: {sent[to]} times")
-        if any(t != text for t in texts[to]):
-            tally.add("altered", f"to {to}: {texts[to]!r}")
+        if len(sent) > 1:
+            tally.add("sent twice", f"{name}: {len(sent)} times: {'; '.join(_copy(c) for c in sent)}")
+        if any(c.get("text") != text for c in sent):
+            tally.add("altered", f"{name}: {[c.get('text') for c in sent]!r}")
         # The server asks (?task=result) for every SMS until its delivery result came (docs/protocol.md).
-        status = records.get(to, {}).get("status")
+        status = record.get("status")
         if status not in ("delivered", "failed"):
-            tally.add("unreported", f"to {to}: sent, the server still waits for its result (status {status!r})")
+            tally.add("unreported", f"{name}: sent, the server still waits for its result (status {status!r})")
     if parked:
         tally.add("parked", f"{parked} in the outbound/events parked queues", parked)
+    if tally.unexplained_unknown:
+        tally.examples.append(
+            f"unknown: {tally.counts['unknown']} reported unknown, more than the {unknown_explained} sends the "
+            "faults could interrupt"
+        )
     return tally
 
 

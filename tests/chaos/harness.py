@@ -268,10 +268,18 @@ http_timeout = {HTTP_TIMEOUT_S}
         """The tallies as things stand; ``parked`` None: ask the broker (slow: rabbitmqctl)."""
         parked = parked_counts(self.vhost) if parked is None else parked
         received = {name: server.received() for name, server in self.servers.items()}
-        outbox = [item for sim in self.sims.values() for item in sim.outbox()]
+        outbox = [dict(item, modem=f"modem-{letter}") for letter, sim in self.sims.items() for item in sim.outbox()]
+        # A modem worker killed or a modem unplugged mid-send leaves at most one send of its modem "unknown".
+        interrupting = sum(1 for f in self.played if f.startswith(("SIGKILL modem_worker", "unplug")))
         return {
             "inbound": count_inbound(self.inbound, received, parked["inbound"]),
-            "outbound": count_outbound(self.outbound, self.servers["clinic"].outgoing(), outbox, parked["outbound"]),
+            "outbound": count_outbound(
+                self.outbound,
+                self.servers["clinic"].outgoing(),
+                outbox,
+                parked["outbound"],
+                unknown_explained=interrupting,
+            ),
         }
 
     def settle(self) -> bool:

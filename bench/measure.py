@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -50,11 +51,23 @@ def find_pid(comm: str) -> int | None:
     return None
 
 
+class Window(Protocol):
+    """Something measured over the same window as the CPU (``bench.instrument.Instrument``)."""
+
+    def start(self) -> None:
+        """Begin measuring."""
+
+    def stop(self) -> None:
+        """End measuring."""
+
+
 @dataclass
 class CpuWindow:
-    """CPU seconds used by some processes (and the whole machine) between start() and stop()."""
+    """CPU seconds used by some processes (and the whole machine) between start() and stop(); ``inner`` windows
+    are started before and stopped after the CPU is read (so their own work is not counted)."""
 
     pids: dict[str, int]
+    inner: list[Window] = field(default_factory=list)
     start_cpu: dict[str, float] = field(default_factory=dict)
     used: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
@@ -63,6 +76,8 @@ class CpuWindow:
     _m0: tuple[float, float] = (0.0, 0.0)
 
     def start(self) -> None:
+        for window in self.inner:
+            window.start()
         self.start_cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self._t0 = time.monotonic()
         self._m0 = machine_busy()
@@ -72,6 +87,8 @@ class CpuWindow:
         self.used = {name: cpu_seconds(pid) - self.start_cpu[name] for name, pid in self.pids.items()}
         busy, total = machine_busy()
         self.machine_pct = 100 * (busy - self._m0[0]) / max(1.0, total - self._m0[1])
+        for window in self.inner:
+            window.stop()
 
     def pct(self, name: str) -> float:
         return 100 * self.used[name] / max(self.wall, 1e-9)
@@ -87,3 +104,16 @@ def percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
     return ordered[rank - 1]
+
+
+def wait_for_path(path: Path, timeout: float) -> None:
+    """Wait until ``path`` exists (polled every 50 ms).
+
+    Raises:
+        TimeoutError: it did not appear within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout:g} s")
+        time.sleep(0.05)

@@ -36,11 +36,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pika
 
+from bench.instrument import BenchStack, Instrument, check_tools
 from bench.measure import CpuWindow, find_pid, percentile, status_mb
 from bench.report import report
 from scripts.stack import ROOT, Simulator, Stack, delete_vhost, ensure_vhost, free_port, http_json, wait_until
@@ -357,6 +359,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=300, help="bound of each phase in seconds (default 300)")
     parser.add_argument("--log-level", default="WARNING", help="SMSGW_LOG_LEVEL of the workers (default WARNING)")
+    tools = parser.add_mutually_exclusive_group()
+    tools.add_argument(
+        "--callgrind",
+        metavar="DIR",
+        type=Path,
+        help="run the workers under valgrind callgrind; print instructions per SMS of the throughput phase",
+    )
+    tools.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="run the workers under cProfile; snapshots around the throughput phase (python -m bench.profile)",
+    )
     parser.add_argument(
         "--skip",
         action="append",
@@ -392,9 +407,15 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.2f} at start",
         flush=True,
     )
+    mode, out_dir = ("callgrind", args.callgrind) if args.callgrind else ("profile", args.profile)
+    if out_dir is not None:
+        check_tools(mode)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        mode = ""
     with _vhost(vhost) as amqp_url:
         sink_port = free_port()
-        stack = Stack(
+        stack = BenchStack(
             workdir,
             amqp_url,
             f"http://127.0.0.1:{sink_port}/smssync",
@@ -404,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                 "SMSGW_LOG_LEVEL": args.log_level,
                 "SMSGW_AUTO_RESPONSE": "",
             },
+            mode=mode,
+            out_dir=out_dir.resolve() if out_dir is not None else None,
         )
         try:
             return _run(args, stack, Sink(f"http://127.0.0.1:{sink_port}"), sink_port)
@@ -418,7 +441,7 @@ def _phase(name: str) -> Callable[[], None]:
     return lambda: print(f"   ({time.monotonic() - started:.1f} s)", flush=True)
 
 
-def _run(args: argparse.Namespace, stack: Stack, sink: Sink, sink_port: int) -> int:
+def _run(args: argparse.Namespace, stack: BenchStack, sink: Sink, sink_port: int) -> int:
     stack.start("sink", "bench.sink", "--port", str(sink_port))
     wait_until(lambda: sink.count() >= 0, 20, "sink")
     sims = [start_simulator(stack, f"simulator{i}", f"+25575400{i:04d}") for i in range(args.modems)]
@@ -431,7 +454,9 @@ def _run(args: argparse.Namespace, stack: Stack, sink: Sink, sink_port: int) -> 
     done = _phase("warm-up: one SMS per modem through the whole gateway")
     for i, simulator in enumerate(sims):
         simulator.inject(sender_of(i), f"BENCH W {i} 0")
-    if sink.wait_for(len(sims), 120, stall=120) < len(sims):
+    # Under callgrind or cProfile the workers start many times slower.
+    bound = 120 if args.callgrind is None and args.profile is None else 900
+    if sink.wait_for(len(sims), bound, stall=bound) < len(sims):
         raise RuntimeError(f"warm-up SMS did not arrive; see {stack.workdir / 'logs'}")
     done()
 
@@ -443,7 +468,8 @@ def _run(args: argparse.Namespace, stack: Stack, sink: Sink, sink_port: int) -> 
     rabbit = find_pid("beam.smp")
     if rabbit is not None:
         watched["rabbitmq (shared)"] = rabbit
-    cpu = CpuWindow(watched)
+    instrument = Instrument(stack.mode, stack.out_dir, workers) if stack.mode and stack.out_dir else None
+    cpu = CpuWindow(watched, inner=[instrument] if instrument is not None else [])
 
     results: dict[str, dict[str, Any]] = {}
     if "throughput" not in args.skip:
@@ -458,6 +484,8 @@ def _run(args: argparse.Namespace, stack: Stack, sink: Sink, sink_port: int) -> 
         done = _phase(f"reply round trip: {args.replies} SMS, one at a time")
         results["replies"] = reply_phase(sims, args.replies)
         done()
+    if instrument is not None:
+        instrument.idle(max(args.idle_seconds, 10.0))
     peak = {name: status_mb(pid, "VmHWM") for name, pid in workers.items()}
     done = _phase(f"idle: {args.idle_seconds:g} s")
     time.sleep(2)
@@ -469,6 +497,8 @@ def _run(args: argparse.Namespace, stack: Stack, sink: Sink, sink_port: int) -> 
         results["raw"] = raw_phase(stack, sink, raw_count, args.raw_publishers, args.timeout)
         done()
     report(args, results, cpu, peak, idle)
+    if instrument is not None:
+        instrument.report(args.count)
     return 0
 
 

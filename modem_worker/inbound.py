@@ -58,6 +58,7 @@ class InboundPublisher:
         self._health = health
         self._unreadable_queue = unreadable_queue
         self._info: ModemInfo | None = None
+        self._received = metrics.SMS_RECEIVED.labels(modem_id)  # bound once: touched by every SMS
 
     def attach(self, info: ModemInfo) -> None:
         """The modem connected: ``info`` (IMSI, own number) identifies what it receives from now on."""
@@ -88,7 +89,7 @@ class InboundPublisher:
             modem_battery=battery,
         )
         self._publisher.publish(Publication("", sms.to_json(), INBOUND_EXCHANGE, message_id=sms.message_id))
-        metrics.SMS_RECEIVED.labels(self._modem_id).inc()
+        self._received.inc()
         log.info(
             "modem %s: SMS %s queued (%d part(s)%s)",
             self._modem_id,

@@ -17,8 +17,9 @@ from . import jsonlog
 from .at_engine import AtEngine
 from .control_api import ControlServer
 from .identity import derive_identity
+from .link import PortEvent
 from .model import SIM_PIN, ModemModel, ReportRequest
-from .pty_link import PortEvent, PtyLink
+from .pty_link import PtyLink
 from .tcp_link import TcpLink
 
 DEFAULT_OWN_NUMBER = "+255700000001"

@@ -13,17 +13,15 @@ import logging
 import os
 import select
 import struct
-import threading
 import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
 
 from . import jsonlog
+from .link import PortEvent, ReaderLink
 
 _WRITE_STALL_S = 2.0  # how long a write may wait for a client that does not read before data is dropped
 
-PortEvent = Literal["open", "close"]
 _IN_OPEN = 0x20
 _IN_CLOSE_WRITE = 0x08
 _IN_CLOSE_NOWRITE = 0x10
@@ -73,7 +71,7 @@ class PortWatch:
             os.close(self.fd)
 
 
-class PtyLink:
+class PtyLink(ReaderLink):
     """One plug-in of the modem: a pty pair, the symlink to its slave, and a reader thread on the master."""
 
     def __init__(
@@ -85,20 +83,11 @@ class PtyLink:
         """Prepare (not open) a link at `link`; `on_data` is called in the reader thread with each chunk read,
         `on_port_event` (same thread, always before data read after it) when a client opens or closes the port.
         """
+        super().__init__(on_data, on_port_event)
         self.link = link
-        self._on_data = on_data
-        self._on_port_event = on_port_event
         self._watch: PortWatch | None = None
-        # Held while port events are read and handled: lets a caller discard the events of opens that happened
-        # before a moment (the start of a hang) without the reader handling them after it.
-        self._events_lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._master: int | None = None
         self._slave: int | None = None
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._closing = threading.Event()
-        self._reader: threading.Thread | None = None
         self.device = ""
 
     @property
@@ -131,33 +120,25 @@ class PtyLink:
             # Without inotify a hang can still be ended by POST /state {"hang": false} or /reboot.
             jsonlog.event("port_watch_unavailable", error=str(exc))
             self._watch = None
-        self._wake_r, self._wake_w = os.pipe()
-        self._closing.clear()
-        self._reader = threading.Thread(target=self._read_loop, name=f"sim-pty-{self.link.name}", daemon=True)
-        self._reader.start()
+        self._start_reader(f"sim-pty-{self.link.name}")
         jsonlog.event("plugged", link=str(self.link), device=self.device)
 
     def close(self) -> None:
         """Stop the reader, close both pty ends (the client's reads then fail) and remove the symlink if it
         still points at this pty. Idempotent."""
-        if self._master is None:
-            return
-        self._closing.set()
-        if self._wake_w is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout=5)
-        with self._write_lock:
-            # Closing under the write lock: no writer can hit a closed (or reused) fd number.
-            for fd in (self._master, self._slave, self._wake_r, self._wake_w):
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            self._master = self._slave = self._wake_r = self._wake_w = None
-            if self._watch is not None:
-                self._watch.close()
-                self._watch = None
+        super().close()
+
+    def _release(self) -> None:
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._master = self._slave = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
+    def _after_close(self) -> None:
         with contextlib.suppress(OSError):
             if os.readlink(self.link) == self.device:
                 self.link.unlink()
@@ -174,11 +155,6 @@ class PtyLink:
                 if dropped:
                     jsonlog.event("port_events_dropped", events=dropped, level=logging.DEBUG)
             yield
-
-    @property
-    def closing(self) -> threading.Event:
-        """Set while the link is being closed (lets long waits in the AT engine end early)."""
-        return self._closing
 
     def write(self, data: bytes) -> bool:
         """Write `data` to the modem side of the line (the client reads it). Returns False when the link is
@@ -204,40 +180,29 @@ class PtyLink:
                     return False
             return True
 
-    def _read_loop(self) -> None:
-        """Read the master until close(), handing each chunk to on_data; errors in on_data are logged, not
-        fatal, so one bad command cannot kill the modem."""
-        master, wake, watch = self._master, self._wake_r, self._watch
-        assert master is not None and wake is not None
-        fds = [master, wake] + ([watch.fd] if watch is not None else [])
-        while not self._closing.is_set():
-            try:
-                readable, _, _ = select.select(fds, [], [], 1.0)
-            except (OSError, ValueError):
-                return
-            if wake in readable or self._closing.is_set():
-                return
-            if watch is not None and watch.fd in readable:
-                # Port events first: bytes a client wrote after reopening must see the modem it reopened.
-                with self._events_lock:
-                    for event in watch.read_events():
-                        if self._on_port_event is not None:
-                            try:
-                                self._on_port_event(event)
-                            except Exception:  # the reader must survive any bug in event handling
-                                jsonlog.log.exception("port_event_error")
-            if master not in readable:
-                continue
-            try:
-                chunk = os.read(master, 4096)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                jsonlog.event("read_failed", error=str(exc))
-                return
-            if not chunk:
-                return
-            try:
-                self._on_data(chunk)
-            except Exception:  # the reader must survive any bug in command handling
-                jsonlog.log.exception("at_engine_error")
+    def _fds(self) -> list[int]:
+        # Read once per turn: close() sets these to None only after the reader stopped.
+        assert self._master is not None
+        return [self._master] + ([self._watch.fd] if self._watch is not None else [])
+
+    def _on_readable(self, readable: list[int]) -> bool:
+        """Port events first, then the master's bytes; False at the line's end or a read error."""
+        watch, master = self._watch, self._master
+        if watch is not None and watch.fd in readable:
+            # Port events first: bytes a client wrote after reopening must see the modem it reopened.
+            with self._events_lock:
+                for event in watch.read_events():
+                    self._handle_port_event(event)
+        if master is None or master not in readable:
+            return True
+        try:
+            chunk = os.read(master, 4096)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            jsonlog.event("read_failed", error=str(exc))
+            return False
+        if not chunk:
+            return False
+        self._deliver(chunk)
+        return True

@@ -12,19 +12,16 @@ reports them, so a hung modem ends its hang when the worker reconnects, exactly 
 from __future__ import annotations
 
 import contextlib
-import os
-import select
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from . import jsonlog
-from .pty_link import PortEvent
+from .link import PortEvent, ReaderLink
 
 _WRITE_STALL_S = 2.0  # how long a write may wait for a client that does not read before data is dropped
 
 
-class TcpLink:
+class TcpLink(ReaderLink):
     """One plug-in of the modem as a TCP listener on ``host``:``port``, with a reader thread."""
 
     def __init__(
@@ -36,18 +33,11 @@ class TcpLink:
     ) -> None:
         """Prepare (not open) a listener; ``port`` 0 picks a free port at :meth:`open` (see :attr:`port`).
         ``on_data`` and ``on_port_event`` are called in the reader thread, as for :class:`PtyLink`."""
+        super().__init__(on_data, on_port_event)
         self.host = host
         self.port = port
-        self._on_data = on_data
-        self._on_port_event = on_port_event
-        self._events_lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._client: socket.socket | None = None
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._closing = threading.Event()
-        self._reader: threading.Thread | None = None
 
     @property
     def is_open(self) -> bool:
@@ -64,43 +54,26 @@ class TcpLink:
         """True while a client is connected."""
         return self._client is not None
 
-    @property
-    def closing(self) -> threading.Event:
-        """Set while the link is being closed (lets long waits in the AT engine end early)."""
-        return self._closing
-
     def open(self) -> None:
         """Listen on ``host``:``port`` and start the reader thread. Raises OSError when the port cannot be bound."""
         listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=4)
         self.port = int(listener.getsockname()[1])  # a reopen (replug) listens on the same port again
         self._listener = listener
-        self._wake_r, self._wake_w = os.pipe()
-        self._closing.clear()
-        self._reader = threading.Thread(target=self._read_loop, name=f"sim-tcp-{self.port}", daemon=True)
-        self._reader.start()
+        self._start_reader(f"sim-tcp-{self.port}")
         jsonlog.event("plugged", link=self.device, device=self.device)
 
     def close(self) -> None:
         """Stop the reader, close the client's connection and the listener (new connections are refused).
         Idempotent."""
-        if self._listener is None:
-            return
-        self._closing.set()
-        if self._wake_w is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout=5)
-        with self._write_lock:
-            for sock in (self._client, self._listener):
-                if sock is not None:
-                    sock.close()
-            for fd in (self._wake_r, self._wake_w):
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            self._client = self._listener = None
-            self._wake_r = self._wake_w = None
+        super().close()
+
+    def _release(self) -> None:
+        for sock in (self._client, self._listener):
+            if sock is not None:
+                sock.close()
+        self._client = self._listener = None
+
+    def _after_close(self) -> None:
         jsonlog.event("unplugged", link=self.device, device=self.device)
 
     def drop_client(self) -> bool:
@@ -116,13 +89,6 @@ class TcpLink:
                 client.shutdown(socket.SHUT_RDWR)
         jsonlog.event("tcp_client_dropped", port=self.port)
         return True
-
-    @contextlib.contextmanager
-    def past_port_events_dropped(self) -> Iterator[None]:
-        """Hold the handling of connects and disconnects for the ``with`` block (see PtyLink's method of the same
-        name: events here are handled as they happen, none is queued)."""
-        with self._events_lock:
-            yield
 
     def write(self, data: bytes) -> bool:
         """Send ``data`` to the client. False when no client is connected (dropped, as ser2net does) or the client
@@ -143,25 +109,20 @@ class TcpLink:
                 return False
             return True
 
-    def _read_loop(self) -> None:
-        """Accept clients (one at a time) and read the connected one until close()."""
-        listener, wake = self._listener, self._wake_r
-        assert listener is not None and wake is not None
-        while not self._closing.is_set():
-            client = self._client
-            fds: list[int | socket.socket] = [listener, wake]
-            if client is not None:
-                fds.append(client)
-            try:
-                readable, _, _ = select.select(fds, [], [], 1.0)
-            except (OSError, ValueError):
-                return
-            if wake in readable or self._closing.is_set():
-                return
-            if listener in readable:
-                self._accept(listener)
-            if client is not None and client in readable:
-                self._read_client(client)
+    def _fds(self) -> list[int]:
+        # Only the reader thread replaces or closes these (close() runs after it stopped), so they are open here.
+        assert self._listener is not None
+        client = self._client
+        return [self._listener.fileno()] + ([client.fileno()] if client is not None else [])
+
+    def _on_readable(self, readable: list[int]) -> bool:
+        """Accept a new client, read the connected one; the reader goes on until close()."""
+        listener, client = self._listener, self._client
+        if listener is not None and listener.fileno() in readable:
+            self._accept(listener)
+        if client is not None and client.fileno() in readable:
+            self._read_client(client)
+        return True
 
     def _accept(self, listener: socket.socket) -> None:
         """Take a new connection: the client, or refused (closed at once) while another is connected."""
@@ -195,17 +156,9 @@ class TcpLink:
             jsonlog.event("tcp_client_disconnected")
             self._port_event("close")
             return
-        try:
-            self._on_data(chunk)
-        except Exception:  # the reader must survive any bug in command handling
-            jsonlog.log.exception("at_engine_error")
+        self._deliver(chunk)
 
     def _port_event(self, event: PortEvent) -> None:
-        """Report a connect or disconnect (never fatal for the reader)."""
-        if self._on_port_event is None:
-            return
+        """Report a connect or disconnect as it happens (none is queued, so there is nothing to drop)."""
         with self._events_lock:
-            try:
-                self._on_port_event(event)
-            except Exception:  # the reader must survive any bug in event handling
-                jsonlog.log.exception("port_event_error")
+            self._handle_port_event(event)

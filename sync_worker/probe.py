@@ -34,6 +34,7 @@ import threading
 import time
 
 import requests
+from prometheus_client import Gauge
 
 from services.config import EndpointConfig
 from services.sync_client import SyncClient
@@ -73,6 +74,7 @@ class SyncUrlHealth:
         self._up: bool | None = None  # None: nothing known yet, and no series exported
         self._last_request_ok: bool | None = None  # the last real request's verdict
         self._last_activity = time.monotonic()  # the last real request or probe
+        self._gauge: Gauge | None = None  # smsgw_sync_url_up{endpoint}, bound at the first verdict
 
     @property
     def up(self) -> bool | None:
@@ -111,12 +113,14 @@ class SyncUrlHealth:
                 up = True
             elif up is None:
                 return  # a GET answered 500/501 and no real request succeeded: says nothing
-            changed, self._up = up != self._up, up
+            if up == self._up:
+                return  # the usual case, once per POST: nothing to export or log
+            self._up = up
             # Under the lock: two threads' verdicts must reach the gauge in the order they were recorded. The
             # series is created here, not earlier: a 0 exported before the first verdict would be a false outage.
-            SYNC_URL_UP.labels(endpoint=self._endpoint).set(1 if up else 0)
-        if not changed:
-            return
+            if self._gauge is None:
+                self._gauge = SYNC_URL_UP.labels(self._endpoint)
+            self._gauge.set(1 if up else 0)
         source = "request" if real else "probe"
         if up:
             log.info("endpoint %s: Sync URL %s works (%s: %s)", self._endpoint, self._url, source, why)

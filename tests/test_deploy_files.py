@@ -123,6 +123,24 @@ def _expressions() -> list[tuple[str, str]]:
     return exprs
 
 
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML as compose reads it: also its ``!reset`` / ``!override`` tags (deploy/ci/compose.ci.yaml uses them)."""
+
+
+def _compose_override(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """``!override VALUE``: the value itself (compose replaces instead of merging)."""
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node)
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node)
+    assert isinstance(node, yaml.ScalarNode)
+    return loader.construct_scalar(node)
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+_ComposeLoader.add_constructor("!override", _compose_override)
+
+
 def _deploy_texts() -> list[tuple[Path, str]]:
     files = sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in {".yml", ".yaml", ".json"})
     return [(p, p.read_text(encoding="utf-8")) for p in files]
@@ -133,7 +151,7 @@ def test_deploy_files_parse() -> None:
         if path.suffix == ".json":
             json.loads(text)
         else:
-            assert yaml.safe_load(text), path
+            assert yaml.load(text, Loader=_ComposeLoader), path
     assert yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
 
 
@@ -608,3 +626,42 @@ def test_the_env_only_secret_is_optional() -> None:
     assert secret["file"] == "${SYNC_SECRET_FILE:-./secrets/smsgw_secret}"
     env_example = (ROOT / ".env.example").read_text(encoding="utf-8")
     assert "# SYNC_SECRET_FILE=/dev/null" in env_example
+
+
+# --- issue 14: scripts/compose-check and its CI-only files ----------------------------------------------------------
+
+CI_DIR = DEPLOY / "ci"
+
+
+def test_compose_check_runs_in_the_test_command() -> None:
+    """scripts/compose-check is executable and scripts/test (CI's command) runs it after the suite."""
+    script = ROOT / "scripts" / "compose-check"
+    assert os.access(script, os.X_OK)
+    test_lines = (ROOT / "scripts" / "test").read_text(encoding="utf-8").splitlines()
+    pytest_line = next(i for i, line in enumerate(test_lines) if line.startswith("pytest "))
+    assert any("scripts/compose-check" in line for line in test_lines[pytest_line + 1 :])
+
+
+def test_the_ci_override_only_swaps_images_and_publishes_nothing() -> None:
+    """compose.ci.yaml: a stand-in image built from deploy/ci for each image CI cannot pull, no published port."""
+    ci = yaml.load((CI_DIR / "compose.ci.yaml").read_text(encoding="utf-8"), Loader=_ComposeLoader)
+    compose = _compose()["services"]
+    for name in ("rabbitmq", "prometheus", "alertmanager"):
+        assert ci["services"][name]["image"].startswith(f"${{CI_{name.upper()}_IMAGE")
+        assert (CI_DIR / f"{name}.Dockerfile").is_file()
+    for name, service in ci["services"].items():
+        if "ports" in compose.get(name, {}) and name != "grafana":  # grafana: not started in CI
+            assert "ports" in service and service["ports"] is None, f"{name} publishes a port in CI"
+        assert "ports" not in service or service["ports"] is None
+    assert ci["services"]["grafana"] == {"profiles": ["grafana"]}
+
+
+def test_the_ci_layout_is_the_production_layout() -> None:
+    """deploy/ci/compose.override.yaml: modem services as an operator writes them, modems reached over TCP."""
+    override = _load_yaml(CI_DIR / "compose.override.yaml")["services"]
+    assert len(override) >= 2
+    for name, service in override.items():
+        assert service["extends"] == {"file": "deploy/compose/modem.yaml", "service": "modem-worker"}, name
+        assert service["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}, name
+        port = service["environment"]["SMSGW_MODEM_PORT"]
+        assert port.startswith(("socket://", "/dev/host/")), name

@@ -29,6 +29,7 @@ COPY simulator ./simulator
 COPY sync_worker ./sync_worker
 COPY task_poller ./task_poller
 COPY result_reporter ./result_reporter
+COPY send_api ./send_api
 COPY reference_server ./reference_server
 RUN set -e; \
     if [ -n "$EXTRA_CA_CERTS" ]; then \

@@ -665,3 +665,19 @@ def test_the_ci_layout_is_the_production_layout() -> None:
         assert service["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}, name
         port = service["environment"]["SMSGW_MODEM_PORT"]
         assert port.startswith(("socket://", "/dev/host/")), name
+
+
+def test_the_image_and_compose_check_carry_every_package() -> None:
+    # A package left out of the Dockerfile (or of the copy compose-check builds from) is a worker that cannot start
+    # in a container although every test on the host passes.
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(name.rstrip("*") for name in include)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    staged = (ROOT / "scripts" / "compose-check").read_text()
+    for package in packages:
+        assert f"COPY {package} ./{package}" in dockerfile, f"Dockerfile does not copy {package}"
+        assert re.search(rf"\b{package}\b", staged.split("stage()", 1)[1][:900]), (
+            f"compose-check does not stage {package}"
+        )

@@ -174,8 +174,10 @@ def test_a_modem_behind_ser2net_sends_receives_and_recovers_when_the_link_is_cut
     )
     received = server.received()
     assert len({m["message_id"] for m in received}) == 3
-    assert all(m["repeats"] == 0 for m in received), "an SMS reached the Sync URL twice"
-    assert len(simulator.outbox()) == 2, "an outgoing SMS was sent twice"
+    repeated = [(m["message"], m["repeats"]) for m in received if m["repeats"]]
+    assert repeated == [], f"an SMS reached the Sync URL twice: {repeated}"
+    outbox = simulator.outbox()
+    assert len(outbox) == 2, f"an outgoing SMS was sent twice: {[(o['text'], o['at']) for o in outbox]}"
     wait_for(lambda: simulator.inbox() == [], timeout=10, what="the SIM emptied")
     assert "back after" in stack.log_text("modem_worker")
 

@@ -182,6 +182,32 @@ def test_a_modem_behind_ser2net_sends_receives_and_recovers_when_the_link_is_cut
     assert "back after" in stack.log_text("modem_worker")
 
 
+def test_a_send_whose_answer_a_dropped_link_cut_off_is_reported_unknown_and_never_resent(stack: Stack) -> None:
+    """The PDU reached the modem (it is in the simulator's outbox) but the TCP link dropped before its ``+CMGS``
+    answer: the worker cannot know whether it left, reports it "unknown" and, after the reconnect, never sends it
+    again (docs/reliability.md). The double send suspected behind the flaky test above, checked directly."""
+    simulator = stack.start_tcp_simulator("simulator", "+255754000001")
+    modem_id = f"net-{uuid.uuid4().hex[:8]}"
+    stack.start_modem_worker("modem_worker", simulator, modem_id)
+    wait_for(lambda: _connects(stack) >= 1 and _connected(simulator), timeout=30, what="the worker connected")
+    simulator.set_state(send_delay_s=3)  # the +CMGS answer comes 3 s after the PDU: the link is cut in between
+    in_flight = _publish_outbound(stack, modem_id, "+255743000006", "cut in flight")
+    wait_for(lambda: _sent(simulator) == ["cut in flight"], timeout=30, what="the PDU at the modem")
+    assert simulator.drop()
+    wait_for(
+        lambda: f"outbound {in_flight} unknown" in stack.log_text("modem_worker"),
+        timeout=30,
+        what="the cut send reported unknown",
+    )
+    simulator.set_state(send_delay_s=0)
+    wait_for(lambda: _connects(stack) >= 2 and _connected(simulator), timeout=60, what="the worker reconnected")
+    # "unknown" is final (recorded, acked): the next SMS leaves through the reconnected modem, the cut one never.
+    _publish_outbound(stack, modem_id, "+255743000007", "after the cut")
+    wait_for(lambda: "after the cut" in _sent(simulator), timeout=60, what="the next SMS sent")
+    assert _sent(simulator) == ["after the cut", "cut in flight"], "the SMS cut in flight was sent again"
+    assert f"outbound {in_flight} sent" not in stack.log_text("modem_worker")
+
+
 # --- the settings (no services) ------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,9 @@ Delivery contract ("an SMS leaves the SIM only after the broker confirmed it"):
   incomplete after ``multipart_timeout_s`` is delivered with what arrived (``complete=False``, missing parts
   as "[…]") so nothing is held forever; a straggler arriving later comes out as its own fragment.
 * A part whose SIM deletion failed after delivery is remembered, and deleted without a second delivery
-  when it is seen again.
+  when it is seen again by this adapter. The memory is the adapter's: the worker opens a new one for each
+  connection, so after a lost link the copy is delivered again (the same ``message_id`` downstream: the designed
+  at-least-once, docs/reliability.md).
 * Status reports (+CDSI, SR memory) go to ``on_status_report`` and are deleted after it returns.
 * A stored PDU that cannot be decoded goes to ``on_unreadable`` (raw hex and reason) and is deleted only after
   it returned, so the raw copy is kept somewhere before it leaves the SIM. Without that callback, or while it

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from modem_worker.housekeeping import HealthModem, Housekeeping
 from modem_worker.inbound import InboundPublisher
-from modem_worker.modem import Modem, ModemInfo, ModemUnavailable
+from modem_worker.modem import Modem, ModemInfo, ModemUnavailable, PendingDeletes
 from modem_worker.outbound import OutboundSender, SendingModem
 from modem_worker.outbound_consumer import OutboundConsumer
 from modem_worker.signals import ModemSignals
@@ -75,6 +75,9 @@ class ModemWorker:
         self._settings = settings
         self._publisher = publisher
         self._modem_factory = modem_factory
+        # Delivered SMS whose SIM delete failed: the worker's, not an adapter's, because each connection gets a new
+        # adapter and the sweep after a reconnect must not publish such an SMS again.
+        self._pending_deletes = PendingDeletes()
         self._send_timeout_s = send_timeout_s
         self.modem_id = settings.modem_id
         fleet = fleet or fleet_from_env({})
@@ -160,7 +163,8 @@ class ModemWorker:
 
     # ---- the supervisor's host (modem_worker.supervisor.Host) ------------------------------------------------
     def open_modem(self, port: str) -> Modem:
-        """A new adapter for ``port`` with this worker's callbacks (not connected yet)."""
+        """A new adapter for ``port`` with this worker's callbacks and its memory of pending SIM deletes (not
+        connected yet)."""
         return self._modem_factory(
             port,
             on_message=self.inbound.on_message,
@@ -171,6 +175,7 @@ class ModemWorker:
             send_timeout_s=self._send_timeout_s,
             sim_unlock=self._sim_pin,
             listener=self,
+            pending_deletes=self._pending_deletes,
         )
 
     def modem_up(self, modem: SendingModem, info: ModemInfo) -> None:

@@ -15,9 +15,11 @@ Delivery contract ("an SMS leaves the SIM only after the broker confirmed it"):
   is there; then ``on_message`` gets the joined text once and all parts are deleted. A message still
   incomplete after ``multipart_timeout_s`` is delivered with what arrived (``complete=False``, missing parts
   as "[…]") so nothing is held forever; a straggler arriving later comes out as its own fragment.
-* A part whose SIM deletion failed after delivery is remembered, and deleted without a second delivery
-  when it is seen again by this adapter. The memory is the adapter's: the worker opens a new one for each
-  connection, so after a lost link the copy is delivered again (the same ``message_id`` downstream: the designed
+* A copy whose SIM deletion failed after delivery is remembered in a :class:`PendingDeletes`, and deleted
+  without a second delivery when it is seen again. The worker owns that memory for its whole process and passes it
+  to the adapter it opens for each connection, so a delete a lost link cut off is finished by the sweep after the
+  reconnect, without a second publish. The memory is bounded (oldest entries dropped) and dies with the process:
+  after a worker restart such a copy is delivered again, under the same ``message_id`` downstream (the designed
   at-least-once, docs/reliability.md).
 * Status reports (+CDSI, SR memory) go to ``on_status_report`` and are deleted after it returns.
 * A stored PDU that cannot be decoded goes to ``on_unreadable`` (raw hex and reason) and is deleted only after
@@ -47,6 +49,7 @@ from .messages import (
     StorageUse,
     UnreadableMessage,
 )
+from .pending import PendingDeletes
 from .reassembly import MISSING_PART
 from .ussd import USSD_CODE_RE, decode_ussd_text, first_amount
 
@@ -59,6 +62,7 @@ __all__ = [
     "ModemInfo",
     "ModemListener",
     "ModemUnavailable",
+    "PendingDeletes",
     "QuietListener",
     "ReceivedMessage",
     "SendFailed",

@@ -24,6 +24,7 @@ from .messages import (
     StorageUse,
     UnreadableMessage,
 )
+from .pending import PendingDeletes
 from .receiver import Receiver
 from .sender import Sender
 from .ussd import Ussd
@@ -65,6 +66,7 @@ class Modem:
         multipart_timeout_s: float = 600.0,
         sim_unlock: SimUnlock | None = None,
         listener: ModemListener | None = None,
+        pending_deletes: PendingDeletes | None = None,
     ) -> None:
         """Store the configuration; nothing is opened until :meth:`connect`.
 
@@ -74,6 +76,10 @@ class Modem:
         ``sim_unlock`` decides whether a SIM asking for its PIN gets one (without it such a SIM is refused with
         :class:`SimLocked`). ``on_unreadable`` receives stored PDUs that cannot be decoded; the entry is deleted
         from the SIM only after it returned. Without it such entries stay on the SIM (logged once each).
+
+        ``pending_deletes`` remembers delivered copies whose SIM delete failed; pass the same one to every adapter
+        of a process so that a later connection deletes such a copy without delivering it again (default: this
+        adapter's own, gone with it).
         """
         self.port = port
         self._listener: ModemListener = listener or QuietListener()
@@ -87,6 +93,7 @@ class Modem:
             on_status_report=on_status_report,
             on_unreadable=on_unreadable,
             multipart_timeout_s=multipart_timeout_s,
+            pending_deletes=pending_deletes,
         )
         self._sender = Sender(self._channel, request_delivery=request_delivery, send_timeout_s=send_timeout_s)
         self._identity = IdentityQueries(self._channel)

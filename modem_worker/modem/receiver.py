@@ -14,12 +14,13 @@ from .at_fixes import CommandError, LinkDown, TimeoutException
 from .channel import AtChannel
 from .errors import ModemError, ModemUnavailable
 from .messages import ReceivedMessage, StatusReport, UnreadableMessage
+from .pending import PendingDeletes
 from .reassembly import CallbackFailed, Location, Reassembly
 from .stored_pdu import StatusReportPdu, decode_stored_pdu
 
 logger = logging.getLogger(__name__)
 
-_UNDELETED_MAX: Final[int] = 2000
+_UNREADABLE_LOGGED_MAX: Final[int] = 2000
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ class Receiver:
         on_status_report: Callable[[StatusReport], None],
         on_unreadable: Callable[[UnreadableMessage], None] | None,
         multipart_timeout_s: float,
+        pending_deletes: PendingDeletes | None = None,
     ) -> None:
-        """Nothing runs until :meth:`start`."""
+        """Nothing runs until :meth:`start`. ``pending_deletes``: the delivered copies whose delete failed, shared
+        by every adapter of the process (default: this receiver's own, forgotten with it)."""
         self._channel = channel
         self._on_message = on_message
         self._on_status_report = on_status_report
@@ -81,7 +84,9 @@ class Receiver:
         # next sweep (lost only if the process dies first; we configure the modem to store SMS, +CMT comes
         # only from modems that ignore that).
         self._direct_retry: list[str] = []
-        self._undeleted: dict[tuple[str, int], str] = {}
+        # Outlives this receiver when the worker passes its own: the connection that saw the delete fail is gone
+        # by the time the sweep after the reconnect finds the copy again.
+        self._pending_deletes = pending_deletes if pending_deletes is not None else PendingDeletes()
         # Undecodable entries already logged (insertion-ordered, bounded): logged once, not on every sweep.
         self._unreadable_logged: dict[Location, None] = {}
         # Successful on_message/on_status_report calls and SIM deletions so far (sweep() reports deltas).
@@ -219,8 +224,13 @@ class Receiver:
         """Handle one stored (or directly delivered) PDU.
 
         Raises CallbackFailed when on_message/on_status_report raised (the SMS stays on the SIM)."""
-        if location is not None and self._undeleted.get(location[:2]) == pdu:
+        if location is not None and self._pending_deletes.holds(location):
             # Delivered before, only the delete failed: finish the delete, never deliver twice.
+            logger.info(
+                "SIM %s/%d was delivered before (only its delete failed): deleting it, not delivering it again",
+                location[0],
+                location[1],
+            )
             self._delete([location])
             return
         try:
@@ -279,7 +289,7 @@ class Receiver:
             logger.debug("undecodable PDU at %s/%d still on the SIM (%s)", memory, index, failure)
             return
         self._unreadable_logged[location] = None
-        if len(self._unreadable_logged) > _UNDELETED_MAX:
+        if len(self._unreadable_logged) > _UNREADABLE_LOGGED_MAX:
             del self._unreadable_logged[next(iter(self._unreadable_logged))]
         logger.error(
             "undecodable PDU at %s/%d left on the SIM (%s; logged once): %s; pdu=%s",
@@ -320,21 +330,25 @@ class Receiver:
         self._delete([location] if location else [])
 
     def _delete(self, locations: list[Location]) -> None:
-        """Delete delivered copies from the SIM. A failed delete is remembered so that the copy, when seen
-        again, is deleted without being delivered a second time."""
+        """Delete delivered copies from the SIM. A failed delete is remembered (``pending_deletes``) so that
+        the copy, when seen again, is deleted without being delivered a second time."""
         gsm = self._channel.gsm
-        for memory, index, pdu in locations:
-            self._undeleted[(memory, index)] = pdu
+        for location in locations:
+            memory, index = location[0], location[1]
+            self._pending_deletes.add(location)
             if gsm is None:
                 continue
             try:
                 gsm.delete_stored(memory, index)
             except (LinkDown, TimeoutException, CommandError) as exc:
-                logger.warning("deleting %s/%d failed (%r); will delete on the next sweep", memory, index, exc)
+                logger.warning(
+                    "deleting %s/%d failed (%r); it stays on the SIM, and the next sweep of this process deletes it "
+                    "without delivering it again (after a restart it is delivered again, same message_id)",
+                    memory,
+                    index,
+                    exc,
+                )
                 continue
-            del self._undeleted[(memory, index)]
-            self._unreadable_logged.pop((memory, index, pdu), None)
+            self._pending_deletes.discard(location)
+            self._unreadable_logged.pop(location, None)
             self._deleted_count += 1
-        if len(self._undeleted) > _UNDELETED_MAX:
-            for stale in list(self._undeleted)[: len(self._undeleted) - _UNDELETED_MAX]:
-                del self._undeleted[stale]

@@ -128,9 +128,9 @@ def test_a_modem_behind_ser2net_sends_receives_and_recovers_when_the_link_is_cut
     simulator.inject("+255743000001", "over the network")
     wait_for(lambda: _messages(server) == ["over the network"], timeout=30, what="the SMS at the server")
     # The worker deletes an SMS from the SIM only after the broker confirmed it, so it reaches the server just
-    # before (or even after) it leaves the SIM. A link cut in between is the designed at-least-once: the copy
-    # left on the SIM is published again after the reconnect with the same message_id (docs/reliability.md), a
-    # repeat at the server. This test counts repeats, so it cuts the link only once the SIM is empty.
+    # before (or even after) it leaves the SIM. A link cut in between leaves the copy on the SIM: the worker
+    # remembers it and deletes it after the reconnect without publishing it again (tests/
+    # test_modem_pending_deletes.py). This test is about the link, so it cuts it only once the SIM is empty.
     wait_for(lambda: simulator.inbox() == [], timeout=30, what="the SMS deleted from the SIM")
     _publish_outbound(stack, modem_id, "+255743000002", "out over the network")
     wait_for(lambda: _sent(simulator) == ["out over the network"], timeout=30, what="the outgoing SMS sent")
